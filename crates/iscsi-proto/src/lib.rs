@@ -1,0 +1,17 @@
+//! Sans-IO iSCSI (RFC 7143): the PDU codec, text keys, login negotiation, CHAP, CRC32C
+//! digests and serial-number arithmetic.
+//!
+//! Nothing here owns a socket or a clock. The transport reads a basic header segment,
+//! asks [`pdu::Bhs`] how much follows, reads that, and builds a [`pdu::Pdu`]; replies go
+//! the other way through [`pdu::Pdu::encode_header`].
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+pub mod chap;
+pub mod digest;
+pub mod login;
+pub mod pdu;
+pub mod serial;
+pub mod text;
+
+pub use serial::SerialNumber;

@@ -1,0 +1,67 @@
+//! The storage seam: a logical unit executes SCSI commands over a [`BlockDevice`].
+//!
+//! The SCSI layer knows nothing about where blocks live (a local file today, a replicated
+//! volume later). Every method is blocking; callers run them off async runtime threads.
+
+use std::io;
+
+/// How a byte range of a device is provisioned (SBC-3 §5.5, GET LBA STATUS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioning {
+    /// The range is mapped: reads return what was written.
+    Mapped,
+    /// The range is deallocated: reads return zeroes.
+    Deallocated,
+}
+
+/// A contiguous extent of a device with one provisioning status, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset of the extent.
+    pub offset: u64,
+    /// Length of the extent in bytes.
+    pub len: u64,
+    /// Its provisioning status.
+    pub status: Provisioning,
+}
+
+/// Block storage under a logical unit.
+///
+/// Offsets and lengths are in bytes and are always multiples of the logical block size
+/// the logical unit was created with; the logical unit checks ranges against
+/// [`BlockDevice::size_bytes`] before calling.
+///
+/// Durability contract: after `write_at(.., fua = false)` returns, the data is visible to
+/// every later read but may be lost on power failure until `flush` returns. After
+/// `write_at(.., fua = true)` or `flush` returns, the data survives power failure.
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Size of the device in bytes.
+    fn size_bytes(&self) -> u64;
+
+    /// Reads exactly `buf.len()` bytes at `offset`. Deallocated ranges read as zeroes.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Writes all of `data` at `offset`; with `fua` the data is durable when this returns.
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+
+    /// Makes every write that returned before this call durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Deallocates a range (thin provisioning); it then reads as zeroes.
+    /// Devices that cannot deallocate write zeroes instead.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Whether `discard` really deallocates (reported as LBPME / LBPU / LBPWS).
+    fn supports_discard(&self) -> bool;
+
+    /// The provisioning status of the bytes starting at `offset`: the extent that starts
+    /// there and how far it reaches (at most `max_len` bytes).
+    fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
+        Ok(Extent { offset, len: max_len, status: Provisioning::Mapped })
+    }
+
+    /// Hints that a range will be read soon (PRE-FETCH). The default does nothing.
+    fn prefetch(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! SCSI target core for Bulwark: SPC-4 and SBC-3 command execution over a [`BlockDevice`].
+//!
+//! No sockets and no threads here: the transport (the `target` crate) hands a
+//! [`ScsiRequest`] to [`TargetDevice::execute`] and sends back the [`ScsiResponse`].
+//! Execution is blocking (it reads and writes the device), so the transport calls it off
+//! its async runtime threads.
+#![warn(missing_docs)]
+
+pub mod device;
+
+pub use device::{BlockDevice, Extent, Provisioning};
+
+use bytes::Bytes;
+
+/// SCSI status codes (SAM-5 §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ScsiStatus {
+    /// GOOD.
+    Good = 0x00,
+    /// CHECK CONDITION: sense data describes the error.
+    CheckCondition = 0x02,
+    /// CONDITION MET (PRE-FETCH).
+    ConditionMet = 0x04,
+    /// BUSY.
+    Busy = 0x08,
+    /// RESERVATION CONFLICT.
+    ReservationConflict = 0x18,
+    /// TASK SET FULL.
+    TaskSetFull = 0x28,
+    /// ACA ACTIVE.
+    AcaActive = 0x30,
+    /// TASK ABORTED.
+    TaskAborted = 0x40,
+}
+
+/// Task attribute of a command (SAM-5 §8.9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TaskAttribute {
+    /// Untagged (treated as simple).
+    Untagged,
+    /// SIMPLE.
+    #[default]
+    Simple,
+    /// ORDERED.
+    Ordered,
+    /// HEAD OF QUEUE.
+    HeadOfQueue,
+    /// ACA.
+    Aca,
+}
+
+/// A SCSI target port as seen by the logical units (SPC-4 §4.3.4, VPD 0x83).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TargetPort {
+    /// SCSI target port name, for iSCSI `<target iqn>,t,0x<tpgt as 4 hex digits>`.
+    pub name: String,
+    /// Relative target port identifier (1-based).
+    pub relative_id: u16,
+    /// Target port group this port belongs to.
+    pub group: u16,
+}
+
+/// An I_T nexus: one initiator port talking to one target port (SAM-5 §4.7).
+/// Unit attentions, reservations and registrations are kept per I_T nexus.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ItNexus {
+    /// iSCSI initiator name (the initiator device name).
+    pub initiator_name: String,
+    /// Initiator session identifier (ISID), part of the initiator port name
+    /// `<initiator name>,i,0x<isid as 12 hex digits>`.
+    pub isid: [u8; 6],
+    /// The target port.
+    pub target_port: TargetPort,
+}
+
+impl ItNexus {
+    /// The SCSI initiator port name: `<name>,i,0x<isid>` (RFC 7143 §4.4.2 / SPC-4 TransportID).
+    pub fn initiator_port_name(&self) -> String {
+        let mut s = format!("{},i,0x", self.initiator_name);
+        for b in self.isid {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+/// One SCSI command handed to the target device.
+#[derive(Debug)]
+pub struct ScsiRequest<'a> {
+    /// The I_T nexus the command arrived on.
+    pub nexus: &'a ItNexus,
+    /// Logical unit number as the 8-byte SAM LUN field decoded to a flat LUN (0..16383).
+    pub lun: u64,
+    /// The CDB, exactly as received (trailing padding of the 16-byte iSCSI field included).
+    pub cdb: &'a [u8],
+    /// Data-Out buffer: all data the initiator sent for this command (may be shorter than
+    /// the CDB asks for if the initiator sent less; the command then fails as SBC says).
+    pub data_out: &'a [u8],
+    /// Expected data transfer length from the transport, in bytes (Data-In direction for
+    /// reads). Data-In longer than this is truncated by the transport, which reports the
+    /// residual.
+    pub expected_data_in_len: u32,
+    /// Task attribute.
+    pub attr: TaskAttribute,
+}
+
+/// The result of a SCSI command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiResponse {
+    /// Status.
+    pub status: ScsiStatus,
+    /// Sense data (fixed or descriptor format as the control mode page's D_SENSE says),
+    /// present with CHECK CONDITION.
+    pub sense: Option<Bytes>,
+    /// Data-In: the bytes the command returns, already cut to its allocation length.
+    pub data_in: Bytes,
+}
+
+/// Task management functions that reach the logical units (SAM-5 §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetKind {
+    /// LOGICAL UNIT RESET of one LUN.
+    LogicalUnit,
+    /// TARGET WARM RESET.
+    TargetWarm,
+    /// TARGET COLD RESET.
+    TargetCold,
+}

@@ -1,0 +1,254 @@
+//! The SCSI target device (SAM-5 §4.6.2): the LUN table of one iSCSI target and the
+//! entry point the transport calls.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+use crate::cdb::{opcode, Cdb};
+use crate::device::BlockDevice;
+use crate::lu::LogicalUnit;
+use crate::sense::{check_condition, Sense};
+use crate::{spc, ItNexus, ResetKind, ScsiRequest, ScsiResponse, ScsiStatus};
+
+/// Configuration of one logical unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LuConfig {
+    /// Logical block size in bytes: 512 or 4096.
+    pub block_size: u32,
+    /// Writes fail with DATA PROTECT, WRITE PROTECTED; MODE SENSE reports WP.
+    pub read_only: bool,
+    /// Initial WCE bit of the caching mode page.
+    pub write_cache: bool,
+    /// T10 vendor identification (8 characters, space padded on the wire).
+    pub vendor: String,
+    /// Product identification (16 characters).
+    pub product: String,
+    /// Product revision level (4 characters).
+    pub revision: String,
+    /// Unit serial number (VPD page 0x80).
+    pub serial: String,
+    /// NAA IEEE Registered Extended (type 6) designator for VPD page 0x83.
+    pub naa: [u8; 16],
+    /// Where persistent reservation state with APTPL set is kept.
+    pub pr_file: Option<PathBuf>,
+}
+
+impl Default for LuConfig {
+    fn default() -> Self {
+        let mut naa = [0u8; 16];
+        // NAA 6, a zero IEEE company id: a placeholder the configuration replaces.
+        naa[0] = 0x60;
+        LuConfig {
+            block_size: 512,
+            read_only: false,
+            write_cache: true,
+            vendor: "BULWARK".into(),
+            product: "VOLUME".into(),
+            revision: "0001".into(),
+            serial: "0".into(),
+            naa,
+            pr_file: None,
+        }
+    }
+}
+
+/// Errors of LUN table changes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScsiError {
+    /// The LUN is already in use.
+    #[error("LUN {0} already exists")]
+    LunExists(u64),
+    /// The LUN does not exist.
+    #[error("LUN {0} does not exist")]
+    NoSuchLun(u64),
+    /// The LUN is outside the flat addressing range (0..16384).
+    #[error("LUN {0} is out of range (0..16384)")]
+    LunOutOfRange(u64),
+    /// Block size other than 512 or 4096.
+    #[error("unsupported block size {0} (512 or 4096)")]
+    BadBlockSize(u32),
+    /// The device size is not a multiple of the block size (or is zero).
+    #[error("device size {size} is not a non-zero multiple of the block size {block_size}")]
+    BadDeviceSize {
+        /// Device size in bytes.
+        size: u64,
+        /// Block size in bytes.
+        block_size: u32,
+    },
+    /// Reading the persistent reservation file failed.
+    #[error("persistent reservation state {path}: {source}")]
+    PrState {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Highest LUN of the flat space addressing method (SAM-5 §4.7.7).
+const LUN_MAX: u64 = 16383;
+
+/// The SCSI target device: logical units by LUN. `Send + Sync`; every method takes
+/// `&self`.
+#[derive(Debug, Default)]
+pub struct TargetDevice {
+    luns: RwLock<BTreeMap<u64, Arc<LogicalUnit>>>,
+}
+
+impl TargetDevice {
+    /// An empty target device.
+    pub fn new() -> Self {
+        TargetDevice::default()
+    }
+
+    /// Adds a logical unit. Every I_T nexus known to another logical unit gets a REPORTED
+    /// LUNS DATA HAS CHANGED unit attention there (SPC-4 §7.? / SAM-5 §5.14).
+    pub fn add_lun(
+        &self,
+        lun: u64,
+        config: LuConfig,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<(), ScsiError> {
+        if lun > LUN_MAX {
+            return Err(ScsiError::LunOutOfRange(lun));
+        }
+        if config.block_size != 512 && config.block_size != 4096 {
+            return Err(ScsiError::BadBlockSize(config.block_size));
+        }
+        let size = device.size_bytes();
+        if size == 0 || size % u64::from(config.block_size) != 0 {
+            return Err(ScsiError::BadDeviceSize { size, block_size: config.block_size });
+        }
+        let new_lu = Arc::new(LogicalUnit::new(lun, config, device)?);
+        let mut luns = self.write();
+        if luns.contains_key(&lun) {
+            return Err(ScsiError::LunExists(lun));
+        }
+        for lu in luns.values() {
+            lu.ua_all(None, Sense::UNIT_ATTENTION_REPORTED_LUNS_DATA_HAS_CHANGED);
+        }
+        luns.insert(lun, new_lu);
+        Ok(())
+    }
+
+    /// Removes a logical unit; the others report REPORTED LUNS DATA HAS CHANGED.
+    pub fn remove_lun(&self, lun: u64) -> Result<(), ScsiError> {
+        let mut luns = self.write();
+        if luns.remove(&lun).is_none() {
+            return Err(ScsiError::NoSuchLun(lun));
+        }
+        for lu in luns.values() {
+            lu.ua_all(None, Sense::UNIT_ATTENTION_REPORTED_LUNS_DATA_HAS_CHANGED);
+        }
+        Ok(())
+    }
+
+    /// The LUNs in ascending order.
+    pub fn luns(&self) -> Vec<u64> {
+        self.read().keys().copied().collect()
+    }
+
+    /// Executes one command. Blocking (device I/O); never panics.
+    pub fn execute(&self, req: &ScsiRequest<'_>) -> ScsiResponse {
+        match self.lu(req.lun) {
+            Some(lu) => lu.execute(self, req),
+            None => self.execute_without_lu(req),
+        }
+    }
+
+    /// How many Data-Out bytes `cdb` asks for on `lun`; `None` when the CDB cannot be
+    /// decoded or the LUN does not exist.
+    pub fn data_out_len(&self, lun: u64, cdb: &[u8]) -> Option<u32> {
+        let lu = self.lu(lun)?;
+        crate::lu::data_out_len(lu.block_size(), Cdb(cdb))
+    }
+
+    /// The I_T nexus ended: legacy reservations it held are released and its PREVENT
+    /// ALLOW MEDIUM REMOVAL state is cleared. Persistent reservations survive
+    /// (SPC-4 §5.13.1).
+    pub fn nexus_loss(&self, nexus: &ItNexus) {
+        for lu in self.read().values() {
+            lu.nexus_loss(nexus);
+        }
+    }
+
+    /// A task management reset. LOGICAL UNIT RESET (`lun` given) establishes BUS DEVICE
+    /// RESET FUNCTION OCCURRED (29h/03h); TARGET WARM RESET and TARGET COLD RESET
+    /// establish POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h) and POWER ON
+    /// OCCURRED (29h/01h) on every logical unit (SAM-5 §6.3, §7.?). Legacy reservations
+    /// and PREVENT state are cleared; persistent reservations survive.
+    pub fn reset(&self, kind: ResetKind, lun: Option<u64>, by: &ItNexus) {
+        let _ = by;
+        let luns = self.read();
+        match (kind, lun) {
+            (ResetKind::LogicalUnit, Some(lun)) => {
+                if let Some(lu) = luns.get(&lun) {
+                    lu.reset(Sense::UNIT_ATTENTION_BUS_DEVICE_RESET_FUNCTION_OCCURRED);
+                }
+            }
+            (ResetKind::LogicalUnit, None) => {}
+            (ResetKind::TargetWarm, _) => {
+                for lu in luns.values() {
+                    lu.reset(Sense::UNIT_ATTENTION_POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED);
+                }
+            }
+            (ResetKind::TargetCold, _) => {
+                for lu in luns.values() {
+                    lu.reset(Sense::UNIT_ATTENTION_POWER_ON_OCCURRED);
+                }
+            }
+        }
+    }
+
+    /// The device under `lun` changed size: CAPACITY DATA HAS CHANGED to every nexus.
+    pub fn capacity_changed(&self, lun: u64) {
+        if let Some(lu) = self.lu(lun) {
+            lu.ua_all(None, Sense::UNIT_ATTENTION_CAPACITY_DATA_HAS_CHANGED);
+        }
+    }
+
+    pub(crate) fn lu(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
+        self.read().get(&lun).cloned()
+    }
+
+    /// Every logical unit (EXTENDED COPY looks targets up by designator).
+    pub(crate) fn all_lus(&self) -> Vec<Arc<LogicalUnit>> {
+        self.read().values().cloned().collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<LogicalUnit>>> {
+        self.luns.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Arc<LogicalUnit>>> {
+        self.luns.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commands addressed to a LUN without a logical unit (SPC-4 §4.? and SAM-5 §5.?):
+    /// INQUIRY answers peripheral qualifier 3, REPORT LUNS works, REQUEST SENSE reports
+    /// LOGICAL UNIT NOT SUPPORTED, everything else fails with it.
+    fn execute_without_lu(&self, req: &ScsiRequest<'_>) -> ScsiResponse {
+        let cdb = Cdb(req.cdb);
+        let result = match cdb.opcode() {
+            _ if req.cdb.is_empty() => Err(Sense::ILLEGAL_REQUEST_INVALID_COMMAND_OPERATION_CODE),
+            opcode::INQUIRY => spc::inquiry_no_lu(cdb),
+            opcode::REPORT_LUNS => spc::report_luns(self, cdb),
+            opcode::REQUEST_SENSE => spc::request_sense_data(
+                cdb,
+                Sense::ILLEGAL_REQUEST_LOGICAL_UNIT_NOT_SUPPORTED,
+            ),
+            _ => Err(Sense::ILLEGAL_REQUEST_LOGICAL_UNIT_NOT_SUPPORTED),
+        };
+        match result {
+            Ok(data) => ScsiResponse { status: ScsiStatus::Good, sense: None, data_in: data },
+            Err(sense) => check_condition(sense),
+        }
+    }
+}
+
+/// Data-In of a command without a logical unit.
+pub(crate) type NoLuResult = Result<Bytes, Sense>;
