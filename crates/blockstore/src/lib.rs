@@ -1,1 +1,47 @@
-//! blockstore
+//! Local backing stores for Bulwark logical units.
+//!
+//! * [`FileStore`]: a sparse file (thin provisioning: discard punches holes, holes are
+//!   reported as deallocated) or a raw block device, optionally with `O_DIRECT`.
+//! * [`NullStore`]: reads zeroes, discards writes (benchmarks of the protocol path).
+//!
+//! Every store implements [`scsi::BlockDevice`] and its durability contract.
+#![warn(missing_docs)]
+
+mod file;
+mod null;
+
+pub use file::{FileStore, OpenOptions};
+pub use null::NullStore;
+
+use thiserror::Error;
+
+/// Why a store could not be opened.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The path could not be opened or created.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The size is not usable.
+    #[error("{path}: size {size} bytes is not a positive multiple of the {block_size}-byte logical block")]
+    BadSize {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Its size.
+        size: u64,
+        /// Logical block size.
+        block_size: u32,
+    },
+    /// Another OS error while preparing the store.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}

@@ -5,10 +5,27 @@
 //! Execution is blocking (it reads and writes the device), so the transport calls it off
 //! its async runtime threads.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cdb;
+mod commands;
 pub mod device;
+mod lu;
+mod mode;
+mod pr;
+mod sbc;
+pub mod sense;
+mod spc;
+mod target_device;
+pub mod testing;
+mod vpd;
+mod xcopy;
 
 pub use device::{BlockDevice, Extent, Provisioning};
+pub use sense::{check_condition, Sense, SenseKey};
+pub use spc::encode_lun;
+pub use target_device::{LuConfig, ScsiError, TargetDevice};
 
 use bytes::Bytes;
 

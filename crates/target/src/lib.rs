@@ -1,1 +1,177 @@
-//! target
+//! The Bulwark iSCSI target: listens on portals, runs logins, sessions and connections,
+//! and maps initiator I/O onto the SCSI logical units of a [`scsi::TargetDevice`].
+//!
+//! Protocol rules live in `iscsi-proto` (sans-IO) and SCSI semantics in `scsi`; this crate
+//! is the tokio driver between them: sockets, tasks, timers. It knows nothing about
+//! where blocks live.
+#![warn(missing_docs)]
+
+mod conn;
+mod discovery;
+mod registry;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use iscsi_proto::login::{ChapAccount, TargetLimits};
+pub use registry::{ServerStats, SessionInfo};
+
+use registry::Shared;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// One portal: an address a target is reachable on, in an iSCSI portal group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Portal {
+    /// Listening address (IPv4 or IPv6).
+    pub addr: SocketAddr,
+    /// Target portal group tag (RFC 7143 §4.4.1); each tag is one SCSI target port.
+    pub group_tag: u16,
+}
+
+/// An iSCSI target as the server serves it.
+#[derive(Debug)]
+pub struct TargetConfig {
+    /// iSCSI qualified name.
+    pub name: String,
+    /// TargetAlias, if any.
+    pub alias: Option<String>,
+    /// The logical units.
+    pub device: Arc<scsi::TargetDevice>,
+    /// Portals the target is reachable on.
+    pub portals: Vec<Portal>,
+    /// Initiator names allowed to see and log in to the target; `None` allows all.
+    pub allowed_initiators: Option<Vec<String>>,
+    /// CHAP accounts bound to the target; empty means no authentication.
+    pub chap: Vec<ChapAccount>,
+}
+
+/// Server-wide settings.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Commands a session may have outstanding (the CmdSN window).
+    pub queue_depth: u32,
+    /// Idle time after which the target pings the initiator with a NOP-In.
+    pub nop_interval: Duration,
+    /// Time without any PDU after a ping before the connection is dropped.
+    pub nop_timeout: Duration,
+    /// Time a login may take before the connection is dropped.
+    pub login_timeout: Duration,
+    /// Connections accepted at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Operational limits offered in login.
+    pub limits: TargetLimits,
+    /// CHAP accounts required for discovery sessions; empty means none.
+    pub discovery_chap: Vec<ChapAccount>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            queue_depth: 128,
+            nop_interval: Duration::from_secs(5),
+            nop_timeout: Duration::from_secs(15),
+            login_timeout: Duration::from_secs(15),
+            max_connections: 1024,
+            limits: TargetLimits::default(),
+            discovery_chap: Vec::new(),
+        }
+    }
+}
+
+/// The iSCSI server: a set of targets and the portals that serve them.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// A server with no targets.
+    pub fn new(settings: ServerSettings) -> Server {
+        Server { shared: Arc::new(Shared::new(settings)) }
+    }
+
+    /// Adds a target or replaces one with the same name; live sessions keep running and
+    /// see the new LUN table, ACL and CHAP accounts from their next login.
+    pub fn set_target(&self, target: TargetConfig) {
+        self.shared.set_target(target);
+    }
+
+    /// Removes a target and ends its sessions.
+    pub fn remove_target(&self, name: &str) {
+        self.shared.remove_target(name);
+    }
+
+    /// The sessions logged in now.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.shared.sessions()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+
+    /// Binds every portal address of every target (each once).
+    pub async fn bind(&self) -> std::io::Result<Vec<TcpListener>> {
+        let mut addrs: Vec<SocketAddr> = self.shared.portal_addrs();
+        addrs.sort();
+        addrs.dedup();
+        let mut out = Vec::new();
+        for a in addrs {
+            let l = TcpListener::bind(a).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on portal {a}: {e}"))
+            })?;
+            out.push(l);
+        }
+        Ok(out)
+    }
+
+    /// Accepts connections on `listeners` until `shutdown` resolves, then asks every
+    /// initiator to log out, lets in-flight commands finish and returns.
+    pub async fn serve(
+        &self,
+        listeners: Vec<TcpListener>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let mut accepts = tokio::task::JoinSet::new();
+        for l in listeners {
+            let shared = self.shared.clone();
+            accepts.spawn(async move { accept_loop(shared, l).await });
+        }
+        shutdown.await;
+        info!("shutting down: closing sessions");
+        accepts.abort_all();
+        self.shared.shutdown(Duration::from_secs(5)).await;
+        Ok(())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(guard) = shared.try_admit_connection() else {
+            shared.stats.connections_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(%peer, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().or(local);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            conn::run(shared, stream, peer, local, guard).await;
+        });
+    }
+}

@@ -1,0 +1,1142 @@
+//! One iSCSI connection: the login phase, then the full feature phase of its session.
+//!
+//! Sessions have one connection (MaxConnections=1, ErrorRecoveryLevel=0), so the
+//! connection task owns the session state. The reader loop decodes PDUs and dispatches
+//! SCSI commands to the blocking pool; completions queue their Data-In and SCSI Response
+//! PDUs to the writer task, which stamps StatSN/ExpCmdSN/MaxCmdSN at send time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use iscsi_proto::login::{
+    Authentication, LoginNegotiator, LoginPolicy, LoginStatus, OsChallenges, SessionParams, SessionType,
+    TargetAdmission,
+};
+use iscsi_proto::pdu::{
+    reject, tmf, AsyncMessage, Bhs, DataIn, DataOut, LogoutRequest, LogoutResponse, Login, Lun, Nop, Opcode, Reject,
+    ScsiCommand, ScsiResponse as ScsiResponsePdu, StatusSeq, TaskMgmtRequest, TaskMgmtResponse, Text, R2t,
+    RESERVED_TAG,
+};
+use iscsi_proto::text::TextPairs;
+use iscsi_proto::SerialNumber;
+use scsi::{ItNexus, ResetKind, ScsiRequest, ScsiStatus, TargetPort, TaskAttribute};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::discovery;
+use crate::registry::{ConnectionGuard, SessionEntry, SessionKey, Shared};
+use crate::wire::{self, Digests, Out, OutPdu, ReadError, StatSn, Window};
+use crate::{SessionInfo, TargetConfig};
+
+/// Largest write a single command may carry; larger ones fail with INVALID FIELD IN CDB
+/// before any buffer is allocated.
+const WRITE_BYTES_MAX: u32 = 64 << 20;
+/// Largest data segment accepted during login.
+const LOGIN_TEXT_MAX: usize = 64 * 1024;
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    guard: ConnectionGuard,
+) {
+    let span = info_span!("conn", %peer);
+    async move {
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(256 * 1024, rd);
+        let login = tokio::time::timeout(
+            shared.settings.login_timeout,
+            login_phase(&shared, &mut rd, &mut wr, local),
+        )
+        .await;
+        let est = match login {
+            Ok(Ok(Some(est))) => est,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!(error = %e, "connection ended during login");
+                return;
+            }
+            Err(_) => {
+                shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+                warn!("login did not finish within {:?}; closing", shared.settings.login_timeout);
+                return;
+            }
+        };
+        full_feature(shared, rd, wr, peer, local, est).await;
+        drop(guard);
+    }
+    .instrument(span)
+    .await
+}
+
+struct Established {
+    params: SessionParams,
+    isid: [u8; 6],
+    tsih: u16,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    target: Option<Arc<TargetConfig>>,
+}
+
+struct Policy<'a> {
+    shared: &'a Shared,
+    local: Option<SocketAddr>,
+}
+
+fn portal_matches(portal: SocketAddr, local: Option<SocketAddr>) -> bool {
+    match local {
+        None => true,
+        Some(l) => portal.port() == l.port() && (portal.ip().is_unspecified() || portal.ip() == l.ip()),
+    }
+}
+
+impl LoginPolicy for Policy<'_> {
+    fn admit(&self, initiator: &str, target: &str) -> Result<TargetAdmission, LoginStatus> {
+        let t = self.shared.target(target).ok_or(LoginStatus::NOT_FOUND)?;
+        let portal =
+            t.portals.iter().find(|p| portal_matches(p.addr, self.local)).ok_or(LoginStatus::NOT_FOUND)?;
+        if !discovery::allowed(&t, initiator) {
+            return Err(LoginStatus::AUTHORIZATION_FAILURE);
+        }
+        let auth = if t.chap.is_empty() { Authentication::None } else { Authentication::Chap(t.chap.clone()) };
+        Ok(TargetAdmission { auth, portal_group_tag: portal.group_tag, alias: t.alias.clone() })
+    }
+
+    fn admit_discovery(&self, _initiator: &str) -> Result<TargetAdmission, LoginStatus> {
+        let chap = &self.shared.settings.discovery_chap;
+        let auth = if chap.is_empty() { Authentication::None } else { Authentication::Chap(chap.clone()) };
+        Ok(TargetAdmission { auth, portal_group_tag: 1, alias: None })
+    }
+}
+
+async fn login_phase(
+    shared: &Shared,
+    rd: &mut BufReader<OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    local: Option<SocketAddr>,
+) -> Result<Option<Established>, ReadError> {
+    let mut neg = LoginNegotiator::new(shared.settings.limits.clone());
+    let policy = Policy { shared, local };
+    let mut stat_sn: u32 = rand_u32();
+    let mut first = true;
+    loop {
+        let bhs = wire::read_header(rd, Digests::default()).await?;
+        if bhs.opcode() != Ok(Opcode::LoginRequest) {
+            shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(opcode = bhs.opcode_raw(), "PDU other than Login Request before login completed; closing");
+            return Ok(None);
+        }
+        let (data, _) = wire::read_data(rd, bhs.data_len(), LOGIN_TEXT_MAX, Digests::default()).await?;
+        let req = Login::parse(&bhs);
+        if first && req.tsih != 0 {
+            // Adding a connection to an existing session (MC/S) is not offered.
+            let status = if shared.session_exists_with_tsih(req.tsih) {
+                LoginStatus::TOO_MANY_CONNECTIONS
+            } else {
+                LoginStatus::SESSION_DOES_NOT_EXIST
+            };
+            send_login_failure(shared, wr, &req, stat_sn, status).await?;
+            return Ok(None);
+        }
+        first = false;
+        let reply = neg.step(&req, &data, &policy, &mut OsChallenges);
+        let established = reply.established.is_some();
+        let tsih = if established { shared.allocate_tsih() } else { req.tsih };
+        let header = Login {
+            isid: req.isid,
+            itt: req.itt,
+            tsih,
+            version_max: 0,
+            version_min: 0,
+            seq: StatusSeq {
+                stat_sn,
+                exp_cmd_sn: req.seq.stat_sn,
+                max_cmd_sn: req.seq.stat_sn.wrapping_add(shared.settings.queue_depth.max(1) - 1),
+            },
+            ..reply.header.clone()
+        };
+        let pdu = iscsi_proto::pdu::Pdu::LoginResponse(header, Bytes::from(reply.text.encode()));
+        wr.write_all(&pdu.to_wire(false, false)).await?;
+        stat_sn = stat_sn.wrapping_add(1);
+        if reply.failed() {
+            shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+            let status = LoginStatus { class: reply.header.status_class, detail: reply.header.status_detail };
+            let p = neg.params();
+            warn!(
+                initiator = %p.initiator_name,
+                target = p.target_name.as_deref().unwrap_or("-"),
+                reason = status.reason(),
+                "login refused"
+            );
+            let _ = wr.flush().await;
+            return Ok(None);
+        }
+        if let Some(params) = reply.established {
+            let target = params.target_name.as_deref().and_then(|n| shared.target(n));
+            if params.session_type == SessionType::Normal && target.is_none() {
+                return Ok(None);
+            }
+            return Ok(Some(Established {
+                params,
+                isid: req.isid,
+                tsih,
+                stat_sn,
+                exp_cmd_sn: req.seq.stat_sn,
+                target,
+            }));
+        }
+    }
+}
+
+async fn send_login_failure(
+    shared: &Shared,
+    wr: &mut OwnedWriteHalf,
+    req: &Login,
+    stat_sn: u32,
+    status: LoginStatus,
+) -> Result<(), ReadError> {
+    shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+    warn!(reason = status.reason(), tsih = req.tsih, "login refused");
+    let header = Login {
+        csg: req.csg,
+        nsg: req.nsg,
+        isid: req.isid,
+        itt: req.itt,
+        tsih: req.tsih,
+        seq: StatusSeq { stat_sn, exp_cmd_sn: req.seq.stat_sn, max_cmd_sn: req.seq.stat_sn },
+        status_class: status.class,
+        status_detail: status.detail,
+        ..Default::default()
+    };
+    let pdu = iscsi_proto::pdu::Pdu::LoginResponse(header, Bytes::new());
+    wr.write_all(&pdu.to_wire(false, false)).await?;
+    Ok(())
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(16)) & 0x00ff_ffff
+}
+
+/// One sequence of Data-Out PDUs: the unsolicited burst or the answer to one R2T.
+#[derive(Debug)]
+struct DataSequence {
+    next_offset: u32,
+    next_data_sn: u32,
+    end: u32,
+}
+
+/// A write command whose data is still arriving.
+struct WriteTask {
+    cmd: ScsiCommand,
+    buf: BytesMut,
+    received: u32,
+    unsolicited: Option<DataSequence>,
+    r2ts: HashMap<u32, DataSequence>,
+    next_r2t_offset: u32,
+    r2t_sn: u32,
+}
+
+/// A command handed to the SCSI layer.
+#[derive(Debug)]
+struct Running {
+    lun: u64,
+    aborted: bool,
+}
+
+type Executing = Arc<Mutex<HashMap<u32, Running>>>;
+
+/// Why the full feature phase ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("data digest error")]
+    DataDigest,
+    #[error("writer stopped")]
+    WriterGone,
+    #[error("logged out")]
+    LoggedOut,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    params: SessionParams,
+    digests: Digests,
+    target: Option<Arc<TargetConfig>>,
+    nexus: Option<Arc<ItNexus>>,
+    window: Arc<Window>,
+    out: mpsc::Sender<Out>,
+    receiving: HashMap<u32, WriteTask>,
+    executing: Executing,
+    /// Woken when a command completes (logout and abort wait on it).
+    completed: Arc<Notify>,
+    next_ttt: u32,
+    last_rx: Arc<AtomicU64>,
+    epoch: Instant,
+    local: Option<SocketAddr>,
+    text_continuation: Option<(u32, Bytes)>,
+    cid: Option<u16>,
+}
+
+async fn full_feature(
+    shared: Arc<Shared>,
+    mut rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    est: Established,
+) {
+    let params = est.params.clone();
+    let digests = Digests { header: params.header_digest, data: params.data_digest };
+    let window = Arc::new(Window::new(est.exp_cmd_sn, shared.settings.queue_depth));
+    let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
+    let writer = tokio::spawn(wire::writer(wr, out_rx, window.clone(), est.stat_sn, digests));
+    let kill = Arc::new(Notify::new());
+    let (ended_tx, ended_rx) = watch::channel(false);
+    let target_name = est.target.as_ref().map(|t| t.name.clone());
+    let key: SessionKey = (params.initiator_name.clone(), est.isid, target_name.clone().unwrap_or_default());
+    let nexus = est.target.as_ref().map(|t| {
+        let tag = params.portal_group_tag;
+        Arc::new(ItNexus {
+            initiator_name: params.initiator_name.clone(),
+            isid: est.isid,
+            target_port: TargetPort { name: format!("{},t,0x{:04x}", t.name, tag), relative_id: tag, group: 1 },
+        })
+    });
+    let info = SessionInfo {
+        initiator: params.initiator_name.clone(),
+        isid: est.isid.iter().map(|b| format!("{b:02x}")).collect(),
+        target: target_name.clone(),
+        tsih: est.tsih,
+        peer,
+    };
+    let normal = params.session_type == SessionType::Normal;
+    if normal {
+        shared.register_session(key.clone(), SessionEntry { info, kill: kill.clone(), ended: ended_rx }).await;
+    }
+    info!(
+        initiator = %params.initiator_name,
+        target = target_name.as_deref().unwrap_or("(discovery)"),
+        tsih = est.tsih,
+        header_digest = params.header_digest,
+        data_digest = params.data_digest,
+        "session established"
+    );
+    let last_rx = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let keepalive = tokio::spawn(keepalive(
+        shared.clone(),
+        out_tx.clone(),
+        kill.clone(),
+        last_rx.clone(),
+        epoch,
+    ));
+    let mut s = Session {
+        shared: shared.clone(),
+        params,
+        digests,
+        target: est.target,
+        nexus,
+        window,
+        out: out_tx,
+        receiving: HashMap::new(),
+        executing: Arc::new(Mutex::new(HashMap::new())),
+        completed: Arc::new(Notify::new()),
+        next_ttt: 1,
+        last_rx,
+        epoch,
+        local,
+        text_continuation: None,
+        cid: None,
+    };
+    let result = loop {
+        let bhs = tokio::select! {
+            r = wire::read_header(&mut rd, digests) => r,
+            _ = kill.notified() => break Ok(()),
+        };
+        let bhs = match bhs {
+            Ok(b) => b,
+            Err(ReadError::HeaderDigest) => {
+                shared.stats.digest_errors.fetch_add(1, Ordering::Relaxed);
+                break Err(ConnError::Read(ReadError::HeaderDigest));
+            }
+            Err(e) => break Err(e.into()),
+        };
+        s.last_rx.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if let Err(e) = s.handle(&mut rd, bhs).await {
+            break Err(e);
+        }
+    };
+    match &result {
+        Ok(()) => info!("session ended by the target"),
+        Err(ConnError::LoggedOut) => info!("initiator logged out"),
+        Err(ConnError::Read(ReadError::Closed)) => info!("initiator closed the connection"),
+        Err(e) => warn!(error = %e, "connection dropped"),
+    }
+    keepalive.abort();
+    s.end().await;
+    drop(s);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    if normal {
+        shared.unregister_session(&key, est.tsih);
+    }
+    let _ = ended_tx.send(true);
+}
+
+/// Target-initiated NOP-In pings (RFC 7143 §11.19) and the logout request at shutdown.
+async fn keepalive(
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Out>,
+    kill: Arc<Notify>,
+    last_rx: Arc<AtomicU64>,
+    epoch: Instant,
+) {
+    let interval = shared.settings.nop_interval.max(Duration::from_millis(100));
+    let timeout = shared.settings.nop_timeout;
+    let mut shutdown = shared.shutting_down.subscribe();
+    let mut ttt: u32 = 0x4000_0000;
+    let mut ping_sent_at: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval.min(timeout).max(Duration::from_millis(50))) => {}
+            r = async { shutdown.wait_for(|s| *s).await.is_ok() } => {
+                if r {
+                    // RFC 7143 §11.9.1 AsyncEvent 1: the target requests a logout within
+                    // Parameter3 seconds.
+                    let msg = AsyncMessage { event: 1, parameters: [0, 0, 2], ..Default::default() };
+                    let _ = out.send(Out::Pdus(vec![OutPdu::new(msg.to_bhs(), Bytes::new(), StatSn::Advance)])).await;
+                }
+                // Wait for the logout or the server's kill.
+                std::future::pending::<()>().await;
+            }
+        }
+        let now = epoch.elapsed().as_millis() as u64;
+        let last = last_rx.load(Ordering::Relaxed);
+        match ping_sent_at {
+            Some(sent) if last < sent => {
+                if now.saturating_sub(sent) >= timeout.as_millis() as u64 {
+                    warn!("no answer to NOP-In within {timeout:?}; dropping the connection");
+                    kill.notify_one();
+                    return;
+                }
+            }
+            _ => {
+                ping_sent_at = None;
+                if now.saturating_sub(last) >= interval.as_millis() as u64 {
+                    ttt = ttt.wrapping_add(1) | 0x4000_0000;
+                    let nop = Nop { itt: RESERVED_TAG, ttt, ..Default::default() };
+                    let pdu = OutPdu::new(nop.to_nop_in(), Bytes::new(), StatSn::Peek);
+                    if out.send(Out::Pdus(vec![pdu])).await.is_err() {
+                        return;
+                    }
+                    ping_sent_at = Some(now);
+                }
+            }
+        }
+    }
+}
+
+fn task_attribute(attr: u8) -> TaskAttribute {
+    match attr {
+        iscsi_proto::pdu::attr::UNTAGGED => TaskAttribute::Untagged,
+        iscsi_proto::pdu::attr::ORDERED => TaskAttribute::Ordered,
+        iscsi_proto::pdu::attr::HEAD_OF_QUEUE => TaskAttribute::HeadOfQueue,
+        iscsi_proto::pdu::attr::ACA => TaskAttribute::Aca,
+        _ => TaskAttribute::Simple,
+    }
+}
+
+impl Session {
+    async fn send(&self, pdus: Vec<OutPdu>) -> Result<(), ConnError> {
+        self.out.send(Out::Pdus(pdus)).await.map_err(|_| ConnError::WriterGone)
+    }
+
+    async fn reject(&self, reason: u8, bhs: &Bhs) -> Result<(), ConnError> {
+        self.shared.stats.rejects.fetch_add(1, Ordering::Relaxed);
+        debug!(reason, opcode = bhs.opcode_raw(), "rejecting PDU");
+        let r = Reject { reason, ..Default::default() };
+        self.send(vec![OutPdu::new(r.to_bhs(), Bytes::copy_from_slice(&bhs.0), StatSn::Advance)]).await
+    }
+
+    /// Rejects with a protocol error, lets the writer flush it and ends the connection
+    /// (ErrorRecoveryLevel 0 recovers by session reinstatement).
+    async fn protocol_error(&self, bhs: &Bhs, what: &'static str) -> ConnError {
+        let _ = self.reject(reject::PROTOCOL_ERROR, bhs).await;
+        self.flush().await;
+        ConnError::Protocol(what)
+    }
+
+    async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.out.send(Out::Barrier(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        }
+    }
+
+    async fn skip_data(&self, rd: &mut BufReader<OwnedReadHalf>, bhs: &Bhs) -> Result<(), ConnError> {
+        let len = bhs.data_len();
+        let max = self.params.max_recv_data_segment_length as usize;
+        if len > max {
+            return Err(self.protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength").await);
+        }
+        let (_, ok) = wire::read_data(rd, len, max, self.digests).await?;
+        if !ok {
+            return Err(self.data_digest_error(bhs).await);
+        }
+        Ok(())
+    }
+
+    async fn read_segment(&self, rd: &mut BufReader<OwnedReadHalf>, bhs: &Bhs) -> Result<Bytes, ConnError> {
+        let len = bhs.data_len();
+        let max = self.params.max_recv_data_segment_length as usize;
+        if len > max {
+            return Err(self.protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength").await);
+        }
+        let (data, ok) = wire::read_data(rd, len, max, self.digests).await?;
+        if !ok {
+            return Err(self.data_digest_error(bhs).await);
+        }
+        Ok(data)
+    }
+
+    async fn data_digest_error(&self, bhs: &Bhs) -> ConnError {
+        self.shared.stats.digest_errors.fetch_add(1, Ordering::Relaxed);
+        let _ = self.reject(reject::DATA_DIGEST_ERROR, bhs).await;
+        self.flush().await;
+        ConnError::DataDigest
+    }
+
+    /// Checks a non-immediate CmdSN against the window and advances ExpCmdSN. Returns
+    /// false if the PDU is outside the window and must be ignored (RFC 7143 §4.2.2.1).
+    fn accept_cmd_sn(&self, cmd_sn: u32, immediate: bool) -> bool {
+        if immediate {
+            return true;
+        }
+        let exp = SerialNumber(self.window.exp_cmd_sn.load(Ordering::Acquire));
+        let max = SerialNumber(self.window.max_cmd_sn.load(Ordering::Acquire));
+        let sn = SerialNumber(cmd_sn);
+        if !sn.in_window(exp, max) {
+            debug!(cmd_sn, exp = exp.0, max = max.0, "CmdSN outside the window; ignoring the PDU");
+            return false;
+        }
+        // One connection delivers in order; a gap means the initiator skipped numbers,
+        // which we accept rather than stall the session.
+        self.window.exp_cmd_sn.store(sn.next().0, Ordering::Release);
+        true
+    }
+
+    async fn handle(&mut self, rd: &mut BufReader<OwnedReadHalf>, bhs: Bhs) -> Result<(), ConnError> {
+        let op = match bhs.opcode() {
+            Ok(op) => op,
+            Err(_) => {
+                self.skip_data(rd, &bhs).await?;
+                return self.reject(reject::COMMAND_NOT_SUPPORTED, &bhs).await;
+            }
+        };
+        let discovery = self.params.session_type == SessionType::Discovery;
+        match op {
+            Opcode::ScsiCommand if !discovery => self.scsi_command(rd, bhs).await,
+            Opcode::DataOut if !discovery => self.data_out(rd, bhs).await,
+            Opcode::TaskMgmtRequest if !discovery => {
+                self.skip_data(rd, &bhs).await?;
+                self.task_mgmt(bhs).await
+            }
+            Opcode::NopOut => {
+                let data = self.read_segment(rd, &bhs).await?;
+                self.nop_out(bhs, data).await
+            }
+            Opcode::TextRequest => {
+                let data = self.read_segment(rd, &bhs).await?;
+                self.text(bhs, data).await
+            }
+            Opcode::LogoutRequest => {
+                self.skip_data(rd, &bhs).await?;
+                self.logout(bhs).await
+            }
+            Opcode::SnackRequest => {
+                // SNACK needs ErrorRecoveryLevel > 0, which we never negotiate.
+                self.skip_data(rd, &bhs).await?;
+                self.reject(reject::PROTOCOL_ERROR, &bhs).await
+            }
+            Opcode::LoginRequest => {
+                self.skip_data(rd, &bhs).await?;
+                Err(self.protocol_error(&bhs, "Login Request in full feature phase").await)
+            }
+            _ => {
+                self.skip_data(rd, &bhs).await?;
+                self.reject(reject::PROTOCOL_ERROR, &bhs).await
+            }
+        }
+    }
+
+    fn nexus_and_device(&self) -> Option<(Arc<ItNexus>, Arc<scsi::TargetDevice>)> {
+        Some((self.nexus.clone()?, self.target.as_ref()?.device.clone()))
+    }
+
+    async fn scsi_command(&mut self, rd: &mut BufReader<OwnedReadHalf>, bhs: Bhs) -> Result<(), ConnError> {
+        let cmd = ScsiCommand::parse(&bhs);
+        let dlen = bhs.data_len();
+        let mrdsl = self.params.max_recv_data_segment_length as usize;
+        if dlen > mrdsl {
+            return Err(self.protocol_error(&bhs, "immediate data longer than MaxRecvDataSegmentLength").await);
+        }
+        if !self.accept_cmd_sn(cmd.cmd_sn, cmd.immediate) {
+            return self.skip_data(rd, &bhs).await;
+        }
+        if dlen > 0 && (!cmd.write || !self.params.immediate_data || dlen as u32 > cmd.expected_data_transfer_length)
+        {
+            self.skip_data(rd, &bhs).await?;
+            if !cmd.immediate {
+                self.window.in_flight.fetch_add(1, Ordering::AcqRel);
+            }
+            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB).await;
+            return self.reject(reject::PROTOCOL_ERROR, &bhs).await;
+        }
+        if self.receiving.contains_key(&cmd.itt) || self.executing_contains(cmd.itt) {
+            self.skip_data(rd, &bhs).await?;
+            return self.reject(reject::TASK_IN_PROGRESS, &bhs).await;
+        }
+        if !cmd.immediate {
+            self.window.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+        let edtl = cmd.expected_data_transfer_length;
+        if !(cmd.write && edtl > 0) {
+            self.dispatch(cmd, Bytes::new());
+            return Ok(());
+        }
+        if edtl > WRITE_BYTES_MAX {
+            self.skip_data(rd, &bhs).await?;
+            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB).await;
+            return Ok(());
+        }
+        let mut buf = BytesMut::zeroed(edtl as usize);
+        if dlen > 0 {
+            let ok = wire::read_data_into(rd, &mut buf[..dlen], self.digests).await?;
+            if !ok {
+                return Err(self.data_digest_error(&bhs).await);
+            }
+        }
+        let first_burst = self.params.first_burst_length.min(edtl);
+        let unsolicited_end = if cmd.final_bit || self.params.initial_r2t { dlen as u32 } else { first_burst.max(dlen as u32) };
+        let unsolicited = (unsolicited_end > dlen as u32).then_some(DataSequence {
+            next_offset: dlen as u32,
+            next_data_sn: 0,
+            end: unsolicited_end,
+        });
+        let mut task = WriteTask {
+            cmd,
+            buf,
+            received: dlen as u32,
+            unsolicited,
+            r2ts: HashMap::new(),
+            next_r2t_offset: unsolicited_end,
+            r2t_sn: 0,
+        };
+        if task.received == edtl {
+            let data = task.buf.freeze();
+            self.dispatch(task.cmd, data);
+            return Ok(());
+        }
+        let r2ts = self.issue_r2ts(&mut task);
+        let itt = task.cmd.itt;
+        self.receiving.insert(itt, task);
+        if !r2ts.is_empty() {
+            self.send(r2ts).await?;
+        }
+        Ok(())
+    }
+
+    fn executing_contains(&self, itt: u32) -> bool {
+        self.executing.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&itt)
+    }
+
+    /// R2Ts for the not yet solicited part of a write, up to MaxOutstandingR2T at once,
+    /// each at most MaxBurstLength (RFC 7143 §11.8).
+    fn issue_r2ts(&mut self, task: &mut WriteTask) -> Vec<OutPdu> {
+        let edtl = task.cmd.expected_data_transfer_length;
+        let mut out = Vec::new();
+        while task.next_r2t_offset < edtl && (task.r2ts.len() as u32) < self.params.max_outstanding_r2t {
+            let len = (edtl - task.next_r2t_offset).min(self.params.max_burst_length);
+            let ttt = self.next_ttt;
+            self.next_ttt = self.next_ttt.wrapping_add(1);
+            if self.next_ttt == RESERVED_TAG {
+                self.next_ttt = 1;
+            }
+            let r2t = R2t {
+                lun: task.cmd.lun,
+                itt: task.cmd.itt,
+                ttt,
+                r2t_sn: task.r2t_sn,
+                buffer_offset: task.next_r2t_offset,
+                desired_data_transfer_length: len,
+                ..Default::default()
+            };
+            task.r2ts.insert(
+                ttt,
+                DataSequence { next_offset: task.next_r2t_offset, next_data_sn: 0, end: task.next_r2t_offset + len },
+            );
+            task.r2t_sn = task.r2t_sn.wrapping_add(1);
+            task.next_r2t_offset += len;
+            out.push(OutPdu::new(r2t.to_bhs(), Bytes::new(), StatSn::Peek));
+        }
+        out
+    }
+
+    async fn data_out(&mut self, rd: &mut BufReader<OwnedReadHalf>, bhs: Bhs) -> Result<(), ConnError> {
+        let d = DataOut::parse(&bhs);
+        let len = bhs.data_len();
+        if len > self.params.max_recv_data_segment_length as usize {
+            return Err(self.protocol_error(&bhs, "Data-Out longer than MaxRecvDataSegmentLength").await);
+        }
+        let Some(task) = self.receiving.get_mut(&d.itt) else {
+            // Data for a task we no longer hold (aborted or failed early): drop it.
+            self.skip_data(rd, &bhs).await?;
+            if d.ttt != RESERVED_TAG {
+                return self.reject(reject::INVALID_PDU_FIELD, &bhs).await;
+            }
+            return Ok(());
+        };
+        let seq = if d.ttt == RESERVED_TAG { task.unsolicited.as_mut() } else { task.r2ts.get_mut(&d.ttt) };
+        let Some(seq) = seq else {
+            self.skip_data(rd, &bhs).await?;
+            return Err(self.protocol_error(&bhs, "Data-Out with an unknown target transfer tag").await);
+        };
+        let end = d.buffer_offset as u64 + len as u64;
+        if d.data_sn != seq.next_data_sn || d.buffer_offset != seq.next_offset || end > seq.end as u64 {
+            debug!(data_sn = d.data_sn, expected = seq.next_data_sn, offset = d.buffer_offset, "bad Data-Out sequence");
+            self.skip_data(rd, &bhs).await?;
+            return Err(self.protocol_error(&bhs, "Data-Out out of sequence (DataSN or buffer offset)").await);
+        }
+        let start = d.buffer_offset as usize;
+        let ok = wire::read_data_into(rd, &mut task.buf[start..start + len], self.digests).await?;
+        if !ok {
+            return Err(self.data_digest_error(&bhs).await);
+        }
+        seq.next_data_sn = seq.next_data_sn.wrapping_add(1);
+        seq.next_offset += len as u32;
+        let seq_done = seq.next_offset == seq.end;
+        if d.final_bit && !seq_done {
+            return Err(self.protocol_error(&bhs, "Data-Out F bit before the end of the sequence").await);
+        }
+        task.received += len as u32;
+        let mut r2ts = Vec::new();
+        if seq_done {
+            if d.ttt == RESERVED_TAG {
+                task.unsolicited = None;
+            } else {
+                task.r2ts.remove(&d.ttt);
+                let mut t = self.receiving.remove(&d.itt).ok_or(ConnError::Protocol("task vanished"))?;
+                r2ts = self.issue_r2ts(&mut t);
+                self.receiving.insert(d.itt, t);
+            }
+        }
+        let complete = self
+            .receiving
+            .get(&d.itt)
+            .is_some_and(|t| t.received == t.cmd.expected_data_transfer_length);
+        if complete {
+            if let Some(t) = self.receiving.remove(&d.itt) {
+                let data = t.buf.freeze();
+                self.dispatch(t.cmd, data);
+            }
+        }
+        if !r2ts.is_empty() {
+            self.send(r2ts).await?;
+        }
+        Ok(())
+    }
+
+    async fn respond_check_condition(&self, cmd: &ScsiCommand, sense: scsi::Sense) {
+        let resp = scsi::check_condition(sense);
+        let pdus = build_response(cmd, None, resp, &self.params);
+        if !cmd.immediate {
+            self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        let _ = self.send(pdus).await;
+    }
+
+    /// Hands a command with all its data to the SCSI layer on the blocking pool; the
+    /// completion queues the response.
+    fn dispatch(&mut self, cmd: ScsiCommand, data: Bytes) {
+        let Some((nexus, device)) = self.nexus_and_device() else {
+            return;
+        };
+        let lun = Lun::from_field(cmd.lun).0;
+        self.executing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cmd.itt, Running { lun, aborted: false });
+        let executing = self.executing.clone();
+        let window = self.window.clone();
+        let out = self.out.clone();
+        let params = self.params.clone();
+        let completed = self.completed.clone();
+        tokio::spawn(async move {
+            let cmd2 = cmd.clone();
+            let exec = tokio::task::spawn_blocking(move || {
+                let cdb = &cmd2.cdb[..];
+                let needed = if cmd2.write { device.data_out_len(lun, cdb) } else { None };
+                let take = match needed {
+                    Some(n) => (n as usize).min(data.len()),
+                    None => data.len(),
+                };
+                let req = ScsiRequest {
+                    nexus: &nexus,
+                    lun,
+                    cdb,
+                    data_out: &data[..take],
+                    expected_data_in_len: cmd2.expected_data_transfer_length,
+                    attr: task_attribute(cmd2.attr),
+                };
+                (device.execute(&req), needed)
+            })
+            .await;
+            let (resp, needed) = match exec {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "SCSI command execution failed");
+                    (scsi::check_condition(scsi::Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE), None)
+                }
+            };
+            let aborted = executing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&cmd.itt)
+                .map(|r| r.aborted)
+                .unwrap_or(true);
+            if !cmd.immediate {
+                window.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+            completed.notify_waiters();
+            if aborted {
+                return;
+            }
+            let pdus = build_response(&cmd, needed, resp, &params);
+            let _ = out.send(Out::Pdus(pdus)).await;
+        });
+    }
+
+    async fn nop_out(&mut self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
+        let nop = Nop::parse(&bhs);
+        if nop.itt == RESERVED_TAG {
+            // An answer to our ping (or a bare ping needing no answer).
+            return Ok(());
+        }
+        // A NOP-Out's CmdSN travels in the StatSN slot of the shared layout.
+        if !self.accept_cmd_sn(nop.seq.stat_sn, nop.immediate) {
+            return Ok(());
+        }
+        let mut max_ping = self.params.max_xmit_data_segment_length as usize;
+        max_ping = max_ping.min(data.len());
+        let reply = Nop { itt: nop.itt, ttt: RESERVED_TAG, lun: nop.lun, ..Default::default() };
+        self.send(vec![OutPdu::new(reply.to_nop_in(), data.slice(..max_ping), StatSn::Advance)]).await
+    }
+
+    async fn text(&mut self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
+        let req = Text::parse(&bhs);
+        if !self.accept_cmd_sn(req.seq.stat_sn, req.immediate) {
+            return Ok(());
+        }
+        let body = if req.ttt != RESERVED_TAG {
+            match self.text_continuation.take() {
+                Some((ttt, rest)) if ttt == req.ttt => rest,
+                _ => return self.reject(reject::INVALID_PDU_FIELD, &bhs).await,
+            }
+        } else {
+            let pairs = match TextPairs::parse(&data) {
+                Ok(p) => p,
+                Err(_) => return self.reject(reject::PROTOCOL_ERROR, &bhs).await,
+            };
+            let mut out = TextPairs::default();
+            for (k, v) in &pairs.0 {
+                if k == "SendTargets" {
+                    let target = self.target.as_ref().map(|t| t.name.as_str());
+                    let st = discovery::send_targets(&self.shared, v, &self.params.initiator_name, target, self.local);
+                    out.0.extend(st.0);
+                } else {
+                    out.push(k.clone(), "NotUnderstood");
+                }
+            }
+            Bytes::from(out.encode())
+        };
+        let max = self.params.max_xmit_data_segment_length as usize;
+        let (chunk, rest) = if body.len() > max { (body.slice(..max), Some(body.slice(max..))) } else { (body, None) };
+        let ttt = if let Some(rest) = rest {
+            let ttt = self.next_ttt;
+            self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+            self.text_continuation = Some((ttt, rest));
+            ttt
+        } else {
+            RESERVED_TAG
+        };
+        let resp = Text {
+            final_bit: ttt == RESERVED_TAG,
+            continue_bit: ttt != RESERVED_TAG,
+            lun: req.lun,
+            itt: req.itt,
+            ttt,
+            ..Default::default()
+        };
+        self.send(vec![OutPdu::new(resp.to_bhs(false), chunk, StatSn::Advance)]).await
+    }
+
+    async fn logout(&mut self, bhs: Bhs) -> Result<(), ConnError> {
+        let req = LogoutRequest::parse(&bhs);
+        if !self.accept_cmd_sn(req.cmd_sn, req.immediate) {
+            return Ok(());
+        }
+        let response = match req.reason {
+            0 => 0,
+            1 if self.cid.is_none_or(|c| c == req.cid) => 0,
+            1 => 1,
+            // Connection recovery needs ErrorRecoveryLevel 2.
+            _ => 2,
+        };
+        if response == 0 {
+            // Commands in flight finish before the session goes (RFC 7143 §11.14).
+            self.receiving.clear();
+            self.wait_idle(Duration::from_secs(30)).await;
+        }
+        let resp = LogoutResponse { response, itt: req.itt, ..Default::default() };
+        self.send(vec![OutPdu::new(resp.to_bhs(), Bytes::new(), StatSn::Advance)]).await?;
+        if response == 0 {
+            self.flush().await;
+            return Err(ConnError::LoggedOut);
+        }
+        Ok(())
+    }
+
+    async fn wait_idle(&self, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let notified = self.completed.notified();
+            if self.executing.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Aborts the tasks matching `pred`: data still arriving is dropped, running commands
+    /// lose their response. Returns how many were aborted.
+    fn abort_where(&mut self, pred: impl Fn(u32, u64) -> bool) -> usize {
+        let mut n = 0;
+        let doomed: Vec<u32> = self
+            .receiving
+            .iter()
+            .filter(|(itt, t)| pred(**itt, Lun::from_field(t.cmd.lun).0))
+            .map(|(itt, _)| *itt)
+            .collect();
+        for itt in doomed {
+            if let Some(t) = self.receiving.remove(&itt) {
+                if !t.cmd.immediate {
+                    self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+                n += 1;
+            }
+        }
+        for (itt, r) in self.executing.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+            if pred(*itt, r.lun) && !r.aborted {
+                r.aborted = true;
+                n += 1;
+            }
+        }
+        self.shared.stats.aborted_tasks.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    async fn task_mgmt(&mut self, bhs: Bhs) -> Result<(), ConnError> {
+        let req = TaskMgmtRequest::parse(&bhs);
+        if !self.accept_cmd_sn(req.cmd_sn, req.immediate) {
+            return Ok(());
+        }
+        let lun = Lun::from_field(req.lun).0;
+        let Some((nexus, device)) = self.nexus_and_device() else {
+            return self.reject(reject::PROTOCOL_ERROR, &bhs).await;
+        };
+        let lun_exists = device.luns().contains(&lun);
+        let mut cold_reset = false;
+        let response = match req.function {
+            tmf::ABORT_TASK => {
+                let rtt = req.referenced_task_tag;
+                if self.abort_where(|itt, _| itt == rtt) > 0 {
+                    info!(itt = rtt, "task aborted");
+                    self.wait_idle_of(rtt, Duration::from_secs(30)).await;
+                    tmf::RESP_COMPLETE
+                } else {
+                    tmf::RESP_NO_TASK
+                }
+            }
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
+                if !lun_exists {
+                    tmf::RESP_NO_LUN
+                } else {
+                    self.abort_where(|_, l| l == lun);
+                    self.wait_idle(Duration::from_secs(30)).await;
+                    tmf::RESP_COMPLETE
+                }
+            }
+            tmf::LOGICAL_UNIT_RESET => {
+                if !lun_exists {
+                    tmf::RESP_NO_LUN
+                } else {
+                    let n = self.abort_where(|_, l| l == lun);
+                    self.wait_idle(Duration::from_secs(30)).await;
+                    info!(lun, aborted = n, "logical unit reset");
+                    let (d, nx) = (device.clone(), nexus.clone());
+                    let _ = tokio::task::spawn_blocking(move || d.reset(ResetKind::LogicalUnit, Some(lun), &nx)).await;
+                    tmf::RESP_COMPLETE
+                }
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                let cold = req.function == tmf::TARGET_COLD_RESET;
+                let n = self.abort_where(|_, _| true);
+                self.wait_idle(Duration::from_secs(30)).await;
+                info!(aborted = n, cold, "target reset");
+                let kind = if cold { ResetKind::TargetCold } else { ResetKind::TargetWarm };
+                let (d, nx) = (device.clone(), nexus.clone());
+                let _ = tokio::task::spawn_blocking(move || d.reset(kind, None, &nx)).await;
+                cold_reset = cold;
+                tmf::RESP_COMPLETE
+            }
+            tmf::TASK_REASSIGN => tmf::RESP_REASSIGN_UNSUPPORTED,
+            _ => tmf::RESP_NOT_SUPPORTED,
+        };
+        let resp = TaskMgmtResponse { response, itt: req.itt, ..Default::default() };
+        self.send(vec![OutPdu::new(resp.to_bhs(), Bytes::new(), StatSn::Advance)]).await?;
+        if cold_reset {
+            // RFC 7143 §11.5.1: after a cold reset the target drops all its sessions.
+            self.flush().await;
+            if let Some(t) = &self.target {
+                self.shared.kill_target_sessions(&t.name);
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_idle_of(&self, itt: u32, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let notified = self.completed.notified();
+            if !self.executing_contains(itt) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The session is over: drop pending data, let running commands finish without a
+    /// response, and tell the logical units the I_T nexus is gone.
+    async fn end(&mut self) {
+        self.abort_where(|_, _| true);
+        self.wait_idle(Duration::from_secs(30)).await;
+        if let Some((nexus, device)) = self.nexus_and_device() {
+            let _ = tokio::task::spawn_blocking(move || device.nexus_loss(&nexus)).await;
+        }
+    }
+}
+
+/// Builds the Data-In PDUs and the status of a completed command (RFC 7143 §11.4, §11.7):
+/// data cut to the expected length, residuals, status in the last Data-In when there is
+/// no sense data.
+fn build_response(
+    cmd: &ScsiCommand,
+    write_needed: Option<u32>,
+    resp: scsi::ScsiResponse,
+    params: &SessionParams,
+) -> Vec<OutPdu> {
+    let edtl = cmd.expected_data_transfer_length;
+    let data = resp.data_in;
+    let (overflow, underflow, residual) = if let Some(needed) = write_needed {
+        residual(needed, edtl)
+    } else if cmd.read || !data.is_empty() {
+        residual(data.len() as u32, edtl)
+    } else {
+        (false, false, 0)
+    };
+    let data = data.slice(..(data.len().min(edtl as usize)));
+    let status = resp.status as u8;
+    let phase_collapse =
+        resp.sense.is_none() && matches!(resp.status, ScsiStatus::Good | ScsiStatus::ConditionMet) && !data.is_empty();
+    let mut pdus = Vec::new();
+    let max_seg = params.max_xmit_data_segment_length.max(512) as usize;
+    let burst = params.max_burst_length.max(512) as usize;
+    let mut offset = 0usize;
+    let mut data_sn = 0u32;
+    while offset < data.len() {
+        let burst_end = ((offset / burst) + 1) * burst;
+        let len = max_seg.min(data.len() - offset).min(burst_end - offset);
+        let last = offset + len == data.len();
+        let d = DataIn {
+            final_bit: last || offset + len == burst_end,
+            status_present: last && phase_collapse,
+            status: if last && phase_collapse { status } else { 0 },
+            overflow: last && phase_collapse && overflow,
+            underflow: last && phase_collapse && underflow,
+            residual_count: if last && phase_collapse { residual } else { 0 },
+            lun: cmd.lun,
+            itt: cmd.itt,
+            ttt: RESERVED_TAG,
+            data_sn,
+            buffer_offset: offset as u32,
+            ..Default::default()
+        };
+        let stat = if last && phase_collapse { StatSn::Advance } else { StatSn::Peek };
+        let mut bhs = d.to_bhs();
+        if !(last && phase_collapse) {
+            // StatSN is reserved in Data-In without status; the writer fills it anyway.
+            bhs.0[24..28].fill(0);
+        }
+        pdus.push(OutPdu::new(bhs, data.slice(offset..offset + len), stat));
+        offset += len;
+        data_sn += 1;
+    }
+    if !phase_collapse {
+        let sense_data = match &resp.sense {
+            Some(s) => {
+                let mut v = Vec::with_capacity(2 + s.len());
+                v.extend_from_slice(&(s.len() as u16).to_be_bytes());
+                v.extend_from_slice(s);
+                Bytes::from(v)
+            }
+            None => Bytes::new(),
+        };
+        let r = ScsiResponsePdu {
+            overflow,
+            underflow,
+            response: 0,
+            status,
+            itt: cmd.itt,
+            exp_data_sn: data_sn,
+            residual_count: residual,
+            ..Default::default()
+        };
+        pdus.push(OutPdu::new(r.to_bhs(), sense_data, StatSn::Advance));
+    }
+    pdus
+}
+
+fn residual(actual: u32, expected: u32) -> (bool, bool, u32) {
+    if actual > expected {
+        (true, false, actual - expected)
+    } else if actual < expected {
+        (false, true, expected - actual)
+    } else {
+        (false, false, 0)
+    }
+}

@@ -1,0 +1,191 @@
+//! Server-wide state: targets, sessions (for reinstatement and status), counters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use crate::{ServerSettings, TargetConfig};
+
+/// Counters of the server (cheap atomics; read by status and metrics).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections_accepted: AtomicU64,
+    /// Connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Logins that failed.
+    pub login_failures: AtomicU64,
+    /// Reject PDUs sent.
+    pub rejects: AtomicU64,
+    /// Digest errors seen.
+    pub digest_errors: AtomicU64,
+    /// Tasks aborted by task management.
+    pub aborted_tasks: AtomicU64,
+}
+
+/// A logged-in session, for status output.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    /// Initiator name.
+    pub initiator: String,
+    /// ISID as hex.
+    pub isid: String,
+    /// Target name (None for discovery).
+    pub target: Option<String>,
+    /// TSIH.
+    pub tsih: u16,
+    /// Initiator address.
+    pub peer: SocketAddr,
+}
+
+/// A session's entry: how to end it, and a signal when it has ended.
+pub(crate) struct SessionEntry {
+    pub info: SessionInfo,
+    pub kill: Arc<Notify>,
+    pub ended: watch::Receiver<bool>,
+}
+
+/// (initiator name, ISID, target name): the identity of a session for reinstatement
+/// (RFC 7143 §6.3.5).
+pub(crate) type SessionKey = (String, [u8; 6], String);
+
+pub(crate) struct Shared {
+    pub settings: ServerSettings,
+    targets: RwLock<BTreeMap<String, Arc<TargetConfig>>>,
+    sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
+    next_tsih: AtomicU16,
+    connections: AtomicUsize,
+    pub stats: ServerStats,
+    /// Flips to true at shutdown; connections ask their initiators to log out.
+    pub shutting_down: watch::Sender<bool>,
+}
+
+/// Holds one slot of the connection limit.
+pub(crate) struct ConnectionGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shared {
+    pub fn new(settings: ServerSettings) -> Shared {
+        Shared {
+            settings,
+            targets: RwLock::new(BTreeMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_tsih: AtomicU16::new(1),
+            connections: AtomicUsize::new(0),
+            stats: ServerStats::default(),
+            shutting_down: watch::channel(false).0,
+        }
+    }
+
+    pub fn try_admit_connection(self: &Arc<Self>) -> Option<ConnectionGuard> {
+        let n = self.connections.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnectionGuard { shared: self.clone() };
+        if n >= self.settings.max_connections {
+            return None;
+        }
+        self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        Some(guard)
+    }
+
+    pub fn set_target(&self, target: TargetConfig) {
+        let mut t = self.targets.write().unwrap_or_else(|e| e.into_inner());
+        t.insert(target.name.clone(), Arc::new(target));
+    }
+
+    pub fn remove_target(&self, name: &str) {
+        self.targets.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, entry) in sessions.iter() {
+            if key.2 == name {
+                entry.kill.notify_one();
+            }
+        }
+    }
+
+    pub fn target(&self, name: &str) -> Option<Arc<TargetConfig>> {
+        self.targets.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    pub fn targets(&self) -> Vec<Arc<TargetConfig>> {
+        self.targets.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    pub fn portal_addrs(&self) -> Vec<SocketAddr> {
+        self.targets().iter().flat_map(|t| t.portals.iter().map(|p| p.addr)).collect()
+    }
+
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().map(|e| e.info.clone()).collect()
+    }
+
+    pub fn session_exists_with_tsih(&self, tsih: u16) -> bool {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().any(|e| e.info.tsih == tsih)
+    }
+
+    pub fn allocate_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            // TSIH 0 is reserved (RFC 7143 §11.12.6).
+            if t != 0 && !self.session_exists_with_tsih(t) {
+                return t;
+            }
+        }
+    }
+
+    /// Registers a new session; an existing session with the same key is ended first
+    /// (session reinstatement, RFC 7143 §6.3.5) and this waits for it to finish.
+    pub async fn register_session(&self, key: SessionKey, entry: SessionEntry) {
+        let old = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        if let Some(old) = old {
+            tracing::info!(initiator = %key.0, target = %key.2, tsih = old.info.tsih, "reinstating session");
+            old.kill.notify_one();
+            let mut ended = old.ended;
+            let _ = tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|e| *e)).await;
+        }
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, entry);
+    }
+
+    pub fn unregister_session(&self, key: &SessionKey, tsih: u16) {
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if s.get(key).is_some_and(|e| e.info.tsih == tsih) {
+            s.remove(key);
+        }
+    }
+
+    /// Ends every session of the given target (target cold reset).
+    pub fn kill_target_sessions(&self, target: &str) {
+        let s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, entry) in s.iter() {
+            if key.2 == target {
+                entry.kill.notify_one();
+            }
+        }
+    }
+
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.shutting_down.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if self.sessions.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let entries: Vec<Arc<Notify>> =
+            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().map(|e| e.kill.clone()).collect();
+        for k in entries {
+            k.notify_one();
+        }
+    }
+}
