@@ -57,7 +57,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// The provisioning status of the bytes starting at `offset`: the extent that starts
     /// there and how far it reaches (at most `max_len` bytes).
     fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
-        Ok(Extent { offset, len: max_len, status: Provisioning::Mapped })
+        Ok(Extent {
+            offset,
+            len: max_len,
+            status: Provisioning::Mapped,
+        })
     }
 
     /// Hints that a range will be read soon (PRE-FETCH). The default does nothing.

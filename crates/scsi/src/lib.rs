@@ -6,7 +6,12 @@
 //! its async runtime threads.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)
+)]
+// `is_multiple_of` is newer than the workspace's rust-version (1.80).
+#![allow(clippy::manual_is_multiple_of)]
 
 pub mod cdb;
 mod commands;
@@ -19,6 +24,8 @@ pub mod sense;
 mod spc;
 mod target_device;
 pub mod testing;
+#[cfg(test)]
+mod tests;
 mod vpd;
 mod xcopy;
 

@@ -108,11 +108,6 @@ impl LuState {
             }
         }
     }
-
-    /// Queues `sense` for `nexus`.
-    pub fn ua_to(&mut self, nexus: &ItNexus, sense: Sense) {
-        self.nexuses.entry(nexus.clone()).or_default().push_ua(sense);
-    }
 }
 
 /// A logical unit.
@@ -148,8 +143,10 @@ impl LogicalUnit {
         device: Arc<dyn BlockDevice>,
     ) -> Result<LogicalUnit, ScsiError> {
         let pr = match &config.pr_file {
-            Some(path) => PrState::load(path)
-                .map_err(|source| ScsiError::PrState { path: path.clone(), source })?,
+            Some(path) => PrState::load(path).map_err(|source| ScsiError::PrState {
+                path: path.clone(),
+                source,
+            })?,
             None => PrState::default(),
         };
         let mode = ModeState::new(&config);
@@ -192,6 +189,7 @@ impl LogicalUnit {
             st.legacy_reservation = None;
         }
         st.nexuses.remove(nexus);
+        st.copies.forget(nexus);
     }
 
     pub fn reset(&self, ua: Sense) {
@@ -219,10 +217,16 @@ impl LogicalUnit {
         let result = self.run(target, req, cdb);
         let descriptor = self.lock().mode.d_sense;
         match result {
-            Ok(Done::Good(data)) => ScsiResponse { status: ScsiStatus::Good, sense: None, data_in: data },
-            Ok(Done::ConditionMet) => {
-                ScsiResponse { status: ScsiStatus::ConditionMet, sense: None, data_in: Bytes::new() }
-            }
+            Ok(Done::Good(data)) => ScsiResponse {
+                status: ScsiStatus::Good,
+                sense: None,
+                data_in: data,
+            },
+            Ok(Done::ConditionMet) => ScsiResponse {
+                status: ScsiStatus::ConditionMet,
+                sense: None,
+                data_in: Bytes::new(),
+            },
             Err(Failure::Conflict) => ScsiResponse {
                 status: ScsiStatus::ReservationConflict,
                 sense: None,
@@ -238,8 +242,11 @@ impl LogicalUnit {
             let mut st = self.lock();
             if !st.nexuses.contains_key(req.nexus) {
                 if st.nexuses.len() >= NEXUS_MAX {
-                    let idle: Option<ItNexus> =
-                        st.nexuses.iter().find(|(_, s)| s.ua.is_empty() && !s.prevent).map(|(n, _)| n.clone());
+                    let idle: Option<ItNexus> = st
+                        .nexuses
+                        .iter()
+                        .find(|(_, s)| s.ua.is_empty() && !s.prevent)
+                        .map(|(n, _)| n.clone());
                     if let Some(idle) = idle {
                         st.nexuses.remove(&idle);
                     }
@@ -277,7 +284,13 @@ impl LogicalUnit {
         if self.conflicts(req.nexus, spec, cdb) {
             return Err(Failure::Conflict);
         }
-        let ctx = Ctx { lu: self, target, req, cdb };
+        tracing::trace!(lun = self.lun, command = spec.name, "execute");
+        let ctx = Ctx {
+            lu: self,
+            target,
+            req,
+            cdb,
+        };
         (spec.handler)(&ctx)
     }
 

@@ -1,7 +1,7 @@
 //! MODE SENSE and MODE SELECT (SPC-4 §6.11-§6.14, §7.5) with the read-write error
 //! recovery, caching, control and informational exceptions pages.
 
-use crate::cdb::{get_be16, get_u8, opcode, put};
+use crate::cdb::{get_be16, get_u8, opcode, put, put_u8};
 use crate::lu::{data_in, good, CmdResult, Ctx};
 use crate::sense::Sense;
 use crate::target_device::LuConfig;
@@ -19,7 +19,11 @@ pub(crate) struct ModeState {
 
 impl ModeState {
     pub fn new(config: &LuConfig) -> ModeState {
-        ModeState { wce: config.write_cache, d_sense: false, swp: false }
+        ModeState {
+            wce: config.write_cache,
+            d_sense: false,
+            swp: false,
+        }
     }
 }
 
@@ -30,8 +34,12 @@ const PAGE_INFORMATIONAL_EXCEPTIONS: u8 = 0x1C;
 const PAGE_ALL: u8 = 0x3F;
 
 /// Pages in the order MODE SENSE returns them for "all pages".
-const PAGES: [u8; 4] =
-    [PAGE_RW_ERROR_RECOVERY, PAGE_CACHING, PAGE_CONTROL, PAGE_INFORMATIONAL_EXCEPTIONS];
+const PAGES: [u8; 4] = [
+    PAGE_RW_ERROR_RECOVERY,
+    PAGE_CACHING,
+    PAGE_CONTROL,
+    PAGE_INFORMATIONAL_EXCEPTIONS,
+];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PageControl {
@@ -52,26 +60,26 @@ fn page(code: u8, pc: PageControl, state: &ModeState, defaults: &ModeState) -> V
             let mut p = vec![0u8; 12];
             put(&mut p, 0, &[PAGE_RW_ERROR_RECOVERY, 0x0A]);
             if !changeable {
-                p[2] = 0x80; // AWRE
+                put_u8(&mut p, 2, 0x80); // AWRE
             }
             p
         }
         PAGE_CACHING => {
             let mut p = vec![0u8; 20];
             put(&mut p, 0, &[PAGE_CACHING, 0x12]);
-            p[2] = if changeable { 0x04 } else if s.wce { 0x04 } else { 0x00 };
+            put_u8(&mut p, 2, if changeable || s.wce { 0x04 } else { 0x00 });
             p
         }
         PAGE_CONTROL => {
             let mut p = vec![0u8; 12];
             put(&mut p, 0, &[PAGE_CONTROL, 0x0A]);
             if changeable {
-                p[2] = 0x04; // D_SENSE
-                p[4] = 0x08; // SWP
+                put_u8(&mut p, 2, 0x04); // D_SENSE
+                put_u8(&mut p, 4, 0x08); // SWP
             } else {
-                p[2] = if s.d_sense { 0x04 } else { 0 };
-                p[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
-                p[4] = if s.swp { 0x08 } else { 0 };
+                put_u8(&mut p, 2, if s.d_sense { 0x04 } else { 0 });
+                put_u8(&mut p, 3, 0x10); // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+                put_u8(&mut p, 4, if s.swp { 0x08 } else { 0 });
                 put(&mut p, 8, &0xFFFFu16.to_be_bytes()); // BUSY TIMEOUT PERIOD: unlimited
             }
             p
@@ -80,7 +88,7 @@ fn page(code: u8, pc: PageControl, state: &ModeState, defaults: &ModeState) -> V
             let mut p = vec![0u8; 12];
             put(&mut p, 0, &[PAGE_INFORMATIONAL_EXCEPTIONS, 0x0A]);
             if !changeable {
-                p[2] = 0x08; // DEXCPT: no informational exception reporting
+                put_u8(&mut p, 2, 0x08); // DEXCPT: no informational exception reporting
             }
             p
         }
@@ -101,7 +109,11 @@ pub(crate) fn mode_sense(ctx: &Ctx<'_>) -> CmdResult {
     };
     let page_code = cdb.u8(2) & 0x3F;
     let subpage = cdb.u8(3);
-    let alloc = if ten { usize::from(cdb.be16(7)) } else { usize::from(cdb.u8(4)) };
+    let alloc = if ten {
+        usize::from(cdb.be16(7))
+    } else {
+        usize::from(cdb.u8(4))
+    };
 
     let (state, read_only) = {
         let st = ctx.lu.lock();
@@ -184,16 +196,28 @@ pub(crate) fn mode_select(ctx: &Ctx<'_>) -> CmdResult {
     if cdb.u8(1) & 0xEE != 0 {
         return Err(Sense::invalid_field_in_cdb(1).into());
     }
-    let param_len = if ten { usize::from(cdb.be16(7)) } else { usize::from(cdb.u8(4)) };
+    let param_len = if ten {
+        usize::from(cdb.be16(7))
+    } else {
+        usize::from(cdb.u8(4))
+    };
     if param_len == 0 {
         return good();
     }
-    let data = ctx.req.data_out.get(..param_len).ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
+    let data = ctx
+        .req
+        .data_out
+        .get(..param_len)
+        .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
     let header_len = if ten { 8 } else { 4 };
     if data.len() < header_len {
         return Err(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR.into());
     }
-    let bd_len = if ten { usize::from(get_be16(data, 6)) } else { usize::from(get_u8(data, 3)) };
+    let bd_len = if ten {
+        usize::from(get_be16(data, 6))
+    } else {
+        usize::from(get_u8(data, 3))
+    };
     let long_lba = ten && get_u8(data, 4) & 0x01 != 0;
     let mut pos = header_len;
     let bd_end = pos.saturating_add(bd_len);
@@ -209,7 +233,9 @@ pub(crate) fn mode_select(ctx: &Ctx<'_>) -> CmdResult {
             u32::from_be_bytes(crate::cdb::get_be(data, pos + 4)) & 0x00FF_FFFF
         };
         if block_len != 0 && block_len != ctx.lu.block_size() {
-            return Err(Sense::invalid_field_in_parameter_list(u16::try_from(pos).unwrap_or(0)).into());
+            return Err(
+                Sense::invalid_field_in_parameter_list(u16::try_from(pos).unwrap_or(0)).into(),
+            );
         }
         pos += desc_size;
     }
@@ -254,13 +280,19 @@ pub(crate) fn mode_select(ctx: &Ctx<'_>) -> CmdResult {
     let cache_disabled = st.mode.wce && !new.wce;
     if new != st.mode {
         st.mode = new;
-        st.ua_all(Some(ctx.nexus()), Sense::UNIT_ATTENTION_MODE_PARAMETERS_CHANGED);
+        st.ua_all(
+            Some(ctx.nexus()),
+            Sense::UNIT_ATTENTION_MODE_PARAMETERS_CHANGED,
+        );
     }
     drop(st);
     // Writes acknowledged under WCE=1 must not stay volatile once the initiator relies
     // on WCE=0 semantics.
     if cache_disabled {
-        ctx.lu.device.flush().map_err(|_| Sense::MEDIUM_ERROR_WRITE_ERROR)?;
+        ctx.lu
+            .device
+            .flush()
+            .map_err(|_| Sense::MEDIUM_ERROR_WRITE_ERROR)?;
     }
     good()
 }

@@ -9,7 +9,7 @@
 use std::io::{self, Write as _};
 use std::path::Path;
 
-use crate::cdb::{get_be16, get_be32, get_be64, get_u8, put};
+use crate::cdb::{get_be16, get_be32, get_be64, get_u8, put, put_u8};
 use crate::commands::Access;
 use crate::lu::{data_in, good, CmdResult, Ctx, Failure, LuState};
 use crate::sense::Sense;
@@ -45,7 +45,10 @@ impl PrType {
     }
 
     fn all_registrants(self) -> bool {
-        matches!(self, PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants)
+        matches!(
+            self,
+            PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants
+        )
     }
 
     /// Registrants only / all registrants: registered nexuses have access.
@@ -195,7 +198,11 @@ impl PrState {
             ));
         }
         if let Some(res) = &self.reservation {
-            if let Some(i) = self.registrations.iter().position(|r| r.matches(&res.holder)) {
+            if let Some(i) = self
+                .registrations
+                .iter()
+                .position(|r| r.matches(&res.holder))
+            {
                 s.push_str(&format!("res {} {}\n", res.kind as u8, i));
             }
         }
@@ -203,7 +210,10 @@ impl PrState {
     }
 
     fn parse(text: &str) -> PrState {
-        let mut st = PrState { aptpl: true, ..PrState::default() };
+        let mut st = PrState {
+            aptpl: true,
+            ..PrState::default()
+        };
         for line in text.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             match f.as_slice() {
@@ -211,7 +221,10 @@ impl PrState {
                 ["reg", key, all, isid, rel, group, port, name] => {
                     let mut isid_b = [0u8; 6];
                     for (i, b) in isid_b.iter_mut().enumerate() {
-                        *b = isid.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+                        *b = isid
+                            .get(2 * i..2 * i + 2)
+                            .and_then(|h| u8::from_str_radix(h, 16).ok())
+                            .unwrap_or(0);
                     }
                     if st.registrations.len() < REGISTRATIONS_MAX {
                         st.registrations.push(Registration {
@@ -231,9 +244,15 @@ impl PrState {
                 }
                 ["res", kind, idx] => {
                     let kind = kind.parse().ok().and_then(PrType::from_u8);
-                    let holder = idx.parse::<usize>().ok().and_then(|i| st.registrations.get(i));
+                    let holder = idx
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| st.registrations.get(i));
                     if let (Some(kind), Some(h)) = (kind, holder) {
-                        st.reservation = Some(Reservation { holder: h.nexus.clone(), kind });
+                        st.reservation = Some(Reservation {
+                            holder: h.nexus.clone(),
+                            kind,
+                        });
                     }
                 }
                 _ => {}
@@ -259,7 +278,11 @@ impl PrState {
         }
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
-            if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+            if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            }) {
                 let _ = d.sync_all();
             }
         }
@@ -361,13 +384,25 @@ pub(crate) fn persistent_reserve_in(ctx: &Ctx<'_>) -> CmdResult {
                 };
                 let mut d = vec![0u8; 24];
                 put(&mut d, 0, &r.key.to_be_bytes());
-                d[12] = if r.all_tg_pt { 0x02 } else { 0 } | u8::from(holder);
+                put_u8(
+                    &mut d,
+                    12,
+                    if r.all_tg_pt { 0x02 } else { 0 } | u8::from(holder),
+                );
                 if holder {
-                    d[13] = pr.reservation.as_ref().map_or(0, |res| res.kind as u8);
+                    put_u8(
+                        &mut d,
+                        13,
+                        pr.reservation.as_ref().map_or(0, |res| res.kind as u8),
+                    );
                 }
                 put(&mut d, 18, &r.nexus.target_port.relative_id.to_be_bytes());
                 let tid = transport_id(&r.nexus);
-                put(&mut d, 20, &u32::try_from(tid.len()).unwrap_or(0).to_be_bytes());
+                put(
+                    &mut d,
+                    20,
+                    &u32::try_from(tid.len()).unwrap_or(0).to_be_bytes(),
+                );
                 d.extend_from_slice(&tid);
                 descs.extend_from_slice(&d);
             }
@@ -395,7 +430,11 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
     let scope = cdb.u8(2) >> 4;
     let type_field = cdb.u8(2) & 0x0F;
     let param_len = usize::try_from(cdb.be32(5)).unwrap_or(usize::MAX);
-    let data = ctx.req.data_out.get(..param_len).ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
+    let data = ctx
+        .req
+        .data_out
+        .get(..param_len)
+        .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
     if sa != 0x07 && param_len != 24 {
         return Err(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR.into());
     }
@@ -407,7 +446,11 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
         sa_key: get_be64(data, 8),
         spec_i_pt: sa != 0x07 && get_u8(data, 20) & 0x08 != 0,
         all_tg_pt: sa != 0x07 && get_u8(data, 20) & 0x04 != 0,
-        aptpl: if sa == 0x07 { get_u8(data, 17) & 0x01 != 0 } else { get_u8(data, 20) & 0x01 != 0 },
+        aptpl: if sa == 0x07 {
+            get_u8(data, 17) & 0x01 != 0
+        } else {
+            get_u8(data, 20) & 0x01 != 0
+        },
     };
     let nexus = ctx.nexus();
     let mut st = ctx.lu.lock();
@@ -457,12 +500,22 @@ fn ua_released(st: &mut LuState, except: &ItNexus, kind: PrType) {
     if !kind.registrants_have_access() {
         return;
     }
-    let others: Vec<ItNexus> =
-        st.pr.registrations.iter().filter(|r| !r.matches(except)).map(|r| r.nexus.clone()).collect();
+    let others: Vec<ItNexus> = st
+        .pr
+        .registrations
+        .iter()
+        .filter(|r| !r.matches(except))
+        .map(|r| r.nexus.clone())
+        .collect();
     ua_removed(st, &others, Sense::UNIT_ATTENTION_RESERVATIONS_RELEASED);
 }
 
-fn register(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, ignore: bool) -> Result<(), Failure> {
+fn register(
+    st: &mut LuState,
+    nexus: &ItNexus,
+    p: &ProutParams,
+    ignore: bool,
+) -> Result<(), Failure> {
     if p.spec_i_pt {
         return Err(Sense::invalid_field_in_parameter_list(20).into());
     }
@@ -512,7 +565,13 @@ fn check_scope_type(scope: u8, type_field: u8) -> Result<PrType, Failure> {
     PrType::from_u8(type_field).ok_or_else(|| Sense::invalid_field_in_cdb(2).into())
 }
 
-fn reserve(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, scope: u8, type_field: u8) -> Result<(), Failure> {
+fn reserve(
+    st: &mut LuState,
+    nexus: &ItNexus,
+    p: &ProutParams,
+    scope: u8,
+    type_field: u8,
+) -> Result<(), Failure> {
     check_registered(st, nexus, p.key)?;
     let kind = check_scope_type(scope, type_field)?;
     match &st.pr.reservation {
@@ -524,13 +583,22 @@ fn reserve(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, scope: u8, type_f
             }
         }
         None => {
-            st.pr.reservation = Some(Reservation { holder: nexus.clone(), kind });
+            st.pr.reservation = Some(Reservation {
+                holder: nexus.clone(),
+                kind,
+            });
             Ok(())
         }
     }
 }
 
-fn release(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, scope: u8, type_field: u8) -> Result<(), Failure> {
+fn release(
+    st: &mut LuState,
+    nexus: &ItNexus,
+    p: &ProutParams,
+    scope: u8,
+    type_field: u8,
+) -> Result<(), Failure> {
     check_registered(st, nexus, p.key)?;
     let Some(res) = st.pr.reservation.clone() else {
         return Ok(());
@@ -551,13 +619,22 @@ fn clear(st: &mut LuState, nexus: &ItNexus, p: &ProutParams) -> Result<(), Failu
     check_registered(st, nexus, p.key)?;
     let removed = st.pr.remove_where(|_| false);
     st.pr.reservation = None;
-    let others: Vec<ItNexus> = removed.into_iter().filter(|n| !same_initiator_port(n, nexus) || n.target_port != nexus.target_port).collect();
+    let others: Vec<ItNexus> = removed
+        .into_iter()
+        .filter(|n| !same_initiator_port(n, nexus) || n.target_port != nexus.target_port)
+        .collect();
     ua_removed(st, &others, Sense::UNIT_ATTENTION_RESERVATIONS_PREEMPTED);
     st.pr.generation = st.pr.generation.wrapping_add(1);
     Ok(())
 }
 
-fn preempt(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, scope: u8, type_field: u8) -> Result<(), Failure> {
+fn preempt(
+    st: &mut LuState,
+    nexus: &ItNexus,
+    p: &ProutParams,
+    scope: u8,
+    type_field: u8,
+) -> Result<(), Failure> {
     check_registered(st, nexus, p.key)?;
     let sa_key = p.sa_key;
     let reservation = st.pr.reservation.clone();
@@ -567,13 +644,25 @@ fn preempt(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, scope: u8, type_f
             // Everybody else loses the registration; a new reservation for the caller.
             let kind = check_scope_type(scope, type_field)?;
             let removed = st.pr.remove_where(|r| !not_me(r));
-            st.pr.reservation = Some(Reservation { holder: nexus.clone(), kind });
+            st.pr.reservation = Some(Reservation {
+                holder: nexus.clone(),
+                kind,
+            });
             ua_removed(st, &removed, Sense::UNIT_ATTENTION_REGISTRATIONS_PREEMPTED);
         }
-        Some(res) if !res.kind.all_registrants() && st.pr.registration(&res.holder).is_some_and(|h| h.key == sa_key) => {
+        Some(res)
+            if !res.kind.all_registrants()
+                && st
+                    .pr
+                    .registration(&res.holder)
+                    .is_some_and(|h| h.key == sa_key) =>
+        {
             let kind = check_scope_type(scope, type_field)?;
             let removed = st.pr.remove_where(|r| r.key != sa_key || !not_me(r));
-            st.pr.reservation = Some(Reservation { holder: nexus.clone(), kind });
+            st.pr.reservation = Some(Reservation {
+                holder: nexus.clone(),
+                kind,
+            });
             ua_removed(st, &removed, Sense::UNIT_ATTENTION_REGISTRATIONS_PREEMPTED);
             if kind != res.kind {
                 let others: Vec<ItNexus> = st
@@ -613,10 +702,14 @@ fn parse_iscsi_transport_id(t: &[u8]) -> Option<(String, [u8; 6])> {
     let format = get_u8(t, 0) >> 6;
     let len = usize::from(get_be16(t, 2));
     let body = t.get(4..4 + len)?;
-    let text: String = String::from_utf8_lossy(body).trim_end_matches('\0').to_string();
+    let text: String = String::from_utf8_lossy(body)
+        .trim_end_matches('\0')
+        .to_string();
     match format {
         0x01 => {
-            let (name, isid) = text.split_once(",i,0x").or_else(|| text.split_once(",I,0X"))?;
+            let (name, isid) = text
+                .split_once(",i,0x")
+                .or_else(|| text.split_once(",I,0X"))?;
             let mut out = [0u8; 6];
             for (i, b) in out.iter_mut().enumerate() {
                 *b = u8::from_str_radix(isid.get(2 * i..2 * i + 2)?, 16).ok()?;
@@ -627,7 +720,12 @@ fn parse_iscsi_transport_id(t: &[u8]) -> Option<(String, [u8; 6])> {
     }
 }
 
-fn register_and_move(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, data: &[u8]) -> Result<(), Failure> {
+fn register_and_move(
+    st: &mut LuState,
+    nexus: &ItNexus,
+    p: &ProutParams,
+    data: &[u8],
+) -> Result<(), Failure> {
     check_registered(st, nexus, p.key)?;
     let Some(res) = st.pr.reservation.clone() else {
         return Err(Failure::Conflict);
@@ -641,16 +739,27 @@ fn register_and_move(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, data: &
     let unreg = get_u8(data, 17) & 0x02 != 0;
     let rel_port = get_be16(data, 18);
     let tid_len = usize::try_from(get_be32(data, 20)).unwrap_or(usize::MAX);
-    let tid = data.get(24..24usize.saturating_add(tid_len)).ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
-    let (name, isid) = parse_iscsi_transport_id(tid).ok_or(Sense::invalid_field_in_parameter_list(24))?;
+    let tid = data
+        .get(24..24usize.saturating_add(tid_len))
+        .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
+    let (name, isid) =
+        parse_iscsi_transport_id(tid).ok_or(Sense::invalid_field_in_parameter_list(24))?;
     // The target port is found among the ports this unit has seen.
     let port = if nexus.target_port.relative_id == rel_port {
         Some(nexus.target_port.clone())
     } else {
-        st.nexuses.keys().map(|n| &n.target_port).find(|tp| tp.relative_id == rel_port).cloned()
+        st.nexuses
+            .keys()
+            .map(|n| &n.target_port)
+            .find(|tp| tp.relative_id == rel_port)
+            .cloned()
     };
     let port = port.ok_or(Sense::invalid_field_in_parameter_list(18))?;
-    let dest = ItNexus { initiator_name: name, isid, target_port: port };
+    let dest = ItNexus {
+        initiator_name: name,
+        isid,
+        target_port: port,
+    };
     if same_initiator_port(&dest, nexus) && dest.target_port == nexus.target_port {
         return Err(Sense::invalid_field_in_parameter_list(24).into());
     }
@@ -660,10 +769,17 @@ fn register_and_move(st: &mut LuState, nexus: &ItNexus, p: &ProutParams, data: &
             if st.pr.registrations.len() >= REGISTRATIONS_MAX {
                 return Err(Sense::ILLEGAL_REQUEST_INSUFFICIENT_REGISTRATION_RESOURCES.into());
             }
-            st.pr.registrations.push(Registration { nexus: dest.clone(), key: p.sa_key, all_tg_pt: false });
+            st.pr.registrations.push(Registration {
+                nexus: dest.clone(),
+                key: p.sa_key,
+                all_tg_pt: false,
+            });
         }
     }
-    st.pr.reservation = Some(Reservation { holder: dest, kind: res.kind });
+    st.pr.reservation = Some(Reservation {
+        holder: dest,
+        kind: res.kind,
+    });
     if unreg {
         st.pr.registrations.retain(|r| !r.matches(nexus));
     }
@@ -681,12 +797,23 @@ mod tests {
         let n = ItNexus {
             initiator_name: "iqn.a".into(),
             isid: [1, 2, 3, 4, 5, 6],
-            target_port: TargetPort { name: "iqn.t,t,0x0001".into(), relative_id: 1, group: 2 },
+            target_port: TargetPort {
+                name: "iqn.t,t,0x0001".into(),
+                relative_id: 1,
+                group: 2,
+            },
         };
         let st = PrState {
             generation: 7,
-            registrations: vec![Registration { nexus: n.clone(), key: 0xABCD, all_tg_pt: true }],
-            reservation: Some(Reservation { holder: n, kind: PrType::ExclusiveAccess }),
+            registrations: vec![Registration {
+                nexus: n.clone(),
+                key: 0xABCD,
+                all_tg_pt: true,
+            }],
+            reservation: Some(Reservation {
+                holder: n,
+                kind: PrType::ExclusiveAccess,
+            }),
             aptpl: true,
         };
         let back = PrState::parse(&st.serialize());
@@ -700,10 +827,17 @@ mod tests {
         let n = ItNexus {
             initiator_name: "iqn.x".into(),
             isid: [0x23, 0, 0, 0, 0, 1],
-            target_port: TargetPort { name: "t".into(), relative_id: 1, group: 1 },
+            target_port: TargetPort {
+                name: "t".into(),
+                relative_id: 1,
+                group: 1,
+            },
         };
         let t = transport_id(&n);
         assert_eq!(t.len() % 4, 0);
-        assert_eq!(parse_iscsi_transport_id(&t), Some(("iqn.x".to_string(), n.isid)));
+        assert_eq!(
+            parse_iscsi_transport_id(&t),
+            Some(("iqn.x".to_string(), n.isid))
+        );
     }
 }

@@ -4,7 +4,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::cdb::{get_be16, get_be32, get_be64, get_u8, opcode as op, put, BlockCount, BlockRange, Cdb, Lba};
+use crate::cdb::{
+    get_be16, get_be32, get_be64, get_u8, opcode as op, put, BlockCount, BlockRange, Cdb, Lba,
+};
 use crate::device::Provisioning;
 use crate::lu::{data_in, good, CmdResult, Ctx, Done, LogicalUnit};
 use crate::sense::Sense;
@@ -70,8 +72,13 @@ fn rw_fields(cdb: Cdb<'_>) -> RwFields {
                 flags: 0,
             }
         }
-        op::READ_10 | op::WRITE_10 | op::WRITE_AND_VERIFY_10 | op::VERIFY_10 | op::PRE_FETCH_10
-        | op::SYNCHRONIZE_CACHE_10 | op::WRITE_SAME_10 => RwFields {
+        op::READ_10
+        | op::WRITE_10
+        | op::WRITE_AND_VERIFY_10
+        | op::VERIFY_10
+        | op::PRE_FETCH_10
+        | op::SYNCHRONIZE_CACHE_10
+        | op::WRITE_SAME_10 => RwFields {
             lba: Lba(u64::from(cdb.be32(2))),
             count: BlockCount(u64::from(cdb.be16(7))),
             flags: cdb.u8(1),
@@ -120,7 +127,12 @@ fn length_byte(cdb: Cdb<'_>) -> u16 {
     match cdb.opcode() {
         op::READ_6 | op::WRITE_6 => 4,
         op::READ_12 | op::WRITE_12 | op::WRITE_AND_VERIFY_12 | op::VERIFY_12 => 6,
-        op::READ_16 | op::WRITE_16 | op::WRITE_AND_VERIFY_16 | op::VERIFY_16 | op::ORWRITE_16 | op::PRE_FETCH_16 => 10,
+        op::READ_16
+        | op::WRITE_16
+        | op::WRITE_AND_VERIFY_16
+        | op::VERIFY_16
+        | op::ORWRITE_16
+        | op::PRE_FETCH_16 => 10,
         op::WRITE_ATOMIC_16 => 12,
         op::COMPARE_AND_WRITE => 13,
         _ => 7,
@@ -149,7 +161,9 @@ fn read_range(lu: &LogicalUnit, r: &BlockRange) -> Result<Bytes, Sense> {
     let len = usize_of(r.bytes(bs))?;
     let mut buf = BytesMut::zeroed(len);
     if len > 0 {
-        lu.device.read_at(r.offset(bs), &mut buf).map_err(read_error)?;
+        lu.device
+            .read_at(r.offset(bs), &mut buf)
+            .map_err(read_error)?;
     }
     Ok(buf.freeze())
 }
@@ -171,10 +185,20 @@ fn data_for<'d>(ctx: &Ctx<'d>, r: &BlockRange) -> Result<(&'d [u8], BlockRange),
     }
     let bsz = bs as usize;
     if got.len() % bsz != 0 {
-        return Err(Sense::new(crate::sense::SenseKey::IllegalRequest, 0x0E, 0x03));
+        return Err(Sense::new(
+            crate::sense::SenseKey::IllegalRequest,
+            0x0E,
+            0x03,
+        ));
     }
     let blocks = (got.len() / bsz) as u64;
-    Ok((got, BlockRange { lba: r.lba, count: BlockCount(blocks) }))
+    Ok((
+        got,
+        BlockRange {
+            lba: r.lba,
+            count: BlockCount(blocks),
+        },
+    ))
 }
 
 /// READ(6/10/12/16) (SBC-3 §5.8-§5.11).
@@ -206,7 +230,9 @@ fn write_blocks(lu: &LogicalUnit, r: &BlockRange, data: &[u8], fua: bool) -> Res
         return Ok(());
     }
     let _shared = lu.atomic.read().unwrap_or_else(|e| e.into_inner());
-    lu.device.write_at(r.offset(lu.block_size()), data, fua).map_err(write_error)
+    lu.device
+        .write_at(r.offset(lu.block_size()), data, fua)
+        .map_err(write_error)
 }
 
 /// WRITE AND VERIFY(10/12/16) (SBC-3 §5.35-§5.37). The data is written through to the
@@ -266,7 +292,9 @@ pub(crate) fn verify(ctx: &Ctx<'_>) -> CmdResult {
             .find_map(|(i, blk)| first_difference(blk, expected).map(|o| i * bs + o)),
     };
     if let Some(off) = mismatch {
-        return Err(Sense::MISCOMPARE_DURING_VERIFY_OPERATION.with_information(off as u64).into());
+        return Err(Sense::MISCOMPARE_DURING_VERIFY_OPERATION
+            .with_information(off as u64)
+            .into());
     }
     good()
 }
@@ -281,7 +309,10 @@ pub(crate) fn pre_fetch(ctx: &Ctx<'_>) -> CmdResult {
     let r = range(ctx.lu, &f)?;
     let bs = ctx.lu.block_size();
     if r.count.0 > 0 {
-        ctx.lu.device.prefetch(r.offset(bs), r.bytes(bs)).map_err(read_error)?;
+        ctx.lu
+            .device
+            .prefetch(r.offset(bs), r.bytes(bs))
+            .map_err(read_error)?;
     }
     Ok(Done::ConditionMet)
 }
@@ -295,7 +326,9 @@ pub(crate) fn synchronize_cache(ctx: &Ctx<'_>) -> CmdResult {
         return Err(Sense::invalid_field_in_cdb(1).into());
     }
     let num_blocks = ctx.lu.num_blocks();
-    if f.lba.0 >= num_blocks || f.lba.0.checked_add(f.count.0).map_or(true, |e| e > num_blocks) {
+    if f.lba.0 >= num_blocks
+        || !matches!(f.lba.0.checked_add(f.count.0), Some(e) if e <= num_blocks)
+    {
         return Err(Sense::ILLEGAL_REQUEST_LBA_OUT_OF_RANGE.into());
     }
     ctx.lu.device.flush().map_err(write_error)?;
@@ -311,7 +344,11 @@ pub(crate) fn read_capacity_10(ctx: &Ctx<'_>) -> CmdResult {
     }
     let last = ctx.lu.num_blocks().saturating_sub(1);
     let mut b = vec![0u8; 8];
-    put(&mut b, 0, &u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
+    put(
+        &mut b,
+        0,
+        &u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes(),
+    );
     put(&mut b, 4, &ctx.lu.block_size().to_be_bytes());
     data_in(b, 8)
 }
@@ -354,11 +391,19 @@ pub(crate) fn get_lba_status(ctx: &Ctx<'_>) -> CmdResult {
             break;
         }
         let max_len = (num_blocks - at).min(u64::from(u32::MAX)) * bs;
-        let ext = ctx.lu.device.provisioning(at * bs, max_len).map_err(read_error)?;
+        let ext = ctx
+            .lu
+            .device
+            .provisioning(at * bs, max_len)
+            .map_err(read_error)?;
         let blocks = (ext.len / bs).max(1).min(num_blocks - at);
         let mut d = [0u8; 16];
         put(&mut d, 0, &at.to_be_bytes());
-        put(&mut d, 8, &u32::try_from(blocks).unwrap_or(u32::MAX).to_be_bytes());
+        put(
+            &mut d,
+            8,
+            &u32::try_from(blocks).unwrap_or(u32::MAX).to_be_bytes(),
+        );
         d[12] = match ext.status {
             Provisioning::Mapped => 0x00,
             Provisioning::Deallocated => 0x01,
@@ -400,9 +445,14 @@ pub(crate) fn compare_and_write(ctx: &Ctx<'_>) -> CmdResult {
     let _exclusive = ctx.lu.atomic.write().unwrap_or_else(|e| e.into_inner());
     let medium = read_range(ctx.lu, &r)?;
     if let Some(off) = first_difference(&medium, verify_data) {
-        return Err(Sense::MISCOMPARE_DURING_VERIFY_OPERATION.with_information(off as u64).into());
+        return Err(Sense::MISCOMPARE_DURING_VERIFY_OPERATION
+            .with_information(off as u64)
+            .into());
     }
-    ctx.lu.device.write_at(r.offset(bs), write_data, fua).map_err(write_error)?;
+    ctx.lu
+        .device
+        .write_at(r.offset(bs), write_data, fua)
+        .map_err(write_error)?;
     good()
 }
 
@@ -431,7 +481,10 @@ pub(crate) fn orwrite(ctx: &Ctx<'_>) -> CmdResult {
     for (m, d) in merged.iter_mut().zip(data) {
         *m |= d;
     }
-    ctx.lu.device.write_at(r.offset(bs), &merged, fua).map_err(write_error)?;
+    ctx.lu
+        .device
+        .write_at(r.offset(bs), &merged, fua)
+        .map_err(write_error)?;
     good()
 }
 
@@ -458,7 +511,10 @@ pub(crate) fn write_atomic(ctx: &Ctx<'_>) -> CmdResult {
     }
     let fua = effective_fua(ctx.lu, f.flags & 0x08 != 0);
     let _exclusive = ctx.lu.atomic.write().unwrap_or_else(|e| e.into_inner());
-    ctx.lu.device.write_at(r.offset(bs), data, fua).map_err(write_error)?;
+    ctx.lu
+        .device
+        .write_at(r.offset(bs), data, fua)
+        .map_err(write_error)?;
     good()
 }
 
@@ -482,7 +538,9 @@ fn fill(lu: &LogicalUnit, r: &BlockRange, pattern: &[u8], fua: bool) -> Result<(
         let n = per_chunk.min(end - lba);
         let bytes = usize_of(n)? * bsz;
         let slice = chunk.get(..bytes).unwrap_or(&chunk);
-        lu.device.write_at(lba * u64::from(bs), slice, fua).map_err(write_error)?;
+        lu.device
+            .write_at(lba * u64::from(bs), slice, fua)
+            .map_err(write_error)?;
         lba += n;
     }
     Ok(())
@@ -515,7 +573,11 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
     if f.lba.0 >= num_blocks {
         return Err(Sense::ILLEGAL_REQUEST_LBA_OUT_OF_RANGE.into());
     }
-    let count = if f.count.0 == 0 { BlockCount(num_blocks - f.lba.0) } else { f.count };
+    let count = if f.count.0 == 0 {
+        BlockCount(num_blocks - f.lba.0)
+    } else {
+        f.count
+    };
     let r = BlockRange::checked(f.lba, count, num_blocks)?;
     if r.count.0 > u64::from(limits::max_write_same_blocks(ctx.lu.block_size())) {
         return Err(Sense::invalid_field_in_cdb(length_byte(cdb)).into());
@@ -542,7 +604,9 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
     let device = &ctx.lu.device;
     if unmap && device.supports_discard() && pattern.iter().all(|&b| b == 0) {
         let _shared = ctx.lu.atomic.read().unwrap_or_else(|e| e.into_inner());
-        device.discard(r.offset(bs), r.bytes(bs)).map_err(write_error)?;
+        device
+            .discard(r.offset(bs), r.bytes(bs))
+            .map_err(write_error)?;
         return good();
     }
     fill(ctx.lu, &r, pattern, fua)?;
@@ -562,7 +626,11 @@ pub(crate) fn unmap(ctx: &Ctx<'_>) -> CmdResult {
     if param_len < 8 {
         return Err(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR.into());
     }
-    let data = ctx.req.data_out.get(..param_len).ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
+    let data = ctx
+        .req
+        .data_out
+        .get(..param_len)
+        .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
     let data_len = usize::from(get_be16(data, 0));
     let bd_len = usize::from(get_be16(data, 2));
     if data_len + 2 > param_len || bd_len + 8 > param_len {
@@ -584,7 +652,11 @@ pub(crate) fn unmap(ctx: &Ctx<'_>) -> CmdResult {
         if count == 0 {
             continue;
         }
-        ranges.push(BlockRange::checked(Lba(lba), BlockCount(count), num_blocks)?);
+        ranges.push(BlockRange::checked(
+            Lba(lba),
+            BlockCount(count),
+            num_blocks,
+        )?);
     }
     let bs = ctx.lu.block_size();
     let device = &ctx.lu.device;
@@ -594,7 +666,9 @@ pub(crate) fn unmap(ctx: &Ctx<'_>) -> CmdResult {
     }
     let _shared = ctx.lu.atomic.read().unwrap_or_else(|e| e.into_inner());
     for r in ranges {
-        device.discard(r.offset(bs), r.bytes(bs)).map_err(write_error)?;
+        device
+            .discard(r.offset(bs), r.bytes(bs))
+            .map_err(write_error)?;
     }
     good()
 }
@@ -629,7 +703,11 @@ pub(crate) fn sanitize(ctx: &Ctx<'_>) -> CmdResult {
             if param_len < 5 || param_len > bsz + 4 {
                 return Err(Sense::invalid_field_in_cdb(7).into());
             }
-            let data = ctx.req.data_out.get(..param_len).ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
+            let data = ctx
+                .req
+                .data_out
+                .get(..param_len)
+                .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
             let owcount = get_u8(data, 0) & 0x1F;
             let test = (get_u8(data, 0) >> 5) & 0x03;
             let pattern_len = usize::from(get_be16(data, 2));
@@ -646,7 +724,10 @@ pub(crate) fn sanitize(ctx: &Ctx<'_>) -> CmdResult {
             let pattern = data.get(4..).unwrap_or(&[]);
             let mut block: Vec<u8> = pattern.iter().copied().cycle().take(bsz).collect();
             let _sanitizing = SanitizeGuard::start(ctx.lu);
-            let all = BlockRange { lba: Lba(0), count: BlockCount(ctx.lu.num_blocks()) };
+            let all = BlockRange {
+                lba: Lba(0),
+                count: BlockCount(ctx.lu.num_blocks()),
+            };
             for pass in 0..owcount {
                 if invert && pass % 2 == 1 {
                     let inverted: Vec<u8> = block.iter().map(|b| !b).collect();

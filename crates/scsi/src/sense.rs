@@ -164,18 +164,27 @@ senses! {
 impl Sense {
     /// A sense condition without INFORMATION or field pointer.
     pub const fn new(key: SenseKey, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq, information: None, field: None }
+        Sense {
+            key,
+            asc,
+            ascq,
+            information: None,
+            field: None,
+        }
     }
 
     /// INVALID FIELD IN CDB pointing at `byte` of the CDB.
     pub const fn invalid_field_in_cdb(byte: u16) -> Sense {
-        Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB.with_field(FieldPointer::Cdb { byte, bit: None })
+        Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB
+            .with_field(FieldPointer::Cdb { byte, bit: None })
     }
 
     /// INVALID FIELD IN CDB pointing at one bit of `byte` of the CDB.
     pub const fn invalid_bit_in_cdb(byte: u16, bit: u8) -> Sense {
-        Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB
-            .with_field(FieldPointer::Cdb { byte, bit: Some(bit) })
+        Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB.with_field(FieldPointer::Cdb {
+            byte,
+            bit: Some(bit),
+        })
     }
 
     /// INVALID FIELD IN PARAMETER LIST pointing at `byte` of the parameter data.
@@ -306,7 +315,9 @@ mod tests {
 
     #[test]
     fn wide_information_clears_valid() {
-        let b = Sense::MISCOMPARE_DURING_VERIFY_OPERATION.with_information(1 << 40).to_fixed();
+        let b = Sense::MISCOMPARE_DURING_VERIFY_OPERATION
+            .with_information(1 << 40)
+            .to_fixed();
         assert_eq!(b[0], 0x70);
     }
 

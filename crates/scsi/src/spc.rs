@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::cdb::{put, Cdb};
+use crate::cdb::{put, put_u8, Cdb};
 use crate::commands::{self, COMMANDS};
 use crate::lu::{data_in, good, CmdResult, Ctx};
 use crate::sense::Sense;
@@ -112,7 +112,9 @@ pub(crate) fn test_unit_ready(_ctx: &Ctx<'_>) -> CmdResult {
 pub(crate) fn request_sense(ctx: &Ctx<'_>) -> CmdResult {
     let sense = {
         let mut st = ctx.lu.lock();
-        st.nexuses.get_mut(ctx.nexus()).and_then(|n| n.ua.pop_front())
+        st.nexuses
+            .get_mut(ctx.nexus())
+            .and_then(|n| n.ua.pop_front())
     };
     let data = request_sense_data(ctx.cdb, sense.unwrap_or(Sense::NO_SENSE))?;
     Ok(crate::lu::Done::Good(data))
@@ -136,7 +138,10 @@ pub(crate) fn start_stop_unit(ctx: &Ctx<'_>) -> CmdResult {
     let cdb = ctx.cdb;
     let power_condition = cdb.u8(4) >> 4;
     // SBC-3 Table 93: the defined power conditions.
-    if !matches!(power_condition, 0x0 | 0x1 | 0x2 | 0x3 | 0x5 | 0x7 | 0xA | 0xB) {
+    if !matches!(
+        power_condition,
+        0x0 | 0x1 | 0x2 | 0x3 | 0x5 | 0x7 | 0xA | 0xB
+    ) {
         return Err(Sense::invalid_field_in_cdb(4).into());
     }
     let start = cdb.bit(4, 0);
@@ -149,7 +154,10 @@ pub(crate) fn start_stop_unit(ctx: &Ctx<'_>) -> CmdResult {
         }
     }
     if !start && !no_flush && power_condition == 0 {
-        ctx.lu.device.flush().map_err(|_| Sense::MEDIUM_ERROR_WRITE_ERROR)?;
+        ctx.lu
+            .device
+            .flush()
+            .map_err(|_| Sense::MEDIUM_ERROR_WRITE_ERROR)?;
     }
     good()
 }
@@ -218,14 +226,18 @@ pub(crate) fn report_supported_operation_codes(ctx: &Ctx<'_>) -> CmdResult {
             let mut b = vec![0u8; 4];
             match spec {
                 Some(c) => {
-                    b[1] = if rctd { 0x80 } else { 0 } | 0x03; // SUPPORT 011b
-                    put(&mut b, 2, &u16::try_from(c.cdb_len()).unwrap_or(0).to_be_bytes());
+                    put_u8(&mut b, 1, if rctd { 0x80 } else { 0 } | 0x03); // SUPPORT 011b
+                    put(
+                        &mut b,
+                        2,
+                        &u16::try_from(c.cdb_len()).unwrap_or(0).to_be_bytes(),
+                    );
                     b.extend_from_slice(c.usage);
                     if rctd {
                         timeouts_descriptor(&mut b);
                     }
                 }
-                None => b[1] = 0x01, // SUPPORT 001b: not supported
+                None => put_u8(&mut b, 1, 0x01), // SUPPORT 001b: not supported
             }
             data_in(b, alloc)
         }
@@ -241,7 +253,7 @@ pub(crate) fn report_supported_tmfs(ctx: &Ctx<'_>) -> CmdResult {
     let mut b = vec![0xDA, 0x00, 0x00, 0x00];
     if repd {
         b.resize(16, 0);
-        b[3] = 0x0C;
+        put_u8(&mut b, 3, 0x0C);
     }
     data_in(b, alloc)
 }

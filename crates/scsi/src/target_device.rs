@@ -121,7 +121,10 @@ impl TargetDevice {
         }
         let size = device.size_bytes();
         if size == 0 || size % u64::from(config.block_size) != 0 {
-            return Err(ScsiError::BadDeviceSize { size, block_size: config.block_size });
+            return Err(ScsiError::BadDeviceSize {
+                size,
+                block_size: config.block_size,
+            });
         }
         let new_lu = Arc::new(LogicalUnit::new(lun, config, device)?);
         let mut luns = self.write();
@@ -237,14 +240,17 @@ impl TargetDevice {
             _ if req.cdb.is_empty() => Err(Sense::ILLEGAL_REQUEST_INVALID_COMMAND_OPERATION_CODE),
             opcode::INQUIRY => spc::inquiry_no_lu(cdb),
             opcode::REPORT_LUNS => spc::report_luns(self, cdb),
-            opcode::REQUEST_SENSE => spc::request_sense_data(
-                cdb,
-                Sense::ILLEGAL_REQUEST_LOGICAL_UNIT_NOT_SUPPORTED,
-            ),
+            opcode::REQUEST_SENSE => {
+                spc::request_sense_data(cdb, Sense::ILLEGAL_REQUEST_LOGICAL_UNIT_NOT_SUPPORTED)
+            }
             _ => Err(Sense::ILLEGAL_REQUEST_LOGICAL_UNIT_NOT_SUPPORTED),
         };
         match result {
-            Ok(data) => ScsiResponse { status: ScsiStatus::Good, sense: None, data_in: data },
+            Ok(data) => ScsiResponse {
+                status: ScsiStatus::Good,
+                sense: None,
+                data_in: data,
+            },
             Err(sense) => check_condition(sense),
         }
     }

@@ -47,7 +47,10 @@ impl MemDevice {
         let len = usize::try_from(size).unwrap_or(0);
         let granules = len.div_ceil(MEM_DEVICE_GRANULE as usize);
         MemDevice {
-            inner: Mutex::new(Inner { data: vec![0; len], mapped: vec![!thin; granules] }),
+            inner: Mutex::new(Inner {
+                data: vec![0; len],
+                mapped: vec![!thin; granules],
+            }),
             thin,
             fail_reads: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
@@ -81,7 +84,10 @@ fn range(offset: u64, len: usize, size: usize) -> io::Result<std::ops::Range<usi
     let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
     let end = start.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
     if end > size {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "beyond end of device"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "beyond end of device",
+        ));
     }
     Ok(start..end)
 }
@@ -116,7 +122,10 @@ impl BlockDevice for MemDevice {
         let mut g = self.lock();
         let r = range(offset, data.len(), g.data.len())?;
         let gr = granules(&r);
-        g.data.get_mut(r).ok_or(io::ErrorKind::InvalidInput)?.copy_from_slice(data);
+        g.data
+            .get_mut(r)
+            .ok_or(io::ErrorKind::InvalidInput)?
+            .copy_from_slice(data);
         for m in g.mapped.get_mut(gr).into_iter().flatten() {
             *m = true;
         }
@@ -136,7 +145,10 @@ impl BlockDevice for MemDevice {
         let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
         let r = range(offset, len, g.data.len())?;
         let gr = granules(&r);
-        g.data.get_mut(r).ok_or(io::ErrorKind::InvalidInput)?.fill(0);
+        g.data
+            .get_mut(r)
+            .ok_or(io::ErrorKind::InvalidInput)?
+            .fill(0);
         if self.thin {
             for m in g.mapped.get_mut(gr).into_iter().flatten() {
                 *m = false;
@@ -151,13 +163,32 @@ impl BlockDevice for MemDevice {
 
     fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
         let g = self.lock();
-        let first = usize::try_from(offset / MEM_DEVICE_GRANULE).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let first = usize::try_from(offset / MEM_DEVICE_GRANULE)
+            .map_err(|_| io::ErrorKind::InvalidInput)?;
         let Some(&status) = g.mapped.get(first) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "beyond end of device"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "beyond end of device",
+            ));
         };
-        let run = g.mapped.iter().skip(first).take_while(|&&m| m == status).count() as u64;
-        let len = (run * MEM_DEVICE_GRANULE).min(max_len).min(g.data.len() as u64 - offset);
-        let status = if status { Provisioning::Mapped } else { Provisioning::Deallocated };
-        Ok(Extent { offset, len, status })
+        let run = g
+            .mapped
+            .iter()
+            .skip(first)
+            .take_while(|&&m| m == status)
+            .count() as u64;
+        let len = (run * MEM_DEVICE_GRANULE)
+            .min(max_len)
+            .min(g.data.len() as u64 - offset);
+        let status = if status {
+            Provisioning::Mapped
+        } else {
+            Provisioning::Deallocated
+        };
+        Ok(Extent {
+            offset,
+            len,
+            status,
+        })
     }
 }

@@ -29,16 +29,20 @@ fn ascii_field(buf: &mut [u8], off: usize, len: usize, s: &str) {
 /// Standard INQUIRY data (SPC-4 §6.4.2), 96 bytes.
 pub(crate) fn standard_inquiry(lu: &LogicalUnit) -> Vec<u8> {
     let mut b = vec![0u8; 96];
-    put(&mut b, 0, &[
-        0x00, // peripheral qualifier 0, direct access block device
-        0x00, // RMB = 0: not removable
-        0x06, // VERSION: SPC-4
-        0x12, // HISUP, response data format 2
-        0,    // additional length below
-        0x18, // TPGS = 01b (implicit ALUA), 3PC (EXTENDED COPY)
-        0x10, // MULTIP: the unit is reachable through several ports
-        0x02, // CMDQUE
-    ]);
+    put(
+        &mut b,
+        0,
+        &[
+            0x00, // peripheral qualifier 0, direct access block device
+            0x00, // RMB = 0: not removable
+            0x06, // VERSION: SPC-4
+            0x12, // HISUP, response data format 2
+            0,    // additional length below
+            0x18, // TPGS = 01b (implicit ALUA), 3PC (EXTENDED COPY)
+            0x10, // MULTIP: the unit is reachable through several ports
+            0x02, // CMDQUE
+        ],
+    );
     ascii_field(&mut b, 8, 8, &lu.config.vendor);
     ascii_field(&mut b, 16, 16, &lu.config.product);
     ascii_field(&mut b, 32, 4, &lu.config.revision);
@@ -105,7 +109,13 @@ fn device_identification(lu: &LogicalUnit, port: &TargetPort) -> Vec<u8> {
     // Logical unit: T10 vendor ID based, ASCII: vendor (8 bytes) + serial number.
     let mut t10 = vec![b' '; 8];
     ascii_field(&mut t10, 0, 8, &lu.config.vendor);
-    t10.extend(lu.config.serial.bytes().filter(|c| (0x20..=0x7E).contains(c)).take(200));
+    t10.extend(
+        lu.config
+            .serial
+            .bytes()
+            .filter(|c| (0x20..=0x7E).contains(c))
+            .take(200),
+    );
     designator(&mut d, 0x02, 0x01, &t10);
     // Target port: relative target port identifier.
     let mut rel = [0u8; 4];
@@ -116,10 +126,20 @@ fn device_identification(lu: &LogicalUnit, port: &TargetPort) -> Vec<u8> {
     put(&mut tpg, 2, &port.group.to_be_bytes());
     designator(&mut d, ISCSI | 0x01, 0x80 | 0x10 | 0x05, &tpg);
     // Target port: SCSI name string of the port.
-    designator(&mut d, ISCSI | 0x03, 0x80 | 0x10 | 0x08, &name_string(&port.name));
+    designator(
+        &mut d,
+        ISCSI | 0x03,
+        0x80 | 0x10 | 0x08,
+        &name_string(&port.name),
+    );
     // Target device: SCSI name string (the iSCSI name without the ",t,0x" suffix).
     let device_name = port.name.split(",t,").next().unwrap_or(&port.name);
-    designator(&mut d, ISCSI | 0x03, 0x80 | 0x20 | 0x08, &name_string(device_name));
+    designator(
+        &mut d,
+        ISCSI | 0x03,
+        0x80 | 0x20 | 0x08,
+        &name_string(device_name),
+    );
     d
 }
 
@@ -132,7 +152,11 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     put(&mut b, 1, &[limits::MAX_COMPARE_AND_WRITE_BLOCKS]);
     put(&mut b, 2, &1u16.to_be_bytes()); // optimal transfer length granularity
     put(&mut b, 4, &limits::max_transfer_blocks(bs).to_be_bytes());
-    put(&mut b, 8, &limits::optimal_transfer_blocks(bs).to_be_bytes());
+    put(
+        &mut b,
+        8,
+        &limits::optimal_transfer_blocks(bs).to_be_bytes(),
+    );
     put(&mut b, 12, &limits::max_transfer_blocks(bs).to_be_bytes()); // max prefetch
     if thin {
         put(&mut b, 16, &limits::MAX_UNMAP_LBA_COUNT.to_be_bytes());
@@ -140,7 +164,11 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
         put(&mut b, 24, &1u32.to_be_bytes()); // optimal unmap granularity
         put(&mut b, 28, &0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
     }
-    put(&mut b, 32, &u64::from(limits::max_write_same_blocks(bs)).to_be_bytes());
+    put(
+        &mut b,
+        32,
+        &u64::from(limits::max_write_same_blocks(bs)).to_be_bytes(),
+    );
     put(&mut b, 40, &limits::max_atomic_blocks(bs).to_be_bytes());
     put(&mut b, 44, &1u32.to_be_bytes()); // atomic alignment
     put(&mut b, 48, &1u32.to_be_bytes()); // atomic transfer length granularity

@@ -50,7 +50,8 @@ pub(crate) struct CopyResults {
 
 impl CopyResults {
     fn hold(&mut self, nexus: &ItNexus, list_id: u8, status: CopyStatus) {
-        self.held.retain(|(n, id, _)| !(n == nexus && *id == list_id));
+        self.held
+            .retain(|(n, id, _)| !(n == nexus && *id == list_id));
         if self.held.len() >= HELD_RESULTS_MAX {
             self.held.pop_front();
         }
@@ -58,7 +59,10 @@ impl CopyResults {
     }
 
     fn get(&self, nexus: &ItNexus, list_id: u8) -> Option<CopyStatus> {
-        self.held.iter().find(|(n, id, _)| n == nexus && *id == list_id).map(|(_, _, s)| *s)
+        self.held
+            .iter()
+            .find(|(n, id, _)| n == nexus && *id == list_id)
+            .map(|(_, _, s)| *s)
     }
 
     /// Forgets what an ended I_T nexus had.
@@ -85,7 +89,11 @@ pub(crate) fn extended_copy(ctx: &Ctx<'_>) -> CmdResult {
     if param_len == 0 {
         return good();
     }
-    let data = ctx.req.data_out.get(..param_len).ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
+    let data = ctx
+        .req
+        .data_out
+        .get(..param_len)
+        .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
     if data.len() < 16 {
         return Err(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR.into());
     }
@@ -108,7 +116,9 @@ pub(crate) fn extended_copy(ctx: &Ctx<'_>) -> CmdResult {
         return Err(Sense::ILLEGAL_REQUEST_TOO_MANY_TARGET_DESCRIPTORS.into());
     }
     let tgt_list = data.get(16..16 + tgt_len).unwrap_or(&[]);
-    let seg_list = data.get(16 + tgt_len..16 + tgt_len + seg_len).unwrap_or(&[]);
+    let seg_list = data
+        .get(16 + tgt_len..16 + tgt_len + seg_len)
+        .unwrap_or(&[]);
 
     // Segment descriptors: count them first (TOO MANY before anything else about them).
     let mut segments = Vec::new();
@@ -139,7 +149,12 @@ pub(crate) fn extended_copy(ctx: &Ctx<'_>) -> CmdResult {
         let desig_len = usize::from(get_u8(d, 7));
         let value = d.get(8..8 + desig_len).unwrap_or(&[]);
         let lu = if desig_type == 0x03 {
-            lus.iter().find(|lu| lu.config.naa.get(..value.len()) == Some(value) && value.len() == lu.config.naa.len()).cloned()
+            lus.iter()
+                .find(|lu| {
+                    lu.config.naa.get(..value.len()) == Some(value)
+                        && value.len() == lu.config.naa.len()
+                })
+                .cloned()
         } else {
             None
         };
@@ -171,7 +186,11 @@ pub(crate) fn extended_copy(ctx: &Ctx<'_>) -> CmdResult {
         });
     }
 
-    let mut status = CopyStatus { ok: true, segments: 0, bytes: 0 };
+    let mut status = CopyStatus {
+        ok: true,
+        segments: 0,
+        bytes: 0,
+    };
     let result = run_segments(&targets, &parsed, &mut status);
     status.ok = result.is_ok();
     if list_id_usage != 0x03 {
@@ -187,14 +206,18 @@ fn run_segments(
     status: &mut CopyStatus,
 ) -> Result<(), Sense> {
     for seg in segments {
-        let (Some(Some(src)), Some(Some(dst))) = (targets.get(seg.src), targets.get(seg.dst)) else {
+        let (Some(Some(src)), Some(Some(dst))) = (targets.get(seg.src), targets.get(seg.dst))
+        else {
             return Err(copy_aborted(0x0D, 0x02));
         };
         if src.block_size() != dst.block_size() {
             return Err(copy_aborted(0x00, 0x00));
         }
         let bs = u64::from(src.block_size());
-        let in_range = |lu: &LogicalUnit, lba: u64| lba.checked_add(seg.blocks).is_some_and(|e| e <= lu.num_blocks());
+        let in_range = |lu: &LogicalUnit, lba: u64| {
+            lba.checked_add(seg.blocks)
+                .is_some_and(|e| e <= lu.num_blocks())
+        };
         if !in_range(src, seg.src_lba) || !in_range(dst, seg.dst_lba) {
             return Err(copy_aborted(0x00, 0x00));
         }
@@ -207,7 +230,9 @@ fn run_segments(
         let mut buf = vec![0u8; usize::try_from(COPY_CHUNK_BYTES.min(total)).unwrap_or(0)];
         while done < total {
             let n = COPY_CHUNK_BYTES.min(total - done);
-            let chunk = buf.get_mut(..usize::try_from(n).unwrap_or(0)).unwrap_or(&mut []);
+            let chunk = buf
+                .get_mut(..usize::try_from(n).unwrap_or(0))
+                .unwrap_or(&mut []);
             src.device
                 .read_at(seg.src_lba * bs + done, chunk)
                 .map_err(|_| Sense::MEDIUM_ERROR_UNRECOVERED_READ_ERROR)?;
@@ -238,7 +263,11 @@ pub(crate) fn receive_copy_results(ctx: &Ctx<'_>) -> CmdResult {
             put(&mut b, 4, &[if s.ok { 0x01 } else { 0x02 }]);
             put(&mut b, 5, &s.segments.to_be_bytes());
             put(&mut b, 7, &[0x00]); // TRANSFER COUNT UNITS: bytes
-            put(&mut b, 8, &u32::try_from(s.bytes).unwrap_or(u32::MAX).to_be_bytes());
+            put(
+                &mut b,
+                8,
+                &u32::try_from(s.bytes).unwrap_or(u32::MAX).to_be_bytes(),
+            );
             data_in(b, alloc)
         }
         _ => {
@@ -246,7 +275,11 @@ pub(crate) fn receive_copy_results(ctx: &Ctx<'_>) -> CmdResult {
             let mut b = vec![0u8; 44];
             put(&mut b, 8, &limits::MAX_TARGET_DESCRIPTORS.to_be_bytes());
             put(&mut b, 10, &limits::MAX_SEGMENT_DESCRIPTORS.to_be_bytes());
-            put(&mut b, 12, &limits::MAX_DESCRIPTOR_LIST_LENGTH.to_be_bytes());
+            put(
+                &mut b,
+                12,
+                &limits::MAX_DESCRIPTOR_LIST_LENGTH.to_be_bytes(),
+            );
             put(&mut b, 16, &limits::MAX_SEGMENT_LENGTH.to_be_bytes());
             put(&mut b, 20, &limits::MAX_INLINE_DATA.to_be_bytes());
             put(&mut b, 34, &1u16.to_be_bytes()); // total concurrent copies

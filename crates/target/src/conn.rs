@@ -38,6 +38,9 @@ use crate::{SessionInfo, TargetConfig};
 /// Largest write a single command may carry; larger ones fail with INVALID FIELD IN CDB
 /// before any buffer is allocated.
 const WRITE_BYTES_MAX: u32 = 64 << 20;
+/// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h): how RFC 7143 §7.8 ends a task
+/// whose data was lost at ErrorRecoveryLevel 0.
+const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense = scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
 /// Largest data segment accepted during login.
 const LOGIN_TEXT_MAX: usize = 64 * 1024;
 
@@ -243,6 +246,8 @@ struct WriteTask {
     r2ts: HashMap<u32, DataSequence>,
     next_r2t_offset: u32,
     r2t_sn: u32,
+    /// A data sequence or digest error happened; the task fails at the end of its data.
+    failed: bool,
 }
 
 /// A command handed to the SCSI layer.
@@ -283,7 +288,6 @@ struct Session {
     completed: Arc<Notify>,
     next_ttt: u32,
     last_rx: Arc<AtomicU64>,
-    epoch: Instant,
     local: Option<SocketAddr>,
     text_continuation: Option<(u32, Bytes)>,
     cid: Option<u16>,
@@ -355,7 +359,6 @@ async fn full_feature(
         completed: Arc::new(Notify::new()),
         next_ttt: 1,
         last_rx,
-        epoch,
         local,
         text_continuation: None,
         cid: None,
@@ -642,6 +645,7 @@ impl Session {
             r2ts: HashMap::new(),
             next_r2t_offset: unsolicited_end,
             r2t_sn: 0,
+            failed: false,
         };
         if task.received == edtl {
             let data = task.buf.freeze();
@@ -700,34 +704,36 @@ impl Session {
             return Err(self.protocol_error(&bhs, "Data-Out longer than MaxRecvDataSegmentLength").await);
         }
         let Some(task) = self.receiving.get_mut(&d.itt) else {
-            // Data for a task we no longer hold (aborted or failed early): drop it.
-            self.skip_data(rd, &bhs).await?;
-            if d.ttt != RESERVED_TAG {
-                return self.reject(reject::INVALID_PDU_FIELD, &bhs).await;
-            }
-            return Ok(());
+            // Data for a task we no longer hold (aborted, or already failed because of an
+            // earlier sequence error): drop it.
+            debug!(itt = d.itt, "Data-Out for no pending task; discarding");
+            return self.skip_data(rd, &bhs).await;
         };
         let seq = if d.ttt == RESERVED_TAG { task.unsolicited.as_mut() } else { task.r2ts.get_mut(&d.ttt) };
-        let Some(seq) = seq else {
-            self.skip_data(rd, &bhs).await?;
-            return Err(self.protocol_error(&bhs, "Data-Out with an unknown target transfer tag").await);
-        };
         let end = d.buffer_offset as u64 + len as u64;
-        if d.data_sn != seq.next_data_sn || d.buffer_offset != seq.next_offset || end > seq.end as u64 {
-            debug!(data_sn = d.data_sn, expected = seq.next_data_sn, offset = d.buffer_offset, "bad Data-Out sequence");
+        let in_sequence = seq.as_ref().is_some_and(|seq| {
+            d.data_sn == seq.next_data_sn && d.buffer_offset == seq.next_offset && end <= seq.end as u64
+        });
+        let Some(seq) = seq.filter(|_| in_sequence) else {
+            // RFC 7143 §7.8: an out-of-order DataSN implies a lost PDU; without recovery
+            // R2Ts (ErrorRecoveryLevel 0) the task ends with CHECK CONDITION "protocol
+            // service CRC error" once the initiator has sent the rest of the sequence.
+            debug!(itt = d.itt, data_sn = d.data_sn, offset = d.buffer_offset, "Data-Out out of sequence");
             self.skip_data(rd, &bhs).await?;
-            return Err(self.protocol_error(&bhs, "Data-Out out of sequence (DataSN or buffer offset)").await);
-        }
+            return self.fail_write_on_final(d.itt, d.final_bit).await;
+        };
         let start = d.buffer_offset as usize;
         let ok = wire::read_data_into(rd, &mut task.buf[start..start + len], self.digests).await?;
         if !ok {
-            return Err(self.data_digest_error(&bhs).await);
+            self.shared.stats.digest_errors.fetch_add(1, Ordering::Relaxed);
+            self.reject(reject::DATA_DIGEST_ERROR, &bhs).await?;
+            return self.fail_write_on_final(d.itt, d.final_bit).await;
         }
         seq.next_data_sn = seq.next_data_sn.wrapping_add(1);
         seq.next_offset += len as u32;
         let seq_done = seq.next_offset == seq.end;
         if d.final_bit && !seq_done {
-            return Err(self.protocol_error(&bhs, "Data-Out F bit before the end of the sequence").await);
+            return self.fail_write_on_final(d.itt, true).await;
         }
         task.received += len as u32;
         let mut r2ts = Vec::new();
@@ -744,7 +750,7 @@ impl Session {
         let complete = self
             .receiving
             .get(&d.itt)
-            .is_some_and(|t| t.received == t.cmd.expected_data_transfer_length);
+            .is_some_and(|t| t.received == t.cmd.expected_data_transfer_length && !t.failed);
         if complete {
             if let Some(t) = self.receiving.remove(&d.itt) {
                 let data = t.buf.freeze();
@@ -753,6 +759,21 @@ impl Session {
         }
         if !r2ts.is_empty() {
             self.send(r2ts).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks a write as failed by a data sequence or digest error; once the initiator
+    /// ends the sequence (F bit) the task completes with ABORTED COMMAND.
+    async fn fail_write_on_final(&mut self, itt: u32, final_bit: bool) -> Result<(), ConnError> {
+        if let Some(t) = self.receiving.get_mut(&itt) {
+            t.failed = true;
+        }
+        if !final_bit {
+            return Ok(());
+        }
+        if let Some(t) = self.receiving.remove(&itt) {
+            self.respond_check_condition(&t.cmd, PROTOCOL_SERVICE_CRC_ERROR).await;
         }
         Ok(())
     }

@@ -1,0 +1,919 @@
+//! Command-level tests over an in-memory device.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use crate::testing::MemDevice;
+use crate::*;
+
+const BLOCKS: u64 = 2048;
+
+fn nexus(name: &str) -> ItNexus {
+    ItNexus {
+        initiator_name: name.into(),
+        isid: [0x80, 0, 0, 0, 0, 1],
+        target_port: TargetPort {
+            name: "iqn.2024-01.test:t,t,0x0001".into(),
+            relative_id: 1,
+            group: 1,
+        },
+    }
+}
+
+struct Kit {
+    target: TargetDevice,
+    dev: Arc<MemDevice>,
+}
+
+impl Kit {
+    fn new() -> Kit {
+        Kit::with(LuConfig::default(), MemDevice::new(BLOCKS * 512))
+    }
+
+    fn with(config: LuConfig, dev: MemDevice) -> Kit {
+        let dev = Arc::new(dev);
+        let target = TargetDevice::new();
+        target.add_lun(0, config, dev.clone()).unwrap();
+        Kit { target, dev }
+    }
+
+    fn exec(&self, n: &ItNexus, cdb: &[u8], data: &[u8]) -> ScsiResponse {
+        self.exec_lun(n, 0, cdb, data)
+    }
+
+    fn exec_lun(&self, n: &ItNexus, lun: u64, cdb: &[u8], data: &[u8]) -> ScsiResponse {
+        let mut c = [0u8; 16];
+        c[..cdb.len()].copy_from_slice(cdb);
+        let req = ScsiRequest {
+            nexus: n,
+            lun,
+            cdb: &c,
+            data_out: data,
+            expected_data_in_len: 1 << 20,
+            attr: TaskAttribute::Simple,
+        };
+        self.target.execute(&req)
+    }
+
+    /// A nexus whose power-on unit attention has been consumed.
+    fn ready(&self, name: &str) -> ItNexus {
+        let n = nexus(name);
+        let r = self.exec(&n, &[0x00, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(sense_of(&r), (0x06, 0x29, 0x00));
+        assert_good(&self.exec(&n, &[0x00, 0, 0, 0, 0, 0], &[]));
+        n
+    }
+}
+
+fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
+    assert_eq!(r.status, ScsiStatus::CheckCondition, "{r:?}");
+    let s = r.sense.as_ref().unwrap();
+    if s[0] & 0x7F == 0x72 {
+        (s[1] & 0x0F, s[2], s[3])
+    } else {
+        (s[2] & 0x0F, s[12], s[13])
+    }
+}
+
+fn fixed_information(r: &ScsiResponse) -> u32 {
+    let s = r.sense.as_ref().unwrap();
+    assert_eq!(s[0], 0xF0, "VALID fixed format");
+    u32::from_be_bytes(s[3..7].try_into().unwrap())
+}
+
+fn assert_good(r: &ScsiResponse) {
+    assert_eq!(r.status, ScsiStatus::Good, "{r:?}");
+}
+
+fn read16(lba: u64, n: u32) -> Vec<u8> {
+    let mut c = vec![0x88, 0];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.extend_from_slice(&n.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    c
+}
+
+fn write16(lba: u64, n: u32, flags: u8) -> Vec<u8> {
+    let mut c = read16(lba, n);
+    c[0] = 0x8A;
+    c[1] = flags;
+    c
+}
+
+fn write10(lba: u32, n: u16) -> Vec<u8> {
+    let mut c = vec![0x2A, 0];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.push(0);
+    c.extend_from_slice(&n.to_be_bytes());
+    c.push(0);
+    c
+}
+
+fn read10(lba: u32, n: u16) -> Vec<u8> {
+    let mut c = write10(lba, n);
+    c[0] = 0x28;
+    c
+}
+
+const ILLEGAL: u8 = 0x05;
+
+#[test]
+fn power_on_unit_attention_is_reported_once_and_not_by_inquiry() {
+    let k = Kit::new();
+    let n = nexus("i1");
+    assert_good(&k.exec(&n, &[0x12, 0, 0, 0, 96, 0], &[]));
+    assert_good(&k.exec(&n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]));
+    assert_eq!(sense_of(&k.exec(&n, &[0x00; 6], &[])), (0x06, 0x29, 0x00));
+    assert_good(&k.exec(&n, &[0x00; 6], &[]));
+}
+
+#[test]
+fn request_sense_returns_and_clears_unit_attention() {
+    let k = Kit::new();
+    let n = nexus("i1");
+    let r = k.exec(&n, &[0x03, 0, 0, 0, 252, 0], &[]);
+    assert_good(&r);
+    assert_eq!(
+        (r.data_in[2], r.data_in[12], r.data_in[13]),
+        (0x06, 0x29, 0x00)
+    );
+    let r = k.exec(&n, &[0x03, 0, 0, 0, 252, 0], &[]);
+    assert_eq!((r.data_in[2], r.data_in[12]), (0x00, 0x00));
+    assert_good(&k.exec(&n, &[0x00; 6], &[]));
+}
+
+#[test]
+fn standard_inquiry_contents() {
+    let k = Kit::new();
+    let n = nexus("i1");
+    let r = k.exec(&n, &[0x12, 0, 0, 1, 0, 0], &[]);
+    assert_good(&r);
+    let d = &r.data_in;
+    assert_eq!(d.len(), 96);
+    assert_eq!(d[0], 0x00);
+    assert_eq!(d[2], 0x06);
+    assert_eq!(d[3] & 0x0F, 2);
+    assert_eq!(d[4] as usize, d.len() - 5);
+    assert_eq!((d[5] >> 4) & 0x03, 0x01, "TPGS implicit");
+    assert_eq!(&d[8..16], b"BULWARK ");
+    let descriptors: Vec<u16> = (0..8)
+        .map(|i| u16::from_be_bytes([d[58 + 2 * i], d[59 + 2 * i]]))
+        .collect();
+    for v in [0x00A0, 0x0960, 0x0460, 0x04C0] {
+        assert!(descriptors.contains(&v), "{v:#x}");
+    }
+    // Allocation length cuts the data.
+    assert_eq!(k.exec(&n, &[0x12, 0, 0, 0, 5, 0], &[]).data_in.len(), 5);
+    // A page code without EVPD is invalid.
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x12, 0, 1, 0, 255, 0], &[])),
+        (ILLEGAL, 0x24, 0)
+    );
+}
+
+#[test]
+fn vpd_pages() {
+    let k = Kit::new();
+    let n = nexus("i1");
+    let r = k.exec(&n, &[0x12, 1, 0x00, 0, 255, 0], &[]);
+    assert_good(&r);
+    let pages = r.data_in[4..].to_vec();
+    assert_eq!(pages, vec![0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]);
+    for p in pages {
+        let r = k.exec(&n, &[0x12, 1, p, 0, 255, 0], &[]);
+        assert_good(&r);
+        assert_eq!(r.data_in[1], p);
+        assert_eq!(
+            u16::from_be_bytes([r.data_in[2], r.data_in[3]]) as usize,
+            r.data_in.len() - 4
+        );
+    }
+    let r = k.exec(&n, &[0x12, 1, 0x83, 0, 255, 0], &[]);
+    // First designator: NAA, binary, LU association.
+    assert_eq!(&r.data_in[4..8], &[0x01, 0x03, 0x00, 16]);
+    let r = k.exec(&n, &[0x12, 1, 0xB0, 0, 255, 0], &[]);
+    assert_eq!(r.data_in[3], 0x3C);
+    let r = k.exec(&n, &[0x12, 1, 0xB2, 0, 255, 0], &[]);
+    assert_eq!(r.data_in[5] & 0xE4, 0xE4, "LBPU LBPWS LBPWS10 LBPRZ");
+    assert_eq!(r.data_in[6] & 0x07, 0x02, "thin");
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x12, 1, 0x42, 0, 255, 0], &[])),
+        (ILLEGAL, 0x24, 0)
+    );
+}
+
+#[test]
+fn missing_lun_behaviour() {
+    let k = Kit::new();
+    let n = nexus("i1");
+    let r = k.exec_lun(&n, 5, &[0x12, 0, 0, 0, 96, 0], &[]);
+    assert_good(&r);
+    assert_eq!(r.data_in[0], 0x7F);
+    let r = k.exec_lun(&n, 5, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    assert_good(&r);
+    assert_eq!(&r.data_in[..4], &[0, 0, 0, 8]);
+    let r = k.exec_lun(&n, 5, &[0x03, 0, 0, 0, 18, 0], &[]);
+    assert_good(&r);
+    assert_eq!((r.data_in[2], r.data_in[12]), (ILLEGAL, 0x25));
+    assert_eq!(
+        sense_of(&k.exec_lun(&n, 5, &[0x00; 6], &[])),
+        (ILLEGAL, 0x25, 0)
+    );
+}
+
+#[test]
+fn report_luns_lists_and_lun_changes_raise_unit_attention() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    k.target
+        .add_lun(300, LuConfig::default(), Arc::new(MemDevice::new(1 << 20)))
+        .unwrap();
+    assert_eq!(sense_of(&k.exec(&n, &[0x00; 6], &[])), (0x06, 0x3F, 0x0E));
+    let r = k.exec(&n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    assert_good(&r);
+    assert_eq!(&r.data_in[..4], &[0, 0, 0, 16]);
+    assert_eq!(&r.data_in[16..18], &[0x41, 0x2C]);
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0xA0, 0, 7, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[])).1,
+        0x24
+    );
+    assert!(matches!(
+        k.target.add_lun(0, LuConfig::default(), k.dev.clone()),
+        Err(ScsiError::LunExists(0))
+    ));
+    let bad = LuConfig {
+        block_size: 1000,
+        ..LuConfig::default()
+    };
+    assert!(matches!(
+        k.target.add_lun(1, bad, k.dev.clone()),
+        Err(ScsiError::BadBlockSize(1000))
+    ));
+    k.target.remove_lun(300).unwrap();
+    assert_eq!(k.target.luns(), vec![0]);
+}
+
+#[test]
+fn read_write_round_trip_all_sizes() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    let data: Vec<u8> = (0..4 * 512).map(|i| (i % 251) as u8).collect();
+    assert_good(&k.exec(&n, &write16(10, 4, 0), &data));
+    let r = k.exec(&n, &read16(10, 4), &[]);
+    assert_good(&r);
+    assert_eq!(&r.data_in[..], &data[..]);
+    assert_eq!(&k.exec(&n, &read10(10, 4), &[]).data_in[..], &data[..]);
+    let r = k.exec(&n, &[0xA8, 0, 0, 0, 0, 10, 0, 0, 0, 4, 0, 0], &[]);
+    assert_eq!(&r.data_in[..], &data[..]);
+    let r = k.exec(&n, &[0x08, 0, 0, 10, 4, 0], &[]);
+    assert_eq!(&r.data_in[..], &data[..]);
+    // WRITE(6) with a zero length means 256 blocks.
+    let big = vec![0x5Au8; 256 * 512];
+    assert_good(&k.exec(&n, &[0x0A, 0, 0, 0, 0, 0], &big));
+    assert_eq!(k.dev.snapshot(255 * 512, 512), vec![0x5A; 512]);
+}
+
+#[test]
+fn lba_range_and_field_checks() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_eq!(
+        sense_of(&k.exec(&n, &read16(BLOCKS, 1), &[])),
+        (ILLEGAL, 0x21, 0)
+    );
+    assert_eq!(
+        sense_of(&k.exec(&n, &read16(BLOCKS - 1, 2), &[])),
+        (ILLEGAL, 0x21, 0)
+    );
+    assert_eq!(
+        sense_of(&k.exec(&n, &read16(u64::MAX, 1), &[])),
+        (ILLEGAL, 0x21, 0)
+    );
+    assert_eq!(
+        sense_of(&k.exec(&n, &read10(BLOCKS as u32 + 1, 0), &[])),
+        (ILLEGAL, 0x21, 0)
+    );
+    assert_good(&k.exec(&n, &read10(0, 0), &[]));
+    // RDPROTECT without protection information.
+    let mut c = read10(0, 1);
+    c[1] = 0x20;
+    assert_eq!(sense_of(&k.exec(&n, &c, &[])), (ILLEGAL, 0x24, 0));
+    // More than the maximum transfer length.
+    assert_eq!(
+        sense_of(&k.exec(&n, &read16(0, 1 << 20), &[])),
+        (ILLEGAL, 0x24, 0)
+    );
+    // Unknown operation code.
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0xC0, 0, 0, 0, 0, 0], &[])),
+        (ILLEGAL, 0x20, 0)
+    );
+}
+
+#[test]
+fn fua_and_write_cache() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    let data = vec![1u8; 512];
+    assert_good(&k.exec(&n, &write16(0, 1, 0), &data));
+    assert_eq!(k.dev.fua_writes.load(Ordering::Relaxed), 0);
+    assert_good(&k.exec(&n, &write16(0, 1, 0x08), &data));
+    assert_eq!(k.dev.fua_writes.load(Ordering::Relaxed), 1);
+    // WCE = 0: every write is forced unit access.
+    let k = Kit::with(
+        LuConfig {
+            write_cache: false,
+            ..LuConfig::default()
+        },
+        MemDevice::new(BLOCKS * 512),
+    );
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write16(0, 1, 0), &data));
+    assert_eq!(k.dev.fua_writes.load(Ordering::Relaxed), 1);
+    assert_good(&k.exec(&n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    assert_eq!(k.dev.flushes.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn short_data_out_writes_whole_blocks_that_arrived() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(0, 2), &[7u8; 512]));
+    assert_eq!(k.dev.snapshot(0, 512), vec![7; 512]);
+    assert_eq!(k.dev.snapshot(512, 512), vec![0; 512]);
+    assert_eq!(
+        sense_of(&k.exec(&n, &write10(0, 1), &[7u8; 200])),
+        (ILLEGAL, 0x0E, 0x03)
+    );
+    assert_eq!(k.target.data_out_len(0, &write10(0, 2)), Some(1024));
+    assert_eq!(k.target.data_out_len(9, &write10(0, 2)), None);
+}
+
+#[test]
+fn device_errors_become_medium_errors() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    k.dev.fail_reads.store(true, Ordering::Relaxed);
+    assert_eq!(sense_of(&k.exec(&n, &read16(0, 1), &[])), (0x03, 0x11, 0));
+    k.dev.fail_writes.store(true, Ordering::Relaxed);
+    assert_eq!(
+        sense_of(&k.exec(&n, &write16(0, 1, 0), &[0; 512])),
+        (0x03, 0x0C, 0)
+    );
+}
+
+#[test]
+fn read_only_and_software_write_protect() {
+    let k = Kit::with(
+        LuConfig {
+            read_only: true,
+            ..LuConfig::default()
+        },
+        MemDevice::new(BLOCKS * 512),
+    );
+    let n = k.ready("i1");
+    assert_eq!(
+        sense_of(&k.exec(&n, &write16(0, 1, 0), &[0; 512])),
+        (0x07, 0x27, 0)
+    );
+    let r = k.exec(&n, &[0x1A, 0, 0x3F, 0, 255, 0], &[]);
+    assert_eq!(r.data_in[2] & 0x80, 0x80, "WP");
+}
+
+#[test]
+fn read_capacity() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    let r = k.exec(&n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    assert_eq!(&r.data_in[..], &[0, 0, 0x07, 0xFF, 0, 0, 2, 0]);
+    let r = k.exec(
+        &n,
+        &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        &[],
+    );
+    assert_eq!(&r.data_in[..8], &(BLOCKS - 1).to_be_bytes());
+    assert_eq!(r.data_in[14] & 0xC0, 0xC0, "LBPME LBPRZ");
+    let r = k.exec(
+        &n,
+        &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0],
+        &[],
+    );
+    assert_eq!(r.data_in.len(), 5);
+    k.dev.resize(2 * BLOCKS * 512);
+    k.target.capacity_changed(0);
+    assert_eq!(sense_of(&k.exec(&n, &[0x00; 6], &[])), (0x06, 0x2A, 0x09));
+}
+
+#[test]
+fn mode_select_changes_d_sense_and_notifies_other_nexuses() {
+    let k = Kit::new();
+    let a = k.ready("a");
+    let b = k.ready("b");
+    let r = k.exec(&a, &[0x1A, 0x08, 0x0A, 0, 255, 0], &[]);
+    assert_good(&r);
+    let mut page = r.data_in[4..].to_vec();
+    assert_eq!(&page[..2], &[0x0A, 0x0A]);
+    page[2] |= 0x04; // D_SENSE
+    let mut param = vec![0, 0, 0, 0];
+    param.extend_from_slice(&page);
+    assert_good(&k.exec(&a, &[0x15, 0x10, 0, 0, param.len() as u8, 0], &param));
+    let r = k.exec(&b, &[0x00; 6], &[]);
+    assert_eq!(sense_of(&r), (0x06, 0x2A, 0x01));
+    assert_eq!(r.sense.as_ref().unwrap()[0], 0x72, "descriptor format");
+    // A non-changeable field.
+    param[4 + 3] ^= 0xF0;
+    assert_eq!(
+        sense_of(&k.exec(&a, &[0x15, 0x10, 0, 0, param.len() as u8, 0], &param)),
+        (ILLEGAL, 0x26, 0)
+    );
+    // Saved pages are not supported.
+    assert_eq!(
+        sense_of(&k.exec(&a, &[0x1A, 0, 0xC8, 0, 255, 0], &[])),
+        (ILLEGAL, 0x39, 0)
+    );
+    // MODE SENSE(10) with LLBAA returns a long block descriptor.
+    let r = k.exec(&a, &[0x5A, 0x10, 0x08, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_good(&r);
+    assert_eq!(u16::from_be_bytes([r.data_in[6], r.data_in[7]]), 16);
+}
+
+#[test]
+fn software_write_protect_through_mode_select() {
+    let k = Kit::new();
+    let a = k.ready("a");
+    let r = k.exec(&a, &[0x1A, 0x08, 0x0A, 0, 255, 0], &[]);
+    let mut param = vec![0, 0, 0, 0];
+    param.extend_from_slice(&r.data_in[4..]);
+    param[4 + 4] |= 0x08;
+    assert_good(&k.exec(&a, &[0x15, 0x10, 0, 0, param.len() as u8, 0], &param));
+    assert_eq!(
+        sense_of(&k.exec(&a, &write16(0, 1, 0), &[0; 512])),
+        (0x07, 0x27, 0x02)
+    );
+    assert_good(&k.exec(&a, &read16(0, 1), &[]));
+}
+
+#[test]
+fn compare_and_write() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write16(4, 2, 0), &[b'A'; 1024]));
+    let mut caw = vec![0x89, 0];
+    caw.extend_from_slice(&4u64.to_be_bytes());
+    caw.extend_from_slice(&[0, 0, 0, 2, 0, 0]);
+    let mut data = vec![b'A'; 1024];
+    data[1024 - 27] = b'C';
+    data.extend_from_slice(&[b'B'; 1024]);
+    let r = k.exec(&n, &caw, &data);
+    assert_eq!(sense_of(&r), (0x0E, 0x1D, 0x00));
+    assert_eq!(fixed_information(&r), 1024 - 27);
+    assert_eq!(k.dev.snapshot(4 * 512, 1024), vec![b'A'; 1024]);
+    data[1024 - 27] = b'A';
+    assert_good(&k.exec(&n, &caw, &data));
+    assert_eq!(k.dev.snapshot(4 * 512, 1024), vec![b'B'; 1024]);
+    // Data-Out of the wrong size.
+    assert_eq!(sense_of(&k.exec(&n, &caw, &data[..1024])).0, ILLEGAL);
+}
+
+#[test]
+fn verify_bytchk() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(0, 2), &[3u8; 1024]));
+    let mut v = vec![0x2F, 0x02, 0, 0, 0, 0, 0, 0, 2, 0];
+    let mut data = vec![3u8; 1024];
+    assert_good(&k.exec(&n, &v, &data));
+    data[700] = 9;
+    let r = k.exec(&n, &v, &data);
+    assert_eq!(sense_of(&r), (0x0E, 0x1D, 0));
+    assert_eq!(fixed_information(&r), 700);
+    v[1] = 0;
+    assert_good(&k.exec(&n, &v, &[]));
+    v[1] = 0x06; // BYTCHK 11b: one block compared with each
+    assert_good(&k.exec(&n, &v, &[3u8; 512]));
+}
+
+#[test]
+fn unmap_write_same_and_get_lba_status() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(0, 8), &[1u8; 8 * 512]));
+    let mut param = vec![0, 22, 0, 16, 0, 0, 0, 0];
+    param.extend_from_slice(&2u64.to_be_bytes());
+    param.extend_from_slice(&3u32.to_be_bytes());
+    param.extend_from_slice(&[0; 4]);
+    assert_good(&k.exec(&n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &param));
+    assert_eq!(k.dev.snapshot(2 * 512, 3 * 512), vec![0; 3 * 512]);
+    let r = k.exec(
+        &n,
+        &[0x9E, 0x12, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 24, 0, 0],
+        &[],
+    );
+    assert_good(&r);
+    assert_eq!(&r.data_in[8..16], &2u64.to_be_bytes());
+    assert_eq!(&r.data_in[16..20], &3u32.to_be_bytes());
+    assert_eq!(r.data_in[20], 0x01, "deallocated");
+    // Out of range descriptor.
+    param[8..16].copy_from_slice(&BLOCKS.to_be_bytes());
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &param)),
+        (ILLEGAL, 0x21, 0)
+    );
+    // WRITE SAME(10) pattern, then with UNMAP.
+    let ws = [0x41, 0, 0, 0, 0, 100, 0, 0, 4, 0];
+    assert_good(&k.exec(&n, &ws, &[0xEE; 512]));
+    assert_eq!(k.dev.snapshot(100 * 512, 4 * 512), vec![0xEE; 4 * 512]);
+    let ws_unmap = [0x41, 0x08, 0, 0, 0, 100, 0, 0, 4, 0];
+    assert_good(&k.exec(&n, &ws_unmap, &[0; 512]));
+    assert_eq!(k.dev.snapshot(100 * 512, 4 * 512), vec![0; 4 * 512]);
+    // ANCHOR is not supported; Data-Out must be exactly one block.
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x41, 0x18, 0, 0, 0, 0, 0, 0, 1, 0], &[0; 512])),
+        (ILLEGAL, 0x24, 0)
+    );
+    assert_eq!(sense_of(&k.exec(&n, &ws, &[0; 256])).0, ILLEGAL);
+    // Zero blocks: to the end of the medium.
+    assert_good(&k.exec(&n, &[0x41, 0, 0, 0, 0x07, 0xF0, 0, 0, 0, 0], &[0xAB; 512]));
+    assert_eq!(k.dev.snapshot((BLOCKS - 1) * 512, 512), vec![0xAB; 512]);
+}
+
+#[test]
+fn orwrite_and_write_atomic() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write16(0, 1, 0), &[0xA0; 512]));
+    let mut c = write16(0, 1, 0);
+    c[0] = 0x8B;
+    assert_good(&k.exec(&n, &c, &[0x05; 512]));
+    assert_eq!(k.dev.snapshot(0, 512), vec![0xA5; 512]);
+    let mut wa = vec![0x9C, 0];
+    wa.extend_from_slice(&1u64.to_be_bytes());
+    wa.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
+    assert_good(&k.exec(&n, &wa, &[0x77; 512]));
+    assert_eq!(k.dev.snapshot(512, 512), vec![0x77; 512]);
+}
+
+#[test]
+fn pre_fetch_reports_condition_met() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    let r = k.exec(&n, &[0x34, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
+    assert_eq!(r.status, ScsiStatus::ConditionMet);
+    let r = k.exec(&n, &[0x34, 0, 0, 0, 0x10, 0, 0, 0, 0, 0], &[]);
+    assert_eq!(sense_of(&r), (ILLEGAL, 0x21, 0));
+}
+
+fn prout(sa: u8, kind: u8, key: u64, sa_key: u64, flags: u8) -> (Vec<u8>, Vec<u8>) {
+    let cdb = vec![0x5F, sa, kind, 0, 0, 0, 0, 0, 24, 0];
+    let mut p = vec![0u8; 24];
+    p[..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    p[20] = flags;
+    (cdb, p)
+}
+
+fn pr(k: &Kit, n: &ItNexus, sa: u8, kind: u8, key: u64, sa_key: u64) -> ScsiResponse {
+    let (c, p) = prout(sa, kind, key, sa_key, 0);
+    k.exec(n, &c, &p)
+}
+
+fn can_read(k: &Kit, n: &ItNexus) -> bool {
+    k.exec(n, &read10(1, 1), &[]).status == ScsiStatus::Good
+}
+
+fn can_write(k: &Kit, n: &ItNexus) -> bool {
+    k.exec(n, &write10(1, 1), &[0; 512]).status == ScsiStatus::Good
+}
+
+#[test]
+fn persistent_reservation_conflict_table() {
+    // (type, registered reader, registered writer, unregistered reader, unregistered writer)
+    let table = [
+        (1u8, true, false, true, false),
+        (3, false, false, false, false),
+        (5, true, true, true, false),
+        (6, true, true, false, false),
+        (7, true, true, true, false),
+        (8, true, true, false, false),
+    ];
+    for (kind, rr, rw, ur, uw) in table {
+        let k = Kit::new();
+        let a = k.ready("a");
+        let b = k.ready("b");
+        assert_good(&pr(&k, &a, 0x06, 0, 0, 0xA));
+        assert_good(&pr(&k, &b, 0x06, 0, 0, 0xB));
+        assert_good(&pr(&k, &a, 0x01, kind, 0xA, 0));
+        assert!(can_read(&k, &a) && can_write(&k, &a), "type {kind}");
+        assert_eq!(
+            (can_read(&k, &b), can_write(&k, &b)),
+            (rr, rw),
+            "type {kind} registered"
+        );
+        assert_good(&pr(&k, &b, 0x00, 0, 0xB, 0));
+        assert_eq!(
+            (can_read(&k, &b), can_write(&k, &b)),
+            (ur, uw),
+            "type {kind} unregistered"
+        );
+        assert_eq!(
+            k.exec(&b, &write10(1, 1), &[0; 512]).status == ScsiStatus::ReservationConflict,
+            !uw
+        );
+        // INQUIRY and READ CAPACITY are never in conflict.
+        assert_good(&k.exec(&b, &[0x12, 0, 0, 0, 36, 0], &[]));
+        assert_good(&k.exec(&b, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+        assert_good(&pr(&k, &a, 0x02, kind, 0xA, 0));
+        assert!(can_write(&k, &b));
+    }
+}
+
+#[test]
+fn persistent_reservation_registration_rules_and_preempt() {
+    let k = Kit::new();
+    let a = k.ready("a");
+    let b = k.ready("b");
+    // Registering with a wrong key conflicts.
+    assert_eq!(
+        pr(&k, &a, 0x00, 0, 5, 0xA).status,
+        ScsiStatus::ReservationConflict
+    );
+    assert_good(&pr(&k, &a, 0x00, 0, 0, 0xA));
+    assert_eq!(
+        pr(&k, &a, 0x00, 0, 0xB, 0xC).status,
+        ScsiStatus::ReservationConflict
+    );
+    assert_good(&pr(&k, &b, 0x06, 0, 0, 0xB));
+    let keys = k.exec(&a, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(&keys.data_in[4..8], &16u32.to_be_bytes());
+    let gen = u32::from_be_bytes(keys.data_in[..4].try_into().unwrap());
+    assert_good(&pr(&k, &a, 0x01, 3, 0xA, 0));
+    // Reservation by another registrant conflicts.
+    assert_eq!(
+        pr(&k, &b, 0x01, 3, 0xB, 0).status,
+        ScsiStatus::ReservationConflict
+    );
+    // b preempts a: a loses its registration and is told so.
+    assert_good(&pr(&k, &b, 0x04, 1, 0xB, 0xA));
+    assert_eq!(sense_of(&k.exec(&a, &[0x00; 6], &[])), (0x06, 0x2A, 0x05));
+    let keys = k.exec(&a, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(
+        u32::from_be_bytes(keys.data_in[..4].try_into().unwrap()),
+        gen + 1
+    );
+    assert_eq!(&keys.data_in[8..16], &0xBu64.to_be_bytes());
+    let res = k.exec(&a, &[0x5E, 1, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(&res.data_in[8..16], &0xBu64.to_be_bytes());
+    assert_eq!(res.data_in[21], 0x01);
+    // Wrong type on release.
+    assert_eq!(
+        sense_of(&pr(&k, &b, 0x02, 3, 0xB, 0)),
+        (ILLEGAL, 0x26, 0x04)
+    );
+    // CLEAR removes everything.
+    assert_good(&pr(&k, &b, 0x03, 0, 0xB, 0));
+    let res = k.exec(&a, &[0x5E, 1, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(&res.data_in[4..8], &[0; 4]);
+    // REPORT CAPABILITIES and the service action range.
+    let caps = k.exec(&a, &[0x5E, 2, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(&caps.data_in[..2], &[0, 8]);
+    assert_eq!(
+        sense_of(&k.exec(&a, &[0x5E, 4, 0, 0, 0, 0, 0, 1, 0, 0], &[])),
+        (ILLEGAL, 0x24, 0)
+    );
+    // SPEC_I_PT is refused.
+    let (c, p) = prout(0x00, 0, 0, 0xD, 0x08);
+    assert_eq!(sense_of(&k.exec(&a, &c, &p)), (ILLEGAL, 0x26, 0));
+}
+
+#[test]
+fn registrants_only_reservation_goes_with_its_holder() {
+    let k = Kit::new();
+    let a = k.ready("a");
+    let b = k.ready("b");
+    assert_good(&pr(&k, &a, 0x06, 0, 0, 0xA));
+    assert_good(&pr(&k, &b, 0x06, 0, 0, 0xB));
+    assert_good(&pr(&k, &a, 0x01, 5, 0xA, 0));
+    assert_good(&pr(&k, &a, 0x00, 0, 0xA, 0));
+    assert_eq!(sense_of(&k.exec(&b, &[0x00; 6], &[])), (0x06, 0x2A, 0x04));
+    let res = k.exec(&b, &[0x5E, 1, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(&res.data_in[4..8], &[0; 4]);
+}
+
+#[test]
+fn aptpl_state_survives_restart() {
+    let dir = std::env::temp_dir().join(format!("bulwark-scsi-pr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("lun0.pr");
+    let _ = std::fs::remove_file(&file);
+    let config = LuConfig {
+        pr_file: Some(file.clone()),
+        ..LuConfig::default()
+    };
+    {
+        let k = Kit::with(config.clone(), MemDevice::new(BLOCKS * 512));
+        let a = k.ready("a");
+        let (c, p) = prout(0x06, 0, 0, 0x1234, 0x01);
+        assert_good(&k.exec(&a, &c, &p));
+        assert_good(&pr(&k, &a, 0x01, 1, 0x1234, 0));
+    }
+    let k = Kit::with(config, MemDevice::new(BLOCKS * 512));
+    let b = k.ready("b");
+    assert_eq!(
+        k.exec(&b, &write10(0, 1), &[0; 512]).status,
+        ScsiStatus::ReservationConflict
+    );
+    let keys = k.exec(&b, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(&keys.data_in[8..16], &0x1234u64.to_be_bytes());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn legacy_reservation() {
+    let k = Kit::new();
+    let a = k.ready("a");
+    let b = k.ready("b");
+    assert_good(&k.exec(&a, &[0x16, 0, 0, 0, 0, 0], &[]));
+    assert_good(&k.exec(&a, &[0x16, 0, 0, 0, 0, 0], &[]));
+    assert_eq!(
+        k.exec(&b, &[0x16, 0, 0, 0, 0, 0], &[]).status,
+        ScsiStatus::ReservationConflict
+    );
+    assert_eq!(
+        k.exec(&b, &[0x1A, 0, 0x3F, 0, 255, 0], &[]).status,
+        ScsiStatus::ReservationConflict
+    );
+    assert_good(&k.exec(&b, &[0x17, 0, 0, 0, 0, 0], &[]));
+    assert_good(&k.exec(&b, &[0x12, 0, 0, 0, 36, 0], &[]));
+    assert_good(&k.exec(&a, &[0x1A, 0, 0x3F, 0, 255, 0], &[]));
+    // Nexus loss releases it.
+    k.target.nexus_loss(&a);
+    assert_good(&k.exec(&b, &[0x16, 0, 0, 0, 0, 0], &[]));
+    // A LU reset too, and it raises 29/03.
+    k.target.reset(ResetKind::LogicalUnit, Some(0), &a);
+    assert_eq!(sense_of(&k.exec(&b, &[0x00; 6], &[])), (0x06, 0x29, 0x03));
+    let c = k.ready("c");
+    assert_good(&k.exec(&c, &[0x16, 0, 0, 0, 0, 0], &[]));
+    k.target.reset(ResetKind::TargetCold, None, &a);
+    assert_eq!(sense_of(&k.exec(&c, &[0x00; 6], &[])), (0x06, 0x29, 0x01));
+}
+
+#[test]
+fn report_supported_operation_codes() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    let r = k.exec(&n, &[0xA3, 0x0C, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0], &[]);
+    assert_good(&r);
+    let len = u32::from_be_bytes(r.data_in[..4].try_into().unwrap()) as usize;
+    assert_eq!(len % 8, 0);
+    assert_eq!(r.data_in.len(), len + 4);
+    // With RCTD every descriptor carries a timeouts descriptor.
+    let r = k.exec(
+        &n,
+        &[0xA3, 0x0C, 0x80, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0],
+        &[],
+    );
+    assert_eq!(r.data_in[4 + 5] & 0x02, 0x02);
+    // One command: READ(10).
+    let r = k.exec(
+        &n,
+        &[0xA3, 0x0C, 0x01, 0x28, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0],
+        &[],
+    );
+    assert_eq!(&r.data_in[..4], &[0, 0x03, 0, 10]);
+    assert_eq!(r.data_in[4], 0x28);
+    // A command with service actions asked without one.
+    let r = k.exec(
+        &n,
+        &[0xA3, 0x0C, 0x01, 0x9E, 0, 0x10, 0, 0, 0xFF, 0xFF, 0, 0],
+        &[],
+    );
+    assert_eq!(sense_of(&r), (ILLEGAL, 0x24, 0));
+    let r = k.exec(
+        &n,
+        &[0xA3, 0x0C, 0x02, 0x9E, 0, 0x10, 0, 0, 0xFF, 0xFF, 0, 0],
+        &[],
+    );
+    assert_eq!(&r.data_in[..4], &[0, 0x03, 0, 16]);
+    let r = k.exec(&n, &[0xA3, 0x0D, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0], &[]);
+    assert_good(&r);
+    let r = k.exec(&n, &[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    assert_good(&r);
+    assert_eq!(&r.data_in[4..8], &[0x00, 0x8F, 0, 1]);
+}
+
+#[test]
+fn sanitize() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(0, 1), &[1; 512]));
+    let mut p = vec![0x01, 0, 0, 4];
+    p.extend_from_slice(&[0xAA; 4]);
+    assert_good(&k.exec(&n, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 8, 0], &p));
+    assert_eq!(k.dev.snapshot(0, 512), vec![0xAA; 512]);
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 4, 0], &p)),
+        (ILLEGAL, 0x24, 0)
+    );
+    assert_good(&k.exec(&n, &[0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    assert_eq!(k.dev.snapshot(0, 512), vec![0; 512]);
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x48, 0x03, 0, 0, 0, 0, 0, 0, 0, 0], &[])),
+        (ILLEGAL, 0x24, 0)
+    );
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x48, 0x1F, 0, 0, 0, 0, 0, 0, 8, 0], &[0; 8])),
+        (ILLEGAL, 0x24, 0)
+    );
+}
+
+fn xcopy_param(naa: &[u8; 16], blocks: u16, src: u64, dst: u64, dst_index: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 16];
+    p[0] = 1;
+    p[2..4].copy_from_slice(&32u16.to_be_bytes());
+    p[8..12].copy_from_slice(&28u32.to_be_bytes());
+    let mut t = vec![0xE4, 0x00, 0, 0, 0x01, 0x03, 0, 16];
+    t.extend_from_slice(naa);
+    t.extend_from_slice(&[0, 0, 0, 0]);
+    t.extend_from_slice(&[0, 0, 2, 0]);
+    p.extend_from_slice(&t);
+    let mut s = vec![0x02, 0, 0, 0x18, 0, 0];
+    s.extend_from_slice(&dst_index.to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(&blocks.to_be_bytes());
+    s.extend_from_slice(&src.to_be_bytes());
+    s.extend_from_slice(&dst.to_be_bytes());
+    p.extend_from_slice(&s);
+    p
+}
+
+#[test]
+fn extended_copy_and_copy_results() {
+    let mut naa = [0u8; 16];
+    naa[0] = 0x60;
+    naa[15] = 7;
+    let k = Kit::with(
+        LuConfig {
+            naa,
+            ..LuConfig::default()
+        },
+        MemDevice::new(BLOCKS * 512),
+    );
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(0, 4), &[b'A'; 2048]));
+    let rcr = [0x84, 0x00, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0];
+    assert_eq!(sense_of(&k.exec(&n, &rcr, &[])), (ILLEGAL, 0x24, 0));
+    let p = xcopy_param(&naa, 4, 0, 100, 0);
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x83;
+    cdb[10..14].copy_from_slice(&(p.len() as u32).to_be_bytes());
+    assert_good(&k.exec(&n, &cdb, &p));
+    assert_eq!(k.dev.snapshot(100 * 512, 2048), vec![b'A'; 2048]);
+    let r = k.exec(&n, &rcr, &[]);
+    assert_good(&r);
+    assert_eq!(r.data_in[4], 0x01);
+    // Bad destination index and beyond the end: COPY ABORTED.
+    let p = xcopy_param(&naa, 4, 0, 100, 1);
+    assert_eq!(sense_of(&k.exec(&n, &cdb, &p)).0, 0x0A);
+    let p = xcopy_param(&naa, 4, 0, BLOCKS - 1, 0);
+    assert_eq!(sense_of(&k.exec(&n, &cdb, &p)).0, 0x0A);
+    // Truncated parameter list.
+    assert_eq!(sense_of(&k.exec(&n, &cdb, &p[..40])), (ILLEGAL, 0x1A, 0));
+    // Operating parameters.
+    let r = k.exec(
+        &n,
+        &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0],
+        &[],
+    );
+    assert_good(&r);
+    assert_eq!(&r.data_in[8..10], &8u16.to_be_bytes());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn execute_never_panics(cdb in proptest::collection::vec(any::<u8>(), 0..20),
+                            data in proptest::collection::vec(any::<u8>(), 0..1100),
+                            opcode in proptest::sample::select(crate::commands::COMMANDS.iter().map(|c| c.opcode).collect::<Vec<_>>()),
+                            use_known in any::<bool>(),
+                            lun in 0u64..3) {
+        let dev = Arc::new(MemDevice::new(64 * 512));
+        let target = TargetDevice::new();
+        target.add_lun(0, LuConfig::default(), dev).unwrap();
+        let n = nexus("fuzz");
+        let mut cdb = cdb;
+        if use_known && !cdb.is_empty() {
+            cdb[0] = opcode;
+        }
+        for _ in 0..2 {
+            let req = ScsiRequest { nexus: &n, lun, cdb: &cdb, data_out: &data, expected_data_in_len: 4096, attr: TaskAttribute::Simple };
+            let r = target.execute(&req);
+            if r.status == ScsiStatus::CheckCondition {
+                prop_assert!(r.sense.is_some());
+            }
+            let _ = target.data_out_len(lun, &cdb);
+        }
+    }
+}
