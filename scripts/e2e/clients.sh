@@ -27,8 +27,8 @@ start_bulwark "$work/bulwark.toml" "$work/bulwark.log"
 url="iscsi://127.0.0.1/$iqn"
 
 iscsi-ls -s iscsi://127.0.0.1 >"$work/ls.txt"
-grep -q "Lun:0.*Size:64M" "$work/ls.txt" || { cat "$work/ls.txt"; die "iscsi-ls does not show LUN 0"; }
-grep -q "Lun:1.*Size:32M" "$work/ls.txt" || { cat "$work/ls.txt"; die "iscsi-ls does not show LUN 1"; }
+grep -q "Lun:0.*DIRECT_ACCESS" "$work/ls.txt" || { cat "$work/ls.txt"; die "iscsi-ls does not show LUN 0"; }
+grep -q "Lun:1.*DIRECT_ACCESS" "$work/ls.txt" || { cat "$work/ls.txt"; die "iscsi-ls does not show LUN 1"; }
 echo "iscsi-ls: both LUNs listed"
 iscsi-inq "$url/0" | grep -q "Vendor:BULWARK" || die "iscsi-inq: wrong vendor"
 iscsi-inq -e 1 -c 0x80 "$url/0" | grep -qi "serial" || die "iscsi-inq: no unit serial number page"
@@ -41,8 +41,8 @@ echo "qemu-img info: 64 MiB"
 head -c $((8 << 20)) /dev/urandom >"$work/src.raw"
 for lun in 0 1; do
     qemu-img convert -n -f raw -O raw "$work/src.raw" "$url/$lun"
-    qemu-img convert -f raw -O raw --image-opts "driver=raw,size=$((8 << 20)),file.driver=iscsi,file.transport=tcp,file.portal=127.0.0.1,file.target=$iqn,file.lun=$lun" "$work/back.raw"
-    cmp "$work/src.raw" "$work/back.raw" || die "qemu-img convert: LUN $lun data differs after a round trip"
+    qemu-img convert -f raw -O raw "$url/$lun" "$work/back.raw"
+    cmp -n $((8 << 20)) "$work/src.raw" "$work/back.raw" || die "qemu-img convert: LUN $lun data differs after a round trip"
 done
 echo "qemu-img convert: 8 MiB round trip identical on 512- and 4096-byte LUNs"
 

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 
 step "conformance: iscsi-test-cu"
 work=$(mktemp -d /tmp/bulwark-conformance.XXXXXX)
-trap 'stop_bulwark; rm -rf "$work"' EXIT
+trap 'stop_bulwark; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 cat >"$work/bulwark.toml" <<TOML
 [server]
 queue_depth = 64
