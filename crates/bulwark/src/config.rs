@@ -178,7 +178,7 @@ impl Config {
         let cfg: Config = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text.get(..s.start).map(|t| t.lines().count().max(1)).unwrap_or(1))
+                .map(|s| text.get(..s.start).map(|t| t.matches('\n').count() + 1).unwrap_or(1))
                 .map(|l| format!(", line {l}"))
                 .unwrap_or_default();
             anyhow!("{}{}: {}", path.display(), line, e.message())
@@ -217,6 +217,9 @@ impl Config {
         }
         if self.server.queue_depth == 0 || self.server.queue_depth > 4096 {
             return Err((Some("queue_depth".into()), "queue_depth must be between 1 and 4096".into()));
+        }
+        if self.target.is_empty() {
+            return Err((None, "no [[target]] is defined; add one (see examples/bulwark.toml)".into()));
         }
         let mut iqns = BTreeSet::new();
         for t in &self.target {
@@ -278,6 +281,20 @@ mod tests {
         let p = dir.join("bulwark.toml");
         std::fs::write(&p, s).unwrap();
         Config::load(&p)
+    }
+
+    #[test]
+    fn example_configuration_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bulwark.toml");
+        let cfg = Config::load(&p).unwrap();
+        assert_eq!(cfg.target.len(), 1);
+        assert_eq!(cfg.server.queue_depth, 128);
+    }
+
+    #[test]
+    fn empty_configuration_is_refused() {
+        let e = load_str("").unwrap_err().to_string();
+        assert!(e.contains("no [[target]]"), "{e}");
     }
 
     #[test]

@@ -42,7 +42,15 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // `{:#}` prints the whole cause chain on one line, without a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, data_dir, listen, log } => {
