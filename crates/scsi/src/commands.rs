@@ -5,7 +5,7 @@
 use crate::cdb::{opcode as op, Cdb};
 use crate::lu::{CmdResult, Ctx};
 use crate::sense::Sense;
-use crate::{mode, pr, sbc, spc, xcopy};
+use crate::{mode, pr, sanitize, sbc, spc, xcopy};
 
 /// How a command accesses the medium, for the conflict table of SPC-4 §5.13.1 (Table 45)
 /// and SBC-3 Table 13.
@@ -233,7 +233,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         Some(0x01),
         "SANITIZE OVERWRITE",
         Write,
-        sbc::sanitize,
+        sanitize::sanitize,
         [0x48, 0xA1, 0, 0, 0, 0, 0, F, F, 0]
     ),
     cmd!(
@@ -241,7 +241,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         Some(0x02),
         "SANITIZE BLOCK ERASE",
         Write,
-        sbc::sanitize,
+        sanitize::sanitize,
         [0x48, 0xA2, 0, 0, 0, 0, 0, F, F, 0]
     ),
     cmd!(
@@ -249,7 +249,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         Some(0x1F),
         "SANITIZE EXIT FAILURE MODE",
         Write,
-        sbc::sanitize,
+        sanitize::sanitize,
         [0x48, 0xBF, 0, 0, 0, 0, 0, F, F, 0]
     ),
     cmd!(

@@ -19,6 +19,7 @@ pub mod device;
 mod lu;
 mod mode;
 mod pr;
+mod sanitize;
 mod sbc;
 pub mod sense;
 mod spc;
@@ -32,7 +33,9 @@ mod xcopy;
 pub use device::{BlockDevice, Extent, Provisioning};
 pub use sense::{check_condition, Sense, SenseKey};
 pub use spc::encode_lun;
-pub use target_device::{LuConfig, ScsiError, TargetDevice};
+pub use target_device::{
+    LuConfig, Preempted, ScsiError, TargetDevice, SANITIZE_BYTES_PER_S_DEFAULT,
+};
 
 use bytes::Bytes;
 

@@ -2,7 +2,7 @@
 //! reservations, unit attentions) and the command pipeline.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use bytes::Bytes;
 
@@ -11,6 +11,7 @@ use crate::commands::{self, Access, CommandSpec};
 use crate::device::BlockDevice;
 use crate::mode::ModeState;
 use crate::pr::PrState;
+use crate::sanitize::Sanitizer;
 use crate::sense::Sense;
 use crate::target_device::{LuConfig, ScsiError, TargetDevice};
 use crate::xcopy::CopyResults;
@@ -40,6 +41,9 @@ pub(crate) enum Failure {
     Check(Sense),
     /// RESERVATION CONFLICT.
     Conflict,
+    /// TASK ABORTED: task management aborted the command while it waited (its status is
+    /// not delivered; the transport drops it).
+    Aborted,
 }
 
 impl From<Sense> for Failure {
@@ -95,8 +99,11 @@ pub(crate) struct LuState {
     pub legacy_reservation: Option<ItNexus>,
     pub pr: PrState,
     pub copies: CopyResults,
-    /// A SANITIZE is running (SBC-3 §4.11): other commands get NOT READY.
-    pub sanitizing: bool,
+    /// Sanitize operations (SBC-3 §4.11): while one runs, other commands get NOT READY.
+    pub sanitize: Sanitizer,
+    /// I_T nexuses whose registrations PERSISTENT RESERVE OUT PREEMPT AND ABORT removed
+    /// and whose tasks the transport has yet to abort (SPC-4 §5.13.11.2.? ).
+    pub preempted: Vec<ItNexus>,
 }
 
 impl LuState {
@@ -118,8 +125,14 @@ pub(crate) struct LogicalUnit {
     pub device: Arc<dyn BlockDevice>,
     state: Mutex<LuState>,
     /// Writers hold it shared; COMPARE AND WRITE holds it exclusively so that no write
-    /// lands between its read and its write (SBC-3 §5.2).
+    /// lands between its read and its write (SBC-3 §5.2). Take it through
+    /// [`LogicalUnit::medium_shared`] / [`LogicalUnit::medium_exclusive`], never while
+    /// holding the state mutex.
     pub atomic: RwLock<()>,
+    /// Signals the end of waits for sanitize operations (used with the state mutex).
+    sanitize_cv: Condvar,
+    /// This logical unit, for the threads of its background operations.
+    me: Weak<LogicalUnit>,
 }
 
 /// The context a command handler runs in.
@@ -141,7 +154,7 @@ impl LogicalUnit {
         lun: u64,
         config: LuConfig,
         device: Arc<dyn BlockDevice>,
-    ) -> Result<LogicalUnit, ScsiError> {
+    ) -> Result<Arc<LogicalUnit>, ScsiError> {
         let pr = match &config.pr_file {
             Some(path) => PrState::load(path).map_err(|source| ScsiError::PrState {
                 path: path.clone(),
@@ -150,7 +163,7 @@ impl LogicalUnit {
             None => PrState::default(),
         };
         let mode = ModeState::new(&config);
-        Ok(LogicalUnit {
+        Ok(Arc::new_cyclic(|me| LogicalUnit {
             lun,
             config,
             device,
@@ -160,10 +173,63 @@ impl LogicalUnit {
                 legacy_reservation: None,
                 pr,
                 copies: CopyResults::default(),
-                sanitizing: false,
+                sanitize: Sanitizer::default(),
+                preempted: Vec::new(),
             }),
             atomic: RwLock::new(()),
-        })
+            sanitize_cv: Condvar::new(),
+            me: me.clone(),
+        }))
+    }
+
+    /// This logical unit as an `Arc` (`None` only while it is being dropped).
+    pub fn arc(&self) -> Option<Arc<LogicalUnit>> {
+        self.me.upgrade()
+    }
+
+    /// Waits for a change of the sanitize waits (see [`LogicalUnit::notify_sanitize`]).
+    pub fn wait_sanitize<'a>(&self, guard: MutexGuard<'a, LuState>) -> MutexGuard<'a, LuState> {
+        self.sanitize_cv
+            .wait(guard)
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the commands waiting for sanitize operations to look at their state again.
+    pub fn notify_sanitize(&self) {
+        self.sanitize_cv.notify_all();
+    }
+
+    /// Task management aborted the tasks of `nexus` (every nexus when `None`): a SANITIZE
+    /// waiting for its operation stops waiting; the operation goes on.
+    pub fn abort_tasks(&self, nexus: Option<&ItNexus>) {
+        if self.lock().sanitize.abort_waiters(nexus) {
+            self.notify_sanitize();
+        }
+    }
+
+    /// The shared side of `atomic` for a write to the medium; refused while a sanitize
+    /// operation runs (a command that passed the check in `run` before the operation
+    /// began may get here after it began).
+    pub fn medium_shared(&self) -> Result<RwLockReadGuard<'_, ()>, Sense> {
+        let guard = self.atomic.read().unwrap_or_else(|e| e.into_inner());
+        self.check_not_sanitizing()?;
+        Ok(guard)
+    }
+
+    /// The exclusive side of `atomic` (COMPARE AND WRITE, ORWRITE, WRITE ATOMIC), with the
+    /// same check as [`LogicalUnit::medium_shared`].
+    pub fn medium_exclusive(&self) -> Result<RwLockWriteGuard<'_, ()>, Sense> {
+        let guard = self.atomic.write().unwrap_or_else(|e| e.into_inner());
+        self.check_not_sanitizing()?;
+        Ok(guard)
+    }
+
+    fn check_not_sanitizing(&self) -> Result<(), Sense> {
+        let state = self.lock().sanitize.state;
+        match state.in_progress() {
+            true => Err(state.sense_in_progress()),
+            false => Ok(()),
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, LuState> {
@@ -190,14 +256,27 @@ impl LogicalUnit {
         }
         st.nexuses.remove(nexus);
         st.copies.forget(nexus);
+        st.preempted.retain(|n| n != nexus);
+        let woke = st.sanitize.abort_waiters(Some(nexus));
+        drop(st);
+        if woke {
+            self.notify_sanitize();
+        }
     }
 
+    /// A reset aborts every task of the logical unit; a running sanitize operation goes
+    /// on (SBC-3 §4.11.1).
     pub fn reset(&self, ua: Sense) {
         let mut st = self.lock();
         st.legacy_reservation = None;
         for n in st.nexuses.values_mut() {
             n.prevent = false;
             n.push_ua(ua);
+        }
+        let woke = st.sanitize.abort_waiters(None);
+        drop(st);
+        if woke {
+            self.notify_sanitize();
         }
     }
 
@@ -229,6 +308,11 @@ impl LogicalUnit {
             },
             Err(Failure::Conflict) => ScsiResponse {
                 status: ScsiStatus::ReservationConflict,
+                sense: None,
+                data_in: Bytes::new(),
+            },
+            Err(Failure::Aborted) => ScsiResponse {
+                status: ScsiStatus::TaskAborted,
                 sense: None,
                 data_in: Bytes::new(),
             },
@@ -265,8 +349,11 @@ impl LogicalUnit {
                 if let Some(ua) = st.nexuses.get_mut(req.nexus).and_then(|n| n.ua.pop_front()) {
                     return Err(Failure::Check(ua));
                 }
-                if st.sanitizing {
-                    return Err(Failure::Check(Sense::NOT_READY_SANITIZE_IN_PROGRESS));
+                // SBC-3 §4.11.1: while a sanitize operation runs, or after one failed,
+                // the logical unit refuses everything but the commands above (and, in
+                // the failed state, SANITIZE).
+                if let Some(sense) = st.sanitize.state.refuses(cdb.opcode()) {
+                    return Err(Failure::Check(sense));
                 }
             }
         }
@@ -329,6 +416,10 @@ pub(crate) fn data_out_len(block_size: u32, cdb: Cdb<'_>) -> Option<u32> {
             return blocks(u64::from(cdb.be32(10)))
         }
         opcode::WRITE_ATOMIC_16 => return blocks(u64::from(cdb.be16(12))),
+        // NUMBER OF LOGICAL BLOCKS is one byte: an initiator asking for 256 blocks sends
+        // 0 with 256 blocks of data. `None` hands the command all the data, which it then
+        // refuses instead of taking the zero-block no-op at its word.
+        opcode::COMPARE_AND_WRITE if cdb.u8(13) == 0 => return None,
         opcode::COMPARE_AND_WRITE => return blocks(2 * u64::from(cdb.u8(13))),
         opcode::VERIFY_10 | opcode::VERIFY_12 | opcode::VERIFY_16 => {
             let n = match cdb.opcode() {

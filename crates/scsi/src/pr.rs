@@ -459,7 +459,9 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
         0x01 => reserve(&mut st, nexus, &p, scope, type_field),
         0x02 => release(&mut st, nexus, &p, scope, type_field),
         0x03 => clear(&mut st, nexus, &p),
-        0x04 | 0x05 => preempt(&mut st, nexus, &p, scope, type_field),
+        0x04 => preempt(&mut st, nexus, &p, scope, type_field).map(drop),
+        0x05 => preempt(&mut st, nexus, &p, scope, type_field)
+            .map(|removed| note_preempted(&mut st, &removed)),
         _ => register_and_move(&mut st, nexus, &p, data),
     };
     if result.is_ok() {
@@ -634,12 +636,12 @@ fn preempt(
     p: &ProutParams,
     scope: u8,
     type_field: u8,
-) -> Result<(), Failure> {
+) -> Result<Vec<ItNexus>, Failure> {
     check_registered(st, nexus, p.key)?;
     let sa_key = p.sa_key;
     let reservation = st.pr.reservation.clone();
     let not_me = |r: &Registration| !r.matches(nexus);
-    match reservation {
+    let removed = match reservation {
         Some(res) if res.kind.all_registrants() && sa_key == 0 => {
             // Everybody else loses the registration; a new reservation for the caller.
             let kind = check_scope_type(scope, type_field)?;
@@ -649,6 +651,7 @@ fn preempt(
                 kind,
             });
             ua_removed(st, &removed, Sense::UNIT_ATTENTION_REGISTRATIONS_PREEMPTED);
+            removed
         }
         Some(res)
             if !res.kind.all_registrants()
@@ -674,6 +677,7 @@ fn preempt(
                     .collect();
                 ua_removed(st, &others, Sense::UNIT_ATTENTION_RESERVATIONS_RELEASED);
             }
+            removed
         }
         _ => {
             // No reservation, or the key names non-holders: remove their registrations.
@@ -688,10 +692,29 @@ fn preempt(
             if let Some(kind) = st.pr.release_if_holder_gone() {
                 ua_released(st, nexus, kind);
             }
+            removed
+        }
+    };
+    st.pr.generation = st.pr.generation.wrapping_add(1);
+    Ok(removed)
+}
+
+/// PREEMPT AND ABORT: the tasks of every I_T nexus of the initiator ports whose
+/// registrations were removed are to be aborted (SPC-4 §5.13.11.2.?). The transport
+/// collects them with `TargetDevice::take_preempted_nexuses`; until then they wait here,
+/// at most once each and at most as many as the logical unit knows nexuses.
+fn note_preempted(st: &mut LuState, removed: &[ItNexus]) {
+    let hit: Vec<ItNexus> = st
+        .nexuses
+        .keys()
+        .filter(|known| removed.iter().any(|r| same_initiator_port(known, r)))
+        .cloned()
+        .collect();
+    for n in hit {
+        if !st.preempted.contains(&n) {
+            st.preempted.push(n);
         }
     }
-    st.pr.generation = st.pr.generation.wrapping_add(1);
-    Ok(())
 }
 
 /// Parses an iSCSI TransportID (SPC-4 §7.6.4.6) into an initiator name and ISID.

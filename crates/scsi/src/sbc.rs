@@ -1,11 +1,11 @@
 //! Block commands (SBC-3): READ / WRITE of every size, WRITE AND VERIFY, VERIFY, WRITE
 //! SAME, UNMAP, GET LBA STATUS, COMPARE AND WRITE, ORWRITE, WRITE ATOMIC, PRE-FETCH,
-//! SYNCHRONIZE CACHE, READ CAPACITY, READ DEFECT DATA and SANITIZE.
+//! SYNCHRONIZE CACHE, READ CAPACITY and READ DEFECT DATA. SANITIZE is in `sanitize`.
 
 use bytes::{Bytes, BytesMut};
 
 use crate::cdb::{
-    get_be16, get_be32, get_be64, get_u8, opcode as op, put, BlockCount, BlockRange, Cdb, Lba,
+    get_be16, get_be32, get_be64, opcode as op, put, BlockCount, BlockRange, Cdb, Lba,
 };
 use crate::device::Provisioning;
 use crate::lu::{data_in, good, CmdResult, Ctx, Done, LogicalUnit};
@@ -18,7 +18,13 @@ pub(crate) mod limits {
     /// Optimal transfer in bytes.
     pub const OPTIMAL_TRANSFER_BYTES: u32 = 1 << 20;
     /// Largest WRITE SAME in bytes: bounded so one command cannot hold the unit for long.
-    pub const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+    pub const MAX_WRITE_SAME_BYTES: u64 = 64 << 20;
+    /// Largest WRITE SAME in blocks whatever the block size: what LIO reports too. It
+    /// keeps MAXIMUM WRITE SAME LENGTH below 65536 blocks, the largest range initiators
+    /// (libiscsi's conformance tests among them) also move with one READ or WRITE when
+    /// they check a 4-byte WRITE SAME length; a larger report invites them to send
+    /// transfers beyond MAXIMUM TRANSFER LENGTH.
+    pub const MAX_WRITE_SAME_BLOCKS: u32 = 0xFFFF;
     /// MAXIMUM COMPARE AND WRITE LENGTH (the CDB field is one byte).
     pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
     /// MAXIMUM UNMAP LBA COUNT: no limit.
@@ -38,7 +44,9 @@ pub(crate) mod limits {
 
     /// MAXIMUM WRITE SAME LENGTH in blocks.
     pub fn max_write_same_blocks(block_size: u32) -> u32 {
-        u32::try_from(MAX_WRITE_SAME_BYTES / u64::from(block_size.max(1))).unwrap_or(u32::MAX)
+        u32::try_from(MAX_WRITE_SAME_BYTES / u64::from(block_size.max(1)))
+            .unwrap_or(u32::MAX)
+            .min(MAX_WRITE_SAME_BLOCKS)
     }
 
     /// MAXIMUM ATOMIC TRANSFER LENGTH in blocks: one device write.
@@ -51,7 +59,7 @@ pub(crate) mod limits {
 /// delivered less or more than the command needs).
 const DATA_OUT_MISMATCH: Sense = Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB;
 
-/// Size of the buffer WRITE SAME and SANITIZE fill the medium with, per device write.
+/// Size of the buffer WRITE SAME fills the medium with, per device write.
 const FILL_CHUNK_BYTES: usize = 1 << 20;
 
 /// LBA, transfer length and the byte-1 flags of a READ/WRITE/VERIFY style CDB.
@@ -229,7 +237,7 @@ fn write_blocks(lu: &LogicalUnit, r: &BlockRange, data: &[u8], fua: bool) -> Res
     if data.is_empty() {
         return Ok(());
     }
-    let _shared = lu.atomic.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = lu.medium_shared()?;
     lu.device
         .write_at(r.offset(lu.block_size()), data, fua)
         .map_err(write_error)
@@ -428,6 +436,11 @@ pub(crate) fn compare_and_write(ctx: &Ctx<'_>) -> CmdResult {
     if f.count.0 > u64::from(limits::MAX_COMPARE_AND_WRITE_BLOCKS) {
         return Err(Sense::invalid_field_in_cdb(13).into());
     }
+    // Zero blocks is a no-op (SBC-3 §5.2), but data sent with it means the initiator
+    // asked for 256 blocks, which the one-byte field cannot say (see `data_out_len`).
+    if f.count.0 == 0 && !ctx.req.data_out.is_empty() {
+        return Err(Sense::invalid_field_in_cdb(13).into());
+    }
     let r = range(ctx.lu, &f)?;
     let bs = ctx.lu.block_size();
     let half = usize_of(r.bytes(bs))?;
@@ -442,7 +455,7 @@ pub(crate) fn compare_and_write(ctx: &Ctx<'_>) -> CmdResult {
     }
     let (verify_data, write_data) = ctx.req.data_out.split_at(half);
     let fua = effective_fua(ctx.lu, f.flags & 0x08 != 0);
-    let _exclusive = ctx.lu.atomic.write().unwrap_or_else(|e| e.into_inner());
+    let _exclusive = ctx.lu.medium_exclusive()?;
     let medium = read_range(ctx.lu, &r)?;
     if let Some(off) = first_difference(&medium, verify_data) {
         return Err(Sense::MISCOMPARE_DURING_VERIFY_OPERATION
@@ -475,7 +488,7 @@ pub(crate) fn orwrite(ctx: &Ctx<'_>) -> CmdResult {
     }
     let fua = effective_fua(ctx.lu, f.flags & 0x08 != 0);
     let bs = ctx.lu.block_size();
-    let _exclusive = ctx.lu.atomic.write().unwrap_or_else(|e| e.into_inner());
+    let _exclusive = ctx.lu.medium_exclusive()?;
     let medium = read_range(ctx.lu, &r)?;
     let mut merged = BytesMut::from(&medium[..]);
     for (m, d) in merged.iter_mut().zip(data) {
@@ -510,7 +523,7 @@ pub(crate) fn write_atomic(ctx: &Ctx<'_>) -> CmdResult {
         return good();
     }
     let fua = effective_fua(ctx.lu, f.flags & 0x08 != 0);
-    let _exclusive = ctx.lu.atomic.write().unwrap_or_else(|e| e.into_inner());
+    let _exclusive = ctx.lu.medium_exclusive()?;
     ctx.lu
         .device
         .write_at(r.offset(bs), data, fua)
@@ -531,7 +544,7 @@ fn fill(lu: &LogicalUnit, r: &BlockRange, pattern: &[u8], fua: bool) -> Result<(
     for _ in 0..chunk_blocks {
         chunk.extend_from_slice(pattern);
     }
-    let _shared = lu.atomic.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = lu.medium_shared()?;
     let mut lba = r.lba.0;
     let end = r.lba.0 + r.count.0;
     while lba < end {
@@ -550,8 +563,10 @@ fn fill(lu: &LogicalUnit, r: &BlockRange, pattern: &[u8], fua: bool) -> Result<(
 ///
 /// A NUMBER OF LOGICAL BLOCKS of zero means "to the end of the medium" (WSNZ = 0); the
 /// range must then still fit the MAXIMUM WRITE SAME LENGTH. UNMAP deallocates when the
-/// device can (the data must then be zeroes, which is what deallocated blocks read as:
-/// LBPRZ); ANCHOR is not supported; NDOB (WRITE SAME(16)) writes zeroes.
+/// device can, whatever the Data-Out buffer holds: SBC-3 §5.? lets the device server
+/// unmap instead of writing, and deallocated blocks read as zeroes (LBPRZ = 1), which is
+/// what initiators then expect to read (LIO does the same). ANCHOR is not supported;
+/// NDOB (WRITE SAME(16)) writes zeroes.
 pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
     let cdb = ctx.cdb;
     let f = rw_fields(cdb);
@@ -602,8 +617,8 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
     }
     let fua = effective_fua(ctx.lu, false);
     let device = &ctx.lu.device;
-    if unmap && device.supports_discard() && pattern.iter().all(|&b| b == 0) {
-        let _shared = ctx.lu.atomic.read().unwrap_or_else(|e| e.into_inner());
+    if unmap && device.supports_discard() {
+        let _shared = ctx.lu.medium_shared()?;
         device
             .discard(r.offset(bs), r.bytes(bs))
             .map_err(write_error)?;
@@ -664,7 +679,7 @@ pub(crate) fn unmap(ctx: &Ctx<'_>) -> CmdResult {
     if !device.supports_discard() {
         return good();
     }
-    let _shared = ctx.lu.atomic.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = ctx.lu.medium_shared()?;
     for r in ranges {
         device
             .discard(r.offset(bs), r.bytes(bs))
@@ -684,103 +699,6 @@ pub(crate) fn read_defect_data(ctx: &Ctx<'_>) -> CmdResult {
         let flags = cdb.u8(1) & 0x1F;
         let alloc = usize::try_from(cdb.be32(6)).unwrap_or(usize::MAX);
         data_in(vec![0, flags, 0, 0, 0, 0, 0, 0], alloc)
-    }
-}
-
-/// SANITIZE (SBC-3 §5.?): OVERWRITE with a pattern, BLOCK ERASE (deallocate or zero) and
-/// EXIT FAILURE MODE. CRYPTOGRAPHIC ERASE is not supported (the table has no row for
-/// it, which yields INVALID FIELD IN CDB). While it runs, other commands get NOT READY,
-/// SANITIZE IN PROGRESS.
-pub(crate) fn sanitize(ctx: &Ctx<'_>) -> CmdResult {
-    let cdb = ctx.cdb;
-    let sa = cdb.service_action();
-    let param_len = usize::from(cdb.be16(7));
-    let bs = ctx.lu.block_size();
-    let bsz = usize_of(u64::from(bs))?;
-    match sa {
-        0x01 => {
-            // Parameter list: OWCOUNT, pattern length, pattern (at most one block).
-            if param_len < 5 || param_len > bsz + 4 {
-                return Err(Sense::invalid_field_in_cdb(7).into());
-            }
-            let data = ctx
-                .req
-                .data_out
-                .get(..param_len)
-                .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
-            let owcount = get_u8(data, 0) & 0x1F;
-            let test = (get_u8(data, 0) >> 5) & 0x03;
-            let pattern_len = usize::from(get_be16(data, 2));
-            if owcount == 0 || test != 0 {
-                return Err(Sense::invalid_field_in_parameter_list(0).into());
-            }
-            if pattern_len == 0 || pattern_len + 4 != param_len {
-                return Err(Sense::invalid_field_in_parameter_list(2).into());
-            }
-            if let Some(s) = ctx.lu.write_protect() {
-                return Err(s.into());
-            }
-            let invert = get_u8(data, 0) & 0x80 != 0;
-            let pattern = data.get(4..).unwrap_or(&[]);
-            let mut block: Vec<u8> = pattern.iter().copied().cycle().take(bsz).collect();
-            let _sanitizing = SanitizeGuard::start(ctx.lu);
-            let all = BlockRange {
-                lba: Lba(0),
-                count: BlockCount(ctx.lu.num_blocks()),
-            };
-            for pass in 0..owcount {
-                if invert && pass % 2 == 1 {
-                    let inverted: Vec<u8> = block.iter().map(|b| !b).collect();
-                    fill(ctx.lu, &all, &inverted, false)?;
-                } else {
-                    fill(ctx.lu, &all, &block, false)?;
-                }
-            }
-            // SBC-3: with INVERT, the last pass leaves the pattern itself on the medium.
-            if invert && owcount % 2 == 0 {
-                fill(ctx.lu, &all, &block, false)?;
-            }
-            block.clear();
-            ctx.lu.device.flush().map_err(write_error)?;
-            good()
-        }
-        0x02 => {
-            if param_len != 0 {
-                return Err(Sense::invalid_field_in_cdb(7).into());
-            }
-            if let Some(s) = ctx.lu.write_protect() {
-                return Err(s.into());
-            }
-            let _sanitizing = SanitizeGuard::start(ctx.lu);
-            let size = ctx.lu.num_blocks() * u64::from(bs);
-            ctx.lu.device.discard(0, size).map_err(write_error)?;
-            ctx.lu.device.flush().map_err(write_error)?;
-            good()
-        }
-        _ => {
-            // EXIT FAILURE MODE: no parameter list. Sanitize never ends in failure mode
-            // here, so there is nothing to leave.
-            if param_len != 0 {
-                return Err(Sense::invalid_field_in_cdb(7).into());
-            }
-            good()
-        }
-    }
-}
-
-/// Marks a sanitize operation in progress for as long as it lives.
-struct SanitizeGuard<'a>(&'a LogicalUnit);
-
-impl<'a> SanitizeGuard<'a> {
-    fn start(lu: &'a LogicalUnit) -> SanitizeGuard<'a> {
-        lu.lock().sanitizing = true;
-        SanitizeGuard(lu)
-    }
-}
-
-impl Drop for SanitizeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.lock().sanitizing = false;
     }
 }
 

@@ -66,6 +66,9 @@ pub struct Sense {
     pub information: Option<u64>,
     /// Sense-key-specific field pointer (ILLEGAL REQUEST).
     pub field: Option<FieldPointer>,
+    /// Sense-key-specific progress indication (NOT READY, and NO SENSE from REQUEST
+    /// SENSE): the fraction of an operation done, in 65536ths (SPC-4 §4.5.2.4.4).
+    pub progress: Option<u16>,
 }
 
 macro_rules! senses {
@@ -91,6 +94,8 @@ senses! {
     MEDIUM_ERROR_UNRECOVERED_READ_ERROR = MediumError, 0x11, 0x00;
     /// MEDIUM ERROR, MEDIUM FORMAT CORRUPTED (a failed sanitize, SBC-3 §4.11).
     MEDIUM_ERROR_MEDIUM_FORMAT_CORRUPTED = MediumError, 0x31, 0x00;
+    /// MEDIUM ERROR, SANITIZE COMMAND FAILED: the sanitize failed state (SBC-3 §4.11).
+    MEDIUM_ERROR_SANITIZE_COMMAND_FAILED = MediumError, 0x31, 0x03;
     /// HARDWARE ERROR, INTERNAL TARGET FAILURE.
     HARDWARE_ERROR_INTERNAL_TARGET_FAILURE = HardwareError, 0x44, 0x00;
     /// ILLEGAL REQUEST, PARAMETER LIST LENGTH ERROR.
@@ -170,6 +175,7 @@ impl Sense {
             ascq,
             information: None,
             field: None,
+            progress: None,
         }
     }
 
@@ -199,6 +205,12 @@ impl Sense {
         self
     }
 
+    /// The same condition with a progress indication (in 65536ths of the operation).
+    pub const fn with_progress(mut self, progress: u16) -> Sense {
+        self.progress = Some(progress);
+        self
+    }
+
     /// The same condition with an INFORMATION field.
     pub const fn with_information(mut self, information: u64) -> Sense {
         self.information = Some(information);
@@ -211,7 +223,12 @@ impl Sense {
     }
 
     fn sense_key_specific(&self) -> Option<[u8; 3]> {
-        let (cd, byte, bit) = match self.field? {
+        let Some(field) = self.field else {
+            // SKSV, then the PROGRESS INDICATION (SPC-4 §4.5.2.4.4).
+            let [hi, lo] = self.progress?.to_be_bytes();
+            return Some([0x80, hi, lo]);
+        };
+        let (cd, byte, bit) = match field {
             FieldPointer::Cdb { byte, bit } => (0x40u8, byte, bit),
             FieldPointer::Parameter { byte, bit } => (0x00u8, byte, bit),
         };
@@ -331,5 +348,17 @@ mod tests {
         assert_eq!(&b[12..20], &7u64.to_be_bytes());
         assert_eq!(&b[20..24], &[0x02, 0x06, 0, 0]);
         assert_eq!(&b[24..27], &[0xC0, 0, 2]);
+    }
+
+    #[test]
+    fn progress_indication_in_both_formats() {
+        let s = Sense::NOT_READY_SANITIZE_IN_PROGRESS.with_progress(0x8000);
+        let f = s.to_fixed();
+        assert_eq!((f[2], f[12], f[13]), (0x02, 0x04, 0x1B));
+        assert_eq!(&f[15..18], &[0x80, 0x80, 0x00]);
+        let d = s.to_descriptor();
+        assert_eq!(&d[8..12], &[0x02, 0x06, 0, 0]);
+        assert_eq!(&d[12..15], &[0x80, 0x80, 0x00]);
+        assert_eq!(d[7] as usize, d.len() - 8);
     }
 }

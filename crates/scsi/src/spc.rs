@@ -108,13 +108,17 @@ pub(crate) fn test_unit_ready(_ctx: &Ctx<'_>) -> CmdResult {
 }
 
 /// REQUEST SENSE (SPC-4 §6.39). A pending unit attention is returned as the parameter
-/// data and cleared (SAM-5 §5.14); otherwise NO SENSE.
+/// data and cleared (SAM-5 §5.14); otherwise the sanitize state when there is one
+/// (SANITIZE IN PROGRESS with its progress indication, or SANITIZE COMMAND FAILED; SBC-3
+/// §4.11); otherwise NO SENSE.
 pub(crate) fn request_sense(ctx: &Ctx<'_>) -> CmdResult {
     let sense = {
         let mut st = ctx.lu.lock();
-        st.nexuses
+        let ua = st
+            .nexuses
             .get_mut(ctx.nexus())
-            .and_then(|n| n.ua.pop_front())
+            .and_then(|n| n.ua.pop_front());
+        ua.or_else(|| st.sanitize.state.request_sense())
     };
     let data = request_sense_data(ctx.cdb, sense.unwrap_or(Sense::NO_SENSE))?;
     Ok(crate::lu::Done::Good(data))

@@ -890,6 +890,387 @@ fn extended_copy_and_copy_results() {
     assert_eq!(&r.data_in[8..10], &8u16.to_be_bytes());
 }
 
+#[test]
+fn compare_and_write_of_zero_blocks_refuses_data() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    // An initiator asking for 256 blocks puts 0 in the one-byte field and sends 256
+    // blocks twice: all of it must reach the command, which refuses it.
+    let mut caw = vec![0x89, 0];
+    caw.extend_from_slice(&0u64.to_be_bytes());
+    caw.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    assert_eq!(k.target.data_out_len(0, &caw), None);
+    let r = k.exec(&n, &caw, &vec![b'A'; 2 * 256 * 512]);
+    assert_eq!(sense_of(&r), (ILLEGAL, 0x24, 0));
+    assert_eq!(&r.sense.as_ref().unwrap()[15..18], &[0xC0, 0, 13]);
+    // Zero blocks without data is a no-op (SBC-3 §5.2).
+    assert_good(&k.exec(&n, &caw, &[]));
+    // The largest length the field can say is what VPD B0 reports.
+    let b0 = k.exec(&n, &[0x12, 1, 0xB0, 0, 64, 0], &[]);
+    assert_eq!(b0.data_in[5], 255);
+    caw[13] = 255;
+    assert_eq!(k.target.data_out_len(0, &caw), Some(2 * 255 * 512));
+}
+
+#[test]
+fn write_same_unmap_deallocates_whatever_the_data() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(BLOCKS as u32 - 3, 3), &[0xFF; 3 * 512]));
+    // WRITE SAME(10) with UNMAP, zero blocks (to the end) and a 0xFF block.
+    let mut ws = [0x41, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    ws[2..6].copy_from_slice(&(BLOCKS as u32 - 3).to_be_bytes());
+    assert_good(&k.exec(&n, &ws, &[0xFF; 512]));
+    let r = k.exec(&n, &read10(BLOCKS as u32 - 3, 3), &[]);
+    assert_eq!(&r.data_in[..], &[0u8; 3 * 512][..]);
+    let mut gls = vec![0x9E, 0x12];
+    gls.extend_from_slice(&(BLOCKS - 3).to_be_bytes());
+    gls.extend_from_slice(&[0, 0, 0, 24, 0, 0]);
+    assert_eq!(k.exec(&n, &gls, &[]).data_in[20], 0x01, "deallocated");
+    // A thick device cannot deallocate: it writes the data.
+    let k = Kit::with(LuConfig::default(), MemDevice::thick(BLOCKS * 512));
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &[0x41, 0x08, 0, 0, 0, 5, 0, 0, 2, 0], &[0xFF; 512]));
+    assert_eq!(k.dev.snapshot(5 * 512, 1024), vec![0xFF; 1024]);
+}
+
+#[test]
+fn write_same_limit_is_reported_and_enforced() {
+    for (bs, max) in [(512u32, 0xFFFFu64), (4096, 16384)] {
+        let blocks = 1u64 << 17;
+        let k = Kit::with(
+            LuConfig {
+                block_size: bs,
+                ..LuConfig::default()
+            },
+            MemDevice::new(blocks * u64::from(bs)),
+        );
+        let n = k.ready("i1");
+        let b0 = k.exec(&n, &[0x12, 1, 0xB0, 0, 64, 0], &[]);
+        assert_eq!(
+            u64::from_be_bytes(b0.data_in[36..44].try_into().unwrap()),
+            max
+        );
+        // The largest transfer stays within MAXIMUM TRANSFER LENGTH.
+        let max_transfer = u32::from_be_bytes(b0.data_in[8..12].try_into().unwrap());
+        assert!(u64::from(max_transfer) * u64::from(bs) <= 8 << 20);
+        let ws16 = |count: u32| {
+            let mut c = vec![0x93, 0x08];
+            c.extend_from_slice(&0u64.to_be_bytes());
+            c.extend_from_slice(&count.to_be_bytes());
+            c.extend_from_slice(&[0, 0]);
+            c
+        };
+        let zero = vec![0u8; bs as usize];
+        assert_good(&k.exec(&n, &ws16(max as u32), &zero));
+        assert_eq!(
+            sense_of(&k.exec(&n, &ws16(max as u32 + 1), &zero)),
+            (ILLEGAL, 0x24, 0)
+        );
+    }
+}
+
+#[test]
+fn block_device_characteristics_report_wabereq() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    let b1 = k.exec(&n, &[0x12, 1, 0xB1, 0, 64, 0], &[]);
+    assert_good(&b1);
+    // WABEREQ 01b: reads after a block erase complete with GOOD (and zeroes).
+    assert_eq!(b1.data_in[7] >> 6, 0x01);
+    assert_eq!((b1.data_in[7] >> 4) & 0x03, 0x00, "WACEREQ");
+}
+
+fn sanitize_overwrite_cdb(immed: bool, ause: bool) -> [u8; 10] {
+    let b1 = 0x01 | if immed { 0x80 } else { 0 } | if ause { 0x20 } else { 0 };
+    [0x48, b1, 0, 0, 0, 0, 0, 0, 8, 0]
+}
+
+/// OVERWRITE parameter list: one pass of a 4-byte pattern.
+const OVERWRITE_AA: [u8; 8] = [0x01, 0, 0, 4, 0xAA, 0xAA, 0xAA, 0xAA];
+
+/// A unit whose sanitize writes `bytes_per_s`.
+fn sanitize_kit(bytes_per_s: u64) -> Kit {
+    Kit::with(
+        LuConfig {
+            sanitize_bytes_per_s: bytes_per_s,
+            ..LuConfig::default()
+        },
+        MemDevice::new(BLOCKS * 512),
+    )
+}
+
+/// Polls TEST UNIT READY until the sanitize operation is over (bounded).
+fn wait_sanitized(k: &Kit, n: &ItNexus) -> ScsiResponse {
+    for _ in 0..1000 {
+        let r = k.exec(n, &[0x00; 6], &[]);
+        if !(r.status == ScsiStatus::CheckCondition && sense_of(&r) == (0x02, 0x04, 0x1B)) {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("sanitize did not finish");
+}
+
+#[test]
+fn sanitize_refuses_reserved_cdb_fields() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    let mut erase = [0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0];
+    erase[1] |= 0x40;
+    let r = k.exec(&n, &erase, &[]);
+    assert_eq!(sense_of(&r), (ILLEGAL, 0x24, 0));
+    assert_eq!(&r.sense.as_ref().unwrap()[15..18], &[0xC0 | 0x08 | 6, 0, 1]);
+    for byte in 2..=6 {
+        let mut c = [0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0];
+        c[byte] = byte as u8;
+        let r = k.exec(&n, &c, &[]);
+        assert_eq!(sense_of(&r), (ILLEGAL, 0x24, 0), "byte {byte}");
+        assert_eq!(r.sense.as_ref().unwrap()[17], byte as u8);
+        let mut c = sanitize_overwrite_cdb(false, false);
+        c[byte] = byte as u8;
+        assert_eq!(
+            sense_of(&k.exec(&n, &c, &OVERWRITE_AA)),
+            (ILLEGAL, 0x24, 0),
+            "byte {byte}"
+        );
+    }
+    // Nothing was started.
+    assert_good(&k.exec(&n, &[0x00; 6], &[]));
+}
+
+#[test]
+fn sanitize_runs_in_the_background_and_survives_resets() {
+    // 1 MiB at 4 MiB/s: about 250 ms.
+    let k = sanitize_kit(4 << 20);
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(0, 1), &[1; 512]));
+    let started = std::time::Instant::now();
+    assert_good(&k.exec(&n, &sanitize_overwrite_cdb(true, false), &OVERWRITE_AA));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(200),
+        "IMMED=1 returns at once"
+    );
+    // Medium access and TEST UNIT READY: NOT READY, SANITIZE IN PROGRESS, with progress.
+    let r = k.exec(&n, &[0x00; 6], &[]);
+    assert_eq!(sense_of(&r), (0x02, 0x04, 0x1B));
+    assert_eq!(r.sense.as_ref().unwrap()[15] & 0x80, 0x80, "SKSV");
+    assert_eq!(
+        sense_of(&k.exec(&n, &read16(0, 1), &[])),
+        (0x02, 0x04, 0x1B)
+    );
+    assert_eq!(
+        sense_of(&k.exec(&n, &write10(0, 1), &[2; 512])),
+        (0x02, 0x04, 0x1B)
+    );
+    assert_eq!(
+        sense_of(&k.exec(&n, &[0x1B, 1, 0, 0, 1, 0], &[])),
+        (0x02, 0x04, 0x1B)
+    );
+    // A second SANITIZE is refused too.
+    assert_eq!(
+        sense_of(&k.exec(&n, &sanitize_overwrite_cdb(true, false), &OVERWRITE_AA)),
+        (0x02, 0x04, 0x1B)
+    );
+    // INQUIRY, REPORT LUNS and REQUEST SENSE still work; REQUEST SENSE reports progress.
+    assert_good(&k.exec(&n, &[0x12, 0, 0, 0, 96, 0], &[]));
+    assert_good(&k.exec(&n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], &[]));
+    let rs = k.exec(&n, &[0x03, 0, 0, 0, 18, 0], &[]);
+    assert_good(&rs);
+    assert_eq!(
+        (rs.data_in[2], rs.data_in[12], rs.data_in[13]),
+        (0x02, 0x04, 0x1B)
+    );
+    assert_eq!(rs.data_in[15], 0x80);
+    // Task management and resets do not stop it; a new nexus sees it too.
+    k.target.abort_tasks(0, None);
+    k.target.reset(ResetKind::LogicalUnit, Some(0), &n);
+    k.target.reset(ResetKind::TargetCold, None, &n);
+    k.target.nexus_loss(&n);
+    let m = nexus("i2");
+    assert_eq!(sense_of(&k.exec(&m, &[0x00; 6], &[])), (0x06, 0x29, 0x00));
+    assert_eq!(sense_of(&k.exec(&m, &[0x00; 6], &[])), (0x02, 0x04, 0x1B));
+    // It ends by itself, having overwritten everything.
+    assert_good(&wait_sanitized(&k, &m));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(200),
+        "throttled"
+    );
+    assert_eq!(k.dev.snapshot(0, 512), vec![0xAA; 512]);
+    assert_eq!(k.dev.snapshot((BLOCKS - 1) * 512, 512), vec![0xAA; 512]);
+    let rs = k.exec(&m, &[0x03, 0, 0, 0, 18, 0], &[]);
+    assert_eq!((rs.data_in[2], rs.data_in[12]), (0x00, 0x00), "NO SENSE");
+}
+
+#[test]
+fn sanitize_without_immed_returns_when_done() {
+    let k = Arc::new(sanitize_kit(8 << 20));
+    let n = k.ready("i1");
+    let k2 = k.clone();
+    let n2 = n.clone();
+    let waiter = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let r = k2.exec(&n2, &sanitize_overwrite_cdb(false, false), &OVERWRITE_AA);
+        (r, started.elapsed())
+    });
+    let (r, took) = waiter.join().unwrap();
+    assert_good(&r);
+    assert!(took >= std::time::Duration::from_millis(100), "{took:?}");
+    // Status came after the operation: the unit is ready and overwritten.
+    assert_good(&k.exec(&n, &[0x00; 6], &[]));
+    assert_eq!(k.dev.snapshot((BLOCKS - 1) * 512, 512), vec![0xAA; 512]);
+}
+
+#[test]
+fn aborting_a_waiting_sanitize_leaves_the_operation_running() {
+    // 1 MiB at 1 MiB/s: about a second.
+    let k = Arc::new(sanitize_kit(1 << 20));
+    let n = k.ready("i1");
+    let k2 = k.clone();
+    let n2 = n.clone();
+    let waiter = std::thread::spawn(move || {
+        k2.exec(&n2, &sanitize_overwrite_cdb(false, false), &OVERWRITE_AA)
+    });
+    let other = k.ready("other");
+    for _ in 0..100 {
+        if k.exec(&other, &[0x00; 6], &[]).status != ScsiStatus::Good {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Another nexus's abort does not end the wait; this nexus's does.
+    k.target.abort_tasks(0, Some(&other));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(!waiter.is_finished());
+    k.target.abort_tasks(0, Some(&n));
+    let r = waiter.join().unwrap();
+    assert_eq!(r.status, ScsiStatus::TaskAborted);
+    assert_eq!(
+        sense_of(&k.exec(&other, &[0x00; 6], &[])),
+        (0x02, 0x04, 0x1B)
+    );
+    assert_good(&wait_sanitized(&k, &other));
+}
+
+#[test]
+fn in_flight_writes_are_refused_once_sanitize_began() {
+    let k = sanitize_kit(1 << 20);
+    let n = k.ready("i1");
+    let lu = k.target.lu(0).unwrap();
+    assert!(lu.medium_shared().is_ok());
+    assert_good(&k.exec(&n, &sanitize_overwrite_cdb(true, false), &OVERWRITE_AA));
+    let e = lu.medium_shared().map(drop).unwrap_err();
+    assert_eq!((e.asc, e.ascq), (0x04, 0x1B));
+    assert!(lu.medium_exclusive().is_err());
+    assert_good(&wait_sanitized(&k, &n));
+    assert!(lu.medium_exclusive().is_ok());
+}
+
+#[test]
+fn failed_sanitize_holds_until_exit_failure_mode() {
+    let k = sanitize_kit(0);
+    let n = k.ready("i1");
+    let exit = [0x48, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0];
+    // Restricted completion mode (AUSE=0): only a successful sanitize leaves it.
+    k.dev.fail_writes.store(true, Ordering::Relaxed);
+    let r = k.exec(&n, &sanitize_overwrite_cdb(false, false), &OVERWRITE_AA);
+    assert_eq!(sense_of(&r), (0x03, 0x31, 0x03));
+    assert_eq!(sense_of(&k.exec(&n, &[0x00; 6], &[])), (0x03, 0x31, 0x03));
+    assert_eq!(
+        sense_of(&k.exec(&n, &read10(0, 1), &[])),
+        (0x03, 0x31, 0x03)
+    );
+    assert_good(&k.exec(&n, &[0x12, 0, 0, 0, 96, 0], &[]));
+    let rs = k.exec(&n, &[0x03, 0, 0, 0, 18, 0], &[]);
+    assert_eq!(
+        (rs.data_in[2], rs.data_in[12], rs.data_in[13]),
+        (0x03, 0x31, 0x03)
+    );
+    assert_eq!(sense_of(&k.exec(&n, &exit, &[])), (ILLEGAL, 0x24, 0));
+    assert_eq!(
+        sense_of(&k.exec(&n, &sanitize_overwrite_cdb(false, true), &OVERWRITE_AA)),
+        (ILLEGAL, 0x24, 0)
+    );
+    k.dev.fail_writes.store(false, Ordering::Relaxed);
+    assert_good(&k.exec(&n, &sanitize_overwrite_cdb(false, false), &OVERWRITE_AA));
+    assert_good(&k.exec(&n, &[0x00; 6], &[]));
+    // Unrestricted completion mode (AUSE=1): EXIT FAILURE MODE leaves it.
+    k.dev.fail_writes.store(true, Ordering::Relaxed);
+    let r = k.exec(&n, &sanitize_overwrite_cdb(false, true), &OVERWRITE_AA);
+    assert_eq!(sense_of(&r), (0x03, 0x31, 0x03));
+    assert_eq!(sense_of(&k.exec(&n, &[0x00; 6], &[])), (0x03, 0x31, 0x03));
+    k.dev.fail_writes.store(false, Ordering::Relaxed);
+    assert_good(&k.exec(&n, &exit, &[]));
+    assert_good(&k.exec(&n, &[0x00; 6], &[]));
+    // Outside the failed state EXIT FAILURE MODE has nothing to do.
+    assert_good(&k.exec(&n, &exit, &[]));
+}
+
+#[test]
+fn sanitize_block_erase_deallocates_everything() {
+    let k = sanitize_kit(0);
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write10(0, 4), &[b'a'; 4 * 512]));
+    assert_good(&k.exec(&n, &[0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    assert_eq!(k.dev.snapshot(0, 4 * 512), vec![0; 4 * 512]);
+    let mut gls = vec![0x9E, 0x12];
+    gls.extend_from_slice(&0u64.to_be_bytes());
+    gls.extend_from_slice(&[0, 0, 0, 24, 0, 0]);
+    let r = k.exec(&n, &gls, &[]);
+    assert_eq!(&r.data_in[16..20], &(BLOCKS as u32).to_be_bytes());
+    assert_eq!(r.data_in[20], 0x01, "deallocated");
+    // A read after block erase completes with GOOD (WABEREQ 01b).
+    assert_good(&k.exec(&n, &read10(0, 1), &[]));
+}
+
+#[test]
+fn sanitize_overwrite_with_invert_ends_with_the_pattern() {
+    let k = sanitize_kit(0);
+    let n = k.ready("i1");
+    // INVERT, two passes: inverted first, then the pattern.
+    let p = [0x80 | 0x02, 0, 0, 4, 0x0F, 0x0F, 0x0F, 0x0F];
+    assert_good(&k.exec(&n, &sanitize_overwrite_cdb(false, false), &p));
+    assert_eq!(k.dev.snapshot(0, 512), vec![0x0F; 512]);
+}
+
+#[test]
+fn flush_all_flushes_every_unit() {
+    let k = Kit::new();
+    let other = Arc::new(MemDevice::new(64 * 512));
+    k.target
+        .add_lun(1, LuConfig::default(), other.clone())
+        .unwrap();
+    let before = k.dev.flushes.load(Ordering::Relaxed);
+    k.target.flush_all();
+    assert_eq!(k.dev.flushes.load(Ordering::Relaxed), before + 1);
+    assert_eq!(other.flushes.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn preempt_and_abort_names_the_preempted_nexuses() {
+    let k = Kit::new();
+    let a = k.ready("a");
+    let b = k.ready("b");
+    let c = k.ready("c");
+    assert_good(&pr(&k, &a, 0x06, 0, 0, 0xA));
+    assert_good(&pr(&k, &b, 0x06, 0, 0, 0xB));
+    assert_good(&pr(&k, &c, 0x06, 0, 0, 0xC));
+    assert_good(&pr(&k, &a, 0x01, 1, 0xA, 0));
+    // PREEMPT (without abort) names nobody.
+    assert_good(&pr(&k, &b, 0x04, 1, 0xB, 0xC));
+    assert!(k.target.take_preempted_nexuses().is_empty());
+    // PREEMPT AND ABORT of the holder names it, once.
+    assert_good(&pr(&k, &b, 0x05, 1, 0xB, 0xA));
+    assert_eq!(
+        k.target.take_preempted_nexuses(),
+        vec![Preempted {
+            lun: 0,
+            nexus: a.clone()
+        }]
+    );
+    assert!(k.target.take_preempted_nexuses().is_empty());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 

@@ -179,6 +179,10 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
 fn block_device_characteristics() -> Vec<u8> {
     let mut b = vec![0u8; 0x3C];
     put(&mut b, 0, &1u16.to_be_bytes()); // MEDIUM ROTATION RATE 0001h: non-rotating
+                                         // Byte 7 of the page: WABEREQ 01b. After a SANITIZE BLOCK ERASE a read completes
+                                         // with GOOD status: the blocks are deallocated and read as zeroes. WACEREQ stays 00b:
+                                         // CRYPTOGRAPHIC ERASE is not supported.
+    put(&mut b, 3, &[0x40]);
     b
 }
 

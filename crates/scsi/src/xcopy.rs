@@ -236,7 +236,7 @@ fn run_segments(
             src.device
                 .read_at(seg.src_lba * bs + done, chunk)
                 .map_err(|_| Sense::MEDIUM_ERROR_UNRECOVERED_READ_ERROR)?;
-            let _shared = dst.atomic.read().unwrap_or_else(|e| e.into_inner());
+            let _shared = dst.medium_shared()?;
             dst.device
                 .write_at(seg.dst_lba * bs + done, chunk, fua)
                 .map_err(|_| Sense::MEDIUM_ERROR_WRITE_ERROR)?;
