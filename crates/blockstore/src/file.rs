@@ -24,7 +24,12 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { create_size_bytes: None, block_size: 512, direct: false, read_only: false }
+        OpenOptions {
+            create_size_bytes: None,
+            block_size: 512,
+            direct: false,
+            read_only: false,
+        }
     }
 }
 
@@ -42,8 +47,14 @@ pub struct FileStore {
 impl FileStore {
     /// Opens (or creates, sparse) the store at `path`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<FileStore, StoreError> {
-        let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
-        let io_err = |source| StoreError::Io { path: path.to_path_buf(), source };
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let io_err = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let exists = path.exists();
         if !exists {
             if let Some(parent) = path.parent() {
@@ -70,16 +81,28 @@ impl FileStore {
         };
         let bs = u64::from(opts.block_size);
         if size_bytes == 0 || size_bytes % bs != 0 {
-            return Err(StoreError::BadSize { path: path.to_path_buf(), size: size_bytes, block_size: opts.block_size });
+            return Err(StoreError::BadSize {
+                path: path.to_path_buf(),
+                size: size_bytes,
+                block_size: opts.block_size,
+            });
         }
         let (file, buffered) = if opts.direct {
             let mut d = std::fs::OpenOptions::new();
-            d.read(true).write(!opts.read_only).custom_flags(libc::O_DIRECT);
+            d.read(true)
+                .write(!opts.read_only)
+                .custom_flags(libc::O_DIRECT);
             (d.open(path).map_err(open_err)?, Some(plain))
         } else {
             (plain, None)
         };
-        Ok(FileStore { path: path.to_path_buf(), file, buffered, size_bytes, is_block_device })
+        Ok(FileStore {
+            path: path.to_path_buf(),
+            file,
+            buffered,
+            size_bytes,
+            is_block_device,
+        })
     }
 
     /// The path the store was opened from.
@@ -90,7 +113,13 @@ impl FileStore {
     fn file_for(&self, ptr: *const u8, len: usize, offset: u64) -> &File {
         const ALIGN: usize = 4096;
         match &self.buffered {
-            Some(b) if (ptr as usize) % ALIGN != 0 || len % ALIGN != 0 || offset % ALIGN as u64 != 0 => b,
+            Some(b)
+                if !(ptr as usize).is_multiple_of(ALIGN)
+                    || !len.is_multiple_of(ALIGN)
+                    || !offset.is_multiple_of(ALIGN as u64) =>
+            {
+                b
+            }
             _ => &self.file,
         }
     }
@@ -145,7 +174,10 @@ impl BlockDevice for FileStore {
         while pos < end {
             let n = (end - pos).min(zeroes.len() as u64) as usize;
             let chunk = zeroes.get(..n).unwrap_or(&[]);
-            self.buffered.as_ref().unwrap_or(&self.file).write_all_at(chunk, pos)?;
+            self.buffered
+                .as_ref()
+                .unwrap_or(&self.file)
+                .write_all_at(chunk, pos)?;
             pos += n as u64;
         }
         Ok(())
@@ -158,7 +190,11 @@ impl BlockDevice for FileStore {
     fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
         let end = (offset + max_len).min(self.size_bytes);
         if self.is_block_device || offset >= end {
-            return Ok(Extent { offset, len: end.saturating_sub(offset), status: Provisioning::Mapped });
+            return Ok(Extent {
+                offset,
+                len: end.saturating_sub(offset),
+                status: Provisioning::Mapped,
+            });
         }
         // SEEK_DATA from offset: if data starts later, [offset, data) is a hole.
         let data = match rustix::fs::seek(&self.file, SeekFrom::Data(offset as i64)) {
@@ -167,23 +203,26 @@ impl BlockDevice for FileStore {
             Err(e) => return Err(e.into()),
         };
         if data > offset {
-            return Ok(Extent { offset, len: data.min(end) - offset, status: Provisioning::Deallocated });
+            return Ok(Extent {
+                offset,
+                len: data.min(end) - offset,
+                status: Provisioning::Deallocated,
+            });
         }
         let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(offset as i64)) {
             Ok(h) => h,
             Err(rustix::io::Errno::NXIO) => self.size_bytes,
             Err(e) => return Err(e.into()),
         };
-        Ok(Extent { offset, len: hole.min(end) - offset, status: Provisioning::Mapped })
+        Ok(Extent {
+            offset,
+            len: hole.min(end) - offset,
+            status: Provisioning::Mapped,
+        })
     }
 
     fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
-        let _ = rustix::fs::fadvise(
-            &self.file,
-            offset,
-            len,
-            rustix::fs::Advice::WillNeed,
-        );
+        let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::WillNeed);
         Ok(())
     }
 }
@@ -193,7 +232,8 @@ mod tests {
     use super::*;
 
     fn tmp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bulwark-blockstore-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("bulwark-blockstore-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir.join("lun.img")
     }
@@ -201,7 +241,14 @@ mod tests {
     #[test]
     fn write_read_discard_provisioning() {
         let p = tmp("basic");
-        let s = FileStore::open(&p, &OpenOptions { create_size_bytes: Some(4 << 20), ..Default::default() }).unwrap();
+        let s = FileStore::open(
+            &p,
+            &OpenOptions {
+                create_size_bytes: Some(4 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(s.size_bytes(), 4 << 20);
         let e = s.provisioning(0, 4 << 20).unwrap();
         assert_eq!(e.status, Provisioning::Deallocated);
@@ -216,7 +263,10 @@ mod tests {
         s.discard(1 << 20, 1 << 20).unwrap();
         s.read_at(1 << 20, &mut back).unwrap();
         assert!(back.iter().all(|b| *b == 0));
-        assert_eq!(s.provisioning(1 << 20, 4096).unwrap().status, Provisioning::Deallocated);
+        assert_eq!(
+            s.provisioning(1 << 20, 4096).unwrap().status,
+            Provisioning::Deallocated
+        );
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 
@@ -233,11 +283,17 @@ mod tests {
     #[test]
     fn direct_io_falls_back_for_unaligned_buffers() {
         let p = tmp("direct");
-        let opts = OpenOptions { create_size_bytes: Some(1 << 20), direct: true, ..Default::default() };
+        let opts = OpenOptions {
+            create_size_bytes: Some(1 << 20),
+            direct: true,
+            ..Default::default()
+        };
         let s = match FileStore::open(&p, &opts) {
             Ok(s) => s,
             // tmpfs has no O_DIRECT; the store refuses clearly rather than pretending.
-            Err(StoreError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => return,
+            Err(StoreError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                return
+            }
             Err(e) => panic!("{e}"),
         };
         let data = vec![7u8; 512];

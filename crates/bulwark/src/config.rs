@@ -142,7 +142,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| anyhow!("size {s:?} must start with a number, like \"1GiB\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow!("size {s:?} must start with a number, like \"1GiB\""))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -151,7 +153,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "t" | "tb" | "tib" => 1 << 40,
         other => bail!("size {s:?} has an unknown unit {other:?}; use KiB, MiB, GiB or TiB"),
     };
-    n.checked_mul(mult).ok_or_else(|| anyhow!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow!("size {s:?} is too large"))
 }
 
 /// Parses a portal address, IPv6 in brackets.
@@ -160,10 +163,14 @@ pub fn parse_portal(s: &str) -> Result<SocketAddr> {
         return Ok(a);
     }
     // Without a port: the iSCSI well-known port 3260.
-    let with_port = if s.starts_with('[') || !s.contains(':') { format!("{s}:3260") } else { s.to_string() };
-    with_port
-        .parse()
-        .map_err(|_| anyhow!("portal {s:?} is not an address like \"127.0.0.1:3260\" or \"[::1]:3260\""))
+    let with_port = if s.starts_with('[') || !s.contains(':') {
+        format!("{s}:3260")
+    } else {
+        s.to_string()
+    };
+    with_port.parse().map_err(|_| {
+        anyhow!("portal {s:?} is not an address like \"127.0.0.1:3260\" or \"[::1]:3260\"")
+    })
 }
 
 fn line_of(text: &str, needle: &str) -> Option<usize> {
@@ -178,13 +185,20 @@ impl Config {
         let cfg: Config = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text.get(..s.start).map(|t| t.matches('\n').count() + 1).unwrap_or(1))
+                .map(|s| {
+                    text.get(..s.start)
+                        .map(|t| t.matches('\n').count() + 1)
+                        .unwrap_or(1)
+                })
                 .map(|l| format!(", line {l}"))
                 .unwrap_or_default();
             anyhow!("{}{}: {}", path.display(), line, e.message())
         })?;
         cfg.check().map_err(|(needle, msg)| {
-            let line = needle.and_then(|n| line_of(&text, &n)).map(|l| format!(", line {l}")).unwrap_or_default();
+            let line = needle
+                .and_then(|n| line_of(&text, &n))
+                .map(|l| format!(", line {l}"))
+                .unwrap_or_default();
             anyhow!("{}{}: {}", path.display(), line, msg)
         })?;
         Ok(cfg)
@@ -192,11 +206,18 @@ impl Config {
 
     /// Cross-checks; on error returns a text to locate and the message.
     fn check(&self) -> std::result::Result<(), (Option<String>, String)> {
-        let accounts: HashMap<&str, &ChapSection> = self.chap.iter().map(|c| (c.name.as_str(), c)).collect();
+        let accounts: HashMap<&str, &ChapSection> =
+            self.chap.iter().map(|c| (c.name.as_str(), c)).collect();
         if accounts.len() != self.chap.len() {
-            let dup = self.chap.iter().find(|c| self.chap.iter().filter(|d| d.name == c.name).count() > 1);
+            let dup = self
+                .chap
+                .iter()
+                .find(|c| self.chap.iter().filter(|d| d.name == c.name).count() > 1);
             let name = dup.map(|c| c.name.clone()).unwrap_or_default();
-            return Err((Some(format!("\"{name}\"")), format!("two CHAP accounts are named {name:?}; rename one")));
+            return Err((
+                Some(format!("\"{name}\"")),
+                format!("two CHAP accounts are named {name:?}; rename one"),
+            ));
         }
         for c in &self.chap {
             if c.secret.len() < 12 || c.secret.len() > 16 {
@@ -206,42 +227,85 @@ impl Config {
             if c.target_user.is_some() != c.target_secret.is_some() {
                 return Err((
                     Some(c.name.clone()),
-                    format!("CHAP account {:?}: mutual CHAP needs both target_user and target_secret", c.name),
+                    format!(
+                        "CHAP account {:?}: mutual CHAP needs both target_user and target_secret",
+                        c.name
+                    ),
                 ));
             }
         }
         for n in &self.server.discovery_chap {
             if !accounts.contains_key(n.as_str()) {
-                return Err((Some(n.clone()), format!("discovery_chap names CHAP account {n:?}, which no [[chap]] defines")));
+                return Err((
+                    Some(n.clone()),
+                    format!("discovery_chap names CHAP account {n:?}, which no [[chap]] defines"),
+                ));
             }
         }
         if self.server.queue_depth == 0 || self.server.queue_depth > 4096 {
-            return Err((Some("queue_depth".into()), "queue_depth must be between 1 and 4096".into()));
+            return Err((
+                Some("queue_depth".into()),
+                "queue_depth must be between 1 and 4096".into(),
+            ));
         }
         if self.target.is_empty() {
-            return Err((None, "no [[target]] is defined; add one (see examples/bulwark.toml)".into()));
+            return Err((
+                None,
+                "no [[target]] is defined; add one (see examples/bulwark.toml)".into(),
+            ));
         }
         let mut iqns = BTreeSet::new();
         for t in &self.target {
             let located = Some(t.iqn.clone());
-            if !(t.iqn.starts_with("iqn.") || t.iqn.starts_with("eui.") || t.iqn.starts_with("naa.")) {
-                return Err((located, format!("target name {:?} must start with iqn., eui. or naa. (RFC 7143 §4.2.7)", t.iqn)));
+            if !(t.iqn.starts_with("iqn.")
+                || t.iqn.starts_with("eui.")
+                || t.iqn.starts_with("naa."))
+            {
+                return Err((
+                    located,
+                    format!(
+                        "target name {:?} must start with iqn., eui. or naa. (RFC 7143 §4.2.7)",
+                        t.iqn
+                    ),
+                ));
             }
-            if t.iqn.len() > 223 || t.iqn.chars().any(|c| c.is_whitespace() || c.is_ascii_uppercase()) {
-                return Err((located, format!("target name {:?} must be lower case, without spaces, at most 223 bytes", t.iqn)));
+            if t.iqn.len() > 223
+                || t.iqn
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_ascii_uppercase())
+            {
+                return Err((
+                    located,
+                    format!(
+                        "target name {:?} must be lower case, without spaces, at most 223 bytes",
+                        t.iqn
+                    ),
+                ));
             }
             if !iqns.insert(&t.iqn) {
                 return Err((located, format!("two targets are named {:?}", t.iqn)));
             }
             if t.portals.is_empty() {
-                return Err((located, format!("target {:?} has no portals; add portals = [\"127.0.0.1:3260\"]", t.iqn)));
+                return Err((
+                    located,
+                    format!(
+                        "target {:?} has no portals; add portals = [\"127.0.0.1:3260\"]",
+                        t.iqn
+                    ),
+                ));
             }
             for p in &t.portals {
                 parse_portal(p).map_err(|e| (Some(p.clone()), e.to_string()))?;
             }
             for c in &t.chap {
                 if !accounts.contains_key(c.as_str()) {
-                    return Err((Some(c.clone()), format!("target {:?} binds CHAP account {c:?}, which no [[chap]] defines", t.iqn)));
+                    return Err((
+                        Some(c.clone()),
+                        format!(
+                            "target {:?} binds CHAP account {c:?}, which no [[chap]] defines",
+                            t.iqn
+                        ),
+                    ));
                 }
             }
             let mut luns = BTreeSet::new();
@@ -254,15 +318,30 @@ impl Config {
                     return Err((where_, format!("LUN {} is out of range (0..=16383)", l.lun)));
                 }
                 if !luns.insert(l.lun) {
-                    return Err((where_, format!("target {:?} has two LUNs numbered {}", t.iqn, l.lun)));
+                    return Err((
+                        where_,
+                        format!("target {:?} has two LUNs numbered {}", t.iqn, l.lun),
+                    ));
                 }
                 if l.block_size != 512 && l.block_size != 4096 {
-                    return Err((Some("block_size".into()), format!("block_size {} is not supported; use 512 or 4096", l.block_size)));
+                    return Err((
+                        Some("block_size".into()),
+                        format!(
+                            "block_size {} is not supported; use 512 or 4096",
+                            l.block_size
+                        ),
+                    ));
                 }
                 if let Some(s) = &l.size {
                     let bytes = parse_size(s).map_err(|e| (Some(s.clone()), e.to_string()))?;
                     if bytes == 0 || bytes % u64::from(l.block_size) != 0 {
-                        return Err((Some(s.clone()), format!("size {s} is not a positive multiple of the {}-byte block", l.block_size)));
+                        return Err((
+                            Some(s.clone()),
+                            format!(
+                                "size {s} is not a positive multiple of the {}-byte block",
+                                l.block_size
+                            ),
+                        ));
                     }
                 }
             }
@@ -276,7 +355,8 @@ mod tests {
     use super::*;
 
     fn load_str(s: &str) -> Result<Config> {
-        let dir = std::env::temp_dir().join(format!("bulwark-config-{}-{}", std::process::id(), s.len()));
+        let dir =
+            std::env::temp_dir().join(format!("bulwark-config-{}-{}", std::process::id(), s.len()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("bulwark.toml");
         std::fs::write(&p, s).unwrap();
@@ -314,9 +394,13 @@ mod tests {
 
     #[test]
     fn errors_name_file_and_line() {
-        let e = load_str("[server]\nqueue_depth = \"deep\"\n").unwrap_err().to_string();
+        let e = load_str("[server]\nqueue_depth = \"deep\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2"), "{e}");
-        let e = load_str("[server]\nqueue_dept = 3\n").unwrap_err().to_string();
+        let e = load_str("[server]\nqueue_dept = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("queue_dept"), "{e}");
         let text = "[[target]]\niqn = \"iqn.2026-11.io.bulwark:a\"\nportals = [\"127.0.0.1:3260\"]\nchap = [\"ghost\"]\n[[target.lun]]\nlun = 0\npath = \"/tmp/x.img\"\n";
         let e = load_str(text).unwrap_err().to_string();

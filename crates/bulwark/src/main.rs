@@ -16,7 +16,11 @@ use config::{parse_portal, parse_size, Config, LunSection, TargetSection};
 const DEFAULT_IQN: &str = "iqn.2026-11.io.bulwark:default";
 
 #[derive(Parser)]
-#[command(name = "bulwark", version, about = "Highly available iSCSI block storage in one binary")]
+#[command(
+    name = "bulwark",
+    version,
+    about = "Highly available iSCSI block storage in one binary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,9 +57,16 @@ fn main() {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, data_dir, listen, log } => {
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            log,
+        } => {
             tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?,
+                )
                 .with_target(false)
                 .init();
             let cfg = match &config {
@@ -145,7 +156,11 @@ fn chap_account(c: &config::ChapSection) -> ChapAccount {
 
 async fn serve(cfg: Config) -> Result<()> {
     let accounts = |names: &[String]| -> Vec<ChapAccount> {
-        names.iter().filter_map(|n| cfg.chap.iter().find(|c| &c.name == n)).map(chap_account).collect()
+        names
+            .iter()
+            .filter_map(|n| cfg.chap.iter().find(|c| &c.name == n))
+            .map(chap_account)
+            .collect()
     };
     let settings = target::ServerSettings {
         queue_depth: cfg.server.queue_depth,
@@ -189,7 +204,12 @@ async fn serve(cfg: Config) -> Result<()> {
             .portals
             .iter()
             .enumerate()
-            .map(|(i, p)| Ok(target::Portal { addr: parse_portal(p)?, group_tag: (i + 1) as u16 }))
+            .map(|(i, p)| {
+                Ok(target::Portal {
+                    addr: parse_portal(p)?,
+                    group_tag: (i + 1) as u16,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         println!("Bulwark serving {}", t.iqn);
         for p in &portals {
@@ -203,7 +223,11 @@ async fn serve(cfg: Config) -> Result<()> {
                 std::net::SocketAddr::V4(a) => a.ip().to_string(),
                 std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
             };
-            println!("  try: iscsi-inq iscsi://{host}:{}/{}/0", p.addr.port(), t.iqn);
+            println!(
+                "  try: iscsi-inq iscsi://{host}:{}/{}/0",
+                p.addr.port(),
+                t.iqn
+            );
         }
         server.set_target(target::TargetConfig {
             name: t.iqn.clone(),
@@ -229,13 +253,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use iscsi_proto::chap;
 use iscsi_proto::pdu::{
-    decode_wire, DataOut, LogoutRequest, Login, Lun, Pdu, ScsiCommand, StatusSeq, Text, WireError, BHS_LEN,
-    RESERVED_TAG,
+    decode_wire, DataOut, Login, LogoutRequest, Lun, Pdu, ScsiCommand, StatusSeq, Text, WireError,
+    BHS_LEN, RESERVED_TAG,
 };
 use iscsi_proto::text::TextPairs;
 use thiserror::Error;
@@ -156,20 +156,31 @@ impl Session {
             isid: opts.isid,
             tsih: 0,
             itt: 0,
-            seq: StatusSeq { stat_sn: self.cmd_sn, exp_cmd_sn: self.exp_stat_sn, max_cmd_sn: 0 },
+            seq: StatusSeq {
+                stat_sn: self.cmd_sn,
+                exp_cmd_sn: self.exp_stat_sn,
+                max_cmd_sn: 0,
+            },
             ..Default::default()
         };
-        self.send(&Pdu::LoginRequest(req, Bytes::from(text.encode()))).await?;
+        self.send(&Pdu::LoginRequest(req, Bytes::from(text.encode())))
+            .await?;
         match self.recv().await? {
             Pdu::LoginResponse(h, data) => {
                 if h.status_class != 0 {
-                    return Err(InitiatorError::LoginRefused { class: h.status_class, detail: h.status_detail });
+                    return Err(InitiatorError::LoginRefused {
+                        class: h.status_class,
+                        detail: h.status_detail,
+                    });
                 }
                 self.exp_stat_sn = h.seq.stat_sn.wrapping_add(1);
-                let t = TextPairs::parse(&data).map_err(|e| InitiatorError::Protocol(e.to_string()))?;
+                let t =
+                    TextPairs::parse(&data).map_err(|e| InitiatorError::Protocol(e.to_string()))?;
                 Ok((h, t))
             }
-            other => Err(InitiatorError::Protocol(format!("expected a login response, got {other:?}"))),
+            other => Err(InitiatorError::Protocol(format!(
+                "expected a login response, got {other:?}"
+            ))),
         }
     }
 
@@ -183,19 +194,40 @@ impl Session {
             }
             None => first.push("SessionType", "Discovery"),
         }
-        first.push("AuthMethod", if opts.chap.is_some() { "CHAP,None" } else { "None" });
-        let (h, t) = self.login_step(opts, 0, 1, opts.chap.is_none(), first).await?;
+        first.push(
+            "AuthMethod",
+            if opts.chap.is_some() {
+                "CHAP,None"
+            } else {
+                "None"
+            },
+        );
+        let (h, t) = self
+            .login_step(opts, 0, 1, opts.chap.is_none(), first)
+            .await?;
         self.negotiated.0.extend(t.0.clone());
         if !h.transit {
-            let cred = opts.chap.clone().ok_or_else(|| InitiatorError::Protocol("target wants CHAP".into()))?;
+            let cred = opts
+                .chap
+                .clone()
+                .ok_or_else(|| InitiatorError::Protocol("target wants CHAP".into()))?;
             let mut a = TextPairs::default();
             a.push("CHAP_A", "5");
             let (_, t) = self.login_step(opts, 0, 1, false, a).await?;
-            let id: u8 = t.get("CHAP_I").and_then(|v| v.parse().ok()).ok_or_else(|| InitiatorError::Protocol("no CHAP_I".into()))?;
-            let c = t.get("CHAP_C").and_then(chap::decode_binary).ok_or_else(|| InitiatorError::Protocol("no CHAP_C".into()))?;
+            let id: u8 = t
+                .get("CHAP_I")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| InitiatorError::Protocol("no CHAP_I".into()))?;
+            let c = t
+                .get("CHAP_C")
+                .and_then(chap::decode_binary)
+                .ok_or_else(|| InitiatorError::Protocol("no CHAP_C".into()))?;
             let mut r = TextPairs::default();
             r.push("CHAP_N", cred.user.clone());
-            r.push("CHAP_R", chap::encode_hex(&chap::response(id, cred.secret.as_bytes(), &c)));
+            r.push(
+                "CHAP_R",
+                chap::encode_hex(&chap::response(id, cred.secret.as_bytes(), &c)),
+            );
             self.login_step(opts, 0, 1, true, r).await?;
         }
         let mut op = TextPairs::default();
@@ -212,16 +244,24 @@ impl Session {
         op.push("MaxRecvDataSegmentLength", "262144");
         let (h, t) = self.login_step(opts, 1, 3, true, op).await?;
         if !h.transit || h.nsg != 3 {
-            return Err(InitiatorError::Protocol("target did not enter full feature phase".into()));
+            return Err(InitiatorError::Protocol(
+                "target did not enter full feature phase".into(),
+            ));
         }
         self.tsih = h.tsih;
         self.header_digest = t.get("HeaderDigest") == Some("CRC32C");
         self.data_digest = t.get("DataDigest") == Some("CRC32C");
-        if let Some(n) = t.get("MaxRecvDataSegmentLength").and_then(|v| v.parse().ok()) {
+        if let Some(n) = t
+            .get("MaxRecvDataSegmentLength")
+            .and_then(|v| v.parse().ok())
+        {
             self.max_send = n;
         }
         self.immediate_data = t.get("ImmediateData") != Some("No");
-        if let Some(n) = t.get("FirstBurstLength").and_then(|v| v.parse::<usize>().ok()) {
+        if let Some(n) = t
+            .get("FirstBurstLength")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             self.first_burst = n;
         }
         self.negotiated.0.extend(t.0);
@@ -247,13 +287,16 @@ impl Session {
 
     /// Receives the next PDU within `limit`.
     pub async fn recv_within(&mut self, limit: Duration) -> Result<Pdu, InitiatorError> {
-        tokio::time::timeout(limit, self.recv_inner()).await.map_err(|_| InitiatorError::Timeout)?
+        tokio::time::timeout(limit, self.recv_inner())
+            .await
+            .map_err(|_| InitiatorError::Timeout)?
     }
 
     async fn recv_inner(&mut self) -> Result<Pdu, InitiatorError> {
         let mut buf = vec![0u8; BHS_LEN];
         read_exact(&mut self.stream, &mut buf).await?;
-        let bhs = iscsi_proto::pdu::Bhs::from_slice(&buf).map_err(|e| InitiatorError::Protocol(e.to_string()))?;
+        let bhs = iscsi_proto::pdu::Bhs::from_slice(&buf)
+            .map_err(|e| InitiatorError::Protocol(e.to_string()))?;
         let mut rest = bhs.ahs_len();
         if self.header_digest {
             rest += 4;
@@ -310,7 +353,11 @@ impl Session {
         let n = cdb.len().min(16);
         cdb16[..n].copy_from_slice(&cdb[..n]);
         let out = data_out.unwrap_or(&[]);
-        let immediate = if self.immediate_data { out.len().min(self.first_burst).min(self.max_send) } else { 0 };
+        let immediate = if self.immediate_data {
+            out.len().min(self.first_burst).min(self.max_send)
+        } else {
+            0
+        };
         let cmd = ScsiCommand {
             immediate: false,
             final_bit: true,
@@ -319,12 +366,20 @@ impl Session {
             attr: iscsi_proto::pdu::attr::SIMPLE,
             lun: Lun(lun).to_field(),
             itt,
-            expected_data_transfer_length: if out.is_empty() { data_in_len } else { out.len() as u32 },
+            expected_data_transfer_length: if out.is_empty() {
+                data_in_len
+            } else {
+                out.len() as u32
+            },
             cmd_sn: self.take_cmd_sn(),
             exp_stat_sn: self.exp_stat_sn,
             cdb: cdb16,
         };
-        self.send(&Pdu::ScsiCommand(cmd, Bytes::copy_from_slice(&out[..immediate]))).await?;
+        self.send(&Pdu::ScsiCommand(
+            cmd,
+            Bytes::copy_from_slice(&out[..immediate]),
+        ))
+        .await?;
         let mut data = Vec::new();
         loop {
             match self.recv().await? {
@@ -344,7 +399,11 @@ impl Session {
                             data_sn,
                             buffer_offset: off as u32,
                         };
-                        self.send(&Pdu::DataOut(d, Bytes::copy_from_slice(&out[off..off + len]))).await?;
+                        self.send(&Pdu::DataOut(
+                            d,
+                            Bytes::copy_from_slice(&out[off..off + len]),
+                        ))
+                        .await?;
                         off += len;
                         data_sn += 1;
                     }
@@ -386,19 +445,33 @@ impl Session {
                         immediate: true,
                         itt: RESERVED_TAG,
                         ttt: h.ttt,
-                        seq: StatusSeq { stat_sn: self.cmd_sn, exp_cmd_sn: self.exp_stat_sn, max_cmd_sn: 0 },
+                        seq: StatusSeq {
+                            stat_sn: self.cmd_sn,
+                            exp_cmd_sn: self.exp_stat_sn,
+                            max_cmd_sn: 0,
+                        },
                         ..Default::default()
                     };
                     self.send(&Pdu::NopOut(nop, Bytes::new())).await?;
                 }
                 Pdu::AsyncMessage(..) | Pdu::NopIn(..) => {}
-                other => return Err(InitiatorError::Protocol(format!("unexpected PDU {other:?}"))),
+                other => {
+                    return Err(InitiatorError::Protocol(format!(
+                        "unexpected PDU {other:?}"
+                    )))
+                }
             }
         }
     }
 
     /// READ(16) of `blocks` blocks at `lba`.
-    pub async fn read16(&mut self, lun: u64, lba: u64, blocks: u32, block_size: u32) -> Result<CommandResult, InitiatorError> {
+    pub async fn read16(
+        &mut self,
+        lun: u64,
+        lba: u64,
+        blocks: u32,
+        block_size: u32,
+    ) -> Result<CommandResult, InitiatorError> {
         let mut cdb = [0u8; 16];
         cdb[0] = 0x88;
         cdb[2..10].copy_from_slice(&lba.to_be_bytes());
@@ -407,7 +480,14 @@ impl Session {
     }
 
     /// WRITE(16) of `data` at `lba` (FUA optional).
-    pub async fn write16(&mut self, lun: u64, lba: u64, data: &[u8], block_size: u32, fua: bool) -> Result<CommandResult, InitiatorError> {
+    pub async fn write16(
+        &mut self,
+        lun: u64,
+        lba: u64,
+        data: &[u8],
+        block_size: u32,
+        fua: bool,
+    ) -> Result<CommandResult, InitiatorError> {
         let mut cdb = [0u8; 16];
         cdb[0] = 0x8a;
         if fua {
@@ -426,14 +506,20 @@ impl Session {
             final_bit: true,
             itt: self.take_itt(),
             ttt: RESERVED_TAG,
-            seq: StatusSeq { stat_sn: self.take_cmd_sn(), exp_cmd_sn: self.exp_stat_sn, max_cmd_sn: 0 },
+            seq: StatusSeq {
+                stat_sn: self.take_cmd_sn(),
+                exp_cmd_sn: self.exp_stat_sn,
+                max_cmd_sn: 0,
+            },
             ..Default::default()
         };
-        self.send(&Pdu::TextRequest(req, Bytes::from(t.encode()))).await?;
+        self.send(&Pdu::TextRequest(req, Bytes::from(t.encode())))
+            .await?;
         match self.recv().await? {
             Pdu::TextResponse(h, d) => {
                 self.exp_stat_sn = h.seq.stat_sn.wrapping_add(1);
-                let pairs = TextPairs::parse(&d).map_err(|e| InitiatorError::Protocol(e.to_string()))?;
+                let pairs =
+                    TextPairs::parse(&d).map_err(|e| InitiatorError::Protocol(e.to_string()))?;
                 let mut out: Vec<(String, Vec<String>)> = Vec::new();
                 for (k, v) in pairs.0 {
                     match k.as_str() {
@@ -448,7 +534,9 @@ impl Session {
                 }
                 Ok(out)
             }
-            other => Err(InitiatorError::Protocol(format!("expected a text response, got {other:?}"))),
+            other => Err(InitiatorError::Protocol(format!(
+                "expected a text response, got {other:?}"
+            ))),
         }
     }
 
@@ -466,7 +554,12 @@ impl Session {
         loop {
             match self.recv().await? {
                 Pdu::LogoutResponse(r) if r.response == 0 => return Ok(()),
-                Pdu::LogoutResponse(r) => return Err(InitiatorError::Protocol(format!("logout response {}", r.response))),
+                Pdu::LogoutResponse(r) => {
+                    return Err(InitiatorError::Protocol(format!(
+                        "logout response {}",
+                        r.response
+                    )))
+                }
                 _ => continue,
             }
         }

@@ -30,10 +30,17 @@ pub fn decode_binary(s: &str) -> Option<Vec<u8>> {
     let (prefix, body) = (s.get(..2)?, s.get(2..)?);
     match prefix {
         "0x" | "0X" => {
-            let body = if body.len() % 2 == 1 { format!("0{body}") } else { body.to_string() };
+            let body = if body.len() % 2 == 1 {
+                format!("0{body}")
+            } else {
+                body.to_string()
+            };
             (0..body.len())
                 .step_by(2)
-                .map(|i| body.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .map(|i| {
+                    body.get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
                 .collect()
         }
         "0b" | "0B" => decode_base64(body),

@@ -5,7 +5,7 @@
 //! asks [`pdu::Bhs`] how much follows, reads that, and builds a [`pdu::Pdu`]; replies go
 //! the other way through [`pdu::Pdu::encode_header`].
 #![warn(missing_docs)]
-#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
 
 pub mod chap;
 pub mod digest;

@@ -29,37 +29,85 @@ pub struct LoginStatus {
 
 impl LoginStatus {
     /// Success.
-    pub const SUCCESS: LoginStatus = LoginStatus { class: 0, detail: 0 };
+    pub const SUCCESS: LoginStatus = LoginStatus {
+        class: 0,
+        detail: 0,
+    };
     /// Initiator error (miscellaneous).
-    pub const INITIATOR_ERROR: LoginStatus = LoginStatus { class: 2, detail: 0 };
+    pub const INITIATOR_ERROR: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 0,
+    };
     /// Authentication failure.
-    pub const AUTH_FAILURE: LoginStatus = LoginStatus { class: 2, detail: 1 };
+    pub const AUTH_FAILURE: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 1,
+    };
     /// Authorization failure (not allowed by the target's ACL).
-    pub const AUTHORIZATION_FAILURE: LoginStatus = LoginStatus { class: 2, detail: 2 };
+    pub const AUTHORIZATION_FAILURE: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 2,
+    };
     /// Target not found.
-    pub const NOT_FOUND: LoginStatus = LoginStatus { class: 2, detail: 3 };
+    pub const NOT_FOUND: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 3,
+    };
     /// Target removed.
-    pub const TARGET_REMOVED: LoginStatus = LoginStatus { class: 2, detail: 4 };
+    pub const TARGET_REMOVED: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 4,
+    };
     /// Unsupported version.
-    pub const UNSUPPORTED_VERSION: LoginStatus = LoginStatus { class: 2, detail: 5 };
+    pub const UNSUPPORTED_VERSION: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 5,
+    };
     /// Too many connections.
-    pub const TOO_MANY_CONNECTIONS: LoginStatus = LoginStatus { class: 2, detail: 6 };
+    pub const TOO_MANY_CONNECTIONS: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 6,
+    };
     /// Missing parameter.
-    pub const MISSING_PARAMETER: LoginStatus = LoginStatus { class: 2, detail: 7 };
+    pub const MISSING_PARAMETER: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 7,
+    };
     /// Can't include in session.
-    pub const CANT_INCLUDE_IN_SESSION: LoginStatus = LoginStatus { class: 2, detail: 8 };
+    pub const CANT_INCLUDE_IN_SESSION: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 8,
+    };
     /// Session type not supported.
-    pub const SESSION_TYPE_NOT_SUPPORTED: LoginStatus = LoginStatus { class: 2, detail: 9 };
+    pub const SESSION_TYPE_NOT_SUPPORTED: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 9,
+    };
     /// Session does not exist.
-    pub const SESSION_DOES_NOT_EXIST: LoginStatus = LoginStatus { class: 2, detail: 10 };
+    pub const SESSION_DOES_NOT_EXIST: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 10,
+    };
     /// Invalid request during login.
-    pub const INVALID_DURING_LOGIN: LoginStatus = LoginStatus { class: 2, detail: 11 };
+    pub const INVALID_DURING_LOGIN: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 11,
+    };
     /// Target error.
-    pub const TARGET_ERROR: LoginStatus = LoginStatus { class: 3, detail: 0 };
+    pub const TARGET_ERROR: LoginStatus = LoginStatus {
+        class: 3,
+        detail: 0,
+    };
     /// Service unavailable.
-    pub const SERVICE_UNAVAILABLE: LoginStatus = LoginStatus { class: 3, detail: 1 };
+    pub const SERVICE_UNAVAILABLE: LoginStatus = LoginStatus {
+        class: 3,
+        detail: 1,
+    };
     /// Out of resources.
-    pub const OUT_OF_RESOURCES: LoginStatus = LoginStatus { class: 3, detail: 2 };
+    pub const OUT_OF_RESOURCES: LoginStatus = LoginStatus {
+        class: 3,
+        detail: 2,
+    };
 
     /// A short reason for logs and metrics.
     pub fn reason(self) -> &'static str {
@@ -405,7 +453,11 @@ impl LoginNegotiator {
         }
         if req.continue_bit {
             return LoginReply {
-                header: Login { csg: req.csg, nsg: req.nsg, ..Default::default() },
+                header: Login {
+                    csg: req.csg,
+                    nsg: req.nsg,
+                    ..Default::default()
+                },
                 text: TextPairs::default(),
                 established: None,
             };
@@ -448,7 +500,10 @@ impl LoginNegotiator {
                         return Err(LoginStatus::AUTH_FAILURE);
                     }
                 }
-                if matches!(self.chap, ChapState::ExpectAlgorithm | ChapState::ExpectResponse { .. }) {
+                if matches!(
+                    self.chap,
+                    ChapState::ExpectAlgorithm | ChapState::ExpectResponse { .. }
+                ) {
                     transit = false;
                 }
             }
@@ -467,7 +522,10 @@ impl LoginNegotiator {
             if req.nsg == stage::FULL_FEATURE {
                 if !self.declared_mrdsl && self.params.session_type == SessionType::Normal {
                     // RFC 7143 §13.12: declarative; say what we can receive.
-                    out.push("MaxRecvDataSegmentLength", self.params.max_recv_data_segment_length.to_string());
+                    out.push(
+                        "MaxRecvDataSegmentLength",
+                        self.params.max_recv_data_segment_length.to_string(),
+                    );
                 }
                 established = Some(self.params.clone());
             }
@@ -477,7 +535,11 @@ impl LoginNegotiator {
                 transit,
                 continue_bit: false,
                 csg: req.csg,
-                nsg: if transit { req.nsg } else { req.csg.min(req.nsg) },
+                nsg: if transit {
+                    req.nsg
+                } else {
+                    req.csg.min(req.nsg)
+                },
                 status_class: 0,
                 status_detail: 0,
                 ..Default::default()
@@ -487,9 +549,16 @@ impl LoginNegotiator {
         })
     }
 
-    fn admit(&mut self, pairs: &TextPairs, policy: &dyn LoginPolicy, out: &mut TextPairs) -> Result<(), LoginStatus> {
+    fn admit(
+        &mut self,
+        pairs: &TextPairs,
+        policy: &dyn LoginPolicy,
+        out: &mut TextPairs,
+    ) -> Result<(), LoginStatus> {
         // RFC 7143 §13.5: InitiatorName MUST be in the first login request.
-        let initiator = pairs.get("InitiatorName").ok_or(LoginStatus::MISSING_PARAMETER)?;
+        let initiator = pairs
+            .get("InitiatorName")
+            .ok_or(LoginStatus::MISSING_PARAMETER)?;
         if initiator.is_empty() {
             return Err(LoginStatus::MISSING_PARAMETER);
         }
@@ -504,7 +573,9 @@ impl LoginNegotiator {
         let admission = match session_type {
             SessionType::Discovery => policy.admit_discovery(initiator)?,
             SessionType::Normal => {
-                let target = pairs.get("TargetName").ok_or(LoginStatus::MISSING_PARAMETER)?;
+                let target = pairs
+                    .get("TargetName")
+                    .ok_or(LoginStatus::MISSING_PARAMETER)?;
                 let a = policy.admit(initiator, target)?;
                 self.params.target_name = Some(target.to_string());
                 a
@@ -515,7 +586,10 @@ impl LoginNegotiator {
         // RFC 7143 §13.9: the target returns TargetPortalGroupTag in the first response
         // of a normal session.
         if session_type == SessionType::Normal {
-            out.push("TargetPortalGroupTag", admission.portal_group_tag.to_string());
+            out.push(
+                "TargetPortalGroupTag",
+                admission.portal_group_tag.to_string(),
+            );
             if let Some(alias) = &admission.alias {
                 out.push("TargetAlias", alias.clone());
             }
@@ -559,19 +633,28 @@ impl LoginNegotiator {
             out.push("CHAP_A", "5");
             out.push("CHAP_I", id[0].to_string());
             out.push("CHAP_C", chap::encode_hex(&challenge));
-            self.chap = ChapState::ExpectResponse { id: id[0], challenge };
+            self.chap = ChapState::ExpectResponse {
+                id: id[0],
+                challenge,
+            };
         }
         if pairs.get("CHAP_R").is_some() || pairs.get("CHAP_N").is_some() {
             let ChapState::ExpectResponse { id, challenge } = self.chap else {
                 return Err(LoginStatus::INITIATOR_ERROR);
             };
             let name = pairs.get("CHAP_N").ok_or(LoginStatus::AUTH_FAILURE)?;
-            let resp = pairs.get("CHAP_R").and_then(chap::decode_binary).ok_or(LoginStatus::AUTH_FAILURE)?;
+            let resp = pairs
+                .get("CHAP_R")
+                .and_then(chap::decode_binary)
+                .ok_or(LoginStatus::AUTH_FAILURE)?;
             let accounts: &[ChapAccount] = match auth {
                 Authentication::Chap(a) => a,
                 Authentication::None => &[],
             };
-            let account = accounts.iter().find(|a| a.user == name).ok_or(LoginStatus::AUTH_FAILURE)?;
+            let account = accounts
+                .iter()
+                .find(|a| a.user == name)
+                .ok_or(LoginStatus::AUTH_FAILURE)?;
             let expected = chap::response(id, account.secret.as_bytes(), &challenge);
             if !chap::constant_time_eq(&expected, &resp) {
                 return Err(LoginStatus::AUTH_FAILURE);
@@ -586,7 +669,10 @@ impl LoginNegotiator {
                     return Err(LoginStatus::AUTH_FAILURE);
                 }
                 out.push("CHAP_N", tuser.clone());
-                out.push("CHAP_R", chap::encode_hex(&chap::response(mid, tsecret.as_bytes(), &mchal)));
+                out.push(
+                    "CHAP_R",
+                    chap::encode_hex(&chap::response(mid, tsecret.as_bytes(), &mchal)),
+                );
             } else if account.mutual.is_some() {
                 // The account asks for mutual authentication; the initiator must ask too.
                 return Err(LoginStatus::AUTH_FAILURE);
@@ -603,8 +689,8 @@ impl LoginNegotiator {
             let key = key.as_str();
             let value = value.as_str();
             match key {
-                "InitiatorName" | "InitiatorAlias" | "TargetName" | "SessionType" | "AuthMethod" | "CHAP_A"
-                | "CHAP_I" | "CHAP_C" | "CHAP_N" | "CHAP_R" => continue,
+                "InitiatorName" | "InitiatorAlias" | "TargetName" | "SessionType"
+                | "AuthMethod" | "CHAP_A" | "CHAP_I" | "CHAP_C" | "CHAP_N" | "CHAP_R" => continue,
                 _ => {}
             }
             if self.seen.iter().any(|k| k == key) && key != "MaxRecvDataSegmentLength" {
@@ -674,7 +760,10 @@ impl LoginNegotiator {
                     Some(_) if discovery => "Irrelevant".to_string(),
                     Some(n) => {
                         self.params.max_burst_length = n.min(self.limits.max_burst_length);
-                        self.params.first_burst_length = self.params.first_burst_length.min(self.params.max_burst_length);
+                        self.params.first_burst_length = self
+                            .params
+                            .first_burst_length
+                            .min(self.params.max_burst_length);
                         self.params.max_burst_length.to_string()
                     }
                     None => "Reject".to_string(),
@@ -682,8 +771,9 @@ impl LoginNegotiator {
                 "FirstBurstLength" => match parse_num(value, 512, 16_777_215) {
                     Some(_) if discovery => "Irrelevant".to_string(),
                     Some(n) => {
-                        self.params.first_burst_length =
-                            n.min(self.limits.first_burst_length).min(self.params.max_burst_length);
+                        self.params.first_burst_length = n
+                            .min(self.limits.first_burst_length)
+                            .min(self.params.max_burst_length);
                         self.params.first_burst_length.to_string()
                     }
                     None => "Reject".to_string(),
@@ -754,10 +844,18 @@ mod tests {
             if initiator == "iqn.denied" {
                 return Err(LoginStatus::AUTHORIZATION_FAILURE);
             }
-            Ok(TargetAdmission { auth: self.0.clone(), portal_group_tag: 1, alias: None })
+            Ok(TargetAdmission {
+                auth: self.0.clone(),
+                portal_group_tag: 1,
+                alias: None,
+            })
         }
         fn admit_discovery(&self, _initiator: &str) -> Result<TargetAdmission, LoginStatus> {
-            Ok(TargetAdmission { auth: Authentication::None, portal_group_tag: 1, alias: None })
+            Ok(TargetAdmission {
+                auth: Authentication::None,
+                portal_group_tag: 1,
+                alias: None,
+            })
         }
     }
 
@@ -769,7 +867,14 @@ mod tests {
     }
 
     fn req(csg: u8, nsg: u8, transit: bool) -> Login {
-        Login { transit, csg, nsg, isid: [0x80, 0, 0, 0, 0, 1], itt: 1, ..Default::default() }
+        Login {
+            transit,
+            csg,
+            nsg,
+            isid: [0x80, 0, 0, 0, 0, 1],
+            itt: 1,
+            ..Default::default()
+        }
     }
 
     fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -786,7 +891,11 @@ mod tests {
         let p = Policy(Authentication::None);
         let r = n.step(
             &req(0, 1, true),
-            &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t"), ("AuthMethod", "None")]),
+            &text(&[
+                ("InitiatorName", "iqn.i"),
+                ("TargetName", "iqn.t"),
+                ("AuthMethod", "None"),
+            ]),
             &p,
             &mut Fixed,
         );
@@ -818,11 +927,20 @@ mod tests {
     fn unknown_target_and_acl() {
         let p = Policy(Authentication::None);
         let mut n = LoginNegotiator::new(TargetLimits::default());
-        let r = n.step(&req(0, 1, true), &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.x")]), &p, &mut Fixed);
+        let r = n.step(
+            &req(0, 1, true),
+            &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.x")]),
+            &p,
+            &mut Fixed,
+        );
         assert_eq!((r.header.status_class, r.header.status_detail), (2, 3));
         let mut n = LoginNegotiator::new(TargetLimits::default());
-        let r =
-            n.step(&req(0, 1, true), &text(&[("InitiatorName", "iqn.denied"), ("TargetName", "iqn.t")]), &p, &mut Fixed);
+        let r = n.step(
+            &req(0, 1, true),
+            &text(&[("InitiatorName", "iqn.denied"), ("TargetName", "iqn.t")]),
+            &p,
+            &mut Fixed,
+        );
         assert_eq!((r.header.status_class, r.header.status_detail), (2, 2));
     }
 
@@ -831,7 +949,11 @@ mod tests {
         let mut n = LoginNegotiator::new(TargetLimits::default());
         let r = n.step(
             &req(0, 1, true),
-            &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t"), ("AuthMethod", "CHAP,None")]),
+            &text(&[
+                ("InitiatorName", "iqn.i"),
+                ("TargetName", "iqn.t"),
+                ("AuthMethod", "CHAP,None"),
+            ]),
             &p,
             &mut Fixed,
         );
@@ -851,7 +973,11 @@ mod tests {
 
     #[test]
     fn chap_one_way_and_mutual() {
-        let acct = ChapAccount { user: "user".into(), secret: "secretsecret".into(), mutual: None };
+        let acct = ChapAccount {
+            user: "user".into(),
+            secret: "secretsecret".into(),
+            mutual: None,
+        };
         let r = chap_login(acct.clone(), "secretsecret", false);
         assert!(!r.failed());
         assert!(r.header.transit);
@@ -871,10 +997,19 @@ mod tests {
 
     #[test]
     fn chap_required_but_skipped() {
-        let acct = ChapAccount { user: "user".into(), secret: "s".into(), mutual: None };
+        let acct = ChapAccount {
+            user: "user".into(),
+            secret: "s".into(),
+            mutual: None,
+        };
         let p = Policy(Authentication::Chap(vec![acct]));
         let mut n = LoginNegotiator::new(TargetLimits::default());
-        let r = n.step(&req(1, 3, true), &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t")]), &p, &mut Fixed);
+        let r = n.step(
+            &req(1, 3, true),
+            &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t")]),
+            &p,
+            &mut Fixed,
+        );
         assert_eq!((r.header.status_class, r.header.status_detail), (2, 1));
     }
 }

@@ -128,7 +128,12 @@ pub struct Bhs(pub [u8; BHS_LEN]);
 
 impl std::fmt::Debug for Bhs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bhs(op={:#04x}, itt={:#x})", self.opcode_raw(), self.itt())
+        write!(
+            f,
+            "Bhs(op={:#04x}, itt={:#x})",
+            self.opcode_raw(),
+            self.itt()
+        )
     }
 }
 
@@ -154,7 +159,12 @@ impl Bhs {
         u16::from_be_bytes([self.u8_at(i), self.u8_at(i + 1)])
     }
     fn u32_at(&self, i: usize) -> u32 {
-        u32::from_be_bytes([self.u8_at(i), self.u8_at(i + 1), self.u8_at(i + 2), self.u8_at(i + 3)])
+        u32::from_be_bytes([
+            self.u8_at(i),
+            self.u8_at(i + 1),
+            self.u8_at(i + 2),
+            self.u8_at(i + 3),
+        ])
     }
     fn u64_at(&self, i: usize) -> u64 {
         (u64::from(self.u32_at(i)) << 32) | u64::from(self.u32_at(i + 4))
@@ -201,7 +211,9 @@ impl Bhs {
     }
     /// DataSegmentLength in bytes (without padding).
     pub fn data_len(&self) -> usize {
-        (usize::from(self.u8_at(5)) << 16) | (usize::from(self.u8_at(6)) << 8) | usize::from(self.u8_at(7))
+        (usize::from(self.u8_at(5)) << 16)
+            | (usize::from(self.u8_at(6)) << 8)
+            | usize::from(self.u8_at(7))
     }
     /// Sets DataSegmentLength.
     pub fn set_data_len(&mut self, len: usize) {
@@ -241,7 +253,7 @@ impl Lun {
         if self.0 < 256 {
             self.0 << 48
         } else {
-            ((0x4000 | (self.0 & 0x3fff)) as u64) << 48
+            (0x4000 | (self.0 & 0x3fff)) << 48
         }
     }
 }
@@ -349,7 +361,11 @@ pub struct StatusSeq {
 
 impl StatusSeq {
     fn read(b: &Bhs) -> StatusSeq {
-        StatusSeq { stat_sn: b.u32_at(24), exp_cmd_sn: b.u32_at(28), max_cmd_sn: b.u32_at(32) }
+        StatusSeq {
+            stat_sn: b.u32_at(24),
+            exp_cmd_sn: b.u32_at(28),
+            max_cmd_sn: b.u32_at(32),
+        }
     }
     /// Writes the three fields into a target PDU header (bytes 24..36).
     pub fn write(&self, b: &mut Bhs) {
@@ -399,7 +415,10 @@ impl ScsiResponse {
     pub fn to_bhs(&self) -> Bhs {
         let mut b = Bhs::default();
         b.set_u8(0, 0x21);
-        b.set_u8(1, 0x80 | if self.overflow { 0x04 } else { 0 } | if self.underflow { 0x02 } else { 0 });
+        b.set_u8(
+            1,
+            0x80 | if self.overflow { 0x04 } else { 0 } | if self.underflow { 0x02 } else { 0 },
+        );
         b.set_u8(2, self.response);
         b.set_u8(3, self.status);
         b.set_u32(16, self.itt);
@@ -607,7 +626,13 @@ pub struct Nop {
 impl Nop {
     /// Decodes a NOP-Out (CmdSN in `seq.stat_sn`, ExpStatSN in `seq.exp_cmd_sn`) or NOP-In.
     pub fn parse(b: &Bhs) -> Nop {
-        Nop { immediate: b.immediate(), lun: b.lun_raw(), itt: b.itt(), ttt: b.u32_at(20), seq: StatusSeq::read(b) }
+        Nop {
+            immediate: b.immediate(),
+            lun: b.lun_raw(),
+            itt: b.itt(),
+            ttt: b.u32_at(20),
+            seq: StatusSeq::read(b),
+        }
     }
     /// Encodes a NOP-In.
     pub fn to_nop_in(&self) -> Bhs {
@@ -771,8 +796,18 @@ impl Text {
     /// Encodes a text response (`request == false`) or request.
     pub fn to_bhs(&self, request: bool) -> Bhs {
         let mut b = Bhs::default();
-        b.set_u8(0, if request { 0x04 | if self.immediate { 0x40 } else { 0 } } else { 0x24 });
-        b.set_u8(1, if self.final_bit { 0x80 } else { 0 } | if self.continue_bit { 0x40 } else { 0 });
+        b.set_u8(
+            0,
+            if request {
+                0x04 | if self.immediate { 0x40 } else { 0 }
+            } else {
+                0x24
+            },
+        );
+        b.set_u8(
+            1,
+            if self.final_bit { 0x80 } else { 0 } | if self.continue_bit { 0x40 } else { 0 },
+        );
         b.set_u64(8, self.lun);
         b.set_u32(16, self.itt);
         b.set_u32(20, self.ttt);
@@ -891,7 +926,11 @@ pub struct TaskMgmtResponse {
 impl TaskMgmtResponse {
     /// Decodes the header.
     pub fn parse(b: &Bhs) -> TaskMgmtResponse {
-        TaskMgmtResponse { response: b.u8_at(2), itt: b.itt(), seq: StatusSeq::read(b) }
+        TaskMgmtResponse {
+            response: b.u8_at(2),
+            itt: b.itt(),
+            seq: StatusSeq::read(b),
+        }
     }
     /// Encodes the header.
     pub fn to_bhs(&self) -> Bhs {
@@ -1069,7 +1108,11 @@ pub struct Reject {
 impl Reject {
     /// Decodes the header.
     pub fn parse(b: &Bhs) -> Reject {
-        Reject { reason: b.u8_at(2), seq: StatusSeq::read(b), data_sn: b.u32_at(36) }
+        Reject {
+            reason: b.u8_at(2),
+            seq: StatusSeq::read(b),
+            data_sn: b.u32_at(36),
+        }
     }
     /// Encodes the header.
     pub fn to_bhs(&self) -> Bhs {
@@ -1238,7 +1281,11 @@ pub enum WireError {
 
 /// Decodes one whole PDU from the front of `buf`, returning it and the bytes consumed.
 /// Used by tests, the fuzz target and the small initiator.
-pub fn decode_wire(buf: &[u8], header_digest: bool, data_digest: bool) -> Result<(Pdu, usize), WireError> {
+pub fn decode_wire(
+    buf: &[u8],
+    header_digest: bool,
+    data_digest: bool,
+) -> Result<(Pdu, usize), WireError> {
     let bhs = Bhs::from_slice(buf).map_err(|_| WireError::Incomplete)?;
     let mut pos = BHS_LEN + bhs.ahs_len();
     if header_digest {
@@ -1322,7 +1369,14 @@ mod tests {
 
     #[test]
     fn bad_digest_is_detected() {
-        let pdu = Pdu::NopOut(Nop { itt: 1, ttt: RESERVED_TAG, ..Default::default() }, Bytes::from_static(b"ping"));
+        let pdu = Pdu::NopOut(
+            Nop {
+                itt: 1,
+                ttt: RESERVED_TAG,
+                ..Default::default()
+            },
+            Bytes::from_static(b"ping"),
+        );
         let mut wire = pdu.to_wire(true, true);
         if let Some(b) = wire.get_mut(BHS_LEN + 4) {
             *b ^= 1;

@@ -27,7 +27,7 @@ impl SerialNumber {
     }
 
     /// Adds `n`, wrapping.
-    pub fn add(self, n: u32) -> SerialNumber {
+    pub fn plus(self, n: u32) -> SerialNumber {
         SerialNumber(self.0.wrapping_add(n))
     }
 

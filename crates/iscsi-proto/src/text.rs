@@ -32,7 +32,9 @@ impl TextPairs {
                 continue;
             }
             let s = std::str::from_utf8(item).map_err(|_| TextError::Malformed)?;
-            let (k, v) = s.split_once('=').ok_or_else(|| TextError::MissingEquals(s.to_string()))?;
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| TextError::MissingEquals(s.to_string()))?;
             if k.is_empty() || k.len() > KEY_LEN_MAX || v.len() > VALUE_LEN_MAX {
                 return Err(TextError::Malformed);
             }
@@ -43,7 +45,10 @@ impl TextPairs {
 
     /// The value of the first pair with this key.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Appends a pair.

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use iscsi_proto::login::{
-    Authentication, LoginNegotiator, LoginPolicy, LoginStatus, OsChallenges, SessionParams, SessionType,
-    TargetAdmission,
+    Authentication, LoginNegotiator, LoginPolicy, LoginStatus, OsChallenges, SessionParams,
+    SessionType, TargetAdmission,
 };
 use iscsi_proto::pdu::{
-    reject, tmf, AsyncMessage, Bhs, DataIn, DataOut, LogoutRequest, LogoutResponse, Login, Lun, Nop, Opcode, Reject,
-    ScsiCommand, ScsiResponse as ScsiResponsePdu, StatusSeq, TaskMgmtRequest, TaskMgmtResponse, Text, R2t,
-    RESERVED_TAG,
+    reject, tmf, AsyncMessage, Bhs, DataIn, DataOut, Login, LogoutRequest, LogoutResponse, Lun,
+    Nop, Opcode, R2t, Reject, ScsiCommand, ScsiResponse as ScsiResponsePdu, StatusSeq,
+    TaskMgmtRequest, TaskMgmtResponse, Text, RESERVED_TAG,
 };
 use iscsi_proto::text::TextPairs;
 use iscsi_proto::SerialNumber;
@@ -40,7 +40,8 @@ use crate::{SessionInfo, TargetConfig};
 const WRITE_BYTES_MAX: u32 = 64 << 20;
 /// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h): how RFC 7143 §7.8 ends a task
 /// whose data was lost at ErrorRecoveryLevel 0.
-const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense = scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
+const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense =
+    scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
 /// Largest data segment accepted during login.
 const LOGIN_TEXT_MAX: usize = 64 * 1024;
 
@@ -69,7 +70,10 @@ pub(crate) async fn run(
             }
             Err(_) => {
                 shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
-                warn!("login did not finish within {:?}; closing", shared.settings.login_timeout);
+                warn!(
+                    "login did not finish within {:?}; closing",
+                    shared.settings.login_timeout
+                );
                 return;
             }
         };
@@ -97,26 +101,47 @@ struct Policy<'a> {
 fn portal_matches(portal: SocketAddr, local: Option<SocketAddr>) -> bool {
     match local {
         None => true,
-        Some(l) => portal.port() == l.port() && (portal.ip().is_unspecified() || portal.ip() == l.ip()),
+        Some(l) => {
+            portal.port() == l.port() && (portal.ip().is_unspecified() || portal.ip() == l.ip())
+        }
     }
 }
 
 impl LoginPolicy for Policy<'_> {
     fn admit(&self, initiator: &str, target: &str) -> Result<TargetAdmission, LoginStatus> {
         let t = self.shared.target(target).ok_or(LoginStatus::NOT_FOUND)?;
-        let portal =
-            t.portals.iter().find(|p| portal_matches(p.addr, self.local)).ok_or(LoginStatus::NOT_FOUND)?;
+        let portal = t
+            .portals
+            .iter()
+            .find(|p| portal_matches(p.addr, self.local))
+            .ok_or(LoginStatus::NOT_FOUND)?;
         if !discovery::allowed(&t, initiator) {
             return Err(LoginStatus::AUTHORIZATION_FAILURE);
         }
-        let auth = if t.chap.is_empty() { Authentication::None } else { Authentication::Chap(t.chap.clone()) };
-        Ok(TargetAdmission { auth, portal_group_tag: portal.group_tag, alias: t.alias.clone() })
+        let auth = if t.chap.is_empty() {
+            Authentication::None
+        } else {
+            Authentication::Chap(t.chap.clone())
+        };
+        Ok(TargetAdmission {
+            auth,
+            portal_group_tag: portal.group_tag,
+            alias: t.alias.clone(),
+        })
     }
 
     fn admit_discovery(&self, _initiator: &str) -> Result<TargetAdmission, LoginStatus> {
         let chap = &self.shared.settings.discovery_chap;
-        let auth = if chap.is_empty() { Authentication::None } else { Authentication::Chap(chap.clone()) };
-        Ok(TargetAdmission { auth, portal_group_tag: 1, alias: None })
+        let auth = if chap.is_empty() {
+            Authentication::None
+        } else {
+            Authentication::Chap(chap.clone())
+        };
+        Ok(TargetAdmission {
+            auth,
+            portal_group_tag: 1,
+            alias: None,
+        })
     }
 }
 
@@ -134,10 +159,14 @@ async fn login_phase(
         let bhs = wire::read_header(rd, Digests::default()).await?;
         if bhs.opcode() != Ok(Opcode::LoginRequest) {
             shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(opcode = bhs.opcode_raw(), "PDU other than Login Request before login completed; closing");
+            warn!(
+                opcode = bhs.opcode_raw(),
+                "PDU other than Login Request before login completed; closing"
+            );
             return Ok(None);
         }
-        let (data, _) = wire::read_data(rd, bhs.data_len(), LOGIN_TEXT_MAX, Digests::default()).await?;
+        let (data, _) =
+            wire::read_data(rd, bhs.data_len(), LOGIN_TEXT_MAX, Digests::default()).await?;
         let req = Login::parse(&bhs);
         if first && req.tsih != 0 {
             // Adding a connection to an existing session (MC/S) is not offered.
@@ -152,7 +181,11 @@ async fn login_phase(
         first = false;
         let reply = neg.step(&req, &data, &policy, &mut OsChallenges);
         let established = reply.established.is_some();
-        let tsih = if established { shared.allocate_tsih() } else { req.tsih };
+        let tsih = if established {
+            shared.allocate_tsih()
+        } else {
+            req.tsih
+        };
         let header = Login {
             isid: req.isid,
             itt: req.itt,
@@ -162,7 +195,10 @@ async fn login_phase(
             seq: StatusSeq {
                 stat_sn,
                 exp_cmd_sn: req.seq.stat_sn,
-                max_cmd_sn: req.seq.stat_sn.wrapping_add(shared.settings.queue_depth.max(1) - 1),
+                max_cmd_sn: req
+                    .seq
+                    .stat_sn
+                    .wrapping_add(shared.settings.queue_depth.max(1) - 1),
             },
             ..reply.header.clone()
         };
@@ -171,7 +207,10 @@ async fn login_phase(
         stat_sn = stat_sn.wrapping_add(1);
         if reply.failed() {
             shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
-            let status = LoginStatus { class: reply.header.status_class, detail: reply.header.status_detail };
+            let status = LoginStatus {
+                class: reply.header.status_class,
+                detail: reply.header.status_detail,
+            };
             let p = neg.params();
             warn!(
                 initiator = %p.initiator_name,
@@ -214,7 +253,11 @@ async fn send_login_failure(
         isid: req.isid,
         itt: req.itt,
         tsih: req.tsih,
-        seq: StatusSeq { stat_sn, exp_cmd_sn: req.seq.stat_sn, max_cmd_sn: req.seq.stat_sn },
+        seq: StatusSeq {
+            stat_sn,
+            exp_cmd_sn: req.seq.stat_sn,
+            max_cmd_sn: req.seq.stat_sn,
+        },
         status_class: status.class,
         status_detail: status.detail,
         ..Default::default()
@@ -225,7 +268,9 @@ async fn send_login_failure(
 }
 
 fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(16)) & 0x00ff_ffff
 }
 
@@ -276,7 +321,8 @@ enum ConnError {
 
 struct Session {
     shared: Arc<Shared>,
-    params: SessionParams,
+    /// Shared with every command completion (cloning it is one atomic increment).
+    params: Arc<SessionParams>,
     digests: Digests,
     target: Option<Arc<TargetConfig>>,
     nexus: Option<Arc<ItNexus>>,
@@ -302,20 +348,37 @@ async fn full_feature(
     est: Established,
 ) {
     let params = est.params.clone();
-    let digests = Digests { header: params.header_digest, data: params.data_digest };
+    let digests = Digests {
+        header: params.header_digest,
+        data: params.data_digest,
+    };
     let window = Arc::new(Window::new(est.exp_cmd_sn, shared.settings.queue_depth));
     let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
-    let writer = tokio::spawn(wire::writer(wr, out_rx, window.clone(), est.stat_sn, digests));
+    let writer = tokio::spawn(wire::writer(
+        wr,
+        out_rx,
+        window.clone(),
+        est.stat_sn,
+        digests,
+    ));
     let kill = Arc::new(Notify::new());
     let (ended_tx, ended_rx) = watch::channel(false);
     let target_name = est.target.as_ref().map(|t| t.name.clone());
-    let key: SessionKey = (params.initiator_name.clone(), est.isid, target_name.clone().unwrap_or_default());
+    let key: SessionKey = (
+        params.initiator_name.clone(),
+        est.isid,
+        target_name.clone().unwrap_or_default(),
+    );
     let nexus = est.target.as_ref().map(|t| {
         let tag = params.portal_group_tag;
         Arc::new(ItNexus {
             initiator_name: params.initiator_name.clone(),
             isid: est.isid,
-            target_port: TargetPort { name: format!("{},t,0x{:04x}", t.name, tag), relative_id: tag, group: 1 },
+            target_port: TargetPort {
+                name: format!("{},t,0x{:04x}", t.name, tag),
+                relative_id: tag,
+                group: 1,
+            },
         })
     });
     let info = SessionInfo {
@@ -327,7 +390,16 @@ async fn full_feature(
     };
     let normal = params.session_type == SessionType::Normal;
     if normal {
-        shared.register_session(key.clone(), SessionEntry { info, kill: kill.clone(), ended: ended_rx }).await;
+        shared
+            .register_session(
+                key.clone(),
+                SessionEntry {
+                    info,
+                    kill: kill.clone(),
+                    ended: ended_rx,
+                },
+            )
+            .await;
     }
     info!(
         initiator = %params.initiator_name,
@@ -348,7 +420,7 @@ async fn full_feature(
     ));
     let mut s = Session {
         shared: shared.clone(),
-        params,
+        params: Arc::new(params),
         digests,
         target: est.target,
         nexus,
@@ -376,7 +448,8 @@ async fn full_feature(
             }
             Err(e) => break Err(e.into()),
         };
-        s.last_rx.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        s.last_rx
+            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         if let Err(e) = s.handle(&mut rd, bhs).await {
             break Err(e);
         }
@@ -438,7 +511,11 @@ async fn keepalive(
                 ping_sent_at = None;
                 if now.saturating_sub(last) >= interval.as_millis() as u64 {
                     ttt = ttt.wrapping_add(1) | 0x4000_0000;
-                    let nop = Nop { itt: RESERVED_TAG, ttt, ..Default::default() };
+                    let nop = Nop {
+                        itt: RESERVED_TAG,
+                        ttt,
+                        ..Default::default()
+                    };
                     let pdu = OutPdu::new(nop.to_nop_in(), Bytes::new(), StatSn::Peek);
                     if out.send(Out::Pdus(vec![pdu])).await.is_err() {
                         return;
@@ -462,14 +539,25 @@ fn task_attribute(attr: u8) -> TaskAttribute {
 
 impl Session {
     async fn send(&self, pdus: Vec<OutPdu>) -> Result<(), ConnError> {
-        self.out.send(Out::Pdus(pdus)).await.map_err(|_| ConnError::WriterGone)
+        self.out
+            .send(Out::Pdus(pdus))
+            .await
+            .map_err(|_| ConnError::WriterGone)
     }
 
     async fn reject(&self, reason: u8, bhs: &Bhs) -> Result<(), ConnError> {
         self.shared.stats.rejects.fetch_add(1, Ordering::Relaxed);
         debug!(reason, opcode = bhs.opcode_raw(), "rejecting PDU");
-        let r = Reject { reason, ..Default::default() };
-        self.send(vec![OutPdu::new(r.to_bhs(), Bytes::copy_from_slice(&bhs.0), StatSn::Advance)]).await
+        let r = Reject {
+            reason,
+            ..Default::default()
+        };
+        self.send(vec![OutPdu::new(
+            r.to_bhs(),
+            Bytes::copy_from_slice(&bhs.0),
+            StatSn::Advance,
+        )])
+        .await
     }
 
     /// Rejects with a protocol error, lets the writer flush it and ends the connection
@@ -487,11 +575,17 @@ impl Session {
         }
     }
 
-    async fn skip_data(&self, rd: &mut BufReader<OwnedReadHalf>, bhs: &Bhs) -> Result<(), ConnError> {
+    async fn skip_data(
+        &self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        bhs: &Bhs,
+    ) -> Result<(), ConnError> {
         let len = bhs.data_len();
         let max = self.params.max_recv_data_segment_length as usize;
         if len > max {
-            return Err(self.protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength").await);
+            return Err(self
+                .protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength")
+                .await);
         }
         let (_, ok) = wire::read_data(rd, len, max, self.digests).await?;
         if !ok {
@@ -500,11 +594,17 @@ impl Session {
         Ok(())
     }
 
-    async fn read_segment(&self, rd: &mut BufReader<OwnedReadHalf>, bhs: &Bhs) -> Result<Bytes, ConnError> {
+    async fn read_segment(
+        &self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        bhs: &Bhs,
+    ) -> Result<Bytes, ConnError> {
         let len = bhs.data_len();
         let max = self.params.max_recv_data_segment_length as usize;
         if len > max {
-            return Err(self.protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength").await);
+            return Err(self
+                .protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength")
+                .await);
         }
         let (data, ok) = wire::read_data(rd, len, max, self.digests).await?;
         if !ok {
@@ -514,7 +614,10 @@ impl Session {
     }
 
     async fn data_digest_error(&self, bhs: &Bhs) -> ConnError {
-        self.shared.stats.digest_errors.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .digest_errors
+            .fetch_add(1, Ordering::Relaxed);
         let _ = self.reject(reject::DATA_DIGEST_ERROR, bhs).await;
         self.flush().await;
         ConnError::DataDigest
@@ -530,7 +633,12 @@ impl Session {
         let max = SerialNumber(self.window.max_cmd_sn.load(Ordering::Acquire));
         let sn = SerialNumber(cmd_sn);
         if !sn.in_window(exp, max) {
-            debug!(cmd_sn, exp = exp.0, max = max.0, "CmdSN outside the window; ignoring the PDU");
+            debug!(
+                cmd_sn,
+                exp = exp.0,
+                max = max.0,
+                "CmdSN outside the window; ignoring the PDU"
+            );
             return false;
         }
         // One connection delivers in order; a gap means the initiator skipped numbers,
@@ -539,7 +647,11 @@ impl Session {
         true
     }
 
-    async fn handle(&mut self, rd: &mut BufReader<OwnedReadHalf>, bhs: Bhs) -> Result<(), ConnError> {
+    async fn handle(
+        &mut self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        bhs: Bhs,
+    ) -> Result<(), ConnError> {
         let op = match bhs.opcode() {
             Ok(op) => op,
             Err(_) => {
@@ -574,7 +686,9 @@ impl Session {
             }
             Opcode::LoginRequest => {
                 self.skip_data(rd, &bhs).await?;
-                Err(self.protocol_error(&bhs, "Login Request in full feature phase").await)
+                Err(self
+                    .protocol_error(&bhs, "Login Request in full feature phase")
+                    .await)
             }
             _ => {
                 self.skip_data(rd, &bhs).await?;
@@ -587,23 +701,33 @@ impl Session {
         Some((self.nexus.clone()?, self.target.as_ref()?.device.clone()))
     }
 
-    async fn scsi_command(&mut self, rd: &mut BufReader<OwnedReadHalf>, bhs: Bhs) -> Result<(), ConnError> {
+    async fn scsi_command(
+        &mut self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        bhs: Bhs,
+    ) -> Result<(), ConnError> {
         let cmd = ScsiCommand::parse(&bhs);
         let dlen = bhs.data_len();
         let mrdsl = self.params.max_recv_data_segment_length as usize;
         if dlen > mrdsl {
-            return Err(self.protocol_error(&bhs, "immediate data longer than MaxRecvDataSegmentLength").await);
+            return Err(self
+                .protocol_error(&bhs, "immediate data longer than MaxRecvDataSegmentLength")
+                .await);
         }
         if !self.accept_cmd_sn(cmd.cmd_sn, cmd.immediate) {
             return self.skip_data(rd, &bhs).await;
         }
-        if dlen > 0 && (!cmd.write || !self.params.immediate_data || dlen as u32 > cmd.expected_data_transfer_length)
+        if dlen > 0
+            && (!cmd.write
+                || !self.params.immediate_data
+                || dlen as u32 > cmd.expected_data_transfer_length)
         {
             self.skip_data(rd, &bhs).await?;
             if !cmd.immediate {
                 self.window.in_flight.fetch_add(1, Ordering::AcqRel);
             }
-            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB).await;
+            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB)
+                .await;
             return self.reject(reject::PROTOCOL_ERROR, &bhs).await;
         }
         if self.receiving.contains_key(&cmd.itt) || self.executing_contains(cmd.itt) {
@@ -620,7 +744,8 @@ impl Session {
         }
         if edtl > WRITE_BYTES_MAX {
             self.skip_data(rd, &bhs).await?;
-            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB).await;
+            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB)
+                .await;
             return Ok(());
         }
         let mut buf = BytesMut::zeroed(edtl as usize);
@@ -631,7 +756,11 @@ impl Session {
             }
         }
         let first_burst = self.params.first_burst_length.min(edtl);
-        let unsolicited_end = if cmd.final_bit || self.params.initial_r2t { dlen as u32 } else { first_burst.max(dlen as u32) };
+        let unsolicited_end = if cmd.final_bit || self.params.initial_r2t {
+            dlen as u32
+        } else {
+            first_burst.max(dlen as u32)
+        };
         let unsolicited = (unsolicited_end > dlen as u32).then_some(DataSequence {
             next_offset: dlen as u32,
             next_data_sn: 0,
@@ -662,7 +791,10 @@ impl Session {
     }
 
     fn executing_contains(&self, itt: u32) -> bool {
-        self.executing.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&itt)
+        self.executing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&itt)
     }
 
     /// R2Ts for the not yet solicited part of a write, up to MaxOutstandingR2T at once,
@@ -670,7 +802,9 @@ impl Session {
     fn issue_r2ts(&mut self, task: &mut WriteTask) -> Vec<OutPdu> {
         let edtl = task.cmd.expected_data_transfer_length;
         let mut out = Vec::new();
-        while task.next_r2t_offset < edtl && (task.r2ts.len() as u32) < self.params.max_outstanding_r2t {
+        while task.next_r2t_offset < edtl
+            && (task.r2ts.len() as u32) < self.params.max_outstanding_r2t
+        {
             let len = (edtl - task.next_r2t_offset).min(self.params.max_burst_length);
             let ttt = self.next_ttt;
             self.next_ttt = self.next_ttt.wrapping_add(1);
@@ -688,7 +822,11 @@ impl Session {
             };
             task.r2ts.insert(
                 ttt,
-                DataSequence { next_offset: task.next_r2t_offset, next_data_sn: 0, end: task.next_r2t_offset + len },
+                DataSequence {
+                    next_offset: task.next_r2t_offset,
+                    next_data_sn: 0,
+                    end: task.next_r2t_offset + len,
+                },
             );
             task.r2t_sn = task.r2t_sn.wrapping_add(1);
             task.next_r2t_offset += len;
@@ -697,11 +835,17 @@ impl Session {
         out
     }
 
-    async fn data_out(&mut self, rd: &mut BufReader<OwnedReadHalf>, bhs: Bhs) -> Result<(), ConnError> {
+    async fn data_out(
+        &mut self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        bhs: Bhs,
+    ) -> Result<(), ConnError> {
         let d = DataOut::parse(&bhs);
         let len = bhs.data_len();
         if len > self.params.max_recv_data_segment_length as usize {
-            return Err(self.protocol_error(&bhs, "Data-Out longer than MaxRecvDataSegmentLength").await);
+            return Err(self
+                .protocol_error(&bhs, "Data-Out longer than MaxRecvDataSegmentLength")
+                .await);
         }
         let Some(task) = self.receiving.get_mut(&d.itt) else {
             // Data for a task we no longer hold (aborted, or already failed because of an
@@ -709,23 +853,37 @@ impl Session {
             debug!(itt = d.itt, "Data-Out for no pending task; discarding");
             return self.skip_data(rd, &bhs).await;
         };
-        let seq = if d.ttt == RESERVED_TAG { task.unsolicited.as_mut() } else { task.r2ts.get_mut(&d.ttt) };
+        let seq = if d.ttt == RESERVED_TAG {
+            task.unsolicited.as_mut()
+        } else {
+            task.r2ts.get_mut(&d.ttt)
+        };
         let end = d.buffer_offset as u64 + len as u64;
         let in_sequence = seq.as_ref().is_some_and(|seq| {
-            d.data_sn == seq.next_data_sn && d.buffer_offset == seq.next_offset && end <= seq.end as u64
+            d.data_sn == seq.next_data_sn
+                && d.buffer_offset == seq.next_offset
+                && end <= seq.end as u64
         });
         let Some(seq) = seq.filter(|_| in_sequence) else {
             // RFC 7143 §7.8: an out-of-order DataSN implies a lost PDU; without recovery
             // R2Ts (ErrorRecoveryLevel 0) the task ends with CHECK CONDITION "protocol
             // service CRC error" once the initiator has sent the rest of the sequence.
-            debug!(itt = d.itt, data_sn = d.data_sn, offset = d.buffer_offset, "Data-Out out of sequence");
+            debug!(
+                itt = d.itt,
+                data_sn = d.data_sn,
+                offset = d.buffer_offset,
+                "Data-Out out of sequence"
+            );
             self.skip_data(rd, &bhs).await?;
             return self.fail_write_on_final(d.itt, d.final_bit).await;
         };
         let start = d.buffer_offset as usize;
         let ok = wire::read_data_into(rd, &mut task.buf[start..start + len], self.digests).await?;
         if !ok {
-            self.shared.stats.digest_errors.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .digest_errors
+                .fetch_add(1, Ordering::Relaxed);
             self.reject(reject::DATA_DIGEST_ERROR, &bhs).await?;
             return self.fail_write_on_final(d.itt, d.final_bit).await;
         }
@@ -742,7 +900,10 @@ impl Session {
                 task.unsolicited = None;
             } else {
                 task.r2ts.remove(&d.ttt);
-                let mut t = self.receiving.remove(&d.itt).ok_or(ConnError::Protocol("task vanished"))?;
+                let mut t = self
+                    .receiving
+                    .remove(&d.itt)
+                    .ok_or(ConnError::Protocol("task vanished"))?;
                 r2ts = self.issue_r2ts(&mut t);
                 self.receiving.insert(d.itt, t);
             }
@@ -773,7 +934,8 @@ impl Session {
             return Ok(());
         }
         if let Some(t) = self.receiving.remove(&itt) {
-            self.respond_check_condition(&t.cmd, PROTOCOL_SERVICE_CRC_ERROR).await;
+            self.respond_check_condition(&t.cmd, PROTOCOL_SERVICE_CRC_ERROR)
+                .await;
         }
         Ok(())
     }
@@ -797,39 +959,44 @@ impl Session {
         self.executing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(cmd.itt, Running { lun, aborted: false });
+            .insert(
+                cmd.itt,
+                Running {
+                    lun,
+                    aborted: false,
+                },
+            );
         let executing = self.executing.clone();
         let window = self.window.clone();
         let out = self.out.clone();
         let params = self.params.clone();
         let completed = self.completed.clone();
-        tokio::spawn(async move {
-            let cmd2 = cmd.clone();
-            let exec = tokio::task::spawn_blocking(move || {
-                let cdb = &cmd2.cdb[..];
-                let needed = if cmd2.write { device.data_out_len(lun, cdb) } else { None };
-                let take = match needed {
-                    Some(n) => (n as usize).min(data.len()),
-                    None => data.len(),
-                };
-                let req = ScsiRequest {
-                    nexus: &nexus,
-                    lun,
-                    cdb,
-                    data_out: &data[..take],
-                    expected_data_in_len: cmd2.expected_data_transfer_length,
-                    attr: task_attribute(cmd2.attr),
-                };
-                (device.execute(&req), needed)
-            })
-            .await;
-            let (resp, needed) = match exec {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "SCSI command execution failed");
-                    (scsi::check_condition(scsi::Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE), None)
-                }
+        // The command runs, and its response is queued, on a blocking-pool thread: one
+        // hand-off per command, and disk I/O never blocks a runtime thread.
+        tokio::task::spawn_blocking(move || {
+            let cdb = &cmd.cdb[..];
+            let needed = if cmd.write {
+                device.data_out_len(lun, cdb)
+            } else {
+                None
             };
+            let take = needed.map_or(data.len(), |n| (n as usize).min(data.len()));
+            let req = ScsiRequest {
+                nexus: &nexus,
+                lun,
+                cdb,
+                data_out: &data[..take],
+                expected_data_in_len: cmd.expected_data_transfer_length,
+                attr: task_attribute(cmd.attr),
+            };
+            // A bug in a command handler must cost one command, not the process
+            // (DESIGN.md invariant 4).
+            let resp =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device.execute(&req)))
+                    .unwrap_or_else(|_| {
+                        tracing::error!(cdb = ?&cmd.cdb[..], "SCSI command handler panicked");
+                        scsi::check_condition(scsi::Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE)
+                    });
             let aborted = executing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -844,7 +1011,7 @@ impl Session {
                 return;
             }
             let pdus = build_response(&cmd, needed, resp, &params);
-            let _ = out.send(Out::Pdus(pdus)).await;
+            let _ = out.blocking_send(Out::Pdus(pdus));
         });
     }
 
@@ -860,8 +1027,18 @@ impl Session {
         }
         let mut max_ping = self.params.max_xmit_data_segment_length as usize;
         max_ping = max_ping.min(data.len());
-        let reply = Nop { itt: nop.itt, ttt: RESERVED_TAG, lun: nop.lun, ..Default::default() };
-        self.send(vec![OutPdu::new(reply.to_nop_in(), data.slice(..max_ping), StatSn::Advance)]).await
+        let reply = Nop {
+            itt: nop.itt,
+            ttt: RESERVED_TAG,
+            lun: nop.lun,
+            ..Default::default()
+        };
+        self.send(vec![OutPdu::new(
+            reply.to_nop_in(),
+            data.slice(..max_ping),
+            StatSn::Advance,
+        )])
+        .await
     }
 
     async fn text(&mut self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
@@ -883,7 +1060,13 @@ impl Session {
             for (k, v) in &pairs.0 {
                 if k == "SendTargets" {
                     let target = self.target.as_ref().map(|t| t.name.as_str());
-                    let st = discovery::send_targets(&self.shared, v, &self.params.initiator_name, target, self.local);
+                    let st = discovery::send_targets(
+                        &self.shared,
+                        v,
+                        &self.params.initiator_name,
+                        target,
+                        self.local,
+                    );
                     out.0.extend(st.0);
                 } else {
                     out.push(k.clone(), "NotUnderstood");
@@ -892,7 +1075,11 @@ impl Session {
             Bytes::from(out.encode())
         };
         let max = self.params.max_xmit_data_segment_length as usize;
-        let (chunk, rest) = if body.len() > max { (body.slice(..max), Some(body.slice(max..))) } else { (body, None) };
+        let (chunk, rest) = if body.len() > max {
+            (body.slice(..max), Some(body.slice(max..)))
+        } else {
+            (body, None)
+        };
         let ttt = if let Some(rest) = rest {
             let ttt = self.next_ttt;
             self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
@@ -909,7 +1096,12 @@ impl Session {
             ttt,
             ..Default::default()
         };
-        self.send(vec![OutPdu::new(resp.to_bhs(false), chunk, StatSn::Advance)]).await
+        self.send(vec![OutPdu::new(
+            resp.to_bhs(false),
+            chunk,
+            StatSn::Advance,
+        )])
+        .await
     }
 
     async fn logout(&mut self, bhs: Bhs) -> Result<(), ConnError> {
@@ -929,8 +1121,17 @@ impl Session {
             self.receiving.clear();
             self.wait_idle(Duration::from_secs(30)).await;
         }
-        let resp = LogoutResponse { response, itt: req.itt, ..Default::default() };
-        self.send(vec![OutPdu::new(resp.to_bhs(), Bytes::new(), StatSn::Advance)]).await?;
+        let resp = LogoutResponse {
+            response,
+            itt: req.itt,
+            ..Default::default()
+        };
+        self.send(vec![OutPdu::new(
+            resp.to_bhs(),
+            Bytes::new(),
+            StatSn::Advance,
+        )])
+        .await?;
         if response == 0 {
             self.flush().await;
             return Err(ConnError::LoggedOut);
@@ -942,7 +1143,12 @@ impl Session {
         let deadline = tokio::time::Instant::now() + max;
         loop {
             let notified = self.completed.notified();
-            if self.executing.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            if self
+                .executing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
                 return;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -969,13 +1175,21 @@ impl Session {
                 n += 1;
             }
         }
-        for (itt, r) in self.executing.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+        for (itt, r) in self
+            .executing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
             if pred(*itt, r.lun) && !r.aborted {
                 r.aborted = true;
                 n += 1;
             }
         }
-        self.shared.stats.aborted_tasks.fetch_add(n as u64, Ordering::Relaxed);
+        self.shared
+            .stats
+            .aborted_tasks
+            .fetch_add(n as u64, Ordering::Relaxed);
         n
     }
 
@@ -1018,7 +1232,10 @@ impl Session {
                     self.wait_idle(Duration::from_secs(30)).await;
                     info!(lun, aborted = n, "logical unit reset");
                     let (d, nx) = (device.clone(), nexus.clone());
-                    let _ = tokio::task::spawn_blocking(move || d.reset(ResetKind::LogicalUnit, Some(lun), &nx)).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        d.reset(ResetKind::LogicalUnit, Some(lun), &nx)
+                    })
+                    .await;
                     tmf::RESP_COMPLETE
                 }
             }
@@ -1027,7 +1244,11 @@ impl Session {
                 let n = self.abort_where(|_, _| true);
                 self.wait_idle(Duration::from_secs(30)).await;
                 info!(aborted = n, cold, "target reset");
-                let kind = if cold { ResetKind::TargetCold } else { ResetKind::TargetWarm };
+                let kind = if cold {
+                    ResetKind::TargetCold
+                } else {
+                    ResetKind::TargetWarm
+                };
                 let (d, nx) = (device.clone(), nexus.clone());
                 let _ = tokio::task::spawn_blocking(move || d.reset(kind, None, &nx)).await;
                 cold_reset = cold;
@@ -1036,8 +1257,17 @@ impl Session {
             tmf::TASK_REASSIGN => tmf::RESP_REASSIGN_UNSUPPORTED,
             _ => tmf::RESP_NOT_SUPPORTED,
         };
-        let resp = TaskMgmtResponse { response, itt: req.itt, ..Default::default() };
-        self.send(vec![OutPdu::new(resp.to_bhs(), Bytes::new(), StatSn::Advance)]).await?;
+        let resp = TaskMgmtResponse {
+            response,
+            itt: req.itt,
+            ..Default::default()
+        };
+        self.send(vec![OutPdu::new(
+            resp.to_bhs(),
+            Bytes::new(),
+            StatSn::Advance,
+        )])
+        .await?;
         if cold_reset {
             // RFC 7143 §11.5.1: after a cold reset the target drops all its sessions.
             self.flush().await;
@@ -1092,8 +1322,9 @@ fn build_response(
     };
     let data = data.slice(..(data.len().min(edtl as usize)));
     let status = resp.status as u8;
-    let phase_collapse =
-        resp.sense.is_none() && matches!(resp.status, ScsiStatus::Good | ScsiStatus::ConditionMet) && !data.is_empty();
+    let phase_collapse = resp.sense.is_none()
+        && matches!(resp.status, ScsiStatus::Good | ScsiStatus::ConditionMet)
+        && !data.is_empty();
     let mut pdus = Vec::new();
     let max_seg = params.max_xmit_data_segment_length.max(512) as usize;
     let burst = params.max_burst_length.max(512) as usize;
@@ -1117,7 +1348,11 @@ fn build_response(
             buffer_offset: offset as u32,
             ..Default::default()
         };
-        let stat = if last && phase_collapse { StatSn::Advance } else { StatSn::Peek };
+        let stat = if last && phase_collapse {
+            StatSn::Advance
+        } else {
+            StatSn::Peek
+        };
         let mut bhs = d.to_bhs();
         if !(last && phase_collapse) {
             // StatSN is reserved in Data-In without status; the writer fills it anyway.

@@ -19,7 +19,11 @@ pub(crate) fn allowed(target: &TargetConfig, initiator: &str) -> bool {
 /// Formats a portal as `TargetAddress` wants it: `host:port,tag`, IPv6 in brackets. A
 /// wildcard listening address is replaced by the address the initiator reached us on.
 fn target_address(addr: SocketAddr, tag: u16, local: Option<SocketAddr>) -> String {
-    let ip = if addr.ip().is_unspecified() { local.map(|l| l.ip()).unwrap_or(addr.ip()) } else { addr.ip() };
+    let ip = if addr.ip().is_unspecified() {
+        local.map(|l| l.ip()).unwrap_or(addr.ip())
+    } else {
+        addr.ip()
+    };
     match ip {
         std::net::IpAddr::V4(v4) => format!("{v4}:{},{tag}", addr.port()),
         std::net::IpAddr::V6(v6) => format!("[{v6}]:{},{tag}", addr.port()),

@@ -90,7 +90,9 @@ pub struct Server {
 impl Server {
     /// A server with no targets.
     pub fn new(settings: ServerSettings) -> Server {
-        Server { shared: Arc::new(Shared::new(settings)) }
+        Server {
+            shared: Arc::new(Shared::new(settings)),
+        }
     }
 
     /// Adds a target or replaces one with the same name; live sessions keep running and
@@ -162,7 +164,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             }
         };
         let Some(guard) = shared.try_admit_connection() else {
-            shared.stats.connections_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .stats
+                .connections_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(%peer, "connection limit reached; closing new connection");
             drop(stream);
             continue;

@@ -90,11 +90,15 @@ impl Shared {
 
     pub fn try_admit_connection(self: &Arc<Self>) -> Option<ConnectionGuard> {
         let n = self.connections.fetch_add(1, Ordering::AcqRel);
-        let guard = ConnectionGuard { shared: self.clone() };
+        let guard = ConnectionGuard {
+            shared: self.clone(),
+        };
         if n >= self.settings.max_connections {
             return None;
         }
-        self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
         Some(guard)
     }
 
@@ -104,7 +108,10 @@ impl Shared {
     }
 
     pub fn remove_target(&self, name: &str) {
-        self.targets.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.targets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for (key, entry) in sessions.iter() {
             if key.2 == name {
@@ -114,23 +121,44 @@ impl Shared {
     }
 
     pub fn target(&self, name: &str) -> Option<Arc<TargetConfig>> {
-        self.targets.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn targets(&self) -> Vec<Arc<TargetConfig>> {
-        self.targets.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn portal_addrs(&self) -> Vec<SocketAddr> {
-        self.targets().iter().flat_map(|t| t.portals.iter().map(|p| p.addr)).collect()
+        self.targets()
+            .iter()
+            .flat_map(|t| t.portals.iter().map(|p| p.addr))
+            .collect()
     }
 
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().map(|e| e.info.clone()).collect()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.info.clone())
+            .collect()
     }
 
     pub fn session_exists_with_tsih(&self, tsih: u16) -> bool {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().any(|e| e.info.tsih == tsih)
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|e| e.info.tsih == tsih)
     }
 
     pub fn allocate_tsih(&self) -> u16 {
@@ -146,14 +174,21 @@ impl Shared {
     /// Registers a new session; an existing session with the same key is ended first
     /// (session reinstatement, RFC 7143 §6.3.5) and this waits for it to finish.
     pub async fn register_session(&self, key: SessionKey, entry: SessionEntry) {
-        let old = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        let old = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
         if let Some(old) = old {
             tracing::info!(initiator = %key.0, target = %key.2, tsih = old.info.tsih, "reinstating session");
             old.kill.notify_one();
             let mut ended = old.ended;
             let _ = tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|e| *e)).await;
         }
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, entry);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entry);
     }
 
     pub fn unregister_session(&self, key: &SessionKey, tsih: u16) {
@@ -177,13 +212,23 @@ impl Shared {
         let _ = self.shutting_down.send(true);
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline {
-            if self.sessions.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            if self
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let entries: Vec<Arc<Notify>> =
-            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().map(|e| e.kill.clone()).collect();
+        let entries: Vec<Arc<Notify>> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.kill.clone())
+            .collect();
         for k in entries {
             k.notify_one();
         }

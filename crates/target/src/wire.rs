@@ -36,7 +36,10 @@ pub(crate) struct Digests {
 }
 
 /// Reads one basic header segment (and skips AHS), checking the header digest.
-pub(crate) async fn read_header<R: AsyncRead + Unpin>(r: &mut R, digests: Digests) -> Result<Bhs, ReadError> {
+pub(crate) async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    digests: Digests,
+) -> Result<Bhs, ReadError> {
     let mut b = [0u8; BHS_LEN];
     match r.read_exact(&mut b).await {
         Ok(_) => {}
@@ -158,7 +161,11 @@ impl Window {
         let busy = self.in_flight.load(Ordering::Acquire).min(self.queue_depth);
         let want = exp.wrapping_add(self.queue_depth - busy).wrapping_sub(1);
         let prev = self.max_cmd_sn.load(Ordering::Acquire);
-        let max = if SerialNumber(want).gt(SerialNumber(prev)) { want } else { prev };
+        let max = if SerialNumber(want).gt(SerialNumber(prev)) {
+            want
+        } else {
+            prev
+        };
         self.max_cmd_sn.store(max, Ordering::Release);
         (exp, max)
     }
@@ -205,14 +212,26 @@ pub(crate) async fn writer<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
-async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[OutPdu], digests: Digests) -> std::io::Result<()> {
+async fn write_batch<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &[OutPdu],
+    digests: Digests,
+) -> std::io::Result<()> {
     const PAD: [u8; 4] = [0; 4];
     // Digests are computed up front so the slices below can borrow them.
     let mut digest_bytes: Vec<([u8; 4], [u8; 4])> = Vec::with_capacity(batch.len());
     for p in batch {
-        let hd = if digests.header { crc32c(&[&p.bhs.0]).to_le_bytes() } else { [0; 4] };
+        let hd = if digests.header {
+            crc32c(&[&p.bhs.0]).to_le_bytes()
+        } else {
+            [0; 4]
+        };
         let pad = PAD.get(..pad_len(p.data.len())).unwrap_or(&[]);
-        let dd = if digests.data && !p.data.is_empty() { crc32c(&[&p.data, pad]).to_le_bytes() } else { [0; 4] };
+        let dd = if digests.data && !p.data.is_empty() {
+            crc32c(&[&p.data, pad]).to_le_bytes()
+        } else {
+            [0; 4]
+        };
         digest_bytes.push((hd, dd));
     }
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 5);
@@ -235,7 +254,10 @@ async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[OutPdu], digests
     write_all_vectored(w, &mut slices).await
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
     // IOV_MAX is 1024 on Linux; write in chunks below it.
     while !slices.is_empty() {
         let upto = slices.len().min(1000);

@@ -20,7 +20,13 @@ async fn start(settings: ServerSettings) -> (Server, SocketAddr, tokio::sync::on
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let device = Arc::new(scsi::TargetDevice::new());
-    device.add_lun(0, scsi::LuConfig::default(), Arc::new(MemDevice::new(16 << 20))).unwrap();
+    device
+        .add_lun(
+            0,
+            scsi::LuConfig::default(),
+            Arc::new(MemDevice::new(16 << 20)),
+        )
+        .unwrap();
     server.set_target(TargetConfig {
         name: IQN.into(),
         alias: None,
@@ -41,7 +47,9 @@ async fn start(settings: ServerSettings) -> (Server, SocketAddr, tokio::sync::on
 }
 
 async fn login(addr: SocketAddr) -> Session {
-    Session::login(addr, &LoginOptions::new(INITIATOR, Some(IQN))).await.unwrap()
+    Session::login(addr, &LoginOptions::new(INITIATOR, Some(IQN)))
+        .await
+        .unwrap()
 }
 
 /// TEST UNIT READY until the power-on unit attention is consumed; then GOOD.
@@ -64,7 +72,10 @@ async fn write_read_roundtrip_and_logout() {
     let data: Vec<u8> = (0..300 * 1024).map(|i| (i * 7 % 251) as u8).collect();
     let w = s.write16(0, 8, &data, 512, true).await.unwrap();
     assert_eq!(w.status, 0);
-    let r = s.read16(0, 8, (data.len() / 512) as u32, 512).await.unwrap();
+    let r = s
+        .read16(0, 8, (data.len() / 512) as u32, 512)
+        .await
+        .unwrap();
     assert_eq!(r.status, 0);
     assert!(r.data == data, "read back differs");
     s.logout().await.unwrap();
@@ -91,7 +102,11 @@ async fn unknown_opcode_is_rejected_and_session_continues() {
 
 #[tokio::test]
 async fn cmdsn_outside_window_is_ignored() {
-    let (_srv, addr, _stop) = start(ServerSettings { queue_depth: 8, ..Default::default() }).await;
+    let (_srv, addr, _stop) = start(ServerSettings {
+        queue_depth: 8,
+        ..Default::default()
+    })
+    .await;
     let mut s = login(addr).await;
     ready(&mut s).await;
     let cmd = ScsiCommand {
@@ -127,13 +142,31 @@ async fn data_segment_beyond_max_recv_drops_connection_only() {
     let (_srv, addr, _stop) = start(ServerSettings::default()).await;
     let mut bystander = login(addr).await;
     ready(&mut bystander).await;
-    let mut s = Session::login(addr, &LoginOptions { isid: [0x80, 0, 0, 0, 0, 9], ..LoginOptions::new(INITIATOR, Some(IQN)) })
-        .await
-        .unwrap();
+    let mut s = Session::login(
+        addr,
+        &LoginOptions {
+            isid: [0x80, 0, 0, 0, 0, 9],
+            ..LoginOptions::new(INITIATOR, Some(IQN))
+        },
+    )
+    .await
+    .unwrap();
     let huge = vec![0u8; 2 << 20];
-    let nop = Nop { itt: 5, ttt: RESERVED_TAG, seq: StatusSeq { stat_sn: s.take_cmd_sn(), exp_cmd_sn: 0, max_cmd_sn: 0 }, ..Default::default() };
+    let nop = Nop {
+        itt: 5,
+        ttt: RESERVED_TAG,
+        seq: StatusSeq {
+            stat_sn: s.take_cmd_sn(),
+            exp_cmd_sn: 0,
+            max_cmd_sn: 0,
+        },
+        ..Default::default()
+    };
     s.send(&Pdu::NopOut(nop, Bytes::from(huge))).await.ok();
-    assert!(s.closed_within(Duration::from_secs(5)).await, "connection must be dropped");
+    assert!(
+        s.closed_within(Duration::from_secs(5)).await,
+        "connection must be dropped"
+    );
     ready(&mut bystander).await;
 }
 
@@ -142,25 +175,53 @@ async fn data_out_for_unknown_task_is_discarded() {
     let (_srv, addr, _stop) = start(ServerSettings::default()).await;
     let mut s = login(addr).await;
     ready(&mut s).await;
-    let d = DataOut { final_bit: true, lun: Lun(0).to_field(), itt: 0xdead, ttt: RESERVED_TAG, exp_stat_sn: s.exp_stat_sn(), data_sn: 0, buffer_offset: 0 };
-    s.send(&Pdu::DataOut(d, Bytes::from(vec![1u8; 512]))).await.unwrap();
+    let d = DataOut {
+        final_bit: true,
+        lun: Lun(0).to_field(),
+        itt: 0xdead,
+        ttt: RESERVED_TAG,
+        exp_stat_sn: s.exp_stat_sn(),
+        data_sn: 0,
+        buffer_offset: 0,
+    };
+    s.send(&Pdu::DataOut(d, Bytes::from(vec![1u8; 512])))
+        .await
+        .unwrap();
     ready(&mut s).await;
 }
 
 #[tokio::test]
 async fn login_that_never_finishes_is_dropped() {
-    let settings = ServerSettings { login_timeout: Duration::from_millis(300), ..Default::default() };
+    let settings = ServerSettings {
+        login_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
     let (srv, addr, _stop) = start(settings).await;
     let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 1];
-    let r = tokio::time::timeout(Duration::from_secs(3), tokio::io::AsyncReadExt::read(&mut idle, &mut buf)).await;
-    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "idle login must be closed: {r:?}");
-    assert!(srv.stats().login_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read(&mut idle, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "idle login must be closed: {r:?}"
+    );
+    assert!(
+        srv.stats()
+            .login_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
 }
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_refused_and_service_continues() {
-    let settings = ServerSettings { max_connections: 50, ..Default::default() };
+    let settings = ServerSettings {
+        max_connections: 50,
+        ..Default::default()
+    };
     let (srv, addr, _stop) = start(settings).await;
     let mut held = Vec::new();
     for _ in 0..200 {
@@ -169,7 +230,12 @@ async fn connections_beyond_the_limit_are_refused_and_service_continues() {
         }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(srv.stats().connections_refused.load(std::sync::atomic::Ordering::Relaxed) >= 100);
+    assert!(
+        srv.stats()
+            .connections_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 100
+    );
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut s = login(addr).await;
@@ -190,7 +256,10 @@ async fn dead_initiator_is_dropped_after_nop_timeout() {
         Pdu::NopIn(h, _) => assert_ne!(h.ttt, RESERVED_TAG, "a ping carries a target transfer tag"),
         other => panic!("expected a NOP-In ping, got {other:?}"),
     }
-    assert!(s.closed_within(Duration::from_secs(3)).await, "unanswered pings must drop the connection");
+    assert!(
+        s.closed_within(Duration::from_secs(3)).await,
+        "unanswered pings must drop the connection"
+    );
 }
 
 #[tokio::test]
@@ -200,17 +269,33 @@ async fn session_reinstatement_closes_the_old_connection() {
     ready(&mut old).await;
     let mut new = login(addr).await;
     ready(&mut new).await;
-    assert!(old.closed_within(Duration::from_secs(5)).await, "the old connection of the same ISID must be closed");
+    assert!(
+        old.closed_within(Duration::from_secs(5)).await,
+        "the old connection of the same ISID must be closed"
+    );
     assert_eq!(srv.sessions().len(), 1);
 }
 
 #[tokio::test]
 async fn header_digest_error_drops_the_connection() {
     let (_srv, addr, _stop) = start(ServerSettings::default()).await;
-    let mut s = Session::login(addr, &LoginOptions { digests: true, ..LoginOptions::new(INITIATOR, Some(IQN)) }).await.unwrap();
+    let mut s = Session::login(
+        addr,
+        &LoginOptions {
+            digests: true,
+            ..LoginOptions::new(INITIATOR, Some(IQN))
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(s.negotiated.get("HeaderDigest"), Some("CRC32C"));
     ready(&mut s).await;
-    let cmd = ScsiCommand { final_bit: true, itt: 9, cmd_sn: s.take_cmd_sn(), ..Default::default() };
+    let cmd = ScsiCommand {
+        final_bit: true,
+        itt: 9,
+        cmd_sn: s.take_cmd_sn(),
+        ..Default::default()
+    };
     let mut wire = Pdu::ScsiCommand(cmd, Bytes::new()).to_wire(true, true);
     wire[48] ^= 0xff; // corrupt the header digest
     s.send_raw(&wire).await.unwrap();
@@ -220,7 +305,9 @@ async fn header_digest_error_drops_the_connection() {
 #[tokio::test]
 async fn discovery_lists_the_portal_with_its_tag() {
     let (_srv, addr, _stop) = start(ServerSettings::default()).await;
-    let mut s = Session::login(addr, &LoginOptions::new(INITIATOR, None)).await.unwrap();
+    let mut s = Session::login(addr, &LoginOptions::new(INITIATOR, None))
+        .await
+        .unwrap();
     let targets = s.send_targets().await.unwrap();
     assert_eq!(targets, vec![(IQN.to_string(), vec![format!("{addr},1")])]);
 }
