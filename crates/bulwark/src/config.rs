@@ -128,6 +128,19 @@ pub struct LunSection {
     pub write_cache: bool,
     /// Unit serial number; derived from the target and LUN when absent.
     pub serial: Option<String>,
+    /// Physical block size reported to initiators (they align I/O to it).
+    #[serde(default = "default_physical_block_size")]
+    pub physical_block_size: u32,
+    /// Rate limit of SANITIZE, so it never starves the other LUNs; 0 = unlimited.
+    #[serde(default = "default_sanitize_bytes_per_s")]
+    pub sanitize_bytes_per_s: u64,
+}
+
+fn default_physical_block_size() -> u32 {
+    4096
+}
+fn default_sanitize_bytes_per_s() -> u64 {
+    16 << 20
 }
 
 fn default_block_size() -> u32 {
@@ -330,6 +343,13 @@ impl Config {
                             "block_size {} is not supported; use 512 or 4096",
                             l.block_size
                         ),
+                    ));
+                }
+                let p = l.physical_block_size;
+                if !p.is_power_of_two() || p < l.block_size || p > 32768 {
+                    return Err((
+                        Some("physical_block_size".into()),
+                        format!("physical_block_size {p} must be a power of two from block_size ({}) to 32768", l.block_size),
                     ));
                 }
                 if let Some(s) = &l.size {

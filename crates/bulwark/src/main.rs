@@ -102,6 +102,8 @@ fn default_config(data_dir: &Path, listen: &str) -> Config {
                 direct: false,
                 write_cache: true,
                 serial: None,
+                physical_block_size: 4096,
+                sanitize_bytes_per_s: 16 << 20,
             }],
         }],
     }
@@ -139,6 +141,8 @@ fn lu_config(target: &TargetSection, lun: &LunSection) -> scsi::LuConfig {
         serial: lun.serial.clone().unwrap_or_else(|| format!("{h1:016x}")),
         naa,
         pr_file: Some(lun.path.with_extension("pr")),
+        physical_block_size: lun.physical_block_size,
+        sanitize_bytes_per_s: lun.sanitize_bytes_per_s,
         ..Default::default()
     }
 }

@@ -102,7 +102,7 @@ pub(crate) struct LuState {
     /// Sanitize operations (SBC-3 §4.11): while one runs, other commands get NOT READY.
     pub sanitize: Sanitizer,
     /// I_T nexuses whose registrations PERSISTENT RESERVE OUT PREEMPT AND ABORT removed
-    /// and whose tasks the transport has yet to abort (SPC-4 §5.13.11.2.? ).
+    /// and whose tasks the transport has yet to abort (SPC-4 §5.13.11.2.?).
     pub preempted: Vec<ItNexus>,
 }
 

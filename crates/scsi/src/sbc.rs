@@ -372,10 +372,23 @@ pub(crate) fn read_capacity_16(ctx: &Ctx<'_>) -> CmdResult {
     let mut b = vec![0u8; 32];
     put(&mut b, 0, &last.to_be_bytes());
     put(&mut b, 8, &ctx.lu.block_size().to_be_bytes());
+    // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: initiators align I/O and unmaps to it.
+    put(&mut b, 13, &[physical_block_exponent(ctx.lu)]);
     if ctx.lu.device.supports_discard() {
         put(&mut b, 14, &[0x80 | 0x40]); // LBPME, LBPRZ
     }
     data_in(b, alloc)
+}
+
+/// log2 of logical blocks per physical block (READ CAPACITY (16) byte 13).
+pub(crate) fn physical_block_exponent(lu: &LogicalUnit) -> u8 {
+    let logical = lu.block_size();
+    let physical = lu.config.physical_block_size;
+    if logical == 0 || physical <= logical || !physical.is_power_of_two() || physical > 32768 {
+        0
+    } else {
+        (physical / logical).trailing_zeros() as u8
+    }
 }
 
 /// GET LBA STATUS (SBC-3 §5.5).
@@ -597,6 +610,10 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
     if r.count.0 > u64::from(limits::max_write_same_blocks(ctx.lu.block_size())) {
         return Err(Sense::invalid_field_in_cdb(length_byte(cdb)).into());
     }
+    // A write-protected unit says so before it looks at the Data-Out.
+    if let Some(s) = ctx.lu.write_protect() {
+        return Err(s.into());
+    }
     let bs = ctx.lu.block_size();
     let bsz = usize_of(u64::from(bs))?;
     let zeroes;
@@ -612,9 +629,6 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
         }
         ctx.req.data_out
     };
-    if let Some(s) = ctx.lu.write_protect() {
-        return Err(s.into());
-    }
     let fua = effective_fua(ctx.lu, false);
     let device = &ctx.lu.device;
     if unmap && device.supports_discard() {

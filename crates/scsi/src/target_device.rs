@@ -45,6 +45,10 @@ pub struct LuConfig {
     /// The default, 16 MiB/s, is a few percent of an SSD or a 10 GbE link and sanitizes
     /// 128 MiB in 8 s, 1 TiB in about 18 hours: raise it for large units on idle storage.
     pub sanitize_bytes_per_s: u64,
+    /// Physical block size reported in READ CAPACITY (16) (a power-of-two multiple of
+    /// `block_size`, at most 32 KiB). Stores on 4 KiB pages are best described with
+    /// 4096: initiators then align I/O and unmaps to it. 0 means equal to `block_size`.
+    pub physical_block_size: u32,
 }
 
 /// Default of [`LuConfig::sanitize_bytes_per_s`].
@@ -66,6 +70,7 @@ impl Default for LuConfig {
             naa,
             pr_file: None,
             sanitize_bytes_per_s: SANITIZE_BYTES_PER_S_DEFAULT,
+            physical_block_size: 4096,
         }
     }
 }

@@ -161,7 +161,9 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     if thin {
         put(&mut b, 16, &limits::MAX_UNMAP_LBA_COUNT.to_be_bytes());
         put(&mut b, 20, &limits::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
-        put(&mut b, 24, &1u32.to_be_bytes()); // optimal unmap granularity
+        // Optimal unmap granularity: one physical block (holes are punched in pages).
+        let granularity = 1u32 << crate::sbc::physical_block_exponent(lu);
+        put(&mut b, 24, &granularity.to_be_bytes());
         put(&mut b, 28, &0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
     }
     put(

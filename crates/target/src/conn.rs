@@ -980,12 +980,13 @@ impl Session {
             } else {
                 None
             };
-            let take = needed.map_or(data.len(), |n| (n as usize).min(data.len()));
             let req = ScsiRequest {
                 nexus: &nexus,
                 lun,
                 cdb,
-                data_out: &data[..take],
+                // All the data the initiator sent: the command decides what a surplus
+                // means (ignored by WRITE, refused by WRITE SAME and COMPARE AND WRITE).
+                data_out: &data,
                 expected_data_in_len: cmd.expected_data_transfer_length,
                 attr: task_attribute(cmd.attr),
             };
@@ -1175,6 +1176,7 @@ impl Session {
                 n += 1;
             }
         }
+        let mut luns = Vec::new();
         for (itt, r) in self
             .executing
             .lock()
@@ -1183,7 +1185,18 @@ impl Session {
         {
             if pred(*itt, r.lun) && !r.aborted {
                 r.aborted = true;
+                luns.push(r.lun);
                 n += 1;
+            }
+        }
+        // A command blocked on a background operation of its logical unit (SANITIZE with
+        // IMMED=0) must return now, or the task management response would wait for the
+        // whole operation.
+        luns.sort_unstable();
+        luns.dedup();
+        if let Some((nexus, device)) = self.nexus_and_device() {
+            for lun in luns {
+                device.abort_tasks(lun, Some(&nexus));
             }
         }
         self.shared
@@ -1229,6 +1242,7 @@ impl Session {
                     tmf::RESP_NO_LUN
                 } else {
                     let n = self.abort_where(|_, l| l == lun);
+                    device.abort_tasks(lun, None);
                     self.wait_idle(Duration::from_secs(30)).await;
                     info!(lun, aborted = n, "logical unit reset");
                     let (d, nx) = (device.clone(), nexus.clone());
@@ -1242,6 +1256,9 @@ impl Session {
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                 let cold = req.function == tmf::TARGET_COLD_RESET;
                 let n = self.abort_where(|_, _| true);
+                for l in device.luns() {
+                    device.abort_tasks(l, None);
+                }
                 self.wait_idle(Duration::from_secs(30)).await;
                 info!(aborted = n, cold, "target reset");
                 let kind = if cold {

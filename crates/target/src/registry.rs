@@ -232,5 +232,10 @@ impl Shared {
         for k in entries {
             k.notify_one();
         }
+        // Every logical unit flushes whatever the sessions left in its write cache.
+        for t in self.targets() {
+            let device = t.device.clone();
+            let _ = tokio::task::spawn_blocking(move || device.flush_all()).await;
+        }
     }
 }
