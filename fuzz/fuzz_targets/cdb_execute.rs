@@ -10,8 +10,10 @@ fn device() -> &'static TargetDevice {
     static D: OnceLock<TargetDevice> = OnceLock::new();
     D.get_or_init(|| {
         let d = TargetDevice::new();
-        d.add_lun(0, LuConfig::default(), Arc::new(MemDevice::new(1 << 20))).unwrap();
-        d.add_lun(1, LuConfig { block_size: 4096, read_only: true, ..Default::default() }, Arc::new(MemDevice::new(1 << 20)))
+        // Unthrottled sanitize: a fuzzed SANITIZE must not slow every later input.
+        let base = LuConfig { sanitize_bytes_per_s: 0, ..Default::default() };
+        d.add_lun(0, base.clone(), Arc::new(MemDevice::new(1 << 20))).unwrap();
+        d.add_lun(1, LuConfig { block_size: 4096, read_only: true, ..base }, Arc::new(MemDevice::new(1 << 20)))
             .unwrap();
         d
     })

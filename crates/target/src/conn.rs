@@ -42,6 +42,8 @@ const WRITE_BYTES_MAX: u32 = 64 << 20;
 /// whose data was lost at ErrorRecoveryLevel 0.
 const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense =
     scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
+/// PERSISTENT RESERVE OUT operation code (SPC-4 §6.16).
+const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
 /// Largest data segment accepted during login.
 const LOGIN_TEXT_MAX: usize = 64 * 1024;
 
@@ -297,12 +299,12 @@ struct WriteTask {
 
 /// A command handed to the SCSI layer.
 #[derive(Debug)]
-struct Running {
-    lun: u64,
-    aborted: bool,
+pub(crate) struct Running {
+    pub lun: u64,
+    pub aborted: bool,
 }
 
-type Executing = Arc<Mutex<HashMap<u32, Running>>>;
+pub(crate) type Executing = Arc<Mutex<HashMap<u32, Running>>>;
 
 /// Why the full feature phase ended.
 #[derive(Debug, thiserror::Error)]
@@ -389,6 +391,7 @@ async fn full_feature(
         peer,
     };
     let normal = params.session_type == SessionType::Normal;
+    let executing: Executing = Arc::new(Mutex::new(HashMap::new()));
     if normal {
         shared
             .register_session(
@@ -397,6 +400,8 @@ async fn full_feature(
                     info,
                     kill: kill.clone(),
                     ended: ended_rx,
+                    nexus: nexus.clone(),
+                    executing: executing.clone(),
                 },
             )
             .await;
@@ -427,7 +432,7 @@ async fn full_feature(
         window,
         out: out_tx,
         receiving: HashMap::new(),
-        executing: Arc::new(Mutex::new(HashMap::new())),
+        executing,
         completed: Arc::new(Notify::new()),
         next_ttt: 1,
         last_rx,
@@ -967,6 +972,8 @@ impl Session {
                 },
             );
         let executing = self.executing.clone();
+        let shared = self.shared.clone();
+        let target = self.target.clone();
         let window = self.window.clone();
         let out = self.out.clone();
         let params = self.params.clone();
@@ -998,6 +1005,14 @@ impl Session {
                         tracing::error!(cdb = ?&cmd.cdb[..], "SCSI command handler panicked");
                         scsi::check_condition(scsi::Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE)
                     });
+            if cmd.cdb[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
+                let target_name = target.as_ref().map_or("", |t| t.name.as_str());
+                for p in device.take_preempted_nexuses() {
+                    let n = shared.abort_preempted(target_name, &p.nexus, p.lun);
+                    device.abort_tasks(p.lun, Some(&p.nexus));
+                    info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
+                }
+            }
             let aborted = executing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

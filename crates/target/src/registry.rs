@@ -47,6 +47,10 @@ pub(crate) struct SessionEntry {
     pub info: SessionInfo,
     pub kill: Arc<Notify>,
     pub ended: watch::Receiver<bool>,
+    /// The session's I_T nexus (None for discovery sessions).
+    pub nexus: Option<Arc<scsi::ItNexus>>,
+    /// Its commands in the SCSI layer, for aborts ordered by another session.
+    pub executing: crate::conn::Executing,
 }
 
 /// (initiator name, ISID, target name): the identity of a session for reinstatement
@@ -196,6 +200,34 @@ impl Shared {
         if s.get(key).is_some_and(|e| e.info.tsih == tsih) {
             s.remove(key);
         }
+    }
+
+    /// PERSISTENT RESERVE OUT with PREEMPT AND ABORT removed `nexus`'s registration on
+    /// `lun`: its tasks there are aborted as by ABORT TASK SET (SPC-4 §5.13.11.2.4), on
+    /// whichever session carries that nexus. Returns how many tasks were aborted.
+    pub fn abort_preempted(&self, target: &str, nexus: &scsi::ItNexus, lun: u64) -> usize {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for (key, entry) in sessions.iter() {
+            if key.2 != target || entry.nexus.as_deref() != Some(nexus) {
+                continue;
+            }
+            for r in entry
+                .executing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values_mut()
+            {
+                if r.lun == lun && !r.aborted {
+                    r.aborted = true;
+                    n += 1;
+                }
+            }
+        }
+        self.stats
+            .aborted_tasks
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// Ends every session of the given target (target cold reset).
