@@ -974,13 +974,14 @@ impl Session {
         let executing = self.executing.clone();
         let shared = self.shared.clone();
         let target = self.target.clone();
+        let runtime = tokio::runtime::Handle::current();
         let window = self.window.clone();
         let out = self.out.clone();
         let params = self.params.clone();
         let completed = self.completed.clone();
-        // The command runs, and its response is queued, on a blocking-pool thread: one
+        // The command runs, and its response is queued, on an I/O pool thread: one
         // hand-off per command, and disk I/O never blocks a runtime thread.
-        tokio::task::spawn_blocking(move || {
+        self.shared.io.spawn(move || {
             let cdb = &cmd.cdb[..];
             let needed = if cmd.write {
                 device.data_out_len(lun, cdb)
@@ -1027,7 +1028,13 @@ impl Session {
                 return;
             }
             let pdus = build_response(&cmd, needed, resp, &params);
-            let _ = out.blocking_send(Out::Pdus(pdus));
+            // Never block an I/O thread on one slow initiator's full send queue: the
+            // other sessions share these threads (DESIGN.md invariant 4).
+            if let Err(mpsc::error::TrySendError::Full(msg)) = out.try_send(Out::Pdus(pdus)) {
+                runtime.spawn(async move {
+                    let _ = out.send(msg).await;
+                });
+            }
         });
     }
 

@@ -8,6 +8,7 @@
 
 mod conn;
 mod discovery;
+mod iopool;
 mod registry;
 mod wire;
 
@@ -65,6 +66,8 @@ pub struct ServerSettings {
     pub limits: TargetLimits,
     /// CHAP accounts required for discovery sessions; empty means none.
     pub discovery_chap: Vec<ChapAccount>,
+    /// Threads that execute SCSI commands (blocking disk I/O); 0 picks twice the CPUs.
+    pub io_threads: usize,
 }
 
 impl Default for ServerSettings {
@@ -77,6 +80,7 @@ impl Default for ServerSettings {
             max_connections: 1024,
             limits: TargetLimits::default(),
             discovery_chap: Vec::new(),
+            io_threads: 0,
         }
     }
 }

@@ -59,6 +59,8 @@ pub(crate) type SessionKey = (String, [u8; 6], String);
 
 pub(crate) struct Shared {
     pub settings: ServerSettings,
+    /// Runs SCSI commands off the async runtime.
+    pub io: crate::iopool::IoPool,
     targets: RwLock<BTreeMap<String, Arc<TargetConfig>>>,
     sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
     next_tsih: AtomicU16,
@@ -81,7 +83,15 @@ impl Drop for ConnectionGuard {
 
 impl Shared {
     pub fn new(settings: ServerSettings) -> Shared {
+        let threads = match settings.io_threads {
+            0 => std::thread::available_parallelism().map_or(4, |n| n.get() * 2),
+            n => n,
+        };
+        // Failing to start threads at start-up leaves nothing to serve with.
+        #[allow(clippy::expect_used)]
+        let io = crate::iopool::IoPool::new(threads).expect("cannot start the I/O threads");
         Shared {
+            io,
             settings,
             targets: RwLock::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
