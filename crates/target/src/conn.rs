@@ -42,6 +42,8 @@ const WRITE_BYTES_MAX: u32 = 64 << 20;
 /// whose data was lost at ErrorRecoveryLevel 0.
 const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense =
     scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
+/// SANITIZE operation code (SBC-3 §5.30).
+const SANITIZE: u8 = 0x48;
 /// PERSISTENT RESERVE OUT operation code (SPC-4 §6.16).
 const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
 /// Largest data segment accepted during login.
@@ -975,13 +977,14 @@ impl Session {
         let shared = self.shared.clone();
         let target = self.target.clone();
         let runtime = tokio::runtime::Handle::current();
+        let cmd_opcode = cmd.cdb[0];
         let window = self.window.clone();
         let out = self.out.clone();
         let params = self.params.clone();
         let completed = self.completed.clone();
         // The command runs, and its response is queued, on an I/O pool thread: one
         // hand-off per command, and disk I/O never blocks a runtime thread.
-        self.shared.io.spawn(move || {
+        let job = move || {
             let cdb = &cmd.cdb[..];
             let needed = if cmd.write {
                 device.data_out_len(lun, cdb)
@@ -1035,7 +1038,14 @@ impl Session {
                     let _ = out.send(msg).await;
                 });
             }
-        });
+        };
+        // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
+        // not take one of the few I/O threads every other command needs.
+        if cmd_opcode == SANITIZE {
+            tokio::task::spawn_blocking(job);
+        } else {
+            self.shared.io.spawn(job);
+        }
     }
 
     async fn nop_out(&mut self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
