@@ -552,6 +552,12 @@ impl Session {
             .map_err(|_| ConnError::WriterGone)
     }
 
+    /// Queues one status-bearing PDU (it advances StatSN).
+    async fn send_status(&self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
+        self.send(vec![OutPdu::new(bhs, data, StatSn::Advance)])
+            .await
+    }
+
     async fn reject(&self, reason: u8, bhs: &Bhs) -> Result<(), ConnError> {
         self.shared.stats.rejects.fetch_add(1, Ordering::Relaxed);
         debug!(reason, opcode = bhs.opcode_raw(), "rejecting PDU");
@@ -559,12 +565,8 @@ impl Session {
             reason,
             ..Default::default()
         };
-        self.send(vec![OutPdu::new(
-            r.to_bhs(),
-            Bytes::copy_from_slice(&bhs.0),
-            StatSn::Advance,
-        )])
-        .await
+        self.send_status(r.to_bhs(), Bytes::copy_from_slice(&bhs.0))
+            .await
     }
 
     /// Rejects with a protocol error, lets the writer flush it and ends the connection
@@ -1066,12 +1068,8 @@ impl Session {
             lun: nop.lun,
             ..Default::default()
         };
-        self.send(vec![OutPdu::new(
-            reply.to_nop_in(),
-            data.slice(..max_ping),
-            StatSn::Advance,
-        )])
-        .await
+        self.send_status(reply.to_nop_in(), data.slice(..max_ping))
+            .await
     }
 
     async fn text(&mut self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
@@ -1129,12 +1127,7 @@ impl Session {
             ttt,
             ..Default::default()
         };
-        self.send(vec![OutPdu::new(
-            resp.to_bhs(false),
-            chunk,
-            StatSn::Advance,
-        )])
-        .await
+        self.send_status(resp.to_bhs(false), chunk).await
     }
 
     async fn logout(&mut self, bhs: Bhs) -> Result<(), ConnError> {
@@ -1159,12 +1152,7 @@ impl Session {
             itt: req.itt,
             ..Default::default()
         };
-        self.send(vec![OutPdu::new(
-            resp.to_bhs(),
-            Bytes::new(),
-            StatSn::Advance,
-        )])
-        .await?;
+        self.send_status(resp.to_bhs(), Bytes::new()).await?;
         if response == 0 {
             self.flush().await;
             return Err(ConnError::LoggedOut);
@@ -1172,16 +1160,23 @@ impl Session {
         Ok(())
     }
 
+    /// Waits until no command of this session is in the SCSI layer (or `max` passed).
     async fn wait_idle(&self, max: Duration) {
+        self.wait_until(|running| running.is_empty(), max).await;
+    }
+
+    /// Waits until the command `itt` has left the SCSI layer (or `max` passed).
+    async fn wait_idle_of(&self, itt: u32, max: Duration) {
+        self.wait_until(|running| !running.contains_key(&itt), max)
+            .await;
+    }
+
+    async fn wait_until(&self, done: impl Fn(&HashMap<u32, Running>) -> bool, max: Duration) {
         let deadline = tokio::time::Instant::now() + max;
         loop {
+            // Created before the check, so a completion in between still wakes it.
             let notified = self.completed.notified();
-            if self
-                .executing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
+            if done(&self.executing.lock().unwrap_or_else(|e| e.into_inner())) {
                 return;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -1311,12 +1306,7 @@ impl Session {
             itt: req.itt,
             ..Default::default()
         };
-        self.send(vec![OutPdu::new(
-            resp.to_bhs(),
-            Bytes::new(),
-            StatSn::Advance,
-        )])
-        .await?;
+        self.send_status(resp.to_bhs(), Bytes::new()).await?;
         if cold_reset {
             // RFC 7143 §11.5.1: after a cold reset the target drops all its sessions.
             self.flush().await;
@@ -1325,19 +1315,6 @@ impl Session {
             }
         }
         Ok(())
-    }
-
-    async fn wait_idle_of(&self, itt: u32, max: Duration) {
-        let deadline = tokio::time::Instant::now() + max;
-        loop {
-            let notified = self.completed.notified();
-            if !self.executing_contains(itt) {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return;
-            }
-        }
     }
 
     /// The session is over: drop pending data, let running commands finish without a
