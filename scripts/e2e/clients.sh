@@ -55,5 +55,18 @@ qemu-img bench -f raw -t none -n -c 2000 -d 32 -s 4k "$url/0" >>"$work/bench.txt
 echo "qemu-img bench: 4 KiB writes and reads at depth 32 completed"
 
 if grep -E 'panicked' "$work/bulwark.log"; then die "bulwark panicked"; fi
+
+# SIGTERM with a session open: the initiator is asked to log out, the server stops, and
+# what was acknowledged is in the backing file.
+qemu-io -f raw -c "write -P 0x7e 2M 64k" "$url/0" >/dev/null
 stop_bulwark
+grep -q "shutting down" "$work/bulwark.log" || die "no shutdown message on SIGTERM"
+grep -q "stopped" "$work/bulwark.log" || die "server did not report a clean stop"
+python3 - "$work/lun0.img" <<'PY' || die "acknowledged write missing from the backing file after SIGTERM"
+import sys
+with open(sys.argv[1], "rb") as f:
+    f.seek(2 << 20)
+    sys.exit(0 if f.read(65536) == b"\x7e" * 65536 else 1)
+PY
+echo "SIGTERM: clean stop, acknowledged data in the backing file"
 echo "clients: all passed"
