@@ -42,6 +42,8 @@ const WRITE_BYTES_MAX: u32 = 64 << 20;
 /// whose data was lost at ErrorRecoveryLevel 0.
 const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense =
     scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
+/// Write buffers one session may hold while their data arrives.
+const PENDING_WRITE_BYTES_MAX: u64 = 256 << 20;
 /// SANITIZE operation code (SBC-3 §5.30).
 const SANITIZE: u8 = 0x48;
 /// PERSISTENT RESERVE OUT operation code (SPC-4 §6.16).
@@ -757,6 +759,23 @@ impl Session {
                 .await;
             return Ok(());
         }
+        // Bound the memory one session can pin with writes whose data has not arrived
+        // (queue depth × the largest EDTL would be gigabytes): past the bound the
+        // initiator gets TASK SET FULL and retries later (SAM-5 §5.3.1).
+        let pending: u64 = self.receiving.values().map(|t| t.buf.len() as u64).sum();
+        if pending + u64::from(edtl) > PENDING_WRITE_BYTES_MAX {
+            self.skip_data(rd, &bhs).await?;
+            let full = scsi::ScsiResponse {
+                status: ScsiStatus::TaskSetFull,
+                sense: None,
+                data_in: Bytes::new(),
+            };
+            let pdus = build_response(&cmd, None, full, &self.params);
+            if !cmd.immediate {
+                self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+            return self.send(pdus).await;
+        }
         let mut buf = BytesMut::zeroed(edtl as usize);
         if dlen > 0 {
             let ok = wire::read_data_into(rd, &mut buf[..dlen], self.digests).await?;
@@ -962,6 +981,11 @@ impl Session {
     /// completion queues the response.
     fn dispatch(&mut self, cmd: ScsiCommand, data: Bytes) {
         let Some((nexus, device)) = self.nexus_and_device() else {
+            // Discovery sessions never get here (SCSI commands are rejected there).
+            debug_assert!(false, "dispatch without a target");
+            if !cmd.immediate {
+                self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
             return;
         };
         let lun = Lun::from_field(cmd.lun).0;

@@ -311,3 +311,34 @@ async fn discovery_lists_the_portal_with_its_tag() {
     let targets = s.send_targets().await.unwrap();
     assert_eq!(targets, vec![(IQN.to_string(), vec![format!("{addr},1")])]);
 }
+
+#[tokio::test]
+async fn writes_waiting_for_data_are_bounded_per_session() {
+    let (_srv, addr, _stop) = start(ServerSettings::default()).await;
+    let mut s = login(addr).await;
+    ready(&mut s).await;
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x8a; // WRITE(16) of 131072 blocks = 64 MiB, data never sent
+    cdb[10..14].copy_from_slice(&131_072u32.to_be_bytes());
+    let mut statuses = Vec::new();
+    for itt in 100..106u32 {
+        let cmd = ScsiCommand {
+            final_bit: true,
+            write: true,
+            itt,
+            expected_data_transfer_length: 64 << 20,
+            cmd_sn: s.take_cmd_sn(),
+            exp_stat_sn: s.exp_stat_sn(),
+            cdb,
+            ..Default::default()
+        };
+        s.send(&Pdu::ScsiCommand(cmd, Bytes::new())).await.unwrap();
+    }
+    // Four 64 MiB buffers fit the 256 MiB bound; the fifth and sixth get TASK SET FULL.
+    while let Ok(p) = s.recv_within(Duration::from_millis(500)).await {
+        if let Pdu::ScsiResponse(r, _) = p {
+            statuses.push((r.itt, r.status));
+        }
+    }
+    assert_eq!(statuses, vec![(104, 0x28), (105, 0x28)]);
+}
