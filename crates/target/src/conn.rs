@@ -42,6 +42,10 @@ const WRITE_BYTES_MAX: u32 = 64 << 20;
 /// whose data was lost at ErrorRecoveryLevel 0.
 const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense =
     scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
+/// How long a login waits for the session it reinstates to end.
+const REINSTATEMENT_WAIT_MAX: Duration = Duration::from_secs(10);
+/// How long task management and logout wait for aborted commands to leave the device.
+const TASK_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Write buffers one session may hold while their data arrives.
 const PENDING_WRITE_BYTES_MAX: u64 = 256 << 20;
 /// SANITIZE operation code (SBC-3 §5.30).
@@ -187,6 +191,25 @@ async fn login_phase(
         first = false;
         let reply = neg.step(&req, &data, &policy, &mut OsChallenges);
         let established = reply.established.is_some();
+        if let Some(p) = reply
+            .established
+            .as_ref()
+            .filter(|p| p.session_type == SessionType::Normal)
+        {
+            // Session reinstatement (RFC 7143 §6.3.5): the old session with this ISID
+            // must be gone, its tasks ended, before the new one is acknowledged —
+            // otherwise a write still running there could land over a retry.
+            let key: SessionKey = (
+                p.initiator_name.clone(),
+                req.isid,
+                p.target_name.clone().unwrap_or_default(),
+            );
+            if !shared.end_session(&key, REINSTATEMENT_WAIT_MAX).await {
+                send_login_failure(shared, wr, &req, stat_sn, LoginStatus::SERVICE_UNAVAILABLE)
+                    .await?;
+                return Ok(None);
+            }
+        }
         let tsih = if established {
             shared.allocate_tsih()
         } else {
@@ -366,6 +389,7 @@ async fn full_feature(
         window.clone(),
         est.stat_sn,
         digests,
+        shared.settings.nop_timeout,
     ));
     let kill = Arc::new(Notify::new());
     let (ended_tx, ended_rx) = watch::channel(false);
@@ -397,18 +421,16 @@ async fn full_feature(
     let normal = params.session_type == SessionType::Normal;
     let executing: Executing = Arc::new(Mutex::new(HashMap::new()));
     if normal {
-        shared
-            .register_session(
-                key.clone(),
-                SessionEntry {
-                    info,
-                    kill: kill.clone(),
-                    ended: ended_rx,
-                    nexus: nexus.clone(),
-                    executing: executing.clone(),
-                },
-            )
-            .await;
+        shared.register_session(
+            key.clone(),
+            SessionEntry {
+                info,
+                kill: kill.clone(),
+                ended: ended_rx,
+                nexus: nexus.clone(),
+                executing: executing.clone(),
+            },
+        );
     }
     info!(
         initiator = %params.initiator_name,
@@ -459,7 +481,12 @@ async fn full_feature(
         };
         s.last_rx
             .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if let Err(e) = s.handle(&mut rd, bhs).await {
+        // A PDU whose data never arrives must not pin the session past a kill.
+        let handled = tokio::select! {
+            r = s.handle(&mut rd, bhs) => r,
+            _ = kill.notified() => break Ok(()),
+        };
+        if let Err(e) = handled {
             break Err(e);
         }
     };
@@ -492,18 +519,33 @@ async fn keepalive(
     let mut shutdown = shared.shutting_down.subscribe();
     let mut ttt: u32 = 0x4000_0000;
     let mut ping_sent_at: Option<u64> = None;
+    let mut logout_requested = false;
+    // A full send queue means the initiator stopped reading: give up on it rather than
+    // wait forever (the writer has the same bound on the socket).
+    let send = |pdu: OutPdu| {
+        let out = out.clone();
+        async move {
+            matches!(
+                tokio::time::timeout(timeout, out.send(Out::Pdus(vec![pdu]))).await,
+                Ok(Ok(()))
+            )
+        }
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval.min(timeout).max(Duration::from_millis(50))) => {}
-            r = async { shutdown.wait_for(|s| *s).await.is_ok() } => {
+            r = async { shutdown.wait_for(|s| *s).await.is_ok() }, if !logout_requested => {
+                logout_requested = true;
                 if r {
                     // RFC 7143 §11.9.1 AsyncEvent 1: the target requests a logout within
                     // Parameter3 seconds.
                     let msg = AsyncMessage { event: 1, parameters: [0, 0, 2], ..Default::default() };
-                    let _ = out.send(Out::Pdus(vec![OutPdu::new(msg.to_bhs(), Bytes::new(), StatSn::Advance)])).await;
+                    if !send(OutPdu::new(msg.to_bhs(), Bytes::new(), StatSn::Advance)).await {
+                        kill.notify_one();
+                        return;
+                    }
                 }
-                // Wait for the logout or the server's kill.
-                std::future::pending::<()>().await;
+                continue;
             }
         }
         let now = epoch.elapsed().as_millis() as u64;
@@ -526,7 +568,9 @@ async fn keepalive(
                         ..Default::default()
                     };
                     let pdu = OutPdu::new(nop.to_nop_in(), Bytes::new(), StatSn::Peek);
-                    if out.send(Out::Pdus(vec![pdu])).await.is_err() {
+                    if !send(pdu).await {
+                        warn!("the initiator does not read what the target sends; dropping the connection");
+                        kill.notify_one();
                         return;
                     }
                     ping_sent_at = Some(now);
@@ -946,6 +990,14 @@ impl Session {
                 self.dispatch(t.cmd, data);
             }
         }
+        // A task failed earlier in its data ends when a sequence of it ends or all its
+        // data is in, rather than waiting for a data PDU that will never come.
+        let failed_and_over = self.receiving.get(&d.itt).is_some_and(|t| {
+            t.failed && (d.final_bit || t.received == t.cmd.expected_data_transfer_length)
+        });
+        if failed_and_over {
+            return self.fail_write_on_final(d.itt, true).await;
+        }
         if !r2ts.is_empty() {
             self.send(r2ts).await?;
         }
@@ -1043,26 +1095,40 @@ impl Session {
                     info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
                 }
             }
+            let itt = cmd.itt;
+            let immediate = cmd.immediate;
+            // The task leaves `executing` only once its response is queued, so a logout
+            // or task management response waiting for it can never overtake it.
             let aborted = executing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&cmd.itt)
-                .map(|r| r.aborted)
-                .unwrap_or(true);
-            if !cmd.immediate {
-                window.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
-            completed.notify_waiters();
+                .get(&itt)
+                .is_none_or(|r| r.aborted);
+            let finish = move || {
+                executing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&itt);
+                if !immediate {
+                    window.in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+                completed.notify_waiters();
+            };
             if aborted {
+                finish();
                 return;
             }
             let pdus = build_response(&cmd, needed, resp, &params);
             // Never block an I/O thread on one slow initiator's full send queue: the
             // other sessions share these threads (DESIGN.md invariant 4).
-            if let Err(mpsc::error::TrySendError::Full(msg)) = out.try_send(Out::Pdus(pdus)) {
-                runtime.spawn(async move {
-                    let _ = out.send(msg).await;
-                });
+            match out.try_send(Out::Pdus(pdus)) {
+                Err(mpsc::error::TrySendError::Full(msg)) => {
+                    runtime.spawn(async move {
+                        let _ = out.send(msg).await;
+                        finish();
+                    });
+                }
+                _ => finish(),
             }
         };
         // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
@@ -1137,7 +1203,10 @@ impl Session {
         };
         let ttt = if let Some(rest) = rest {
             let ttt = self.next_ttt;
-            self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+            self.next_ttt = match self.next_ttt.wrapping_add(1) {
+                0 | RESERVED_TAG => 1,
+                t => t,
+            };
             self.text_continuation = Some((ttt, rest));
             ttt
         } else {
@@ -1166,11 +1235,18 @@ impl Session {
             // Connection recovery needs ErrorRecoveryLevel 2.
             _ => 2,
         };
-        if response == 0 {
-            // Commands in flight finish before the session goes (RFC 7143 §11.14).
+        let response = if response == 0 {
+            // Commands in flight finish before the session goes (RFC 7143 §11.14); if
+            // they cannot, say "cleanup failed" rather than pretend they are gone.
             self.receiving.clear();
-            self.wait_idle(Duration::from_secs(30)).await;
-        }
+            if self.wait_idle(TASK_WAIT_MAX).await {
+                0
+            } else {
+                3
+            }
+        } else {
+            response
+        };
         let resp = LogoutResponse {
             response,
             itt: req.itt,
@@ -1185,26 +1261,31 @@ impl Session {
     }
 
     /// Waits until no command of this session is in the SCSI layer (or `max` passed).
-    async fn wait_idle(&self, max: Duration) {
-        self.wait_until(|running| running.is_empty(), max).await;
+    async fn wait_idle(&self, max: Duration) -> bool {
+        self.wait_until(|running| running.is_empty(), max).await
     }
 
     /// Waits until the command `itt` has left the SCSI layer (or `max` passed).
-    async fn wait_idle_of(&self, itt: u32, max: Duration) {
+    async fn wait_idle_of(&self, itt: u32, max: Duration) -> bool {
         self.wait_until(|running| !running.contains_key(&itt), max)
-            .await;
+            .await
     }
 
-    async fn wait_until(&self, done: impl Fn(&HashMap<u32, Running>) -> bool, max: Duration) {
+    /// Whether `done` became true within `max`.
+    async fn wait_until(
+        &self,
+        done: impl Fn(&HashMap<u32, Running>) -> bool,
+        max: Duration,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + max;
         loop {
             // Created before the check, so a completion in between still wakes it.
             let notified = self.completed.notified();
             if done(&self.executing.lock().unwrap_or_else(|e| e.into_inner())) {
-                return;
+                return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return;
+                return false;
             }
         }
     }
@@ -1273,8 +1354,7 @@ impl Session {
                 let rtt = req.referenced_task_tag;
                 if self.abort_where(|itt, _| itt == rtt) > 0 {
                     info!(itt = rtt, "task aborted");
-                    self.wait_idle_of(rtt, Duration::from_secs(30)).await;
-                    tmf::RESP_COMPLETE
+                    complete_or_rejected(self.wait_idle_of(rtt, TASK_WAIT_MAX).await)
                 } else {
                     tmf::RESP_NO_TASK
                 }
@@ -1284,8 +1364,7 @@ impl Session {
                     tmf::RESP_NO_LUN
                 } else {
                     self.abort_where(|_, l| l == lun);
-                    self.wait_idle(Duration::from_secs(30)).await;
-                    tmf::RESP_COMPLETE
+                    complete_or_rejected(self.wait_idle(TASK_WAIT_MAX).await)
                 }
             }
             tmf::LOGICAL_UNIT_RESET => {
@@ -1294,14 +1373,14 @@ impl Session {
                 } else {
                     let n = self.abort_where(|_, l| l == lun);
                     device.abort_tasks(lun, None);
-                    self.wait_idle(Duration::from_secs(30)).await;
+                    let idle = self.wait_idle(TASK_WAIT_MAX).await;
                     info!(lun, aborted = n, "logical unit reset");
                     let (d, nx) = (device.clone(), nexus.clone());
                     let _ = tokio::task::spawn_blocking(move || {
                         d.reset(ResetKind::LogicalUnit, Some(lun), &nx)
                     })
                     .await;
-                    tmf::RESP_COMPLETE
+                    complete_or_rejected(idle)
                 }
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
@@ -1310,7 +1389,7 @@ impl Session {
                 for l in device.luns() {
                     device.abort_tasks(l, None);
                 }
-                self.wait_idle(Duration::from_secs(30)).await;
+                let idle = self.wait_idle(TASK_WAIT_MAX).await;
                 info!(aborted = n, cold, "target reset");
                 let kind = if cold {
                     ResetKind::TargetCold
@@ -1320,7 +1399,7 @@ impl Session {
                 let (d, nx) = (device.clone(), nexus.clone());
                 let _ = tokio::task::spawn_blocking(move || d.reset(kind, None, &nx)).await;
                 cold_reset = cold;
-                tmf::RESP_COMPLETE
+                complete_or_rejected(idle)
             }
             tmf::TASK_REASSIGN => tmf::RESP_REASSIGN_UNSUPPORTED,
             _ => tmf::RESP_NOT_SUPPORTED,
@@ -1345,7 +1424,7 @@ impl Session {
     /// response, and tell the logical units the I_T nexus is gone.
     async fn end(&mut self) {
         self.abort_where(|_, _| true);
-        self.wait_idle(Duration::from_secs(30)).await;
+        self.wait_idle(TASK_WAIT_MAX).await;
         if let Some((nexus, device)) = self.nexus_and_device() {
             let _ = tokio::task::spawn_blocking(move || device.nexus_loss(&nexus)).await;
         }
@@ -1435,6 +1514,17 @@ fn build_response(
         pdus.push(OutPdu::new(r.to_bhs(), sense_data, StatSn::Advance));
     }
     pdus
+}
+
+/// "Function complete" promises the aborted tasks no longer exist (SAM-5 §7.1); when a
+/// command is still inside the device after the wait, the function is rejected instead
+/// so the initiator does not retry over a write that may still land.
+fn complete_or_rejected(tasks_gone: bool) -> u8 {
+    if tasks_gone {
+        tmf::RESP_COMPLETE
+    } else {
+        tmf::RESP_REJECTED
+    }
 }
 
 fn residual(actual: u32, expected: u32) -> (bool, bool, u32) {

@@ -83,7 +83,10 @@ fn worker(inner: &Inner) {
     loop {
         if let Some(job) = q.jobs.pop_front() {
             drop(q);
-            job();
+            // A panicking job must not take the worker with it.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                tracing::error!("an I/O job panicked");
+            }
             q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
             continue;
         }

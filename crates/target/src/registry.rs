@@ -185,24 +185,35 @@ impl Shared {
         }
     }
 
-    /// Registers a new session; an existing session with the same key is ended first
-    /// (session reinstatement, RFC 7143 §6.3.5) and this waits for it to finish.
-    pub async fn register_session(&self, key: SessionKey, entry: SessionEntry) {
+    /// Ends the session registered under `key`, if any (session reinstatement, RFC 7143
+    /// §6.3.5), and waits for it to finish. Returns whether no such session remains.
+    pub async fn end_session(&self, key: &SessionKey, max: Duration) -> bool {
         let old = self
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
-        if let Some(old) = old {
-            tracing::info!(initiator = %key.0, target = %key.2, tsih = old.info.tsih, "reinstating session");
-            old.kill.notify_one();
-            let mut ended = old.ended;
-            let _ = tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|e| *e)).await;
-        }
-        self.sessions
+            .remove(key);
+        let Some(old) = old else {
+            return true;
+        };
+        tracing::info!(initiator = %key.0, target = %key.2, tsih = old.info.tsih, "reinstating session");
+        old.kill.notify_one();
+        let mut ended = old.ended;
+        let done = tokio::time::timeout(max, async { ended.wait_for(|e| *e).await.is_ok() }).await;
+        done.unwrap_or(false)
+    }
+
+    /// Registers a session. A session that slipped in under the same key meanwhile (two
+    /// logins racing) is ended: there is one session per key.
+    pub fn register_session(&self, key: SessionKey, entry: SessionEntry) {
+        let old = self
+            .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, entry);
+        if let Some(old) = old {
+            old.kill.notify_one();
+        }
     }
 
     pub fn unregister_session(&self, key: &SessionKey, tsih: u16) {

@@ -179,6 +179,7 @@ pub(crate) async fn writer<W: AsyncWrite + Unpin>(
     window: Arc<Window>,
     mut stat_sn: u32,
     digests: Digests,
+    write_timeout: std::time::Duration,
 ) -> std::io::Result<()> {
     const BATCH_PDUS_MAX: usize = 64;
     let mut batch: Vec<OutPdu> = Vec::with_capacity(BATCH_PDUS_MAX);
@@ -203,7 +204,13 @@ pub(crate) async fn writer<W: AsyncWrite + Unpin>(
             p.bhs.0[28..32].copy_from_slice(&exp.to_be_bytes());
             p.bhs.0[32..36].copy_from_slice(&max.to_be_bytes());
         }
-        write_batch(&mut w, &batch, digests).await?;
+        // An initiator that stops reading (zero window) must not hold the session, its
+        // buffers and its tasks forever: past the timeout the connection is dropped.
+        tokio::time::timeout(write_timeout, write_batch(&mut w, &batch, digests))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "initiator stopped reading")
+            })??;
         batch.clear();
         for b in barriers.drain(..) {
             let _ = b.send(());
