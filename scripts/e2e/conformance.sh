@@ -74,7 +74,7 @@ check_run() {
         echo "$bad_skips"
         die "$name: tests skipped for a reason other than removable media or write protection"
     fi
-    echo "$name: $ran tests ran, 0 failed, only removable-media/write-protect skips"
+    echo "$name: $ran tests ran, 0 failed, no skips but the allowed ones (see the header)"
 }
 
 url1="iscsi://127.0.0.1/iqn.2026-11.io.bulwark:conformance/0"
