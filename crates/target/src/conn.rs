@@ -630,23 +630,13 @@ impl Session {
         }
     }
 
+    /// Reads and drops a PDU's data segment (with the same checks as `read_segment`).
     async fn skip_data(
         &self,
         rd: &mut BufReader<OwnedReadHalf>,
         bhs: &Bhs,
     ) -> Result<(), ConnError> {
-        let len = bhs.data_len();
-        let max = self.params.max_recv_data_segment_length as usize;
-        if len > max {
-            return Err(self
-                .protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength")
-                .await);
-        }
-        let (_, ok) = wire::read_data(rd, len, max, self.digests).await?;
-        if !ok {
-            return Err(self.data_digest_error(bhs).await);
-        }
-        Ok(())
+        self.read_segment(rd, bhs).await.map(drop)
     }
 
     async fn read_segment(
