@@ -220,17 +220,31 @@ pub(crate) fn read(ctx: &Ctx<'_>) -> CmdResult {
 
 /// WRITE(6/10/12/16) (SBC-3 §5.31-§5.34).
 pub(crate) fn write(ctx: &Ctx<'_>) -> CmdResult {
-    let f = rw_fields(ctx.cdb);
-    check_no_protection(&f)?;
-    check_transfer_length(ctx.lu, f.count, length_byte(ctx.cdb))?;
-    let r = range(ctx.lu, &f)?;
-    if let Some(s) = ctx.lu.write_protect() {
-        return Err(s.into());
-    }
-    let (data, r) = data_for(ctx, &r)?;
+    let (f, data, r) = write_prologue(ctx, 0)?;
     let fua = effective_fua(ctx.lu, f.flags & 0x08 != 0);
     write_blocks(ctx.lu, &r, data, fua)?;
     good()
+}
+
+/// What WRITE, WRITE AND VERIFY and ORWRITE check before they touch the medium, in this
+/// order: protection and `reserved` bits of byte 1, transfer length limit, LBA range,
+/// write protection; then the Data-Out blocks to write.
+fn write_prologue<'d>(
+    ctx: &Ctx<'d>,
+    reserved: u8,
+) -> Result<(RwFields, &'d [u8], BlockRange), Sense> {
+    let f = rw_fields(ctx.cdb);
+    check_no_protection(&f)?;
+    if f.flags & reserved != 0 {
+        return Err(Sense::invalid_field_in_cdb(1));
+    }
+    check_transfer_length(ctx.lu, f.count, length_byte(ctx.cdb))?;
+    let r = range(ctx.lu, &f)?;
+    if let Some(s) = ctx.lu.write_protect() {
+        return Err(s);
+    }
+    let (data, r) = data_for(ctx, &r)?;
+    Ok((f, data, r))
 }
 
 fn write_blocks(lu: &LogicalUnit, r: &BlockRange, data: &[u8], fua: bool) -> Result<(), Sense> {
@@ -247,18 +261,8 @@ fn write_blocks(lu: &LogicalUnit, r: &BlockRange, data: &[u8], fua: bool) -> Res
 /// medium (FUA) so the verification the command asks for is meaningful; with BYTCHK=1 the
 /// comparison of the written data against itself cannot fail.
 pub(crate) fn write_and_verify(ctx: &Ctx<'_>) -> CmdResult {
-    let f = rw_fields(ctx.cdb);
-    check_no_protection(&f)?;
     // Byte 1: WRPROTECT, DPO (bit 4), BYTCHK (bit 1); bits 3, 2 and 0 are reserved.
-    if f.flags & 0x0D != 0 {
-        return Err(Sense::invalid_field_in_cdb(1).into());
-    }
-    check_transfer_length(ctx.lu, f.count, length_byte(ctx.cdb))?;
-    let r = range(ctx.lu, &f)?;
-    if let Some(s) = ctx.lu.write_protect() {
-        return Err(s.into());
-    }
-    let (data, r) = data_for(ctx, &r)?;
+    let (_, data, r) = write_prologue(ctx, 0x0D)?;
     write_blocks(ctx.lu, &r, data, true)?;
     good()
 }
@@ -485,17 +489,7 @@ pub(crate) fn compare_and_write(ctx: &Ctx<'_>) -> CmdResult {
 /// ORWRITE(16) (SBC-3 §5.?): ORs the Data-Out buffer into the medium, atomically with
 /// respect to other writes.
 pub(crate) fn orwrite(ctx: &Ctx<'_>) -> CmdResult {
-    let f = rw_fields(ctx.cdb);
-    check_no_protection(&f)?;
-    if f.flags & 0x07 != 0 {
-        return Err(Sense::invalid_field_in_cdb(1).into());
-    }
-    check_transfer_length(ctx.lu, f.count, length_byte(ctx.cdb))?;
-    let r = range(ctx.lu, &f)?;
-    if let Some(s) = ctx.lu.write_protect() {
-        return Err(s.into());
-    }
-    let (data, r) = data_for(ctx, &r)?;
+    let (f, data, r) = write_prologue(ctx, 0x07)?;
     if data.is_empty() {
         return good();
     }
