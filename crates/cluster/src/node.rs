@@ -1,0 +1,899 @@
+//! A running cluster member: Raft over the store and the RPC transport, the control
+//! listener, failure detection, and the leader's membership reconciler.
+//!
+//! Membership follows the cluster state: a node record committed by a join becomes a
+//! Raft learner, caught-up online learners are promoted until there are 3 (or 5) voters,
+//! and a node removed from the state is removed from the membership. Only the leader
+//! acts, so these steps never race each other.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+    InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::heartbeat::{self, Liveness};
+use crate::identity::{secrets_match, ClusterCert, Identity, IdentityError, Token};
+use crate::rpc::{read_frame, write_frame, Client, Hello, Request, Response, RpcError};
+use crate::state::{Applied, ClusterState, Command, NodeAddresses, NodeId, NodeRole, Refused};
+use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView, SessionView};
+use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// The node's data folder (holds `cluster/`).
+    pub data_dir: PathBuf,
+    /// Storage node or witness.
+    pub role: NodeRole,
+    /// Bytes of volume data this node offers.
+    pub capacity_bytes: u64,
+    /// Take a snapshot (and compact the log) every this many entries.
+    pub snapshot_every: u64,
+    /// Raft leader heartbeat.
+    pub raft_heartbeat: Duration,
+    /// Raft election timeout, lower bound (the upper bound is twice this).
+    pub election_timeout: Duration,
+}
+
+impl NodeOptions {
+    /// Defaults for a node with data in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        NodeOptions {
+            data_dir,
+            role: NodeRole::Storage,
+            capacity_bytes: 0,
+            snapshot_every: 1000,
+            raft_heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Failures of a node or of a request to the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Identity files.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// Raft store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Listening failed.
+    #[error("cannot listen for the control plane on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Raft refused to start or failed.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// No leader answered in time.
+    #[error("the cluster has no reachable leader ({0}); check `bulwark status` — a majority of voters must be up")]
+    NoLeader(String),
+    /// A request to another node failed.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The other side answered with an error.
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// What the serving layer tells the cluster about this node's iSCSI side.
+pub type LocalInfo = Arc<dyn Fn() -> (Vec<SessionView>, Vec<String>) + Send + Sync>;
+
+struct Inner {
+    identity: Identity,
+    options: NodeOptions,
+    raft: Raft<TypeConfig>,
+    store: Arc<Store>,
+    state: watch::Receiver<Arc<ClusterState>>,
+    liveness: Arc<Liveness>,
+    events: Arc<EventLog>,
+    peers: Peers,
+    local_info: Mutex<Option<LocalInfo>>,
+}
+
+/// A running cluster member. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+/// Clients of the other members, by control address.
+#[derive(Clone)]
+struct Peers {
+    token: Token,
+    from: String,
+    clients: Arc<Mutex<HashMap<SocketAddr, Arc<Client>>>>,
+}
+
+impl Peers {
+    fn client(&self, addr: SocketAddr) -> Result<Arc<Client>, NodeError> {
+        let mut map = self
+            .clients
+            .lock()
+            .map_err(|_| NodeError::Raft("peer table poisoned".into()))?;
+        if let Some(c) = map.get(&addr) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Client::new(addr, &self.token, &self.from)?);
+        map.insert(addr, c.clone());
+        Ok(c)
+    }
+}
+
+/// openraft's network: one [`PeerNetwork`] per target node.
+struct NetworkFactory {
+    peers: Peers,
+}
+
+struct PeerNetwork {
+    target: NodeId,
+    addr: Result<SocketAddr, String>,
+    peers: Peers,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
+        PeerNetwork {
+            target,
+            addr: node
+                .addr
+                .parse()
+                .map_err(|e| format!("bad node address {:?}: {e}", node.addr)),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl PeerNetwork {
+    async fn call<E: std::error::Error>(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
+        let addr = self
+            .addr
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&NodeError::Remote(e))))?;
+        let client = self
+            .peers
+            .client(addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        client.call(&req, timeout).await.map_err(|e| match e {
+            RpcError::Unreachable { .. } | RpcError::Tls { .. } | RpcError::Refused { .. } => {
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
+            _ => RPCError::Network(NetworkError::new(&e)),
+        })
+    }
+
+    fn unexpected<E: std::error::Error>(&self, r: Response) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        RPCError::Network(NetworkError::new(&NodeError::Remote(format!(
+            "unexpected answer from node {}: {r:?}",
+            self.target
+        ))))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        match self.call(Request::AppendEntries(rpc), option.hard_ttl()).await? {
+            Response::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, openraft::error::InstallSnapshotError> {
+        match self.call(Request::InstallSnapshot(rpc), option.hard_ttl()).await? {
+            Response::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        match self.call(Request::Vote(rpc), option.hard_ttl()).await? {
+            Response::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(self.unexpected(other)),
+        }
+    }
+}
+
+/// Creates a new cluster in `data_dir` with this node as its only member (id 1). The
+/// node bootstraps Raft on its first `serve`.
+pub fn init(data_dir: &std::path::Path, name: &str, addresses: NodeAddresses) -> Result<Identity, NodeError> {
+    crate::state::check_name("node", name).map_err(|e| NodeError::Remote(e.to_string()))?;
+    if Identity::exists(data_dir) {
+        let existing = Identity::load(data_dir)?;
+        return Err(IdentityError::Exists(data_dir.to_path_buf(), existing.cluster_id).into());
+    }
+    let identity = Identity {
+        cluster_id: crate::identity::random_hex16()[..12].to_string(),
+        node_id: 1,
+        name: name.to_string(),
+        addresses,
+        secret: crate::identity::random_hex16(),
+        cert: ClusterCert::generate()?,
+        seeds: Vec::new(),
+        bootstrap: true,
+    };
+    identity.save(data_dir)?;
+    Ok(identity)
+}
+
+/// Joins the cluster that `seed` belongs to: the seed (or its leader) commits the new
+/// node and hands back the cluster certificate; the identity is written to `data_dir`.
+pub async fn join(
+    data_dir: &std::path::Path,
+    seed: SocketAddr,
+    token: &Token,
+    name: &str,
+    addresses: NodeAddresses,
+    capacity_bytes: u64,
+) -> Result<Identity, NodeError> {
+    crate::state::check_name("node", name).map_err(|e| NodeError::Remote(e.to_string()))?;
+    if Identity::exists(data_dir) {
+        let existing = Identity::load(data_dir)?;
+        return Err(IdentityError::Exists(data_dir.to_path_buf(), existing.cluster_id).into());
+    }
+    let client = Client::new(seed, token, &format!("joining node {name}"))?;
+    let req = Request::Join {
+        name: name.to_string(),
+        addresses: addresses.clone(),
+        capacity_bytes,
+    };
+    match client.call(&req, Duration::from_secs(15)).await? {
+        Response::Joined {
+            node_id,
+            cluster_id,
+            cert,
+            seeds,
+        } => {
+            let identity = Identity {
+                cluster_id,
+                node_id,
+                name: name.to_string(),
+                addresses,
+                secret: token.secret.clone(),
+                cert,
+                seeds,
+                bootstrap: false,
+            };
+            identity.save(data_dir)?;
+            Ok(identity)
+        }
+        Response::Written(Err(refused)) => Err(NodeError::Remote(refused.to_string())),
+        Response::Error(e) => Err(NodeError::Remote(e)),
+        other => Err(NodeError::Remote(format!("unexpected answer to join: {other:?}"))),
+    }
+}
+
+impl ClusterNode {
+    /// Starts this node from its data folder: opens the store (refusing a damaged one),
+    /// starts Raft, the control listener and failure detection.
+    pub async fn start(options: NodeOptions) -> Result<ClusterNode, NodeError> {
+        let mut identity = Identity::load(&options.data_dir)?;
+        let token = identity.token()?;
+        let store = Store::open(&Identity::dir(&options.data_dir).join("raft.redb"))?;
+        let (sm, state) = StateMachineStore::load(store.clone()).await?;
+        let events = Arc::new(
+            EventLog::new(
+                &identity.name,
+                Some(options.data_dir.join("events.log")),
+            )
+            .map_err(|source| NodeError::Listen {
+                addr: identity.addresses.control,
+                source,
+            })?,
+        );
+        let peers = Peers {
+            token: token.clone(),
+            from: format!("node {}", identity.name),
+            clients: Arc::default(),
+        };
+        let et = options.election_timeout.as_millis() as u64;
+        let config = openraft::Config {
+            cluster_name: format!("bulwark-{}", identity.cluster_id),
+            heartbeat_interval: options.raft_heartbeat.as_millis() as u64,
+            election_timeout_min: et,
+            election_timeout_max: et * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_every),
+            max_in_snapshot_log_to_keep: options.snapshot_every.min(100),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let listener = TcpListener::bind(identity.addresses.control)
+            .await
+            .map_err(|source| NodeError::Listen {
+                addr: identity.addresses.control,
+                source,
+            })?;
+        let raft = Raft::new(
+            identity.node_id,
+            Arc::new(config),
+            NetworkFactory {
+                peers: peers.clone(),
+            },
+            LogStore::new(store.clone()),
+            sm,
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        if identity.bootstrap {
+            let initialized = raft
+                .is_initialized()
+                .await
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            if !initialized {
+                let members = BTreeMap::from([(
+                    identity.node_id,
+                    BasicNode::new(identity.addresses.control.to_string()),
+                )]);
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+            }
+        }
+
+        let node = ClusterNode {
+            inner: Arc::new(Inner {
+                options: options.clone(),
+                raft,
+                store,
+                state,
+                liveness: Arc::default(),
+                events,
+                peers,
+                local_info: Mutex::new(None),
+                identity: identity.clone(),
+            }),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.cert.server_config()?);
+        tokio::spawn(accept_loop(node.clone(), listener, acceptor));
+        tokio::spawn(heartbeat::run(
+            identity.node_id,
+            identity.secret.clone(),
+            identity.addresses.networks(),
+            identity.addresses.control.port(),
+            node.inner.state.clone(),
+            node.inner.liveness.clone(),
+            node.inner.events.clone(),
+        ));
+        tokio::spawn(node.clone().watch_leadership());
+        tokio::spawn(node.clone().reconcile_membership());
+
+        if identity.bootstrap {
+            // The founding node adds itself as the first member, once it leads.
+            let me = identity.node_id;
+            if !node.state().borrow().nodes.contains_key(&me) {
+                let cmd = Command::AddNode {
+                    name: identity.name.clone(),
+                    addresses: identity.addresses.clone(),
+                    capacity_bytes: options.capacity_bytes,
+                };
+                match node.write(cmd).await? {
+                    Ok(Applied::NodeAdded(id)) if id == me => {}
+                    other => {
+                        return Err(NodeError::Raft(format!(
+                            "bootstrapping the cluster failed: {other:?}"
+                        )))
+                    }
+                }
+            }
+            identity.bootstrap = false;
+            identity.save(&options.data_dir)?;
+            node.inner
+                .events
+                .push("membership", format!("cluster {} created by node {}", identity.cluster_id, identity.name));
+        }
+        tokio::spawn(node.clone().announce());
+        info!(node = %identity.name, id = identity.node_id, control = %identity.addresses.control, "cluster node started");
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.identity.node_id
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// The cluster state as applied here; changes with every committed command.
+    pub fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.inner.state.clone()
+    }
+
+    /// The event log.
+    pub fn events(&self) -> Arc<EventLog> {
+        self.inner.events.clone()
+    }
+
+    /// Registers the source of sessions and served targets for status.
+    pub fn set_local_info(&self, f: LocalInfo) {
+        if let Ok(mut l) = self.inner.local_info.lock() {
+            *l = Some(f);
+        }
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+    }
+
+    /// Commits `cmd` through Raft, forwarding it to the leader when this node is not.
+    /// Gives up after 10 s without a leader.
+    pub async fn write(&self, cmd: Command) -> Result<Result<Applied, Refused>, NodeError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = String::from("no leader elected yet");
+        while Instant::now() < deadline {
+            match self.inner.raft.client_write(cmd.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(node) = f.leader_node {
+                        match self.forward(&node.addr, &cmd).await {
+                            Ok(r) => return Ok(r),
+                            Err(e) => last = e.to_string(),
+                        }
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(NodeError::NoLeader(last))
+    }
+
+    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Result<Applied, Refused>, NodeError> {
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| NodeError::Remote(format!("bad leader address {addr:?}: {e}")))?;
+        let client = self.inner.peers.client(addr)?;
+        match client.call(&Request::Write(cmd.clone()), Duration::from_secs(5)).await? {
+            Response::Written(r) => Ok(r),
+            Response::Error(e) => Err(NodeError::Remote(e)),
+            other => Err(NodeError::Remote(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
+    /// Liveness of `peer` as seen from here.
+    pub fn peer_liveness(&self, peer: NodeId) -> Option<PeerLiveness> {
+        let st = self.inner.state.borrow().clone();
+        let node = st.nodes.get(&peer)?;
+        if peer == self.id() {
+            let n = node.addresses.networks().len();
+            return Some(PeerLiveness {
+                node: peer,
+                online: true,
+                networks: vec![true; n],
+                last_heard_ms: Some(0),
+            });
+        }
+        let timeout = Duration::from_millis(st.settings.failure_timeout_ms);
+        Some(
+            self.inner
+                .liveness
+                .peer(peer, node.addresses.networks().len(), timeout, Instant::now()),
+        )
+    }
+
+    /// This node's status.
+    pub async fn status(&self) -> NodeStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let store = self.inner.store.clone();
+        let log_entries = tokio::task::spawn_blocking(move || store.log_len().unwrap_or(0))
+            .await
+            .unwrap_or(0);
+        let st = self.inner.state.borrow().clone();
+        let peers = st
+            .nodes
+            .keys()
+            .filter_map(|id| self.peer_liveness(*id))
+            .collect();
+        let (sessions, serving) = self
+            .inner
+            .local_info
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().map(|f| f()))
+            .unwrap_or_default();
+        NodeStatus {
+            node: self.id(),
+            name: self.inner.identity.name.clone(),
+            raft: RaftView {
+                state: format!("{:?}", m.state),
+                term: m.current_term,
+                leader: m.current_leader,
+                last_log_index: m.last_log_index,
+                last_applied: m.last_applied.map(|l| l.index),
+                snapshot_index: m.snapshot.map(|l| l.index),
+                purged_index: m.purged.map(|l| l.index),
+                log_entries,
+                voters: membership.voter_ids().collect(),
+                learners: membership.learner_ids().collect(),
+            },
+            peers,
+            sessions,
+            serving,
+            events: self.inner.events.recent(30),
+        }
+    }
+
+    async fn cluster_status(&self) -> Response {
+        let st = self.inner.state.borrow().clone();
+        let mut asks = tokio::task::JoinSet::new();
+        for n in st.nodes.values() {
+            let (id, addr) = (n.id, n.addresses.control);
+            if id == self.id() {
+                continue;
+            }
+            let client = self.inner.peers.client(addr);
+            asks.spawn(async move {
+                let r = match client {
+                    Ok(c) => match c.call(&Request::Status, Duration::from_millis(700)).await {
+                        Ok(Response::Status(s)) => Ok(s),
+                        Ok(other) => Err(format!("unexpected answer: {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                (id, r)
+            });
+        }
+        let mut nodes = BTreeMap::new();
+        nodes.insert(self.id(), Ok(self.status().await));
+        while let Some(r) = asks.join_next().await {
+            if let Ok((id, r)) = r {
+                nodes.insert(id, r);
+            }
+        }
+        Response::ClusterStatus {
+            state: (*st).clone(),
+            nodes,
+        }
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        let raft = &self.inner.raft;
+        match req {
+            Request::AppendEntries(r) => Response::AppendEntries(raft.append_entries(r).await),
+            Request::Vote(r) => Response::Vote(raft.vote(r).await),
+            Request::InstallSnapshot(r) => Response::InstallSnapshot(raft.install_snapshot(r).await),
+            Request::Write(cmd) => match self.write(cmd).await {
+                Ok(r) => Response::Written(r),
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::Join {
+                name,
+                addresses,
+                capacity_bytes,
+            } => {
+                let cmd = Command::AddNode {
+                    name: name.clone(),
+                    addresses,
+                    capacity_bytes,
+                };
+                match self.write(cmd).await {
+                    Ok(Ok(Applied::NodeAdded(node_id))) => {
+                        self.inner
+                            .events
+                            .push("membership", format!("node {name} joined as id {node_id}"));
+                        let seeds = self
+                            .inner
+                            .state
+                            .borrow()
+                            .nodes
+                            .values()
+                            .map(|n| n.addresses.control)
+                            .collect();
+                        Response::Joined {
+                            node_id,
+                            cluster_id: self.inner.identity.cluster_id.clone(),
+                            cert: self.inner.identity.cert.clone(),
+                            seeds,
+                        }
+                    }
+                    Ok(other) => Response::Written(other),
+                    Err(e) => Response::Error(e.to_string()),
+                }
+            }
+            Request::State => Response::State((**self.inner.state.borrow()).clone()),
+            Request::Status => Response::Status(self.status().await),
+            Request::ClusterStatus => self.cluster_status().await,
+        }
+    }
+
+    /// Tells the cluster this node's current role, addresses and capacity, once a
+    /// leader is there; retried until it commits.
+    async fn announce(self) {
+        let me = self.id();
+        let cmd = Command::NodeStarted {
+            id: me,
+            role: self.inner.options.role,
+            addresses: self.inner.identity.addresses.clone(),
+            capacity_bytes: self.inner.options.capacity_bytes,
+        };
+        loop {
+            let current = self.inner.state.borrow().nodes.get(&me).cloned();
+            if let Some(n) = current {
+                if n.role == self.inner.options.role
+                    && n.addresses == self.inner.identity.addresses
+                    && n.capacity_bytes == self.inner.options.capacity_bytes
+                {
+                    return;
+                }
+            }
+            match self.write(cmd.clone()).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(refused)) => {
+                    warn!(%refused, "the cluster refused this node's start-up announcement");
+                    self.inner.events.push(
+                        "config",
+                        format!("node {} could not register its role and addresses: {refused}", self.inner.identity.name),
+                    );
+                    return;
+                }
+                Err(e) => debug!(error = %e, "announcement not committed yet; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn watch_leadership(self) {
+        let mut metrics = self.inner.raft.metrics();
+        let mut last: Option<NodeId> = None;
+        let mut last_state = ServerState::Learner;
+        loop {
+            let (leader, term, state) = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader, m.current_term, m.state)
+            };
+            if leader != last {
+                let name = |id: NodeId| {
+                    self.inner
+                        .state
+                        .borrow()
+                        .nodes
+                        .get(&id)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_else(|| format!("#{id}"))
+                };
+                match leader {
+                    Some(l) => self
+                        .inner
+                        .events
+                        .push("leader", format!("leader is node {} (term {term})", name(l))),
+                    None => self
+                        .inner
+                        .events
+                        .push("leader", format!("no leader (term {term}): election under way")),
+                }
+                last = leader;
+            }
+            if state != last_state {
+                debug!(?state, "raft state");
+                last_state = state;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn reconcile_membership(self) {
+        let me = self.id();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let m = self.inner.raft.metrics().borrow().clone();
+            if m.state != ServerState::Leader || m.current_leader != Some(me) {
+                continue;
+            }
+            let membership = m.membership_config.membership().clone();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+            let st = self.inner.state.borrow().clone();
+            let raft = &self.inner.raft;
+            let step = Duration::from_secs(5);
+
+            // Removed from the state (ids that were handed out): out of the membership.
+            let gone: BTreeSet<NodeId> = members
+                .iter()
+                .copied()
+                .filter(|id| *id < st.next_node_id && !st.nodes.contains_key(id))
+                .collect();
+            if !gone.is_empty() {
+                let remaining: BTreeSet<NodeId> = voters.difference(&gone).copied().collect();
+                let change = if remaining != voters && !remaining.is_empty() {
+                    ChangeMembers::ReplaceAllVoters(remaining)
+                } else {
+                    ChangeMembers::RemoveNodes(gone.clone())
+                };
+                match tokio::time::timeout(step, raft.change_membership(change, false)).await {
+                    Ok(Ok(_)) => self.inner.events.push(
+                        "membership",
+                        format!("node ids {gone:?} left the Raft membership"),
+                    ),
+                    Ok(Err(e)) => debug!(error = %e, "membership removal not done yet"),
+                    Err(_) => debug!("membership removal timed out"),
+                }
+                continue;
+            }
+
+            // New members: learners first.
+            for n in st.nodes.values().filter(|n| !members.contains(&n.id)) {
+                let node = BasicNode::new(n.addresses.control.to_string());
+                if let Ok(Ok(_)) = tokio::time::timeout(step, raft.add_learner(n.id, node, false)).await {
+                    info!(node = %n.name, "added as a Raft learner");
+                }
+            }
+
+            // Promote caught-up, online learners until 3 (or 5) voters.
+            let desired = match st.nodes.len() {
+                n if n >= 5 => 5,
+                n if n >= 3 => 3,
+                n => n,
+            };
+            if voters.len() >= desired {
+                continue;
+            }
+            let last = m.last_log_index.unwrap_or(0);
+            let caught_up = |id: NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .is_some_and(|l| l.index + 10 >= last)
+            };
+            let mut candidates: Vec<(bool, NodeId)> = st
+                .nodes
+                .values()
+                .filter(|n| members.contains(&n.id) && !voters.contains(&n.id))
+                .filter(|n| caught_up(n.id))
+                .filter(|n| self.peer_liveness(n.id).is_some_and(|l| l.online))
+                .map(|n| (n.role != NodeRole::Witness, n.id))
+                .collect();
+            candidates.sort();
+            let add: BTreeSet<NodeId> = candidates
+                .into_iter()
+                .take(desired - voters.len())
+                .map(|(_, id)| id)
+                .collect();
+            if add.is_empty() {
+                continue;
+            }
+            match tokio::time::timeout(step, raft.change_membership(ChangeMembers::AddVoterIds(add.clone()), false)).await {
+                Ok(Ok(_)) => {
+                    let names: Vec<String> = add
+                        .iter()
+                        .filter_map(|id| st.nodes.get(id).map(|n| n.name.clone()))
+                        .collect();
+                    self.inner
+                        .events
+                        .push("membership", format!("{} now vote{} in Raft", names.join(", "), if names.len() == 1 { "s" } else { "" }));
+                }
+                Ok(Err(e)) => debug!(error = %e, "promotion not done yet"),
+                Err(_) => debug!("promotion timed out"),
+            }
+        }
+    }
+}
+
+async fn accept_loop(node: ClusterNode, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "control accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (node, acceptor) = (node.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(crate::rpc::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    warn!(%peer, error = %e, "refused a control connection: TLS handshake failed (not a member of this cluster?)");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%peer, "refused a control connection: no TLS handshake in time");
+                    return;
+                }
+            };
+            serve_connection(node, tls, peer).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    node: ClusterNode,
+    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+) {
+    let hello: Hello = match tokio::time::timeout(
+        crate::rpc::HANDSHAKE_TIMEOUT,
+        crate::rpc::read_small_frame(&mut tls),
+    )
+    .await
+    {
+        Ok(Ok(h)) => h,
+        _ => {
+            warn!(%peer, "refused a control connection: no valid hello");
+            return;
+        }
+    };
+    if !secrets_match(&hello.secret, &node.inner.identity.secret) {
+        warn!(%peer, from = %hello.from, "refused a control connection: wrong cluster secret");
+        node.inner.events.push(
+            "auth_refused",
+            format!("refused {} from {peer}: wrong cluster secret", hello.from),
+        );
+        let _ = write_frame(
+            &mut tls,
+            &Response::Error(
+                "wrong cluster credentials: use the token that `bulwark cluster init` printed (also in the first node's data folder)".into(),
+            ),
+        )
+        .await;
+        return;
+    }
+    if write_frame(&mut tls, &Response::Written(Ok(Applied::Done))).await.is_err() {
+        return;
+    }
+    loop {
+        let req: Request = match read_frame(&mut tls).await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                    debug!(%peer, error = %e, "control connection ended");
+                }
+                return;
+            }
+        };
+        let resp = node.handle(req).await;
+        if write_frame(&mut tls, &resp).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Node-to-node and CLI-to-node RPC: TLS (the pinned cluster certificate, see
+//! [`crate::identity`]), then a hello frame with the cluster secret, then request and
+//! response frames in turn. A frame is a 4-byte big-endian length and a JSON document.
+//!
+//! One transport serves Raft, forwarded writes, joins and the admin API: the control
+//! plane's traffic is small, and one authenticated path is one thing to get right.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+    InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::identity::{self, ClusterCert, Token};
+use crate::state::{Applied, ClusterState, Command, NodeAddresses, NodeId, Refused};
+use crate::status::NodeStatus;
+use crate::store::TypeConfig;
+
+/// Largest frame accepted: a snapshot chunk or the whole state with room to spare.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// How long a peer has to finish TLS and the hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first frame a client sends.
+#[derive(Serialize, Deserialize)]
+pub struct Hello {
+    /// The cluster secret (hex).
+    pub secret: String,
+    /// Who is calling, for the log: "node N" or "cli".
+    pub from: String,
+}
+
+/// A request.
+#[derive(Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
+pub enum Request {
+    /// Raft AppendEntries.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft RequestVote.
+    Vote(VoteRequest<NodeId>),
+    /// Raft InstallSnapshot (one chunk).
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Commit a command; a follower forwards it to the leader.
+    Write(Command),
+    /// A new node asks to join.
+    Join {
+        /// Its name.
+        name: String,
+        /// Its addresses.
+        addresses: NodeAddresses,
+        /// Its capacity.
+        capacity_bytes: u64,
+    },
+    /// This node's copy of the cluster state.
+    State,
+    /// This node's own status (Raft view, liveness, sessions, events).
+    Status,
+    /// Every reachable node's status plus the cluster state, gathered by this node.
+    ClusterStatus,
+}
+
+/// A response.
+#[derive(Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
+pub enum Response {
+    /// Raft AppendEntries.
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// Raft RequestVote.
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// Raft InstallSnapshot.
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// The committed command's result.
+    Written(Result<Applied, Refused>),
+    /// Welcome: what a joining node needs.
+    Joined {
+        /// Its id.
+        node_id: NodeId,
+        /// The cluster id.
+        cluster_id: String,
+        /// The cluster certificate and key.
+        cert: ClusterCert,
+        /// Control addresses of the members.
+        seeds: Vec<SocketAddr>,
+    },
+    /// A copy of the state.
+    State(ClusterState),
+    /// One node's status.
+    Status(NodeStatus),
+    /// The cluster's status.
+    ClusterStatus {
+        /// The state, as the answering node has it.
+        state: ClusterState,
+        /// Node id → its status or why it could not be asked.
+        nodes: BTreeMap<NodeId, Result<NodeStatus, String>>,
+    },
+    /// The request could not be served; the message says why and what to do.
+    Error(String),
+}
+
+/// RPC failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// TCP connect failed or timed out.
+    #[error("cannot reach {addr}: {detail}")]
+    Unreachable {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        detail: String,
+    },
+    /// TLS failed (wrong cluster, wrong fingerprint).
+    #[error("TLS with {addr} failed: {detail}")]
+    Tls {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        detail: String,
+    },
+    /// The server refused our credentials.
+    #[error("{addr} refused this client: {detail}")]
+    Refused {
+        /// Address.
+        addr: SocketAddr,
+        /// What the server said.
+        detail: String,
+    },
+    /// The connection broke or a frame was bad.
+    #[error("connection to {addr} failed: {detail}")]
+    Io {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        detail: String,
+    },
+    /// No answer in time.
+    #[error("{addr} did not answer within {0:?}", .timeout)]
+    Timeout {
+        /// Address.
+        addr: SocketAddr,
+        /// The timeout.
+        timeout: Duration,
+    },
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize>(
+    w: &mut (impl AsyncWrite + Unpin),
+    msg: &T,
+) -> std::io::Result<()> {
+    let json = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    if json.len() > MAX_FRAME {
+        return Err(std::io::Error::other(format!(
+            "frame of {} bytes exceeds the {MAX_FRAME}-byte limit",
+            json.len()
+        )));
+    }
+    let mut buf = Vec::with_capacity(json.len() + 4);
+    buf.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&json);
+    w.write_all(&buf).await?;
+    w.flush().await
+}
+
+/// Reads one frame.
+pub async fn read_frame<T: DeserializeOwned>(
+    r: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<T> {
+    let len = r.read_u32().await? as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut buf = vec![0; len];
+    r.read_exact(&mut buf).await?;
+    serde_json::from_slice(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Reads a frame of at most 4 KiB: the hello, before the peer is authenticated, so a
+/// stranger cannot make the node allocate a large buffer.
+pub async fn read_small_frame<T: DeserializeOwned>(
+    r: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<T> {
+    let len = r.read_u32().await? as usize;
+    if len > 4096 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "hello frame too large",
+        ));
+    }
+    let mut buf = vec![0; len];
+    r.read_exact(&mut buf).await?;
+    serde_json::from_slice(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+type Conn = TlsStream<TcpStream>;
+
+/// A client of one node: authenticated TLS connections, kept open and reused.
+pub struct Client {
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    hello_secret: String,
+    from: String,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.addr)
+    }
+}
+
+impl Client {
+    /// A client of the node at `addr` that trusts the certificate in `token` and proves
+    /// itself with its secret. `from` names the caller in the server's log.
+    pub fn new(addr: SocketAddr, token: &Token, from: &str) -> Result<Client, identity::IdentityError> {
+        Ok(Client {
+            addr,
+            tls: tokio_rustls::TlsConnector::from(identity::client_config(&token.fingerprint)?),
+            hello_secret: token.secret.clone(),
+            from: from.to_string(),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The node's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<Conn, RpcError> {
+        let addr = self.addr;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| RpcError::Unreachable {
+                addr,
+                detail: format!("no connection within {timeout:?}"),
+            })?
+            .map_err(|e| RpcError::Unreachable {
+                addr,
+                detail: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let mut tls = tokio::time::timeout(timeout, self.tls.connect(identity::server_name(), tcp))
+            .await
+            .map_err(|_| RpcError::Timeout { addr, timeout })?
+            .map_err(|e| RpcError::Tls {
+                addr,
+                detail: e.to_string(),
+            })?;
+        let hello = Hello {
+            secret: self.hello_secret.clone(),
+            from: self.from.clone(),
+        };
+        let io = |e: std::io::Error| RpcError::Io {
+            addr,
+            detail: e.to_string(),
+        };
+        write_frame(&mut tls, &hello).await.map_err(io)?;
+        let answer: Response = tokio::time::timeout(timeout, read_frame(&mut tls))
+            .await
+            .map_err(|_| RpcError::Timeout { addr, timeout })?
+            .map_err(|e| RpcError::Refused {
+                addr,
+                detail: format!("connection closed after hello ({e})"),
+            })?;
+        match answer {
+            Response::Error(detail) => Err(RpcError::Refused { addr, detail }),
+            _ => Ok(tls),
+        }
+    }
+
+    /// Sends `req` and waits at most `timeout` for the answer (connecting included).
+    pub async fn call(&self, req: &Request, timeout: Duration) -> Result<Response, RpcError> {
+        let addr = self.addr;
+        let work = async {
+            let idle = self.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
+            let mut conn = match idle {
+                Some(c) => c,
+                None => self.connect(timeout).await?,
+            };
+            let io = |e: std::io::Error| RpcError::Io {
+                addr,
+                detail: e.to_string(),
+            };
+            write_frame(&mut conn, req).await.map_err(io)?;
+            let resp: Response = read_frame(&mut conn).await.map_err(io)?;
+            if let Ok(mut v) = self.idle.lock() {
+                if v.len() < 4 {
+                    v.push(conn);
+                }
+            }
+            Ok(resp)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(RpcError::Timeout { addr, timeout }),
+        }
+    }
+}

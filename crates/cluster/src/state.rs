@@ -1,0 +1,944 @@
+//! The cluster's replicated state: every object an administrator configures, and the
+//! commands that change it.
+//!
+//! [`ClusterState::apply`] is the Raft state machine's whole business logic. It is pure
+//! and deterministic — same commands in the same order, same state on every node — and it
+//! is where every change is validated: a refused command is committed to the log like any
+//! other but changes nothing, so two conflicting changes racing through different nodes
+//! are decided in log order, never by whichever node checked first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's Raft id; assigned by the cluster when the node joins, never reused.
+pub type NodeId = u64;
+
+/// Smallest and largest logical unit number a LUN map accepts (flat space, SAM-5 §4.7.7).
+pub const LUN_MAX: u64 = 16383;
+
+/// Shortest CHAP secret accepted: RFC 7143 §12.1.3 asks for at least 96 bits.
+pub const CHAP_SECRET_MIN: usize = 12;
+
+/// What a node is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Holds volume replicas and serves targets.
+    Storage,
+    /// Votes in Raft and stores no volume data: the tie-breaker of a 2-node cluster.
+    Witness,
+}
+
+impl std::fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeRole::Storage => "storage",
+            NodeRole::Witness => "witness",
+        })
+    }
+}
+
+/// Where a node can be reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddresses {
+    /// Control plane (Raft, admin API) over TLS; heartbeats use the same port over UDP.
+    pub control: SocketAddr,
+    /// Replication traffic between storage nodes.
+    pub replication: SocketAddr,
+    /// Front-end iSCSI portals, one per network.
+    pub portals: Vec<SocketAddr>,
+}
+
+impl NodeAddresses {
+    /// The distinct IP addresses of this node: one heartbeat ring per entry, in this
+    /// order (control first), like Corosync's redundant rings.
+    pub fn networks(&self) -> Vec<std::net::IpAddr> {
+        let mut out = vec![self.control.ip()];
+        for ip in self
+            .portals
+            .iter()
+            .map(|p| p.ip())
+            .chain([self.replication.ip()])
+        {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        out
+    }
+}
+
+/// A member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Raft id.
+    pub id: NodeId,
+    /// Unique name, chosen by the administrator.
+    pub name: String,
+    /// Storage or witness.
+    pub role: NodeRole,
+    /// Addresses.
+    pub addresses: NodeAddresses,
+    /// Bytes of volume data this node may hold (its data folder's file system, or a
+    /// configured limit).
+    pub capacity_bytes: u64,
+}
+
+/// A replicated block volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Unique name.
+    pub name: String,
+    /// Size in bytes, a multiple of `block_size`.
+    pub size_bytes: u64,
+    /// Logical block size: 512 or 4096.
+    pub block_size: u32,
+    /// Storage nodes holding a replica, primary first.
+    pub replicas: Vec<NodeId>,
+    /// The node that serves the volume now.
+    pub primary: NodeId,
+    /// Primary term: raised every time the primary changes.
+    pub epoch: u64,
+}
+
+/// An iSCSI target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// iSCSI qualified name.
+    pub iqn: String,
+    /// TargetAlias.
+    pub alias: Option<String>,
+    /// LUN → volume name.
+    pub luns: BTreeMap<u64, String>,
+    /// Initiator names allowed to log in; empty allows every initiator.
+    pub acl: BTreeSet<String>,
+    /// Names of the CHAP accounts bound to the target; empty means no authentication.
+    pub chap: BTreeSet<String>,
+}
+
+/// A CHAP account, defined once and bound to any number of targets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChapAccount {
+    /// The name the initiator logs in with (CHAP_N).
+    pub user: String,
+    /// The initiator's secret.
+    pub secret: String,
+    /// For mutual CHAP: the name and secret the target answers with.
+    pub mutual: Option<(String, String)>,
+}
+
+/// Cluster-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Interval between heartbeats on each network.
+    pub heartbeat_interval_ms: u64,
+    /// A node unheard of for this long on every network is offline.
+    pub failure_timeout_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat_interval_ms: 150,
+            failure_timeout_ms: 800,
+        }
+    }
+}
+
+/// Everything the cluster agrees on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Members by id.
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Next id to hand out at join.
+    pub next_node_id: NodeId,
+    /// Volumes by name.
+    pub volumes: BTreeMap<String, Volume>,
+    /// Targets by IQN.
+    pub targets: BTreeMap<String, Target>,
+    /// CHAP accounts by user name.
+    pub chap: BTreeMap<String, ChapAccount>,
+    /// Settings.
+    pub settings: Settings,
+}
+
+/// One change to the cluster, as committed to the Raft log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// A node joins (sent by the node that takes the join request).
+    AddNode {
+        /// Name.
+        name: String,
+        /// Addresses.
+        addresses: NodeAddresses,
+        /// Capacity.
+        capacity_bytes: u64,
+    },
+    /// A node (re)started: its role, addresses and capacity as it sees them now.
+    NodeStarted {
+        /// Id.
+        id: NodeId,
+        /// Role.
+        role: NodeRole,
+        /// Addresses.
+        addresses: NodeAddresses,
+        /// Capacity.
+        capacity_bytes: u64,
+    },
+    /// A node leaves or is removed.
+    RemoveNode {
+        /// Name.
+        name: String,
+    },
+    /// Creates a volume.
+    CreateVolume {
+        /// Name.
+        name: String,
+        /// Size.
+        size_bytes: u64,
+        /// Replica count.
+        replicas: u8,
+        /// Logical block size.
+        block_size: u32,
+        /// Nodes to place it on (names), preferred primary first; empty lets the cluster
+        /// choose the nodes with the most free space.
+        nodes: Vec<String>,
+    },
+    /// Grows a volume.
+    ResizeVolume {
+        /// Name.
+        name: String,
+        /// New size.
+        size_bytes: u64,
+    },
+    /// Deletes a volume that no target maps.
+    DeleteVolume {
+        /// Name.
+        name: String,
+    },
+    /// Creates a target.
+    CreateTarget {
+        /// IQN.
+        iqn: String,
+        /// Alias.
+        alias: Option<String>,
+    },
+    /// Deletes a target (its LUNs are unmapped; the volumes stay).
+    DeleteTarget {
+        /// IQN.
+        iqn: String,
+    },
+    /// Maps a volume as a LUN of a target.
+    AddLun {
+        /// Target.
+        iqn: String,
+        /// LUN; `None` picks the lowest free one.
+        lun: Option<u64>,
+        /// Volume name.
+        volume: String,
+    },
+    /// Unmaps a LUN.
+    RemoveLun {
+        /// Target.
+        iqn: String,
+        /// LUN.
+        lun: u64,
+    },
+    /// Allows an initiator to log in to a target.
+    AddAcl {
+        /// Target.
+        iqn: String,
+        /// Initiator name.
+        initiator: String,
+    },
+    /// Removes an initiator from a target's ACL.
+    RemoveAcl {
+        /// Target.
+        iqn: String,
+        /// Initiator name.
+        initiator: String,
+    },
+    /// Defines a CHAP account.
+    AddChap {
+        /// The account.
+        account: ChapAccount,
+    },
+    /// Deletes a CHAP account that no target uses.
+    RemoveChap {
+        /// User name.
+        user: String,
+    },
+    /// Requires a CHAP account on a target.
+    BindChap {
+        /// User name.
+        user: String,
+        /// Target.
+        iqn: String,
+    },
+    /// Unbinds a CHAP account from a target.
+    UnbindChap {
+        /// User name.
+        user: String,
+        /// Target.
+        iqn: String,
+    },
+    /// Changes the settings.
+    SetSettings {
+        /// New settings.
+        settings: Settings,
+    },
+}
+
+/// What a committed command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Applied {
+    /// Done.
+    Done,
+    /// A node was added with this id.
+    NodeAdded(NodeId),
+    /// A volume was created on these nodes, primary first.
+    VolumeCreated(Vec<NodeId>),
+    /// A LUN was mapped with this number.
+    LunAdded(u64),
+}
+
+/// Why a command was refused. Each message says what is wrong and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refused {
+    #[error("a node named {0:?} is already a member; pick another name")]
+    NodeExists(String),
+    #[error("no node named {0:?}; `bulwark node list` shows the members")]
+    NoSuchNode(String),
+    #[error("node {node:?} holds replicas of {volumes:?}; delete those volumes (or move them, once replication lands) before removing it")]
+    NodeHasVolumes { node: String, volumes: Vec<String> },
+    #[error("node {0:?} is the last member; a cluster cannot remove its only node")]
+    LastNode(String),
+    #[error("node id {0} is not a member")]
+    NoSuchNodeId(NodeId),
+    #[error("{0}")]
+    BadName(String),
+    #[error("a volume named {0:?} already exists; pick another name or delete it first")]
+    VolumeExists(String),
+    #[error("no volume named {0:?}; `bulwark volume list` shows the volumes")]
+    NoSuchVolume(String),
+    #[error("volume size must be a positive multiple of the {block_size}-byte block size, not {size} bytes")]
+    BadVolumeSize { size: u64, block_size: u32 },
+    #[error("block size must be 512 or 4096, not {0}")]
+    BadBlockSize(u32),
+    #[error("a volume needs 1 to 3 replicas, not {0}")]
+    BadReplicaCount(u8),
+    #[error("{replicas} replicas need {replicas} storage nodes with room; the cluster has {usable} ({detail}). Add storage nodes, lower --replicas or the size")]
+    NotEnoughNodes {
+        replicas: u8,
+        usable: usize,
+        detail: String,
+    },
+    #[error("node {node:?} has {free} bytes free, the volume needs {needed}; pick a smaller size or other nodes")]
+    NoSpace { node: String, free: u64, needed: u64 },
+    #[error("node {0:?} is a witness and stores no volume data; pick storage nodes")]
+    WitnessCannotHold(String),
+    #[error("node {0:?} is named twice in the placement")]
+    DuplicatePlacement(String),
+    #[error("volume {name:?} is {size} bytes; shrinking would destroy data, so only growing is allowed")]
+    Shrink { name: String, size: u64 },
+    #[error("volume {volume:?} is mapped as LUN {lun} of {iqn}; remove the LUN first (`bulwark lun remove {iqn} {lun}`)")]
+    VolumeMapped { volume: String, iqn: String, lun: u64 },
+    #[error("{0:?} is not an iSCSI name: use iqn.YYYY-MM.reversed.domain[:id], eui.<16 hex> or naa.<16 or 32 hex> (RFC 7143 §4.2.7)")]
+    BadIqn(String),
+    #[error("a target named {0} already exists")]
+    TargetExists(String),
+    #[error("no target named {0}; `bulwark target list` shows the targets")]
+    NoSuchTarget(String),
+    #[error("LUN {lun} of {iqn} is already mapped (to {volume:?}); pick another LUN or remove it first")]
+    LunTaken { iqn: String, lun: u64, volume: String },
+    #[error("LUN {0} is out of range: LUNs go from 0 to 16383")]
+    LunOutOfRange(u64),
+    #[error("{iqn} has no LUN {lun}")]
+    NoSuchLun { iqn: String, lun: u64 },
+    #[error("volume {volume:?} is already mapped as LUN {lun} of {iqn}; a volume belongs to one target")]
+    VolumeAlreadyMapped { volume: String, iqn: String, lun: u64 },
+    #[error("the LUNs of {iqn} are served by node {target_primary:?} but volume {volume:?} is primary on {volume_primary:?}; a target moves as one unit, so all its volumes need the same primary (create the volume with --node {target_primary})")]
+    PrimaryMismatch {
+        iqn: String,
+        volume: String,
+        target_primary: String,
+        volume_primary: String,
+    },
+    #[error("{initiator} is already allowed on {iqn}")]
+    AclExists { iqn: String, initiator: String },
+    #[error("{initiator} is not in the ACL of {iqn}")]
+    NoSuchAcl { iqn: String, initiator: String },
+    #[error("a CHAP account named {0:?} already exists; remove it first to change it")]
+    ChapExists(String),
+    #[error("no CHAP account named {0:?}; `bulwark chap list` shows them")]
+    NoSuchChap(String),
+    #[error("CHAP secrets must be {min} to 255 characters (RFC 7143 §12.1.3 asks for at least 96 bits); this one has {len}")]
+    ChapSecretLength { len: usize, min: usize },
+    #[error("the mutual CHAP secret must differ from the initiator's secret (RFC 7143 §12.1.3)")]
+    ChapSameSecret,
+    #[error("CHAP account {user:?} is bound to {targets:?}; unbind it first")]
+    ChapBound { user: String, targets: Vec<String> },
+    #[error("CHAP account {user:?} is already bound to {iqn}")]
+    ChapAlreadyBound { user: String, iqn: String },
+    #[error("CHAP account {user:?} is not bound to {iqn}")]
+    ChapNotBound { user: String, iqn: String },
+    #[error("{0}")]
+    BadSettings(String),
+    #[error("node {node:?} hosts volumes {volumes:?}; a storage node with volumes cannot become a witness")]
+    WitnessWithVolumes { node: String, volumes: Vec<String> },
+    #[error("address {addr} is already used by node {node:?}")]
+    AddressInUse { addr: SocketAddr, node: String },
+}
+
+/// Checks an object name (node, volume, CHAP user): 1–64 characters of letters, digits,
+/// `.`, `-`, `_`, starting with a letter or digit.
+pub fn check_name(kind: &str, name: &str) -> Result<(), Refused> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(Refused::BadName(format!(
+            "{kind} name {name:?} is not valid: use 1 to 64 letters, digits, '.', '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Checks an iSCSI name (RFC 7143 §4.2.7): the `iqn.`, `eui.` and `naa.` formats.
+pub fn check_iscsi_name(name: &str) -> Result<(), Refused> {
+    let bad = || Refused::BadIqn(name.to_string());
+    if name.len() > 223 || name.chars().any(|c| c.is_ascii_uppercase() || c == ' ') {
+        return Err(bad());
+    }
+    let hex = |s: &str, lens: &[usize]| {
+        lens.contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    if let Some(rest) = name.strip_prefix("iqn.") {
+        // iqn.YYYY-MM.reversed-domain[:anything]
+        let b = rest.as_bytes();
+        let date_ok = b.len() > 8
+            && b[..4].iter().all(u8::is_ascii_digit)
+            && b[4] == b'-'
+            && b[5..7].iter().all(u8::is_ascii_digit)
+            && b[7] == b'.';
+        let domain = rest.get(8..).unwrap_or("").split(':').next().unwrap_or("");
+        if date_ok && !domain.is_empty() && !domain.starts_with('.') {
+            return Ok(());
+        }
+        return Err(bad());
+    }
+    if let Some(rest) = name.strip_prefix("eui.") {
+        return if hex(rest, &[16]) { Ok(()) } else { Err(bad()) };
+    }
+    if let Some(rest) = name.strip_prefix("naa.") {
+        return if hex(rest, &[16, 32]) {
+            Ok(())
+        } else {
+            Err(bad())
+        };
+    }
+    Err(bad())
+}
+
+impl ClusterState {
+    /// A fresh cluster's state.
+    pub fn new() -> Self {
+        ClusterState {
+            next_node_id: 1,
+            ..Default::default()
+        }
+    }
+
+    /// The node with this name.
+    pub fn node_by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+
+    /// Bytes of volume data placed on `node`.
+    pub fn allocated_bytes(&self, node: NodeId) -> u64 {
+        self.volumes
+            .values()
+            .filter(|v| v.replicas.contains(&node))
+            .map(|v| v.size_bytes)
+            .sum()
+    }
+
+    /// Bytes still free for new volumes on `node`.
+    pub fn free_bytes(&self, node: NodeId) -> u64 {
+        self.nodes
+            .get(&node)
+            .map(|n| n.capacity_bytes.saturating_sub(self.allocated_bytes(node)))
+            .unwrap_or(0)
+    }
+
+    /// The target that maps `volume`, with the LUN.
+    pub fn mapping_of(&self, volume: &str) -> Option<(&Target, u64)> {
+        self.targets.values().find_map(|t| {
+            t.luns
+                .iter()
+                .find(|(_, v)| v.as_str() == volume)
+                .map(|(l, _)| (t, *l))
+        })
+    }
+
+    /// The node serving a target: the primary of its volumes (all the same, see
+    /// [`Refused::PrimaryMismatch`]); `None` for a target without LUNs.
+    pub fn target_primary(&self, target: &Target) -> Option<NodeId> {
+        target
+            .luns
+            .values()
+            .find_map(|v| self.volumes.get(v).map(|v| v.primary))
+    }
+
+    fn node_name(&self, id: NodeId) -> String {
+        self.nodes
+            .get(&id)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| format!("#{id}"))
+    }
+
+    fn target_mut(&mut self, iqn: &str) -> Result<&mut Target, Refused> {
+        self.targets
+            .get_mut(iqn)
+            .ok_or_else(|| Refused::NoSuchTarget(iqn.to_string()))
+    }
+
+    fn check_addresses(&self, me: Option<NodeId>, a: &NodeAddresses) -> Result<(), Refused> {
+        for n in self.nodes.values().filter(|n| Some(n.id) != me) {
+            if n.addresses.control == a.control {
+                return Err(Refused::AddressInUse {
+                    addr: a.control,
+                    node: n.name.clone(),
+                });
+            }
+            if let Some(p) = a.portals.iter().find(|p| n.addresses.portals.contains(p)) {
+                return Err(Refused::AddressInUse {
+                    addr: *p,
+                    node: n.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one command: the state machine. Deterministic; a refused command leaves
+    /// the state unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
+            Command::AddNode {
+                name,
+                addresses,
+                capacity_bytes,
+            } => {
+                check_name("node", name)?;
+                if self.node_by_name(name).is_some() {
+                    return Err(Refused::NodeExists(name.clone()));
+                }
+                self.check_addresses(None, addresses)?;
+                let id = self.next_node_id.max(1);
+                self.next_node_id = id + 1;
+                self.nodes.insert(
+                    id,
+                    Node {
+                        id,
+                        name: name.clone(),
+                        role: NodeRole::Storage,
+                        addresses: addresses.clone(),
+                        capacity_bytes: *capacity_bytes,
+                    },
+                );
+                Ok(Applied::NodeAdded(id))
+            }
+            Command::NodeStarted {
+                id,
+                role,
+                addresses,
+                capacity_bytes,
+            } => {
+                let name = self
+                    .nodes
+                    .get(id)
+                    .ok_or(Refused::NoSuchNodeId(*id))?
+                    .name
+                    .clone();
+                self.check_addresses(Some(*id), addresses)?;
+                if *role == NodeRole::Witness {
+                    let volumes = self.volumes_on(*id);
+                    if !volumes.is_empty() {
+                        return Err(Refused::WitnessWithVolumes {
+                            node: name,
+                            volumes,
+                        });
+                    }
+                }
+                let node = self.nodes.get_mut(id).ok_or(Refused::NoSuchNodeId(*id))?;
+                node.role = *role;
+                node.addresses = addresses.clone();
+                node.capacity_bytes = *capacity_bytes;
+                Ok(Applied::Done)
+            }
+            Command::RemoveNode { name } => {
+                let node = self
+                    .node_by_name(name)
+                    .ok_or_else(|| Refused::NoSuchNode(name.clone()))?;
+                let id = node.id;
+                let volumes = self.volumes_on(id);
+                if !volumes.is_empty() {
+                    return Err(Refused::NodeHasVolumes {
+                        node: name.clone(),
+                        volumes,
+                    });
+                }
+                if self.nodes.len() == 1 {
+                    return Err(Refused::LastNode(name.clone()));
+                }
+                self.nodes.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::CreateVolume {
+                name,
+                size_bytes,
+                replicas,
+                block_size,
+                nodes,
+            } => {
+                check_name("volume", name)?;
+                if self.volumes.contains_key(name) {
+                    return Err(Refused::VolumeExists(name.clone()));
+                }
+                if *block_size != 512 && *block_size != 4096 {
+                    return Err(Refused::BadBlockSize(*block_size));
+                }
+                if *size_bytes == 0 || size_bytes % u64::from(*block_size) != 0 {
+                    return Err(Refused::BadVolumeSize {
+                        size: *size_bytes,
+                        block_size: *block_size,
+                    });
+                }
+                if !(1..=3).contains(replicas) {
+                    return Err(Refused::BadReplicaCount(*replicas));
+                }
+                let placement = self.place(*size_bytes, *replicas, nodes)?;
+                self.volumes.insert(
+                    name.clone(),
+                    Volume {
+                        name: name.clone(),
+                        size_bytes: *size_bytes,
+                        block_size: *block_size,
+                        primary: placement[0],
+                        replicas: placement.clone(),
+                        epoch: 1,
+                    },
+                );
+                Ok(Applied::VolumeCreated(placement))
+            }
+            Command::ResizeVolume { name, size_bytes } => {
+                let v = self
+                    .volumes
+                    .get(name)
+                    .ok_or_else(|| Refused::NoSuchVolume(name.clone()))?;
+                if *size_bytes < v.size_bytes {
+                    return Err(Refused::Shrink {
+                        name: name.clone(),
+                        size: v.size_bytes,
+                    });
+                }
+                if *size_bytes % u64::from(v.block_size) != 0 {
+                    return Err(Refused::BadVolumeSize {
+                        size: *size_bytes,
+                        block_size: v.block_size,
+                    });
+                }
+                let growth = size_bytes - v.size_bytes;
+                for id in &v.replicas {
+                    let free = self.free_bytes(*id);
+                    if free < growth {
+                        return Err(Refused::NoSpace {
+                            node: self.node_name(*id),
+                            free,
+                            needed: growth,
+                        });
+                    }
+                }
+                if let Some(v) = self.volumes.get_mut(name) {
+                    v.size_bytes = *size_bytes;
+                }
+                Ok(Applied::Done)
+            }
+            Command::DeleteVolume { name } => {
+                if !self.volumes.contains_key(name) {
+                    return Err(Refused::NoSuchVolume(name.clone()));
+                }
+                if let Some((t, lun)) = self.mapping_of(name) {
+                    return Err(Refused::VolumeMapped {
+                        volume: name.clone(),
+                        iqn: t.iqn.clone(),
+                        lun,
+                    });
+                }
+                self.volumes.remove(name);
+                Ok(Applied::Done)
+            }
+            Command::CreateTarget { iqn, alias } => {
+                check_iscsi_name(iqn)?;
+                if self.targets.contains_key(iqn) {
+                    return Err(Refused::TargetExists(iqn.clone()));
+                }
+                self.targets.insert(
+                    iqn.clone(),
+                    Target {
+                        iqn: iqn.clone(),
+                        alias: alias.clone(),
+                        ..Default::default()
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::DeleteTarget { iqn } => {
+                if self.targets.remove(iqn).is_none() {
+                    return Err(Refused::NoSuchTarget(iqn.clone()));
+                }
+                Ok(Applied::Done)
+            }
+            Command::AddLun { iqn, lun, volume } => {
+                let target = self
+                    .targets
+                    .get(iqn)
+                    .ok_or_else(|| Refused::NoSuchTarget(iqn.clone()))?;
+                let vol = self
+                    .volumes
+                    .get(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                if let Some((t, l)) = self.mapping_of(volume) {
+                    return Err(Refused::VolumeAlreadyMapped {
+                        volume: volume.clone(),
+                        iqn: t.iqn.clone(),
+                        lun: l,
+                    });
+                }
+                if let Some(p) = self.target_primary(target) {
+                    if p != vol.primary {
+                        return Err(Refused::PrimaryMismatch {
+                            iqn: iqn.clone(),
+                            volume: volume.clone(),
+                            target_primary: self.node_name(p),
+                            volume_primary: self.node_name(vol.primary),
+                        });
+                    }
+                }
+                let lun = match lun {
+                    Some(l) if *l > LUN_MAX => return Err(Refused::LunOutOfRange(*l)),
+                    Some(l) => {
+                        if let Some(v) = target.luns.get(l) {
+                            return Err(Refused::LunTaken {
+                                iqn: iqn.clone(),
+                                lun: *l,
+                                volume: v.clone(),
+                            });
+                        }
+                        *l
+                    }
+                    None => (0..=LUN_MAX)
+                        .find(|l| !target.luns.contains_key(l))
+                        .ok_or(Refused::LunOutOfRange(LUN_MAX + 1))?,
+                };
+                self.target_mut(iqn)?.luns.insert(lun, volume.clone());
+                Ok(Applied::LunAdded(lun))
+            }
+            Command::RemoveLun { iqn, lun } => {
+                let t = self.target_mut(iqn)?;
+                if t.luns.remove(lun).is_none() {
+                    return Err(Refused::NoSuchLun {
+                        iqn: iqn.clone(),
+                        lun: *lun,
+                    });
+                }
+                Ok(Applied::Done)
+            }
+            Command::AddAcl { iqn, initiator } => {
+                check_iscsi_name(initiator)?;
+                let t = self.target_mut(iqn)?;
+                if !t.acl.insert(initiator.clone()) {
+                    return Err(Refused::AclExists {
+                        iqn: iqn.clone(),
+                        initiator: initiator.clone(),
+                    });
+                }
+                Ok(Applied::Done)
+            }
+            Command::RemoveAcl { iqn, initiator } => {
+                let t = self.target_mut(iqn)?;
+                if !t.acl.remove(initiator) {
+                    return Err(Refused::NoSuchAcl {
+                        iqn: iqn.clone(),
+                        initiator: initiator.clone(),
+                    });
+                }
+                Ok(Applied::Done)
+            }
+            Command::AddChap { account } => {
+                if account.user.is_empty() || account.user.len() > 255 {
+                    return Err(Refused::BadName(
+                        "a CHAP user name is 1 to 255 characters".into(),
+                    ));
+                }
+                if self.chap.contains_key(&account.user) {
+                    return Err(Refused::ChapExists(account.user.clone()));
+                }
+                let check = |s: &str| {
+                    if (CHAP_SECRET_MIN..=255).contains(&s.len()) {
+                        Ok(())
+                    } else {
+                        Err(Refused::ChapSecretLength {
+                            len: s.len(),
+                            min: CHAP_SECRET_MIN,
+                        })
+                    }
+                };
+                check(&account.secret)?;
+                if let Some((user, secret)) = &account.mutual {
+                    if user.is_empty() {
+                        return Err(Refused::BadName(
+                            "the mutual CHAP name (the target's CHAP_N) must not be empty".into(),
+                        ));
+                    }
+                    check(secret)?;
+                    if *secret == account.secret {
+                        return Err(Refused::ChapSameSecret);
+                    }
+                }
+                self.chap.insert(account.user.clone(), account.clone());
+                Ok(Applied::Done)
+            }
+            Command::RemoveChap { user } => {
+                if !self.chap.contains_key(user) {
+                    return Err(Refused::NoSuchChap(user.clone()));
+                }
+                let targets: Vec<String> = self
+                    .targets
+                    .values()
+                    .filter(|t| t.chap.contains(user))
+                    .map(|t| t.iqn.clone())
+                    .collect();
+                if !targets.is_empty() {
+                    return Err(Refused::ChapBound {
+                        user: user.clone(),
+                        targets,
+                    });
+                }
+                self.chap.remove(user);
+                Ok(Applied::Done)
+            }
+            Command::BindChap { user, iqn } => {
+                if !self.chap.contains_key(user) {
+                    return Err(Refused::NoSuchChap(user.clone()));
+                }
+                let t = self.target_mut(iqn)?;
+                if !t.chap.insert(user.clone()) {
+                    return Err(Refused::ChapAlreadyBound {
+                        user: user.clone(),
+                        iqn: iqn.clone(),
+                    });
+                }
+                Ok(Applied::Done)
+            }
+            Command::UnbindChap { user, iqn } => {
+                let t = self.target_mut(iqn)?;
+                if !t.chap.remove(user) {
+                    return Err(Refused::ChapNotBound {
+                        user: user.clone(),
+                        iqn: iqn.clone(),
+                    });
+                }
+                Ok(Applied::Done)
+            }
+            Command::SetSettings { settings } => {
+                if !(20..=5000).contains(&settings.heartbeat_interval_ms) {
+                    return Err(Refused::BadSettings(
+                        "heartbeat interval must be 20 to 5000 ms".into(),
+                    ));
+                }
+                if settings.failure_timeout_ms < 2 * settings.heartbeat_interval_ms
+                    || settings.failure_timeout_ms > 60_000
+                {
+                    return Err(Refused::BadSettings(
+                        "failure timeout must be at least two heartbeat intervals and at most 60 s"
+                            .into(),
+                    ));
+                }
+                self.settings = settings.clone();
+                Ok(Applied::Done)
+            }
+        }
+    }
+
+    fn volumes_on(&self, id: NodeId) -> Vec<String> {
+        self.volumes
+            .values()
+            .filter(|v| v.replicas.contains(&id))
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    /// Chooses `replicas` storage nodes for a new volume: the named ones, else the ones
+    /// with the most free space (ties: lowest id).
+    fn place(&self, size: u64, replicas: u8, wanted: &[String]) -> Result<Vec<NodeId>, Refused> {
+        let mut chosen: Vec<NodeId> = Vec::new();
+        for name in wanted {
+            let n = self
+                .node_by_name(name)
+                .ok_or_else(|| Refused::NoSuchNode(name.clone()))?;
+            if n.role == NodeRole::Witness {
+                return Err(Refused::WitnessCannotHold(name.clone()));
+            }
+            if chosen.contains(&n.id) {
+                return Err(Refused::DuplicatePlacement(name.clone()));
+            }
+            let free = self.free_bytes(n.id);
+            if free < size {
+                return Err(Refused::NoSpace {
+                    node: name.clone(),
+                    free,
+                    needed: size,
+                });
+            }
+            chosen.push(n.id);
+        }
+        let mut candidates: Vec<(u64, NodeId)> = self
+            .nodes
+            .values()
+            .filter(|n| n.role == NodeRole::Storage && !chosen.contains(&n.id))
+            .map(|n| (self.free_bytes(n.id), n.id))
+            .filter(|(free, _)| *free >= size)
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let need = usize::from(replicas).saturating_sub(chosen.len());
+        if candidates.len() < need {
+            let detail = self
+                .nodes
+                .values()
+                .map(|n| match n.role {
+                    NodeRole::Witness => format!("{}: witness", n.name),
+                    NodeRole::Storage => format!("{}: {} bytes free", n.name, self.free_bytes(n.id)),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Refused::NotEnoughNodes {
+                replicas,
+                usable: chosen.len() + candidates.len(),
+                detail,
+            });
+        }
+        chosen.extend(candidates.into_iter().take(need).map(|(_, id)| id));
+        chosen.truncate(usize::from(replicas));
+        Ok(chosen)
+    }
+}

@@ -1,0 +1,161 @@
+//! What a node reports about itself, and its event log.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::NodeId;
+
+/// One entry of the event log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// The node that saw it.
+    pub observer: String,
+    /// Kind, for filtering: `node_offline`, `node_online`, `network_down`, `network_up`,
+    /// `leader`, `membership`, `config`.
+    pub kind: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// Events this node saw: the last few in memory, all of them appended to a file as JSON
+/// lines (and to the tracing log).
+#[derive(Debug)]
+pub struct EventLog {
+    observer: String,
+    recent: Mutex<VecDeque<Event>>,
+    file: Option<Mutex<std::fs::File>>,
+}
+
+/// Events kept in memory per node.
+const RECENT: usize = 200;
+
+impl EventLog {
+    /// An event log for `observer`, appending to `path` when given.
+    pub fn new(observer: &str, path: Option<PathBuf>) -> std::io::Result<EventLog> {
+        let file = match path {
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            )),
+            None => None,
+        };
+        Ok(EventLog {
+            observer: observer.to_string(),
+            recent: Mutex::new(VecDeque::new()),
+            file,
+        })
+    }
+
+    /// Records an event.
+    pub fn push(&self, kind: &str, message: String) {
+        tracing::info!(event = kind, "{message}");
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let ev = Event {
+            unix_ms,
+            observer: self.observer.clone(),
+            kind: kind.to_string(),
+            message,
+        };
+        if let Some(f) = &self.file {
+            if let (Ok(mut f), Ok(line)) = (f.lock(), serde_json::to_string(&ev)) {
+                // The event log is best effort: a full disk must not stop the node.
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == RECENT {
+                r.pop_front();
+            }
+            r.push_back(ev);
+        }
+    }
+
+    /// The most recent events, oldest first.
+    pub fn recent(&self, n: usize) -> Vec<Event> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().rev().take(n).rev().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// This node's view of Raft.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftView {
+    /// Leader, Follower, Candidate, Learner or Shutdown.
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// Known leader.
+    pub leader: Option<NodeId>,
+    /// Index of the last log entry.
+    pub last_log_index: Option<u64>,
+    /// Index of the last applied entry.
+    pub last_applied: Option<u64>,
+    /// Index of the last snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Index up to which the log was purged (compacted into the snapshot).
+    pub purged_index: Option<u64>,
+    /// Entries in the local log.
+    pub log_entries: u64,
+    /// Voters.
+    pub voters: Vec<NodeId>,
+    /// Learners.
+    pub learners: Vec<NodeId>,
+}
+
+/// How this node sees one peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLiveness {
+    /// The peer.
+    pub node: NodeId,
+    /// Heard from on any network within the failure timeout.
+    pub online: bool,
+    /// Per network (ring), in the peer's [`crate::state::NodeAddresses::networks`]
+    /// order: heard from within the timeout.
+    pub networks: Vec<bool>,
+    /// Milliseconds since anything was heard, if ever.
+    pub last_heard_ms: Option<u64>,
+}
+
+/// An iSCSI session on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    /// Target IQN (empty for discovery).
+    pub target: String,
+    /// Initiator name.
+    pub initiator: String,
+    /// Initiator address.
+    pub peer: String,
+}
+
+/// What `Request::Status` returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node.
+    pub node: NodeId,
+    /// Its name.
+    pub name: String,
+    /// Raft view.
+    pub raft: RaftView,
+    /// Liveness of the other members as this node sees them.
+    pub peers: Vec<PeerLiveness>,
+    /// iSCSI sessions served here.
+    pub sessions: Vec<SessionView>,
+    /// Targets served here.
+    pub serving: Vec<String>,
+    /// Recent events seen here.
+    pub events: Vec<Event>,
+}
