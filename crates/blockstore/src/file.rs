@@ -40,7 +40,8 @@ pub struct FileStore {
     file: File,
     /// A second descriptor without O_DIRECT for buffers that are not aligned.
     buffered: Option<File>,
-    size_bytes: u64,
+    /// Grows with [`FileStore::grow`]; never shrinks.
+    size_bytes: std::sync::atomic::AtomicU64,
     is_block_device: bool,
 }
 
@@ -100,9 +101,34 @@ impl FileStore {
             path: path.to_path_buf(),
             file,
             buffered,
-            size_bytes,
+            size_bytes: std::sync::atomic::AtomicU64::new(size_bytes),
             is_block_device,
         })
+    }
+
+    /// Grows a file store to `new_size` bytes (a volume resize). The file is extended
+    /// sparse before the new size is published, so no reader sees blocks past the end of
+    /// the file. Block devices cannot grow here.
+    pub fn grow(&self, new_size: u64) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let old = self.size_bytes.load(Ordering::Acquire);
+        if new_size <= old {
+            return Ok(());
+        }
+        if self.is_block_device {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("a block device cannot be grown by Bulwark"),
+            });
+        }
+        let io_err = |source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.set_len(new_size).map_err(io_err)?;
+        self.file.sync_all().map_err(io_err)?;
+        self.size_bytes.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     /// The path the store was opened from.
@@ -127,17 +153,17 @@ impl FileStore {
 
 impl BlockDevice for FileStore {
     fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        debug_assert!(offset + buf.len() as u64 <= self.size_bytes);
+        debug_assert!(offset + buf.len() as u64 <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
         let f = self.file_for(buf.as_ptr(), buf.len(), offset);
         f.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        debug_assert!(offset + data.len() as u64 <= self.size_bytes);
+        debug_assert!(offset + data.len() as u64 <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
         let f = self.file_for(data.as_ptr(), data.len(), offset);
         f.write_all_at(data, offset)?;
         if fua {
@@ -188,7 +214,7 @@ impl BlockDevice for FileStore {
     }
 
     fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
-        let end = (offset + max_len).min(self.size_bytes);
+        let end = (offset + max_len).min(self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
         if self.is_block_device || offset >= end {
             return Ok(Extent {
                 offset,
@@ -199,7 +225,7 @@ impl BlockDevice for FileStore {
         // SEEK_DATA from offset: if data starts later, [offset, data) is a hole.
         let data = match rustix::fs::seek(&self.file, SeekFrom::Data(offset as i64)) {
             Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => self.size_bytes,
+            Err(rustix::io::Errno::NXIO) => self.size_bytes.load(std::sync::atomic::Ordering::Acquire),
             Err(e) => return Err(e.into()),
         };
         if data > offset {
@@ -211,7 +237,7 @@ impl BlockDevice for FileStore {
         }
         let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(offset as i64)) {
             Ok(h) => h,
-            Err(rustix::io::Errno::NXIO) => self.size_bytes,
+            Err(rustix::io::Errno::NXIO) => self.size_bytes.load(std::sync::atomic::Ordering::Acquire),
             Err(e) => return Err(e.into()),
         };
         Ok(Extent {

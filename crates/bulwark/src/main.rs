@@ -1,12 +1,15 @@
 //! `bulwark`: highly available iSCSI block storage in one binary.
 
+mod admin;
 mod config;
+mod demo;
+mod serving;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use iscsi_proto::login::ChapAccount;
 
@@ -28,22 +31,187 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve iSCSI targets from this node. Without --config: one 1 GiB thin LUN under
-    /// ./bulwark-data as iqn.2026-11.io.bulwark:default on 127.0.0.1:3260.
+    /// Runs this node. With a cluster identity in --data-dir (from `bulwark cluster
+    /// init` or `join`) it runs as a cluster member; otherwise it serves a single-node
+    /// target: --config FILE, or one 1 GiB thin LUN under ./bulwark-data as
+    /// iqn.2026-11.io.bulwark:default on 127.0.0.1:3260.
     Serve {
-        /// TOML configuration file (see examples/bulwark.toml).
+        /// TOML configuration file (see examples/bulwark.toml); single-node mode.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Data folder for the default target.
-        #[arg(long, default_value = "bulwark-data")]
+        /// Data folder: the cluster identity, Raft store and volume data.
+        #[arg(long, env = "BULWARK_DATA_DIR", default_value = "bulwark-data")]
         data_dir: PathBuf,
-        /// Portal for the default target.
+        /// Portal for the default single-node target.
         #[arg(long, default_value = "127.0.0.1:3260")]
         listen: String,
+        /// Run as a witness: vote in Raft, store no volume data, serve no targets.
+        #[arg(long)]
+        witness: bool,
+        /// Volume space this node offers (default: the size of the data folder's file
+        /// system).
+        #[arg(long)]
+        capacity: Option<String>,
+        /// Take a Raft snapshot and compact the log every this many entries.
+        #[arg(long, default_value_t = 1000)]
+        snapshot_every: u64,
         /// Log filter (tracing EnvFilter syntax), e.g. "info" or "target=debug".
         #[arg(long, env = "BULWARK_LOG", default_value = "info")]
         log: String,
     },
+    /// Creates, joins or leaves a cluster.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Cluster members.
+    Node {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::NodeCmd,
+    },
+    /// Replicated volumes.
+    Volume {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::VolumeCmd,
+    },
+    /// iSCSI targets.
+    Target {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::TargetCmd,
+    },
+    /// LUN maps: which volume is which LUN of a target.
+    Lun {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::LunCmd,
+    },
+    /// Initiator access lists of targets.
+    Acl {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::AclCmd,
+    },
+    /// CHAP accounts, shared by any number of targets.
+    Chap {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::ChapCmd,
+    },
+    /// The cluster on one screen: nodes, leader, volumes, targets, sessions, events.
+    Status {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// Refresh until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Refresh interval for --watch, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Starts a local 3-node cluster on 127.0.0.1, 127.0.0.2 and 127.0.0.3 with a demo
+    /// volume and target, shows its status, and stops it all on Ctrl-C.
+    Demo {
+        /// Folder for the nodes' data (default: a new temporary folder, removed at exit).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print the status once instead of refreshing it.
+        #[arg(long)]
+        no_watch: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Creates a new cluster with this node as its first member; prints the token
+    /// other nodes join with and administrators use.
+    Init {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Joins this node to the cluster that SEED belongs to.
+    Join {
+        /// Control address of any member (port 3261 when omitted).
+        seed: String,
+        /// The cluster token.
+        #[arg(long, env = "BULWARK_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints the cluster token of the node whose data folder is --data-dir.
+    Token {
+        /// Data folder of a node of the cluster.
+        #[arg(long, env = "BULWARK_DATA_DIR", default_value = "bulwark-data")]
+        data_dir: PathBuf,
+    },
+    /// The node at --node leaves the cluster (it must hold no volumes) and stops.
+    Leave {
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+}
+
+/// Who a new node is and where it listens.
+#[derive(clap::Args, Clone, Debug)]
+struct NodeArgs {
+    /// Unique node name.
+    #[arg(long)]
+    name: String,
+    /// This node's address on the cluster network: control plane on port 3261, and the
+    /// default for the portal (port 3260) and replication (port 3262).
+    #[arg(long)]
+    address: std::net::IpAddr,
+    /// iSCSI portal, one per front-end network (repeat); default ADDRESS:3260.
+    #[arg(long = "portal")]
+    portals: Vec<String>,
+    /// Replication address; default ADDRESS:3262.
+    #[arg(long)]
+    replication: Option<String>,
+    /// Control-plane port.
+    #[arg(long, default_value_t = admin::CONTROL_PORT)]
+    control_port: u16,
+    /// Data folder of this node.
+    #[arg(long, env = "BULWARK_DATA_DIR", default_value = "bulwark-data")]
+    data_dir: PathBuf,
+}
+
+impl NodeArgs {
+    fn addresses(&self) -> Result<cluster::state::NodeAddresses> {
+        let portals = if self.portals.is_empty() {
+            vec![std::net::SocketAddr::new(self.address, 3260)]
+        } else {
+            self.portals
+                .iter()
+                .map(|p| parse_portal(p))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let replication = match &self.replication {
+            Some(r) => r
+                .parse()
+                .with_context(|| format!("--replication {r:?} is not an address like 10.0.0.5:3262"))?,
+            None => std::net::SocketAddr::new(self.address, 3262),
+        };
+        Ok(cluster::state::NodeAddresses {
+            control: std::net::SocketAddr::new(self.address, self.control_port),
+            replication,
+            portals,
+        })
+    }
 }
 
 fn main() {
@@ -54,6 +222,24 @@ fn main() {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bulwark")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging(filter: &str) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).context("bad --log filter")?)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -61,26 +247,214 @@ fn run() -> Result<()> {
             config,
             data_dir,
             listen,
+            witness,
+            capacity,
+            snapshot_every,
             log,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?,
-                )
-                .with_target(false)
-                .init();
+            init_logging(&log)?;
+            if cluster::Identity::exists(&data_dir) {
+                if config.is_some() {
+                    bail!("{} belongs to a cluster, whose configuration lives in the cluster (bulwark volume/target/lun ...); drop --config", data_dir.display());
+                }
+                let capacity = capacity.as_deref().map(parse_size).transpose()?;
+                return runtime()?.block_on(serve_cluster(data_dir, witness, capacity, snapshot_every));
+            }
+            if witness {
+                bail!("--witness needs a cluster: run `bulwark cluster join SEED --token TOKEN --name NAME --address IP --data-dir {}` first", data_dir.display());
+            }
             let cfg = match &config {
                 Some(p) => Config::load(p)?,
                 None => default_config(&data_dir, &listen),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("bulwark")
-                .build()
-                .context("cannot start the async runtime")?;
-            rt.block_on(serve(cfg))
+            runtime()?.block_on(serve(cfg))
+        }
+        Command::Cluster { cmd } => runtime()?.block_on(cluster_cmd(cmd)),
+        Command::Node { conn, cmd } => runtime()?.block_on(admin::node(&conn, cmd)),
+        Command::Volume { conn, cmd } => runtime()?.block_on(admin::volume(&conn, cmd)),
+        Command::Target { conn, cmd } => runtime()?.block_on(admin::target(&conn, cmd)),
+        Command::Lun { conn, cmd } => runtime()?.block_on(admin::lun(&conn, cmd)),
+        Command::Acl { conn, cmd } => runtime()?.block_on(admin::acl(&conn, cmd)),
+        Command::Chap { conn, cmd } => runtime()?.block_on(admin::chap(&conn, cmd)),
+        Command::Status {
+            conn,
+            watch,
+            interval_ms,
+        } => runtime()?.block_on(admin::status(&conn, watch, Duration::from_millis(interval_ms))),
+        Command::Demo { dir, no_watch } => runtime()?.block_on(demo::run(dir, !no_watch)),
+    }
+}
+
+async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Init { node, json } => {
+            let addresses = node.addresses()?;
+            let id = cluster::node::init(&node.data_dir, &node.name, addresses.clone())?;
+            let token = id.token()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "cluster_id": id.cluster_id, "node": id.name, "token": token.to_string(), "control": addresses.control })
+                );
+            } else {
+                println!("Cluster {} created; {} is its first node.", id.cluster_id, id.name);
+                println!("Start it:        bulwark serve --data-dir {}", node.data_dir.display());
+                println!("Join other nodes: bulwark cluster join {} --token {token} --name NAME --address IP", addresses.control);
+                println!("Administer:      export BULWARK_NODE={} BULWARK_TOKEN={token}", addresses.control);
+                println!("\ntoken: {token}");
+                println!("Keep the token secret: it admits nodes and administrators.");
+            }
+            Ok(())
+        }
+        ClusterCmd::Join {
+            seed,
+            token,
+            node,
+            json,
+        } => {
+            let token: cluster::Token = token.parse().context("--token")?;
+            let seed = admin::parse_control(&seed)?;
+            let capacity = admin::filesystem_capacity(&node.data_dir)?;
+            let id = cluster::node::join(&node.data_dir, seed, &token, &node.name, node.addresses()?, capacity)
+                .await
+                .with_context(|| format!("joining the cluster through {seed}"))?;
+            if json {
+                println!("{}", serde_json::json!({ "cluster_id": id.cluster_id, "node": id.name, "node_id": id.node_id }));
+            } else {
+                println!("{} joined cluster {} as node id {}.", id.name, id.cluster_id, id.node_id);
+                println!("Start it: bulwark serve --data-dir {}", node.data_dir.display());
+            }
+            Ok(())
+        }
+        ClusterCmd::Token { data_dir } => {
+            println!("{}", cluster::Identity::load(&data_dir)?.token()?);
+            Ok(())
+        }
+        ClusterCmd::Leave { conn } => {
+            let client = conn.client()?;
+            let me = client.status().await?;
+            match client.write(cluster::Command::RemoveNode { name: me.name.clone() }).await? {
+                Ok(_) => {
+                    println!("{} left the cluster; its daemon stops by itself.", me.name);
+                    Ok(())
+                }
+                Err(refused) => bail!("refused: {refused}"),
+            }
         }
     }
+}
+
+/// Runs this node as a cluster member until Ctrl-C / SIGTERM, or until the cluster
+/// removes it.
+async fn serve_cluster(
+    data_dir: PathBuf,
+    witness: bool,
+    capacity: Option<u64>,
+    snapshot_every: u64,
+) -> Result<()> {
+    let mut options = cluster::NodeOptions::new(data_dir.clone());
+    options.role = if witness {
+        cluster::NodeRole::Witness
+    } else {
+        cluster::NodeRole::Storage
+    };
+    options.capacity_bytes = if witness {
+        0
+    } else {
+        match capacity {
+            Some(c) => c,
+            None => admin::filesystem_capacity(&data_dir)?,
+        }
+    };
+    options.snapshot_every = snapshot_every.max(10);
+    let node = cluster::ClusterNode::start(options).await?;
+    let identity = node.identity().clone();
+    let server = target::Server::new(target::ServerSettings::default());
+    let mut listeners = Vec::new();
+    let serving = if witness {
+        None
+    } else {
+        let group_tag = u16::try_from(identity.node_id).unwrap_or(u16::MAX);
+        let portals: Vec<target::Portal> = identity
+            .addresses
+            .portals
+            .iter()
+            .map(|a| target::Portal { addr: *a, group_tag })
+            .collect();
+        for p in &portals {
+            listeners.push(
+                tokio::net::TcpListener::bind(p.addr)
+                    .await
+                    .with_context(|| format!("cannot listen on portal {}", p.addr))?,
+            );
+        }
+        let serving = serving::Serving::new(&node, server.clone(), &data_dir, portals);
+        tokio::spawn(serving.clone().run(node.state()));
+        Some(serving)
+    };
+    {
+        let (server, serving) = (server.clone(), serving.clone());
+        node.set_local_info(Arc::new(move || {
+            let sessions = server
+                .sessions()
+                .into_iter()
+                .map(|s| cluster::status::SessionView {
+                    target: s.target.unwrap_or_default(),
+                    initiator: s.initiator,
+                    peer: s.peer.to_string(),
+                })
+                .collect();
+            let serving = serving.as_ref().map(|s| s.served_targets()).unwrap_or_default();
+            (sessions, serving)
+        }));
+    }
+    println!(
+        "Bulwark node {} (id {}) of cluster {}: control {}{}",
+        identity.name,
+        identity.node_id,
+        identity.cluster_id,
+        identity.addresses.control,
+        if witness {
+            ", witness".to_string()
+        } else {
+            format!(", portals {:?}", identity.addresses.portals)
+        }
+    );
+    println!("Ready. Ctrl-C stops the node.");
+    let removed = {
+        let mut state = node.state();
+        let me = node.id();
+        async move {
+            loop {
+                if !state.borrow_and_update().nodes.contains_key(&me) && state.borrow().next_node_id > me {
+                    return;
+                }
+                if state.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    };
+    let removed_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = removed_flag.clone();
+    server
+        .serve(listeners, async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = removed => {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+        .await?;
+    if removed_flag.load(std::sync::atomic::Ordering::SeqCst) {
+        node.events().push("membership", format!("node {} was removed from the cluster; stopping", identity.name));
+        // Let the leader finish taking this node out of the membership.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    node.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn default_config(data_dir: &Path, listen: &str) -> Config {
@@ -253,7 +627,7 @@ async fn serve(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ring::hmac;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::state::{ClusterState, NodeId};
 use crate::status::{EventLog, PeerLiveness};
@@ -206,14 +206,10 @@ pub async fn run(
             for peer in st.nodes.values().filter(|n| n.id != me) {
                 let nets = peer.addresses.networks();
                 let cur = liveness.peer(peer.id, nets.len(), timeout, now);
+                // A peer's first observation is its baseline: only changes are events
+                // (`bulwark status` shows a peer that was never heard as offline).
                 if let Some(prev) = previous.get(&peer.id) {
                     report_changes(&events, &peer.name, &nets, prev, &cur, timeout);
-                } else if !cur.online {
-                    warn!(node = %peer.name, "node offline: no heartbeat since this node started");
-                    events.push(
-                        "node_offline",
-                        format!("node {} is offline (no heartbeat on any network since this node started)", peer.name),
-                    );
                 }
                 previous.insert(peer.id, cur);
             }

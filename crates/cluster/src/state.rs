@@ -331,19 +331,19 @@ pub enum Refused {
     BadBlockSize(u32),
     #[error("a volume needs 1 to 3 replicas, not {0}")]
     BadReplicaCount(u8),
-    #[error("{replicas} replicas need {replicas} storage nodes with room; the cluster has {usable} ({detail}). Add storage nodes, lower --replicas or the size")]
+    #[error("{replicas} replica(s) need {replicas} storage node(s) with room; the cluster has {usable} ({detail}). Add storage nodes, lower --replicas or the size")]
     NotEnoughNodes {
         replicas: u8,
         usable: usize,
         detail: String,
     },
-    #[error("node {node:?} has {free} bytes free, the volume needs {needed}; pick a smaller size or other nodes")]
+    #[error("node {node:?} has {} free, the volume needs {}; pick a smaller size or other nodes", human(*free), human(*needed))]
     NoSpace { node: String, free: u64, needed: u64 },
     #[error("node {0:?} is a witness and stores no volume data; pick storage nodes")]
     WitnessCannotHold(String),
     #[error("node {0:?} is named twice in the placement")]
     DuplicatePlacement(String),
-    #[error("volume {name:?} is {size} bytes; shrinking would destroy data, so only growing is allowed")]
+    #[error("volume {name:?} is {}; shrinking would destroy data, so only growing is allowed", human(*size))]
     Shrink { name: String, size: u64 },
     #[error("volume {volume:?} is mapped as LUN {lun} of {iqn}; remove the LUN first (`bulwark lun remove {iqn} {lun}`)")]
     VolumeMapped { volume: String, iqn: String, lun: u64 },
@@ -392,6 +392,22 @@ pub enum Refused {
     WitnessWithVolumes { node: String, volumes: Vec<String> },
     #[error("address {addr} is already used by node {node:?}")]
     AddressInUse { addr: SocketAddr, node: String },
+}
+
+/// A size for people: `512 B`, `1.5 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
 }
 
 /// Checks an object name (node, volume, CHAP user): 1–64 characters of letters, digits,
@@ -927,7 +943,7 @@ impl ClusterState {
                 .values()
                 .map(|n| match n.role {
                     NodeRole::Witness => format!("{}: witness", n.name),
-                    NodeRole::Storage => format!("{}: {} bytes free", n.name, self.free_bytes(n.id)),
+                    NodeRole::Storage => format!("{}: {} free", n.name, human(self.free_bytes(n.id))),
                 })
                 .collect::<Vec<_>>()
                 .join(", ");

@@ -1,0 +1,799 @@
+//! The administration commands: each talks to one node's admin API over TLS with the
+//! cluster token, prints a table for people or JSON with `--json`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use cluster::state::{ChapAccount, ClusterState, Command, NodeId, NodeRole};
+use cluster::status::NodeStatus;
+use cluster::{AdminClient, Applied, Token};
+use serde::Serialize;
+
+use crate::config::parse_size;
+
+/// Default control-plane port (TLS; heartbeats use the same number over UDP).
+pub const CONTROL_PORT: u16 = 3261;
+
+/// How to reach the cluster; shared by every admin command.
+#[derive(Args, Clone, Debug)]
+pub struct Conn {
+    /// Control address of any node (port 3261 when omitted).
+    #[arg(long, env = "BULWARK_NODE", default_value = "127.0.0.1:3261", global = true)]
+    pub node: String,
+    /// Cluster token, as `bulwark cluster init` printed it. Without it, the token is read
+    /// from the local node's data folder (--data-dir) when this user can read it.
+    #[arg(long, env = "BULWARK_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Data folder of a local node to read the token from.
+    #[arg(long = "data-dir", env = "BULWARK_DATA_DIR", default_value = "bulwark-data", global = true)]
+    pub data_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Parses a control address; the port defaults to 3261.
+pub fn parse_control(s: &str) -> Result<SocketAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let with_port = if s.starts_with('[') || !s.contains(':') {
+        format!("{s}:{CONTROL_PORT}")
+    } else {
+        s.to_string()
+    };
+    with_port.parse().map_err(|_| {
+        anyhow!("node address {s:?} is not like \"127.0.0.1:3261\" or \"10.0.0.5\"")
+    })
+}
+
+impl Conn {
+    pub fn token(&self) -> Result<Token> {
+        if let Some(t) = &self.token {
+            return t.parse().context("--token / BULWARK_TOKEN");
+        }
+        match cluster::Identity::load(&self.data_dir) {
+            Ok(id) => Ok(id.token()?),
+            Err(_) => bail!(
+                "no cluster token: pass --token or set BULWARK_TOKEN to the token `bulwark cluster init` printed (or run on a node with --data-dir pointing at its data folder)"
+            ),
+        }
+    }
+
+    pub fn client(&self) -> Result<AdminClient> {
+        let addr = parse_control(&self.node)?;
+        Ok(AdminClient::new(addr, &self.token()?)?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Lists the members with their role, addresses, liveness and Raft role.
+    List,
+    /// Removes a node from the cluster (it must hold no volumes).
+    Remove {
+        /// Node name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Creates a volume, thin, on the nodes with the most free space (or --node).
+    Create {
+        /// Volume name.
+        name: String,
+        /// Size, like 10GiB.
+        size: String,
+        /// Number of replicas (1 to 3), each on a different storage node.
+        #[arg(long, default_value_t = 2)]
+        replicas: u8,
+        /// Logical block size: 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        /// Place it on this node (repeat for each replica; the first is the primary).
+        #[arg(long = "on")]
+        on: Vec<String>,
+    },
+    /// Lists volumes.
+    List,
+    /// Grows a volume; initiators see CAPACITY DATA HAS CHANGED.
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size (larger).
+        size: String,
+    },
+    /// Deletes a volume that no target maps, with its data.
+    Delete {
+        /// Volume name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TargetCmd {
+    /// Creates an iSCSI target.
+    Create {
+        /// IQN, like iqn.2026-11.com.example:storage.
+        iqn: String,
+        /// TargetAlias.
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// Lists targets.
+    List,
+    /// Deletes a target (its volumes stay).
+    Delete {
+        /// IQN.
+        iqn: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LunCmd {
+    /// Maps a volume as a LUN of a target; live sessions see REPORTED LUNS DATA HAS CHANGED.
+    Add {
+        /// Target IQN.
+        iqn: String,
+        /// Volume name.
+        volume: String,
+        /// LUN number (default: the lowest free).
+        #[arg(long)]
+        lun: Option<u64>,
+    },
+    /// Unmaps a LUN.
+    Remove {
+        /// Target IQN.
+        iqn: String,
+        /// LUN number.
+        lun: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AclCmd {
+    /// Allows an initiator on a target (a target with no entries allows every initiator).
+    Add {
+        /// Target IQN.
+        iqn: String,
+        /// Initiator IQN.
+        initiator: String,
+    },
+    /// Removes an initiator from a target's ACL.
+    Remove {
+        /// Target IQN.
+        iqn: String,
+        /// Initiator IQN.
+        initiator: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChapCmd {
+    /// Defines a CHAP account (then bind it to targets).
+    Add {
+        /// User name the initiator logs in with.
+        user: String,
+        /// Initiator secret, 12 to 255 characters (or BULWARK_CHAP_SECRET).
+        #[arg(long, env = "BULWARK_CHAP_SECRET", hide_env_values = true)]
+        secret: String,
+        /// For mutual CHAP: the name the target answers with.
+        #[arg(long, requires = "mutual_secret")]
+        mutual_user: Option<String>,
+        /// For mutual CHAP: the target's secret.
+        #[arg(long, requires = "mutual_user")]
+        mutual_secret: Option<String>,
+    },
+    /// Lists accounts (without secrets) and the targets they are bound to.
+    List,
+    /// Deletes an account that no target uses.
+    Remove {
+        /// User name.
+        user: String,
+    },
+    /// Requires the account on a target.
+    Bind {
+        /// User name.
+        user: String,
+        /// Target IQN.
+        iqn: String,
+    },
+    /// Unbinds the account from a target.
+    Unbind {
+        /// User name.
+        user: String,
+        /// Target IQN.
+        iqn: String,
+    },
+}
+
+/// Turns a CLI command into the cluster command it commits. Pure, so every command's
+/// validation can be tested without a cluster.
+pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
+    Ok(match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            block_size,
+            on,
+        } => {
+            if !on.is_empty() && on.len() > usize::from(*replicas) {
+                bail!(
+                    "--on names {} nodes but --replicas is {replicas}; name at most one node per replica",
+                    on.len()
+                );
+            }
+            Some(Command::CreateVolume {
+                name: name.clone(),
+                size_bytes: parse_size(size)?,
+                replicas: *replicas,
+                block_size: *block_size,
+                nodes: on.clone(),
+            })
+        }
+        VolumeCmd::Resize { name, size } => Some(Command::ResizeVolume {
+            name: name.clone(),
+            size_bytes: parse_size(size)?,
+        }),
+        VolumeCmd::Delete { name } => Some(Command::DeleteVolume { name: name.clone() }),
+        VolumeCmd::List => None,
+    })
+}
+
+async fn commit(conn: &Conn, cmd: Command) -> Result<Applied> {
+    let client = conn.client()?;
+    match client.write(cmd).await? {
+        Ok(a) => Ok(a),
+        Err(refused) => Err(anyhow!("refused: {refused}")),
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn done(conn: &Conn, applied: &Applied, text: String) -> Result<()> {
+    if conn.json {
+        print_json(applied)
+    } else {
+        println!("{text}");
+        Ok(())
+    }
+}
+
+pub use cluster::state::human;
+
+fn names(st: &ClusterState, ids: &[NodeId]) -> String {
+    ids.iter()
+        .map(|id| {
+            st.nodes
+                .get(id)
+                .map(|n| n.name.clone())
+                .unwrap_or_else(|| format!("#{id}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub async fn node(conn: &Conn, cmd: NodeCmd) -> Result<()> {
+    match cmd {
+        NodeCmd::List => {
+            let (st, statuses) = conn.client()?.cluster_status().await?;
+            if conn.json {
+                return print_json(&serde_json::json!({ "nodes": st.nodes, "status": statuses }));
+            }
+            let mut out = String::new();
+            render_nodes(&mut out, &st, &statuses);
+            print!("{out}");
+            Ok(())
+        }
+        NodeCmd::Remove { name } => {
+            let a = commit(conn, Command::RemoveNode { name: name.clone() }).await?;
+            done(conn, &a, format!("node {name} removed; it leaves the Raft membership and stops serving"))
+        }
+    }
+}
+
+pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
+    let Some(c) = volume_command(&cmd)? else {
+        let st = conn.client()?.state().await?;
+        if conn.json {
+            return print_json(&st.volumes);
+        }
+        let mut out = String::new();
+        render_volumes(&mut out, &st);
+        print!("{out}");
+        return Ok(());
+    };
+    let a = commit(conn, c).await?;
+    let text = match (&cmd, &a) {
+        (VolumeCmd::Create { name, size, .. }, Applied::VolumeCreated(placement)) => {
+            let st = conn.client()?.state().await?;
+            format!(
+                "volume {name} ({size}) created on {}; primary {}",
+                names(&st, placement),
+                names(&st, &placement[..1])
+            )
+        }
+        (VolumeCmd::Resize { name, size }, _) => format!("volume {name} is now {size}"),
+        (VolumeCmd::Delete { name }, _) => format!("volume {name} deleted"),
+        _ => "done".into(),
+    };
+    done(conn, &a, text)
+}
+
+pub async fn target(conn: &Conn, cmd: TargetCmd) -> Result<()> {
+    let (c, text) = match cmd {
+        TargetCmd::List => {
+            let (st, statuses) = conn.client()?.cluster_status().await?;
+            if conn.json {
+                return print_json(&st.targets);
+            }
+            let mut out = String::new();
+            render_targets(&mut out, &st, &statuses);
+            print!("{out}");
+            return Ok(());
+        }
+        TargetCmd::Create { iqn, alias } => (
+            Command::CreateTarget {
+                iqn: iqn.clone(),
+                alias,
+            },
+            format!("target {iqn} created; map volumes with `bulwark lun add {iqn} VOLUME`"),
+        ),
+        TargetCmd::Delete { iqn } => (
+            Command::DeleteTarget { iqn: iqn.clone() },
+            format!("target {iqn} deleted"),
+        ),
+    };
+    let a = commit(conn, c).await?;
+    done(conn, &a, text)
+}
+
+pub async fn lun(conn: &Conn, cmd: LunCmd) -> Result<()> {
+    let (c, text) = match cmd {
+        LunCmd::Add { iqn, volume, lun } => (
+            Command::AddLun {
+                iqn: iqn.clone(),
+                lun,
+                volume: volume.clone(),
+            },
+            format!("volume {volume} mapped to {iqn}"),
+        ),
+        LunCmd::Remove { iqn, lun } => (
+            Command::RemoveLun {
+                iqn: iqn.clone(),
+                lun,
+            },
+            format!("LUN {lun} removed from {iqn}"),
+        ),
+    };
+    let a = commit(conn, c).await?;
+    let text = match a {
+        Applied::LunAdded(l) => format!("{text} as LUN {l}"),
+        _ => text,
+    };
+    done(conn, &a, text)
+}
+
+pub async fn acl(conn: &Conn, cmd: AclCmd) -> Result<()> {
+    let (c, text) = match cmd {
+        AclCmd::Add { iqn, initiator } => (
+            Command::AddAcl {
+                iqn: iqn.clone(),
+                initiator: initiator.clone(),
+            },
+            format!("{initiator} may log in to {iqn}"),
+        ),
+        AclCmd::Remove { iqn, initiator } => (
+            Command::RemoveAcl {
+                iqn: iqn.clone(),
+                initiator: initiator.clone(),
+            },
+            format!("{initiator} removed from the ACL of {iqn}"),
+        ),
+    };
+    let a = commit(conn, c).await?;
+    done(conn, &a, text)
+}
+
+pub async fn chap(conn: &Conn, cmd: ChapCmd) -> Result<()> {
+    let (c, text) = match cmd {
+        ChapCmd::List => {
+            let st = conn.client()?.state().await?;
+            let rows: Vec<serde_json::Value> = st
+                .chap
+                .values()
+                .map(|a| {
+                    let bound: Vec<&String> = st
+                        .targets
+                        .values()
+                        .filter(|t| t.chap.contains(&a.user))
+                        .map(|t| &t.iqn)
+                        .collect();
+                    serde_json::json!({
+                        "user": a.user,
+                        "mutual_user": a.mutual.as_ref().map(|m| &m.0),
+                        "targets": bound,
+                    })
+                })
+                .collect();
+            if conn.json {
+                return print_json(&rows);
+            }
+            if rows.is_empty() {
+                println!("no CHAP accounts");
+            }
+            for r in rows {
+                println!(
+                    "{}  mutual: {}  targets: {}",
+                    r["user"].as_str().unwrap_or(""),
+                    r["mutual_user"].as_str().unwrap_or("no"),
+                    r["targets"]
+                );
+            }
+            return Ok(());
+        }
+        ChapCmd::Add {
+            user,
+            secret,
+            mutual_user,
+            mutual_secret,
+        } => (
+            Command::AddChap {
+                account: ChapAccount {
+                    user: user.clone(),
+                    secret,
+                    mutual: mutual_user.zip(mutual_secret),
+                },
+            },
+            format!("CHAP account {user} defined; bind it with `bulwark chap bind {user} IQN`"),
+        ),
+        ChapCmd::Remove { user } => (
+            Command::RemoveChap { user: user.clone() },
+            format!("CHAP account {user} removed"),
+        ),
+        ChapCmd::Bind { user, iqn } => (
+            Command::BindChap {
+                user: user.clone(),
+                iqn: iqn.clone(),
+            },
+            format!("{iqn} now requires CHAP; {user} may log in"),
+        ),
+        ChapCmd::Unbind { user, iqn } => (
+            Command::UnbindChap {
+                user: user.clone(),
+                iqn: iqn.clone(),
+            },
+            format!("{user} unbound from {iqn}"),
+        ),
+    };
+    let a = commit(conn, c).await?;
+    done(conn, &a, text)
+}
+
+/// `bulwark status`: one screen, like crm_mon.
+pub async fn status(conn: &Conn, watch: bool, interval: Duration) -> Result<()> {
+    let client = conn.client()?;
+    loop {
+        let view = client.cluster_status().await;
+        if conn.json {
+            let (st, statuses) = view?;
+            print_json(&serde_json::json!({ "state": st, "nodes": statuses }))?;
+        } else {
+            let text = match view {
+                Ok((st, statuses)) => render_status(&st, &statuses, &conn.node),
+                Err(e) if watch => format!("cannot get the status from {}: {e:#}\n", conn.node),
+                Err(e) => return Err(e.into()),
+            };
+            if watch {
+                // Clear the screen and home the cursor, like watch(1).
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{text}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = crate::shutdown_signal() => return Ok(()),
+        }
+    }
+}
+
+type Statuses = BTreeMap<NodeId, Result<NodeStatus, String>>;
+
+/// The answering node's view: the first status that answered, the local one first.
+fn leader_of(statuses: &Statuses) -> Option<(NodeId, u64)> {
+    statuses
+        .values()
+        .filter_map(|s| s.as_ref().ok())
+        .filter_map(|s| s.raft.leader.map(|l| (l, s.raft.term)))
+        .max_by_key(|(_, t)| *t)
+}
+
+pub fn render_status(st: &ClusterState, statuses: &Statuses, via: &str) -> String {
+    let mut out = String::new();
+    let now = chrono_like_now();
+    let leader = leader_of(statuses);
+    let voters: Vec<NodeId> = statuses
+        .values()
+        .filter_map(|s| s.as_ref().ok())
+        .find(|s| leader.is_some_and(|(l, _)| s.node == l))
+        .or_else(|| statuses.values().filter_map(|s| s.as_ref().ok()).next())
+        .map(|s| s.raft.voters.clone())
+        .unwrap_or_default();
+    let online_voters = voters
+        .iter()
+        .filter(|v| statuses.get(v).is_some_and(|s| s.is_ok()))
+        .count();
+    let quorum = voters.len() / 2 + 1;
+    let _ = writeln!(out, "Bulwark cluster status at {now} (via {via})");
+    let _ = writeln!(
+        out,
+        "{} node(s); leader: {}; quorum: {} ({online_voters} of {} voters reachable, {quorum} needed)",
+        st.nodes.len(),
+        match leader {
+            Some((l, term)) => format!("{} (term {term})", names(st, &[l])),
+            None => "NONE".into(),
+        },
+        if online_voters >= quorum && !voters.is_empty() {
+            "OK"
+        } else {
+            "LOST"
+        },
+        voters.len()
+    );
+    out.push('\n');
+    render_nodes(&mut out, st, statuses);
+    out.push('\n');
+    render_volumes(&mut out, st);
+    out.push('\n');
+    render_targets(&mut out, st, statuses);
+    out.push('\n');
+    let mut events: Vec<&cluster::status::Event> = statuses
+        .values()
+        .filter_map(|s| s.as_ref().ok())
+        .flat_map(|s| s.events.iter())
+        .collect();
+    events.sort_by_key(|e| e.unix_ms);
+    let _ = writeln!(out, "Recent events:");
+    if events.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for e in events.iter().rev().take(12).rev() {
+        let _ = writeln!(
+            out,
+            "  {}  [{}] {}",
+            format_time(e.unix_ms),
+            e.observer,
+            e.message
+        );
+    }
+    out
+}
+
+fn render_nodes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
+    let _ = writeln!(out, "Nodes:");
+    let any = statuses.values().filter_map(|s| s.as_ref().ok()).next();
+    for n in st.nodes.values() {
+        let status = statuses.get(&n.id);
+        let raft_role = match status {
+            Some(Ok(s)) => s.raft.state.to_lowercase(),
+            _ => {
+                if any.is_some_and(|a| a.raft.voters.contains(&n.id)) {
+                    "voter".into()
+                } else {
+                    "learner".into()
+                }
+            }
+        };
+        // Liveness as the answering node's heartbeats see it.
+        let live = any.and_then(|a| a.peers.iter().find(|p| p.node == n.id));
+        let liveness = match (status, live) {
+            (Some(Ok(_)), Some(l)) if l.online => {
+                let nets: Vec<String> = n
+                    .addresses
+                    .networks()
+                    .iter()
+                    .zip(&l.networks)
+                    .map(|(ip, up)| format!("{ip} {}", if *up { "up" } else { "DOWN" }))
+                    .collect();
+                format!("online [{}]", nets.join(", "))
+            }
+            (Some(Ok(_)), _) => "online".into(),
+            (_, Some(l)) if l.online => "online (status not answered)".into(),
+            (_, Some(l)) => match l.last_heard_ms {
+                Some(ms) => format!("OFFLINE (last heard {:.1} s ago)", ms as f64 / 1000.0),
+                None => "OFFLINE (never heard)".into(),
+            },
+            _ => "OFFLINE".into(),
+        };
+        let space = match n.role {
+            NodeRole::Witness => "no data".to_string(),
+            NodeRole::Storage => format!(
+                "{} free of {}",
+                human(st.free_bytes(n.id)),
+                human(n.capacity_bytes)
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<8} {:<10} {}  control {}  {}",
+            n.name, n.role, raft_role, liveness, n.addresses.control, space
+        );
+        if let Some(Ok(s)) = status {
+            let _ = writeln!(
+                out,
+                "  {:<12} raft: last log {} applied {} snapshot {} ({} entries on disk)",
+                "",
+                opt(s.raft.last_log_index),
+                opt(s.raft.last_applied),
+                opt(s.raft.snapshot_index),
+                s.raft.log_entries
+            );
+        }
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn render_volumes(out: &mut String, st: &ClusterState) {
+    let _ = writeln!(out, "Volumes:");
+    if st.volumes.is_empty() {
+        let _ = writeln!(out, "  (none; `bulwark volume create NAME SIZE`)");
+    }
+    for v in st.volumes.values() {
+        let mapped = st
+            .mapping_of(&v.name)
+            .map(|(t, l)| format!("LUN {l} of {}", t.iqn))
+            .unwrap_or_else(|| "not mapped".into());
+        let _ = writeln!(
+            out,
+            "  {:<12} {:>10}  {}-byte blocks  primary {}  replicas {}  epoch {}  {}",
+            v.name,
+            human(v.size_bytes),
+            v.block_size,
+            names(st, &[v.primary]),
+            names(st, &v.replicas),
+            v.epoch,
+            mapped
+        );
+    }
+}
+
+fn render_targets(out: &mut String, st: &ClusterState, statuses: &Statuses) {
+    let _ = writeln!(out, "Targets:");
+    if st.targets.is_empty() {
+        let _ = writeln!(out, "  (none; `bulwark target create IQN`)");
+    }
+    for t in st.targets.values() {
+        let served_by = st
+            .target_primary(t)
+            .map(|p| {
+                let portals: Vec<String> = st
+                    .nodes
+                    .get(&p)
+                    .map(|n| n.addresses.portals.iter().map(|a| a.to_string()).collect())
+                    .unwrap_or_default();
+                format!("served by {} on {}", names(st, &[p]), portals.join(", "))
+            })
+            .unwrap_or_else(|| "no LUNs, not served".into());
+        let _ = writeln!(out, "  {}  {served_by}", t.iqn);
+        for (lun, vol) in &t.luns {
+            let _ = writeln!(out, "    LUN {lun}: volume {vol}");
+        }
+        let _ = writeln!(
+            out,
+            "    ACL: {}   CHAP: {}",
+            if t.acl.is_empty() {
+                "any initiator".to_string()
+            } else {
+                t.acl.iter().cloned().collect::<Vec<_>>().join(", ")
+            },
+            if t.chap.is_empty() {
+                "none".to_string()
+            } else {
+                t.chap.iter().cloned().collect::<Vec<_>>().join(", ")
+            }
+        );
+        for s in statuses.values().filter_map(|s| s.as_ref().ok()) {
+            for sess in s.sessions.iter().filter(|x| x.target == t.iqn) {
+                let _ = writeln!(
+                    out,
+                    "    session: {} from {} on {}",
+                    sess.initiator, sess.peer, s.name
+                );
+            }
+        }
+    }
+}
+
+fn chrono_like_now() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    format_time(ms)
+}
+
+/// `HH:MM:SS.mmm` UTC.
+fn format_time(unix_ms: u64) -> String {
+    let s = unix_ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        unix_ms % 1000
+    )
+}
+
+/// Bytes the file system holding `dir` offers (its total size).
+pub fn filesystem_capacity(dir: &Path) -> Result<u64> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let s = rustix::fs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    Ok(s.f_blocks.saturating_mul(s.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_addresses() {
+        assert_eq!(parse_control("10.0.0.5").unwrap().to_string(), "10.0.0.5:3261");
+        assert_eq!(parse_control("10.0.0.5:7000").unwrap().port(), 7000);
+        assert_eq!(parse_control("[::1]").unwrap().port(), 3261);
+        assert!(parse_control("node-a").is_err());
+    }
+
+    #[test]
+    fn volume_commands_validate_their_arguments() {
+        let create = |size: &str, replicas: u8, on: &[&str]| {
+            volume_command(&VolumeCmd::Create {
+                name: "v".into(),
+                size: size.into(),
+                replicas,
+                block_size: 512,
+                on: on.iter().map(|s| s.to_string()).collect(),
+            })
+        };
+        assert!(matches!(
+            create("1GiB", 2, &[]).unwrap(),
+            Some(Command::CreateVolume { size_bytes, .. }) if size_bytes == 1 << 30
+        ));
+        let e = create("ten gigs", 2, &[]).unwrap_err().to_string();
+        assert!(e.contains("must start with a number"), "{e}");
+        let e = create("1GiB", 1, &["a", "b"]).unwrap_err().to_string();
+        assert!(e.contains("--on names 2 nodes but --replicas is 1"), "{e}");
+        let e = volume_command(&VolumeCmd::Resize {
+            name: "v".into(),
+            size: "5XB".into(),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown unit"), "{e}");
+        assert!(volume_command(&VolumeCmd::List).unwrap().is_none());
+    }
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1 << 30), "1.0 GiB");
+        assert_eq!(format_time(3_723_004), "01:02:03.004Z");
+    }
+}

@@ -1,0 +1,240 @@
+//! `bulwark demo`: a local 3-node cluster as real processes, a demo volume and target,
+//! and how to use them. Ctrl-C stops every process it started.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cluster::state::{Command, NodeAddresses};
+use cluster::{AdminClient, Applied, Identity, Refused};
+
+use crate::admin::{self, CONTROL_PORT};
+
+const NODES: u8 = 3;
+const IQN: &str = "iqn.2026-11.io.bulwark:demo";
+const VOLUME: &str = "demo";
+
+fn addresses(i: u8) -> NodeAddresses {
+    let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, i));
+    NodeAddresses {
+        control: SocketAddr::new(ip, CONTROL_PORT),
+        replication: SocketAddr::new(ip, 3262),
+        portals: vec![SocketAddr::new(ip, 3260)],
+    }
+}
+
+struct Children {
+    procs: Vec<(String, tokio::process::Child)>,
+}
+
+impl Children {
+    /// SIGTERM to every child, then SIGKILL to those still running after 10 s.
+    async fn stop(&mut self) {
+        for (_, c) in &self.procs {
+            if let Some(pid) = c.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::Term);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (name, c) in &mut self.procs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, c.wait()).await {
+                Ok(_) => println!("  {name} stopped"),
+                Err(_) => {
+                    let _ = c.kill().await;
+                    println!("  {name} killed (did not stop within 10 s)");
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not happen within {limit:?}; see the node logs");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn spawn_node(exe: &Path, dir: &Path, name: &str) -> Result<tokio::process::Child> {
+    let data = dir.join(name);
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))
+        .with_context(|| format!("creating the log of {name}"))?;
+    let log2 = log.try_clone()?;
+    tokio::process::Command::new(exe)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--capacity")
+        .arg("20GiB")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(dir: Option<PathBuf>, watch: bool) -> Result<()> {
+    let (dir, temporary) = match dir {
+        Some(d) => (d, false),
+        None => {
+            let d = std::env::temp_dir().join(format!("bulwark-demo-{}", std::process::id()));
+            (d, true)
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
+    let mut children = Children { procs: Vec::new() };
+    let result = start(&exe, &dir, &mut children, watch).await;
+    if let Err(e) = &result {
+        eprintln!("error: {e:#}");
+    }
+    println!("Stopping the demo cluster...");
+    children.stop().await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("Data kept in {}; `bulwark demo --dir {}` starts it again.", dir.display(), dir.display());
+    }
+    result.map_err(|_| anyhow!("the demo failed (see above)"))
+}
+
+async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> Result<()> {
+    let first = dir.join("node1");
+    if !Identity::exists(&first) {
+        cluster::node::init(&first, "node1", addresses(1))?;
+    }
+    let token = Identity::load(&first)?.token()?;
+    println!("Starting node1 on 127.0.0.1...");
+    children.procs.push(("node1".into(), spawn_node(exe, dir, "node1")?));
+    let client = AdminClient::new(addresses(1).control, &token)?;
+    wait_for("node1 becoming the leader", Duration::from_secs(30), async || {
+        client.state().await.ok().filter(|s| !s.nodes.is_empty())
+    })
+    .await?;
+
+    for i in 2..=NODES {
+        let name = format!("node{i}");
+        let data = dir.join(&name);
+        if !Identity::exists(&data) {
+            let cap = admin::filesystem_capacity(&data)?;
+            cluster::node::join(&data, addresses(1).control, &token, &name, addresses(i), cap)
+                .await
+                .with_context(|| format!("joining {name}"))?;
+        }
+        println!("Starting {name} on 127.0.0.{i}...");
+        children.procs.push((name.clone(), spawn_node(exe, dir, &name)?));
+    }
+    wait_for("3 Raft voters", Duration::from_secs(60), async || {
+        client
+            .status()
+            .await
+            .ok()
+            .filter(|s| s.raft.voters.len() == usize::from(NODES))
+    })
+    .await?;
+
+    ensure(&client, Command::CreateVolume {
+        name: VOLUME.into(),
+        size_bytes: 1 << 30,
+        replicas: 2,
+        block_size: 512,
+        nodes: vec!["node1".into(), "node2".into()],
+    })
+    .await?;
+    ensure(&client, Command::CreateTarget {
+        iqn: IQN.into(),
+        alias: Some("bulwark-demo".into()),
+    })
+    .await?;
+    ensure(&client, Command::AddLun {
+        iqn: IQN.into(),
+        lun: Some(0),
+        volume: VOLUME.into(),
+    })
+    .await?;
+    let st = client.state().await?;
+    let primary = st
+        .volumes
+        .get(VOLUME)
+        .and_then(|v| st.nodes.get(&v.primary))
+        .ok_or_else(|| anyhow!("the demo volume has no primary"))?;
+    let portal = primary.addresses.portals[0];
+    // Wait until the primary actually serves the target.
+    let primary_client = AdminClient::new(primary.addresses.control, &token)?;
+    wait_for("the demo target being served", Duration::from_secs(20), async || {
+        primary_client
+            .status()
+            .await
+            .ok()
+            .filter(|s| s.serving.iter().any(|t| t == IQN))
+    })
+    .await?;
+
+    let ip = portal.ip();
+    println!();
+    println!("Bulwark demo cluster is running; data and logs under {}", dir.display());
+    for i in 1..=NODES {
+        let a = addresses(i);
+        println!(
+            "  node{i}: control {}  iSCSI portal {}  log {}",
+            a.control,
+            a.portals[0],
+            dir.join(format!("node{i}.log")).display()
+        );
+    }
+    println!();
+    println!("Volume {VOLUME} (1 GiB, replicas on node1 and node2) is LUN 0 of {IQN}, served by {}:", primary.name);
+    println!("  iSCSI URL:  iscsi://{ip}/{IQN}/0");
+    println!("  iscsi-ls -s iscsi://{ip}");
+    println!("  iscsi-inq iscsi://{ip}/{IQN}/0");
+    println!("  qemu-img info iscsi://{ip}/{IQN}/0");
+    println!("  iscsiadm -m discovery -t st -p {ip} && iscsiadm -m node -T {IQN} -p {ip} --login");
+    println!();
+    println!("Administer it from another terminal:");
+    println!("  export BULWARK_NODE={} BULWARK_TOKEN={token}", addresses(1).control);
+    println!("  bulwark status --watch");
+    println!();
+    println!("token: {token}");
+    println!("demo ready; Ctrl-C stops every node");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let conn = admin::Conn {
+        node: addresses(1).control.to_string(),
+        token: Some(token.to_string()),
+        data_dir: first_dir(dir),
+        json: false,
+    };
+    if watch {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        admin::status(&conn, true, Duration::from_secs(1)).await?;
+    } else {
+        admin::status(&conn, false, Duration::from_secs(1)).await?;
+        crate::shutdown_signal().await;
+    }
+    Ok(())
+}
+
+fn first_dir(dir: &Path) -> PathBuf {
+    dir.join("node1")
+}
+
+/// Commits `cmd`, accepting "already exists" so the demo can restart on its own data.
+async fn ensure(client: &AdminClient, cmd: Command) -> Result<()> {
+    match client.write(cmd).await? {
+        Ok(Applied::Done | Applied::LunAdded(_) | Applied::VolumeCreated(_) | Applied::NodeAdded(_)) => Ok(()),
+        Err(Refused::VolumeExists(_) | Refused::TargetExists(_) | Refused::VolumeAlreadyMapped { .. }) => Ok(()),
+        Err(r) => Err(anyhow!("{r}")),
+    }
+}
