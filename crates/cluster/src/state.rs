@@ -958,3 +958,7 @@ impl ClusterState {
         Ok(chosen)
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

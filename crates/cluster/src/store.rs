@@ -54,7 +54,7 @@ pub enum StoreError {
         source: redb::DatabaseError,
     },
     /// A value failed its checksum or did not decode.
-    #[error("the Raft store {path} is corrupt: {what} fails its checksum. The node refuses to use it; move the file away and rejoin this node to the cluster (`bulwark node remove` on a healthy node, then `bulwark cluster join`)")]
+    #[error("the Raft store {path} is corrupt: {what}. The node refuses to use it; move the file away and rejoin this node to the cluster (`bulwark node remove` on a healthy node, then `bulwark cluster join`)")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -113,7 +113,15 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store at `path` and checks every value in it.
     pub fn open(path: &Path) -> Result<Arc<Store>, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
+        // redb asserts (panics) on some truncated files instead of returning an error;
+        // either way the file is refused with the same advice.
+        let opened = std::panic::catch_unwind(|| Database::create(path)).map_err(|_| {
+            StoreError::Corrupt {
+                path: path.to_path_buf(),
+                what: "the file is truncated or its layout is damaged".into(),
+            }
+        })?;
+        let db = opened.map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;
@@ -135,7 +143,7 @@ impl Store {
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
         StoreError::Corrupt {
             path: self.path.clone(),
-            what: what.into(),
+            what: format!("{} fails its checksum", what.into()),
         }
     }
 
@@ -560,5 +568,69 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, marker: &str) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::CreateTarget {
+                iqn: format!("iqn.2026-11.io.bulwark:{marker}-{index}"),
+                alias: None,
+            }),
+        }
+    }
+
+    fn write_log(path: &Path, n: u64) {
+        let store = Store::open(path).unwrap();
+        let entries: Vec<_> = (1..=n).map(|i| entry(i, "marker")).collect();
+        store.append(&entries).unwrap();
+        assert_eq!(store.read_entries(1..=n).unwrap(), entries);
+    }
+
+    #[test]
+    fn a_flipped_bit_in_a_log_entry_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        write_log(&path, 20);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let needle = b"marker-7\"";
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("entry 7 is in the file");
+        bytes[at] ^= 0x20; // 'm' -> 'M': still valid JSON, wrong checksum
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains("is corrupt: log entry 7 fails its checksum"), "{err}");
+        assert!(err.contains("rejoin"), "says what to do: {err}");
+    }
+
+    #[test]
+    fn a_truncated_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        write_log(&path, 200);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len / 2).unwrap();
+        drop(f);
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "names the file: {err}");
+    }
+
+    #[test]
+    fn values_are_sealed() {
+        let v = seal(&42u32);
+        assert_eq!(unseal::<u32>(&v), Some(42));
+        let mut bad = v.clone();
+        bad[5] ^= 1;
+        assert_eq!(unseal::<u32>(&bad), None);
+        assert_eq!(unseal::<u32>(&v[..3]), None);
     }
 }
