@@ -157,13 +157,18 @@ impl BlockDevice for FileStore {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        debug_assert!(offset + buf.len() as u64 <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
+        debug_assert!(
+            offset + buf.len() as u64 <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
+        );
         let f = self.file_for(buf.as_ptr(), buf.len(), offset);
         f.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        debug_assert!(offset + data.len() as u64 <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
+        debug_assert!(
+            offset + data.len() as u64
+                <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
+        );
         let f = self.file_for(data.as_ptr(), data.len(), offset);
         f.write_all_at(data, offset)?;
         if fua {
@@ -214,7 +219,8 @@ impl BlockDevice for FileStore {
     }
 
     fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
-        let end = (offset + max_len).min(self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
+        let end =
+            (offset + max_len).min(self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
         if self.is_block_device || offset >= end {
             return Ok(Extent {
                 offset,
@@ -225,7 +231,9 @@ impl BlockDevice for FileStore {
         // SEEK_DATA from offset: if data starts later, [offset, data) is a hole.
         let data = match rustix::fs::seek(&self.file, SeekFrom::Data(offset as i64)) {
             Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => self.size_bytes.load(std::sync::atomic::Ordering::Acquire),
+            Err(rustix::io::Errno::NXIO) => {
+                self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
+            }
             Err(e) => return Err(e.into()),
         };
         if data > offset {
@@ -237,7 +245,9 @@ impl BlockDevice for FileStore {
         }
         let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(offset as i64)) {
             Ok(h) => h,
-            Err(rustix::io::Errno::NXIO) => self.size_bytes.load(std::sync::atomic::Ordering::Acquire),
+            Err(rustix::io::Errno::NXIO) => {
+                self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
+            }
             Err(e) => return Err(e.into()),
         };
         Ok(Extent {

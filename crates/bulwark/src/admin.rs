@@ -23,14 +23,24 @@ pub const CONTROL_PORT: u16 = 3261;
 #[derive(Args, Clone, Debug)]
 pub struct Conn {
     /// Control address of any node (port 3261 when omitted).
-    #[arg(long, env = "BULWARK_NODE", default_value = "127.0.0.1:3261", global = true)]
+    #[arg(
+        long,
+        env = "BULWARK_NODE",
+        default_value = "127.0.0.1:3261",
+        global = true
+    )]
     pub node: String,
     /// Cluster token, as `bulwark cluster init` printed it. Without it, the token is read
     /// from the local node's data folder (--data-dir) when this user can read it.
     #[arg(long, env = "BULWARK_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// Data folder of a local node to read the token from.
-    #[arg(long = "data-dir", env = "BULWARK_DATA_DIR", default_value = "bulwark-data", global = true)]
+    #[arg(
+        long = "data-dir",
+        env = "BULWARK_DATA_DIR",
+        default_value = "bulwark-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -47,9 +57,9 @@ pub fn parse_control(s: &str) -> Result<SocketAddr> {
     } else {
         s.to_string()
     };
-    with_port.parse().map_err(|_| {
-        anyhow!("node address {s:?} is not like \"127.0.0.1:3261\" or \"10.0.0.5\"")
-    })
+    with_port
+        .parse()
+        .map_err(|_| anyhow!("node address {s:?} is not like \"127.0.0.1:3261\" or \"10.0.0.5\""))
 }
 
 impl Conn {
@@ -297,7 +307,11 @@ pub async fn node(conn: &Conn, cmd: NodeCmd) -> Result<()> {
         }
         NodeCmd::Remove { name } => {
             let a = commit(conn, Command::RemoveNode { name: name.clone() }).await?;
-            done(conn, &a, format!("node {name} removed; it leaves the Raft membership and stops serving"))
+            done(
+                conn,
+                &a,
+                format!("node {name} removed; it leaves the Raft membership and stops serving"),
+            )
         }
     }
 }
@@ -755,7 +769,10 @@ mod tests {
 
     #[test]
     fn control_addresses() {
-        assert_eq!(parse_control("10.0.0.5").unwrap().to_string(), "10.0.0.5:3261");
+        assert_eq!(
+            parse_control("10.0.0.5").unwrap().to_string(),
+            "10.0.0.5:3261"
+        );
         assert_eq!(parse_control("10.0.0.5:7000").unwrap().port(), 7000);
         assert_eq!(parse_control("[::1]").unwrap().port(), 3261);
         assert!(parse_control("node-a").is_err());

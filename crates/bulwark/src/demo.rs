@@ -33,7 +33,10 @@ impl Children {
     /// SIGTERM to every child, then SIGKILL to those still running after 10 s.
     async fn stop(&mut self) {
         for (_, c) in &self.procs {
-            if let Some(pid) = c.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            if let Some(pid) = c
+                .id()
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::Term);
             }
         }
@@ -51,7 +54,11 @@ impl Children {
     }
 }
 
-async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> Result<T> {
+async fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> Result<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f().await {
@@ -104,7 +111,11 @@ pub async fn run(dir: Option<PathBuf>, watch: bool) -> Result<()> {
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
-        println!("Data kept in {}; `bulwark demo --dir {}` starts it again.", dir.display(), dir.display());
+        println!(
+            "Data kept in {}; `bulwark demo --dir {}` starts it again.",
+            dir.display(),
+            dir.display()
+        );
     }
     result.map_err(|_| anyhow!("the demo failed (see above)"))
 }
@@ -116,11 +127,15 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
     }
     let token = Identity::load(&first)?.token()?;
     println!("Starting node1 on 127.0.0.1...");
-    children.procs.push(("node1".into(), spawn_node(exe, dir, "node1")?));
+    children
+        .procs
+        .push(("node1".into(), spawn_node(exe, dir, "node1")?));
     let client = AdminClient::new(addresses(1).control, &token)?;
-    wait_for("node1 becoming the leader", Duration::from_secs(30), async || {
-        client.state().await.ok().filter(|s| !s.nodes.is_empty())
-    })
+    wait_for(
+        "node1 becoming the leader",
+        Duration::from_secs(30),
+        async || client.state().await.ok().filter(|s| !s.nodes.is_empty()),
+    )
     .await?;
 
     for i in 2..=NODES {
@@ -128,12 +143,21 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
         let data = dir.join(&name);
         if !Identity::exists(&data) {
             let cap = admin::filesystem_capacity(&data)?;
-            cluster::node::join(&data, addresses(1).control, &token, &name, addresses(i), cap)
-                .await
-                .with_context(|| format!("joining {name}"))?;
+            cluster::node::join(
+                &data,
+                addresses(1).control,
+                &token,
+                &name,
+                addresses(i),
+                cap,
+            )
+            .await
+            .with_context(|| format!("joining {name}"))?;
         }
         println!("Starting {name} on 127.0.0.{i}...");
-        children.procs.push((name.clone(), spawn_node(exe, dir, &name)?));
+        children
+            .procs
+            .push((name.clone(), spawn_node(exe, dir, &name)?));
     }
     wait_for("3 Raft voters", Duration::from_secs(60), async || {
         client
@@ -144,24 +168,33 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
     })
     .await?;
 
-    ensure(&client, Command::CreateVolume {
-        name: VOLUME.into(),
-        size_bytes: 1 << 30,
-        replicas: 2,
-        block_size: 512,
-        nodes: vec!["node1".into(), "node2".into()],
-    })
+    ensure(
+        &client,
+        Command::CreateVolume {
+            name: VOLUME.into(),
+            size_bytes: 1 << 30,
+            replicas: 2,
+            block_size: 512,
+            nodes: vec!["node1".into(), "node2".into()],
+        },
+    )
     .await?;
-    ensure(&client, Command::CreateTarget {
-        iqn: IQN.into(),
-        alias: Some("bulwark-demo".into()),
-    })
+    ensure(
+        &client,
+        Command::CreateTarget {
+            iqn: IQN.into(),
+            alias: Some("bulwark-demo".into()),
+        },
+    )
     .await?;
-    ensure(&client, Command::AddLun {
-        iqn: IQN.into(),
-        lun: Some(0),
-        volume: VOLUME.into(),
-    })
+    ensure(
+        &client,
+        Command::AddLun {
+            iqn: IQN.into(),
+            lun: Some(0),
+            volume: VOLUME.into(),
+        },
+    )
     .await?;
     let st = client.state().await?;
     let primary = st
@@ -172,18 +205,25 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
     let portal = primary.addresses.portals[0];
     // Wait until the primary actually serves the target.
     let primary_client = AdminClient::new(primary.addresses.control, &token)?;
-    wait_for("the demo target being served", Duration::from_secs(20), async || {
-        primary_client
-            .status()
-            .await
-            .ok()
-            .filter(|s| s.serving.iter().any(|t| t == IQN))
-    })
+    wait_for(
+        "the demo target being served",
+        Duration::from_secs(20),
+        async || {
+            primary_client
+                .status()
+                .await
+                .ok()
+                .filter(|s| s.serving.iter().any(|t| t == IQN))
+        },
+    )
     .await?;
 
     let ip = portal.ip();
     println!();
-    println!("Bulwark demo cluster is running; data and logs under {}", dir.display());
+    println!(
+        "Bulwark demo cluster is running; data and logs under {}",
+        dir.display()
+    );
     for i in 1..=NODES {
         let a = addresses(i);
         println!(
@@ -194,7 +234,10 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
         );
     }
     println!();
-    println!("Volume {VOLUME} (1 GiB, replicas on node1 and node2) is LUN 0 of {IQN}, served by {}:", primary.name);
+    println!(
+        "Volume {VOLUME} (1 GiB, replicas on node1 and node2) is LUN 0 of {IQN}, served by {}:",
+        primary.name
+    );
     println!("  iSCSI URL:  iscsi://{ip}/{IQN}/0");
     println!("  iscsi-ls -s iscsi://{ip}");
     println!("  iscsi-inq iscsi://{ip}/{IQN}/0");
@@ -202,7 +245,10 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
     println!("  iscsiadm -m discovery -t st -p {ip} && iscsiadm -m node -T {IQN} -p {ip} --login");
     println!();
     println!("Administer it from another terminal:");
-    println!("  export BULWARK_NODE={} BULWARK_TOKEN={token}", addresses(1).control);
+    println!(
+        "  export BULWARK_NODE={} BULWARK_TOKEN={token}",
+        addresses(1).control
+    );
     println!("  bulwark status --watch");
     println!();
     println!("token: {token}");
@@ -233,8 +279,17 @@ fn first_dir(dir: &Path) -> PathBuf {
 /// Commits `cmd`, accepting "already exists" so the demo can restart on its own data.
 async fn ensure(client: &AdminClient, cmd: Command) -> Result<()> {
     match client.write(cmd).await? {
-        Ok(Applied::Done | Applied::LunAdded(_) | Applied::VolumeCreated(_) | Applied::NodeAdded(_)) => Ok(()),
-        Err(Refused::VolumeExists(_) | Refused::TargetExists(_) | Refused::VolumeAlreadyMapped { .. }) => Ok(()),
+        Ok(
+            Applied::Done
+            | Applied::LunAdded(_)
+            | Applied::VolumeCreated(_)
+            | Applied::NodeAdded(_),
+        ) => Ok(()),
+        Err(
+            Refused::VolumeExists(_)
+            | Refused::TargetExists(_)
+            | Refused::VolumeAlreadyMapped { .. },
+        ) => Ok(()),
         Err(r) => Err(anyhow!("{r}")),
     }
 }

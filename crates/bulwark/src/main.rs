@@ -55,8 +55,10 @@ enum Command {
         /// Take a Raft snapshot and compact the log every this many entries.
         #[arg(long, default_value_t = 1000)]
         snapshot_every: u64,
-        /// Log filter (tracing EnvFilter syntax), e.g. "info" or "target=debug".
-        #[arg(long, env = "BULWARK_LOG", default_value = "info")]
+        /// Log filter (tracing EnvFilter syntax), e.g. "info" or "target=debug". Raft's
+        /// own tracing is off by default (it logs every failed heartbeat to a down peer;
+        /// the event log reports liveness and leadership): add "openraft=info" to see it.
+        #[arg(long, env = "BULWARK_LOG", default_value = "info,openraft=off")]
         log: String,
     },
     /// Creates, joins or leaves a cluster.
@@ -201,9 +203,9 @@ impl NodeArgs {
                 .collect::<Result<Vec<_>>>()?
         };
         let replication = match &self.replication {
-            Some(r) => r
-                .parse()
-                .with_context(|| format!("--replication {r:?} is not an address like 10.0.0.5:3262"))?,
+            Some(r) => r.parse().with_context(|| {
+                format!("--replication {r:?} is not an address like 10.0.0.5:3262")
+            })?,
             None => std::net::SocketAddr::new(self.address, 3262),
         };
         Ok(cluster::state::NodeAddresses {
@@ -232,7 +234,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn init_logging(filter: &str) -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).context("bad --log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).context("bad --log filter")?,
+        )
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -258,7 +262,12 @@ fn run() -> Result<()> {
                     bail!("{} belongs to a cluster, whose configuration lives in the cluster (bulwark volume/target/lun ...); drop --config", data_dir.display());
                 }
                 let capacity = capacity.as_deref().map(parse_size).transpose()?;
-                return runtime()?.block_on(serve_cluster(data_dir, witness, capacity, snapshot_every));
+                return runtime()?.block_on(serve_cluster(
+                    data_dir,
+                    witness,
+                    capacity,
+                    snapshot_every,
+                ));
             }
             if witness {
                 bail!("--witness needs a cluster: run `bulwark cluster join SEED --token TOKEN --name NAME --address IP --data-dir {}` first", data_dir.display());
@@ -280,7 +289,11 @@ fn run() -> Result<()> {
             conn,
             watch,
             interval_ms,
-        } => runtime()?.block_on(admin::status(&conn, watch, Duration::from_millis(interval_ms))),
+        } => runtime()?.block_on(admin::status(
+            &conn,
+            watch,
+            Duration::from_millis(interval_ms),
+        )),
         Command::Demo { dir, no_watch } => runtime()?.block_on(demo::run(dir, !no_watch)),
     }
 }
@@ -297,10 +310,19 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
                     serde_json::json!({ "cluster_id": id.cluster_id, "node": id.name, "token": token.to_string(), "control": addresses.control })
                 );
             } else {
-                println!("Cluster {} created; {} is its first node.", id.cluster_id, id.name);
-                println!("Start it:        bulwark serve --data-dir {}", node.data_dir.display());
+                println!(
+                    "Cluster {} created; {} is its first node.",
+                    id.cluster_id, id.name
+                );
+                println!(
+                    "Start it:        bulwark serve --data-dir {}",
+                    node.data_dir.display()
+                );
                 println!("Join other nodes: bulwark cluster join {} --token {token} --name NAME --address IP", addresses.control);
-                println!("Administer:      export BULWARK_NODE={} BULWARK_TOKEN={token}", addresses.control);
+                println!(
+                    "Administer:      export BULWARK_NODE={} BULWARK_TOKEN={token}",
+                    addresses.control
+                );
                 println!("\ntoken: {token}");
                 println!("Keep the token secret: it admits nodes and administrators.");
             }
@@ -315,14 +337,30 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
             let token: cluster::Token = token.parse().context("--token")?;
             let seed = admin::parse_control(&seed)?;
             let capacity = admin::filesystem_capacity(&node.data_dir)?;
-            let id = cluster::node::join(&node.data_dir, seed, &token, &node.name, node.addresses()?, capacity)
-                .await
-                .with_context(|| format!("joining the cluster through {seed}"))?;
+            let id = cluster::node::join(
+                &node.data_dir,
+                seed,
+                &token,
+                &node.name,
+                node.addresses()?,
+                capacity,
+            )
+            .await
+            .with_context(|| format!("joining the cluster through {seed}"))?;
             if json {
-                println!("{}", serde_json::json!({ "cluster_id": id.cluster_id, "node": id.name, "node_id": id.node_id }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "cluster_id": id.cluster_id, "node": id.name, "node_id": id.node_id })
+                );
             } else {
-                println!("{} joined cluster {} as node id {}.", id.name, id.cluster_id, id.node_id);
-                println!("Start it: bulwark serve --data-dir {}", node.data_dir.display());
+                println!(
+                    "{} joined cluster {} as node id {}.",
+                    id.name, id.cluster_id, id.node_id
+                );
+                println!(
+                    "Start it: bulwark serve --data-dir {}",
+                    node.data_dir.display()
+                );
             }
             Ok(())
         }
@@ -333,7 +371,12 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Leave { conn } => {
             let client = conn.client()?;
             let me = client.status().await?;
-            match client.write(cluster::Command::RemoveNode { name: me.name.clone() }).await? {
+            match client
+                .write(cluster::Command::RemoveNode {
+                    name: me.name.clone(),
+                })
+                .await?
+            {
                 Ok(_) => {
                     println!("{} left the cluster; its daemon stops by itself.", me.name);
                     Ok(())
@@ -379,7 +422,10 @@ async fn serve_cluster(
             .addresses
             .portals
             .iter()
-            .map(|a| target::Portal { addr: *a, group_tag })
+            .map(|a| target::Portal {
+                addr: *a,
+                group_tag,
+            })
             .collect();
         for p in &portals {
             listeners.push(
@@ -404,7 +450,10 @@ async fn serve_cluster(
                     peer: s.peer.to_string(),
                 })
                 .collect();
-            let serving = serving.as_ref().map(|s| s.served_targets()).unwrap_or_default();
+            let serving = serving
+                .as_ref()
+                .map(|s| s.served_targets())
+                .unwrap_or_default();
             (sessions, serving)
         }));
     }
@@ -426,7 +475,9 @@ async fn serve_cluster(
         let me = node.id();
         async move {
             loop {
-                if !state.borrow_and_update().nodes.contains_key(&me) && state.borrow().next_node_id > me {
+                if !state.borrow_and_update().nodes.contains_key(&me)
+                    && state.borrow().next_node_id > me
+                {
                     return;
                 }
                 if state.changed().await.is_err() {
@@ -448,7 +499,13 @@ async fn serve_cluster(
         })
         .await?;
     if removed_flag.load(std::sync::atomic::Ordering::SeqCst) {
-        node.events().push("membership", format!("node {} was removed from the cluster; stopping", identity.name));
+        node.events().push(
+            "membership",
+            format!(
+                "node {} was removed from the cluster; stopping",
+                identity.name
+            ),
+        );
         // Let the leader finish taking this node out of the membership.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

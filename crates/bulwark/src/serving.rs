@@ -125,13 +125,19 @@ impl Serving {
         for iqn in gone {
             self.server.remove_target(&iqn);
             served.remove(&iqn);
-            self.events
-                .push("config", format!("node {} stopped serving {iqn}", self.node_name));
+            self.events.push(
+                "config",
+                format!("node {} stopped serving {iqn}", self.node_name),
+            );
         }
 
         // Replicas placed here: make sure their files exist at the right size, and
         // remove files of volumes the cluster deleted.
-        for v in st.volumes.values().filter(|v| v.replicas.contains(&self.me)) {
+        for v in st
+            .volumes
+            .values()
+            .filter(|v| v.replicas.contains(&self.me))
+        {
             let in_use = served
                 .values()
                 .flat_map(|s| s.luns.values())
@@ -154,7 +160,10 @@ impl Serving {
                     .get(vol)
                     .is_some_and(|v| v.replicas.contains(&self.me));
                 if !placed_here {
-                    info!(volume = vol, "removing the data of a volume this node no longer holds");
+                    info!(
+                        volume = vol,
+                        "removing the data of a volume this node no longer holds"
+                    );
                     let _ = std::fs::remove_file(entry.path());
                     let _ = std::fs::remove_file(entry.path().with_extension("pr"));
                 }
@@ -198,7 +207,11 @@ impl Serving {
                 }
                 let store = self.open_volume(v)?;
                 s.device
-                    .add_lun(*lun, lu_config(v, &self.volume_path(&v.name)), store.clone())
+                    .add_lun(
+                        *lun,
+                        lu_config(v, &self.volume_path(&v.name)),
+                        store.clone(),
+                    )
                     .with_context(|| format!("{} LUN {lun}", t.iqn))?;
                 s.luns.insert(*lun, (vol_name.clone(), store));
             }
@@ -226,8 +239,10 @@ impl Serving {
                     chap: chap.clone(),
                 });
                 if is_new {
-                    self.events
-                        .push("config", format!("node {} serves {}", self.node_name, t.iqn));
+                    self.events.push(
+                        "config",
+                        format!("node {} serves {}", self.node_name, t.iqn),
+                    );
                 }
                 s.config = t.clone();
                 s.chap = chap;

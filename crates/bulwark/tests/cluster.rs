@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster::rpc::{Client, Request, Response, RpcError};
+use cluster::rpc::{Client, Request, RpcError};
 use cluster::state::{ClusterState, Command, NodeAddresses, NodeRole};
 use cluster::status::NodeStatus;
 use cluster::{AdminClient, Applied, Identity, Refused, Token};
@@ -47,7 +47,7 @@ impl Node {
         let child = std::process::Command::new(BIN)
             .args(["serve", "--data-dir"])
             .arg(&self.dir)
-            .args(["--capacity", "8GiB", "--log", "info"])
+            .args(["--capacity", "8GiB"])
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -137,9 +137,11 @@ impl Cluster {
         self.token = Some(id.token().unwrap());
         self.nodes[0].start();
         let admin = self.admin(0);
-        wait("the first node to lead", Duration::from_secs(20), async || {
-            admin.state().await.ok().filter(|s| s.nodes.len() == 1)
-        })
+        wait(
+            "the first node to lead",
+            Duration::from_secs(20),
+            async || admin.state().await.ok().filter(|s| s.nodes.len() == 1),
+        )
         .await;
     }
 
@@ -156,9 +158,17 @@ impl Cluster {
 
     async fn wait_voters(&self, via: usize, count: usize) -> NodeStatus {
         let admin = self.admin(via);
-        wait(&format!("{count} voters"), Duration::from_secs(30), async || {
-            admin.status().await.ok().filter(|s| s.raft.voters.len() == count)
-        })
+        wait(
+            &format!("{count} voters"),
+            Duration::from_secs(30),
+            async || {
+                admin
+                    .status()
+                    .await
+                    .ok()
+                    .filter(|s| s.raft.voters.len() == count)
+            },
+        )
         .await
     }
 
@@ -184,7 +194,10 @@ async fn wait<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -207,7 +220,11 @@ fn create_volume(name: &str, on: &[&str]) -> Command {
     }
 }
 
-async fn login(portal: SocketAddr, iqn: &str, chap: Option<Credentials>) -> Result<Session, InitiatorError> {
+async fn login(
+    portal: SocketAddr,
+    iqn: &str,
+    chap: Option<Credentials>,
+) -> Result<Session, InitiatorError> {
     let mut opts = LoginOptions::new(INITIATOR, Some(iqn));
     opts.chap = chap;
     Session::login(portal, &opts).await
@@ -228,37 +245,70 @@ async fn three_nodes_agree_and_serve_live_configuration() {
     let iqn = "iqn.2026-11.io.bulwark:cluster-test";
     let placed = commit(&c.admin(1), create_volume("v1", &["n1"])).await;
     assert_eq!(placed, Applied::VolumeCreated(vec![1]));
-    commit(&c.admin(2), Command::CreateTarget { iqn: iqn.into(), alias: None }).await;
+    commit(
+        &c.admin(2),
+        Command::CreateTarget {
+            iqn: iqn.into(),
+            alias: None,
+        },
+    )
+    .await;
     assert_eq!(
-        commit(&c.admin(0), Command::AddLun { iqn: iqn.into(), lun: None, volume: "v1".into() }).await,
+        commit(
+            &c.admin(0),
+            Command::AddLun {
+                iqn: iqn.into(),
+                lun: None,
+                volume: "v1".into()
+            }
+        )
+        .await,
         Applied::LunAdded(0)
     );
     // Conflicts are refused with the reason, through any node.
-    let r = c.admin(2).write(create_volume("v1", &["n2"])).await.unwrap();
+    let r = c
+        .admin(2)
+        .write(create_volume("v1", &["n2"]))
+        .await
+        .unwrap();
     assert!(matches!(r, Err(Refused::VolumeExists(_))), "{r:?}");
-    let r = c.admin(1).write(Command::DeleteVolume { name: "v1".into() }).await.unwrap();
+    let r = c
+        .admin(1)
+        .write(Command::DeleteVolume { name: "v1".into() })
+        .await
+        .unwrap();
     assert!(matches!(r, Err(Refused::VolumeMapped { .. })), "{r:?}");
     // The witness holds no data.
-    let r = c.admin(0).write(create_volume("v2", &["n1", "n2", "n3"])).await.unwrap();
+    let r = c
+        .admin(0)
+        .write(create_volume("v2", &["n1", "n2", "n3"]))
+        .await
+        .unwrap();
     assert!(matches!(r, Err(Refused::WitnessCannotHold(_))), "{r:?}");
 
     // Every node has the same state.
     let want = c.state(0).await.unwrap();
     assert_eq!(want.nodes[&3].role, NodeRole::Witness);
     for i in 1..3 {
-        wait("the same state everywhere", Duration::from_secs(10), async || {
-            c.state(i).await.filter(|s| *s == want)
-        })
+        wait(
+            "the same state everywhere",
+            Duration::from_secs(10),
+            async || c.state(i).await.filter(|s| *s == want),
+        )
         .await;
     }
 
     // The primary serves the target; the others do not.
     let portal = c.nodes[0].addresses().portals[0];
-    let mut s = wait("the target served on n1", Duration::from_secs(10), async || {
-        login(portal, iqn, None).await.ok()
-    })
+    let mut s = wait(
+        "the target served on n1",
+        Duration::from_secs(10),
+        async || login(portal, iqn, None).await.ok(),
+    )
     .await;
-    assert!(login(c.nodes[1].addresses().portals[0], iqn, None).await.is_err());
+    assert!(login(c.nodes[1].addresses().portals[0], iqn, None)
+        .await
+        .is_err());
     // TEST UNIT READY: a fresh nexus first reports the power-on unit attention.
     let tur = [0u8; 6];
     let _ = s.command(0, &tur, None, 0).await.unwrap();
@@ -266,23 +316,65 @@ async fn three_nodes_agree_and_serve_live_configuration() {
 
     // A new LUN on the live target: REPORTED LUNS DATA HAS CHANGED on the session.
     commit(&c.admin(1), create_volume("v3", &["n1"])).await;
-    commit(&c.admin(2), Command::AddLun { iqn: iqn.into(), lun: Some(1), volume: "v3".into() }).await;
-    let sense = wait("REPORTED LUNS DATA HAS CHANGED", Duration::from_secs(10), async || {
-        let r = s.command(0, &tur, None, 0).await.ok()?;
-        (r.status == 2).then_some(r.sense)
-    })
+    commit(
+        &c.admin(2),
+        Command::AddLun {
+            iqn: iqn.into(),
+            lun: Some(1),
+            volume: "v3".into(),
+        },
+    )
+    .await;
+    let sense = wait(
+        "REPORTED LUNS DATA HAS CHANGED",
+        Duration::from_secs(10),
+        async || {
+            let r = s.command(0, &tur, None, 0).await.ok()?;
+            (r.status == 2).then_some(r.sense)
+        },
+    )
     .await;
     // Fixed-format sense: key UNIT ATTENTION (6), ASC/ASCQ 3F/0E.
-    assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (6, 0x3f, 0x0e), "{sense:02x?}");
+    assert_eq!(
+        (sense[2] & 0x0f, sense[12], sense[13]),
+        (6, 0x3f, 0x0e),
+        "{sense:02x?}"
+    );
     let luns = [0xa0u8, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0];
     let r = s.command(0, &luns[..12], None, 64).await.unwrap();
-    assert_eq!(u32::from_be_bytes(r.data[..4].try_into().unwrap()), 16, "two LUNs reported");
+    assert_eq!(
+        u32::from_be_bytes(r.data[..4].try_into().unwrap()),
+        16,
+        "two LUNs reported"
+    );
 
     // An ACL that does not list us: new logins refused, without a restart.
-    commit(&c.admin(0), Command::AddAcl { iqn: iqn.into(), initiator: "iqn.2026-11.io.example:other".into() }).await;
-    wait("the ACL applied", Duration::from_secs(10), async || login(portal, iqn, None).await.err()).await;
-    commit(&c.admin(0), Command::AddAcl { iqn: iqn.into(), initiator: INITIATOR.into() }).await;
-    wait("our initiator allowed", Duration::from_secs(10), async || login(portal, iqn, None).await.ok()).await;
+    commit(
+        &c.admin(0),
+        Command::AddAcl {
+            iqn: iqn.into(),
+            initiator: "iqn.2026-11.io.example:other".into(),
+        },
+    )
+    .await;
+    wait("the ACL applied", Duration::from_secs(10), async || {
+        login(portal, iqn, None).await.err()
+    })
+    .await;
+    commit(
+        &c.admin(0),
+        Command::AddAcl {
+            iqn: iqn.into(),
+            initiator: INITIATOR.into(),
+        },
+    )
+    .await;
+    wait(
+        "our initiator allowed",
+        Duration::from_secs(10),
+        async || login(portal, iqn, None).await.ok(),
+    )
+    .await;
 
     // A CHAP account bound to the target: required from the next login.
     let account = cluster::state::ChapAccount {
@@ -291,9 +383,22 @@ async fn three_nodes_agree_and_serve_live_configuration() {
         mutual: None,
     };
     commit(&c.admin(1), Command::AddChap { account }).await;
-    commit(&c.admin(1), Command::BindChap { user: "alice".into(), iqn: iqn.into() }).await;
-    wait("CHAP required", Duration::from_secs(10), async || login(portal, iqn, None).await.err()).await;
-    let creds = Credentials { user: "alice".into(), secret: "a-secret-of-16ch".into() };
+    commit(
+        &c.admin(1),
+        Command::BindChap {
+            user: "alice".into(),
+            iqn: iqn.into(),
+        },
+    )
+    .await;
+    wait("CHAP required", Duration::from_secs(10), async || {
+        login(portal, iqn, None).await.err()
+    })
+    .await;
+    let creds = Credentials {
+        user: "alice".into(),
+        secret: "a-secret-of-16ch".into(),
+    };
     // (Same ISID as `s`: this login reinstates that session, RFC 7143 §6.3.5.)
     let s = login(portal, iqn, Some(creds)).await.expect("CHAP login");
 
@@ -315,7 +420,14 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
     c.join(1).await;
     c.join(2).await;
     c.wait_voters(0, 3).await;
-    commit(&c.admin(0), Command::CreateTarget { iqn: "iqn.2026-11.io.bulwark:before".into(), alias: None }).await;
+    commit(
+        &c.admin(0),
+        Command::CreateTarget {
+            iqn: "iqn.2026-11.io.bulwark:before".into(),
+            alias: None,
+        },
+    )
+    .await;
 
     let leader = c.leader(0).await;
     c.nodes[leader].kill9();
@@ -324,7 +436,10 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
     let mut committed = None;
     while killed.elapsed() < Duration::from_secs(10) {
         for &i in &survivors {
-            let cmd = Command::CreateTarget { iqn: "iqn.2026-11.io.bulwark:after".into(), alias: None };
+            let cmd = Command::CreateTarget {
+                iqn: "iqn.2026-11.io.bulwark:after".into(),
+                alias: None,
+            };
             if let Ok(Ok(_) | Err(Refused::TargetExists(_))) = c.admin(i).write(cmd).await {
                 committed = Some(killed.elapsed());
                 break;
@@ -336,7 +451,10 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = committed.expect("a change committed after the leader was killed");
-    eprintln!("leader killed -> next committed change: {} ms", took.as_millis());
+    eprintln!(
+        "leader killed -> next committed change: {} ms",
+        took.as_millis()
+    );
     assert!(took < Duration::from_secs(3), "took {took:?}");
     let new_leader = c.leader(survivors[0]).await;
     assert_ne!(new_leader, leader);
@@ -345,9 +463,11 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
     commit(&c.admin(survivors[0]), create_volume("while-down", &[])).await;
     c.nodes[leader].start();
     let want = c.state(new_leader).await.unwrap();
-    wait("the restarted node to catch up", Duration::from_secs(20), async || {
-        c.state(leader).await.filter(|s| *s == want)
-    })
+    wait(
+        "the restarted node to catch up",
+        Duration::from_secs(20),
+        async || c.state(leader).await.filter(|s| *s == want),
+    )
     .await;
 }
 
@@ -360,15 +480,30 @@ async fn nodes_and_clients_without_the_secret_are_refused() {
     let good = c.token();
     let addr = c.nodes[0].addresses().control;
 
-    let wrong_secret = Token { secret: "0".repeat(32), fingerprint: good.fingerprint.clone() };
+    let wrong_secret = Token {
+        secret: "0".repeat(32),
+        fingerprint: good.fingerprint.clone(),
+    };
     let client = Client::new(addr, &wrong_secret, "test").unwrap();
-    let err = client.call(&Request::State, Duration::from_secs(5)).await.unwrap_err();
+    let err = client
+        .call(&Request::State, Duration::from_secs(5))
+        .await
+        .unwrap_err();
     assert!(matches!(err, RpcError::Refused { .. }), "{err}");
-    assert!(err.to_string().contains("wrong cluster credentials"), "{err}");
+    assert!(
+        err.to_string().contains("wrong cluster credentials"),
+        "{err}"
+    );
 
-    let wrong_cert = Token { secret: good.secret.clone(), fingerprint: "0".repeat(64) };
+    let wrong_cert = Token {
+        secret: good.secret.clone(),
+        fingerprint: "0".repeat(64),
+    };
     let client = Client::new(addr, &wrong_cert, "test").unwrap();
-    let err = client.call(&Request::State, Duration::from_secs(5)).await.unwrap_err();
+    let err = client
+        .call(&Request::State, Duration::from_secs(5))
+        .await
+        .unwrap_err();
     assert!(matches!(err, RpcError::Tls { .. }), "{err}");
 
     let n = &c.nodes[1];
@@ -376,7 +511,10 @@ async fn nodes_and_clients_without_the_secret_are_refused() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("refused"), "{err}");
-    assert!(!Identity::exists(&n.dir), "a refused join writes no identity");
+    assert!(
+        !Identity::exists(&n.dir),
+        "a refused join writes no identity"
+    );
     // The refused peer never became a member.
     assert_eq!(c.state(0).await.unwrap().nodes.len(), 1);
 
@@ -388,7 +526,10 @@ async fn nodes_and_clients_without_the_secret_are_refused() {
     }
     c.admin(0).state().await.expect("still serving");
     let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
-    assert!(log.contains("refused a control connection: wrong cluster secret"), "{log}");
+    assert!(
+        log.contains("refused a control connection: wrong cluster secret"),
+        "{log}"
+    );
     assert!(log.contains("TLS handshake failed"), "{log}");
 }
 
@@ -405,15 +546,26 @@ async fn snapshots_compact_the_log_and_a_corrupt_store_is_refused() {
     c.init().await;
     let admin = c.admin(0);
     for i in 0..60 {
-        commit(&admin, Command::CreateTarget { iqn: format!("iqn.2026-11.io.bulwark:t{i}"), alias: None }).await;
+        commit(
+            &admin,
+            Command::CreateTarget {
+                iqn: format!("iqn.2026-11.io.bulwark:t{i}"),
+                alias: None,
+            },
+        )
+        .await;
     }
-    let status = wait("a snapshot and a purged log", Duration::from_secs(10), async || {
-        admin
-            .status()
-            .await
-            .ok()
-            .filter(|s| s.raft.snapshot_index.is_some() && s.raft.purged_index.is_some())
-    })
+    let status = wait(
+        "a snapshot and a purged log",
+        Duration::from_secs(10),
+        async || {
+            admin
+                .status()
+                .await
+                .ok()
+                .filter(|s| s.raft.snapshot_index.is_some() && s.raft.purged_index.is_some())
+        },
+    )
     .await;
     let last = status.raft.last_log_index.unwrap();
     assert!(
@@ -426,23 +578,40 @@ async fn snapshots_compact_the_log_and_a_corrupt_store_is_refused() {
     // A node joining now gets the purged part as a snapshot.
     c.join(1).await;
     let want = c.state(0).await.unwrap();
-    wait("the new node to receive the snapshot", Duration::from_secs(20), async || {
-        c.state(1).await.filter(|s| s.targets.len() == 60 && s.nodes.len() == 2)
-    })
+    wait(
+        "the new node to receive the snapshot",
+        Duration::from_secs(20),
+        async || {
+            c.state(1)
+                .await
+                .filter(|s| s.targets.len() == 60 && s.nodes.len() == 2)
+        },
+    )
     .await;
 
     // Restart: state recovered from disk.
     c.nodes[0].stop();
     c.nodes[0].start();
-    wait("n1 back with its state", Duration::from_secs(20), async || {
-        c.state(0).await.filter(|s| s.targets == want.targets)
-    })
+    wait(
+        "n1 back with its state",
+        Duration::from_secs(20),
+        async || c.state(0).await.filter(|s| s.targets == want.targets),
+    )
     .await;
 
     // Corrupt one log entry of n2's store (a target name only the log holds).
-    commit(&c.admin(0), Command::CreateTarget { iqn: "iqn.2026-11.io.bulwark:needle".into(), alias: None }).await;
+    commit(
+        &c.admin(0),
+        Command::CreateTarget {
+            iqn: "iqn.2026-11.io.bulwark:needle".into(),
+            alias: None,
+        },
+    )
+    .await;
     wait("n2 has the needle", Duration::from_secs(10), async || {
-        c.state(1).await.filter(|s| s.targets.contains_key("iqn.2026-11.io.bulwark:needle"))
+        c.state(1)
+            .await
+            .filter(|s| s.targets.contains_key("iqn.2026-11.io.bulwark:needle"))
     })
     .await;
     c.nodes[1].stop();
@@ -467,6 +636,79 @@ async fn snapshots_compact_the_log_and_a_corrupt_store_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("is corrupt") && stderr.contains("fails its checksum"), "{stderr}");
-    assert!(stderr.contains(&path.display().to_string()), "names the file: {stderr}");
+    assert!(
+        stderr.contains("is corrupt") && stderr.contains("fails its checksum"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&path.display().to_string()),
+        "names the file: {stderr}"
+    );
+}
+
+/// A frozen node (SIGSTOP) is shown offline in under 1 s by default, comes back by
+/// itself when it thaws, and both changes reach the event log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_offline_within_a_second_and_returns_by_itself() {
+    let mut c = Cluster::new(14, 3);
+    c.init().await;
+    c.join(1).await;
+    c.join(2).await;
+    c.wait_voters(0, 3).await;
+    let admin = c.admin(0);
+    let online = async |want: bool| {
+        let s = admin.status().await.ok()?;
+        let p = s.peers.iter().find(|p| p.node == 3)?;
+        (p.online == want).then_some(())
+    };
+    wait("n3 online", Duration::from_secs(10), async || {
+        online(true).await
+    })
+    .await;
+    let n3_events = async |kind: &str| {
+        let s = admin.status().await.ok()?;
+        let n = s
+            .events
+            .iter()
+            .filter(|e| e.kind == kind && e.message.contains("node n3"))
+            .count();
+        Some(n)
+    };
+    wait(
+        "n1 has reported n3 online",
+        Duration::from_secs(10),
+        async || n3_events("node_online").await.filter(|n| *n == 1),
+    )
+    .await;
+
+    let pid =
+        rustix::process::Pid::from_raw(c.nodes[2].child.as_ref().unwrap().id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::Stop).unwrap();
+    let stopped = Instant::now();
+    wait("n3 offline", Duration::from_secs(5), async || {
+        online(false).await
+    })
+    .await;
+    let detected = stopped.elapsed();
+    eprintln!("node frozen -> shown offline: {} ms", detected.as_millis());
+    // Default failure timeout 800 ms; the status poll adds up to ~100 ms.
+    assert!(detected < Duration::from_millis(1000), "took {detected:?}");
+    // Stay silent a little longer than one monitor round, so the event is due.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    rustix::process::kill_process(pid, rustix::process::Signal::Cont).unwrap();
+    wait("n3 back online", Duration::from_secs(5), async || {
+        online(true).await
+    })
+    .await;
+    wait(
+        "the offline and the second online event",
+        Duration::from_secs(5),
+        async || {
+            let off = n3_events("node_offline").await?;
+            let on = n3_events("node_online").await?;
+            (off == 1 && on == 2).then_some(())
+        },
+    )
+    .await;
 }

@@ -73,7 +73,10 @@ impl Heartbeat {
 
 /// The HMAC key derived from the cluster secret.
 pub fn key(secret: &str) -> hmac::Key {
-    hmac::Key::new(hmac::HMAC_SHA256, format!("bulwark-heartbeat:{secret}").as_bytes())
+    hmac::Key::new(
+        hmac::HMAC_SHA256,
+        format!("bulwark-heartbeat:{secret}").as_bytes(),
+    )
 }
 
 #[derive(Clone, Copy)]
@@ -111,7 +114,13 @@ impl Liveness {
     }
 
     /// How `node` with `rings` networks looks at `now`.
-    pub fn peer(&self, node: NodeId, rings: usize, timeout: Duration, now: Instant) -> PeerLiveness {
+    pub fn peer(
+        &self,
+        node: NodeId,
+        rings: usize,
+        timeout: Duration,
+        now: Instant,
+    ) -> PeerLiveness {
         let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
         let mut last: Option<Instant> = None;
         let networks: Vec<bool> = (0..rings)
@@ -176,7 +185,7 @@ pub async fn run(
     let incarnation: u64 = rand::random();
     let mut seq = 0u64;
     let mut previous: HashMap<NodeId, PeerLiveness> = HashMap::new();
-    let started = Instant::now();
+    let mut last_round = Instant::now();
     loop {
         let st = state.borrow().clone();
         let interval = Duration::from_millis(st.settings.heartbeat_interval_ms.max(10));
@@ -200,22 +209,36 @@ pub async fn run(
                 }
             }
         }
-        // Monitor: report changes, once the first timeout has passed since start.
+        // Monitor: report changes. If this loop itself was stalled for a whole timeout
+        // (the process was stopped, the machine swapped), silence from peers says
+        // nothing about them: take a new baseline instead of reporting.
         let now = Instant::now();
-        if now.duration_since(started) >= timeout {
-            for peer in st.nodes.values().filter(|n| n.id != me) {
-                let nets = peer.addresses.networks();
-                let cur = liveness.peer(peer.id, nets.len(), timeout, now);
-                // A peer's first observation is its baseline: only changes are events
-                // (`bulwark status` shows a peer that was never heard as offline).
-                if let Some(prev) = previous.get(&peer.id) {
-                    report_changes(&events, &peer.name, &nets, prev, &cur, timeout);
+        let stalled = now.duration_since(last_round) >= timeout;
+        last_round = now;
+        for peer in st.nodes.values().filter(|n| n.id != me && !stalled) {
+            let nets = peer.addresses.networks();
+            let cur = liveness.peer(peer.id, nets.len(), timeout, now);
+            match previous.get(&peer.id) {
+                Some(prev) => report_changes(&events, &peer.name, &nets, prev, &cur, timeout),
+                // First sight of a peer: only "online" is news; a peer never heard is
+                // shown offline by `bulwark status` without an event.
+                None if cur.online => {
+                    report_changes(&events, &peer.name, &nets, &offline(&cur), &cur, timeout)
                 }
-                previous.insert(peer.id, cur);
+                _ => {}
             }
-            previous.retain(|id, _| st.nodes.contains_key(id));
+            previous.insert(peer.id, cur);
         }
+        previous.retain(|id, _| st.nodes.contains_key(id));
         tokio::time::sleep(interval).await;
+    }
+}
+
+fn offline(p: &PeerLiveness) -> PeerLiveness {
+    PeerLiveness {
+        online: false,
+        networks: vec![false; p.networks.len()],
+        ..p.clone()
     }
 }
 
@@ -247,7 +270,10 @@ fn report_changes(
                 format!("node {name}: network {i} ({ip}) lost its heartbeat; still reachable on another network"),
             );
         } else if !*p && *c && prev.online {
-            events.push("network_up", format!("node {name}: network {i} ({ip}) is back"));
+            events.push(
+                "network_up",
+                format!("node {name}: network {i} ({ip}) is back"),
+            );
         }
     }
 }

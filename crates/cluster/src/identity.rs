@@ -147,7 +147,9 @@ impl ClusterCert {
         rustls_pemfile::certs(&mut self.cert_pem.as_bytes())
             .next()
             .and_then(Result::ok)
-            .ok_or_else(|| IdentityError::Tls("cluster certificate PEM holds no certificate".into()))
+            .ok_or_else(|| {
+                IdentityError::Tls("cluster certificate PEM holds no certificate".into())
+            })
     }
 
     /// SHA-256 fingerprint of the certificate.
@@ -315,7 +317,8 @@ impl Identity {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let path = Identity::file(data_dir);
         let tmp = path.with_extension("json.tmp");
-        let json = serde_json::to_vec_pretty(self).map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| IdentityError::Tls(e.to_string()))?;
         {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -360,7 +363,13 @@ mod tests {
         };
         let parsed: Token = t.to_string().parse().unwrap();
         assert_eq!(parsed, t);
-        for bad in ["", "bwk1:zz:00", "bwk2:00:00", &format!("{t}:extra"), "bwk1:0011"] {
+        for bad in [
+            "",
+            "bwk1:zz:00",
+            "bwk2:00:00",
+            &format!("{t}:extra"),
+            "bwk1:0011",
+        ] {
             assert!(bad.parse::<Token>().is_err(), "{bad}");
         }
     }

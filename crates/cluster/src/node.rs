@@ -12,11 +12,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    ClientWriteError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
@@ -187,7 +189,10 @@ impl PeerNetwork {
         })
     }
 
-    fn unexpected<E: std::error::Error>(&self, r: Response) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+    fn unexpected<E: std::error::Error>(
+        &self,
+        r: Response,
+    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
         RPCError::Network(NetworkError::new(&NodeError::Remote(format!(
             "unexpected answer from node {}: {r:?}",
             self.target
@@ -201,7 +206,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        match self.call(Request::AppendEntries(rpc), option.hard_ttl()).await? {
+        match self
+            .call(Request::AppendEntries(rpc), option.hard_ttl())
+            .await?
+        {
             Response::AppendEntries(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -214,7 +222,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, openraft::error::InstallSnapshotError> {
-        match self.call(Request::InstallSnapshot(rpc), option.hard_ttl()).await? {
+        match self
+            .call(Request::InstallSnapshot(rpc), option.hard_ttl())
+            .await?
+        {
             Response::InstallSnapshot(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -228,7 +239,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
         match self.call(Request::Vote(rpc), option.hard_ttl()).await? {
-            Response::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Response::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(self.unexpected(other)),
         }
     }
@@ -236,7 +249,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 
 /// Creates a new cluster in `data_dir` with this node as its only member (id 1). The
 /// node bootstraps Raft on its first `serve`.
-pub fn init(data_dir: &std::path::Path, name: &str, addresses: NodeAddresses) -> Result<Identity, NodeError> {
+pub fn init(
+    data_dir: &std::path::Path,
+    name: &str,
+    addresses: NodeAddresses,
+) -> Result<Identity, NodeError> {
     crate::state::check_name("node", name).map_err(|e| NodeError::Remote(e.to_string()))?;
     if Identity::exists(data_dir) {
         let existing = Identity::load(data_dir)?;
@@ -299,7 +316,9 @@ pub async fn join(
         }
         Response::Written(Err(refused)) => Err(NodeError::Remote(refused.to_string())),
         Response::Error(e) => Err(NodeError::Remote(e)),
-        other => Err(NodeError::Remote(format!("unexpected answer to join: {other:?}"))),
+        other => Err(NodeError::Remote(format!(
+            "unexpected answer to join: {other:?}"
+        ))),
     }
 }
 
@@ -312,14 +331,12 @@ impl ClusterNode {
         let store = Store::open(&Identity::dir(&options.data_dir).join("raft.redb"))?;
         let (sm, state) = StateMachineStore::load(store.clone()).await?;
         let events = Arc::new(
-            EventLog::new(
-                &identity.name,
-                Some(options.data_dir.join("events.log")),
-            )
-            .map_err(|source| NodeError::Listen {
-                addr: identity.addresses.control,
-                source,
-            })?,
+            EventLog::new(&identity.name, Some(options.data_dir.join("events.log"))).map_err(
+                |source| NodeError::Listen {
+                    addr: identity.addresses.control,
+                    source,
+                },
+            )?,
         );
         let peers = Peers {
             token: token.clone(),
@@ -419,9 +436,13 @@ impl ClusterNode {
             }
             identity.bootstrap = false;
             identity.save(&options.data_dir)?;
-            node.inner
-                .events
-                .push("membership", format!("cluster {} created by node {}", identity.cluster_id, identity.name));
+            node.inner.events.push(
+                "membership",
+                format!(
+                    "cluster {} created by node {}",
+                    identity.cluster_id, identity.name
+                ),
+            );
         }
         tokio::spawn(node.clone().announce());
         info!(node = %identity.name, id = identity.node_id, control = %identity.addresses.control, "cluster node started");
@@ -483,12 +504,19 @@ impl ClusterNode {
         Err(NodeError::NoLeader(last))
     }
 
-    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Result<Applied, Refused>, NodeError> {
+    async fn forward(
+        &self,
+        addr: &str,
+        cmd: &Command,
+    ) -> Result<Result<Applied, Refused>, NodeError> {
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| NodeError::Remote(format!("bad leader address {addr:?}: {e}")))?;
         let client = self.inner.peers.client(addr)?;
-        match client.call(&Request::Write(cmd.clone()), Duration::from_secs(5)).await? {
+        match client
+            .call(&Request::Write(cmd.clone()), Duration::from_secs(5))
+            .await?
+        {
             Response::Written(r) => Ok(r),
             Response::Error(e) => Err(NodeError::Remote(e)),
             other => Err(NodeError::Remote(format!("unexpected answer: {other:?}"))),
@@ -509,11 +537,12 @@ impl ClusterNode {
             });
         }
         let timeout = Duration::from_millis(st.settings.failure_timeout_ms);
-        Some(
-            self.inner
-                .liveness
-                .peer(peer, node.addresses.networks().len(), timeout, Instant::now()),
-        )
+        Some(self.inner.liveness.peer(
+            peer,
+            node.addresses.networks().len(),
+            timeout,
+            Instant::now(),
+        ))
     }
 
     /// This node's status.
@@ -598,7 +627,9 @@ impl ClusterNode {
         match req {
             Request::AppendEntries(r) => Response::AppendEntries(raft.append_entries(r).await),
             Request::Vote(r) => Response::Vote(raft.vote(r).await),
-            Request::InstallSnapshot(r) => Response::InstallSnapshot(raft.install_snapshot(r).await),
+            Request::InstallSnapshot(r) => {
+                Response::InstallSnapshot(raft.install_snapshot(r).await)
+            }
             Request::Write(cmd) => match self.write(cmd).await {
                 Ok(r) => Response::Written(r),
                 Err(e) => Response::Error(e.to_string()),
@@ -669,7 +700,10 @@ impl ClusterNode {
                     warn!(%refused, "the cluster refused this node's start-up announcement");
                     self.inner.events.push(
                         "config",
-                        format!("node {} could not register its role and addresses: {refused}", self.inner.identity.name),
+                        format!(
+                            "node {} could not register its role and addresses: {refused}",
+                            self.inner.identity.name
+                        ),
                     );
                     return;
                 }
@@ -699,14 +733,14 @@ impl ClusterNode {
                         .unwrap_or_else(|| format!("#{id}"))
                 };
                 match leader {
-                    Some(l) => self
-                        .inner
-                        .events
-                        .push("leader", format!("leader is node {} (term {term})", name(l))),
-                    None => self
-                        .inner
-                        .events
-                        .push("leader", format!("no leader (term {term}): election under way")),
+                    Some(l) => self.inner.events.push(
+                        "leader",
+                        format!("leader is node {} (term {term})", name(l)),
+                    ),
+                    None => self.inner.events.push(
+                        "leader",
+                        format!("no leader (term {term}): election under way"),
+                    ),
                 }
                 last = leader;
             }
@@ -762,7 +796,9 @@ impl ClusterNode {
             // New members: learners first.
             for n in st.nodes.values().filter(|n| !members.contains(&n.id)) {
                 let node = BasicNode::new(n.addresses.control.to_string());
-                if let Ok(Ok(_)) = tokio::time::timeout(step, raft.add_learner(n.id, node, false)).await {
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(step, raft.add_learner(n.id, node, false)).await
+                {
                     info!(node = %n.name, "added as a Raft learner");
                 }
             }
@@ -800,15 +836,25 @@ impl ClusterNode {
             if add.is_empty() {
                 continue;
             }
-            match tokio::time::timeout(step, raft.change_membership(ChangeMembers::AddVoterIds(add.clone()), false)).await {
+            match tokio::time::timeout(
+                step,
+                raft.change_membership(ChangeMembers::AddVoterIds(add.clone()), false),
+            )
+            .await
+            {
                 Ok(Ok(_)) => {
                     let names: Vec<String> = add
                         .iter()
                         .filter_map(|id| st.nodes.get(id).map(|n| n.name.clone()))
                         .collect();
-                    self.inner
-                        .events
-                        .push("membership", format!("{} now vote{} in Raft", names.join(", "), if names.len() == 1 { "s" } else { "" }));
+                    self.inner.events.push(
+                        "membership",
+                        format!(
+                            "{} now vote{} in Raft",
+                            names.join(", "),
+                            if names.len() == 1 { "s" } else { "" }
+                        ),
+                    );
                 }
                 Ok(Err(e)) => debug!(error = %e, "promotion not done yet"),
                 Err(_) => debug!("promotion timed out"),
@@ -817,7 +863,11 @@ impl ClusterNode {
     }
 }
 
-async fn accept_loop(node: ClusterNode, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+async fn accept_loop(
+    node: ClusterNode,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -830,7 +880,12 @@ async fn accept_loop(node: ClusterNode, listener: TcpListener, acceptor: tokio_r
         let _ = stream.set_nodelay(true);
         let (node, acceptor) = (node.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(crate::rpc::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(
+                crate::rpc::HANDSHAKE_TIMEOUT,
+                acceptor.accept(stream),
+            )
+            .await
+            {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     warn!(%peer, error = %e, "refused a control connection: TLS handshake failed (not a member of this cluster?)");
@@ -878,7 +933,10 @@ async fn serve_connection(
         .await;
         return;
     }
-    if write_frame(&mut tls, &Response::Written(Ok(Applied::Done))).await.is_err() {
+    if write_frame(&mut tls, &Response::Written(Ok(Applied::Done)))
+        .await
+        .is_err()
+    {
         return;
     }
     loop {

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -187,7 +187,8 @@ pub async fn read_frame<T: DeserializeOwned>(
     }
     let mut buf = vec![0; len];
     r.read_exact(&mut buf).await?;
-    serde_json::from_slice(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Reads a frame of at most 4 KiB: the hello, before the peer is authenticated, so a
@@ -204,7 +205,8 @@ pub async fn read_small_frame<T: DeserializeOwned>(
     }
     let mut buf = vec![0; len];
     r.read_exact(&mut buf).await?;
-    serde_json::from_slice(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 type Conn = TlsStream<TcpStream>;
@@ -227,7 +229,11 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// A client of the node at `addr` that trusts the certificate in `token` and proves
     /// itself with its secret. `from` names the caller in the server's log.
-    pub fn new(addr: SocketAddr, token: &Token, from: &str) -> Result<Client, identity::IdentityError> {
+    pub fn new(
+        addr: SocketAddr,
+        token: &Token,
+        from: &str,
+    ) -> Result<Client, identity::IdentityError> {
         Ok(Client {
             addr,
             tls: tokio_rustls::TlsConnector::from(identity::client_config(&token.fingerprint)?),
@@ -284,31 +290,48 @@ impl Client {
         }
     }
 
-    /// Sends `req` and waits at most `timeout` for the answer (connecting included).
+    /// Sends `req` and waits at most `timeout` for the answer. A new connection gets at
+    /// least 1 s for TCP, TLS and the hello on top, so a short Raft heartbeat deadline
+    /// does not make a loaded peer unreachable. A pooled connection that turns out dead
+    /// (the peer restarted) is replaced once.
     pub async fn call(&self, req: &Request, timeout: Duration) -> Result<Response, RpcError> {
         let addr = self.addr;
-        let work = async {
-            let idle = self.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
-            let mut conn = match idle {
-                Some(c) => c,
-                None => self.connect(timeout).await?,
-            };
+        let exchange = async |conn: &mut Conn| -> Result<Response, RpcError> {
             let io = |e: std::io::Error| RpcError::Io {
                 addr,
                 detail: e.to_string(),
             };
-            write_frame(&mut conn, req).await.map_err(io)?;
-            let resp: Response = read_frame(&mut conn).await.map_err(io)?;
-            if let Ok(mut v) = self.idle.lock() {
-                if v.len() < 4 {
-                    v.push(conn);
-                }
+            let work = async {
+                write_frame(conn, req).await.map_err(io)?;
+                read_frame::<Response>(conn).await.map_err(io)
+            };
+            match tokio::time::timeout(timeout, work).await {
+                Ok(r) => r,
+                Err(_) => Err(RpcError::Timeout { addr, timeout }),
             }
-            Ok(resp)
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(RpcError::Timeout { addr, timeout }),
+        let idle = self.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
+        let mut result = None;
+        if let Some(mut conn) = idle {
+            match exchange(&mut conn).await {
+                Ok(r) => result = Some((r, conn)),
+                Err(RpcError::Io { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
+        let (resp, conn) = match result {
+            Some(r) => r,
+            None => {
+                let mut conn = self.connect(timeout.max(Duration::from_secs(1))).await?;
+                let r = exchange(&mut conn).await?;
+                (r, conn)
+            }
+        };
+        if let Ok(mut v) = self.idle.lock() {
+            if v.len() < 4 {
+                v.push(conn);
+            }
+        }
+        Ok(resp)
     }
 }

@@ -338,7 +338,11 @@ pub enum Refused {
         detail: String,
     },
     #[error("node {node:?} has {} free, the volume needs {}; pick a smaller size or other nodes", human(*free), human(*needed))]
-    NoSpace { node: String, free: u64, needed: u64 },
+    NoSpace {
+        node: String,
+        free: u64,
+        needed: u64,
+    },
     #[error("node {0:?} is a witness and stores no volume data; pick storage nodes")]
     WitnessCannotHold(String),
     #[error("node {0:?} is named twice in the placement")]
@@ -346,21 +350,37 @@ pub enum Refused {
     #[error("volume {name:?} is {}; shrinking would destroy data, so only growing is allowed", human(*size))]
     Shrink { name: String, size: u64 },
     #[error("volume {volume:?} is mapped as LUN {lun} of {iqn}; remove the LUN first (`bulwark lun remove {iqn} {lun}`)")]
-    VolumeMapped { volume: String, iqn: String, lun: u64 },
+    VolumeMapped {
+        volume: String,
+        iqn: String,
+        lun: u64,
+    },
     #[error("{0:?} is not an iSCSI name: use iqn.YYYY-MM.reversed.domain[:id], eui.<16 hex> or naa.<16 or 32 hex> (RFC 7143 §4.2.7)")]
     BadIqn(String),
     #[error("a target named {0} already exists")]
     TargetExists(String),
     #[error("no target named {0}; `bulwark target list` shows the targets")]
     NoSuchTarget(String),
-    #[error("LUN {lun} of {iqn} is already mapped (to {volume:?}); pick another LUN or remove it first")]
-    LunTaken { iqn: String, lun: u64, volume: String },
+    #[error(
+        "LUN {lun} of {iqn} is already mapped (to {volume:?}); pick another LUN or remove it first"
+    )]
+    LunTaken {
+        iqn: String,
+        lun: u64,
+        volume: String,
+    },
     #[error("LUN {0} is out of range: LUNs go from 0 to 16383")]
     LunOutOfRange(u64),
     #[error("{iqn} has no LUN {lun}")]
     NoSuchLun { iqn: String, lun: u64 },
-    #[error("volume {volume:?} is already mapped as LUN {lun} of {iqn}; a volume belongs to one target")]
-    VolumeAlreadyMapped { volume: String, iqn: String, lun: u64 },
+    #[error(
+        "volume {volume:?} is already mapped as LUN {lun} of {iqn}; a volume belongs to one target"
+    )]
+    VolumeAlreadyMapped {
+        volume: String,
+        iqn: String,
+        lun: u64,
+    },
     #[error("the LUNs of {iqn} are served by node {target_primary:?} but volume {volume:?} is primary on {volume_primary:?}; a target moves as one unit, so all its volumes need the same primary (create the volume with --node {target_primary})")]
     PrimaryMismatch {
         iqn: String,
@@ -418,7 +438,10 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), Refused> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
@@ -943,7 +966,9 @@ impl ClusterState {
                 .values()
                 .map(|n| match n.role {
                     NodeRole::Witness => format!("{}: witness", n.name),
-                    NodeRole::Storage => format!("{}: {} free", n.name, human(self.free_bytes(n.id))),
+                    NodeRole::Storage => {
+                        format!("{}: {} free", n.name, human(self.free_bytes(n.id)))
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(", ");

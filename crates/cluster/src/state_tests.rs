@@ -60,18 +60,40 @@ fn nodes_get_fresh_ids_and_unique_names_and_addresses() {
     let mut st = three();
     assert_eq!(st.nodes.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(matches!(
-        refused(&mut st, Command::AddNode { name: "n1".into(), addresses: addrs(9), capacity_bytes: 0 }),
+        refused(
+            &mut st,
+            Command::AddNode {
+                name: "n1".into(),
+                addresses: addrs(9),
+                capacity_bytes: 0
+            }
+        ),
         Refused::NodeExists(_)
     ));
     assert!(matches!(
-        refused(&mut st, Command::AddNode { name: "n9".into(), addresses: addrs(2), capacity_bytes: 0 }),
+        refused(
+            &mut st,
+            Command::AddNode {
+                name: "n9".into(),
+                addresses: addrs(2),
+                capacity_bytes: 0
+            }
+        ),
         Refused::AddressInUse { .. }
     ));
     assert!(matches!(
-        refused(&mut st, Command::AddNode { name: "bad name".into(), addresses: addrs(9), capacity_bytes: 0 }),
+        refused(
+            &mut st,
+            Command::AddNode {
+                name: "bad name".into(),
+                addresses: addrs(9),
+                capacity_bytes: 0
+            }
+        ),
         Refused::BadName(_)
     ));
-    st.apply(&Command::RemoveNode { name: "n3".into() }).unwrap();
+    st.apply(&Command::RemoveNode { name: "n3".into() })
+        .unwrap();
     // Ids are never reused.
     assert_eq!(add_node(&mut st, "n4", 4, GIB), 4);
 }
@@ -82,14 +104,32 @@ fn node_started_updates_role_and_refuses_witness_with_volumes() {
     st.apply(&create("v", GIB, 2, &["n1", "n2"])).unwrap();
     let r = refused(
         &mut st,
-        Command::NodeStarted { id: 1, role: NodeRole::Witness, addresses: addrs(1), capacity_bytes: 0 },
+        Command::NodeStarted {
+            id: 1,
+            role: NodeRole::Witness,
+            addresses: addrs(1),
+            capacity_bytes: 0,
+        },
     );
     assert!(matches!(r, Refused::WitnessWithVolumes { .. }), "{r}");
-    st.apply(&Command::NodeStarted { id: 3, role: NodeRole::Witness, addresses: addrs(3), capacity_bytes: 0 })
-        .unwrap();
+    st.apply(&Command::NodeStarted {
+        id: 3,
+        role: NodeRole::Witness,
+        addresses: addrs(3),
+        capacity_bytes: 0,
+    })
+    .unwrap();
     assert_eq!(st.nodes[&3].role, NodeRole::Witness);
     assert!(matches!(
-        refused(&mut st, Command::NodeStarted { id: 42, role: NodeRole::Storage, addresses: addrs(42), capacity_bytes: 0 }),
+        refused(
+            &mut st,
+            Command::NodeStarted {
+                id: 42,
+                role: NodeRole::Storage,
+                addresses: addrs(42),
+                capacity_bytes: 0
+            }
+        ),
         Refused::NoSuchNodeId(42)
     ));
 }
@@ -100,36 +140,84 @@ fn remove_node_refuses_holders_of_volumes_and_the_last_node() {
     st.apply(&create("v", GIB, 1, &["n2"])).unwrap();
     let r = refused(&mut st, Command::RemoveNode { name: "n2".into() });
     assert!(r.to_string().contains("holds replicas of [\"v\"]"), "{r}");
-    assert!(matches!(refused(&mut st, Command::RemoveNode { name: "zz".into() }), Refused::NoSuchNode(_)));
+    assert!(matches!(
+        refused(&mut st, Command::RemoveNode { name: "zz".into() }),
+        Refused::NoSuchNode(_)
+    ));
     let mut one = ClusterState::new();
     add_node(&mut one, "solo", 1, GIB);
-    assert!(matches!(refused(&mut one, Command::RemoveNode { name: "solo".into() }), Refused::LastNode(_)));
+    assert!(matches!(
+        refused(
+            &mut one,
+            Command::RemoveNode {
+                name: "solo".into()
+            }
+        ),
+        Refused::LastNode(_)
+    ));
 }
 
 #[test]
 fn volume_placement_and_space() {
     let mut st = three();
     // Most free space first, ties by id.
-    assert_eq!(st.apply(&create("a", 4 * GIB, 2, &[])), Ok(Applied::VolumeCreated(vec![1, 2])));
-    assert_eq!(st.apply(&create("b", 4 * GIB, 2, &[])), Ok(Applied::VolumeCreated(vec![3, 1])));
+    assert_eq!(
+        st.apply(&create("a", 4 * GIB, 2, &[])),
+        Ok(Applied::VolumeCreated(vec![1, 2]))
+    );
+    assert_eq!(
+        st.apply(&create("b", 4 * GIB, 2, &[])),
+        Ok(Applied::VolumeCreated(vec![3, 1]))
+    );
     assert_eq!(st.free_bytes(1), 2 * GIB);
     // Named placement, primary first.
-    assert_eq!(st.apply(&create("c", GIB, 1, &["n2"])), Ok(Applied::VolumeCreated(vec![2])));
+    assert_eq!(
+        st.apply(&create("c", GIB, 1, &["n2"])),
+        Ok(Applied::VolumeCreated(vec![2]))
+    );
     assert_eq!(st.volumes["c"].primary, 2);
     assert_eq!(st.volumes["c"].epoch, 1);
 
     let r = refused(&mut st, create("big", 9 * GIB, 1, &[]));
     assert!(r.to_string().contains("Add storage nodes"), "{r}");
     let r = refused(&mut st, create("big", 3 * GIB, 1, &["n1"]));
-    assert!(r.to_string().contains("node \"n1\" has 2.0 GiB free, the volume needs 3.0 GiB"), "{r}");
-    assert!(matches!(refused(&mut st, create("a", GIB, 1, &[])), Refused::VolumeExists(_)));
-    assert!(matches!(refused(&mut st, create("x", 1000, 1, &[])), Refused::BadVolumeSize { .. }));
-    assert!(matches!(refused(&mut st, create("x", 0, 1, &[])), Refused::BadVolumeSize { .. }));
-    assert!(matches!(refused(&mut st, create("x", GIB, 0, &[])), Refused::BadReplicaCount(0)));
-    assert!(matches!(refused(&mut st, create("x", GIB, 4, &[])), Refused::BadReplicaCount(4)));
-    assert!(matches!(refused(&mut st, create("x", GIB, 2, &["n1", "n1"])), Refused::DuplicatePlacement(_)));
-    assert!(matches!(refused(&mut st, create("x", GIB, 1, &["nope"])), Refused::NoSuchNode(_)));
-    assert!(matches!(refused(&mut st, create("x/y", GIB, 1, &[])), Refused::BadName(_)));
+    assert!(
+        r.to_string()
+            .contains("node \"n1\" has 2.0 GiB free, the volume needs 3.0 GiB"),
+        "{r}"
+    );
+    assert!(matches!(
+        refused(&mut st, create("a", GIB, 1, &[])),
+        Refused::VolumeExists(_)
+    ));
+    assert!(matches!(
+        refused(&mut st, create("x", 1000, 1, &[])),
+        Refused::BadVolumeSize { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, create("x", 0, 1, &[])),
+        Refused::BadVolumeSize { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, create("x", GIB, 0, &[])),
+        Refused::BadReplicaCount(0)
+    ));
+    assert!(matches!(
+        refused(&mut st, create("x", GIB, 4, &[])),
+        Refused::BadReplicaCount(4)
+    ));
+    assert!(matches!(
+        refused(&mut st, create("x", GIB, 2, &["n1", "n1"])),
+        Refused::DuplicatePlacement(_)
+    ));
+    assert!(matches!(
+        refused(&mut st, create("x", GIB, 1, &["nope"])),
+        Refused::NoSuchNode(_)
+    ));
+    assert!(matches!(
+        refused(&mut st, create("x/y", GIB, 1, &[])),
+        Refused::BadName(_)
+    ));
     let mut bs = create("x", GIB, 1, &[]);
     if let Command::CreateVolume { block_size, .. } = &mut bs {
         *block_size = 1024;
@@ -140,32 +228,74 @@ fn volume_placement_and_space() {
 #[test]
 fn witnesses_hold_no_data() {
     let mut st = three();
-    st.apply(&Command::NodeStarted { id: 3, role: NodeRole::Witness, addresses: addrs(3), capacity_bytes: 10 * GIB })
-        .unwrap();
-    assert!(matches!(refused(&mut st, create("x", GIB, 1, &["n3"])), Refused::WitnessCannotHold(_)));
+    st.apply(&Command::NodeStarted {
+        id: 3,
+        role: NodeRole::Witness,
+        addresses: addrs(3),
+        capacity_bytes: 10 * GIB,
+    })
+    .unwrap();
+    assert!(matches!(
+        refused(&mut st, create("x", GIB, 1, &["n3"])),
+        Refused::WitnessCannotHold(_)
+    ));
     let r = refused(&mut st, create("x", GIB, 3, &[]));
     assert!(r.to_string().contains("n3: witness"), "{r}");
-    assert_eq!(st.apply(&create("x", GIB, 2, &[])), Ok(Applied::VolumeCreated(vec![1, 2])));
+    assert_eq!(
+        st.apply(&create("x", GIB, 2, &[])),
+        Ok(Applied::VolumeCreated(vec![1, 2]))
+    );
 }
 
 #[test]
 fn resize_grows_only_within_space() {
     let mut st = three();
     st.apply(&create("v", GIB, 2, &["n1", "n2"])).unwrap();
-    st.apply(&Command::ResizeVolume { name: "v".into(), size_bytes: 2 * GIB }).unwrap();
+    st.apply(&Command::ResizeVolume {
+        name: "v".into(),
+        size_bytes: 2 * GIB,
+    })
+    .unwrap();
     assert_eq!(st.volumes["v"].size_bytes, 2 * GIB);
-    let r = refused(&mut st, Command::ResizeVolume { name: "v".into(), size_bytes: GIB });
-    assert!(r.to_string().contains("shrinking would destroy data"), "{r}");
+    let r = refused(
+        &mut st,
+        Command::ResizeVolume {
+            name: "v".into(),
+            size_bytes: GIB,
+        },
+    );
+    assert!(
+        r.to_string().contains("shrinking would destroy data"),
+        "{r}"
+    );
     assert!(matches!(
-        refused(&mut st, Command::ResizeVolume { name: "v".into(), size_bytes: 11 * GIB }),
+        refused(
+            &mut st,
+            Command::ResizeVolume {
+                name: "v".into(),
+                size_bytes: 11 * GIB
+            }
+        ),
         Refused::NoSpace { .. }
     ));
     assert!(matches!(
-        refused(&mut st, Command::ResizeVolume { name: "v".into(), size_bytes: 2 * GIB + 1 }),
+        refused(
+            &mut st,
+            Command::ResizeVolume {
+                name: "v".into(),
+                size_bytes: 2 * GIB + 1
+            }
+        ),
         Refused::BadVolumeSize { .. }
     ));
     assert!(matches!(
-        refused(&mut st, Command::ResizeVolume { name: "w".into(), size_bytes: GIB }),
+        refused(
+            &mut st,
+            Command::ResizeVolume {
+                name: "w".into(),
+                size_bytes: GIB
+            }
+        ),
         Refused::NoSuchVolume(_)
     ));
 }
@@ -176,70 +306,195 @@ fn targets_luns_and_mapping_rules() {
     st.apply(&create("v1", GIB, 2, &["n1", "n2"])).unwrap();
     st.apply(&create("v2", GIB, 2, &["n1", "n3"])).unwrap();
     st.apply(&create("v3", GIB, 2, &["n2", "n1"])).unwrap();
-    st.apply(&Command::CreateTarget { iqn: IQN.into(), alias: None }).unwrap();
-    for bad in ["iqn.2026.io.x", "IQN.2026-11.io.x:a", "eui.123", "naa.12345678", "foo", "iqn.2026-11.:x"] {
+    st.apply(&Command::CreateTarget {
+        iqn: IQN.into(),
+        alias: None,
+    })
+    .unwrap();
+    for bad in [
+        "iqn.2026.io.x",
+        "IQN.2026-11.io.x:a",
+        "eui.123",
+        "naa.12345678",
+        "foo",
+        "iqn.2026-11.:x",
+    ] {
         assert!(
-            matches!(refused(&mut st, Command::CreateTarget { iqn: bad.into(), alias: None }), Refused::BadIqn(_)),
+            matches!(
+                refused(
+                    &mut st,
+                    Command::CreateTarget {
+                        iqn: bad.into(),
+                        alias: None
+                    }
+                ),
+                Refused::BadIqn(_)
+            ),
             "{bad}"
         );
     }
-    for good in ["eui.0123456789abcdef", "naa.0123456789abcdef", "iqn.2001-04.com.example"] {
-        st.apply(&Command::CreateTarget { iqn: good.into(), alias: None }).unwrap();
+    for good in [
+        "eui.0123456789abcdef",
+        "naa.0123456789abcdef",
+        "iqn.2001-04.com.example",
+    ] {
+        st.apply(&Command::CreateTarget {
+            iqn: good.into(),
+            alias: None,
+        })
+        .unwrap();
     }
     assert!(matches!(
-        refused(&mut st, Command::CreateTarget { iqn: IQN.into(), alias: None }),
+        refused(
+            &mut st,
+            Command::CreateTarget {
+                iqn: IQN.into(),
+                alias: None
+            }
+        ),
         Refused::TargetExists(_)
     ));
-    let add = |lun, volume: &str| Command::AddLun { iqn: IQN.into(), lun, volume: volume.into() };
+    let add = |lun, volume: &str| Command::AddLun {
+        iqn: IQN.into(),
+        lun,
+        volume: volume.into(),
+    };
     assert_eq!(st.apply(&add(None, "v1")), Ok(Applied::LunAdded(0)));
     assert_eq!(st.apply(&add(Some(5), "v2")), Ok(Applied::LunAdded(5)));
-    assert!(matches!(refused(&mut st, add(Some(5), "v3")), Refused::PrimaryMismatch { .. }));
+    assert!(matches!(
+        refused(&mut st, add(Some(5), "v3")),
+        Refused::PrimaryMismatch { .. }
+    ));
     let r = refused(&mut st, add(None, "v3"));
     assert!(r.to_string().contains("a target moves as one unit"), "{r}");
-    assert!(matches!(refused(&mut st, add(None, "v1")), Refused::VolumeAlreadyMapped { .. }));
-    assert!(matches!(refused(&mut st, add(None, "nope")), Refused::NoSuchVolume(_)));
-    st.apply(&Command::CreateTarget { iqn: "iqn.2026-11.io.bulwark:t2".into(), alias: None }).unwrap();
-    st.apply(&Command::AddLun { iqn: "iqn.2026-11.io.bulwark:t2".into(), lun: Some(0), volume: "v3".into() })
-        .unwrap();
-    assert_eq!(st.target_primary(&st.targets["iqn.2026-11.io.bulwark:t2"]), Some(2));
+    assert!(matches!(
+        refused(&mut st, add(None, "v1")),
+        Refused::VolumeAlreadyMapped { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, add(None, "nope")),
+        Refused::NoSuchVolume(_)
+    ));
+    st.apply(&Command::CreateTarget {
+        iqn: "iqn.2026-11.io.bulwark:t2".into(),
+        alias: None,
+    })
+    .unwrap();
+    st.apply(&Command::AddLun {
+        iqn: "iqn.2026-11.io.bulwark:t2".into(),
+        lun: Some(0),
+        volume: "v3".into(),
+    })
+    .unwrap();
+    assert_eq!(
+        st.target_primary(&st.targets["iqn.2026-11.io.bulwark:t2"]),
+        Some(2)
+    );
     // LunTaken needs a free volume with the right primary.
     st.apply(&create("v4", GIB, 1, &["n1"])).unwrap();
-    assert!(matches!(refused(&mut st, add(Some(0), "v4")), Refused::LunTaken { .. }));
-    assert!(matches!(refused(&mut st, add(Some(16384), "v4")), Refused::LunOutOfRange(16384)));
+    assert!(matches!(
+        refused(&mut st, add(Some(0), "v4")),
+        Refused::LunTaken { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, add(Some(16384), "v4")),
+        Refused::LunOutOfRange(16384)
+    ));
     // A mapped volume cannot be deleted; after unmapping it can.
     let r = refused(&mut st, Command::DeleteVolume { name: "v1".into() });
-    assert!(r.to_string().contains("bulwark lun remove iqn.2026-11.io.bulwark:t1 0"), "{r}");
-    st.apply(&Command::RemoveLun { iqn: IQN.into(), lun: 0 }).unwrap();
-    assert!(matches!(refused(&mut st, Command::RemoveLun { iqn: IQN.into(), lun: 0 }), Refused::NoSuchLun { .. }));
-    st.apply(&Command::DeleteVolume { name: "v1".into() }).unwrap();
-    assert!(matches!(refused(&mut st, Command::DeleteVolume { name: "v1".into() }), Refused::NoSuchVolume(_)));
+    assert!(
+        r.to_string()
+            .contains("bulwark lun remove iqn.2026-11.io.bulwark:t1 0"),
+        "{r}"
+    );
+    st.apply(&Command::RemoveLun {
+        iqn: IQN.into(),
+        lun: 0,
+    })
+    .unwrap();
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::RemoveLun {
+                iqn: IQN.into(),
+                lun: 0
+            }
+        ),
+        Refused::NoSuchLun { .. }
+    ));
+    st.apply(&Command::DeleteVolume { name: "v1".into() })
+        .unwrap();
+    assert!(matches!(
+        refused(&mut st, Command::DeleteVolume { name: "v1".into() }),
+        Refused::NoSuchVolume(_)
+    ));
     // Deleting a target unmaps its volumes.
-    st.apply(&Command::DeleteTarget { iqn: IQN.into() }).unwrap();
+    st.apply(&Command::DeleteTarget { iqn: IQN.into() })
+        .unwrap();
     assert!(st.mapping_of("v2").is_none());
-    assert!(matches!(refused(&mut st, Command::DeleteTarget { iqn: IQN.into() }), Refused::NoSuchTarget(_)));
+    assert!(matches!(
+        refused(&mut st, Command::DeleteTarget { iqn: IQN.into() }),
+        Refused::NoSuchTarget(_)
+    ));
 }
 
 #[test]
 fn acls() {
     let mut st = three();
-    st.apply(&Command::CreateTarget { iqn: IQN.into(), alias: None }).unwrap();
+    st.apply(&Command::CreateTarget {
+        iqn: IQN.into(),
+        alias: None,
+    })
+    .unwrap();
     let ini = "iqn.1994-05.com.redhat:client";
-    st.apply(&Command::AddAcl { iqn: IQN.into(), initiator: ini.into() }).unwrap();
+    st.apply(&Command::AddAcl {
+        iqn: IQN.into(),
+        initiator: ini.into(),
+    })
+    .unwrap();
     assert!(matches!(
-        refused(&mut st, Command::AddAcl { iqn: IQN.into(), initiator: ini.into() }),
+        refused(
+            &mut st,
+            Command::AddAcl {
+                iqn: IQN.into(),
+                initiator: ini.into()
+            }
+        ),
         Refused::AclExists { .. }
     ));
     assert!(matches!(
-        refused(&mut st, Command::AddAcl { iqn: IQN.into(), initiator: "not an iqn".into() }),
+        refused(
+            &mut st,
+            Command::AddAcl {
+                iqn: IQN.into(),
+                initiator: "not an iqn".into()
+            }
+        ),
         Refused::BadIqn(_)
     ));
     assert!(matches!(
-        refused(&mut st, Command::AddAcl { iqn: "iqn.2026-11.x:none".into(), initiator: ini.into() }),
+        refused(
+            &mut st,
+            Command::AddAcl {
+                iqn: "iqn.2026-11.x:none".into(),
+                initiator: ini.into()
+            }
+        ),
         Refused::NoSuchTarget(_)
     ));
-    st.apply(&Command::RemoveAcl { iqn: IQN.into(), initiator: ini.into() }).unwrap();
+    st.apply(&Command::RemoveAcl {
+        iqn: IQN.into(),
+        initiator: ini.into(),
+    })
+    .unwrap();
     assert!(matches!(
-        refused(&mut st, Command::RemoveAcl { iqn: IQN.into(), initiator: ini.into() }),
+        refused(
+            &mut st,
+            Command::RemoveAcl {
+                iqn: IQN.into(),
+                initiator: ini.into()
+            }
+        ),
         Refused::NoSuchAcl { .. }
     ));
 }
@@ -247,8 +502,16 @@ fn acls() {
 #[test]
 fn chap_accounts_are_shared_and_validated() {
     let mut st = three();
-    st.apply(&Command::CreateTarget { iqn: IQN.into(), alias: None }).unwrap();
-    st.apply(&Command::CreateTarget { iqn: "iqn.2026-11.io.bulwark:t2".into(), alias: None }).unwrap();
+    st.apply(&Command::CreateTarget {
+        iqn: IQN.into(),
+        alias: None,
+    })
+    .unwrap();
+    st.apply(&Command::CreateTarget {
+        iqn: "iqn.2026-11.io.bulwark:t2".into(),
+        alias: None,
+    })
+    .unwrap();
     let acct = |secret: &str, mutual: Option<(&str, &str)>| Command::AddChap {
         account: ChapAccount {
             user: "alice".into(),
@@ -262,41 +525,102 @@ fn chap_accounts_are_shared_and_validated() {
         refused(&mut st, acct("twelve-chars", Some(("tgt", "twelve-chars")))),
         Refused::ChapSameSecret
     ));
-    assert!(matches!(refused(&mut st, acct("twelve-chars", Some(("", "other-secret")))), Refused::BadName(_)));
-    st.apply(&acct("twelve-chars", Some(("tgt", "other-secret")))).unwrap();
-    assert!(matches!(refused(&mut st, acct("twelve-chars", None)), Refused::ChapExists(_)));
+    assert!(matches!(
+        refused(&mut st, acct("twelve-chars", Some(("", "other-secret")))),
+        Refused::BadName(_)
+    ));
+    st.apply(&acct("twelve-chars", Some(("tgt", "other-secret"))))
+        .unwrap();
+    assert!(matches!(
+        refused(&mut st, acct("twelve-chars", None)),
+        Refused::ChapExists(_)
+    ));
     for t in [IQN, "iqn.2026-11.io.bulwark:t2"] {
-        st.apply(&Command::BindChap { user: "alice".into(), iqn: t.into() }).unwrap();
+        st.apply(&Command::BindChap {
+            user: "alice".into(),
+            iqn: t.into(),
+        })
+        .unwrap();
     }
     assert!(matches!(
-        refused(&mut st, Command::BindChap { user: "alice".into(), iqn: IQN.into() }),
+        refused(
+            &mut st,
+            Command::BindChap {
+                user: "alice".into(),
+                iqn: IQN.into()
+            }
+        ),
         Refused::ChapAlreadyBound { .. }
     ));
     assert!(matches!(
-        refused(&mut st, Command::BindChap { user: "bob".into(), iqn: IQN.into() }),
+        refused(
+            &mut st,
+            Command::BindChap {
+                user: "bob".into(),
+                iqn: IQN.into()
+            }
+        ),
         Refused::NoSuchChap(_)
     ));
-    let r = refused(&mut st, Command::RemoveChap { user: "alice".into() });
-    assert!(matches!(&r, Refused::ChapBound { targets, .. } if targets.len() == 2), "{r}");
+    let r = refused(
+        &mut st,
+        Command::RemoveChap {
+            user: "alice".into(),
+        },
+    );
+    assert!(
+        matches!(&r, Refused::ChapBound { targets, .. } if targets.len() == 2),
+        "{r}"
+    );
     for t in [IQN, "iqn.2026-11.io.bulwark:t2"] {
-        st.apply(&Command::UnbindChap { user: "alice".into(), iqn: t.into() }).unwrap();
+        st.apply(&Command::UnbindChap {
+            user: "alice".into(),
+            iqn: t.into(),
+        })
+        .unwrap();
     }
     assert!(matches!(
-        refused(&mut st, Command::UnbindChap { user: "alice".into(), iqn: IQN.into() }),
+        refused(
+            &mut st,
+            Command::UnbindChap {
+                user: "alice".into(),
+                iqn: IQN.into()
+            }
+        ),
         Refused::ChapNotBound { .. }
     ));
-    st.apply(&Command::RemoveChap { user: "alice".into() }).unwrap();
-    assert!(matches!(refused(&mut st, Command::RemoveChap { user: "alice".into() }), Refused::NoSuchChap(_)));
+    st.apply(&Command::RemoveChap {
+        user: "alice".into(),
+    })
+    .unwrap();
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::RemoveChap {
+                user: "alice".into()
+            }
+        ),
+        Refused::NoSuchChap(_)
+    ));
 }
 
 #[test]
 fn settings_are_bounded() {
     let mut st = three();
     let set = |hb, ft| Command::SetSettings {
-        settings: Settings { heartbeat_interval_ms: hb, failure_timeout_ms: ft },
+        settings: Settings {
+            heartbeat_interval_ms: hb,
+            failure_timeout_ms: ft,
+        },
     };
-    assert!(matches!(refused(&mut st, set(5, 800)), Refused::BadSettings(_)));
-    assert!(matches!(refused(&mut st, set(500, 800)), Refused::BadSettings(_)));
+    assert!(matches!(
+        refused(&mut st, set(5, 800)),
+        Refused::BadSettings(_)
+    ));
+    assert!(matches!(
+        refused(&mut st, set(500, 800)),
+        Refused::BadSettings(_)
+    ));
     st.apply(&set(100, 500)).unwrap();
     assert_eq!(st.settings.failure_timeout_ms, 500);
 }
@@ -319,7 +643,12 @@ fn check_invariants(st: &ClusterState) {
         let primaries: std::collections::BTreeSet<NodeId> = t
             .luns
             .values()
-            .map(|v| st.volumes.get(v).expect("LUN maps an existing volume").primary)
+            .map(|v| {
+                st.volumes
+                    .get(v)
+                    .expect("LUN maps an existing volume")
+                    .primary
+            })
             .collect();
         assert!(primaries.len() <= 1, "a target's volumes share one primary");
         for u in &t.chap {
@@ -346,32 +675,45 @@ fn arb_command() -> impl Strategy<Value = Command> {
         }),
         (1u64..6, any::<bool>(), 1u8..6).prop_map(|(id, w, i)| Command::NodeStarted {
             id,
-            role: if w { NodeRole::Witness } else { NodeRole::Storage },
+            role: if w {
+                NodeRole::Witness
+            } else {
+                NodeRole::Storage
+            },
             addresses: addrs(i),
             capacity_bytes: 4 * GIB,
         }),
         node.clone().prop_map(|name| Command::RemoveNode { name }),
-        (vol.clone(), 1u64..4, 1u8..4, prop::collection::vec(node, 0..3)).prop_map(
-            |(name, g, replicas, nodes)| Command::CreateVolume {
+        (
+            vol.clone(),
+            1u64..4,
+            1u8..4,
+            prop::collection::vec(node, 0..3)
+        )
+            .prop_map(|(name, g, replicas, nodes)| Command::CreateVolume {
                 name,
                 size_bytes: g * GIB,
                 replicas,
                 block_size: 512,
                 nodes,
-            }
-        ),
-        (vol.clone(), 1u64..6).prop_map(|(name, g)| Command::ResizeVolume { name, size_bytes: g * GIB }),
-        vol.clone().prop_map(|name| Command::DeleteVolume { name }),
-        iqn.clone().prop_map(|iqn| Command::CreateTarget { iqn, alias: None }),
-        iqn.clone().prop_map(|iqn| Command::DeleteTarget { iqn }),
-        (iqn.clone(), prop::option::of(0u64..3), vol).prop_map(|(iqn, lun, volume)| Command::AddLun {
-            iqn,
-            lun,
-            volume
+            }),
+        (vol.clone(), 1u64..6).prop_map(|(name, g)| Command::ResizeVolume {
+            name,
+            size_bytes: g * GIB
         }),
+        vol.clone().prop_map(|name| Command::DeleteVolume { name }),
+        iqn.clone()
+            .prop_map(|iqn| Command::CreateTarget { iqn, alias: None }),
+        iqn.clone().prop_map(|iqn| Command::DeleteTarget { iqn }),
+        (iqn.clone(), prop::option::of(0u64..3), vol)
+            .prop_map(|(iqn, lun, volume)| Command::AddLun { iqn, lun, volume }),
         (iqn.clone(), 0u64..3).prop_map(|(iqn, lun)| Command::RemoveLun { iqn, lun }),
         user.clone().prop_map(|user| Command::AddChap {
-            account: ChapAccount { user, secret: "twelve-chars".into(), mutual: None }
+            account: ChapAccount {
+                user,
+                secret: "twelve-chars".into(),
+                mutual: None
+            }
         }),
         user.clone().prop_map(|user| Command::RemoveChap { user }),
         (user.clone(), iqn.clone()).prop_map(|(user, iqn)| Command::BindChap { user, iqn }),

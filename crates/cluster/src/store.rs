@@ -51,7 +51,7 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: redb::DatabaseError,
+        source: Box<redb::DatabaseError>,
     },
     /// A value failed its checksum or did not decode.
     #[error("the Raft store {path} is corrupt: {what}. The node refuses to use it; move the file away and rejoin this node to the cluster (`bulwark node remove` on a healthy node, then `bulwark cluster join`)")]
@@ -67,7 +67,7 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
 }
 
@@ -123,7 +123,7 @@ impl Store {
         })?;
         let db = opened.map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         let store = Arc::new(Store {
             db,
@@ -136,7 +136,7 @@ impl Store {
     fn io(&self, e: impl Into<redb::Error>) -> StoreError {
         StoreError::Io {
             path: self.path.clone(),
-            source: e.into(),
+            source: Box::new(e.into()),
         }
     }
 
@@ -158,8 +158,8 @@ impl Store {
             for item in log.iter().map_err(|e| self.io(e))? {
                 let (k, v) = item.map_err(|e| self.io(e))?;
                 let index = k.value();
-                let entry: Entry<TypeConfig> = unseal(v.value())
-                    .ok_or_else(|| self.corrupt(format!("log entry {index}")))?;
+                let entry: Entry<TypeConfig> =
+                    unseal(v.value()).ok_or_else(|| self.corrupt(format!("log entry {index}")))?;
                 if entry.log_id.index != index || prev.is_some_and(|p| p + 1 != index) {
                     return Err(self.corrupt(format!("log entry {index} (out of sequence)")));
                 }
@@ -201,14 +201,18 @@ impl Store {
         tx.commit().map_err(|e| self.io(e))
     }
 
-    fn read_entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry<TypeConfig>>, StoreError> {
+    fn read_entries(
+        &self,
+        range: impl RangeBounds<u64>,
+    ) -> Result<Vec<Entry<TypeConfig>>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(LOG).map_err(|e| self.io(e))?;
         let mut out = Vec::new();
         for item in t.range(range).map_err(|e| self.io(e))? {
             let (k, v) = item.map_err(|e| self.io(e))?;
             out.push(
-                unseal(v.value()).ok_or_else(|| self.corrupt(format!("log entry {}", k.value())))?,
+                unseal(v.value())
+                    .ok_or_else(|| self.corrupt(format!("log entry {}", k.value())))?,
             );
         }
         Ok(out)
@@ -253,7 +257,8 @@ impl Store {
             t.retain_in(range, |_, _| false).map_err(|e| self.io(e))?;
             if let Some(p) = purged {
                 let mut m = tx.open_table(META).map_err(|e| self.io(e))?;
-                m.insert(PURGED, seal(p).as_slice()).map_err(|e| self.io(e))?;
+                m.insert(PURGED, seal(p).as_slice())
+                    .map_err(|e| self.io(e))?;
             }
         }
         tx.commit().map_err(|e| self.io(e))
@@ -277,7 +282,7 @@ async fn blocking<T: Send + 'static>(
         Ok(r) => r,
         Err(e) => Err(StoreError::Io {
             path: store.path.clone(),
-            source: redb::Error::Io(std::io::Error::other(e.to_string())),
+            source: Box::new(redb::Error::Io(std::io::Error::other(e.to_string()))),
         }),
     }
 }
@@ -493,7 +498,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((self.sm.last_applied, self.sm.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Result<Applied, Refused>>, StorageError<NodeId>>
+    async fn apply<I>(
+        &mut self,
+        entries: I,
+    ) -> Result<Vec<Result<Applied, Refused>>, StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -558,7 +566,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         // The builder writes snapshots straight to the store; read the newest back.
         let stored = blocking(&self.store, |s| s.get_meta::<StoredSnapshot>(SNAPSHOT))
             .await
@@ -607,7 +617,10 @@ mod tests {
         bytes[at] ^= 0x20; // 'm' -> 'M': still valid JSON, wrong checksum
         std::fs::write(&path, &bytes).unwrap();
         let err = Store::open(&path).unwrap_err().to_string();
-        assert!(err.contains("is corrupt: log entry 7 fails its checksum"), "{err}");
+        assert!(
+            err.contains("is corrupt: log entry 7 fails its checksum"),
+            "{err}"
+        );
         assert!(err.contains("rejoin"), "says what to do: {err}");
     }
 
@@ -621,7 +634,10 @@ mod tests {
         f.set_len(len / 2).unwrap();
         drop(f);
         let err = Store::open(&path).unwrap_err().to_string();
-        assert!(err.contains(&path.display().to_string()), "names the file: {err}");
+        assert!(
+            err.contains(&path.display().to_string()),
+            "names the file: {err}"
+        );
     }
 
     #[test]
