@@ -121,25 +121,25 @@ pub async fn run(dir: Option<PathBuf>, watch: bool) -> Result<()> {
 }
 
 async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> Result<()> {
-    let first = dir.join("node1");
+    let first = dir.join("n1");
     if !Identity::exists(&first) {
-        cluster::node::init(&first, "node1", addresses(1))?;
+        cluster::node::init(&first, "n1", addresses(1))?;
     }
     let token = Identity::load(&first)?.token()?;
-    println!("Starting node1 on 127.0.0.1...");
+    println!("Starting n1 on 127.0.0.1...");
     children
         .procs
-        .push(("node1".into(), spawn_node(exe, dir, "node1")?));
+        .push(("n1".into(), spawn_node(exe, dir, "n1")?));
     let client = AdminClient::new(addresses(1).control, &token)?;
     wait_for(
-        "node1 becoming the leader",
+        "n1 becoming the leader",
         Duration::from_secs(30),
         async || client.state().await.ok().filter(|s| !s.nodes.is_empty()),
     )
     .await?;
 
     for i in 2..=NODES {
-        let name = format!("node{i}");
+        let name = format!("n{i}");
         let data = dir.join(&name);
         if !Identity::exists(&data) {
             let cap = admin::filesystem_capacity(&data)?;
@@ -175,7 +175,7 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
             size_bytes: 1 << 30,
             replicas: 2,
             block_size: 512,
-            nodes: vec!["node1".into(), "node2".into()],
+            nodes: vec!["n1".into(), "n2".into()],
         },
     )
     .await?;
@@ -224,18 +224,19 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
         "Bulwark demo cluster is running; data and logs under {}",
         dir.display()
     );
-    for i in 1..=NODES {
+    for (i, (name, child)) in (1..=NODES).zip(&children.procs) {
         let a = addresses(i);
         println!(
-            "  node{i}: control {}  iSCSI portal {}  log {}",
+            "  {name}: pid {}  control {}  iSCSI portal {}  log {}",
+            child.id().unwrap_or(0),
             a.control,
             a.portals[0],
-            dir.join(format!("node{i}.log")).display()
+            dir.join(format!("{name}.log")).display()
         );
     }
     println!();
     println!(
-        "Volume {VOLUME} (1 GiB, replicas on node1 and node2) is LUN 0 of {IQN}, served by {}:",
+        "Volume {VOLUME} (1 GiB, replicas on n1 and n2) is LUN 0 of {IQN}, served by {}:",
         primary.name
     );
     println!("  iSCSI URL:  iscsi://{ip}/{IQN}/0");
@@ -273,7 +274,7 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
 }
 
 fn first_dir(dir: &Path) -> PathBuf {
-    dir.join("node1")
+    dir.join("n1")
 }
 
 /// Commits `cmd`, accepting "already exists" so the demo can restart on its own data.

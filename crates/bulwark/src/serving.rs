@@ -127,7 +127,7 @@ impl Serving {
             served.remove(&iqn);
             self.events.push(
                 "config",
-                format!("node {} stopped serving {iqn}", self.node_name),
+                format!("{} stopped serving {iqn}", self.node_name),
             );
         }
 
@@ -241,7 +241,7 @@ impl Serving {
                 if is_new {
                     self.events.push(
                         "config",
-                        format!("node {} serves {}", self.node_name, t.iqn),
+                        format!("{} serves {}", self.node_name, t.iqn),
                     );
                 }
                 s.config = t.clone();

@@ -730,7 +730,7 @@ impl ClusterNode {
                         .nodes
                         .get(&id)
                         .map(|n| n.name.clone())
-                        .unwrap_or_else(|| format!("#{id}"))
+                        .unwrap_or_else(|| format!("id {id}"))
                 };
                 match leader {
                     Some(l) => self.inner.events.push(

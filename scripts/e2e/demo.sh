@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# `bulwark demo` as the README runs it: a 3-node cluster as real processes on
+# 127.0.0.1-3, a demo target that libiscsi lists through every portal serving it, the
+# admin CLI working against it, and every node gone after Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+
+step "demo: 3-node cluster, iscsi-ls through the serving portal, clean stop"
+work=$(mktemp -d /tmp/bulwark-demo.XXXXXX)
+demo_pid=""
+cleanup() {
+    if [ -n "$demo_pid" ] && kill -0 "$demo_pid" 2>/dev/null; then kill -KILL "$demo_pid"; fi
+    # Node pids the demo printed, in case it died before stopping them.
+    for p in $(sed -n 's/^  n[0-9]: pid \([0-9]*\) .*/\1/p' "$work/demo.out" 2>/dev/null); do
+        kill -0 "$p" 2>/dev/null && kill -KILL "$p"
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$BULWARK_BIN" demo --no-watch --dir "$work/data" >"$work/demo.out" 2>&1 &
+demo_pid=$!
+for _ in $(seq 1 600); do
+    grep -q '^demo ready' "$work/demo.out" && break
+    kill -0 "$demo_pid" 2>/dev/null || { cat "$work/demo.out"; die "bulwark demo exited early"; }
+    sleep 0.1
+done
+grep -q '^demo ready' "$work/demo.out" || { cat "$work/demo.out"; die "bulwark demo not ready within 60 s"; }
+pids=$(sed -n 's/^  n[0-9]: pid \([0-9]*\) .*/\1/p' "$work/demo.out")
+[ "$(echo "$pids" | wc -w)" -eq 3 ] || { cat "$work/demo.out"; die "demo did not report 3 node pids"; }
+
+iqn=iqn.2026-11.io.bulwark:demo
+export BULWARK_NODE=127.0.0.2:3261
+BULWARK_TOKEN=$(sed -n 's/^token: //p' "$work/demo.out")
+export BULWARK_TOKEN
+
+# Every node portal that serves the target lists it (and a LUN) through libiscsi.
+serving=$("$BULWARK_BIN" status --json | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+for s in d["nodes"].values():
+    if "Ok" in s and "'"$iqn"'" in s["Ok"]["serving"]:
+        node = d["state"]["nodes"][str(s["Ok"]["node"])]
+        print(" ".join(p.rsplit(":", 1)[0] for p in node["addresses"]["portals"]))
+')
+[ -n "$serving" ] || die "no node serves $iqn"
+for ip in $serving; do
+    iscsi-ls -s "iscsi://$ip" >"$work/ls.txt"
+    grep -q "Target:$iqn Portal:$ip:3260" "$work/ls.txt" || { cat "$work/ls.txt"; die "iscsi-ls via $ip does not list $iqn"; }
+    grep -q "Lun:0.*DIRECT_ACCESS" "$work/ls.txt" || { cat "$work/ls.txt"; die "iscsi-ls via $ip shows no LUN 0"; }
+    iscsi-inq "iscsi://$ip/$iqn/0" | grep -q "BULWARK" || die "iscsi-inq via $ip failed"
+    echo "iscsi-ls via $ip lists $iqn"
+done
+
+# The admin CLI through another node: status, a volume, a refusal with its reason.
+"$BULWARK_BIN" status | grep -q "quorum: OK (3 of 3 voters" || { "$BULWARK_BIN" status; die "status does not show 3 voters"; }
+"$BULWARK_BIN" volume create extra 64MiB --replicas 1 >/dev/null
+"$BULWARK_BIN" --help >/dev/null
+if out=$("$BULWARK_BIN" volume delete demo 2>&1); then die "deleting a mapped volume was accepted"; fi
+echo "$out" | grep -q "is mapped as LUN 0" || die "unexpected refusal: $out"
+"$BULWARK_BIN" volume list --json | python3 -c 'import json,sys; v=json.load(sys.stdin); assert "extra" in v and "demo" in v, v'
+
+# Ctrl-C stops every process the demo started.
+kill -INT "$demo_pid"
+for _ in $(seq 1 200); do kill -0 "$demo_pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$demo_pid" 2>/dev/null && die "bulwark demo did not stop within 20 s of Ctrl-C"
+wait "$demo_pid" || true
+demo_pid=""
+for p in $pids; do
+    kill -0 "$p" 2>/dev/null && die "node pid $p still runs after the demo stopped"
+done
+grep -q "n3 stopped" "$work/demo.out" || { cat "$work/demo.out"; die "the demo did not report stopping its nodes"; }
+echo "demo: ok"
