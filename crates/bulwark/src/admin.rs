@@ -494,6 +494,33 @@ pub async fn chap(conn: &Conn, cmd: ChapCmd) -> Result<()> {
     done(conn, &a, text)
 }
 
+/// `bulwark cluster settings`: shows the settings, or changes the ones given.
+pub async fn settings(
+    conn: &Conn,
+    heartbeat_interval_ms: Option<u64>,
+    failure_timeout_ms: Option<u64>,
+) -> Result<()> {
+    let client = conn.client()?;
+    let mut settings = client.state().await?.settings;
+    if heartbeat_interval_ms.is_some() || failure_timeout_ms.is_some() {
+        settings.heartbeat_interval_ms =
+            heartbeat_interval_ms.unwrap_or(settings.heartbeat_interval_ms);
+        settings.failure_timeout_ms = failure_timeout_ms.unwrap_or(settings.failure_timeout_ms);
+        let cmd = Command::SetSettings {
+            settings: settings.clone(),
+        };
+        if let Err(refused) = client.write(cmd).await? {
+            bail!("refused: {refused}");
+        }
+    }
+    if conn.json {
+        return print_json(&settings);
+    }
+    println!("heartbeat interval: {} ms", settings.heartbeat_interval_ms);
+    println!("failure timeout:    {} ms", settings.failure_timeout_ms);
+    Ok(())
+}
+
 /// `bulwark status`: one screen, like crm_mon.
 pub async fn status(conn: &Conn, watch: bool, interval: Duration) -> Result<()> {
     let client = conn.client()?;

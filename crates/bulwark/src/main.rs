@@ -155,6 +155,18 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Shows or changes cluster-wide settings (failure detection timing).
+    Settings {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// Interval between heartbeats on each network, in milliseconds (20..5000).
+        #[arg(long)]
+        heartbeat_interval_ms: Option<u64>,
+        /// A node unheard of on every network for this long is offline, in
+        /// milliseconds (at least two heartbeat intervals).
+        #[arg(long)]
+        failure_timeout_ms: Option<u64>,
+    },
     /// Prints the cluster token of the node whose data folder is --data-dir.
     Token {
         /// Data folder of a node of the cluster.
@@ -364,6 +376,11 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
             }
             Ok(())
         }
+        ClusterCmd::Settings {
+            conn,
+            heartbeat_interval_ms,
+            failure_timeout_ms,
+        } => admin::settings(&conn, heartbeat_interval_ms, failure_timeout_ms).await,
         ClusterCmd::Token { data_dir } => {
             println!("{}", cluster::Identity::load(&data_dir)?.token()?);
             Ok(())
@@ -703,4 +720,175 @@ pub(crate) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("bulwark").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_admin_command_parses_with_json_and_node() {
+        for args in [
+            &["node", "list", "--json"][..],
+            &["node", "remove", "n2", "--node", "10.0.0.1"],
+            &[
+                "volume",
+                "create",
+                "v",
+                "1GiB",
+                "--replicas",
+                "3",
+                "--on",
+                "a",
+                "--json",
+            ],
+            &["volume", "list"],
+            &["volume", "resize", "v", "2GiB"],
+            &["volume", "delete", "v"],
+            &["target", "create", "iqn.2026-11.x:t", "--alias", "t"],
+            &["target", "list", "--json"],
+            &["target", "delete", "iqn.2026-11.x:t"],
+            &["lun", "add", "iqn.2026-11.x:t", "v", "--lun", "3"],
+            &["lun", "remove", "iqn.2026-11.x:t", "3"],
+            &["acl", "add", "iqn.2026-11.x:t", "iqn.1994-05.com.redhat:h"],
+            &[
+                "acl",
+                "remove",
+                "iqn.2026-11.x:t",
+                "iqn.1994-05.com.redhat:h",
+            ],
+            &[
+                "chap",
+                "add",
+                "alice",
+                "--secret",
+                "twelve-chars",
+                "--mutual-user",
+                "t",
+                "--mutual-secret",
+                "other-secret",
+            ],
+            &["chap", "list"],
+            &["chap", "remove", "alice"],
+            &["chap", "bind", "alice", "iqn.2026-11.x:t"],
+            &["chap", "unbind", "alice", "iqn.2026-11.x:t"],
+            &["status", "--watch", "--interval-ms", "500", "--json"],
+            &[
+                "cluster",
+                "settings",
+                "--failure-timeout-ms",
+                "1500",
+                "--json",
+            ],
+            &["cluster", "leave", "--node", "10.0.0.2"],
+            &["cluster", "token", "--data-dir", "/var/lib/bulwark"],
+            &["cluster", "init", "--name", "a", "--address", "10.0.0.1"],
+            &[
+                "cluster",
+                "join",
+                "10.0.0.1",
+                "--token",
+                "t",
+                "--name",
+                "b",
+                "--address",
+                "10.0.0.2",
+                "--witness-not-a-flag",
+            ],
+        ] {
+            let r = parse(args);
+            if args.contains(&"--witness-not-a-flag") {
+                assert!(r.is_err(), "{args:?}");
+            } else {
+                assert!(r.is_ok(), "{args:?}: {}", r.err().unwrap_or_default());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_invocations_say_what_is_missing() {
+        let e = parse(&[
+            "chap",
+            "add",
+            "alice",
+            "--mutual-user",
+            "t",
+            "--secret",
+            "twelve-chars",
+        ])
+        .err()
+        .unwrap();
+        assert!(e.contains("--mutual-secret"), "{e}");
+        let e = parse(&["lun", "remove", "iqn.2026-11.x:t", "three"])
+            .err()
+            .unwrap();
+        assert!(e.contains("invalid value 'three'"), "{e}");
+        let e = parse(&["cluster", "init", "--name", "a", "--address", "not-an-ip"])
+            .err()
+            .unwrap();
+        assert!(e.contains("--address"), "{e}");
+        let e = parse(&["volume", "create", "v"]).err().unwrap();
+        assert!(e.contains("<SIZE>"), "{e}");
+        let e = parse(&[
+            "cluster",
+            "join",
+            "10.0.0.1",
+            "--name",
+            "b",
+            "--address",
+            "10.0.0.2",
+        ])
+        .err();
+        // The token may come from BULWARK_TOKEN; without it the error names --token.
+        if std::env::var_os("BULWARK_TOKEN").is_none() {
+            assert!(e.unwrap().contains("--token"));
+        }
+    }
+
+    #[test]
+    fn node_addresses_default_from_the_address() {
+        let Command::Cluster {
+            cmd: ClusterCmd::Init { node, .. },
+        } = parse(&["cluster", "init", "--name", "a", "--address", "10.0.0.1"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        let a = node.addresses().unwrap();
+        assert_eq!(a.control.to_string(), "10.0.0.1:3261");
+        assert_eq!(a.replication.to_string(), "10.0.0.1:3262");
+        assert_eq!(a.portals[0].to_string(), "10.0.0.1:3260");
+        let Command::Cluster {
+            cmd: ClusterCmd::Init { node, .. },
+        } = parse(&[
+            "cluster",
+            "init",
+            "--name",
+            "a",
+            "--address",
+            "10.0.0.1",
+            "--portal",
+            "198.18.0.1",
+            "--portal",
+            "198.19.0.1:3270",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        let a = node.addresses().unwrap();
+        assert_eq!(a.portals.len(), 2);
+        assert_eq!(
+            a.networks().len(),
+            3,
+            "control network plus two front-end networks"
+        );
+    }
 }

@@ -239,10 +239,8 @@ impl Serving {
                     chap: chap.clone(),
                 });
                 if is_new {
-                    self.events.push(
-                        "config",
-                        format!("{} serves {}", self.node_name, t.iqn),
-                    );
+                    self.events
+                        .push("config", format!("{} serves {}", self.node_name, t.iqn));
                 }
                 s.config = t.clone();
                 s.chap = chap;

@@ -348,7 +348,8 @@ async fn three_nodes_agree_and_serve_live_configuration() {
         "two LUNs reported"
     );
 
-    // An ACL that does not list us: new logins refused, without a restart.
+    // An ACL that does not list us: our live session ends and new logins are refused,
+    // without a restart.
     commit(
         &c.admin(0),
         Command::AddAcl {
@@ -357,6 +358,10 @@ async fn three_nodes_agree_and_serve_live_configuration() {
         },
     )
     .await;
+    assert!(
+        s.closed_within(Duration::from_secs(10)).await,
+        "a session the ACL no longer allows ends"
+    );
     wait("the ACL applied", Duration::from_secs(10), async || {
         login(portal, iqn, None).await.err()
     })
@@ -399,7 +404,6 @@ async fn three_nodes_agree_and_serve_live_configuration() {
         user: "alice".into(),
         secret: "a-secret-of-16ch".into(),
     };
-    // (Same ISID as `s`: this login reinstates that session, RFC 7143 §6.3.5.)
     let s = login(portal, iqn, Some(creds)).await.expect("CHAP login");
 
     // Status through any node shows the whole cluster and the session.
@@ -409,6 +413,17 @@ async fn three_nodes_agree_and_serve_live_configuration() {
     assert!(n1.serving.iter().any(|t| t == iqn));
     assert!(n1.sessions.iter().any(|x| x.initiator == INITIATOR));
     s.logout().await.unwrap();
+
+    // The witness leaves: its process stops by itself and the membership shrinks.
+    commit(&c.admin(0), Command::RemoveNode { name: "n3".into() }).await;
+    let child = c.nodes[2].child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "a removed node stops by itself");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.nodes[2].child = None;
+    c.wait_voters(0, 2).await;
 }
 
 /// kill -9 of the Raft leader: a new leader and a committed change within 3 s; the

@@ -99,8 +99,9 @@ impl Server {
         }
     }
 
-    /// Adds a target or replaces one with the same name; live sessions keep running and
-    /// see the new LUN table, ACL and CHAP accounts from their next login.
+    /// Adds a target or replaces one with the same name. Live sessions keep running and
+    /// see new CHAP accounts from their next login; sessions of initiators the new ACL
+    /// no longer allows end at once.
     pub fn set_target(&self, target: TargetConfig) {
         self.shared.set_target(target);
     }

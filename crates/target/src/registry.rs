@@ -116,9 +116,24 @@ impl Shared {
         Some(guard)
     }
 
+    /// Adds or replaces a target. Sessions of initiators the new ACL no longer allows
+    /// end now: revoking access must not wait for their next login.
     pub fn set_target(&self, target: TargetConfig) {
-        let mut t = self.targets.write().unwrap_or_else(|e| e.into_inner());
-        t.insert(target.name.clone(), Arc::new(target));
+        let name = target.name.clone();
+        let allowed = target.allowed_initiators.clone();
+        {
+            let mut t = self.targets.write().unwrap_or_else(|e| e.into_inner());
+            t.insert(name.clone(), Arc::new(target));
+        }
+        if let Some(allowed) = allowed {
+            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, entry) in sessions.iter() {
+                if key.2 == name && !allowed.contains(&entry.info.initiator) {
+                    tracing::info!(initiator = %entry.info.initiator, target = %name, "ending a session whose initiator the ACL no longer allows");
+                    entry.kill.notify_one();
+                }
+            }
+        }
     }
 
     pub fn remove_target(&self, name: &str) {
