@@ -488,20 +488,8 @@ async fn serve_cluster(
     );
     println!("Ready. Ctrl-C stops the node.");
     let removed = {
-        let mut state = node.state();
-        let me = node.id();
-        async move {
-            loop {
-                if !state.borrow_and_update().nodes.contains_key(&me)
-                    && state.borrow().next_node_id > me
-                {
-                    return;
-                }
-                if state.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        }
+        let node = node.clone();
+        async move { node.removed().await }
     };
     let removed_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = removed_flag.clone();

@@ -475,7 +475,8 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
     assert_ne!(new_leader, leader);
 
     // More changes while the old leader is down, then restart it from its folder.
-    commit(&c.admin(survivors[0]), create_volume("while-down", &[])).await;
+    let on = c.nodes[survivors[0]].name.clone();
+    commit(&c.admin(survivors[0]), create_volume("while-down", &[&on])).await;
     c.nodes[leader].start();
     let want = c.state(new_leader).await.unwrap();
     wait(
@@ -484,6 +485,27 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
         async || c.state(leader).await.filter(|s| *s == want),
     )
     .await;
+
+    // Removed while down: at its next start the node learns it and stops by itself.
+    c.nodes[leader].stop();
+    let name = c.nodes[leader].name.clone();
+    commit(&c.admin(new_leader), Command::RemoveNode { name }).await;
+    c.wait_voters(new_leader, 2).await;
+    c.nodes[leader].start();
+    let child = c.nodes[leader].child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "a node removed while down stops at start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.nodes[leader].child = None;
+    let log = std::fs::read_to_string(c.nodes[leader].log()).unwrap();
+    assert!(log.contains("no longer a member"), "{log}");
+    // The remaining two still commit.
+    commit(&c.admin(new_leader), create_volume("after-removal", &[])).await;
 }
 
 /// Strangers are refused: a wrong secret, a wrong certificate fingerprint, a join with

@@ -107,6 +107,8 @@ struct Inner {
     events: Arc<EventLog>,
     peers: Peers,
     local_info: Mutex<Option<LocalInfo>>,
+    /// Set when the cluster no longer knows this node (removed while it was down).
+    removed: watch::Sender<bool>,
 }
 
 /// A running cluster member. Cheap to clone.
@@ -351,6 +353,9 @@ impl ClusterNode {
             election_timeout_max: et * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_every),
             max_in_snapshot_log_to_keep: options.snapshot_every.min(100),
+            // Chunks travel as JSON (a byte is up to 4 characters): stay well inside
+            // the RPC frame limit.
+            snapshot_max_chunk_size: 1 << 20,
             ..Default::default()
         }
         .validate()
@@ -399,6 +404,7 @@ impl ClusterNode {
                 events,
                 peers,
                 local_info: Mutex::new(None),
+                removed: watch::channel(false).0,
                 identity: identity.clone(),
             }),
         };
@@ -464,6 +470,30 @@ impl ClusterNode {
         self.inner.state.clone()
     }
 
+    /// Resolves when this node learns it is no longer a member: removed from the
+    /// state it applied, or refused at start-up as unknown.
+    pub async fn removed(&self) {
+        let me = self.id();
+        let mut state = self.inner.state.clone();
+        let mut flag = self.inner.removed.subscribe();
+        loop {
+            {
+                let st = state.borrow_and_update();
+                // Ids below next_node_id were handed out; ours missing means removed.
+                if !st.nodes.contains_key(&me) && st.next_node_id > me {
+                    return;
+                }
+            }
+            if *flag.borrow_and_update() {
+                return;
+            }
+            tokio::select! {
+                r = state.changed() => if r.is_err() { std::future::pending::<()>().await },
+                r = flag.changed() => if r.is_err() { std::future::pending::<()>().await },
+            }
+        }
+    }
+
     /// The event log.
     pub fn events(&self) -> Arc<EventLog> {
         self.inner.events.clone()
@@ -484,14 +514,43 @@ impl ClusterNode {
     /// Commits `cmd` through Raft, forwarding it to the leader when this node is not.
     /// Gives up after 10 s without a leader.
     pub async fn write(&self, cmd: Command) -> Result<Result<Applied, Refused>, NodeError> {
+        self.write_via(cmd, true).await
+    }
+
+    /// With `relay`, a node that knows no leader (it was down, or removed while down)
+    /// asks the other members it knows to forward the command; they forward only to a
+    /// leader they know, so requests never bounce between leaderless nodes.
+    async fn write_via(
+        &self,
+        cmd: Command,
+        relay: bool,
+    ) -> Result<Result<Applied, Refused>, NodeError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = String::from("no leader elected yet");
+        let mut next_member = 0usize;
         while Instant::now() < deadline {
             match self.inner.raft.client_write(cmd.clone()).await {
                 Ok(r) => return Ok(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let Some(node) = f.leader_node {
-                        match self.forward(&node.addr, &cmd).await {
+                    let target = match f.leader_node {
+                        Some(node) => Some(node.addr),
+                        None if relay => {
+                            let others: Vec<String> = self
+                                .inner
+                                .state
+                                .borrow()
+                                .nodes
+                                .values()
+                                .filter(|n| n.id != self.id())
+                                .map(|n| n.addresses.control.to_string())
+                                .collect();
+                            next_member += 1;
+                            (!others.is_empty()).then(|| others[next_member % others.len()].clone())
+                        }
+                        None => None,
+                    };
+                    if let Some(addr) = target {
+                        match self.forward(&addr, &cmd).await {
                             Ok(r) => return Ok(r),
                             Err(e) => last = e.to_string(),
                         }
@@ -630,7 +689,7 @@ impl ClusterNode {
             Request::InstallSnapshot(r) => {
                 Response::InstallSnapshot(raft.install_snapshot(r).await)
             }
-            Request::Write(cmd) => match self.write(cmd).await {
+            Request::Write(cmd) => match self.write_via(cmd, false).await {
                 Ok(r) => Response::Written(r),
                 Err(e) => Response::Error(e.to_string()),
             },
@@ -684,18 +743,22 @@ impl ClusterNode {
             addresses: self.inner.identity.addresses.clone(),
             capacity_bytes: self.inner.options.capacity_bytes,
         };
+        // Always committed, even when the local state already shows these values: the
+        // answer also tells a node that was removed while it was down.
         loop {
-            let current = self.inner.state.borrow().nodes.get(&me).cloned();
-            if let Some(n) = current {
-                if n.role == self.inner.options.role
-                    && n.addresses == self.inner.identity.addresses
-                    && n.capacity_bytes == self.inner.options.capacity_bytes
-                {
-                    return;
-                }
-            }
             match self.write(cmd.clone()).await {
                 Ok(Ok(_)) => return,
+                Ok(Err(Refused::NoSuchNodeId(_))) => {
+                    self.inner.events.push(
+                        "membership",
+                        format!(
+                            "node {} is no longer a member of the cluster (removed while it was down)",
+                            self.inner.identity.name
+                        ),
+                    );
+                    self.inner.removed.send_replace(true);
+                    return;
+                }
                 Ok(Err(refused)) => {
                     warn!(%refused, "the cluster refused this node's start-up announcement");
                     self.inner.events.push(
@@ -863,11 +926,16 @@ impl ClusterNode {
     }
 }
 
+/// Control connections served at once; more are closed at accept, so a flood of
+/// strangers cannot exhaust the node's file descriptors.
+const MAX_CONTROL_CONNECTIONS: usize = 256;
+
 async fn accept_loop(
     node: ClusterNode,
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -877,9 +945,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "too many control connections; closing a new one");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (node, acceptor) = (node.clone(), acceptor.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(
                 crate::rpc::HANDSHAKE_TIMEOUT,
                 acceptor.accept(stream),
