@@ -58,7 +58,7 @@ impl NodeOptions {
             capacity_bytes: 0,
             snapshot_every: 1000,
             raft_heartbeat: Duration::from_millis(100),
-            election_timeout: Duration::from_millis(500),
+            election_timeout: Duration::from_millis(400),
         }
     }
 }
