@@ -49,17 +49,7 @@ pub struct Conn {
 
 /// Parses a control address; the port defaults to 3261.
 pub fn parse_control(s: &str) -> Result<SocketAddr> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    let with_port = if s.starts_with('[') || !s.contains(':') {
-        format!("{s}:{CONTROL_PORT}")
-    } else {
-        s.to_string()
-    };
-    with_port
-        .parse()
-        .map_err(|_| anyhow!("node address {s:?} is not like \"127.0.0.1:3261\" or \"10.0.0.5\""))
+    crate::config::parse_addr(s, CONTROL_PORT, "node address")
 }
 
 impl Conn {

@@ -170,19 +170,23 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("size {s:?} is too large"))
 }
 
-/// Parses a portal address, IPv6 in brackets.
+/// Parses a portal address, IPv6 in brackets; the port defaults to 3260.
 pub fn parse_portal(s: &str) -> Result<SocketAddr> {
+    parse_addr(s, 3260, "portal")
+}
+
+/// Parses `IP:PORT`, `IP`, `[IPv6]:PORT` or `[IPv6]`; `what` names it in the error.
+pub fn parse_addr(s: &str, default_port: u16, what: &str) -> Result<SocketAddr> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
-    // Without a port: the iSCSI well-known port 3260.
     let with_port = if s.starts_with('[') || !s.contains(':') {
-        format!("{s}:3260")
+        format!("{s}:{default_port}")
     } else {
         s.to_string()
     };
     with_port.parse().map_err(|_| {
-        anyhow!("portal {s:?} is not an address like \"127.0.0.1:3260\" or \"[::1]:3260\"")
+        anyhow!("{what} {s:?} is not an address like \"127.0.0.1:{default_port}\" or \"[::1]:{default_port}\"")
     })
 }
 

@@ -560,22 +560,27 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-fn lu_config(target: &TargetSection, lun: &LunSection) -> scsi::LuConfig {
-    let lun_bytes = lun.lun.to_be_bytes();
-    let h1 = fnv1a(&[target.iqn.as_bytes(), &lun_bytes]);
-    let h2 = fnv1a(&[&h1.to_be_bytes(), lun.path.as_os_str().as_encoded_bytes()]);
-    // NAA 6 (IEEE registered extended); the company id field carries a hash since
-    // Bulwark has no OUI of its own: the identifier is unique and stable, not registered.
+/// A 16-byte NAA 6 (IEEE registered extended) identifier from two hashes. The company
+/// id field carries a hash since Bulwark has no OUI of its own: the identifier is unique
+/// and stable, not registered.
+pub(crate) fn naa_identifier(h1: u64, h2: u64) -> [u8; 16] {
     let mut naa = [0u8; 16];
     naa[..8].copy_from_slice(&h1.to_be_bytes());
     naa[8..].copy_from_slice(&h2.to_be_bytes());
     naa[0] = 0x60 | (naa[0] & 0x0f);
+    naa
+}
+
+fn lu_config(target: &TargetSection, lun: &LunSection) -> scsi::LuConfig {
+    let lun_bytes = lun.lun.to_be_bytes();
+    let h1 = fnv1a(&[target.iqn.as_bytes(), &lun_bytes]);
+    let h2 = fnv1a(&[&h1.to_be_bytes(), lun.path.as_os_str().as_encoded_bytes()]);
     scsi::LuConfig {
         block_size: lun.block_size,
         read_only: lun.read_only,
         write_cache: lun.write_cache,
         serial: lun.serial.clone().unwrap_or_else(|| format!("{h1:016x}")),
-        naa,
+        naa: naa_identifier(h1, h2),
         pr_file: Some(lun.path.with_extension("pr")),
         physical_block_size: lun.physical_block_size,
         sanitize_bytes_per_s: lun.sanitize_bytes_per_s,

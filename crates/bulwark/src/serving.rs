@@ -255,14 +255,10 @@ impl Serving {
 fn lu_config(v: &Volume, path: &Path) -> scsi::LuConfig {
     let h1 = crate::fnv1a(&[b"volume", v.name.as_bytes()]);
     let h2 = crate::fnv1a(&[&h1.to_be_bytes(), v.name.as_bytes()]);
-    let mut naa = [0u8; 16];
-    naa[..8].copy_from_slice(&h1.to_be_bytes());
-    naa[8..].copy_from_slice(&h2.to_be_bytes());
-    naa[0] = 0x60 | (naa[0] & 0x0f);
     scsi::LuConfig {
         block_size: v.block_size,
         serial: format!("{h1:016x}"),
-        naa,
+        naa: crate::naa_identifier(h1, h2),
         pr_file: Some(path.with_extension("pr")),
         ..Default::default()
     }
