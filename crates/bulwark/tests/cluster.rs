@@ -14,6 +14,10 @@ use cluster::{AdminClient, Applied, Identity, Refused, Token};
 use initiator::{Credentials, InitiatorError, LoginOptions, Session};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulwark");
+
+/// One cluster at a time: the tests measure failover and detection times, which a
+/// 2-core machine running four clusters at once would blur.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const INITIATOR: &str = "iqn.2026-11.io.example:cluster-test";
 
 struct Node {
@@ -234,6 +238,7 @@ async fn login(
 /// sees; targets are served on the primary and configuration applies live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_agree_and_serve_live_configuration() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::new(10, 3);
     c.nodes[2].extra = vec!["--witness".into()];
     c.init().await;
@@ -430,6 +435,7 @@ async fn three_nodes_agree_and_serve_live_configuration() {
 /// killed node, restarted from its data folder, catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::new(11, 3);
     c.init().await;
     c.join(1).await;
@@ -512,6 +518,7 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
 /// a bad token; the refusal is logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_and_clients_without_the_secret_are_refused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::new(12, 2);
     c.init().await;
     let good = c.token();
@@ -578,6 +585,7 @@ fn raft_store(dir: &Path) -> PathBuf {
 /// snapshot; a restarted node keeps its state; a corrupt store is refused at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_compact_the_log_and_a_corrupt_store_is_refused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::new(13, 2);
     c.nodes[0].extra = vec!["--snapshot-every".into(), "20".into()];
     c.init().await;
@@ -687,6 +695,7 @@ async fn snapshots_compact_the_log_and_a_corrupt_store_is_refused() {
 /// itself when it thaws, and both changes reach the event log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_is_offline_within_a_second_and_returns_by_itself() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::new(14, 3);
     c.init().await;
     c.join(1).await;
