@@ -395,7 +395,11 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
                 .await?
             {
                 Ok(_) => {
-                    println!("{} left the cluster; its daemon stops by itself.", me.name);
+                    if conn.json {
+                        println!("{}", serde_json::json!({ "left": me.name }));
+                    } else {
+                        println!("{} left the cluster; its daemon stops by itself.", me.name);
+                    }
                     Ok(())
                 }
                 Err(refused) => bail!("refused: {refused}"),
