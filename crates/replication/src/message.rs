@@ -1,0 +1,74 @@
+//! What primary and replicas say to each other.
+
+use bytes::Bytes;
+
+use crate::bitmap::RegionSet;
+
+/// A node's id in the cluster.
+pub type NodeId = u64;
+/// A primary term; raised by the control plane at every promotion.
+pub type Epoch = u64;
+/// Position in one primary→replica stream (per epoch, per replica; starts at 1).
+pub type Seq = u64;
+
+/// A replication message. Every message carries the sender's epoch; a replica refuses
+/// anything older than the highest epoch it has persisted. (The wire encoding is the
+/// transport's business: a binary frame, the data without a copy.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Primary → replica: join my stream at `next_seq` in `epoch`; report the regions
+    /// you may hold unacknowledged writes in.
+    Seal {
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// The seq of the first write that will follow.
+        next_seq: Seq,
+    },
+    /// Replica → primary: sealed at `epoch`; these regions may differ from yours.
+    SealAck {
+        /// The epoch sealed.
+        epoch: Epoch,
+        /// The replica's activity log: regions of writes it applied that it does not
+        /// know to be on every in-sync member.
+        divergent: RegionSet,
+    },
+    /// Primary → replica: apply `data` at `offset`, after every lower seq.
+    Write {
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// Position in this replica's stream.
+        seq: Seq,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+        /// Every write of this stream up to this seq is on every in-sync member: the
+        /// replica may forget those regions from its activity log.
+        committed: Seq,
+    },
+    /// Replica → primary: every write up to `seq` of the `epoch` stream is applied.
+    Ack {
+        /// The epoch.
+        epoch: Epoch,
+        /// Cumulative position.
+        seq: Seq,
+    },
+    /// Replica → primary: refused; I have seen `epoch`, newer than yours.
+    Fenced {
+        /// The replica's epoch.
+        epoch: Epoch,
+    },
+}
+
+impl Message {
+    /// The epoch the message was sent in.
+    pub fn epoch(&self) -> Epoch {
+        match self {
+            Message::Seal { epoch, .. }
+            | Message::SealAck { epoch, .. }
+            | Message::Write { epoch, .. }
+            | Message::Ack { epoch, .. }
+            | Message::Fenced { epoch } => *epoch,
+        }
+    }
+}

@@ -1,0 +1,820 @@
+//! The primary side: sealing the in-sync set at a new epoch, streaming writes to every
+//! replica, acknowledging a write only when the whole in-sync set has it, and bringing
+//! returning replicas back through dirty-region resync.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use crate::bitmap::RegionSet;
+use crate::message::{Epoch, Message, NodeId, Seq};
+
+/// The driver's name for an initiator write, returned in [`Action::Complete`].
+pub type WriteTag = u64;
+
+/// How a primary runs.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// This node.
+    pub me: NodeId,
+    /// The epoch the control plane committed for this term.
+    pub epoch: Epoch,
+    /// Bytes per region (resync and activity-log granularity).
+    pub region_size: u64,
+    /// Volume size in bytes (a full sync covers it all).
+    pub size_bytes: u64,
+    /// The other replicas of the volume.
+    pub replicas: BTreeSet<NodeId>,
+    /// The committed in-sync set, without this node.
+    pub in_sync: BTreeSet<NodeId>,
+    /// This node's own activity log at promotion (regions it may hold writes the others
+    /// lack).
+    pub own_activity_log: RegionSet,
+    /// A replica silent this long (milliseconds) while writes wait for it is proposed for
+    /// removal from the in-sync set.
+    pub replica_timeout_ms: u64,
+    /// Test only: acknowledge writes before the replicas have them. The simulation must
+    /// catch this.
+    #[cfg(test)]
+    pub bug_ack_before_replicas: bool,
+}
+
+/// What the driver must do for the primary, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send to a replica.
+    Send {
+        /// Destination.
+        to: NodeId,
+        /// The message.
+        msg: Message,
+    },
+    /// Write locally, then call [`Primary::local_done`] with `id`.
+    LocalWrite {
+        /// Internal write id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Persist this node's activity log before the local write that follows.
+    PersistActivityLog(RegionSet),
+    /// Read `region` locally and call [`Primary::region_read`] with `peer` and `seq`.
+    /// Issued only when no earlier local write to the region is still running.
+    ReadRegion {
+        /// Replica being resynced.
+        peer: NodeId,
+        /// Its stream position for the region's content.
+        seq: Seq,
+        /// Region number.
+        region: u64,
+    },
+    /// The initiator's write is on every in-sync member: send it its status.
+    Complete(WriteTag),
+    /// Ask the control plane to add `node` to the in-sync set at `epoch`.
+    RequestIsrAdd {
+        /// This primary's epoch.
+        epoch: Epoch,
+        /// The caught-up replica.
+        node: NodeId,
+    },
+    /// Ask the control plane to drop `node` from the in-sync set at `epoch`.
+    RequestIsrRemove {
+        /// This primary's epoch.
+        epoch: Epoch,
+        /// The silent replica.
+        node: NodeId,
+    },
+    /// A replica has seen a newer epoch: this primary is deposed and must stop.
+    Deposed {
+        /// The newer epoch.
+        epoch: Epoch,
+    },
+    /// Sealing finished: every in-sync member holds the same data.
+    Sealed,
+}
+
+/// Why a write cannot be taken now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotServing {
+    /// Sealing the in-sync set is still under way.
+    #[error("the new primary is still sealing the in-sync set")]
+    Sealing,
+    /// The lease is missing or expired.
+    #[error("the primary's lease has expired")]
+    NoLease,
+    /// A newer epoch exists.
+    #[error("this primary has been deposed")]
+    Deposed,
+    /// Too many writes in flight.
+    #[error("too many writes in flight")]
+    Busy,
+}
+
+#[derive(Debug)]
+struct Write {
+    tag: WriteTag,
+    offset: u64,
+    len: u64,
+    local_done: bool,
+    /// In-sync (or joining) members that have not acknowledged it.
+    waiting: BTreeSet<NodeId>,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    seq: Seq,
+    offset: u64,
+    /// `None` until a resync read fills it.
+    data: Option<Bytes>,
+    /// The application write this entry carries, if not a resync copy.
+    write: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Down { since: u64 },
+    /// Seal sent, waiting for SealAck.
+    Sealing,
+    Streaming,
+}
+
+#[derive(Debug)]
+struct Peer {
+    link: Link,
+    /// Next seq to assign in this stream.
+    next_seq: Seq,
+    /// Highest seq acknowledged.
+    acked: Seq,
+    /// Sent or to send, not yet both acknowledged and committed.
+    stream: VecDeque<Entry>,
+    /// Regions this replica lacks (written while it was not streaming).
+    dirty: RegionSet,
+    /// Resync entries not yet acknowledged.
+    resync_outstanding: BTreeSet<Seq>,
+    /// Last time the replica made progress (or had nothing outstanding).
+    last_progress: u64,
+    /// Asked the control plane to add / remove it and waiting for the answer.
+    add_requested: bool,
+    remove_requested: bool,
+    /// When the pending request was last sent (it is repeated until answered: the
+    /// control plane may be unreachable for a while).
+    requested_at: u64,
+}
+
+/// The primary of one volume for one epoch.
+#[derive(Debug)]
+pub struct Primary {
+    cfg: PrimaryConfig,
+    in_sync: BTreeSet<NodeId>,
+    peers: BTreeMap<NodeId, Peer>,
+    writes: BTreeMap<u64, Write>,
+    next_id: u64,
+    /// Sealing: members still to answer Seal / to acknowledge the rewrite of the
+    /// divergent regions.
+    sealing: bool,
+    seal_divergent: RegionSet,
+    seal_pending_acks: BTreeSet<NodeId>,
+    seal_resync_started: bool,
+    lease_until: Option<u64>,
+    deposed: bool,
+    /// This node's activity log: region → writes in flight there.
+    activity: BTreeMap<u64, u32>,
+    persisted_log: RegionSet,
+    /// Resync reads waiting for local writes to the region to finish.
+    deferred_reads: Vec<(NodeId, Seq, u64)>,
+}
+
+/// Writes in flight before new ones are refused with `Busy`.
+const MAX_IN_FLIGHT: usize = 4096;
+
+impl Primary {
+    /// A primary for a freshly committed epoch. It seals the in-sync set before it
+    /// serves: call [`Primary::link_up`] for every replica it can reach.
+    pub fn new(cfg: PrimaryConfig, now: u64) -> Primary {
+        debug_assert!(cfg.in_sync.is_subset(&cfg.replicas));
+        debug_assert!(!cfg.replicas.contains(&cfg.me));
+        let peers = cfg
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    Peer {
+                        link: Link::Down { since: now },
+                        next_seq: 1,
+                        acked: 0,
+                        stream: VecDeque::new(),
+                        // After a failover nothing tells what an out-of-sync replica lacks.
+                        dirty: if cfg.in_sync.contains(r) {
+                            RegionSet::new()
+                        } else {
+                            all_regions(cfg.size_bytes, cfg.region_size)
+                        },
+                        resync_outstanding: BTreeSet::new(),
+                        last_progress: now,
+                        add_requested: false,
+                        remove_requested: false,
+                        requested_at: 0,
+                    },
+                )
+            })
+            .collect();
+        let persisted_log = cfg.own_activity_log.clone();
+        Primary {
+            in_sync: cfg.in_sync.clone(),
+            seal_divergent: cfg.own_activity_log.clone(),
+            seal_pending_acks: cfg.in_sync.clone(),
+            peers,
+            writes: BTreeMap::new(),
+            next_id: 1,
+            sealing: true,
+            seal_resync_started: false,
+            lease_until: None,
+            deposed: false,
+            activity: BTreeMap::new(),
+            persisted_log,
+            deferred_reads: Vec::new(),
+            cfg,
+        }
+    }
+
+    /// The epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.cfg.epoch
+    }
+
+    /// The in-sync set as this primary knows it committed (without itself).
+    pub fn in_sync(&self) -> &BTreeSet<NodeId> {
+        &self.in_sync
+    }
+
+    /// Replicas this primary waits for: the committed in-sync set plus those it asked
+    /// to add (they count from the moment of asking, so a write acknowledged after the
+    /// control plane adds them is on them).
+    fn members(&self) -> BTreeSet<NodeId> {
+        let mut m = self.in_sync.clone();
+        m.extend(
+            self.peers
+                .iter()
+                .filter(|(_, p)| p.add_requested)
+                .map(|(id, _)| *id),
+        );
+        m
+    }
+
+    /// Whether reads and writes may be served at `now`.
+    pub fn serving(&self, now: u64) -> Result<(), NotServing> {
+        if self.deposed {
+            return Err(NotServing::Deposed);
+        }
+        if self.sealing {
+            return Err(NotServing::Sealing);
+        }
+        match self.lease_until {
+            Some(t) if now < t => Ok(()),
+            _ => Err(NotServing::NoLease),
+        }
+    }
+
+    /// The control plane renewed the lease: valid until `until` on this node's clock
+    /// (the driver measures from before it asked).
+    /// Writes that became complete while the lease had lapsed complete now.
+    pub fn set_lease(&mut self, now: u64, until: u64) -> Vec<Action> {
+        self.lease_until = Some(self.lease_until.map_or(until, |t| t.max(until)));
+        let mut out = Vec::new();
+        for id in self.writes.keys().copied().collect::<Vec<_>>() {
+            self.try_complete(now, id, &mut out);
+        }
+        out
+    }
+
+    /// Takes an initiator write of `data` at `offset`.
+    pub fn submit_write(
+        &mut self,
+        now: u64,
+        tag: WriteTag,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<Vec<Action>, NotServing> {
+        self.serving(now)?;
+        if self.writes.len() >= MAX_IN_FLIGHT {
+            return Err(NotServing::Busy);
+        }
+        let mut out = Vec::new();
+        let id = self.next_id;
+        self.next_id += 1;
+        let len = data.len() as u64;
+        let members = self.members();
+        // Activity log first: after a crash these regions are resynced.
+        if len > 0 {
+            let mut grew = false;
+            for r in regions(offset, len, self.cfg.region_size) {
+                *self.activity.entry(r).or_insert(0) += 1;
+                grew |= self.persisted_log.insert(r);
+            }
+            if grew {
+                out.push(Action::PersistActivityLog(self.persisted_log.clone()));
+            }
+        }
+        for (pid, peer) in self.peers.iter_mut() {
+            // Members get every write in their stream, sent now or retransmitted after
+            // the next seal; others get it only while streaming, and otherwise as a
+            // dirty region when they return.
+            let streaming = peer.link == Link::Streaming;
+            if !(streaming || members.contains(pid)) {
+                peer.dirty.mark(offset, len, self.cfg.region_size);
+                continue;
+            }
+            let seq = peer.next_seq;
+            peer.next_seq += 1;
+            if peer.acked + 1 == seq {
+                peer.last_progress = now;
+            }
+            peer.stream.push_back(Entry {
+                seq,
+                offset,
+                data: Some(data.clone()),
+                write: Some(id),
+            });
+            if streaming {
+                out.push(Action::Send {
+                    to: *pid,
+                    msg: Message::Write {
+                        epoch: self.cfg.epoch,
+                        seq,
+                        offset,
+                        data: data.clone(),
+                        committed: committed_of(peer, &self.writes),
+                    },
+                });
+            }
+        }
+        self.writes.insert(
+            id,
+            Write {
+                tag,
+                offset,
+                len,
+                local_done: false,
+                waiting: members,
+            },
+        );
+        out.push(Action::LocalWrite { id, offset, data });
+        Ok(out)
+    }
+
+    /// The local write `id` is done.
+    pub fn local_done(&mut self, now: u64, id: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(w) = self.writes.get_mut(&id) {
+            w.local_done = true;
+        }
+        self.try_complete(now, id, &mut out);
+        // Resync reads that waited for this write.
+        let deferred = std::mem::take(&mut self.deferred_reads);
+        for (peer, seq, region) in deferred {
+            self.read_or_defer(peer, seq, region, &mut out);
+        }
+        out
+    }
+
+    /// Completes write `id` if it is everywhere it must be. Never after the lease ended:
+    /// a deposed primary stays silent rather than answer after its successor served.
+    fn try_complete(&mut self, now: u64, id: u64, out: &mut Vec<Action>) {
+        if self.serving(now).is_err() {
+            return;
+        }
+        let Some(w) = self.writes.get(&id) else {
+            return;
+        };
+        #[cfg(test)]
+        let waiting_ok = w.waiting.is_empty() || self.cfg.bug_ack_before_replicas;
+        #[cfg(not(test))]
+        let waiting_ok = w.waiting.is_empty();
+        if !(w.local_done && waiting_ok) {
+            return;
+        }
+        let w = self.writes.remove(&id).expect("checked above");
+        for r in regions(w.offset, w.len, self.cfg.region_size) {
+            if let Some(n) = self.activity.get_mut(&r) {
+                *n -= 1;
+                if *n == 0 {
+                    self.activity.remove(&r);
+                }
+            }
+        }
+        out.push(Action::Complete(w.tag));
+    }
+
+    /// A message from replica `from`.
+    pub fn on_message(&mut self, now: u64, from: NodeId, msg: Message) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Message::Fenced { epoch } = msg {
+            if epoch > self.cfg.epoch && !self.deposed {
+                self.deposed = true;
+                out.push(Action::Deposed { epoch });
+            }
+            return out;
+        }
+        if msg.epoch() != self.cfg.epoch || !self.peers.contains_key(&from) {
+            return out;
+        }
+        match msg {
+            Message::SealAck { divergent, .. } => self.on_seal_ack(now, from, divergent, &mut out),
+            Message::Ack { seq, .. } => self.on_ack(now, from, seq, &mut out),
+            _ => {}
+        }
+        out
+    }
+
+    fn on_seal_ack(&mut self, now: u64, from: NodeId, divergent: RegionSet, out: &mut Vec<Action>) {
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if peer.link != Link::Sealing {
+            return;
+        }
+        peer.link = Link::Streaming;
+        peer.last_progress = now;
+        // Retransmit what this stream has not acknowledged (a reconnect in the same
+        // epoch), in order.
+        for e in peer.stream.iter().filter(|e| e.seq > peer.acked) {
+            if let Some(data) = &e.data {
+                out.push(Action::Send {
+                    to: from,
+                    msg: Message::Write {
+                        epoch: self.cfg.epoch,
+                        seq: e.seq,
+                        offset: e.offset,
+                        data: data.clone(),
+                        committed: 0,
+                    },
+                });
+            }
+        }
+        if self.sealing && self.seal_pending_acks.remove(&from) {
+            self.seal_divergent.union_with(&divergent);
+            self.maybe_start_seal_resync(now, out);
+        } else {
+            // A returning replica: what it missed, and what it may hold that we lack.
+            peer.dirty.union_with(&divergent);
+            self.resync_dirty(from, out);
+        }
+    }
+
+    fn maybe_start_seal_resync(&mut self, _now: u64, out: &mut Vec<Action>) {
+        if !self.sealing || self.seal_resync_started || !self.seal_pending_acks.is_empty() {
+            return;
+        }
+        self.seal_resync_started = true;
+        // Rewrite the union of every member's divergent regions on every member, from
+        // this node's copy; the members are identical once they have acknowledged.
+        let members: Vec<NodeId> = self.in_sync.iter().copied().collect();
+        for m in members {
+            if let Some(p) = self.peers.get_mut(&m) {
+                p.dirty.union_with(&self.seal_divergent);
+            }
+            self.resync_dirty(m, out);
+        }
+        self.check_sealed(out);
+    }
+
+    fn check_sealed(&mut self, out: &mut Vec<Action>) {
+        if !self.sealing || !self.seal_resync_started {
+            return;
+        }
+        let done = self.in_sync.iter().all(|m| {
+            self.peers
+                .get(m)
+                .is_some_and(|p| p.link == Link::Streaming && p.resync_outstanding.is_empty() && p.dirty.is_empty())
+        });
+        if done {
+            self.sealing = false;
+            // Our own divergent regions are now the same everywhere.
+            self.persisted_log.clear();
+            for r in self.activity.keys() {
+                self.persisted_log.insert(*r);
+            }
+            out.push(Action::PersistActivityLog(self.persisted_log.clone()));
+            out.push(Action::Sealed);
+        }
+    }
+
+    /// Queues the dirty regions of `peer` as resync entries of its stream.
+    fn resync_dirty(&mut self, pid: NodeId, out: &mut Vec<Action>) {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if peer.link != Link::Streaming {
+            return;
+        }
+        let regions: Vec<u64> = peer.dirty.iter().collect();
+        peer.dirty.clear();
+        let mut reads = Vec::new();
+        for region in regions {
+            let seq = peer.next_seq;
+            peer.next_seq += 1;
+            peer.stream.push_back(Entry {
+                seq,
+                offset: region * self.cfg.region_size,
+                data: None,
+                write: None,
+            });
+            peer.resync_outstanding.insert(seq);
+            reads.push((seq, region));
+        }
+        for (seq, region) in reads {
+            self.read_or_defer(pid, seq, region, out);
+        }
+        self.maybe_request_add(pid, out);
+    }
+
+    fn read_or_defer(&mut self, peer: NodeId, seq: Seq, region: u64, out: &mut Vec<Action>) {
+        let rs = self.cfg.region_size;
+        let busy = self
+            .writes
+            .values()
+            .any(|w| !w.local_done && regions(w.offset, w.len, rs).any(|r| r == region));
+        if busy {
+            self.deferred_reads.push((peer, seq, region));
+        } else {
+            out.push(Action::ReadRegion { peer, seq, region });
+        }
+    }
+
+    /// The content of a region read for a resync entry.
+    pub fn region_read(&mut self, peer: NodeId, seq: Seq, data: Bytes) -> Vec<Action> {
+        let mut out = Vec::new();
+        let epoch = self.cfg.epoch;
+        let writes = &self.writes;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return out;
+        };
+        let committed = committed_of(p, writes);
+        let streaming = p.link == Link::Streaming;
+        if let Some(e) = p.stream.iter_mut().find(|e| e.seq == seq && e.write.is_none()) {
+            e.data = Some(data.clone());
+            if streaming {
+                out.push(Action::Send {
+                    to: peer,
+                    msg: Message::Write {
+                        epoch,
+                        seq,
+                        offset: e.offset,
+                        data,
+                        committed,
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    fn on_ack(&mut self, now: u64, from: NodeId, seq: Seq, out: &mut Vec<Action>) {
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if seq <= peer.acked || seq >= peer.next_seq {
+            return;
+        }
+        peer.acked = seq;
+        peer.last_progress = now;
+        let mut done_writes = Vec::new();
+        for e in peer.stream.iter().filter(|e| e.seq <= seq) {
+            if let Some(w) = e.write {
+                done_writes.push(w);
+            } else {
+                peer.resync_outstanding.remove(&e.seq);
+            }
+        }
+        for w in done_writes {
+            if let Some(wr) = self.writes.get_mut(&w) {
+                wr.waiting.remove(&from);
+            }
+            self.try_complete(now, w, out);
+        }
+        self.trim_stream(from);
+        self.maybe_request_add(from, out);
+        self.check_sealed(out);
+    }
+
+    /// Drops stream entries that are acknowledged and whose write has completed.
+    fn trim_stream(&mut self, pid: NodeId) {
+        let writes = &self.writes;
+        if let Some(p) = self.peers.get_mut(&pid) {
+            while let Some(e) = p.stream.front() {
+                let complete = e.seq <= p.acked && e.write.is_none_or(|w| !writes.contains_key(&w));
+                if !complete {
+                    break;
+                }
+                p.stream.pop_front();
+            }
+        }
+    }
+
+    /// A replica that has everything (no dirty regions, nothing unacknowledged) and is
+    /// not in the in-sync set is proposed for it.
+    fn maybe_request_add(&mut self, pid: NodeId, out: &mut Vec<Action>) {
+        if self.sealing || self.in_sync.contains(&pid) {
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        let caught_up = p.link == Link::Streaming
+            && p.dirty.is_empty()
+            && p.resync_outstanding.is_empty()
+            && p.acked + 1 == p.next_seq;
+        if caught_up && !p.add_requested && !p.remove_requested {
+            p.add_requested = true;
+            p.requested_at = p.last_progress;
+            out.push(Action::RequestIsrAdd {
+                epoch: self.cfg.epoch,
+                node: pid,
+            });
+        }
+    }
+
+    /// The connection to `peer` is up: seal it into the stream.
+    pub fn link_up(&mut self, now: u64, peer: NodeId) -> Vec<Action> {
+        let mut out = Vec::new();
+        let epoch = self.cfg.epoch;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return out;
+        };
+        if !matches!(p.link, Link::Down { .. }) {
+            return out;
+        }
+        p.link = Link::Sealing;
+        p.last_progress = now;
+        out.push(Action::Send {
+            to: peer,
+            msg: Message::Seal {
+                epoch,
+                next_seq: p.acked + 1,
+            },
+        });
+        out
+    }
+
+    /// The connection to `peer` broke: what it has not acknowledged is retransmitted
+    /// after the next seal; writes keep waiting for it while it is in the in-sync set.
+    pub fn link_down(&mut self, now: u64, peer: NodeId) -> Vec<Action> {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !matches!(p.link, Link::Down { .. }) {
+                p.link = Link::Down { since: now };
+            }
+        }
+        Vec::new()
+    }
+
+    /// Time passes: replicas silent too long while writes wait are proposed for
+    /// removal from the in-sync set.
+    pub fn tick(&mut self, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        // A primary whose in-sync set is only itself seals at once.
+        self.maybe_start_seal_resync(now, &mut out);
+        self.check_sealed(&mut out);
+        for pid in self.peers.keys().copied().collect::<Vec<_>>() {
+            self.maybe_request_add(pid, &mut out);
+        }
+        let members = self.members();
+        let timeout = self.cfg.replica_timeout_ms;
+        for (pid, p) in self.peers.iter_mut() {
+            if !members.contains(pid) || p.remove_requested {
+                continue;
+            }
+            let stalled = match p.link {
+                Link::Down { since } => now.saturating_sub(since) >= timeout,
+                Link::Sealing | Link::Streaming => {
+                    let outstanding = p.acked + 1 < p.next_seq || p.link == Link::Sealing;
+                    outstanding && now.saturating_sub(p.last_progress) >= timeout
+                }
+            };
+            if stalled {
+                p.remove_requested = true;
+                p.requested_at = now;
+                out.push(Action::RequestIsrRemove {
+                    epoch: self.cfg.epoch,
+                    node: *pid,
+                });
+            }
+        }
+        // Repeat unanswered requests.
+        for (pid, p) in self.peers.iter_mut() {
+            if (p.add_requested || p.remove_requested) && now.saturating_sub(p.requested_at) >= timeout {
+                p.requested_at = now;
+                let (epoch, node) = (self.cfg.epoch, *pid);
+                out.push(if p.remove_requested {
+                    Action::RequestIsrRemove { epoch, node }
+                } else {
+                    Action::RequestIsrAdd { epoch, node }
+                });
+            }
+        }
+        out
+    }
+
+    /// The control plane committed the in-sync set `isr` (without this node) at
+    /// `epoch`: writes stop waiting for removed members; added ones count from now.
+    pub fn isr_committed(&mut self, now: u64, epoch: Epoch, isr: BTreeSet<NodeId>) -> Vec<Action> {
+        let mut out = Vec::new();
+        if epoch != self.cfg.epoch {
+            return out;
+        }
+        let isr: BTreeSet<NodeId> = isr.into_iter().filter(|n| *n != self.cfg.me).collect();
+        let removed: Vec<NodeId> = self.in_sync.difference(&isr).copied().collect();
+        let rs = self.cfg.region_size;
+        for pid in self.peers.keys().copied().collect::<Vec<_>>() {
+            let Some(p) = self.peers.get_mut(&pid) else {
+                continue;
+            };
+            if isr.contains(&pid) {
+                p.add_requested = false;
+            }
+            let dropped = removed.contains(&pid) || (p.remove_requested && !isr.contains(&pid));
+            if !dropped {
+                continue;
+            }
+            p.remove_requested = false;
+            p.add_requested = false;
+            // It lacks everything it has not acknowledged: resync those regions when it
+            // comes back, instead of holding the writes.
+            for e in p.stream.iter().filter(|e| e.seq > p.acked) {
+                let len = e.data.as_ref().map_or(rs, |d| d.len() as u64);
+                p.dirty.mark(e.offset, len, rs);
+            }
+            p.stream.clear();
+            p.resync_outstanding.clear();
+            p.next_seq = p.acked + 1;
+            if !matches!(p.link, Link::Down { .. }) {
+                // Still connected (slow or hung): restart its stream with a fresh seal;
+                // it comes back through resync like any returning replica.
+                p.link = Link::Sealing;
+                p.last_progress = now;
+                out.push(Action::Send {
+                    to: pid,
+                    msg: Message::Seal {
+                        epoch: self.cfg.epoch,
+                        next_seq: p.next_seq,
+                    },
+                });
+            }
+            self.seal_pending_acks.remove(&pid);
+        }
+        self.in_sync = isr;
+        let ids: Vec<u64> = self.writes.keys().copied().collect();
+        let members = self.members();
+        for id in ids {
+            if let Some(w) = self.writes.get_mut(&id) {
+                w.waiting.retain(|m| members.contains(m));
+            }
+            self.try_complete(now, id, &mut out);
+        }
+        for pid in self.peers.keys().copied().collect::<Vec<_>>() {
+            self.trim_stream(pid);
+        }
+        self.maybe_start_seal_resync(now, &mut out);
+        self.check_sealed(&mut out);
+        out
+    }
+
+    /// The control plane refused a request (the epoch moved on): this primary is done.
+    pub fn deposed(&mut self) -> bool {
+        self.deposed
+    }
+}
+
+/// Regions `[offset, offset+len)` touches.
+fn regions(offset: u64, len: u64, region_size: u64) -> impl Iterator<Item = u64> {
+    let (first, last) = if len == 0 {
+        (1, 0)
+    } else {
+        (offset / region_size, (offset + len - 1) / region_size)
+    };
+    first..=last
+}
+
+fn all_regions(size: u64, region_size: u64) -> RegionSet {
+    let mut s = RegionSet::new();
+    for r in regions(0, size, region_size) {
+        s.insert(r);
+    }
+    s
+}
+
+/// The highest seq of `peer`'s stream up to which every entry is on every member: the
+/// replica may drop those regions from its activity log.
+fn committed_of(peer: &Peer, writes: &BTreeMap<u64, Write>) -> Seq {
+    let mut committed = peer.stream.front().map_or(peer.next_seq - 1, |e| e.seq - 1);
+    for e in &peer.stream {
+        let done = e.seq <= peer.acked && e.write.is_none_or(|w| !writes.contains_key(&w));
+        if !done {
+            break;
+        }
+        committed = e.seq;
+    }
+    committed
+}

@@ -1,0 +1,192 @@
+//! The replica side: apply the primary's stream in order, persist the highest epoch,
+//! keep an activity log of regions that may hold writes the other members lack.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::bitmap::RegionSet;
+use crate::message::{Epoch, Message, NodeId, Seq};
+
+/// What the driver must do for a replica, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaAction {
+    /// Send a message to the primary.
+    Send {
+        /// Destination.
+        to: NodeId,
+        /// The message.
+        msg: Message,
+    },
+    /// Persist the epoch (fsync) before anything that follows.
+    PersistEpoch(Epoch),
+    /// Persist the activity log (fsync) before the write that follows: after a crash
+    /// these regions are resynced.
+    PersistActivityLog(RegionSet),
+    /// Write locally, then call [`Replica::applied`] with `seq`.
+    Apply {
+        /// Stream position.
+        seq: Seq,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+}
+
+/// A replica of one volume.
+#[derive(Debug)]
+pub struct Replica {
+    region_size: u64,
+    /// Highest epoch seen; persisted.
+    epoch: Epoch,
+    /// The primary that sealed this replica in `epoch`; `None` after a restart.
+    primary: Option<NodeId>,
+    /// Next seq to apply.
+    next_seq: Seq,
+    /// Writes that arrived ahead of `next_seq`.
+    early: BTreeMap<Seq, (u64, Bytes)>,
+    /// Region → (epoch, highest seq) of the last write applied there that is not yet
+    /// known to be on every in-sync member.
+    activity: BTreeMap<u64, (Epoch, Seq)>,
+    /// The region set last persisted (a superset of `activity`'s keys).
+    persisted_log: RegionSet,
+}
+
+impl Replica {
+    /// A replica that has persisted `epoch` and `activity_log` (empty for a new one).
+    pub fn new(region_size: u64, epoch: Epoch, activity_log: RegionSet) -> Replica {
+        // Regions from before a restart count as divergent from an older epoch: they
+        // are reported at the next seal, whatever epoch it is.
+        let activity = activity_log.iter().map(|r| (r, (0, 0))).collect();
+        Replica {
+            region_size,
+            epoch,
+            primary: None,
+            next_seq: 1,
+            early: BTreeMap::new(),
+            activity,
+            persisted_log: activity_log,
+        }
+    }
+
+    /// The highest epoch seen.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Regions that may differ from the other members (the activity log).
+    pub fn activity_log(&self) -> RegionSet {
+        let mut s = RegionSet::new();
+        for r in self.activity.keys() {
+            s.insert(*r);
+        }
+        s
+    }
+
+    /// Handles a message from `from`.
+    pub fn on_message(&mut self, from: NodeId, msg: Message) -> Vec<ReplicaAction> {
+        let mut out = Vec::new();
+        if msg.epoch() < self.epoch {
+            // A deposed primary: fence it.
+            out.push(ReplicaAction::Send {
+                to: from,
+                msg: Message::Fenced { epoch: self.epoch },
+            });
+            return out;
+        }
+        match msg {
+            Message::Seal { epoch, next_seq } => {
+                if epoch > self.epoch {
+                    self.epoch = epoch;
+                    out.push(ReplicaAction::PersistEpoch(epoch));
+                }
+                self.primary = Some(from);
+                self.next_seq = next_seq;
+                self.early.clear();
+                // Only regions from older epochs are divergent: this epoch's stream is
+                // retransmitted from `next_seq` by the primary itself.
+                let mut divergent = RegionSet::new();
+                for (r, (e, _)) in &self.activity {
+                    if *e < epoch {
+                        divergent.insert(*r);
+                    }
+                }
+                out.push(ReplicaAction::Send {
+                    to: from,
+                    msg: Message::SealAck { epoch, divergent },
+                });
+            }
+            Message::Write {
+                epoch,
+                seq,
+                offset,
+                data,
+                committed,
+            } => {
+                if epoch != self.epoch || self.primary != Some(from) {
+                    // Not sealed into this stream (yet): the primary seals on reconnect.
+                    return out;
+                }
+                if seq < self.next_seq {
+                    // A retransmission of something applied: acknowledge again.
+                    out.push(ReplicaAction::Send {
+                        to: from,
+                        msg: Message::Ack {
+                            epoch,
+                            seq: self.next_seq - 1,
+                        },
+                    });
+                    return out;
+                }
+                self.early.insert(seq, (offset, data));
+                while let Some((offset, data)) = self.early.remove(&self.next_seq) {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let len = data.len() as u64;
+                    if len > 0 {
+                        let first = offset / self.region_size;
+                        let last = (offset + len - 1) / self.region_size;
+                        let mut grew = false;
+                        for r in first..=last {
+                            self.activity.insert(r, (epoch, seq));
+                            grew |= self.persisted_log.insert(r);
+                        }
+                        if grew {
+                            out.push(ReplicaAction::PersistActivityLog(self.activity_log()));
+                        }
+                    }
+                    out.push(ReplicaAction::Apply { seq, offset, data });
+                }
+                self.forget_committed(epoch, committed);
+            }
+            Message::SealAck { .. } | Message::Ack { .. } | Message::Fenced { .. } => {}
+        }
+        out
+    }
+
+    /// The local write of `seq` is done: acknowledge it (cumulatively).
+    pub fn applied(&mut self, seq: Seq) -> Vec<ReplicaAction> {
+        match self.primary {
+            Some(p) => vec![ReplicaAction::Send {
+                to: p,
+                msg: Message::Ack {
+                    epoch: self.epoch,
+                    seq,
+                },
+            }],
+            None => Vec::new(),
+        }
+    }
+
+    fn forget_committed(&mut self, epoch: Epoch, committed: Seq) {
+        self.activity
+            .retain(|_, (e, s)| !(*e == epoch && *s <= committed));
+        // The persisted log shrinks lazily: it is rewritten when it next grows, and a
+        // stale superset only costs a little resync after a crash.
+        let live = self.activity_log();
+        if self.persisted_log.len() > live.len() + 64 {
+            self.persisted_log = live;
+        }
+    }
+}

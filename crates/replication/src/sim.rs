@@ -1,0 +1,985 @@
+//! Deterministic simulation of the replication protocol with its control plane.
+//!
+//! Three nodes replicate one small volume. A seeded random schedule crashes and
+//! restarts nodes, cuts and heals links (between nodes, to the control plane, to the
+//! client), flaps connections (dropping what was in flight), and delays messages so
+//! that different links reorder against each other; within one link delivery is in
+//! order, as TCP gives it. The control plane is a linearizable authority (Raft's job in
+//! the product) that grants leases, commits in-sync-set changes and promotes a new
+//! primary from the in-sync set once the old lease has expired.
+//!
+//! A client writes versioned blocks (the value of a block is its version) and reads
+//! them back through whichever node the control plane names primary. Checked on every
+//! step and at the end (DESIGN.md invariants):
+//! 1. no acknowledged write is lost: every read returns at least the version acked
+//!    before it was issued, and after healing every block holds at least its last
+//!    acknowledged version on every replica;
+//! 2. at most one node serves at any instant, and once a newer epoch has served no
+//!    older epoch serves again;
+//! 3. after healing, the replicas converge: same data on every member of the in-sync
+//!    set, which is the whole replica set again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::bitmap::RegionSet;
+use crate::message::{Epoch, Message, NodeId};
+use crate::primary::{Action, Primary, PrimaryConfig};
+use crate::replica::{Replica, ReplicaAction};
+
+const BLOCK: u64 = 8;
+const BLOCKS: u64 = 24;
+const REGION: u64 = 4 * BLOCK;
+const SIZE: u64 = BLOCKS * BLOCK;
+const NODES: [NodeId; 3] = [1, 2, 3];
+const LEASE: u64 = 300;
+const RENEW_EVERY: u64 = 80;
+const REPLICA_TIMEOUT: u64 = 150;
+const CLIENT_TIMEOUT: u64 = 400;
+const RUN_MS: u64 = 2_000;
+const HEAL_MS: u64 = 4_000;
+/// Time the client actor is at: it is not a node and has no id of its own.
+const CLIENT: NodeId = 0;
+
+#[derive(Clone, Debug)]
+enum CpReq {
+    Hello,
+    RenewLease { epoch: Epoch, sent_at: u64 },
+    IsrAdd { epoch: Epoch, node: NodeId },
+    IsrRemove { epoch: Epoch, node: NodeId },
+}
+
+#[derive(Clone, Debug)]
+enum CpRep {
+    LeaseGranted { epoch: Epoch, sent_at: u64 },
+    IsrCommitted { epoch: Epoch, isr: BTreeSet<NodeId> },
+    Promote { epoch: Epoch, isr: BTreeSet<NodeId> },
+    Deposed,
+}
+
+#[derive(Clone, Debug)]
+enum ClientReq {
+    Write { id: u64, block: u64, version: u64 },
+    Read { id: u64, block: u64 },
+}
+
+#[derive(Clone, Debug)]
+enum ClientResp {
+    WriteOk { id: u64 },
+    ReadOk { id: u64, value: u64 },
+}
+
+#[derive(Clone, Debug)]
+enum Ev {
+    Repl { from: NodeId, to: NodeId, gen: u64, msg: Message },
+    ToCp { from: NodeId, gen: u64, req: CpReq },
+    FromCp { to: NodeId, gen: u64, rep: CpRep },
+    ToNode { to: NodeId, gen: u64, req: ClientReq },
+    ToClient { from: NodeId, gen: u64, resp: ClientResp },
+    NodeTick(NodeId),
+    CpTick,
+    ClientTick,
+    Fault,
+    Restart(NodeId),
+    HealAll,
+}
+
+enum Role {
+    Down,
+    Replica(Replica),
+    Primary { p: Primary, last_renew: u64 },
+}
+
+struct Node {
+    id: NodeId,
+    /// Incarnation: raised at every crash, so messages to a dead process vanish.
+    gen: u64,
+    /// Persistent: block versions, epoch, activity log.
+    disk: Vec<u64>,
+    epoch: Epoch,
+    activity_log: RegionSet,
+    role: Role,
+    /// Initiator write tag → (block, version).
+    tags: BTreeMap<u64, (u64, u64)>,
+}
+
+struct Cp {
+    epoch: Epoch,
+    primary: Option<NodeId>,
+    /// In-sync set including the primary.
+    isr: BTreeSet<NodeId>,
+    lease_expiry: u64,
+    promoted_at: u64,
+    last_heard: BTreeMap<NodeId, u64>,
+}
+
+struct Outstanding {
+    block: u64,
+    version: Option<u64>,
+    /// For reads: the highest version acked before the read was issued.
+    floor: u64,
+    sent_at: u64,
+}
+
+#[derive(Default)]
+struct Client {
+    next_id: u64,
+    issued: BTreeMap<u64, u64>,
+    acked: BTreeMap<u64, u64>,
+    outstanding: BTreeMap<u64, Outstanding>,
+    writes_acked: u64,
+    reads_checked: u64,
+}
+
+/// What a run measured.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub writes_acked: u64,
+    pub reads_checked: u64,
+    pub failovers: u64,
+}
+
+struct Sim {
+    rng: StdRng,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), Ev>,
+    nodes: BTreeMap<NodeId, Node>,
+    cp: Cp,
+    client: Client,
+    /// Cut links (unordered pairs; `CLIENT` and the control plane `u64::MAX` included).
+    cut: BTreeSet<(NodeId, NodeId)>,
+    /// Link generation per unordered pair: raised when the link breaks.
+    link_gen: BTreeMap<(NodeId, NodeId), u64>,
+    /// Last delivery time per directed link, for in-order delivery.
+    last_delivery: BTreeMap<(NodeId, NodeId), u64>,
+    /// Primary-side link state as last told to the primary: (primary, peer) → up.
+    told_up: BTreeSet<(NodeId, NodeId)>,
+    max_epoch_served: Epoch,
+    faults: bool,
+    bug: bool,
+    report: Report,
+}
+
+const CP: NodeId = u64::MAX;
+
+fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    (a.min(b), a.max(b))
+}
+
+impl Sim {
+    fn new(seed: u64, bug: bool) -> Sim {
+        let nodes = NODES
+            .iter()
+            .map(|id| {
+                (
+                    *id,
+                    Node {
+                        id: *id,
+                        gen: 0,
+                        disk: vec![0; BLOCKS as usize],
+                        epoch: 0,
+                        activity_log: RegionSet::new(),
+                        role: Role::Replica(Replica::new(REGION, 0, RegionSet::new())),
+                        tags: BTreeMap::new(),
+                    },
+                )
+            })
+            .collect();
+        let mut sim = Sim {
+            rng: StdRng::seed_from_u64(seed),
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            nodes,
+            cp: Cp {
+                epoch: 0,
+                primary: None,
+                isr: NODES.iter().copied().collect(),
+                lease_expiry: 0,
+                promoted_at: 0,
+                last_heard: BTreeMap::new(),
+            },
+            client: Client::default(),
+            cut: BTreeSet::new(),
+            link_gen: BTreeMap::new(),
+            last_delivery: BTreeMap::new(),
+            told_up: BTreeSet::new(),
+            max_epoch_served: 0,
+            faults: true,
+            bug,
+            report: Report::default(),
+        };
+        for id in NODES {
+            sim.at(1 + id, Ev::NodeTick(id));
+        }
+        sim.at(5, Ev::CpTick);
+        sim.at(50, Ev::ClientTick);
+        sim.at(100, Ev::Fault);
+        sim.at(RUN_MS, Ev::HealAll);
+        sim
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.events.insert((t, self.seq), ev);
+    }
+
+    fn connected(&self, a: NodeId, b: NodeId) -> bool {
+        !self.cut.contains(&pair(a, b))
+    }
+
+    fn alive(&self, n: NodeId) -> bool {
+        self.nodes.get(&n).is_some_and(|n| !matches!(n.role, Role::Down))
+    }
+
+    fn gen_of(&self, a: NodeId, b: NodeId) -> u64 {
+        self.link_gen.get(&pair(a, b)).copied().unwrap_or(0)
+    }
+
+    /// Schedules delivery over the link `from → to` after a random delay, in order
+    /// with what that link already carries. Nothing is sent over a cut link.
+    fn send(&mut self, from: NodeId, to: NodeId, ev: impl FnOnce(u64) -> Ev) {
+        if !self.connected(from, to) {
+            return;
+        }
+        let gen = self.gen_of(from, to);
+        let delay = self.rng.gen_range(1..=15);
+        let last = self.last_delivery.get(&(from, to)).copied().unwrap_or(0);
+        let t = (self.now + delay).max(last);
+        self.last_delivery.insert((from, to), t);
+        self.at(t, ev(gen));
+    }
+
+    fn break_link(&mut self, a: NodeId, b: NodeId) {
+        *self.link_gen.entry(pair(a, b)).or_insert(0) += 1;
+    }
+
+    fn node_gen(&self, n: NodeId) -> u64 {
+        self.nodes.get(&n).map_or(0, |n| n.gen)
+    }
+
+    // ---------------------------------------------------------------- the run
+
+    fn run(mut self) -> Result<Report, String> {
+        let end = RUN_MS + HEAL_MS;
+        while let Some(((t, _), ev)) = self.events.pop_first() {
+            if t > end {
+                break;
+            }
+            self.now = t;
+            self.step(ev)?;
+            self.check_single_server()?;
+        }
+        self.check_converged()?;
+        Ok(self.report)
+    }
+
+    fn step(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::Repl { from, to, gen, msg } => {
+                if gen == self.gen_of(from, to) && self.connected(from, to) {
+                    self.deliver_repl(from, to, msg)?;
+                }
+            }
+            Ev::ToCp { from, gen, req } => {
+                if gen == self.gen_of(from, CP) && self.connected(from, CP) {
+                    self.cp_request(from, req);
+                }
+            }
+            Ev::FromCp { to, gen, rep } => {
+                if gen == self.node_gen(to) && self.connected(to, CP) && self.alive(to) {
+                    self.cp_reply(to, rep)?;
+                }
+            }
+            Ev::ToNode { to, gen, req } => {
+                if gen == self.gen_of(CLIENT, to) && self.connected(CLIENT, to) && self.alive(to) {
+                    self.client_request(to, req)?;
+                }
+            }
+            Ev::ToClient { from, gen, resp } => {
+                if gen == self.gen_of(CLIENT, from) && self.connected(CLIENT, from) {
+                    self.client_response(resp)?;
+                }
+            }
+            Ev::NodeTick(n) => {
+                self.node_tick(n)?;
+                self.at(self.now + 20, Ev::NodeTick(n));
+            }
+            Ev::CpTick => {
+                self.cp_tick();
+                self.at(self.now + 25, Ev::CpTick);
+            }
+            Ev::ClientTick => {
+                self.client_tick();
+                self.at(self.now + 4, Ev::ClientTick);
+            }
+            Ev::Fault => {
+                if self.faults {
+                    self.inject_fault();
+                    let next = self.rng.gen_range(30..200);
+                    self.at(self.now + next, Ev::Fault);
+                }
+            }
+            Ev::Restart(n) => self.restart(n)?,
+            Ev::HealAll => {
+                self.faults = false;
+                let cuts: Vec<_> = self.cut.iter().copied().collect();
+                self.cut.clear();
+                for (a, b) in cuts {
+                    self.break_link(a, b);
+                }
+                for n in NODES {
+                    if !self.alive(n) {
+                        self.restart(n)?;
+                    }
+                }
+                self.refresh_links()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn inject_fault(&mut self) {
+        let n = NODES[self.rng.gen_range(0..NODES.len())];
+        match self.rng.gen_range(0..10) {
+            0 | 1 => {
+                // Crash (kill -9): volatile state gone, disk kept; back later.
+                if self.alive(n) {
+                    self.crash(n);
+                    let back = self.rng.gen_range(50..600);
+                    self.at(self.now + back, Ev::Restart(n));
+                }
+            }
+            2 | 3 => {
+                // Partition between two nodes, healed later.
+                let m = NODES[self.rng.gen_range(0..NODES.len())];
+                if m != n {
+                    self.cut.insert(pair(n, m));
+                    self.break_link(n, m);
+                }
+            }
+            4 => {
+                // Cut from the control plane: its lease cannot be renewed.
+                self.cut.insert(pair(n, CP));
+                self.break_link(n, CP);
+            }
+            5 => {
+                // Cut from the client (initiator path).
+                self.cut.insert(pair(CLIENT, n));
+                self.break_link(CLIENT, n);
+            }
+            6 | 7 => {
+                // Heal one cut.
+                if !self.cut.is_empty() {
+                    let i = self.rng.gen_range(0..self.cut.len());
+                    if let Some(c) = self.cut.iter().nth(i).copied() {
+                        self.cut.remove(&c);
+                        self.break_link(c.0, c.1);
+                    }
+                }
+            }
+            _ => {
+                // Connection flap: what is in flight between two nodes is lost.
+                let m = NODES[self.rng.gen_range(0..NODES.len())];
+                if m != n {
+                    self.break_link(n, m);
+                    self.told_up.remove(&(n, m));
+                    self.told_up.remove(&(m, n));
+                    if let Some(Role::Primary { p, .. }) = self.nodes.get_mut(&n).map(|x| &mut x.role) {
+                        p.link_down(self.now, m);
+                    }
+                    if let Some(Role::Primary { p, .. }) = self.nodes.get_mut(&m).map(|x| &mut x.role) {
+                        p.link_down(self.now, n);
+                    }
+                }
+            }
+        }
+        let _ = self.refresh_links();
+    }
+
+    fn crash(&mut self, n: NodeId) {
+        if let Some(node) = self.nodes.get_mut(&n) {
+            node.role = Role::Down;
+            node.gen += 1;
+            node.tags.clear();
+        }
+        for m in NODES {
+            if m != n {
+                self.break_link(n, m);
+            }
+        }
+        self.break_link(n, CP);
+        self.break_link(n, CLIENT);
+        let _ = self.refresh_links();
+    }
+
+    fn restart(&mut self, n: NodeId) -> Result<(), String> {
+        if let Some(node) = self.nodes.get_mut(&n) {
+            if matches!(node.role, Role::Down) {
+                node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+            }
+        }
+        self.refresh_links()
+    }
+
+    /// Tells every primary which of its links are up (both ends alive, not cut).
+    fn refresh_links(&mut self) -> Result<(), String> {
+        for p in NODES {
+            let is_primary = matches!(self.nodes[&p].role, Role::Primary { .. });
+            for r in NODES {
+                if r == p {
+                    continue;
+                }
+                let up = is_primary && self.alive(r) && self.connected(p, r);
+                let was = self.told_up.contains(&(p, r));
+                if up == was {
+                    continue;
+                }
+                let now = self.now;
+                let actions = match &mut self.nodes.get_mut(&p).expect("node").role {
+                    Role::Primary { p: prim, .. } => {
+                        if up {
+                            prim.link_up(now, r)
+                        } else {
+                            prim.link_down(now, r)
+                        }
+                    }
+                    _ => Vec::new(),
+                };
+                if up {
+                    self.told_up.insert((p, r));
+                } else {
+                    self.told_up.remove(&(p, r));
+                }
+                self.primary_actions(p, actions)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- nodes
+
+    fn deliver_repl(&mut self, from: NodeId, to: NodeId, msg: Message) -> Result<(), String> {
+        let now = self.now;
+        let node = self.nodes.get_mut(&to).expect("node");
+        match &mut node.role {
+            Role::Down => Ok(()),
+            Role::Primary { p, .. } => {
+                let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
+                if to_replica && msg.epoch() > p.epoch() {
+                    // A newer primary exists: step down and take the message as a replica.
+                    node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    self.told_up.retain(|(p, _)| *p != to);
+                    return self.deliver_repl(from, to, msg);
+                }
+                let actions = p.on_message(now, from, msg);
+                self.primary_actions(to, actions)
+            }
+            Role::Replica(r) => {
+                let actions = r.on_message(from, msg);
+                self.replica_actions(to, actions)
+            }
+        }
+    }
+
+    fn replica_actions(&mut self, n: NodeId, actions: Vec<ReplicaAction>) -> Result<(), String> {
+        for a in actions {
+            match a {
+                ReplicaAction::Send { to, msg } => {
+                    self.send(n, to, |gen| Ev::Repl { from: n, to, gen, msg });
+                }
+                ReplicaAction::PersistEpoch(e) => {
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    if e < node.epoch {
+                        return Err(format!("node {n} persisted epoch {e} below {}", node.epoch));
+                    }
+                    node.epoch = e;
+                }
+                ReplicaAction::PersistActivityLog(s) => {
+                    self.nodes.get_mut(&n).expect("node").activity_log = s;
+                }
+                ReplicaAction::Apply { seq, offset, data } => {
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    write_disk(&mut node.disk, offset, &data);
+                    let more = match &mut node.role {
+                        Role::Replica(r) => r.applied(seq),
+                        _ => Vec::new(),
+                    };
+                    self.replica_actions(n, more)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn primary_actions(&mut self, n: NodeId, actions: Vec<Action>) -> Result<(), String> {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            let now = self.now;
+            match a {
+                Action::Send { to, msg } => {
+                    if self.told_up.contains(&(n, to)) {
+                        self.send(n, to, |gen| Ev::Repl { from: n, to, gen, msg });
+                    }
+                }
+                Action::LocalWrite { id, offset, data } => {
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    write_disk(&mut node.disk, offset, &data);
+                    if let Role::Primary { p, .. } = &mut node.role {
+                        queue.extend(p.local_done(now, id));
+                    }
+                }
+                Action::PersistActivityLog(s) => {
+                    self.nodes.get_mut(&n).expect("node").activity_log = s;
+                }
+                Action::ReadRegion { peer, seq, region } => {
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    let start = (region * REGION) as usize;
+                    let end = (start + REGION as usize).min(SIZE as usize);
+                    let mut buf = Vec::new();
+                    for b in (start / BLOCK as usize)..(end / BLOCK as usize) {
+                        buf.extend_from_slice(&node.disk[b].to_le_bytes());
+                    }
+                    if let Role::Primary { p, .. } = &mut node.role {
+                        queue.extend(p.region_read(peer, seq, Bytes::from(buf)));
+                    }
+                }
+                Action::Complete(tag) => {
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    let epoch = match &node.role {
+                        Role::Primary { p, .. } => p.epoch(),
+                        _ => return Err("completion from a non-primary".into()),
+                    };
+                    self.served(n, epoch)?;
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    if let Some((_, _)) = node.tags.remove(&tag) {
+                        self.send(n, CLIENT, |gen| Ev::ToClient {
+                            from: n,
+                            gen,
+                            resp: ClientResp::WriteOk { id: tag },
+                        });
+                    }
+                }
+                Action::RequestIsrAdd { epoch, node } => {
+                    self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::IsrAdd { epoch, node } });
+                }
+                Action::RequestIsrRemove { epoch, node } => {
+                    self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::IsrRemove { epoch, node } });
+                }
+                Action::Deposed { .. } => {
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    self.told_up.retain(|(p, _)| *p != n);
+                    let _ = now;
+                    return Ok(());
+                }
+                Action::Sealed => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that node `n` served I/O in `epoch` now: checks invariant 2.
+    fn served(&mut self, n: NodeId, epoch: Epoch) -> Result<(), String> {
+        if epoch < self.max_epoch_served {
+            return Err(format!(
+                "t={}: node {n} served in epoch {epoch} after epoch {} had served",
+                self.now, self.max_epoch_served
+            ));
+        }
+        self.max_epoch_served = epoch;
+        Ok(())
+    }
+
+    fn check_single_server(&self) -> Result<(), String> {
+        let serving: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| matches!(&n.role, Role::Primary { p, .. } if p.serving(self.now).is_ok()))
+            .map(|n| n.id)
+            .collect();
+        if serving.len() > 1 {
+            return Err(format!("t={}: nodes {serving:?} serve at once", self.now));
+        }
+        Ok(())
+    }
+
+    fn node_tick(&mut self, n: NodeId) -> Result<(), String> {
+        if !self.alive(n) {
+            return Ok(());
+        }
+        self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::Hello });
+        let now = self.now;
+        let node = self.nodes.get_mut(&n).expect("node");
+        let Role::Primary { p, last_renew } = &mut node.role else {
+            return Ok(());
+        };
+        let mut renew = None;
+        if now >= *last_renew + RENEW_EVERY || *last_renew == 0 {
+            *last_renew = now;
+            renew = Some(p.epoch());
+        }
+        let actions = p.tick(now);
+        if let Some(epoch) = renew {
+            self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::RenewLease { epoch, sent_at: now } });
+        }
+        self.primary_actions(n, actions)
+    }
+
+    // ---------------------------------------------------------------- control plane
+
+    fn cp_reply(&mut self, to: NodeId, rep: CpRep) -> Result<(), String> {
+        let now = self.now;
+        let node = self.nodes.get_mut(&to).expect("node");
+        match rep {
+            CpRep::Promote { epoch, isr } => {
+                if epoch <= node.epoch {
+                    return Ok(());
+                }
+                node.epoch = epoch; // persisted before serving
+                let own = match &node.role {
+                    Role::Replica(r) => r.activity_log(),
+                    _ => node.activity_log.clone(),
+                };
+                let cfg = PrimaryConfig {
+                    me: to,
+                    epoch,
+                    region_size: REGION,
+                    size_bytes: SIZE,
+                    replicas: NODES.iter().copied().filter(|x| *x != to).collect(),
+                    in_sync: isr.into_iter().filter(|x| *x != to).collect(),
+                    own_activity_log: own,
+                    replica_timeout_ms: REPLICA_TIMEOUT,
+                    bug_ack_before_replicas: self.bug,
+                };
+                node.role = Role::Primary {
+                    p: Primary::new(cfg, now),
+                    last_renew: 0,
+                };
+                node.tags.clear();
+                self.told_up.retain(|(p, _)| *p != to);
+                self.report.failovers += 1;
+                self.refresh_links()?;
+                self.node_tick_lease(to);
+            }
+            CpRep::LeaseGranted { epoch, sent_at } => {
+                if let Role::Primary { p, .. } = &mut node.role {
+                    if p.epoch() == epoch {
+                        let actions = p.set_lease(now, sent_at + LEASE - 10);
+                        self.primary_actions(to, actions)?;
+                    }
+                }
+            }
+            CpRep::IsrCommitted { epoch, isr } => {
+                if let Role::Primary { p, .. } = &mut node.role {
+                    let actions = p.isr_committed(now, epoch, isr);
+                    self.primary_actions(to, actions)?;
+                }
+            }
+            CpRep::Deposed => {
+                if let Role::Primary { .. } = node.role {
+                    node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    self.told_up.retain(|(p, _)| *p != to);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn node_tick_lease(&mut self, n: NodeId) {
+        let now = self.now;
+        if let Some(Role::Primary { p, last_renew }) = self.nodes.get_mut(&n).map(|x| &mut x.role) {
+            *last_renew = now;
+            let epoch = p.epoch();
+            self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::RenewLease { epoch, sent_at: now } });
+        }
+    }
+
+    fn cp_request(&mut self, from: NodeId, req: CpReq) {
+        self.cp.last_heard.insert(from, self.now);
+        let cp = &mut self.cp;
+        let current = cp.primary == Some(from);
+        let reply = match req {
+            CpReq::Hello => None,
+            CpReq::RenewLease { epoch, sent_at } => {
+                if epoch == cp.epoch && current {
+                    cp.lease_expiry = cp.lease_expiry.max(self.now + LEASE);
+                    Some(CpRep::LeaseGranted { epoch, sent_at })
+                } else {
+                    Some(CpRep::Deposed)
+                }
+            }
+            CpReq::IsrAdd { epoch, node } | CpReq::IsrRemove { epoch, node } if epoch != cp.epoch || !current => {
+                let _ = node;
+                Some(CpRep::Deposed)
+            }
+            CpReq::IsrAdd { epoch, node } => {
+                cp.isr.insert(node);
+                Some(CpRep::IsrCommitted { epoch, isr: cp.isr.clone() })
+            }
+            CpReq::IsrRemove { epoch, node } => {
+                if Some(node) != cp.primary {
+                    cp.isr.remove(&node);
+                }
+                Some(CpRep::IsrCommitted { epoch, isr: cp.isr.clone() })
+            }
+        };
+        if let Some(rep) = reply {
+            let gen = self.node_gen(from);
+            if self.connected(from, CP) {
+                let delay = self.rng.gen_range(1..=15);
+                let last = self.last_delivery.get(&(CP, from)).copied().unwrap_or(0);
+                let t = (self.now + delay).max(last);
+                self.last_delivery.insert((CP, from), t);
+                self.at(t, Ev::FromCp { to: from, gen, rep });
+            }
+        }
+    }
+
+    /// Promotes a new primary from the in-sync set once the old lease has expired.
+    fn cp_tick(&mut self) {
+        let now = self.now;
+        let cp = &self.cp;
+        let lease_over = now > cp.lease_expiry && now > cp.promoted_at + LEASE;
+        if cp.primary.is_some() && !lease_over {
+            return;
+        }
+        let reachable = |n: &NodeId| cp.last_heard.get(n).is_some_and(|t| now.saturating_sub(*t) < 100);
+        let candidates: Vec<NodeId> = cp.isr.iter().copied().filter(|n| reachable(n)).collect();
+        if candidates.is_empty() {
+            return; // offline until an in-sync member is back: never serve stale data
+        }
+        let pick = candidates[self.rng.gen_range(0..candidates.len())];
+        let cp = &mut self.cp;
+        if let Some(old) = cp.primary {
+            if old != pick {
+                cp.isr.remove(&old);
+            }
+        }
+        cp.isr.insert(pick);
+        cp.epoch += 1;
+        cp.primary = Some(pick);
+        cp.promoted_at = now;
+        let (epoch, isr) = (cp.epoch, cp.isr.clone());
+        let gen = self.node_gen(pick);
+        if self.connected(pick, CP) {
+            let delay = self.rng.gen_range(1..=15);
+            self.at(now + delay, Ev::FromCp { to: pick, gen, rep: CpRep::Promote { epoch, isr } });
+        }
+    }
+
+    // ---------------------------------------------------------------- client
+
+    fn client_tick(&mut self) {
+        let now = self.now;
+        self.client
+            .outstanding
+            .retain(|_, o| now.saturating_sub(o.sent_at) < CLIENT_TIMEOUT);
+        if !self.faults && now > RUN_MS + HEAL_MS - 1_000 {
+            return; // quiet at the end so the replicas can converge
+        }
+        if self.client.outstanding.len() >= 6 {
+            return;
+        }
+        let Some(target) = self.cp.primary else {
+            return;
+        };
+        let block = self.rng.gen_range(0..BLOCKS);
+        let writing_it = self
+            .client
+            .outstanding
+            .values()
+            .any(|o| o.block == block && o.version.is_some());
+        self.client.next_id += 1;
+        let id = self.client.next_id;
+        let floor = self.client.acked.get(&block).copied().unwrap_or(0);
+        let req = if !writing_it && self.rng.gen_bool(0.7) {
+            let v = self.client.issued.entry(block).or_insert(0);
+            *v += 1;
+            let version = *v;
+            self.client.outstanding.insert(id, Outstanding { block, version: Some(version), floor, sent_at: now });
+            ClientReq::Write { id, block, version }
+        } else {
+            self.client.outstanding.insert(id, Outstanding { block, version: None, floor, sent_at: now });
+            ClientReq::Read { id, block }
+        };
+        self.send(CLIENT, target, |gen| Ev::ToNode { to: target, gen, req });
+    }
+
+    fn client_request(&mut self, n: NodeId, req: ClientReq) -> Result<(), String> {
+        let now = self.now;
+        let node = self.nodes.get_mut(&n).expect("node");
+        let Role::Primary { p, .. } = &mut node.role else {
+            return Ok(());
+        };
+        match req {
+            ClientReq::Write { id, block, version } => {
+                let data = Bytes::copy_from_slice(&version.to_le_bytes());
+                if let Ok(actions) = p.submit_write(now, id, block * BLOCK, data) {
+                    node.tags.insert(id, (block, version));
+                    self.primary_actions(n, actions)?;
+                }
+            }
+            ClientReq::Read { id, block } => {
+                if p.serving(now).is_ok() {
+                    let epoch = p.epoch();
+                    let value = node.disk[block as usize];
+                    self.served(n, epoch)?;
+                    self.send(n, CLIENT, |gen| Ev::ToClient { from: n, gen, resp: ClientResp::ReadOk { id, value } });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn client_response(&mut self, resp: ClientResp) -> Result<(), String> {
+        match resp {
+            ClientResp::WriteOk { id } => {
+                if let Some(o) = self.client.outstanding.remove(&id) {
+                    let v = o.version.unwrap_or(0);
+                    let a = self.client.acked.entry(o.block).or_insert(0);
+                    *a = (*a).max(v);
+                    self.client.writes_acked += 1;
+                    self.report.writes_acked += 1;
+                }
+            }
+            ClientResp::ReadOk { id, value } => {
+                if let Some(o) = self.client.outstanding.remove(&id) {
+                    let issued = self.client.issued.get(&o.block).copied().unwrap_or(0);
+                    if value < o.floor {
+                        return Err(format!(
+                            "t={}: read of block {} returned version {value}, but version {} was acknowledged before the read",
+                            self.now, o.block, o.floor
+                        ));
+                    }
+                    if value > issued {
+                        return Err(format!("t={}: block {} holds version {value} never written", self.now, o.block));
+                    }
+                    self.client.reads_checked += 1;
+                    self.report.reads_checked += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- the end
+
+    fn describe(&self) -> String {
+        let mut out = format!(
+            "control plane: epoch {} primary {:?} isr {:?} lease_expiry {} promoted_at {} cuts {:?}\n",
+            self.cp.epoch, self.cp.primary, self.cp.isr, self.cp.lease_expiry, self.cp.promoted_at, self.cut
+        );
+        for n in self.nodes.values() {
+            let role = match &n.role {
+                Role::Down => "down".to_string(),
+                Role::Replica(r) => format!("replica epoch {}", r.epoch()),
+                Role::Primary { p, .. } => format!("primary {p:?}"),
+            };
+            out.push_str(&format!("node {} (epoch {}): {role}\n", n.id, n.epoch));
+        }
+        out
+    }
+
+    fn check_converged(&self) -> Result<(), String> {
+        self.check_converged_inner()
+            .map_err(|e| format!("{e}\n{}", self.describe()))
+    }
+
+    fn check_converged_inner(&self) -> Result<(), String> {
+        let Some(p) = self.cp.primary else {
+            return Err("no primary after healing".into());
+        };
+        let primary = &self.nodes[&p];
+        match &primary.role {
+            Role::Primary { p: prim, .. } if prim.serving(self.now).is_ok() => {}
+            _ => return Err(format!("node {p} is named primary but does not serve after healing")),
+        }
+        for (b, acked) in &self.client.acked {
+            let v = primary.disk[*b as usize];
+            if v < *acked {
+                return Err(format!("block {b}: version {acked} was acknowledged but the primary holds {v}"));
+            }
+        }
+        if self.cp.isr.len() != NODES.len() {
+            return Err(format!("in-sync set {:?} did not grow back to every replica after healing", self.cp.isr));
+        }
+        for n in &self.cp.isr {
+            if self.nodes[n].disk != primary.disk {
+                return Err(format!(
+                    "replica {n} differs from primary {p} after healing:\n{:?}\n{:?}",
+                    self.nodes[n].disk, primary.disk
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_disk(disk: &mut [u64], offset: u64, data: &[u8]) {
+    for (i, chunk) in data.chunks(BLOCK as usize).enumerate() {
+        let b = (offset / BLOCK) as usize + i;
+        if let (Some(slot), Ok(bytes)) = (disk.get_mut(b), <[u8; 8]>::try_from(chunk)) {
+            *slot = u64::from_le_bytes(bytes);
+        }
+    }
+}
+
+/// Runs one seed.
+pub fn run_seed(seed: u64, bug: bool) -> Result<Report, String> {
+    Sim::new(seed, bug).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeds() -> u64 {
+        std::env::var("BULWARK_SIM_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1000)
+    }
+
+    #[test]
+    fn invariants_hold_over_many_seeds() {
+        let mut total = Report::default();
+        for seed in 0..seeds() {
+            match run_seed(seed, false) {
+                Ok(r) => {
+                    total.writes_acked += r.writes_acked;
+                    total.reads_checked += r.reads_checked;
+                    total.failovers += r.failovers;
+                }
+                Err(e) => panic!("seed {seed}: {e}\n(rerun: BULWARK_SIM_SEED={seed})"),
+            }
+        }
+        eprintln!(
+            "simulation: {} seeds, {} writes acknowledged, {} reads checked, {} promotions",
+            seeds(),
+            total.writes_acked,
+            total.reads_checked,
+            total.failovers
+        );
+        assert!(total.writes_acked > seeds() * 10, "the client made progress");
+        assert!(total.failovers > seeds(), "faults caused failovers");
+    }
+
+    #[test]
+    fn acknowledging_before_the_replicas_is_caught() {
+        let caught = (0..300).find_map(|seed| run_seed(seed, true).err().map(|e| (seed, e)));
+        let (seed, e) = caught.expect("the simulation catches a primary that acks before its replicas");
+        eprintln!("broken protocol caught at seed {seed}: {e}");
+    }
+
+    #[test]
+    fn one_seed_from_the_environment() {
+        if let Some(seed) = std::env::var("BULWARK_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+            run_seed(seed, false).unwrap();
+        }
+    }
+}
