@@ -41,8 +41,19 @@ const REPLICA_TIMEOUT: u64 = 150;
 const CLIENT_TIMEOUT: u64 = 400;
 const RUN_MS: u64 = 2_000;
 const HEAL_MS: u64 = 4_000;
-/// Time the client actor is at: it is not a node and has no id of its own.
+/// The client's end of links: it is not a node.
 const CLIENT: NodeId = 0;
+
+/// A deliberate protocol bug the simulation must catch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// The protocol as written.
+    None,
+    /// The primary acknowledges writes before its replicas have them.
+    AckBeforeReplicas,
+    /// The control plane promotes a new primary without waiting for the old lease.
+    EarlyPromotion,
+}
 
 #[derive(Clone, Debug)]
 enum CpReq {
@@ -160,7 +171,9 @@ struct Sim {
     told_up: BTreeSet<(NodeId, NodeId)>,
     max_epoch_served: Epoch,
     faults: bool,
-    bug: bool,
+    bug: Bug,
+    /// Hung nodes (SIGSTOP, a long GC pause): nothing reaches them until then.
+    paused_until: BTreeMap<NodeId, u64>,
     report: Report,
 }
 
@@ -171,7 +184,7 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
 }
 
 impl Sim {
-    fn new(seed: u64, bug: bool) -> Sim {
+    fn new(seed: u64, bug: Bug) -> Sim {
         let nodes = NODES
             .iter()
             .map(|id| {
@@ -211,6 +224,7 @@ impl Sim {
             max_epoch_served: 0,
             faults: true,
             bug,
+            paused_until: BTreeMap::new(),
             report: Report::default(),
         };
         for id in NODES {
@@ -278,7 +292,25 @@ impl Sim {
         Ok(self.report)
     }
 
+    fn target_of(ev: &Ev) -> Option<NodeId> {
+        match ev {
+            Ev::Repl { to, .. } | Ev::FromCp { to, .. } | Ev::ToNode { to, .. } => Some(*to),
+            Ev::NodeTick(n) => Some(*n),
+            _ => None,
+        }
+    }
+
     fn step(&mut self, ev: Ev) -> Result<(), String> {
+        if let Some(n) = Self::target_of(&ev) {
+            if let Some(until) = self.paused_until.get(&n).copied() {
+                if until > self.now {
+                    // Hung: handled when it wakes up, in the order it arrived.
+                    self.at(until, ev);
+                    return Ok(());
+                }
+                self.paused_until.remove(&n);
+            }
+        }
         match ev {
             Ev::Repl { from, to, gen, msg } => {
                 if gen == self.gen_of(from, to) && self.connected(from, to) {
@@ -345,7 +377,7 @@ impl Sim {
 
     fn inject_fault(&mut self) {
         let n = NODES[self.rng.gen_range(0..NODES.len())];
-        match self.rng.gen_range(0..10) {
+        match self.rng.gen_range(0..11) {
             0 | 1 => {
                 // Crash (kill -9): volatile state gone, disk kept; back later.
                 if self.alive(n) {
@@ -367,6 +399,13 @@ impl Sim {
                 self.cut.insert(pair(n, CP));
                 self.break_link(n, CP);
             }
+            9 => {
+                // Hang (SIGSTOP, a long pause): everything waits, then arrives at once.
+                if self.alive(n) && !self.paused_until.contains_key(&n) {
+                    let d = self.rng.gen_range(50..700);
+                    self.paused_until.insert(n, self.now + d);
+                }
+            }
             5 => {
                 // Cut from the client (initiator path).
                 self.cut.insert(pair(CLIENT, n));
@@ -383,7 +422,7 @@ impl Sim {
                 }
             }
             _ => {
-                // Connection flap: what is in flight between two nodes is lost.
+                // (8) Connection flap: what is in flight between two nodes is lost.
                 let m = NODES[self.rng.gen_range(0..NODES.len())];
                 if m != n {
                     self.break_link(n, m);
@@ -654,7 +693,7 @@ impl Sim {
                     in_sync: isr.into_iter().filter(|x| *x != to).collect(),
                     own_activity_log: own,
                     replica_timeout_ms: REPLICA_TIMEOUT,
-                    bug_ack_before_replicas: self.bug,
+                    bug_ack_before_replicas: self.bug == Bug::AckBeforeReplicas,
                 };
                 node.role = Role::Primary {
                     p: Primary::new(cfg, now),
@@ -744,7 +783,12 @@ impl Sim {
     fn cp_tick(&mut self) {
         let now = self.now;
         let cp = &self.cp;
-        let lease_over = now > cp.lease_expiry && now > cp.promoted_at + LEASE;
+        let lease_over = match self.bug {
+            Bug::EarlyPromotion => cp.primary.is_none_or(|p| {
+                cp.last_heard.get(&p).is_none_or(|t| now.saturating_sub(*t) >= 100)
+            }),
+            _ => now > cp.lease_expiry && now > cp.promoted_at + LEASE,
+        };
         if cp.primary.is_some() && !lease_over {
             return;
         }
@@ -930,7 +974,7 @@ fn write_disk(disk: &mut [u64], offset: u64, data: &[u8]) {
 }
 
 /// Runs one seed.
-pub fn run_seed(seed: u64, bug: bool) -> Result<Report, String> {
+pub fn run_seed(seed: u64, bug: Bug) -> Result<Report, String> {
     Sim::new(seed, bug).run()
 }
 
@@ -949,7 +993,7 @@ mod tests {
     fn invariants_hold_over_many_seeds() {
         let mut total = Report::default();
         for seed in 0..seeds() {
-            match run_seed(seed, false) {
+            match run_seed(seed, Bug::None) {
                 Ok(r) => {
                     total.writes_acked += r.writes_acked;
                     total.reads_checked += r.reads_checked;
@@ -969,17 +1013,34 @@ mod tests {
         assert!(total.failovers > seeds(), "faults caused failovers");
     }
 
+    /// The first seed that breaks an invariant with `bug`, and what broke.
+    fn caught(bug: Bug) -> (u64, String) {
+        (0..500)
+            .find_map(|seed| run_seed(seed, bug).err().map(|e| (seed, e)))
+            .unwrap_or_else(|| panic!("the simulation misses {bug:?}"))
+    }
+
     #[test]
     fn acknowledging_before_the_replicas_is_caught() {
-        let caught = (0..300).find_map(|seed| run_seed(seed, true).err().map(|e| (seed, e)));
-        let (seed, e) = caught.expect("the simulation catches a primary that acks before its replicas");
-        eprintln!("broken protocol caught at seed {seed}: {e}");
+        let (seed, e) = caught(Bug::AckBeforeReplicas);
+        eprintln!("ack before replicas caught at seed {seed}: {e}");
+        assert!(e.contains("acknowledged"), "caught as a lost acknowledged write: {e}");
+    }
+
+    #[test]
+    fn promoting_before_the_lease_expires_is_caught() {
+        let (seed, e) = caught(Bug::EarlyPromotion);
+        eprintln!("early promotion caught at seed {seed}: {e}");
+        assert!(
+            e.contains("serve at once") || e.contains("after epoch") || e.contains("acknowledged"),
+            "caught as two servers or a stale one: {e}"
+        );
     }
 
     #[test]
     fn one_seed_from_the_environment() {
         if let Some(seed) = std::env::var("BULWARK_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
-            run_seed(seed, false).unwrap();
+            run_seed(seed, Bug::None).unwrap();
         }
     }
 }
