@@ -32,8 +32,10 @@ mod primary;
 mod replica;
 #[cfg(test)]
 mod sim;
+mod volume;
 
 pub use bitmap::RegionSet;
 pub use message::{Epoch, Message, NodeId, Seq};
 pub use primary::{Action, Primary, PrimaryConfig, WriteTag};
 pub use replica::{Replica, ReplicaAction};
+pub use volume::{ControlPlane, PrimaryVolume, ReplicaState, ReplicaVolume, Transport};

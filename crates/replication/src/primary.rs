@@ -134,7 +134,9 @@ struct Entry {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Link {
-    Down { since: u64 },
+    Down {
+        since: u64,
+    },
     /// Seal sent, waiting for SealAck.
     Sealing,
     Streaming,
@@ -486,9 +488,9 @@ impl Primary {
             return;
         }
         let done = self.in_sync.iter().all(|m| {
-            self.peers
-                .get(m)
-                .is_some_and(|p| p.link == Link::Streaming && p.resync_outstanding.is_empty() && p.dirty.is_empty())
+            self.peers.get(m).is_some_and(|p| {
+                p.link == Link::Streaming && p.resync_outstanding.is_empty() && p.dirty.is_empty()
+            })
         });
         if done {
             self.sealing = false;
@@ -554,7 +556,11 @@ impl Primary {
         };
         let committed = committed_of(p, writes);
         let streaming = p.link == Link::Streaming;
-        if let Some(e) = p.stream.iter_mut().find(|e| e.seq == seq && e.write.is_none()) {
+        if let Some(e) = p
+            .stream
+            .iter_mut()
+            .find(|e| e.seq == seq && e.write.is_none())
+        {
             e.data = Some(data.clone());
             if streaming {
                 out.push(Action::Send {
@@ -702,9 +708,25 @@ impl Primary {
                 });
             }
         }
+        // A seal that got no answer (lost on a link that never reported down) is sent
+        // again; sealing is idempotent.
+        for (pid, p) in self.peers.iter_mut() {
+            if p.link == Link::Sealing && now.saturating_sub(p.last_progress) >= timeout {
+                p.last_progress = now;
+                out.push(Action::Send {
+                    to: *pid,
+                    msg: Message::Seal {
+                        epoch: self.cfg.epoch,
+                        next_seq: p.acked + 1,
+                    },
+                });
+            }
+        }
         // Repeat unanswered requests.
         for (pid, p) in self.peers.iter_mut() {
-            if (p.add_requested || p.remove_requested) && now.saturating_sub(p.requested_at) >= timeout {
+            if (p.add_requested || p.remove_requested)
+                && now.saturating_sub(p.requested_at) >= timeout
+            {
                 p.requested_at = now;
                 let (epoch, node) = (self.cfg.epoch, *pid);
                 out.push(if p.remove_requested {

@@ -85,11 +85,32 @@ enum ClientResp {
 
 #[derive(Clone, Debug)]
 enum Ev {
-    Repl { from: NodeId, to: NodeId, gen: u64, msg: Message },
-    ToCp { from: NodeId, gen: u64, req: CpReq },
-    FromCp { to: NodeId, gen: u64, rep: CpRep },
-    ToNode { to: NodeId, gen: u64, req: ClientReq },
-    ToClient { from: NodeId, gen: u64, resp: ClientResp },
+    Repl {
+        from: NodeId,
+        to: NodeId,
+        gen: u64,
+        msg: Message,
+    },
+    ToCp {
+        from: NodeId,
+        gen: u64,
+        req: CpReq,
+    },
+    FromCp {
+        to: NodeId,
+        gen: u64,
+        rep: CpRep,
+    },
+    ToNode {
+        to: NodeId,
+        gen: u64,
+        req: ClientReq,
+    },
+    ToClient {
+        from: NodeId,
+        gen: u64,
+        resp: ClientResp,
+    },
     NodeTick(NodeId),
     CpTick,
     ClientTick,
@@ -98,6 +119,7 @@ enum Ev {
     HealAll,
 }
 
+#[allow(clippy::large_enum_variant)] // three nodes: size does not matter
 enum Role {
     Down,
     Replica(Replica),
@@ -247,7 +269,9 @@ impl Sim {
     }
 
     fn alive(&self, n: NodeId) -> bool {
-        self.nodes.get(&n).is_some_and(|n| !matches!(n.role, Role::Down))
+        self.nodes
+            .get(&n)
+            .is_some_and(|n| !matches!(n.role, Role::Down))
     }
 
     fn gen_of(&self, a: NodeId, b: NodeId) -> u64 {
@@ -428,10 +452,14 @@ impl Sim {
                     self.break_link(n, m);
                     self.told_up.remove(&(n, m));
                     self.told_up.remove(&(m, n));
-                    if let Some(Role::Primary { p, .. }) = self.nodes.get_mut(&n).map(|x| &mut x.role) {
+                    if let Some(Role::Primary { p, .. }) =
+                        self.nodes.get_mut(&n).map(|x| &mut x.role)
+                    {
                         p.link_down(self.now, m);
                     }
-                    if let Some(Role::Primary { p, .. }) = self.nodes.get_mut(&m).map(|x| &mut x.role) {
+                    if let Some(Role::Primary { p, .. }) =
+                        self.nodes.get_mut(&m).map(|x| &mut x.role)
+                    {
                         p.link_down(self.now, n);
                     }
                 }
@@ -459,7 +487,8 @@ impl Sim {
     fn restart(&mut self, n: NodeId) -> Result<(), String> {
         if let Some(node) = self.nodes.get_mut(&n) {
             if matches!(node.role, Role::Down) {
-                node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                node.role =
+                    Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
             }
         }
         self.refresh_links()
@@ -511,7 +540,8 @@ impl Sim {
                 let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
                 if to_replica && msg.epoch() > p.epoch() {
                     // A newer primary exists: step down and take the message as a replica.
-                    node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    node.role =
+                        Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
                     self.told_up.retain(|(p, _)| *p != to);
                     return self.deliver_repl(from, to, msg);
                 }
@@ -529,7 +559,12 @@ impl Sim {
         for a in actions {
             match a {
                 ReplicaAction::Send { to, msg } => {
-                    self.send(n, to, |gen| Ev::Repl { from: n, to, gen, msg });
+                    self.send(n, to, |gen| Ev::Repl {
+                        from: n,
+                        to,
+                        gen,
+                        msg,
+                    });
                 }
                 ReplicaAction::PersistEpoch(e) => {
                     let node = self.nodes.get_mut(&n).expect("node");
@@ -562,7 +597,12 @@ impl Sim {
             match a {
                 Action::Send { to, msg } => {
                     if self.told_up.contains(&(n, to)) {
-                        self.send(n, to, |gen| Ev::Repl { from: n, to, gen, msg });
+                        self.send(n, to, |gen| Ev::Repl {
+                            from: n,
+                            to,
+                            gen,
+                            msg,
+                        });
                     }
                 }
                 Action::LocalWrite { id, offset, data } => {
@@ -604,14 +644,23 @@ impl Sim {
                     }
                 }
                 Action::RequestIsrAdd { epoch, node } => {
-                    self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::IsrAdd { epoch, node } });
+                    self.send(n, CP, |gen| Ev::ToCp {
+                        from: n,
+                        gen,
+                        req: CpReq::IsrAdd { epoch, node },
+                    });
                 }
                 Action::RequestIsrRemove { epoch, node } => {
-                    self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::IsrRemove { epoch, node } });
+                    self.send(n, CP, |gen| Ev::ToCp {
+                        from: n,
+                        gen,
+                        req: CpReq::IsrRemove { epoch, node },
+                    });
                 }
                 Action::Deposed { .. } => {
                     let node = self.nodes.get_mut(&n).expect("node");
-                    node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    node.role =
+                        Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
                     self.told_up.retain(|(p, _)| *p != n);
                     let _ = now;
                     return Ok(());
@@ -651,7 +700,11 @@ impl Sim {
         if !self.alive(n) {
             return Ok(());
         }
-        self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::Hello });
+        self.send(n, CP, |gen| Ev::ToCp {
+            from: n,
+            gen,
+            req: CpReq::Hello,
+        });
         let now = self.now;
         let node = self.nodes.get_mut(&n).expect("node");
         let Role::Primary { p, last_renew } = &mut node.role else {
@@ -664,7 +717,14 @@ impl Sim {
         }
         let actions = p.tick(now);
         if let Some(epoch) = renew {
-            self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::RenewLease { epoch, sent_at: now } });
+            self.send(n, CP, |gen| Ev::ToCp {
+                from: n,
+                gen,
+                req: CpReq::RenewLease {
+                    epoch,
+                    sent_at: now,
+                },
+            });
         }
         self.primary_actions(n, actions)
     }
@@ -721,7 +781,8 @@ impl Sim {
             }
             CpRep::Deposed => {
                 if let Role::Primary { .. } = node.role {
-                    node.role = Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    node.role =
+                        Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
                     self.told_up.retain(|(p, _)| *p != to);
                 }
             }
@@ -734,7 +795,14 @@ impl Sim {
         if let Some(Role::Primary { p, last_renew }) = self.nodes.get_mut(&n).map(|x| &mut x.role) {
             *last_renew = now;
             let epoch = p.epoch();
-            self.send(n, CP, |gen| Ev::ToCp { from: n, gen, req: CpReq::RenewLease { epoch, sent_at: now } });
+            self.send(n, CP, |gen| Ev::ToCp {
+                from: n,
+                gen,
+                req: CpReq::RenewLease {
+                    epoch,
+                    sent_at: now,
+                },
+            });
         }
     }
 
@@ -752,19 +820,27 @@ impl Sim {
                     Some(CpRep::Deposed)
                 }
             }
-            CpReq::IsrAdd { epoch, node } | CpReq::IsrRemove { epoch, node } if epoch != cp.epoch || !current => {
+            CpReq::IsrAdd { epoch, node } | CpReq::IsrRemove { epoch, node }
+                if epoch != cp.epoch || !current =>
+            {
                 let _ = node;
                 Some(CpRep::Deposed)
             }
             CpReq::IsrAdd { epoch, node } => {
                 cp.isr.insert(node);
-                Some(CpRep::IsrCommitted { epoch, isr: cp.isr.clone() })
+                Some(CpRep::IsrCommitted {
+                    epoch,
+                    isr: cp.isr.clone(),
+                })
             }
             CpReq::IsrRemove { epoch, node } => {
                 if Some(node) != cp.primary {
                     cp.isr.remove(&node);
                 }
-                Some(CpRep::IsrCommitted { epoch, isr: cp.isr.clone() })
+                Some(CpRep::IsrCommitted {
+                    epoch,
+                    isr: cp.isr.clone(),
+                })
             }
         };
         if let Some(rep) = reply {
@@ -785,14 +861,20 @@ impl Sim {
         let cp = &self.cp;
         let lease_over = match self.bug {
             Bug::EarlyPromotion => cp.primary.is_none_or(|p| {
-                cp.last_heard.get(&p).is_none_or(|t| now.saturating_sub(*t) >= 100)
+                cp.last_heard
+                    .get(&p)
+                    .is_none_or(|t| now.saturating_sub(*t) >= 100)
             }),
             _ => now > cp.lease_expiry && now > cp.promoted_at + LEASE,
         };
         if cp.primary.is_some() && !lease_over {
             return;
         }
-        let reachable = |n: &NodeId| cp.last_heard.get(n).is_some_and(|t| now.saturating_sub(*t) < 100);
+        let reachable = |n: &NodeId| {
+            cp.last_heard
+                .get(n)
+                .is_some_and(|t| now.saturating_sub(*t) < 100)
+        };
         let candidates: Vec<NodeId> = cp.isr.iter().copied().filter(|n| reachable(n)).collect();
         if candidates.is_empty() {
             return; // offline until an in-sync member is back: never serve stale data
@@ -812,7 +894,14 @@ impl Sim {
         let gen = self.node_gen(pick);
         if self.connected(pick, CP) {
             let delay = self.rng.gen_range(1..=15);
-            self.at(now + delay, Ev::FromCp { to: pick, gen, rep: CpRep::Promote { epoch, isr } });
+            self.at(
+                now + delay,
+                Ev::FromCp {
+                    to: pick,
+                    gen,
+                    rep: CpRep::Promote { epoch, isr },
+                },
+            );
         }
     }
 
@@ -845,13 +934,33 @@ impl Sim {
             let v = self.client.issued.entry(block).or_insert(0);
             *v += 1;
             let version = *v;
-            self.client.outstanding.insert(id, Outstanding { block, version: Some(version), floor, sent_at: now });
+            self.client.outstanding.insert(
+                id,
+                Outstanding {
+                    block,
+                    version: Some(version),
+                    floor,
+                    sent_at: now,
+                },
+            );
             ClientReq::Write { id, block, version }
         } else {
-            self.client.outstanding.insert(id, Outstanding { block, version: None, floor, sent_at: now });
+            self.client.outstanding.insert(
+                id,
+                Outstanding {
+                    block,
+                    version: None,
+                    floor,
+                    sent_at: now,
+                },
+            );
             ClientReq::Read { id, block }
         };
-        self.send(CLIENT, target, |gen| Ev::ToNode { to: target, gen, req });
+        self.send(CLIENT, target, |gen| Ev::ToNode {
+            to: target,
+            gen,
+            req,
+        });
     }
 
     fn client_request(&mut self, n: NodeId, req: ClientReq) -> Result<(), String> {
@@ -873,7 +982,11 @@ impl Sim {
                     let epoch = p.epoch();
                     let value = node.disk[block as usize];
                     self.served(n, epoch)?;
-                    self.send(n, CLIENT, |gen| Ev::ToClient { from: n, gen, resp: ClientResp::ReadOk { id, value } });
+                    self.send(n, CLIENT, |gen| Ev::ToClient {
+                        from: n,
+                        gen,
+                        resp: ClientResp::ReadOk { id, value },
+                    });
                 }
             }
         }
@@ -901,7 +1014,10 @@ impl Sim {
                         ));
                     }
                     if value > issued {
-                        return Err(format!("t={}: block {} holds version {value} never written", self.now, o.block));
+                        return Err(format!(
+                            "t={}: block {} holds version {value} never written",
+                            self.now, o.block
+                        ));
                     }
                     self.client.reads_checked += 1;
                     self.report.reads_checked += 1;
@@ -941,16 +1057,25 @@ impl Sim {
         let primary = &self.nodes[&p];
         match &primary.role {
             Role::Primary { p: prim, .. } if prim.serving(self.now).is_ok() => {}
-            _ => return Err(format!("node {p} is named primary but does not serve after healing")),
+            _ => {
+                return Err(format!(
+                    "node {p} is named primary but does not serve after healing"
+                ))
+            }
         }
         for (b, acked) in &self.client.acked {
             let v = primary.disk[*b as usize];
             if v < *acked {
-                return Err(format!("block {b}: version {acked} was acknowledged but the primary holds {v}"));
+                return Err(format!(
+                    "block {b}: version {acked} was acknowledged but the primary holds {v}"
+                ));
             }
         }
         if self.cp.isr.len() != NODES.len() {
-            return Err(format!("in-sync set {:?} did not grow back to every replica after healing", self.cp.isr));
+            return Err(format!(
+                "in-sync set {:?} did not grow back to every replica after healing",
+                self.cp.isr
+            ));
         }
         for n in &self.cp.isr {
             if self.nodes[n].disk != primary.disk {
@@ -1009,7 +1134,10 @@ mod tests {
             total.reads_checked,
             total.failovers
         );
-        assert!(total.writes_acked > seeds() * 10, "the client made progress");
+        assert!(
+            total.writes_acked > seeds() * 10,
+            "the client made progress"
+        );
         assert!(total.failovers > seeds(), "faults caused failovers");
     }
 
@@ -1024,7 +1152,10 @@ mod tests {
     fn acknowledging_before_the_replicas_is_caught() {
         let (seed, e) = caught(Bug::AckBeforeReplicas);
         eprintln!("ack before replicas caught at seed {seed}: {e}");
-        assert!(e.contains("acknowledged"), "caught as a lost acknowledged write: {e}");
+        assert!(
+            e.contains("acknowledged"),
+            "caught as a lost acknowledged write: {e}"
+        );
     }
 
     #[test]
@@ -1039,7 +1170,10 @@ mod tests {
 
     #[test]
     fn one_seed_from_the_environment() {
-        if let Some(seed) = std::env::var("BULWARK_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        if let Some(seed) = std::env::var("BULWARK_SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
             run_seed(seed, Bug::None).unwrap();
         }
     }

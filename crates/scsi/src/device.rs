@@ -25,6 +25,24 @@ pub struct Extent {
     pub status: Provisioning,
 }
 
+/// The device cannot serve now but will soon, somewhere: a replicated volume whose
+/// primary is changing. Returned inside an `io::Error` (see [`unavailable`]), it becomes
+/// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION instead of a medium error, so initiators
+/// retry rather than fail the I/O.
+#[derive(Debug, thiserror::Error)]
+#[error("the volume is changing primary: {0}")]
+pub struct Transitioning(pub String);
+
+/// An `io::Error` that the SCSI layer reports as a transition (see [`Transitioning`]).
+pub fn unavailable(why: impl Into<String>) -> io::Error {
+    io::Error::other(Transitioning(why.into()))
+}
+
+/// True when `e` is a [`Transitioning`] error.
+pub fn is_transitioning(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<Transitioning>())
+}
+
 /// Block storage under a logical unit.
 ///
 /// Offsets and lengths are in bytes and are always multiples of the logical block size

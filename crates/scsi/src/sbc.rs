@@ -151,11 +151,17 @@ fn range(lu: &LogicalUnit, f: &RwFields) -> Result<BlockRange, Sense> {
     BlockRange::checked(f.lba, f.count, lu.num_blocks())
 }
 
-fn read_error(_e: std::io::Error) -> Sense {
+fn read_error(e: std::io::Error) -> Sense {
+    if crate::device::is_transitioning(&e) {
+        return Sense::NOT_READY_ASYMMETRIC_ACCESS_STATE_TRANSITION;
+    }
     Sense::MEDIUM_ERROR_UNRECOVERED_READ_ERROR
 }
 
-fn write_error(_e: std::io::Error) -> Sense {
+fn write_error(e: std::io::Error) -> Sense {
+    if crate::device::is_transitioning(&e) {
+        return Sense::NOT_READY_ASYMMETRIC_ACCESS_STATE_TRANSITION;
+    }
     Sense::MEDIUM_ERROR_WRITE_ERROR
 }
 

@@ -1,0 +1,688 @@
+//! The threaded driver around the sans-IO state machines: a [`PrimaryVolume`] is the
+//! [`scsi::BlockDevice`] the target serves, a [`ReplicaVolume`] applies a primary's
+//! stream to a local store. Each runs one driver thread for protocol events (acks,
+//! links, time, resync reads); initiator writes run on the caller's (I/O pool) thread
+//! and wait for their completion. No lock is held across disk I/O.
+//!
+//! The network and the control plane are behind [`Transport`] and [`ControlPlane`], so
+//! the same driver runs over TCP in the product and over channels in tests.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use scsi::BlockDevice;
+
+use crate::bitmap::RegionSet;
+use crate::message::{Epoch, Message, NodeId, Seq};
+use crate::primary::{Action, Primary, PrimaryConfig};
+use crate::replica::{Replica, ReplicaAction};
+
+/// Sends replication messages. Never blocks; messages to one node arrive in order or
+/// the driver is told the link went down.
+pub trait Transport: Send + Sync + 'static {
+    /// Queues `msg` for `to`.
+    fn send(&self, to: NodeId, msg: Message);
+}
+
+/// Asks the control plane for in-sync-set changes; answers come back through
+/// [`PrimaryVolume::isr_committed`].
+pub trait ControlPlane: Send + Sync + 'static {
+    /// Add `node` to the in-sync set at `epoch`.
+    fn request_isr_add(&self, epoch: Epoch, node: NodeId);
+    /// Remove `node` from the in-sync set at `epoch`.
+    fn request_isr_remove(&self, epoch: Epoch, node: NodeId);
+}
+
+/// Small persistent state of a volume replica on one node: the highest epoch seen and
+/// the activity log. Files next to the volume's data, replaced atomically.
+#[derive(Clone, Debug)]
+pub struct ReplicaState {
+    dir: PathBuf,
+    name: String,
+}
+
+impl ReplicaState {
+    /// State of volume `name` in `dir`.
+    pub fn new(dir: impl Into<PathBuf>, name: &str) -> ReplicaState {
+        ReplicaState {
+            dir: dir.into(),
+            name: name.to_string(),
+        }
+    }
+
+    fn path(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{}.{what}", self.name))
+    }
+
+    fn write_atomic(&self, what: &str, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let path = self.path(what);
+        let tmp = self.path(&format!("{what}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The persisted epoch (0 if none).
+    pub fn epoch(&self) -> io::Result<Epoch> {
+        match std::fs::read(self.path("epoch")) {
+            Ok(b) => {
+                let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} is damaged", self.path("epoch").display()),
+                    )
+                })?;
+                Ok(u64::from_le_bytes(arr))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Persists `epoch`.
+    pub fn set_epoch(&self, epoch: Epoch) -> io::Result<()> {
+        self.write_atomic("epoch", &epoch.to_le_bytes())
+    }
+
+    /// The persisted activity log (empty if none).
+    pub fn activity_log(&self) -> io::Result<RegionSet> {
+        match std::fs::read(self.path("al")) {
+            Ok(b) => {
+                let mut s = RegionSet::new();
+                for c in b.chunks_exact(8) {
+                    if let Ok(arr) = <[u8; 8]>::try_from(c) {
+                        s.insert(u64::from_le_bytes(arr));
+                    }
+                }
+                Ok(s)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(RegionSet::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Persists the activity log.
+    pub fn set_activity_log(&self, s: &RegionSet) -> io::Result<()> {
+        let mut b = Vec::with_capacity(s.len() * 8);
+        for r in s.iter() {
+            b.extend_from_slice(&r.to_le_bytes());
+        }
+        self.write_atomic("al", &b)
+    }
+}
+
+enum PrimaryEvent {
+    Message(NodeId, Message),
+    LinkUp(NodeId),
+    LinkDown(NodeId),
+    IsrCommitted(Epoch, BTreeSet<NodeId>),
+    Lease(Instant),
+    Stop,
+}
+
+struct PrimaryShared {
+    core: Mutex<PrimaryCore>,
+    store: Arc<dyn BlockDevice>,
+    state: ReplicaState,
+    transport: Arc<dyn Transport>,
+    control: Arc<dyn ControlPlane>,
+    region_size: u64,
+    start: Instant,
+    events: Mutex<Sender<PrimaryEvent>>,
+}
+
+struct PrimaryCore {
+    p: Primary,
+    next_tag: u64,
+    waiters: HashMap<u64, SyncSender<()>>,
+}
+
+/// The primary of a replicated volume: what the SCSI target reads and writes.
+pub struct PrimaryVolume {
+    shared: Arc<PrimaryShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PrimaryVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrimaryVolume({})", self.shared.state.name)
+    }
+}
+
+/// How long an initiator write may wait for its replicas before the target reports a
+/// transition (the in-sync set change or failover takes over from there).
+const WRITE_WAIT: Duration = Duration::from_secs(10);
+
+impl PrimaryShared {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Executes actions; local writes and region reads happen here, without the lock.
+    fn run(&self, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            match a {
+                Action::Send { to, msg } => self.transport.send(to, msg),
+                Action::LocalWrite { id, offset, data } => {
+                    // A failed local write leaves the write pending: the initiator's
+                    // wait times out and reports a transition; the disk error is logged.
+                    match self.store.write_at(offset, &data, false) {
+                        Ok(()) => {
+                            let now = self.now();
+                            if let Ok(mut c) = self.core.lock() {
+                                queue.extend(c.p.local_done(now, id));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(volume = %self.state.name, error = %e, "local write failed")
+                        }
+                    }
+                }
+                Action::PersistActivityLog(s) => {
+                    if let Err(e) = self.state.set_activity_log(&s) {
+                        tracing::error!(volume = %self.state.name, error = %e, "cannot persist the activity log");
+                    }
+                }
+                Action::ReadRegion { peer, seq, region } => {
+                    let offset = region * self.region_size;
+                    let len = self
+                        .region_size
+                        .min(self.store.size_bytes().saturating_sub(offset));
+                    let mut buf = vec![0u8; len as usize];
+                    match self.store.read_at(offset, &mut buf) {
+                        Ok(()) => {
+                            if let Ok(mut c) = self.core.lock() {
+                                queue.extend(c.p.region_read(peer, seq, Bytes::from(buf)));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(volume = %self.state.name, error = %e, "resync read failed")
+                        }
+                    }
+                }
+                Action::Complete(tag) => {
+                    if let Ok(mut c) = self.core.lock() {
+                        if let Some(w) = c.waiters.remove(&tag) {
+                            let _ = w.try_send(());
+                        }
+                    }
+                }
+                Action::RequestIsrAdd { epoch, node } => self.control.request_isr_add(epoch, node),
+                Action::RequestIsrRemove { epoch, node } => {
+                    self.control.request_isr_remove(epoch, node)
+                }
+                Action::Deposed { epoch } => {
+                    tracing::warn!(volume = %self.state.name, epoch, "deposed by a newer primary");
+                }
+                Action::Sealed => tracing::info!(volume = %self.state.name, "in-sync set sealed"),
+            }
+        }
+    }
+
+    fn event_loop(self: Arc<Self>, rx: Receiver<PrimaryEvent>) {
+        loop {
+            let ev = match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(ev) => Some(ev),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let now = self.now();
+            let actions = {
+                let Ok(mut c) = self.core.lock() else { return };
+                match ev {
+                    None => c.p.tick(now),
+                    Some(PrimaryEvent::Message(from, msg)) => c.p.on_message(now, from, msg),
+                    Some(PrimaryEvent::LinkUp(p)) => c.p.link_up(now, p),
+                    Some(PrimaryEvent::LinkDown(p)) => c.p.link_down(now, p),
+                    Some(PrimaryEvent::IsrCommitted(e, isr)) => c.p.isr_committed(now, e, isr),
+                    Some(PrimaryEvent::Lease(until)) => {
+                        let until = until.saturating_duration_since(self.start).as_millis() as u64;
+                        c.p.set_lease(now, until)
+                    }
+                    Some(PrimaryEvent::Stop) => return,
+                }
+            };
+            self.run(actions);
+        }
+    }
+}
+
+impl PrimaryVolume {
+    /// Starts the primary of volume `name` at `cfg.epoch` over `store`. It seals the
+    /// in-sync set once links come up and serves once sealed and leased.
+    pub fn start(
+        cfg: PrimaryConfig,
+        store: Arc<dyn BlockDevice>,
+        state: ReplicaState,
+        transport: Arc<dyn Transport>,
+        control: Arc<dyn ControlPlane>,
+    ) -> io::Result<PrimaryVolume> {
+        state.set_epoch(cfg.epoch)?;
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        let region_size = cfg.region_size;
+        let shared = Arc::new(PrimaryShared {
+            core: Mutex::new(PrimaryCore {
+                p: Primary::new(cfg, 0),
+                next_tag: 1,
+                waiters: HashMap::new(),
+            }),
+            store,
+            state,
+            transport,
+            control,
+            region_size,
+            start,
+            events: Mutex::new(tx),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("bulwark-primary".into())
+            .spawn(move || s.event_loop(rx))?;
+        Ok(PrimaryVolume {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn event(&self, ev: PrimaryEvent) {
+        if let Ok(tx) = self.shared.events.lock() {
+            let _ = tx.send(ev);
+        }
+    }
+
+    /// A message from replica `from`.
+    pub fn deliver(&self, from: NodeId, msg: Message) {
+        self.event(PrimaryEvent::Message(from, msg));
+    }
+
+    /// The link to `peer` is up.
+    pub fn link_up(&self, peer: NodeId) {
+        self.event(PrimaryEvent::LinkUp(peer));
+    }
+
+    /// The link to `peer` is down.
+    pub fn link_down(&self, peer: NodeId) {
+        self.event(PrimaryEvent::LinkDown(peer));
+    }
+
+    /// The control plane committed the in-sync set `isr` at `epoch`.
+    pub fn isr_committed(&self, epoch: Epoch, isr: BTreeSet<NodeId>) {
+        self.event(PrimaryEvent::IsrCommitted(epoch, isr));
+    }
+
+    /// The lease is valid until `until` (measured from before it was requested).
+    pub fn lease(&self, until: Instant) {
+        self.event(PrimaryEvent::Lease(until));
+    }
+
+    /// Whether the volume serves now.
+    pub fn serving(&self) -> bool {
+        let now = self.shared.now();
+        self.shared
+            .core
+            .lock()
+            .map(|c| c.p.serving(now).is_ok())
+            .unwrap_or(false)
+    }
+
+    /// The in-sync set as the primary knows it (without itself).
+    pub fn in_sync(&self) -> BTreeSet<NodeId> {
+        self.shared
+            .core
+            .lock()
+            .map(|c| c.p.in_sync().clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PrimaryVolume {
+    fn drop(&mut self) {
+        self.event(PrimaryEvent::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl BlockDevice for PrimaryVolume {
+    fn size_bytes(&self) -> u64 {
+        self.shared.store.size_bytes()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if !self.serving() {
+            return Err(scsi::device::unavailable(
+                "not serving (sealing, no lease or deposed)",
+            ));
+        }
+        self.shared.store.read_at(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let actions = {
+            let now = self.shared.now();
+            let mut c = self
+                .shared
+                .core
+                .lock()
+                .map_err(|_| io::Error::other("primary state poisoned"))?;
+            let tag = c.next_tag;
+            c.next_tag += 1;
+            // The one copy of the data: the stream and the local write share it.
+            let actions =
+                c.p.submit_write(now, tag, offset, Bytes::copy_from_slice(data))
+                    .map_err(|e| scsi::device::unavailable(e.to_string()))?;
+            c.waiters.insert(tag, tx);
+            actions
+        };
+        self.shared.run(actions);
+        match rx.recv_timeout(WRITE_WAIT) {
+            Ok(()) => {
+                if fua {
+                    self.shared.store.flush()?;
+                }
+                Ok(())
+            }
+            Err(_) => Err(scsi::device::unavailable(
+                "the write did not reach every in-sync replica in time",
+            )),
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // Replicas apply with the same cache semantics; a flush barrier in the stream is
+        // next (issue 4): today SYNCHRONIZE CACHE flushes the primary's copy.
+        self.shared.store.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Deallocation must reach the replicas too: written as zeroes through the stream.
+        let zero = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zero.len() as u64);
+            self.write_at(at, &zero[..n as usize], false)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn supports_discard(&self) -> bool {
+        false
+    }
+}
+
+enum ReplicaEvent {
+    Message(NodeId, Message),
+    Stop,
+}
+
+/// A replica of a volume on this node.
+pub struct ReplicaVolume {
+    tx: Sender<ReplicaEvent>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplicaVolume {
+    /// Starts applying streams to `store`; state (epoch, activity log) in `state`.
+    pub fn start(
+        region_size: u64,
+        store: Arc<dyn BlockDevice>,
+        state: ReplicaState,
+        transport: Arc<dyn Transport>,
+    ) -> io::Result<ReplicaVolume> {
+        let mut core = Replica::new(region_size, state.epoch()?, state.activity_log()?);
+        let (tx, rx) = mpsc::channel::<ReplicaEvent>();
+        let thread = std::thread::Builder::new()
+            .name("bulwark-replica".into())
+            .spawn(move || {
+                while let Ok(ReplicaEvent::Message(from, msg)) = rx.recv() {
+                    let mut queue: std::collections::VecDeque<ReplicaAction> = core.on_message(from, msg).into();
+                    while let Some(a) = queue.pop_front() {
+                        match a {
+                            ReplicaAction::Send { to, msg } => transport.send(to, msg),
+                            ReplicaAction::PersistEpoch(e) => {
+                                if let Err(err) = state.set_epoch(e) {
+                                    // Without the epoch on disk this replica must not ack.
+                                    tracing::error!(error = %err, "cannot persist the epoch; stopping the replica");
+                                    return;
+                                }
+                            }
+                            ReplicaAction::PersistActivityLog(s) => {
+                                if let Err(err) = state.set_activity_log(&s) {
+                                    tracing::error!(error = %err, "cannot persist the activity log; stopping the replica");
+                                    return;
+                                }
+                            }
+                            ReplicaAction::Apply { seq, offset, data } => {
+                                if let Err(err) = store.write_at(offset, &data, false) {
+                                    // No ack: the primary drops this replica from the
+                                    // in-sync set through the control plane.
+                                    tracing::error!(error = %err, "replica write failed; stopping the replica");
+                                    return;
+                                }
+                                queue.extend(core.applied(seq as Seq));
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(ReplicaVolume {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// A message from the primary `from`.
+    pub fn deliver(&self, from: NodeId, msg: Message) {
+        let _ = self.tx.send(ReplicaEvent::Message(from, msg));
+    }
+}
+
+impl Drop for ReplicaVolume {
+    fn drop(&mut self) {
+        let _ = self.tx.send(ReplicaEvent::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scsi::testing::MemDevice;
+
+    /// Channels between in-process nodes, routed by node id.
+    #[derive(Default)]
+    struct Net {
+        primaries: Mutex<HashMap<NodeId, Arc<PrimaryVolume>>>,
+        replicas: Mutex<HashMap<NodeId, Arc<ReplicaVolume>>>,
+    }
+
+    struct Port {
+        me: NodeId,
+        net: Arc<Net>,
+    }
+
+    impl Transport for Port {
+        fn send(&self, to: NodeId, msg: Message) {
+            let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
+            if to_replica {
+                if let Some(r) = self.net.replicas.lock().unwrap().get(&to) {
+                    r.deliver(self.me, msg);
+                }
+            } else if let Some(p) = self.net.primaries.lock().unwrap().get(&to) {
+                p.deliver(self.me, msg);
+            }
+        }
+    }
+
+    /// Commits every request at once.
+    struct Cp {
+        isr: Mutex<BTreeSet<NodeId>>,
+        net: Arc<Net>,
+        primary: NodeId,
+    }
+
+    impl ControlPlane for Cp {
+        fn request_isr_add(&self, epoch: Epoch, node: NodeId) {
+            let isr = {
+                let mut i = self.isr.lock().unwrap();
+                i.insert(node);
+                i.clone()
+            };
+            if let Some(p) = self.net.primaries.lock().unwrap().get(&self.primary) {
+                p.isr_committed(epoch, isr);
+            }
+        }
+        fn request_isr_remove(&self, epoch: Epoch, node: NodeId) {
+            let isr = {
+                let mut i = self.isr.lock().unwrap();
+                i.remove(&node);
+                i.clone()
+            };
+            if let Some(p) = self.net.primaries.lock().unwrap().get(&self.primary) {
+                p.isr_committed(epoch, isr);
+            }
+        }
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn start_primary(
+        net: &Arc<Net>,
+        me: NodeId,
+        epoch: Epoch,
+        store: Arc<MemDevice>,
+        dir: &std::path::Path,
+        isr: &[NodeId],
+        others: &[NodeId],
+    ) -> Arc<PrimaryVolume> {
+        let state = ReplicaState::new(dir.join(format!("n{me}")), "v");
+        std::fs::create_dir_all(dir.join(format!("n{me}"))).unwrap();
+        let cfg = PrimaryConfig {
+            me,
+            epoch,
+            region_size: 64 << 10,
+            size_bytes: store.size_bytes(),
+            replicas: others.iter().copied().collect(),
+            in_sync: isr.iter().copied().collect(),
+            own_activity_log: state.activity_log().unwrap(),
+            replica_timeout_ms: 500,
+            bug_ack_before_replicas: false,
+        };
+        let cp = Arc::new(Cp {
+            isr: Mutex::new(isr.iter().copied().collect()),
+            net: net.clone(),
+            primary: me,
+        });
+        let p = Arc::new(
+            PrimaryVolume::start(
+                cfg,
+                store,
+                state,
+                Arc::new(Port {
+                    me,
+                    net: net.clone(),
+                }),
+                cp,
+            )
+            .unwrap(),
+        );
+        net.primaries.lock().unwrap().insert(me, p.clone());
+        for o in others {
+            p.link_up(*o);
+        }
+        p.lease(Instant::now() + Duration::from_secs(60));
+        p
+    }
+
+    fn start_replica(net: &Arc<Net>, me: NodeId, store: Arc<MemDevice>, dir: &std::path::Path) {
+        std::fs::create_dir_all(dir.join(format!("n{me}"))).unwrap();
+        let state = ReplicaState::new(dir.join(format!("n{me}")), "v");
+        let r = ReplicaVolume::start(
+            64 << 10,
+            store,
+            state,
+            Arc::new(Port {
+                me,
+                net: net.clone(),
+            }),
+        )
+        .unwrap();
+        net.replicas.lock().unwrap().insert(me, Arc::new(r));
+    }
+
+    fn read(d: &dyn BlockDevice, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        d.read_at(offset, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn writes_are_on_every_replica_when_acknowledged_and_survive_a_failover() {
+        let dir = std::env::temp_dir().join(format!("bulwark-repl-{}", std::process::id()));
+        let net = Arc::new(Net::default());
+        let stores: Vec<Arc<MemDevice>> =
+            (0..3).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
+        start_replica(&net, 2, stores[1].clone(), &dir);
+        start_replica(&net, 3, stores[2].clone(), &dir);
+        let p = start_primary(&net, 1, 1, stores[0].clone(), &dir, &[2, 3], &[2, 3]);
+        wait_until("sealed and serving", || p.serving());
+
+        for i in 0..64u64 {
+            let data = vec![i as u8 + 1; 4096];
+            p.write_at(i * 4096, &data, false).unwrap();
+            // Acknowledged: already on both replicas.
+            for s in &stores[1..] {
+                assert_eq!(read(s.as_ref(), i * 4096, 4096), data);
+            }
+        }
+        assert_eq!(read(p.as_ref(), 0, 4096), vec![1u8; 4096]);
+
+        // The primary dies; node 2 is promoted at epoch 2 with node 3 in sync.
+        net.primaries.lock().unwrap().clear();
+        drop(p);
+        net.replicas.lock().unwrap().remove(&2);
+        let p2 = start_primary(&net, 2, 2, stores[1].clone(), &dir, &[3], &[1, 3]);
+        wait_until("the new primary serves", || p2.serving());
+        for i in 0..64u64 {
+            assert_eq!(read(p2.as_ref(), i * 4096, 4096), vec![i as u8 + 1; 4096]);
+        }
+        p2.write_at(0, &[9u8; 4096], true).unwrap();
+        assert_eq!(read(stores[2].as_ref(), 0, 4096), vec![9u8; 4096]);
+
+        // The old primary returns as a replica: it is resynced and joins the in-sync set.
+        start_replica(&net, 1, stores[0].clone(), &dir);
+        p2.link_up(1);
+        wait_until("node 1 back in sync", || p2.in_sync().contains(&1));
+        for s in &stores {
+            assert_eq!(
+                read(s.as_ref(), 0, 4 << 20),
+                read(stores[1].as_ref(), 0, 4 << 20)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
