@@ -28,6 +28,7 @@
 
 mod bitmap;
 mod message;
+pub mod net;
 mod primary;
 mod replica;
 #[cfg(test)]
