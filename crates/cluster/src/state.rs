@@ -101,6 +101,10 @@ pub struct Volume {
     pub primary: NodeId,
     /// Primary term: raised every time the primary changes.
     pub epoch: u64,
+    /// Replicas known to hold every acknowledged write (the primary included). Only
+    /// they may be promoted; the primary changes it only through the log.
+    #[serde(default)]
+    pub in_sync: Vec<NodeId>,
 }
 
 /// An iSCSI target.
@@ -285,6 +289,25 @@ pub enum Command {
         /// Target.
         iqn: String,
     },
+    /// The primary of `volume` at `epoch` changes its in-sync set.
+    IsrChange {
+        /// Volume.
+        volume: String,
+        /// The primary's epoch: refused if the volume has moved on.
+        epoch: u64,
+        /// Replicas that caught up.
+        add: Vec<NodeId>,
+        /// Replicas that stopped answering.
+        remove: Vec<NodeId>,
+    },
+    /// Makes `node` the primary of `volumes` (a target's volumes move together), each at
+    /// the epoch given, which must still be current.
+    Promote {
+        /// (volume, expected current epoch).
+        volumes: Vec<(String, u64)>,
+        /// New primary.
+        node: NodeId,
+    },
     /// Changes the settings.
     SetSettings {
         /// New settings.
@@ -410,6 +433,16 @@ pub enum Refused {
     BadSettings(String),
     #[error("node {node:?} hosts volumes {volumes:?}; a storage node with volumes cannot become a witness")]
     WitnessWithVolumes { node: String, volumes: Vec<String> },
+    #[error("volume {volume:?} is at epoch {current}, not {epoch}: a newer primary took over")]
+    StaleEpoch { volume: String, epoch: u64, current: u64 },
+    #[error("node {node} is not an in-sync replica of volume {volume:?}, so it may lack acknowledged writes")]
+    NotInSync { volume: String, node: NodeId },
+    #[error("node {node} holds no replica of volume {volume:?}")]
+    NotAReplica { volume: String, node: NodeId },
+    #[error("the primary of volume {0:?} cannot leave its own in-sync set")]
+    RemovePrimary(String),
+    #[error("volume {volume:?} of {iqn} must move with the others: a target moves as one unit")]
+    TargetSplit { iqn: String, volume: String },
     #[error("address {addr} is already used by node {node:?}")]
     AddressInUse { addr: SocketAddr, node: String },
 }
@@ -674,6 +707,8 @@ impl ClusterState {
                         block_size: *block_size,
                         primary: placement[0],
                         replicas: placement.clone(),
+                        // New volumes are zeroes everywhere: in sync from the start.
+                        in_sync: placement.clone(),
                         epoch: 1,
                     },
                 );
@@ -896,6 +931,96 @@ impl ClusterState {
                         user: user.clone(),
                         iqn: iqn.clone(),
                     });
+                }
+                Ok(Applied::Done)
+            }
+            Command::IsrChange {
+                volume,
+                epoch,
+                add,
+                remove,
+            } => {
+                let v = self
+                    .volumes
+                    .get(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                if *epoch != v.epoch {
+                    return Err(Refused::StaleEpoch {
+                        volume: volume.clone(),
+                        epoch: *epoch,
+                        current: v.epoch,
+                    });
+                }
+                for n in add {
+                    if !v.replicas.contains(n) {
+                        return Err(Refused::NotAReplica {
+                            volume: volume.clone(),
+                            node: *n,
+                        });
+                    }
+                }
+                if remove.contains(&v.primary) {
+                    return Err(Refused::RemovePrimary(volume.clone()));
+                }
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                v.in_sync.retain(|n| !remove.contains(n));
+                for n in add {
+                    if !v.in_sync.contains(n) {
+                        v.in_sync.push(*n);
+                    }
+                }
+                v.in_sync.sort_unstable();
+                Ok(Applied::Done)
+            }
+            Command::Promote { volumes, node } => {
+                // A target moves as one unit: all its volumes or none.
+                for (name, _) in volumes {
+                    if let Some((t, _)) = self.mapping_of(name) {
+                        if let Some(missing) = t
+                            .luns
+                            .values()
+                            .find(|v| !volumes.iter().any(|(n, _)| n == *v))
+                        {
+                            return Err(Refused::TargetSplit {
+                                iqn: t.iqn.clone(),
+                                volume: missing.clone(),
+                            });
+                        }
+                    }
+                }
+                for (name, epoch) in volumes {
+                    let v = self
+                        .volumes
+                        .get(name)
+                        .ok_or_else(|| Refused::NoSuchVolume(name.clone()))?;
+                    if *epoch != v.epoch {
+                        return Err(Refused::StaleEpoch {
+                            volume: name.clone(),
+                            epoch: *epoch,
+                            current: v.epoch,
+                        });
+                    }
+                    if !v.in_sync.contains(node) {
+                        return Err(Refused::NotInSync {
+                            volume: name.clone(),
+                            node: *node,
+                        });
+                    }
+                }
+                for (name, _) in volumes {
+                    if let Some(v) = self.volumes.get_mut(name) {
+                        let old = v.primary;
+                        // The old primary may hold writes nobody acknowledged: it comes
+                        // back through resync, not as an in-sync member.
+                        if old != *node {
+                            v.in_sync.retain(|n| *n != old);
+                        }
+                        v.primary = *node;
+                        v.epoch += 1;
+                    }
                 }
                 Ok(Applied::Done)
             }

@@ -605,6 +605,30 @@ fn chap_accounts_are_shared_and_validated() {
 }
 
 #[test]
+fn in_sync_set_and_promotion_follow_epochs() {
+    let mut st = three();
+    st.apply(&create("v", GIB, 3, &["n1", "n2", "n3"])).unwrap();
+    assert_eq!(st.volumes["v"].in_sync, vec![1, 2, 3]);
+    let isr = |epoch, add: Vec<NodeId>, remove: Vec<NodeId>| Command::IsrChange { volume: "v".into(), epoch, add, remove };
+    st.apply(&isr(1, vec![], vec![3])).unwrap();
+    assert_eq!(st.volumes["v"].in_sync, vec![1, 2]);
+    assert!(matches!(refused(&mut st, isr(1, vec![], vec![1])), Refused::RemovePrimary(_)));
+    assert!(matches!(refused(&mut st, isr(1, vec![9], vec![])), Refused::NotAReplica { .. }));
+    // Only an in-sync replica may be promoted; the epoch must be current.
+    let promote = |epoch, node| Command::Promote { volumes: vec![("v".into(), epoch)], node };
+    assert!(matches!(refused(&mut st, promote(1, 3)), Refused::NotInSync { .. }));
+    st.apply(&promote(1, 2)).unwrap();
+    let v = &st.volumes["v"];
+    assert_eq!((v.primary, v.epoch, v.in_sync.clone()), (2, 2, vec![2]));
+    // The deposed primary's requests are refused from now on.
+    let r = refused(&mut st, isr(1, vec![3], vec![]));
+    assert!(r.to_string().contains("a newer primary took over"), "{r}");
+    st.apply(&isr(2, vec![1, 3], vec![])).unwrap();
+    assert_eq!(st.volumes["v"].in_sync, vec![1, 2, 3]);
+    assert!(matches!(refused(&mut st, promote(1, 1)), Refused::StaleEpoch { .. }));
+}
+
+#[test]
 fn settings_are_bounded() {
     let mut st = three();
     let set = |hb, ft| Command::SetSettings {
@@ -629,6 +653,8 @@ fn settings_are_bounded() {
 fn check_invariants(st: &ClusterState) {
     for v in st.volumes.values() {
         assert!(v.replicas.contains(&v.primary), "primary is a replica");
+        assert!(v.in_sync.contains(&v.primary), "the primary is in sync");
+        assert!(v.in_sync.iter().all(|n| v.replicas.contains(n)), "in-sync members are replicas");
         let mut r = v.replicas.clone();
         r.sort();
         r.dedup();
@@ -718,6 +744,11 @@ fn arb_command() -> impl Strategy<Value = Command> {
         user.clone().prop_map(|user| Command::RemoveChap { user }),
         (user.clone(), iqn.clone()).prop_map(|(user, iqn)| Command::BindChap { user, iqn }),
         (user, iqn).prop_map(|(user, iqn)| Command::UnbindChap { user, iqn }),
+        (prop::sample::select(vec!["a", "b", "c"]), 1u64..4, 1u64..6, 1u64..6).prop_map(|(v, epoch, a, r)| {
+            Command::IsrChange { volume: v.into(), epoch, add: vec![a], remove: vec![r] }
+        }),
+        (prop::sample::select(vec!["a", "b", "c"]), 1u64..4, 1u64..6)
+            .prop_map(|(v, epoch, node)| Command::Promote { volumes: vec![(v.into(), epoch)], node }),
     ]
 }
 
