@@ -455,7 +455,13 @@ async fn serve_cluster(
                     .with_context(|| format!("cannot listen on portal {}", p.addr))?,
             );
         }
-        let serving = serving::Serving::new(&node, server.clone(), &data_dir, portals);
+        let net = replication::net::ReplicationNet::start(
+            identity.node_id,
+            &identity.secret,
+            identity.addresses.replication,
+        )
+        .await?;
+        let serving = serving::Serving::new(&node, server.clone(), &data_dir, portals, net);
         tokio::spawn(serving.clone().run(node.state()));
         Some(serving)
     };

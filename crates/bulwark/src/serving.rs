@@ -1,61 +1,144 @@
-//! Keeps what this node serves equal to what the cluster state says: volume files for
-//! every replica placed here, and an iSCSI target for every target whose volumes are
-//! primary here. Changes apply to live targets: a new LUN is added to the running
-//! `TargetDevice` (raising REPORTED LUNS DATA HAS CHANGED), a grown volume raises
-//! CAPACITY DATA HAS CHANGED, ACL and CHAP changes take effect at the next login.
+//! Keeps what this node serves equal to what the cluster state says.
+//!
+//! For every volume with a replica here: a [`ReplicaVolume`] applying the primary's
+//! stream, or — where this node is the primary — a [`PrimaryVolume`] that seals the
+//! in-sync set, renews its lease with the Raft leader and is the block device of the
+//! target's LUN. For every target whose volumes are primary here: an iSCSI target.
+//! Changes apply to live targets: a new LUN raises REPORTED LUNS DATA HAS CHANGED, a
+//! grown volume CAPACITY DATA HAS CHANGED, ACL changes end sessions they no longer
+//! allow, CHAP changes apply at the next login. A target whose primary moves away is
+//! removed here at once, ending its sessions, so initiators reconnect to the new one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use cluster::state::{ClusterState, NodeId, Target, Volume};
+use cluster::state::{ClusterState, Command, NodeId, NodeRole, Target, Volume};
 use cluster::ClusterNode;
 use iscsi_proto::login::ChapAccount;
-use tracing::{error, info};
+use replication::net::ReplicationNet;
+use replication::{ControlPlane, PrimaryConfig, PrimaryVolume, ReplicaState, ReplicaVolume};
+use scsi::BlockDevice;
+use tracing::{error, info, warn};
+
+/// Resync and activity-log granularity.
+const REGION_SIZE: u64 = 1 << 20;
+/// How often a primary renews its lease (well inside [`cluster::node::LEASE`]).
+const RENEW_EVERY: Duration = Duration::from_millis(200);
+/// Margin for clock rate differences between this node and the Raft leader.
+const LEASE_MARGIN: Duration = Duration::from_millis(150);
 
 /// One target served here.
 struct Served {
     device: Arc<scsi::TargetDevice>,
-    /// LUN → (volume name, its store).
-    luns: BTreeMap<u64, (String, Arc<blockstore::FileStore>)>,
+    /// LUN → (volume name, epoch of the primary serving it).
+    luns: BTreeMap<u64, (String, u64)>,
     /// The configuration last given to the iSCSI server.
     config: Target,
     chap: Vec<ChapAccount>,
+}
+
+enum Role {
+    Primary {
+        epoch: u64,
+        volume: Arc<PrimaryVolume>,
+        lease: tokio::task::JoinHandle<()>,
+    },
+    Replica(#[allow(dead_code)] Arc<ReplicaVolume>),
 }
 
 /// The serving side of a cluster node.
 pub struct Serving {
     me: NodeId,
     node_name: String,
+    node: ClusterNode,
     volumes_dir: PathBuf,
     server: target::Server,
     portals: Vec<target::Portal>,
+    net: Arc<ReplicationNet>,
+    rt: tokio::runtime::Handle,
     served: Mutex<HashMap<String, Served>>,
+    roles: Mutex<HashMap<String, Role>>,
+    /// Epochs of the volumes primary here when this process started: those must be
+    /// re-promoted at a new epoch before serving (this process has no stream state).
+    start_epochs: Mutex<Option<HashMap<String, u64>>>,
+    repromotion_asked: Mutex<HashSet<(String, u64)>>,
     events: Arc<cluster::status::EventLog>,
+}
+
+/// Sends in-sync-set changes through Raft.
+struct IsrRequests {
+    node: ClusterNode,
+    volume: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl IsrRequests {
+    fn request(&self, epoch: u64, add: Vec<NodeId>, remove: Vec<NodeId>) {
+        let (node, volume) = (self.node.clone(), self.volume.clone());
+        self.rt.spawn(async move {
+            let cmd = Command::IsrChange {
+                volume: volume.clone(),
+                epoch,
+                add: add.clone(),
+                remove: remove.clone(),
+            };
+            match node.write(cmd).await {
+                Ok(Ok(_)) => {
+                    let what = if add.is_empty() {
+                        format!("node(s) {remove:?} left the in-sync set of {volume}")
+                    } else {
+                        format!("node(s) {add:?} rejoined the in-sync set of {volume}")
+                    };
+                    node.events().push("in_sync", what);
+                }
+                Ok(Err(r)) => warn!(%volume, refused = %r, "in-sync set change refused"),
+                Err(e) => warn!(%volume, error = %e, "in-sync set change not committed"),
+            }
+        });
+    }
+}
+
+impl ControlPlane for IsrRequests {
+    fn request_isr_add(&self, epoch: u64, node: NodeId) {
+        self.request(epoch, vec![node], Vec::new());
+    }
+    fn request_isr_remove(&self, epoch: u64, node: NodeId) {
+        self.request(epoch, Vec::new(), vec![node]);
+    }
 }
 
 impl Serving {
     /// Serving for `node` through `server` on `portals`; volume files live in
-    /// `<data_dir>/volumes`.
+    /// `<data_dir>/volumes`; replication through `net`.
     pub fn new(
         node: &ClusterNode,
         server: target::Server,
         data_dir: &Path,
         portals: Vec<target::Portal>,
+        net: Arc<ReplicationNet>,
     ) -> Arc<Serving> {
         Arc::new(Serving {
             me: node.id(),
             node_name: node.identity().name.clone(),
+            node: node.clone(),
             volumes_dir: data_dir.join("volumes"),
             server,
             portals,
+            net,
+            rt: tokio::runtime::Handle::current(),
             served: Mutex::new(HashMap::new()),
+            roles: Mutex::new(HashMap::new()),
+            start_epochs: Mutex::new(None),
+            repromotion_asked: Mutex::new(HashSet::new()),
             events: node.events(),
         })
     }
 
-    /// Reconciles on every state change until the state channel closes.
+    /// Reconciles on every state change until the state channel closes; also every
+    /// second, so a re-promotion request that was lost is asked again.
     pub async fn run(self: Arc<Self>, mut state: tokio::sync::watch::Receiver<Arc<ClusterState>>) {
         loop {
             let st = state.borrow_and_update().clone();
@@ -66,8 +149,9 @@ impl Serving {
                 Ok(Err(e)) => error!("applying the cluster configuration: {e:#}"),
                 Err(e) => error!("applying the cluster configuration panicked: {e}"),
             }
-            if state.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = state.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
@@ -104,23 +188,61 @@ impl Serving {
         Ok(Arc::new(store))
     }
 
+    /// The volumes that move with `v` (its target's), with their epochs.
+    fn group_of(st: &ClusterState, v: &Volume) -> Vec<(String, u64)> {
+        match st.mapping_of(&v.name) {
+            Some((t, _)) => t
+                .luns
+                .values()
+                .filter_map(|n| st.volumes.get(n).map(|x| (x.name.clone(), x.epoch)))
+                .collect(),
+            None => vec![(v.name.clone(), v.epoch)],
+        }
+    }
+
     fn reconcile(&self, st: &ClusterState) -> Result<()> {
         std::fs::create_dir_all(&self.volumes_dir)
             .with_context(|| format!("creating {}", self.volumes_dir.display()))?;
+        for n in st.nodes.values().filter(|n| n.role == NodeRole::Storage) {
+            self.net.set_peer(n.id, n.addresses.replication);
+        }
+        let start_epochs = {
+            let mut s = self
+                .start_epochs
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            s.get_or_insert_with(|| {
+                st.volumes
+                    .values()
+                    .filter(|v| v.primary == self.me)
+                    .map(|v| (v.name.clone(), v.epoch))
+                    .collect()
+            })
+            .clone()
+        };
         let mut served = self
             .served
             .lock()
-            .map_err(|_| anyhow::anyhow!("serving table poisoned"))?;
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut roles = self.roles.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
 
-        // Targets that are no longer ours.
+        // 1. Targets that are no longer ours go first: their sessions end before the
+        //    primary volumes under them stop.
         let gone: Vec<String> = served
-            .keys()
-            .filter(|iqn| {
-                st.targets
-                    .get(*iqn)
-                    .is_none_or(|t| st.target_primary(t) != Some(self.me))
+            .iter()
+            .filter(|(iqn, s)| {
+                let Some(t) = st.targets.get(*iqn) else {
+                    return true;
+                };
+                // Not primary here any more, or a volume under it changed epoch (this
+                // node was re-promoted): the device under the LUN is another one now.
+                st.target_primary(t) != Some(self.me)
+                    || s.luns.iter().any(|(lun, (vol, epoch))| {
+                        t.luns.get(lun) == Some(vol)
+                            && st.volumes.get(vol).is_some_and(|v| v.epoch != *epoch)
+                    })
             })
-            .cloned()
+            .map(|(iqn, _)| iqn.clone())
             .collect();
         for iqn in gone {
             self.server.remove_target(&iqn);
@@ -131,24 +253,71 @@ impl Serving {
             );
         }
 
-        // Replicas placed here: make sure their files exist at the right size, and
-        // remove files of volumes the cluster deleted.
+        // 2. Volume roles.
+        let here: BTreeSet<&String> = st
+            .volumes
+            .values()
+            .filter(|v| v.replicas.contains(&self.me))
+            .map(|v| &v.name)
+            .collect();
+        let stale: Vec<String> = roles
+            .keys()
+            .filter(|n| !here.contains(n))
+            .cloned()
+            .collect();
+        for name in stale {
+            self.stop_role(&name, roles.remove(&name));
+        }
         for v in st
             .volumes
             .values()
             .filter(|v| v.replicas.contains(&self.me))
         {
-            let in_use = served
-                .values()
-                .flat_map(|s| s.luns.values())
-                .find(|(name, _)| name == &v.name)
-                .map(|(_, store)| store.clone());
-            // A served volume grows in the target loop below, which also raises the
-            // unit attention.
-            if in_use.is_none() {
-                drop(self.open_volume(v)?);
+            if v.primary == self.me {
+                match roles.get(&v.name) {
+                    Some(Role::Primary { epoch, volume, .. }) if *epoch == v.epoch => {
+                        let isr: BTreeSet<NodeId> = v
+                            .in_sync
+                            .iter()
+                            .copied()
+                            .filter(|n| *n != self.me)
+                            .collect();
+                        volume.isr_committed(v.epoch, isr);
+                        continue;
+                    }
+                    _ => {}
+                }
+                if start_epochs.get(&v.name) == Some(&v.epoch) {
+                    // Primary before this process started: its stream state is gone, so
+                    // it comes back at a new epoch (the seal then resyncs what the
+                    // replicas may hold that it lacks).
+                    self.ask_repromotion(st, v);
+                    continue;
+                }
+                let old = roles.remove(&v.name);
+                self.stop_role(&v.name, old);
+                match self.start_primary(v) {
+                    Ok(role) => {
+                        roles.insert(v.name.clone(), role);
+                    }
+                    Err(e) => error!(volume = %v.name, "cannot start the primary: {e:#}"),
+                }
+            } else {
+                if matches!(roles.get(&v.name), Some(Role::Replica(_))) {
+                    continue;
+                }
+                let old = roles.remove(&v.name);
+                self.stop_role(&v.name, old);
+                match self.start_replica(v) {
+                    Ok(r) => {
+                        roles.insert(v.name.clone(), Role::Replica(r));
+                    }
+                    Err(e) => error!(volume = %v.name, "cannot start the replica: {e:#}"),
+                }
             }
         }
+
+        // 3. Data of volumes this node no longer holds.
         if let Ok(dir) = std::fs::read_dir(&self.volumes_dir) {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
@@ -164,15 +333,24 @@ impl Serving {
                         volume = vol,
                         "removing the data of a volume this node no longer holds"
                     );
-                    let _ = std::fs::remove_file(entry.path());
-                    let _ = std::fs::remove_file(entry.path().with_extension("pr"));
+                    for ext in ["img", "pr", "epoch", "al"] {
+                        let _ = std::fs::remove_file(entry.path().with_extension(ext));
+                    }
                 }
             }
         }
 
-        // Targets primary here.
+        // 4. Targets primary here, once every volume's primary runs at its epoch.
         for t in st.targets.values() {
             if st.target_primary(t) != Some(self.me) {
+                continue;
+            }
+            let ready = t.luns.values().all(|n| {
+                st.volumes.get(n).is_some_and(|v| {
+                    matches!(roles.get(n), Some(Role::Primary { epoch, .. }) if *epoch == v.epoch)
+                })
+            });
+            if !ready {
                 continue;
             }
             let is_new = !served.contains_key(&t.iqn);
@@ -182,38 +360,35 @@ impl Serving {
                 config: Target::default(),
                 chap: Vec::new(),
             });
-            // LUNs removed or remapped.
-            let stale: Vec<u64> = s
+            let removed: Vec<u64> = s
                 .luns
                 .iter()
                 .filter(|(lun, (vol, _))| t.luns.get(lun) != Some(vol))
                 .map(|(lun, _)| *lun)
                 .collect();
-            for lun in stale {
+            for lun in removed {
                 let _ = s.device.remove_lun(lun);
                 s.luns.remove(&lun);
             }
-            // LUNs added, volumes grown.
             for (lun, vol_name) in &t.luns {
-                let Some(v) = st.volumes.get(vol_name) else {
+                let (Some(v), Some(Role::Primary { volume, .. })) =
+                    (st.volumes.get(vol_name), roles.get(vol_name))
+                else {
                     continue;
                 };
-                if let Some((_, store)) = s.luns.get(lun) {
-                    if scsi::BlockDevice::size_bytes(store.as_ref()) < v.size_bytes {
-                        store.grow(v.size_bytes)?;
-                        s.device.capacity_changed(*lun);
+                if s.luns.contains_key(lun) {
+                    if volume.size_bytes() < v.size_bytes {
+                        // Growing a replicated volume needs every replica to grow first;
+                        // that lands with the resize protocol.
+                        warn!(volume = %v.name, "resize of a replicated volume is not applied yet");
                     }
                     continue;
                 }
-                let store = self.open_volume(v)?;
+                let device: Arc<dyn BlockDevice> = volume.clone();
                 s.device
-                    .add_lun(
-                        *lun,
-                        lu_config(v, &self.volume_path(&v.name)),
-                        store.clone(),
-                    )
+                    .add_lun(*lun, lu_config(v, &self.volume_path(&v.name)), device)
                     .with_context(|| format!("{} LUN {lun}", t.iqn))?;
-                s.luns.insert(*lun, (vol_name.clone(), store));
+                s.luns.insert(*lun, (vol_name.clone(), v.epoch));
             }
             let chap: Vec<ChapAccount> = t
                 .chap
@@ -247,6 +422,128 @@ impl Serving {
             }
         }
         Ok(())
+    }
+
+    fn ask_repromotion(&self, st: &ClusterState, v: &Volume) {
+        let key = (v.name.clone(), v.epoch);
+        let fresh = self
+            .repromotion_asked
+            .lock()
+            .map(|mut s| s.insert(key))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        let cmd = Command::Promote {
+            volumes: Self::group_of(st, v),
+            node: self.me,
+        };
+        let node = self.node.clone();
+        let name = v.name.clone();
+        self.rt.spawn(async move {
+            match node.write(cmd).await {
+                Ok(Ok(_)) => info!(volume = %name, "re-promoted after a restart"),
+                Ok(Err(r)) => info!(volume = %name, refused = %r, "re-promotion refused (someone else took over)"),
+                Err(e) => warn!(volume = %name, error = %e, "re-promotion not committed"),
+            }
+        });
+    }
+
+    fn start_primary(&self, v: &Volume) -> Result<Role> {
+        let store = self.open_volume(v)?;
+        let state = ReplicaState::new(&self.volumes_dir, &v.name);
+        let cfg = PrimaryConfig {
+            me: self.me,
+            epoch: v.epoch,
+            region_size: REGION_SIZE,
+            size_bytes: v.size_bytes,
+            replicas: v
+                .replicas
+                .iter()
+                .copied()
+                .filter(|n| *n != self.me)
+                .collect(),
+            in_sync: v
+                .in_sync
+                .iter()
+                .copied()
+                .filter(|n| *n != self.me)
+                .collect(),
+            own_activity_log: state.activity_log()?,
+            replica_timeout_ms: 1000,
+        };
+        let control = Arc::new(IsrRequests {
+            node: self.node.clone(),
+            volume: v.name.clone(),
+            rt: self.rt.clone(),
+        });
+        let volume = Arc::new(PrimaryVolume::start(
+            cfg,
+            store,
+            state,
+            self.net.transport(&v.name),
+            control,
+        )?);
+        self.net.add_primary(&v.name, volume.clone());
+        let lease = {
+            let (node, pv, name, epoch) =
+                (self.node.clone(), volume.clone(), v.name.clone(), v.epoch);
+            self.rt.spawn(async move {
+                loop {
+                    let sent = Instant::now();
+                    match node.renew_lease(&name, epoch).await {
+                        Ok(()) => pv.lease(sent + cluster::node::LEASE - LEASE_MARGIN),
+                        Err(e) => tracing::debug!(volume = %name, error = %e, "lease not renewed"),
+                    }
+                    tokio::time::sleep(RENEW_EVERY).await;
+                }
+            })
+        };
+        self.events.push(
+            "primary",
+            format!(
+                "{} is primary of {} (epoch {})",
+                self.node_name, v.name, v.epoch
+            ),
+        );
+        Ok(Role::Primary {
+            epoch: v.epoch,
+            volume,
+            lease,
+        })
+    }
+
+    fn start_replica(&self, v: &Volume) -> Result<Arc<ReplicaVolume>> {
+        let store = self.open_volume(v)?;
+        let state = ReplicaState::new(&self.volumes_dir, &v.name);
+        let r = Arc::new(ReplicaVolume::start(
+            REGION_SIZE,
+            store,
+            state,
+            self.net.transport(&v.name),
+        )?);
+        self.net.add_replica(&v.name, r.clone());
+        Ok(r)
+    }
+
+    fn stop_role(&self, name: &str, role: Option<Role>) {
+        match role {
+            Some(Role::Primary { lease, epoch, .. }) => {
+                lease.abort();
+                self.net.remove_primary(name);
+                self.events.push(
+                    "primary",
+                    format!(
+                        "{} is no longer primary of {name} (was epoch {epoch})",
+                        self.node_name
+                    ),
+                );
+            }
+            Some(Role::Replica(_)) => {
+                self.net.remove_replica(name);
+            }
+            None => {}
+        }
     }
 }
 

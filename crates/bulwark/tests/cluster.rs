@@ -681,8 +681,10 @@ async fn snapshots_compact_the_log_and_a_corrupt_store_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Either our per-value CRC32C or redb's own page checksums catch it, depending on
+    // where the flipped bytes landed; both refuse the file with the same advice.
     assert!(
-        stderr.contains("is corrupt") && stderr.contains("fails its checksum"),
+        stderr.to_lowercase().contains("corrupt") && stderr.contains("rejoin"),
         "{stderr}"
     );
     assert!(

@@ -94,6 +94,11 @@ pub enum NodeError {
     Remote(String),
 }
 
+/// How long a primary's lease lasts from the moment the Raft leader confirmed its own
+/// leadership. A primary counts it from before it asked, minus a margin for clock rate
+/// differences, so it stops serving before the leader could promote anyone else.
+pub const LEASE: Duration = Duration::from_millis(800);
+
 /// What the serving layer tells the cluster about this node's iSCSI side.
 pub type LocalInfo = Arc<dyn Fn() -> (Vec<SessionView>, Vec<String>) + Send + Sync>;
 
@@ -109,6 +114,13 @@ struct Inner {
     local_info: Mutex<Option<LocalInfo>>,
     /// Set when the cluster no longer knows this node (removed while it was down).
     removed: watch::Sender<bool>,
+    /// Leader only: leases granted, by volume: (epoch, expiry).
+    leases: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Leader only: since when this node leads (leases granted by a predecessor may
+    /// last until this plus [`LEASE`]).
+    leader_since: Mutex<Option<Instant>>,
+    /// Leader only: when each (volume, epoch) was first seen, for its first lease.
+    first_seen: Mutex<HashMap<(String, u64), Instant>>,
 }
 
 /// A running cluster member. Cheap to clone.
@@ -405,6 +417,9 @@ impl ClusterNode {
                 peers,
                 local_info: Mutex::new(None),
                 removed: watch::channel(false).0,
+                leases: Mutex::default(),
+                leader_since: Mutex::default(),
+                first_seen: Mutex::default(),
                 identity: identity.clone(),
             }),
         };
@@ -421,6 +436,7 @@ impl ClusterNode {
         ));
         tokio::spawn(node.clone().watch_leadership());
         tokio::spawn(node.clone().reconcile_membership());
+        tokio::spawn(node.clone().watch_primaries());
 
         if identity.bootstrap {
             // The founding node adds itself as the first member, once it leads.
@@ -582,6 +598,177 @@ impl ClusterNode {
         }
     }
 
+    fn leader_addr(&self) -> Option<SocketAddr> {
+        let leader = self.inner.raft.metrics().borrow().current_leader?;
+        self.inner
+            .state
+            .borrow()
+            .nodes
+            .get(&leader)
+            .map(|n| n.addresses.control)
+    }
+
+    /// Leader side of a lease renewal: granted only after confirming leadership with a
+    /// quorum, so a deposed leader cut off from the others never grants one.
+    async fn grant_lease(&self, volume: &str, epoch: u64, node: NodeId) -> Response {
+        let me = self.id();
+        let m = self.inner.raft.metrics().borrow().clone();
+        if m.current_leader != Some(me) {
+            return Response::NotLeader(self.leader_addr());
+        }
+        let checked = Instant::now();
+        if self.inner.raft.ensure_linearizable().await.is_err() {
+            return Response::NotLeader(None);
+        }
+        let current = self
+            .inner
+            .state
+            .borrow()
+            .volumes
+            .get(volume)
+            .map(|v| (v.primary, v.epoch));
+        match current {
+            Some((p, e)) if p == node && e == epoch => {
+                if let Ok(mut l) = self.inner.leases.lock() {
+                    l.insert(volume.to_string(), (epoch, checked + LEASE));
+                }
+                Response::LeaseGranted
+            }
+            Some((p, e)) => Response::Error(format!(
+                "volume {volume} is at epoch {e} with primary {p}; node {node} at epoch {epoch} is deposed"
+            )),
+            None => Response::Error(format!("no volume {volume}")),
+        }
+    }
+
+    /// Renews this node's lease on `volume` at `epoch` with the Raft leader.
+    pub async fn renew_lease(&self, volume: &str, epoch: u64) -> Result<(), NodeError> {
+        let me = self.id();
+        let leader = self.inner.raft.metrics().borrow().current_leader;
+        let resp = if leader == Some(me) {
+            self.grant_lease(volume, epoch, me).await
+        } else {
+            let addr = self
+                .leader_addr()
+                .ok_or_else(|| NodeError::NoLeader("no leader known".into()))?;
+            let client = self.inner.peers.client(addr)?;
+            let req = Request::RenewLease {
+                volume: volume.to_string(),
+                epoch,
+                node: me,
+            };
+            client.call(&req, Duration::from_millis(500)).await?
+        };
+        match resp {
+            Response::LeaseGranted => Ok(()),
+            Response::NotLeader(_) => Err(NodeError::NoLeader("leadership is changing".into())),
+            Response::Error(e) => Err(NodeError::Remote(e)),
+            other => Err(NodeError::Remote(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
+    /// Leader only: promotes a new primary for every volume (a target's volumes
+    /// together) whose primary holds no lease, once any lease it could hold has expired.
+    async fn watch_primaries(self) {
+        let me = self.id();
+        let mut offline_reported: std::collections::HashSet<String> = Default::default();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let since = self.inner.leader_since.lock().ok().and_then(|s| *s);
+            let Some(since) = since else { continue };
+            if self.inner.raft.metrics().borrow().current_leader != Some(me) {
+                continue;
+            }
+            let st = self.inner.state.borrow().clone();
+            let now = Instant::now();
+            // Groups that move together: a target's volumes, or one unmapped volume.
+            let mut groups: Vec<Vec<String>> = st
+                .targets
+                .values()
+                .filter(|t| !t.luns.is_empty())
+                .map(|t| t.luns.values().cloned().collect())
+                .collect();
+            for v in st.volumes.keys() {
+                if st.mapping_of(v).is_none() {
+                    groups.push(vec![v.clone()]);
+                }
+            }
+            for group in groups {
+                let vols: Vec<&crate::state::Volume> =
+                    group.iter().filter_map(|n| st.volumes.get(n)).collect();
+                let Some(first) = vols.first() else { continue };
+                let primary = first.primary;
+                let expired = vols.iter().any(|v| {
+                    let seen = *self
+                        .inner
+                        .first_seen
+                        .lock()
+                        .map(|mut f| *f.entry((v.name.clone(), v.epoch)).or_insert(now))
+                        .as_ref()
+                        .unwrap_or(&now);
+                    let leased = self
+                        .inner
+                        .leases
+                        .lock()
+                        .ok()
+                        .and_then(|l| l.get(&v.name).copied())
+                        .is_some_and(|(e, exp)| e == v.epoch && exp > now);
+                    !leased && now > since.max(seen) + LEASE + Duration::from_millis(200)
+                });
+                if !expired {
+                    continue;
+                }
+                let mut candidates: Vec<NodeId> = st
+                    .nodes
+                    .values()
+                    .filter(|n| n.role == NodeRole::Storage)
+                    .filter(|n| vols.iter().all(|v| v.in_sync.contains(&n.id)))
+                    .filter(|n| self.peer_liveness(n.id).is_some_and(|l| l.online))
+                    .map(|n| n.id)
+                    .collect();
+                // Another node first; the same one only if it is the last in sync.
+                candidates.sort_by_key(|id| (*id == primary, *id));
+                let Some(&node) = candidates.first() else {
+                    let key = group.join(",");
+                    if offline_reported.insert(key.clone()) {
+                        self.inner.events.push(
+                            "volume_offline",
+                            format!("volume(s) {key} offline: the primary holds no lease and no in-sync replica is reachable; waiting for one to return (never serving stale data)"),
+                        );
+                    }
+                    continue;
+                };
+                offline_reported.remove(&group.join(","));
+                let cmd = Command::Promote {
+                    volumes: vols.iter().map(|v| (v.name.clone(), v.epoch)).collect(),
+                    node,
+                };
+                match self.write(cmd).await {
+                    Ok(Ok(_)) => {
+                        let name = |id: NodeId| {
+                            st.nodes
+                                .get(&id)
+                                .map(|n| n.name.clone())
+                                .unwrap_or_else(|| format!("id {id}"))
+                        };
+                        self.inner.events.push(
+                            "failover",
+                            format!(
+                                "failover: {} from {} to {} (epoch {})",
+                                group.join(", "),
+                                name(primary),
+                                name(node),
+                                first.epoch + 1
+                            ),
+                        );
+                    }
+                    Ok(Err(r)) => debug!(refused = %r, "promotion refused"),
+                    Err(e) => debug!(error = %e, "promotion not committed"),
+                }
+            }
+        }
+    }
+
     /// Liveness of `peer` as seen from here.
     pub fn peer_liveness(&self, peer: NodeId) -> Option<PeerLiveness> {
         let st = self.inner.state.borrow().clone();
@@ -730,6 +917,11 @@ impl ClusterNode {
             Request::State => Response::State((**self.inner.state.borrow()).clone()),
             Request::Status => Response::Status(self.status().await),
             Request::ClusterStatus => self.cluster_status().await,
+            Request::RenewLease {
+                volume,
+                epoch,
+                node,
+            } => self.grant_lease(&volume, epoch, node).await,
         }
     }
 
@@ -786,6 +978,12 @@ impl ClusterNode {
                 (m.current_leader, m.current_term, m.state)
             };
             if leader != last {
+                if let Ok(mut since) = self.inner.leader_since.lock() {
+                    *since = (leader == Some(self.id())).then(Instant::now);
+                }
+                if let Ok(mut l) = self.inner.leases.lock() {
+                    l.clear();
+                }
                 let name = |id: NodeId| {
                     self.inner
                         .state

@@ -68,6 +68,15 @@ pub enum Request {
     Status,
     /// Every reachable node's status plus the cluster state, gathered by this node.
     ClusterStatus,
+    /// The primary `node` of `volume` at `epoch` asks the Raft leader for its lease.
+    RenewLease {
+        /// Volume.
+        volume: String,
+        /// The primary's epoch.
+        epoch: u64,
+        /// The primary.
+        node: NodeId,
+    },
 }
 
 /// A response.
@@ -106,6 +115,10 @@ pub enum Response {
         /// Node id → its status or why it could not be asked.
         nodes: BTreeMap<NodeId, Result<NodeStatus, String>>,
     },
+    /// The lease is granted for [`crate::node::LEASE`] from when the leader checked.
+    LeaseGranted,
+    /// This node is not the Raft leader; try the one named, if known.
+    NotLeader(Option<SocketAddr>),
     /// The request could not be served; the message says why and what to do.
     Error(String),
 }

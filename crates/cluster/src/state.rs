@@ -434,7 +434,11 @@ pub enum Refused {
     #[error("node {node:?} hosts volumes {volumes:?}; a storage node with volumes cannot become a witness")]
     WitnessWithVolumes { node: String, volumes: Vec<String> },
     #[error("volume {volume:?} is at epoch {current}, not {epoch}: a newer primary took over")]
-    StaleEpoch { volume: String, epoch: u64, current: u64 },
+    StaleEpoch {
+        volume: String,
+        epoch: u64,
+        current: u64,
+    },
     #[error("node {node} is not an in-sync replica of volume {volume:?}, so it may lack acknowledged writes")]
     NotInSync { volume: String, node: NodeId },
     #[error("node {node} holds no replica of volume {volume:?}")]

@@ -609,14 +609,31 @@ fn in_sync_set_and_promotion_follow_epochs() {
     let mut st = three();
     st.apply(&create("v", GIB, 3, &["n1", "n2", "n3"])).unwrap();
     assert_eq!(st.volumes["v"].in_sync, vec![1, 2, 3]);
-    let isr = |epoch, add: Vec<NodeId>, remove: Vec<NodeId>| Command::IsrChange { volume: "v".into(), epoch, add, remove };
+    let isr = |epoch, add: Vec<NodeId>, remove: Vec<NodeId>| Command::IsrChange {
+        volume: "v".into(),
+        epoch,
+        add,
+        remove,
+    };
     st.apply(&isr(1, vec![], vec![3])).unwrap();
     assert_eq!(st.volumes["v"].in_sync, vec![1, 2]);
-    assert!(matches!(refused(&mut st, isr(1, vec![], vec![1])), Refused::RemovePrimary(_)));
-    assert!(matches!(refused(&mut st, isr(1, vec![9], vec![])), Refused::NotAReplica { .. }));
+    assert!(matches!(
+        refused(&mut st, isr(1, vec![], vec![1])),
+        Refused::RemovePrimary(_)
+    ));
+    assert!(matches!(
+        refused(&mut st, isr(1, vec![9], vec![])),
+        Refused::NotAReplica { .. }
+    ));
     // Only an in-sync replica may be promoted; the epoch must be current.
-    let promote = |epoch, node| Command::Promote { volumes: vec![("v".into(), epoch)], node };
-    assert!(matches!(refused(&mut st, promote(1, 3)), Refused::NotInSync { .. }));
+    let promote = |epoch, node| Command::Promote {
+        volumes: vec![("v".into(), epoch)],
+        node,
+    };
+    assert!(matches!(
+        refused(&mut st, promote(1, 3)),
+        Refused::NotInSync { .. }
+    ));
     st.apply(&promote(1, 2)).unwrap();
     let v = &st.volumes["v"];
     assert_eq!((v.primary, v.epoch, v.in_sync.clone()), (2, 2, vec![2]));
@@ -625,7 +642,10 @@ fn in_sync_set_and_promotion_follow_epochs() {
     assert!(r.to_string().contains("a newer primary took over"), "{r}");
     st.apply(&isr(2, vec![1, 3], vec![])).unwrap();
     assert_eq!(st.volumes["v"].in_sync, vec![1, 2, 3]);
-    assert!(matches!(refused(&mut st, promote(1, 1)), Refused::StaleEpoch { .. }));
+    assert!(matches!(
+        refused(&mut st, promote(1, 1)),
+        Refused::StaleEpoch { .. }
+    ));
 }
 
 #[test]
@@ -654,7 +674,10 @@ fn check_invariants(st: &ClusterState) {
     for v in st.volumes.values() {
         assert!(v.replicas.contains(&v.primary), "primary is a replica");
         assert!(v.in_sync.contains(&v.primary), "the primary is in sync");
-        assert!(v.in_sync.iter().all(|n| v.replicas.contains(n)), "in-sync members are replicas");
+        assert!(
+            v.in_sync.iter().all(|n| v.replicas.contains(n)),
+            "in-sync members are replicas"
+        );
         let mut r = v.replicas.clone();
         r.sort();
         r.dedup();
@@ -744,11 +767,26 @@ fn arb_command() -> impl Strategy<Value = Command> {
         user.clone().prop_map(|user| Command::RemoveChap { user }),
         (user.clone(), iqn.clone()).prop_map(|(user, iqn)| Command::BindChap { user, iqn }),
         (user, iqn).prop_map(|(user, iqn)| Command::UnbindChap { user, iqn }),
-        (prop::sample::select(vec!["a", "b", "c"]), 1u64..4, 1u64..6, 1u64..6).prop_map(|(v, epoch, a, r)| {
-            Command::IsrChange { volume: v.into(), epoch, add: vec![a], remove: vec![r] }
-        }),
-        (prop::sample::select(vec!["a", "b", "c"]), 1u64..4, 1u64..6)
-            .prop_map(|(v, epoch, node)| Command::Promote { volumes: vec![(v.into(), epoch)], node }),
+        (
+            prop::sample::select(vec!["a", "b", "c"]),
+            1u64..4,
+            1u64..6,
+            1u64..6
+        )
+            .prop_map(|(v, epoch, a, r)| {
+                Command::IsrChange {
+                    volume: v.into(),
+                    epoch,
+                    add: vec![a],
+                    remove: vec![r],
+                }
+            }),
+        (prop::sample::select(vec!["a", "b", "c"]), 1u64..4, 1u64..6).prop_map(
+            |(v, epoch, node)| Command::Promote {
+                volumes: vec![(v.into(), epoch)],
+                node
+            }
+        ),
     ]
 }
 

@@ -251,7 +251,12 @@ impl PrimaryShared {
                         let until = until.saturating_duration_since(self.start).as_millis() as u64;
                         c.p.set_lease(now, until)
                     }
-                    Some(PrimaryEvent::Stop) => return,
+                    Some(PrimaryEvent::Stop) => {
+                        // Writes still waiting fail now (a transition for the
+                        // initiator) instead of at their timeout.
+                        c.waiters.clear();
+                        return;
+                    }
                 }
             };
             self.run(actions);
