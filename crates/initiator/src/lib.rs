@@ -6,6 +6,8 @@
 //! open-iscsi, QEMU) remain the truth for conformance.
 #![warn(missing_docs)]
 
+pub mod checker;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

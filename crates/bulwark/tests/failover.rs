@@ -1,0 +1,203 @@
+//! Failover under load with the integrity checker: a real 3-node cluster, a volume with
+//! two replicas, continuous versioned writes through the `initiator` crate, kill -9 of
+//! the primary. Every acknowledged write must be readable from the new primary, the
+//! I/O pause is measured at the initiator, and once the old primary is back the
+//! replicas must be identical.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cluster::state::Command;
+use initiator::checker::Checker;
+use initiator::{LoginOptions, Session};
+
+mod common;
+use common::*;
+
+const IQN: &str = "iqn.2026-11.io.bulwark:failover";
+const BLOCK: u32 = 512;
+const LBAS: u64 = 4096;
+
+/// The portal of the volume's primary, as the cluster says now.
+async fn primary_portal(c: &Cluster, via: &[usize]) -> Option<(u64, SocketAddr)> {
+    for &i in via {
+        if let Some(st) = c.state(i).await {
+            let v = st.volumes.get("v")?;
+            let n = st.nodes.get(&v.primary)?;
+            return Some((v.epoch, n.addresses.portals[0]));
+        }
+    }
+    None
+}
+
+async fn connect(portal: SocketAddr) -> Option<Session> {
+    let mut opts = LoginOptions::new(INITIATOR, Some(IQN));
+    opts.timeout = Duration::from_secs(2);
+    let mut s = Session::login(portal, &opts).await.ok()?;
+    // Clear the power-on unit attention.
+    let _ = s.command(0, &[0u8; 6], None, 0).await;
+    Some(s)
+}
+
+/// Writes until `until`, reconnecting to whichever node is primary; returns the
+/// longest gap between two acknowledged writes (the I/O pause).
+async fn write_load(c: &Cluster, checker: &mut Checker, until: Instant, via: &[usize]) -> Duration {
+    let mut session: Option<Session> = None;
+    let mut last_ack = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut n = 0u64;
+    while Instant::now() < until {
+        if session.is_none() {
+            if let Some((_, portal)) = primary_portal(c, via).await {
+                session = connect(portal).await;
+            }
+            if session.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let s = session.as_mut().expect("connected");
+        n += 1;
+        let lba = (n * 7919) % LBAS;
+        let (version, block) = checker.next_write(lba);
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            s.write16(0, lba, &block, BLOCK, false),
+        )
+        .await
+        {
+            Ok(Ok(r)) if r.status == 0 => {
+                checker.acked(lba, version);
+                let now = Instant::now();
+                longest = longest.max(now - last_ack);
+                last_ack = now;
+            }
+            // CHECK CONDITION (a transition, a unit attention): retry on this session.
+            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => session = None,
+        }
+    }
+    longest
+}
+
+async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
+    let (_, portal) = primary_portal(c, via).await.expect("a primary");
+    let mut s = wait(
+        "a session on the new primary",
+        Duration::from_secs(10),
+        async || connect(portal).await,
+    )
+    .await;
+    for lba in checker.lbas().collect::<Vec<_>>() {
+        let r = wait("a read", Duration::from_secs(10), async || {
+            s.read16(0, lba, 1, BLOCK)
+                .await
+                .ok()
+                .filter(|r| r.status == 0)
+        })
+        .await;
+        if let Err(e) = checker.verify(lba, &r.data) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = Cluster::new(20, 3);
+    c.init().await;
+    c.join(1).await;
+    c.join(2).await;
+    c.wait_voters(0, 3).await;
+    // The volume's primary is n2 (the Raft leader is n1): the two roles fail apart.
+    let admin = c.admin(0);
+    commit(
+        &admin,
+        Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 16 << 20,
+            replicas: 2,
+            block_size: BLOCK,
+            nodes: vec!["n2".into(), "n3".into()],
+        },
+    )
+    .await;
+    commit(
+        &admin,
+        Command::CreateTarget {
+            iqn: IQN.into(),
+            alias: None,
+        },
+    )
+    .await;
+    commit(
+        &admin,
+        Command::AddLun {
+            iqn: IQN.into(),
+            lun: Some(0),
+            volume: "v".into(),
+        },
+    )
+    .await;
+
+    let mut checker = Checker::new(BLOCK as usize);
+    let warm = write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_secs(2),
+        &[0],
+    )
+    .await;
+    let before = checker.acks();
+    assert!(
+        before > 50,
+        "writes flow before the fault ({before} acknowledged, longest gap {warm:?})"
+    );
+
+    // kill -9 the primary while writes continue.
+    let (epoch, _) = primary_portal(&c, &[0]).await.unwrap();
+    c.nodes[1].kill9();
+    let pause = write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_secs(6),
+        &[0, 2],
+    )
+    .await;
+    let (new_epoch, portal) = primary_portal(&c, &[0, 2]).await.unwrap();
+    assert!(new_epoch > epoch, "a new primary was promoted");
+    assert_eq!(portal, c.nodes[2].addresses().portals[0]);
+    assert!(
+        checker.acks() > before + 50,
+        "writes resumed on the new primary"
+    );
+    eprintln!(
+        "failover: {} writes acknowledged, I/O pause at the initiator {} ms",
+        checker.acks(),
+        pause.as_millis()
+    );
+    verify_all(&c, &checker, &[0, 2]).await;
+
+    // The old primary returns, is resynced and rejoins the in-sync set; then the
+    // replicas hold the same bytes.
+    c.nodes[1].start();
+    let admin = c.admin(0);
+    wait(
+        "n2 back in the in-sync set",
+        Duration::from_secs(30),
+        async || {
+            admin
+                .state()
+                .await
+                .ok()
+                .filter(|s| s.volumes["v"].in_sync.len() == 2)
+        },
+    )
+    .await;
+    let img = |i: usize| std::fs::read(c.nodes[i].dir.join("volumes/v.img")).unwrap();
+    let (a, b) = (img(1), img(2));
+    assert!(a == b, "replicas differ after resync");
+    // Under 2 s is the goal (issue 4); the test allows slack for a loaded CI machine.
+    assert!(pause < Duration::from_secs(5), "I/O pause {pause:?}");
+}
