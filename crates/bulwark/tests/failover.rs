@@ -142,62 +142,101 @@ async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
     .await;
 
     let mut checker = Checker::new(BLOCK as usize);
+    let all = [0usize, 1, 2];
     let warm = write_load(
         &c,
         &mut checker,
         Instant::now() + Duration::from_secs(2),
-        &[0],
+        &all,
     )
     .await;
-    let before = checker.acks();
     assert!(
-        before > 50,
-        "writes flow before the fault ({before} acknowledged, longest gap {warm:?})"
+        checker.acks() > 50,
+        "writes flow before the fault (longest gap {warm:?})"
     );
 
-    // kill -9 the primary while writes continue.
-    let (epoch, _) = primary_portal(&c, &[0]).await.unwrap();
-    c.nodes[1].kill9();
-    let pause = write_load(
-        &c,
-        &mut checker,
-        Instant::now() + Duration::from_secs(6),
-        &[0, 2],
-    )
-    .await;
-    let (new_epoch, portal) = primary_portal(&c, &[0, 2]).await.unwrap();
-    assert!(new_epoch > epoch, "a new primary was promoted");
-    assert_eq!(portal, c.nodes[2].addresses().portals[0]);
-    assert!(
-        checker.acks() > before + 50,
-        "writes resumed on the new primary"
-    );
+    let rounds: usize = std::env::var("BULWARK_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mut pauses = Vec::new();
+    for round in 1..=rounds {
+        // kill -9 whichever node is primary now, while writes continue.
+        let (epoch, portal) = primary_portal(&c, &all).await.unwrap();
+        let victim = (0..3)
+            .find(|i| c.nodes[*i].addresses().portals[0] == portal)
+            .unwrap();
+        let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+        let before = checker.acks();
+        c.nodes[victim].kill9();
+        let pause = write_load(
+            &c,
+            &mut checker,
+            Instant::now() + Duration::from_secs(4),
+            &survivors,
+        )
+        .await;
+        let (new_epoch, new_portal) = primary_portal(&c, &survivors).await.unwrap();
+        assert!(
+            new_epoch > epoch,
+            "round {round}: a new primary was promoted"
+        );
+        assert_ne!(new_portal, portal);
+        assert!(
+            checker.acks() > before + 50,
+            "round {round}: writes resumed on the new primary"
+        );
+        eprintln!(
+            "round {round}: killed {}, I/O pause at the initiator {} ms, {} writes acknowledged so far",
+            c.nodes[victim].name,
+            pause.as_millis(),
+            checker.acks()
+        );
+        pauses.push(pause);
+        verify_all(&c, &checker, &survivors).await;
+
+        // The old primary returns, is resynced and rejoins the in-sync set; then the
+        // replicas hold the same bytes.
+        c.nodes[victim].start();
+        let admin = c.admin(survivors[0]);
+        wait(
+            "the old primary back in the in-sync set",
+            Duration::from_secs(30),
+            async || {
+                admin
+                    .state()
+                    .await
+                    .ok()
+                    .filter(|s| s.volumes["v"].in_sync.len() == 2)
+            },
+        )
+        .await;
+        let st = admin.state().await.unwrap();
+        let holders: Vec<usize> = st.volumes["v"]
+            .replicas
+            .iter()
+            .map(|id| {
+                (0..3)
+                    .find(|i| c.nodes[*i].name == st.nodes[id].name)
+                    .unwrap()
+            })
+            .collect();
+        let img = |i: usize| std::fs::read(c.nodes[i].dir.join("volumes/v.img")).unwrap();
+        assert!(
+            img(holders[0]) == img(holders[1]),
+            "round {round}: replicas differ after resync"
+        );
+    }
+    pauses.sort();
+    let median = pauses[pauses.len() / 2];
     eprintln!(
-        "failover: {} writes acknowledged, I/O pause at the initiator {} ms",
-        checker.acks(),
-        pause.as_millis()
+        "failover: {rounds} kills of the primary, 0 acknowledged writes lost, median I/O pause {} ms (max {} ms)",
+        median.as_millis(),
+        pauses.last().unwrap().as_millis()
     );
-    verify_all(&c, &checker, &[0, 2]).await;
-
-    // The old primary returns, is resynced and rejoins the in-sync set; then the
-    // replicas hold the same bytes.
-    c.nodes[1].start();
-    let admin = c.admin(0);
-    wait(
-        "n2 back in the in-sync set",
-        Duration::from_secs(30),
-        async || {
-            admin
-                .state()
-                .await
-                .ok()
-                .filter(|s| s.volumes["v"].in_sync.len() == 2)
-        },
-    )
-    .await;
-    let img = |i: usize| std::fs::read(c.nodes[i].dir.join("volumes/v.img")).unwrap();
-    let (a, b) = (img(1), img(2));
-    assert!(a == b, "replicas differ after resync");
-    // Under 2 s is the goal (issue 4); the test allows slack for a loaded CI machine.
-    assert!(pause < Duration::from_secs(5), "I/O pause {pause:?}");
+    // Under 2 s is the goal (issue 4); allow slack for a loaded CI machine.
+    assert!(
+        median < Duration::from_secs(3),
+        "median I/O pause {median:?}"
+    );
 }
