@@ -433,7 +433,13 @@ async fn serve_cluster(
     options.snapshot_every = snapshot_every.max(10);
     let node = cluster::ClusterNode::start(options).await?;
     let identity = node.identity().clone();
-    let server = target::Server::new(target::ServerSettings::default());
+    // A replicated write holds its I/O thread until every in-sync replica has it: the
+    // pool bounds the writes in flight, so it is sized for the queue depths initiators
+    // use rather than for the CPUs.
+    let server = target::Server::new(target::ServerSettings {
+        io_threads: 64,
+        ..Default::default()
+    });
     let mut listeners = Vec::new();
     let serving = if witness {
         None

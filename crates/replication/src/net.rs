@@ -330,20 +330,30 @@ impl ReplicationNet {
             tracing::warn!("refused a replication connection: wrong cluster secret");
             return Err(bad("wrong cluster secret"));
         }
-        let (mut rd, mut wr) = s.into_split();
+        let (mut rd, wr) = s.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         if let Ok(mut m) = self.incoming.lock() {
             m.insert(from, tx);
         }
         let writer = tokio::spawn(async move {
+            // Frames queued together leave in one write: flush only when the queue is
+            // empty.
+            let mut wr = tokio::io::BufWriter::with_capacity(256 << 10, wr);
             while let Some((h, d)) = rx.recv().await {
-                if wr.write_all(&h).await.is_err() {
-                    return;
-                }
-                if let Some(d) = d {
-                    if wr.write_all(&d).await.is_err() {
+                let mut next = Some((h, d));
+                while let Some((h, d)) = next.take() {
+                    if wr.write_all(&h).await.is_err() {
                         return;
                     }
+                    if let Some(d) = d {
+                        if wr.write_all(&d).await.is_err() {
+                            return;
+                        }
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if wr.flush().await.is_err() {
+                    return;
                 }
             }
         });
@@ -388,21 +398,31 @@ impl ReplicationNet {
         hello.extend_from_slice(&self.me.to_be_bytes());
         hello.extend_from_slice(hello_mac(&self.secret, self.me).as_ref());
         s.write_all(&hello).await?;
-        let (mut rd, mut wr) = s.into_split();
+        let (mut rd, wr) = s.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         if let Ok(mut m) = self.outgoing.lock() {
             m.insert(node, tx);
         }
         self.link_changed(node, true);
         let writer = tokio::spawn(async move {
+            // Frames queued together leave in one write: flush only when the queue is
+            // empty.
+            let mut wr = tokio::io::BufWriter::with_capacity(256 << 10, wr);
             while let Some((h, d)) = rx.recv().await {
-                if wr.write_all(&h).await.is_err() {
-                    return;
-                }
-                if let Some(d) = d {
-                    if wr.write_all(&d).await.is_err() {
+                let mut next = Some((h, d));
+                while let Some((h, d)) = next.take() {
+                    if wr.write_all(&h).await.is_err() {
                         return;
                     }
+                    if let Some(d) = d {
+                        if wr.write_all(&d).await.is_err() {
+                            return;
+                        }
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if wr.flush().await.is_err() {
+                    return;
                 }
             }
         });

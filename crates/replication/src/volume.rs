@@ -455,34 +455,59 @@ impl ReplicaVolume {
         let thread = std::thread::Builder::new()
             .name("bulwark-replica".into())
             .spawn(move || {
-                while let Ok(ReplicaEvent::Message(from, msg)) = rx.recv() {
+                // Acks are cumulative: after a burst of writes only the last one goes
+                // out, which saves a message (and a wake-up of the primary) per write.
+                let mut next = rx.recv().ok();
+                while let Some(ReplicaEvent::Message(from, msg)) = next.take() {
+                    let mut ack: Option<(NodeId, Message)> = None;
                     let mut queue: std::collections::VecDeque<ReplicaAction> = core.on_message(from, msg).into();
-                    while let Some(a) = queue.pop_front() {
-                        match a {
-                            ReplicaAction::Send { to, msg } => transport.send(to, msg),
-                            ReplicaAction::PersistEpoch(e) => {
-                                if let Err(err) = state.set_epoch(e) {
-                                    // Without the epoch on disk this replica must not ack.
-                                    tracing::error!(error = %err, "cannot persist the epoch; stopping the replica");
-                                    return;
+                    let mut burst = 0;
+                    loop {
+                        while let Some(a) = queue.pop_front() {
+                            match a {
+                                ReplicaAction::Send { to, msg: m @ Message::Ack { .. } } => ack = Some((to, m)),
+                                ReplicaAction::Send { to, msg } => transport.send(to, msg),
+                                ReplicaAction::PersistEpoch(e) => {
+                                    if let Err(err) = state.set_epoch(e) {
+                                        // Without the epoch on disk this replica must not ack.
+                                        tracing::error!(error = %err, "cannot persist the epoch; stopping the replica");
+                                        return;
+                                    }
                                 }
-                            }
-                            ReplicaAction::PersistActivityLog(s) => {
-                                if let Err(err) = state.set_activity_log(&s) {
-                                    tracing::error!(error = %err, "cannot persist the activity log; stopping the replica");
-                                    return;
+                                ReplicaAction::PersistActivityLog(s) => {
+                                    if let Err(err) = state.set_activity_log(&s) {
+                                        tracing::error!(error = %err, "cannot persist the activity log; stopping the replica");
+                                        return;
+                                    }
                                 }
-                            }
-                            ReplicaAction::Apply { seq, offset, data } => {
-                                if let Err(err) = store.write_at(offset, &data, false) {
-                                    // No ack: the primary drops this replica from the
-                                    // in-sync set through the control plane.
-                                    tracing::error!(error = %err, "replica write failed; stopping the replica");
-                                    return;
+                                ReplicaAction::Apply { seq, offset, data } => {
+                                    if let Err(err) = store.write_at(offset, &data, false) {
+                                        // No ack: the primary drops this replica from the
+                                        // in-sync set through the control plane.
+                                        tracing::error!(error = %err, "replica write failed; stopping the replica");
+                                        return;
+                                    }
+                                    queue.extend(core.applied(seq as Seq));
                                 }
-                                queue.extend(core.applied(seq as Seq));
                             }
                         }
+                        burst += 1;
+                        match rx.try_recv() {
+                            Ok(ReplicaEvent::Message(from, msg)) if burst < 256 => {
+                                queue.extend(core.on_message(from, msg));
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some((to, m)) = ack {
+                        transport.send(to, m);
+                    }
+                    if next.is_none() {
+                        next = rx.recv().ok();
                     }
                 }
             })?;
