@@ -692,15 +692,27 @@ fn render_volumes(out: &mut String, st: &ClusterState) {
             .mapping_of(&v.name)
             .map(|(t, l)| format!("LUN {l} of {}", t.iqn))
             .unwrap_or_else(|| "not mapped".into());
+        let health = if v.in_sync.len() == v.replicas.len() {
+            "in sync".to_string()
+        } else {
+            let behind: Vec<NodeId> = v
+                .replicas
+                .iter()
+                .copied()
+                .filter(|r| !v.in_sync.contains(r))
+                .collect();
+            format!("DEGRADED: {} out of sync", names(st, &behind))
+        };
         let _ = writeln!(
             out,
-            "  {:<12} {:>10}  {}-byte blocks  primary {}  replicas {}  epoch {}  {}",
+            "  {:<12} {:>10}  {}-byte blocks  primary {}  replicas {}  epoch {}  {}  {}",
             v.name,
             human(v.size_bytes),
             v.block_size,
             names(st, &[v.primary]),
             names(st, &v.replicas),
             v.epoch,
+            health,
             mapped
         );
     }
