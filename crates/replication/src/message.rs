@@ -45,6 +45,9 @@ pub enum Message {
         /// Every write of this stream up to this seq is on every in-sync member: the
         /// replica may forget those regions from its activity log.
         committed: Seq,
+        /// A flush barrier (no data): make everything applied so far durable before
+        /// acknowledging this position (SYNCHRONIZE CACHE, FUA).
+        flush: bool,
     },
     /// Replica → primary: every write up to `seq` of the `epoch` stream is applied.
     Ack {

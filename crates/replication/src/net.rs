@@ -52,12 +52,14 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             offset,
             data: d,
             committed,
+            flush,
         } => {
             h.put_u8(3);
             h.put_u64(*epoch);
             h.put_u64(*seq);
             h.put_u64(*offset);
             h.put_u64(*committed);
+            h.put_u8(u8::from(*flush));
             h.put_u32(d.len() as u32);
             data = Some(d.clone());
         }
@@ -117,11 +119,12 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
             Message::SealAck { epoch, divergent }
         }
         3 => {
-            need(&b, 36)?;
+            need(&b, 37)?;
             let epoch = b.get_u64();
             let seq = b.get_u64();
             let offset = b.get_u64();
             let committed = b.get_u64();
+            let flush = b.get_u8() != 0;
             let n = b.get_u32() as usize;
             need(&b, n)?;
             Message::Write {
@@ -129,6 +132,7 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
                 seq,
                 offset,
                 committed,
+                flush,
                 data: b.split_to(n),
             }
         }
@@ -509,6 +513,15 @@ mod tests {
                 offset: 4096,
                 data: Bytes::from_static(b"hello"),
                 committed: 7,
+                flush: false,
+            },
+            Message::Write {
+                epoch: 3,
+                seq: 11,
+                offset: 0,
+                data: Bytes::new(),
+                committed: 7,
+                flush: true,
             },
             Message::Ack { epoch: 3, seq: 10 },
             Message::Fenced { epoch: 4 },

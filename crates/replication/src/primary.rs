@@ -49,7 +49,8 @@ pub enum Action {
         /// The message.
         msg: Message,
     },
-    /// Write locally, then call [`Primary::local_done`] with `id`.
+    /// Write locally (or, for a flush barrier, flush the local store), then call
+    /// [`Primary::local_done`] with `id`.
     LocalWrite {
         /// Internal write id.
         id: u64,
@@ -57,6 +58,8 @@ pub enum Action {
         offset: u64,
         /// The bytes.
         data: Bytes,
+        /// A flush barrier: no data; make the local store durable.
+        flush: bool,
     },
     /// Persist this node's activity log before the local write that follows.
     PersistActivityLog(RegionSet),
@@ -130,6 +133,8 @@ struct Entry {
     data: Option<Bytes>,
     /// The application write this entry carries, if not a resync copy.
     write: Option<u64>,
+    /// A flush barrier.
+    flush: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,6 +305,23 @@ impl Primary {
         offset: u64,
         data: Bytes,
     ) -> Result<Vec<Action>, NotServing> {
+        self.submit(now, tag, offset, data, false)
+    }
+
+    /// Takes a flush barrier (SYNCHRONIZE CACHE, FUA): it completes when every write
+    /// before it is durable here and on every in-sync replica.
+    pub fn submit_flush(&mut self, now: u64, tag: WriteTag) -> Result<Vec<Action>, NotServing> {
+        self.submit(now, tag, 0, Bytes::new(), true)
+    }
+
+    fn submit(
+        &mut self,
+        now: u64,
+        tag: WriteTag,
+        offset: u64,
+        data: Bytes,
+        flush: bool,
+    ) -> Result<Vec<Action>, NotServing> {
         self.serving(now)?;
         if self.writes.len() >= MAX_IN_FLIGHT {
             return Err(NotServing::Busy);
@@ -339,6 +361,7 @@ impl Primary {
                 offset,
                 data: Some(data.clone()),
                 write: Some(id),
+                flush,
             });
             if streaming {
                 out.push(Action::Send {
@@ -349,6 +372,7 @@ impl Primary {
                         offset,
                         data: data.clone(),
                         committed: committed_of(peer, &self.writes),
+                        flush,
                     },
                 });
             }
@@ -363,7 +387,12 @@ impl Primary {
                 waiting: members,
             },
         );
-        out.push(Action::LocalWrite { id, offset, data });
+        out.push(Action::LocalWrite {
+            id,
+            offset,
+            data,
+            flush,
+        });
         Ok(out)
     }
 
@@ -452,6 +481,7 @@ impl Primary {
                         offset: e.offset,
                         data: data.clone(),
                         committed: 0,
+                        flush: e.flush,
                     },
                 });
             }
@@ -523,6 +553,7 @@ impl Primary {
                 offset: region * self.cfg.region_size,
                 data: None,
                 write: None,
+                flush: false,
             });
             peer.resync_outstanding.insert(seq);
             reads.push((seq, region));
@@ -571,6 +602,7 @@ impl Primary {
                         offset: e.offset,
                         data,
                         committed,
+                        flush: false,
                     },
                 });
             }

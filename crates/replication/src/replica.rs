@@ -23,7 +23,8 @@ pub enum ReplicaAction {
     /// Persist the activity log (fsync) before the write that follows: after a crash
     /// these regions are resynced.
     PersistActivityLog(RegionSet),
-    /// Write locally, then call [`Replica::applied`] with `seq`.
+    /// Write locally (or, for a flush barrier, flush the store), then call
+    /// [`Replica::applied`] with `seq`.
     Apply {
         /// Stream position.
         seq: Seq,
@@ -31,6 +32,8 @@ pub enum ReplicaAction {
         offset: u64,
         /// The bytes.
         data: Bytes,
+        /// A flush barrier: make everything applied so far durable.
+        flush: bool,
     },
 }
 
@@ -45,7 +48,7 @@ pub struct Replica {
     /// Next seq to apply.
     next_seq: Seq,
     /// Writes that arrived ahead of `next_seq`.
-    early: BTreeMap<Seq, (u64, Bytes)>,
+    early: BTreeMap<Seq, (u64, Bytes, bool)>,
     /// Region → (epoch, highest seq) of the last write applied there that is not yet
     /// known to be on every in-sync member.
     activity: BTreeMap<u64, (Epoch, Seq)>,
@@ -123,6 +126,7 @@ impl Replica {
                 offset,
                 data,
                 committed,
+                flush,
             } => {
                 if epoch != self.epoch || self.primary != Some(from) {
                     // Not sealed into this stream (yet): the primary seals on reconnect.
@@ -139,8 +143,8 @@ impl Replica {
                     });
                     return out;
                 }
-                self.early.insert(seq, (offset, data));
-                while let Some((offset, data)) = self.early.remove(&self.next_seq) {
+                self.early.insert(seq, (offset, data, flush));
+                while let Some((offset, data, flush)) = self.early.remove(&self.next_seq) {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     let len = data.len() as u64;
@@ -156,7 +160,12 @@ impl Replica {
                             out.push(ReplicaAction::PersistActivityLog(self.activity_log()));
                         }
                     }
-                    out.push(ReplicaAction::Apply { seq, offset, data });
+                    out.push(ReplicaAction::Apply {
+                        seq,
+                        offset,
+                        data,
+                        flush,
+                    });
                 }
                 self.forget_committed(epoch, committed);
             }

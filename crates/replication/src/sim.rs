@@ -576,7 +576,9 @@ impl Sim {
                 ReplicaAction::PersistActivityLog(s) => {
                     self.nodes.get_mut(&n).expect("node").activity_log = s;
                 }
-                ReplicaAction::Apply { seq, offset, data } => {
+                ReplicaAction::Apply {
+                    seq, offset, data, ..
+                } => {
                     let node = self.nodes.get_mut(&n).expect("node");
                     write_disk(&mut node.disk, offset, &data);
                     let more = match &mut node.role {
@@ -605,7 +607,9 @@ impl Sim {
                         });
                     }
                 }
-                Action::LocalWrite { id, offset, data } => {
+                Action::LocalWrite {
+                    id, offset, data, ..
+                } => {
                     let node = self.nodes.get_mut(&n).expect("node");
                     write_disk(&mut node.disk, offset, &data);
                     if let Role::Primary { p, .. } = &mut node.role {

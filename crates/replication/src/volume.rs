@@ -175,10 +175,20 @@ impl PrimaryShared {
         while let Some(a) = queue.pop_front() {
             match a {
                 Action::Send { to, msg } => self.transport.send(to, msg),
-                Action::LocalWrite { id, offset, data } => {
+                Action::LocalWrite {
+                    id,
+                    offset,
+                    data,
+                    flush,
+                } => {
                     // A failed local write leaves the write pending: the initiator's
                     // wait times out and reports a transition; the disk error is logged.
-                    match self.store.write_at(offset, &data, false) {
+                    let done = if flush {
+                        self.store.flush()
+                    } else {
+                        self.store.write_at(offset, &data, false)
+                    };
+                    match done {
                         Ok(()) => {
                             let now = self.now();
                             if let Ok(mut c) = self.core.lock() {
@@ -353,6 +363,34 @@ impl PrimaryVolume {
     }
 }
 
+impl PrimaryVolume {
+    /// Submits through the core and waits for the completion (every in-sync member).
+    fn submit_and_wait(
+        &self,
+        submit: impl FnOnce(&mut Primary, u64, u64) -> Result<Vec<Action>, crate::primary::NotServing>,
+    ) -> io::Result<()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let actions = {
+            let now = self.shared.now();
+            let mut c = self
+                .shared
+                .core
+                .lock()
+                .map_err(|_| io::Error::other("primary state poisoned"))?;
+            let tag = c.next_tag;
+            c.next_tag += 1;
+            let actions =
+                submit(&mut c.p, now, tag).map_err(|e| scsi::device::unavailable(e.to_string()))?;
+            c.waiters.insert(tag, tx);
+            actions
+        };
+        self.shared.run(actions);
+        rx.recv_timeout(WRITE_WAIT).map_err(|_| {
+            scsi::device::unavailable("the write did not reach every in-sync replica in time")
+        })
+    }
+}
+
 impl Drop for PrimaryVolume {
     fn drop(&mut self) {
         self.event(PrimaryEvent::Stop);
@@ -377,41 +415,18 @@ impl BlockDevice for PrimaryVolume {
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let actions = {
-            let now = self.shared.now();
-            let mut c = self
-                .shared
-                .core
-                .lock()
-                .map_err(|_| io::Error::other("primary state poisoned"))?;
-            let tag = c.next_tag;
-            c.next_tag += 1;
-            // The one copy of the data: the stream and the local write share it.
-            let actions =
-                c.p.submit_write(now, tag, offset, Bytes::copy_from_slice(data))
-                    .map_err(|e| scsi::device::unavailable(e.to_string()))?;
-            c.waiters.insert(tag, tx);
-            actions
-        };
-        self.shared.run(actions);
-        match rx.recv_timeout(WRITE_WAIT) {
-            Ok(()) => {
-                if fua {
-                    self.shared.store.flush()?;
-                }
-                Ok(())
-            }
-            Err(_) => Err(scsi::device::unavailable(
-                "the write did not reach every in-sync replica in time",
-            )),
+        // The one copy of the data: the stream and the local write share it.
+        let data = Bytes::copy_from_slice(data);
+        self.submit_and_wait(|p, now, tag| p.submit_write(now, tag, offset, data))?;
+        if fua {
+            // FUA: durable here and on every in-sync replica before the status.
+            self.flush()?;
         }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        // Replicas apply with the same cache semantics; a flush barrier in the stream is
-        // next (issue 4): today SYNCHRONIZE CACHE flushes the primary's copy.
-        self.shared.store.flush()
+        self.submit_and_wait(|p, now, tag| p.submit_flush(now, tag))
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -480,8 +495,18 @@ impl ReplicaVolume {
                                         return;
                                     }
                                 }
-                                ReplicaAction::Apply { seq, offset, data } => {
-                                    if let Err(err) = store.write_at(offset, &data, false) {
+                                ReplicaAction::Apply {
+                                    seq,
+                                    offset,
+                                    data,
+                                    flush,
+                                } => {
+                                    let done = if flush {
+                                        store.flush()
+                                    } else {
+                                        store.write_at(offset, &data, false)
+                                    };
+                                    if let Err(err) = done {
                                         // No ack: the primary drops this replica from the
                                         // in-sync set through the control plane.
                                         tracing::error!(error = %err, "replica write failed; stopping the replica");
@@ -690,6 +715,16 @@ mod tests {
             }
         }
         assert_eq!(read(p.as_ref(), 0, 4096), vec![1u8; 4096]);
+        // SYNCHRONIZE CACHE: durable on every in-sync replica before it returns.
+        use std::sync::atomic::Ordering;
+        let before: Vec<u64> = stores
+            .iter()
+            .map(|s| s.flushes.load(Ordering::Relaxed))
+            .collect();
+        p.flush().unwrap();
+        for (s, b) in stores.iter().zip(before) {
+            assert!(s.flushes.load(Ordering::Relaxed) > b, "every copy flushed");
+        }
 
         // The primary dies; node 2 is promoted at epoch 2 with node 3 in sync.
         net.primaries.lock().unwrap().clear();
