@@ -109,6 +109,14 @@ pub enum VolumeCmd {
         /// New size (larger).
         size: String,
     },
+    /// Moves a volume (with the rest of its target) to another in-sync replica: the
+    /// primary drains, releases its lease and hands over; initiators reconnect.
+    Move {
+        /// Volume name.
+        name: String,
+        /// Destination node.
+        node: String,
+    },
     /// Deletes a volume that no target maps, with its data.
     Delete {
         /// Volume name.
@@ -243,6 +251,10 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
             size_bytes: parse_size(size)?,
         }),
         VolumeCmd::Delete { name } => Some(Command::DeleteVolume { name: name.clone() }),
+        VolumeCmd::Move { name, node } => Some(Command::MoveVolume {
+            volume: name.clone(),
+            node: node.clone(),
+        }),
         VolumeCmd::List => None,
     })
 }
@@ -317,7 +329,37 @@ pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
         print!("{out}");
         return Ok(());
     };
+    let started = std::time::Instant::now();
     let a = commit(conn, c).await?;
+    if let VolumeCmd::Move { name, node } = &cmd {
+        // Wait for the handover so the command reports its outcome.
+        let client = conn.client()?;
+        loop {
+            let st = client.state().await?;
+            let v = st
+                .volumes
+                .get(name)
+                .ok_or_else(|| anyhow!("volume {name} disappeared"))?;
+            if st.nodes.get(&v.primary).is_some_and(|n| &n.name == node) {
+                return done(
+                    conn,
+                    &a,
+                    format!(
+                        "volume {name} is primary on {node} (epoch {}), handed over in {} ms",
+                        v.epoch,
+                        started.elapsed().as_millis()
+                    ),
+                );
+            }
+            if v.moving_to.is_none() {
+                bail!("the move of {name} did not happen (the destination fell out of sync, or a failover intervened): see `bulwark status`");
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                bail!("volume {name} has not moved within 15 s; see `bulwark status`");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let text = match (&cmd, &a) {
         (VolumeCmd::Create { name, size, .. }, Applied::VolumeCreated(placement)) => {
             let st = conn.client()?.state().await?;

@@ -65,6 +65,8 @@ pub struct Serving {
     /// re-promoted at a new epoch before serving (this process has no stream state).
     start_epochs: Mutex<Option<HashMap<String, u64>>>,
     repromotion_asked: Mutex<HashSet<(String, u64)>>,
+    /// Planned moves under way here, by (first volume of the group, epoch).
+    handovers: Mutex<HashSet<(String, u64)>>,
     events: Arc<cluster::status::EventLog>,
 }
 
@@ -133,6 +135,7 @@ impl Serving {
             roles: Mutex::new(HashMap::new()),
             start_epochs: Mutex::new(None),
             repromotion_asked: Mutex::new(HashSet::new()),
+            handovers: Mutex::new(HashSet::new()),
             events: node.events(),
         })
     }
@@ -317,6 +320,13 @@ impl Serving {
             }
         }
 
+        // Planned moves: drain, release the lease, hand over.
+        for v in st.volumes.values() {
+            if v.primary == self.me && v.moving_to.is_some() {
+                self.start_handover(st, v, &mut roles);
+            }
+        }
+
         // 3. Data of volumes this node no longer holds.
         if let Ok(dir) = std::fs::read_dir(&self.volumes_dir) {
             for entry in dir.flatten() {
@@ -422,6 +432,83 @@ impl Serving {
             }
         }
         Ok(())
+    }
+
+    /// Hands the target of `v` (all its volumes) over to `v.moving_to`: refuse new
+    /// writes, let those in flight finish, give the lease up for good, then commit the
+    /// promotion. The next primary serves as soon as it has sealed: no lease to wait
+    /// out, since this one released its own.
+    fn start_handover(&self, st: &ClusterState, v: &Volume, roles: &mut HashMap<String, Role>) {
+        let Some(to) = v.moving_to else { return };
+        let group = Self::group_of(st, v);
+        let key = (group[0].0.clone(), group[0].1);
+        let fresh = self
+            .handovers
+            .lock()
+            .map(|mut h| h.insert(key))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        let mut volumes = Vec::new();
+        for (name, epoch) in &group {
+            match roles.get(name) {
+                Some(Role::Primary {
+                    epoch: e,
+                    volume,
+                    lease,
+                }) if e == epoch => {
+                    // No renewal may race the release below.
+                    lease.abort();
+                    volumes.push(volume.clone());
+                }
+                _ => {
+                    warn!(volume = %name, "planned move: this node does not run that primary; leaving it to failover");
+                    return;
+                }
+            }
+        }
+        let node = self.node.clone();
+        let events = self.events.clone();
+        let names: Vec<String> = group.iter().map(|(n, _)| n.clone()).collect();
+        let to_name = st
+            .nodes
+            .get(&to)
+            .map(|n| n.name.clone())
+            .unwrap_or_default();
+        let from_name = self.node_name.clone();
+        self.rt.spawn(async move {
+            let started = Instant::now();
+            let drained = tokio::task::spawn_blocking(move || {
+                let ok = volumes.iter().all(|pv| pv.drain(Duration::from_secs(2)));
+                for pv in &volumes {
+                    pv.release();
+                }
+                ok
+            })
+            .await
+            .unwrap_or(false);
+            let cmd = Command::Promote {
+                volumes: group,
+                node: to,
+            };
+            match node.write(cmd).await {
+                Ok(Ok(_)) => events.push(
+                    "failover",
+                    format!(
+                        "planned move of {} from {from_name} to {to_name}: drained{} and handed over in {} ms",
+                        names.join(", "),
+                        if drained { "" } else { " (some writes timed out)" },
+                        started.elapsed().as_millis()
+                    ),
+                ),
+                Ok(Err(r)) => events.push(
+                    "failover",
+                    format!("planned move of {} refused: {r}; the leader promotes an in-sync replica when the lease lapses", names.join(", ")),
+                ),
+                Err(e) => warn!(error = %e, "planned move not committed; failover takes over"),
+            }
+        });
     }
 
     fn ask_repromotion(&self, st: &ClusterState, v: &Volume) {

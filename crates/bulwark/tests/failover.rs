@@ -42,6 +42,29 @@ async fn connect(portal: SocketAddr) -> Option<Session> {
 /// Writes until `until`, reconnecting to whichever node is primary; returns the
 /// longest gap between two acknowledged writes (the I/O pause).
 async fn write_load(c: &Cluster, checker: &mut Checker, until: Instant, via: &[usize]) -> Duration {
+    write_load_counting(c, checker, until, via).await.0
+}
+
+/// True for what an initiator retries by itself: a unit attention, or NOT READY while
+/// the volume changes primary.
+fn retryable(status: u8, sense: &[u8]) -> bool {
+    status == 2
+        && sense.len() >= 14
+        && matches!(
+            (sense[2] & 0x0f, sense[12], sense[13]),
+            (6, _, _) | (2, 0x04, 0x0a)
+        )
+}
+
+/// Like [`write_load`], also counting failed writes: statuses an initiator would not
+/// retry by itself.
+async fn write_load_counting(
+    c: &Cluster,
+    checker: &mut Checker,
+    until: Instant,
+    via: &[usize],
+) -> (Duration, u64) {
+    let mut failed = 0;
     let mut session: Option<Session> = None;
     let mut last_ack = Instant::now();
     let mut longest = Duration::ZERO;
@@ -73,11 +96,21 @@ async fn write_load(c: &Cluster, checker: &mut Checker, until: Instant, via: &[u
                 last_ack = now;
             }
             // CHECK CONDITION (a transition, a unit attention): retry on this session.
-            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(Ok(r)) => {
+                if !retryable(r.status, &r.sense) {
+                    failed += 1;
+                    eprintln!(
+                        "failed write: status {:#x} sense {:02x?}",
+                        r.status,
+                        &r.sense[..r.sense.len().min(18)]
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
             _ => session = None,
         }
     }
-    longest
+    (longest, failed)
 }
 
 async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
@@ -238,5 +271,137 @@ async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
     assert!(
         median < Duration::from_secs(3),
         "median I/O pause {median:?}"
+    );
+}
+
+/// Planned moves under writes: `bulwark volume move` drains the primary, releases its
+/// lease and hands over; no write fails, none is lost, the pause is short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_moves_under_writes_fail_no_io() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = Cluster::new(21, 3);
+    c.init().await;
+    c.join(1).await;
+    c.join(2).await;
+    c.wait_voters(0, 3).await;
+    let admin = c.admin(0);
+    commit(
+        &admin,
+        Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 16 << 20,
+            replicas: 2,
+            block_size: BLOCK,
+            nodes: vec!["n2".into(), "n3".into()],
+        },
+    )
+    .await;
+    commit(
+        &admin,
+        Command::CreateTarget {
+            iqn: IQN.into(),
+            alias: None,
+        },
+    )
+    .await;
+    commit(
+        &admin,
+        Command::AddLun {
+            iqn: IQN.into(),
+            lun: Some(0),
+            volume: "v".into(),
+        },
+    )
+    .await;
+    let all = [0usize, 1, 2];
+    let mut checker = Checker::new(BLOCK as usize);
+    write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_secs(2),
+        &all,
+    )
+    .await;
+
+    let rounds: usize = std::env::var("BULWARK_MOVE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mut pauses = Vec::new();
+    let mut failed_total = 0;
+    for round in 1..=rounds {
+        let st = admin.state().await.unwrap();
+        let v = &st.volumes["v"];
+        // Wait for both replicas to be in sync before moving.
+        let st = if v.in_sync.len() < 2 {
+            wait(
+                "both replicas in sync",
+                Duration::from_secs(20),
+                async || {
+                    admin
+                        .state()
+                        .await
+                        .ok()
+                        .filter(|s| s.volumes["v"].in_sync.len() == 2)
+                },
+            )
+            .await
+        } else {
+            st
+        };
+        let v = &st.volumes["v"];
+        let to = v
+            .replicas
+            .iter()
+            .find(|r| **r != v.primary)
+            .copied()
+            .unwrap();
+        let to_name = st.nodes[&to].name.clone();
+        let epoch = v.epoch;
+        let mover = {
+            let admin = c.admin(0);
+            let to_name = to_name.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                admin
+                    .write(Command::MoveVolume {
+                        volume: "v".into(),
+                        node: to_name,
+                    })
+                    .await
+            })
+        };
+        let (pause, failed) = write_load_counting(
+            &c,
+            &mut checker,
+            Instant::now() + Duration::from_secs(3),
+            &all,
+        )
+        .await;
+        mover.await.unwrap().unwrap().unwrap();
+        let st = admin.state().await.unwrap();
+        assert_eq!(st.volumes["v"].primary, to, "round {round}: moved");
+        assert_eq!(st.volumes["v"].epoch, epoch + 1);
+        eprintln!(
+            "move {round}: to {to_name}, I/O pause {} ms, failed writes {failed}",
+            pause.as_millis()
+        );
+        pauses.push(pause);
+        failed_total += failed;
+    }
+    verify_all(&c, &checker, &all).await;
+    pauses.sort();
+    let median = pauses[pauses.len() / 2];
+    eprintln!(
+        "planned moves: {rounds} moves, {} writes acknowledged, {failed_total} failed, median I/O pause {} ms (max {} ms)",
+        checker.acks(),
+        median.as_millis(),
+        pauses.last().unwrap().as_millis()
+    );
+    assert_eq!(failed_total, 0, "no write fails during a planned move");
+    // Under 0.5 s is the goal (issue 4); allow slack for a loaded CI machine.
+    assert!(
+        median < Duration::from_millis(1500),
+        "median pause {median:?}"
     );
 }

@@ -105,6 +105,10 @@ pub struct Volume {
     /// they may be promoted; the primary changes it only through the log.
     #[serde(default)]
     pub in_sync: Vec<NodeId>,
+    /// A planned move in progress: the primary drains, releases its lease and hands
+    /// the volume over to this node.
+    #[serde(default)]
+    pub moving_to: Option<NodeId>,
 }
 
 /// An iSCSI target.
@@ -308,6 +312,14 @@ pub enum Command {
         /// New primary.
         node: NodeId,
     },
+    /// Planned move of a volume (with the rest of its target) to `node`: the primary
+    /// drains and hands over (`bulwark volume move`).
+    MoveVolume {
+        /// Volume.
+        volume: String,
+        /// Destination: an in-sync replica.
+        node: String,
+    },
     /// Changes the settings.
     SetSettings {
         /// New settings.
@@ -447,6 +459,10 @@ pub enum Refused {
     RemovePrimary(String),
     #[error("volume {volume:?} of {iqn} must move with the others: a target moves as one unit")]
     TargetSplit { iqn: String, volume: String },
+    #[error("node {node:?} is not an in-sync replica of {volume:?}; wait until its resync finishes (`bulwark status`) or pick another")]
+    MoveNotInSync { volume: String, node: String },
+    #[error("volume {volume:?} is already primary on {node:?}")]
+    AlreadyThere { volume: String, node: String },
     #[error("address {addr} is already used by node {node:?}")]
     AddressInUse { addr: SocketAddr, node: String },
 }
@@ -713,6 +729,7 @@ impl ClusterState {
                         replicas: placement.clone(),
                         // New volumes are zeroes everywhere: in sync from the start.
                         in_sync: placement.clone(),
+                        moving_to: None,
                         epoch: 1,
                     },
                 );
@@ -971,6 +988,10 @@ impl ClusterState {
                     .get_mut(volume)
                     .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
                 v.in_sync.retain(|n| !remove.contains(n));
+                // A move to a replica that fell out of sync is off.
+                if v.moving_to.is_some_and(|m| remove.contains(&m)) {
+                    v.moving_to = None;
+                }
                 for n in add {
                     if !v.in_sync.contains(n) {
                         v.in_sync.push(*n);
@@ -1024,6 +1045,45 @@ impl ClusterState {
                         }
                         v.primary = *node;
                         v.epoch += 1;
+                        v.moving_to = None;
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::MoveVolume { volume, node } => {
+                let v = self
+                    .volumes
+                    .get(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                let n = self
+                    .node_by_name(node)
+                    .ok_or_else(|| Refused::NoSuchNode(node.clone()))?
+                    .id;
+                if v.primary == n {
+                    return Err(Refused::AlreadyThere {
+                        volume: volume.clone(),
+                        node: node.clone(),
+                    });
+                }
+                let group: Vec<String> = match self.mapping_of(volume) {
+                    Some((t, _)) => t.luns.values().cloned().collect(),
+                    None => vec![volume.clone()],
+                };
+                for g in &group {
+                    let gv = self
+                        .volumes
+                        .get(g)
+                        .ok_or_else(|| Refused::NoSuchVolume(g.clone()))?;
+                    if !gv.in_sync.contains(&n) {
+                        return Err(Refused::MoveNotInSync {
+                            volume: g.clone(),
+                            node: node.clone(),
+                        });
+                    }
+                }
+                for g in &group {
+                    if let Some(gv) = self.volumes.get_mut(g) {
+                        gv.moving_to = Some(n);
                     }
                 }
                 Ok(Applied::Done)

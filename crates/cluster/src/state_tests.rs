@@ -646,6 +646,30 @@ fn in_sync_set_and_promotion_follow_epochs() {
         refused(&mut st, promote(1, 1)),
         Refused::StaleEpoch { .. }
     ));
+
+    // A planned move: only to an in-sync replica; the promotion ends it.
+    let mv = |node: &str| Command::MoveVolume {
+        volume: "v".into(),
+        node: node.into(),
+    };
+    assert!(matches!(
+        refused(&mut st, mv("n2")),
+        Refused::AlreadyThere { .. }
+    ));
+    assert!(matches!(refused(&mut st, mv("zz")), Refused::NoSuchNode(_)));
+    st.apply(&isr(2, vec![], vec![3])).unwrap();
+    let r = refused(&mut st, mv("n3"));
+    assert!(
+        r.to_string().contains("wait until its resync finishes"),
+        "{r}"
+    );
+    st.apply(&mv("n1")).unwrap();
+    assert_eq!(st.volumes["v"].moving_to, Some(1));
+    st.apply(&promote(2, 1)).unwrap();
+    assert_eq!(
+        (st.volumes["v"].primary, st.volumes["v"].moving_to),
+        (1, None)
+    );
 }
 
 #[test]
@@ -678,6 +702,12 @@ fn check_invariants(st: &ClusterState) {
             v.in_sync.iter().all(|n| v.replicas.contains(n)),
             "in-sync members are replicas"
         );
+        if let Some(n) = v.moving_to {
+            assert!(
+                v.in_sync.contains(&n) && n != v.primary,
+                "a move goes to another in-sync replica"
+            );
+        }
         let mut r = v.replicas.clone();
         r.sort();
         r.dedup();
@@ -787,6 +817,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 node
             }
         ),
+        (
+            prop::sample::select(vec!["a", "b", "c"]),
+            prop::sample::select(vec!["n1", "n2", "n3"])
+        )
+            .prop_map(|(v, n)| Command::MoveVolume {
+                volume: v.into(),
+                node: n.into()
+            }),
     ]
 }
 

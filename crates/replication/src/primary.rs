@@ -113,6 +113,9 @@ pub enum NotServing {
     /// Too many writes in flight.
     #[error("too many writes in flight")]
     Busy,
+    /// A planned move is draining this primary.
+    #[error("the volume is moving to another node")]
+    Moving,
 }
 
 #[derive(Debug)]
@@ -186,6 +189,10 @@ pub struct Primary {
     seal_resync_started: bool,
     lease_until: Option<u64>,
     deposed: bool,
+    /// A planned move: no new writes; in-flight ones finish.
+    draining: bool,
+    /// The lease was given up for a handover: never serve again.
+    released: bool,
     /// This node's activity log: region → writes in flight there.
     activity: BTreeMap<u64, u32>,
     persisted_log: RegionSet,
@@ -240,6 +247,8 @@ impl Primary {
             seal_resync_started: false,
             lease_until: None,
             deposed: false,
+            draining: false,
+            released: false,
             activity: BTreeMap::new(),
             persisted_log,
             deferred_reads: Vec::new(),
@@ -276,6 +285,9 @@ impl Primary {
         if self.deposed {
             return Err(NotServing::Deposed);
         }
+        if self.released {
+            return Err(NotServing::Moving);
+        }
         if self.sealing {
             return Err(NotServing::Sealing);
         }
@@ -289,6 +301,9 @@ impl Primary {
     /// (the driver measures from before it asked).
     /// Writes that became complete while the lease had lapsed complete now.
     pub fn set_lease(&mut self, now: u64, until: u64) -> Vec<Action> {
+        if self.released {
+            return Vec::new();
+        }
         self.lease_until = Some(self.lease_until.map_or(until, |t| t.max(until)));
         let mut out = Vec::new();
         for id in self.writes.keys().copied().collect::<Vec<_>>() {
@@ -323,6 +338,9 @@ impl Primary {
         flush: bool,
     ) -> Result<Vec<Action>, NotServing> {
         self.serving(now)?;
+        if self.draining {
+            return Err(NotServing::Moving);
+        }
         if self.writes.len() >= MAX_IN_FLIGHT {
             return Err(NotServing::Busy);
         }
@@ -833,6 +851,24 @@ impl Primary {
         self.maybe_start_seal_resync(now, &mut out);
         self.check_sealed(&mut out);
         out
+    }
+
+    /// Starts a planned handover: new writes are refused (the initiator retries on the
+    /// next primary); those in flight finish. See [`Primary::in_flight`].
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Writes taken and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Gives the lease up for good, before the control plane promotes the next primary:
+    /// from now on this primary serves nothing, whatever renewal still arrives.
+    pub fn release(&mut self) {
+        self.released = true;
+        self.lease_until = None;
     }
 
     /// The control plane refused a request (the epoch moved on): this primary is done.

@@ -353,6 +353,38 @@ impl PrimaryVolume {
             .unwrap_or(false)
     }
 
+    /// Planned handover, part 1: refuses new writes and waits (up to `timeout`) for
+    /// those in flight; true when none is left.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        if let Ok(mut c) = self.shared.core.lock() {
+            c.p.drain();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self
+                .shared
+                .core
+                .lock()
+                .map(|c| c.p.in_flight())
+                .unwrap_or(0);
+            if left == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Planned handover, part 2: gives the lease up for good; nothing is served here
+    /// from now on.
+    pub fn release(&self) {
+        if let Ok(mut c) = self.shared.core.lock() {
+            c.p.release();
+        }
+    }
+
     /// The in-sync set as the primary knows it (without itself).
     pub fn in_sync(&self) -> BTreeSet<NodeId> {
         self.shared
