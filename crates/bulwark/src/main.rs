@@ -483,11 +483,17 @@ async fn serve_cluster(
                     peer: s.peer.to_string(),
                 })
                 .collect();
-            let serving = serving
-                .as_ref()
-                .map(|s| s.served_targets())
-                .unwrap_or_default();
-            (sessions, serving)
+            cluster::status::LocalReport {
+                sessions,
+                serving: serving
+                    .as_ref()
+                    .map(|s| s.served_targets())
+                    .unwrap_or_default(),
+                volumes: serving
+                    .as_ref()
+                    .map(|s| s.volume_views())
+                    .unwrap_or_default(),
+            }
         }));
     }
     println!(

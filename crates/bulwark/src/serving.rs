@@ -170,6 +170,37 @@ impl Serving {
         v
     }
 
+    /// The volume replicas here, for status.
+    pub fn volume_views(&self) -> Vec<cluster::status::VolumeView> {
+        let roles = match self.roles.lock() {
+            Ok(r) => r,
+            Err(_) => return Vec::new(),
+        };
+        let mut v: Vec<_> = roles
+            .iter()
+            .map(|(name, role)| match role {
+                Role::Primary { epoch, volume, .. } => {
+                    let s = volume.stats();
+                    cluster::status::VolumeView {
+                        name: name.clone(),
+                        role: "primary".into(),
+                        epoch: *epoch,
+                        serving: volume.serving(),
+                        resync_regions_sent: s.resync_regions_sent,
+                        writes_completed: s.writes_completed,
+                    }
+                }
+                Role::Replica(_) => cluster::status::VolumeView {
+                    name: name.clone(),
+                    role: "replica".into(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
     fn volume_path(&self, name: &str) -> PathBuf {
         self.volumes_dir.join(format!("{name}.img"))
     }

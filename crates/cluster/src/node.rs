@@ -29,7 +29,7 @@ use crate::heartbeat::{self, Liveness};
 use crate::identity::{secrets_match, ClusterCert, Identity, IdentityError, Token};
 use crate::rpc::{read_frame, write_frame, Client, Hello, Request, Response, RpcError};
 use crate::state::{Applied, ClusterState, Command, NodeAddresses, NodeId, NodeRole, Refused};
-use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView, SessionView};
+use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView};
 use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
 
 /// How a node runs.
@@ -100,7 +100,7 @@ pub enum NodeError {
 pub const LEASE: Duration = Duration::from_millis(800);
 
 /// What the serving layer tells the cluster about this node's iSCSI side.
-pub type LocalInfo = Arc<dyn Fn() -> (Vec<SessionView>, Vec<String>) + Send + Sync>;
+pub type LocalInfo = Arc<dyn Fn() -> crate::status::LocalReport + Send + Sync>;
 
 struct Inner {
     identity: Identity,
@@ -805,7 +805,7 @@ impl ClusterNode {
             .keys()
             .filter_map(|id| self.peer_liveness(*id))
             .collect();
-        let (sessions, serving) = self
+        let local = self
             .inner
             .local_info
             .lock()
@@ -828,8 +828,9 @@ impl ClusterNode {
                 learners: membership.learner_ids().collect(),
             },
             peers,
-            sessions,
-            serving,
+            sessions: local.sessions,
+            serving: local.serving,
+            volumes: local.volumes,
             events: self.inner.events.recent(30),
         }
     }

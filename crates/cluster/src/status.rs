@@ -141,6 +141,34 @@ pub struct SessionView {
     pub peer: String,
 }
 
+/// A volume replica on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeView {
+    /// Volume name.
+    pub name: String,
+    /// "primary" or "replica".
+    pub role: String,
+    /// Epoch this node runs it at (primaries).
+    pub epoch: u64,
+    /// Serving I/O now (primaries: sealed and leased).
+    pub serving: bool,
+    /// Regions sent to replicas by resync since this primary started.
+    pub resync_regions_sent: u64,
+    /// Initiator writes completed since this primary started.
+    pub writes_completed: u64,
+}
+
+/// What the serving layer reports for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalReport {
+    /// iSCSI sessions.
+    pub sessions: Vec<SessionView>,
+    /// Targets served.
+    pub serving: Vec<String>,
+    /// Volume replicas here.
+    pub volumes: Vec<VolumeView>,
+}
+
 /// What `Request::Status` returns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -156,6 +184,9 @@ pub struct NodeStatus {
     pub sessions: Vec<SessionView>,
     /// Targets served here.
     pub serving: Vec<String>,
+    /// Volume replicas here.
+    #[serde(default)]
+    pub volumes: Vec<VolumeView>,
     /// Recent events seen here.
     pub events: Vec<Event>,
 }

@@ -39,4 +39,6 @@ pub use bitmap::RegionSet;
 pub use message::{Epoch, Message, NodeId, Seq};
 pub use primary::{Action, Primary, PrimaryConfig, WriteTag};
 pub use replica::{Replica, ReplicaAction};
-pub use volume::{ControlPlane, PrimaryVolume, ReplicaState, ReplicaVolume, Transport};
+pub use volume::{
+    ControlPlane, PrimaryStats, PrimaryVolume, ReplicaState, ReplicaVolume, Transport,
+};

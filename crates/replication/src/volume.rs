@@ -140,6 +140,17 @@ struct PrimaryShared {
     region_size: u64,
     start: Instant,
     events: Mutex<Sender<PrimaryEvent>>,
+    resync_regions_sent: std::sync::atomic::AtomicU64,
+    writes_completed: std::sync::atomic::AtomicU64,
+}
+
+/// Counters of a primary volume since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrimaryStats {
+    /// Regions read and sent to replicas by resync (dirty, divergent or full sync).
+    pub resync_regions_sent: u64,
+    /// Writes and flushes completed on every in-sync member.
+    pub writes_completed: u64,
 }
 
 struct PrimaryCore {
@@ -213,6 +224,8 @@ impl PrimaryShared {
                     let mut buf = vec![0u8; len as usize];
                     match self.store.read_at(offset, &mut buf) {
                         Ok(()) => {
+                            self.resync_regions_sent
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if let Ok(mut c) = self.core.lock() {
                                 queue.extend(c.p.region_read(peer, seq, Bytes::from(buf)));
                             }
@@ -223,6 +236,8 @@ impl PrimaryShared {
                     }
                 }
                 Action::Complete(tag) => {
+                    self.writes_completed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Ok(mut c) = self.core.lock() {
                         if let Some(w) = c.waiters.remove(&tag) {
                             let _ = w.try_send(());
@@ -301,6 +316,8 @@ impl PrimaryVolume {
             region_size,
             start,
             events: Mutex::new(tx),
+            resync_regions_sent: Default::default(),
+            writes_completed: Default::default(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -382,6 +399,15 @@ impl PrimaryVolume {
     pub fn release(&self) {
         if let Ok(mut c) = self.shared.core.lock() {
             c.p.release();
+        }
+    }
+
+    /// Counters since this primary started.
+    pub fn stats(&self) -> PrimaryStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        PrimaryStats {
+            resync_regions_sent: self.shared.resync_regions_sent.load(Relaxed),
+            writes_completed: self.shared.writes_completed.load(Relaxed),
         }
     }
 
