@@ -320,12 +320,12 @@ pub async fn node(conn: &Conn, cmd: NodeCmd) -> Result<()> {
 
 pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
     let Some(c) = volume_command(&cmd)? else {
-        let st = conn.client()?.state().await?;
+        let (st, statuses) = conn.client()?.cluster_status().await?;
         if conn.json {
             return print_json(&st.volumes);
         }
         let mut out = String::new();
-        render_volumes(&mut out, &st);
+        render_volumes(&mut out, &st, &statuses);
         print!("{out}");
         return Ok(());
     };
@@ -631,7 +631,7 @@ pub fn render_status(st: &ClusterState, statuses: &Statuses, via: &str) -> Strin
     out.push('\n');
     render_nodes(&mut out, st, statuses);
     out.push('\n');
-    render_volumes(&mut out, st);
+    render_volumes(&mut out, st, statuses);
     out.push('\n');
     render_targets(&mut out, st, statuses);
     out.push('\n');
@@ -724,7 +724,7 @@ fn opt(v: Option<u64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn render_volumes(out: &mut String, st: &ClusterState) {
+fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
     let _ = writeln!(out, "Volumes:");
     if st.volumes.is_empty() {
         let _ = writeln!(out, "  (none; `bulwark volume create NAME SIZE`)");
@@ -757,6 +757,27 @@ fn render_volumes(out: &mut String, st: &ClusterState) {
             health,
             mapped
         );
+        // What each node runs for it, as it reports.
+        let mut parts = Vec::new();
+        for s in statuses.values().filter_map(|s| s.as_ref().ok()) {
+            if let Some(x) = s.volumes.iter().find(|x| x.name == v.name) {
+                parts.push(if x.role == "primary" {
+                    format!(
+                        "{}: primary epoch {} {} ({} writes, {} regions resynced)",
+                        s.name,
+                        x.epoch,
+                        if x.serving { "serving" } else { "NOT SERVING" },
+                        x.writes_completed,
+                        x.resync_regions_sent
+                    )
+                } else {
+                    format!("{}: replica", s.name)
+                });
+            }
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(out, "  {:<12} {}", "", parts.join("; "));
+        }
     }
 }
 
