@@ -279,7 +279,13 @@ impl Serving {
             .map(|(iqn, _)| iqn.clone())
             .collect();
         for iqn in gone {
-            self.server.remove_target(&iqn);
+            if st.targets.contains_key(&iqn) {
+                // Served elsewhere now: ask initiators to log out so they reconnect at
+                // once (RFC 7143 AsyncEvent 1), end the sessions that stay.
+                self.server.hand_over_target(&iqn, Duration::from_secs(2));
+            } else {
+                self.server.remove_target(&iqn);
+            }
             served.remove(&iqn);
             self.events.push(
                 "config",

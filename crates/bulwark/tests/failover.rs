@@ -45,6 +45,9 @@ async fn write_load(c: &Cluster, checker: &mut Checker, until: Instant, via: &[u
     write_load_counting(c, checker, until, via).await.0
 }
 
+/// What a load run saw.
+type LoadReport = (Duration, u64, u64);
+
 /// True for what an initiator retries by itself: a unit attention, or NOT READY while
 /// the volume changes primary.
 fn retryable(status: u8, sense: &[u8]) -> bool {
@@ -56,15 +59,16 @@ fn retryable(status: u8, sense: &[u8]) -> bool {
         )
 }
 
-/// Like [`write_load`], also counting failed writes: statuses an initiator would not
-/// retry by itself.
+/// Like [`write_load`], also counting failed writes (statuses an initiator would not
+/// retry by itself) and logouts the target asked for.
 async fn write_load_counting(
     c: &Cluster,
     checker: &mut Checker,
     until: Instant,
     via: &[usize],
-) -> (Duration, u64) {
+) -> LoadReport {
     let mut failed = 0;
+    let mut logouts = 0;
     let mut session: Option<Session> = None;
     let mut last_ack = Instant::now();
     let mut longest = Duration::ZERO;
@@ -109,8 +113,13 @@ async fn write_load_counting(
             }
             _ => session = None,
         }
+        // The target asks us to log out (the volume moved): reconnect, as open-iscsi does.
+        if session.as_ref().is_some_and(|s| s.logout_requested()) {
+            logouts += 1;
+            session = None;
+        }
     }
-    (longest, failed)
+    (longest, failed, logouts)
 }
 
 async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
@@ -329,6 +338,7 @@ async fn planned_moves_under_writes_fail_no_io() {
         .unwrap_or(3);
     let mut pauses = Vec::new();
     let mut failed_total = 0;
+    let mut logouts_total = 0;
     for round in 1..=rounds {
         let st = admin.state().await.unwrap();
         let v = &st.volumes["v"];
@@ -371,13 +381,14 @@ async fn planned_moves_under_writes_fail_no_io() {
                     .await
             })
         };
-        let (pause, failed) = write_load_counting(
+        let (pause, failed, logouts) = write_load_counting(
             &c,
             &mut checker,
             Instant::now() + Duration::from_secs(3),
             &all,
         )
         .await;
+        logouts_total += logouts;
         mover.await.unwrap().unwrap().unwrap();
         let st = admin.state().await.unwrap();
         assert_eq!(st.volumes["v"].primary, to, "round {round}: moved");
@@ -399,6 +410,10 @@ async fn planned_moves_under_writes_fail_no_io() {
         pauses.last().unwrap().as_millis()
     );
     assert_eq!(failed_total, 0, "no write fails during a planned move");
+    assert!(
+        logouts_total >= rounds as u64,
+        "the old primary asks its initiators to log out ({logouts_total} in {rounds} moves)"
+    );
     // Under 0.5 s is the goal (issue 4); allow slack for a loaded CI machine.
     assert!(
         median < Duration::from_millis(1500),

@@ -116,9 +116,17 @@ pub struct Session {
     pub negotiated: TextPairs,
     /// TSIH the target assigned.
     pub tsih: u16,
+    /// The target sent an Async Message asking for a logout (AsyncEvent 1).
+    logout_requested: bool,
 }
 
 impl Session {
+    /// True once the target asked this session to log out (RFC 7143 §11.9.1): a real
+    /// initiator logs out and reconnects, possibly elsewhere.
+    pub fn logout_requested(&self) -> bool {
+        self.logout_requested
+    }
+
     /// Connects and logs in.
     pub async fn login(addr: SocketAddr, opts: &LoginOptions) -> Result<Session, InitiatorError> {
         let stream = tokio::time::timeout(opts.timeout, TcpStream::connect(addr))
@@ -138,6 +146,7 @@ impl Session {
             timeout: opts.timeout,
             negotiated: TextPairs::default(),
             tsih: 0,
+            logout_requested: false,
         };
         s.do_login(opts).await?;
         Ok(s)
@@ -456,7 +465,12 @@ impl Session {
                     };
                     self.send(&Pdu::NopOut(nop, Bytes::new())).await?;
                 }
-                Pdu::AsyncMessage(..) | Pdu::NopIn(..) => {}
+                Pdu::AsyncMessage(m, _) => {
+                    if m.event == 1 {
+                        self.logout_requested = true;
+                    }
+                }
+                Pdu::NopIn(..) => {}
                 other => {
                     return Err(InitiatorError::Protocol(format!(
                         "unexpected PDU {other:?}"

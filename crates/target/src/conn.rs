@@ -392,6 +392,7 @@ async fn full_feature(
         shared.settings.nop_timeout,
     ));
     let kill = Arc::new(Notify::new());
+    let logout = Arc::new(Notify::new());
     let (ended_tx, ended_rx) = watch::channel(false);
     let target_name = est.target.as_ref().map(|t| t.name.clone());
     let key: SessionKey = (
@@ -426,6 +427,7 @@ async fn full_feature(
             SessionEntry {
                 info,
                 kill: kill.clone(),
+                logout: logout.clone(),
                 ended: ended_rx,
                 nexus: nexus.clone(),
                 executing: executing.clone(),
@@ -446,6 +448,7 @@ async fn full_feature(
         shared.clone(),
         out_tx.clone(),
         kill.clone(),
+        logout,
         last_rx.clone(),
         epoch,
     ));
@@ -511,6 +514,7 @@ async fn keepalive(
     shared: Arc<Shared>,
     out: mpsc::Sender<Out>,
     kill: Arc<Notify>,
+    logout: Arc<Notify>,
     last_rx: Arc<AtomicU64>,
     epoch: Instant,
 ) {
@@ -534,7 +538,13 @@ async fn keepalive(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval.min(timeout).max(Duration::from_millis(50))) => {}
-            r = async { shutdown.wait_for(|s| *s).await.is_ok() }, if !logout_requested => {
+            r = async {
+                tokio::select! {
+                    r = shutdown.wait_for(|s| *s) => r.is_ok(),
+                    // The target moved to another node (planned move, failover).
+                    _ = logout.notified() => true,
+                }
+            }, if !logout_requested => {
                 logout_requested = true;
                 if r {
                     // RFC 7143 §11.9.1 AsyncEvent 1: the target requests a logout within

@@ -106,6 +106,12 @@ impl Server {
         self.shared.set_target(target);
     }
 
+    /// Removes a target whose service moved to another node: its initiators are asked
+    /// to log out (Async Message) and reconnect; sessions left after `grace` end.
+    pub fn hand_over_target(&self, name: &str, grace: Duration) {
+        self.shared.hand_over_target(name, grace);
+    }
+
     /// Removes a target and ends its sessions.
     pub fn remove_target(&self, name: &str) {
         self.shared.remove_target(name);

@@ -46,6 +46,8 @@ pub struct SessionInfo {
 pub(crate) struct SessionEntry {
     pub info: SessionInfo,
     pub kill: Arc<Notify>,
+    /// Asks the initiator to log out (Async Message, event 1).
+    pub logout: Arc<Notify>,
     pub ended: watch::Receiver<bool>,
     /// The session's I_T nexus (None for discovery sessions).
     pub nexus: Option<Arc<scsi::ItNexus>>,
@@ -267,6 +269,30 @@ impl Shared {
     }
 
     /// Ends every session of the given target (target cold reset).
+    /// Removes a target, asking its initiators to log out (RFC 7143 §11.9.1, AsyncEvent
+    /// one) so they reconnect elsewhere at once; sessions still there after `grace`
+    /// are ended. Must be called within a tokio runtime.
+    pub fn hand_over_target(self: &Arc<Self>, name: &str, grace: Duration) {
+        self.targets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        {
+            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, entry) in sessions.iter() {
+                if key.2 == name {
+                    entry.logout.notify_one();
+                }
+            }
+        }
+        let shared = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            shared.kill_target_sessions(&name);
+        });
+    }
+
     pub fn kill_target_sessions(&self, target: &str) {
         let s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for (key, entry) in s.iter() {
