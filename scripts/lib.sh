@@ -18,6 +18,8 @@ apt_install() {
 # Installs the Debian packages the tests use when they are missing.
 ensure_test_packages() {
     command -v iscsi-test-cu >/dev/null && command -v iscsi-inq >/dev/null || apt_install libiscsi-bin
+    # nftables: the partition test cuts links between loopback aliases.
+    command -v nft >/dev/null || apt_install nftables
     # QEMU's iSCSI driver lives in qemu-block-extra, which must match qemu-utils exactly.
     local want have
     have=$(dpkg-query -W -f='${Version}' qemu-block-extra 2>/dev/null || true)

@@ -521,3 +521,227 @@ async fn a_returning_replica_receives_only_the_dirty_regions() {
     );
     verify_all(&c, &checker, &all).await;
 }
+
+/// Links cut with nftables between one node's address and the others' (loopback
+/// aliases; the initiator, connecting from 127.0.0.1, still reaches every portal).
+/// Removed when dropped.
+struct Partition {
+    table: String,
+}
+
+fn nft(args: &[&str]) {
+    let out = std::process::Command::new("nft")
+        .args(args)
+        .output()
+        .expect("nft (Debian package nftables; scripts/test-all installs it)");
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Partition {
+    fn cut(block: u8, node: u8, others: &[u8]) -> Partition {
+        let table = format!("bulwark_test_{block}");
+        nft(&["add", "table", "inet", &table]);
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            &table,
+            "out",
+            "{ type filter hook output priority 0 ; policy accept ; }",
+        ]);
+        let me = format!("127.0.{block}.{node}");
+        let set = format!(
+            "{{ {} }}",
+            others
+                .iter()
+                .map(|o| format!("127.0.{block}.{o}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        nft(&[
+            "add", "rule", "inet", &table, "out", "ip", "saddr", &me, "ip", "daddr", &set, "drop",
+        ]);
+        nft(&[
+            "add", "rule", "inet", &table, "out", "ip", "saddr", &set, "ip", "daddr", &me, "drop",
+        ]);
+        Partition { table }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+    }
+}
+
+/// The primary is cut from the rest of the cluster but its initiator still reaches it:
+/// it stops acknowledging before the new primary starts, so no write is acknowledged
+/// by both; after healing every acknowledged write is there and the replicas agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_primary_stops_before_the_new_one_starts() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = Cluster::new(23, 3);
+    c.init().await;
+    c.join(1).await;
+    c.join(2).await;
+    c.wait_voters(0, 3).await;
+    let admin = c.admin(0);
+    commit(
+        &admin,
+        Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 16 << 20,
+            replicas: 2,
+            block_size: BLOCK,
+            nodes: vec!["n2".into(), "n3".into()],
+        },
+    )
+    .await;
+    commit(
+        &admin,
+        Command::CreateTarget {
+            iqn: IQN.into(),
+            alias: None,
+        },
+    )
+    .await;
+    commit(
+        &admin,
+        Command::AddLun {
+            iqn: IQN.into(),
+            lun: Some(0),
+            volume: "v".into(),
+        },
+    )
+    .await;
+    let old_portal = c.nodes[1].addresses().portals[0];
+    let mut checker = Checker::new(BLOCK as usize);
+    write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_secs(1),
+        &[0],
+    )
+    .await;
+    let checker = std::sync::Arc::new(std::sync::Mutex::new(checker));
+
+    let cut = Partition::cut(23, 2, &[1, 3]);
+    let cut_at = Instant::now();
+    let until = cut_at + Duration::from_secs(5);
+
+    // Initiator A keeps writing to the old primary, LBAs 0..2048.
+    let a = {
+        let checker = checker.clone();
+        tokio::spawn(async move {
+            let mut acks = Vec::new();
+            let mut session: Option<Session> = None;
+            let mut n = 0u64;
+            while Instant::now() < until {
+                if session.is_none() {
+                    session = connect(old_portal).await;
+                    if session.is_none() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+                n += 1;
+                let lba = (n * 7919) % 2048;
+                let (version, block) = checker.lock().unwrap().next_write(lba);
+                let s = session.as_mut().unwrap();
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    s.write16(0, lba, &block, BLOCK, false),
+                )
+                .await
+                {
+                    Ok(Ok(r)) if r.status == 0 => {
+                        acks.push(Instant::now());
+                        checker.lock().unwrap().acked(lba, version);
+                    }
+                    Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    _ => session = None,
+                }
+            }
+            acks
+        })
+    };
+    // Initiator B writes wherever the cluster says the primary is, LBAs 2048..4096.
+    let mut b_acks = Vec::new();
+    let mut session: Option<Session> = None;
+    let mut n = 0u64;
+    while Instant::now() < until {
+        if session.is_none() {
+            match primary_portal(&c, &[0, 2]).await {
+                Some((_, p)) if p != old_portal => session = connect(p).await,
+                _ => {}
+            }
+            if session.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        n += 1;
+        let lba = 2048 + (n * 7919) % 2048;
+        let (version, block) = checker.lock().unwrap().next_write(lba);
+        let s = session.as_mut().unwrap();
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            s.write16(0, lba, &block, BLOCK, false),
+        )
+        .await
+        {
+            Ok(Ok(r)) if r.status == 0 => {
+                b_acks.push(Instant::now());
+                checker.lock().unwrap().acked(lba, version);
+            }
+            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => session = None,
+        }
+    }
+    let a_acks = a.await.unwrap();
+    let first_new = *b_acks.first().expect("the new primary served writes");
+    let last_old = a_acks.last().copied();
+    eprintln!(
+        "partition: old primary acknowledged {} writes after the cut, the last {} ms after it; the new primary's first ack came {} ms after the cut",
+        a_acks.len(),
+        last_old.map_or(0, |t| (t - cut_at).as_millis()),
+        (first_new - cut_at).as_millis()
+    );
+    if let Some(last_old) = last_old {
+        assert!(
+            last_old < first_new,
+            "a write was acknowledged by the old primary after the new one served"
+        );
+    }
+
+    drop(cut);
+    wait(
+        "both replicas in sync again",
+        Duration::from_secs(30),
+        async || {
+            admin
+                .state()
+                .await
+                .ok()
+                .filter(|s| s.volumes["v"].in_sync.len() == 2)
+        },
+    )
+    .await;
+    let checker = std::sync::Arc::try_unwrap(checker)
+        .ok()
+        .unwrap()
+        .into_inner()
+        .unwrap();
+    verify_all(&c, &checker, &[0, 2]).await;
+    let img = |i: usize| std::fs::read(c.nodes[i].dir.join("volumes/v.img")).unwrap();
+    assert!(
+        img(1) == img(2),
+        "the replicas hold the same bytes after healing"
+    );
+}

@@ -134,6 +134,7 @@ pub struct ClusterNode {
 struct Peers {
     token: Token,
     from: String,
+    local: Option<std::net::IpAddr>,
     clients: Arc<Mutex<HashMap<SocketAddr, Arc<Client>>>>,
 }
 
@@ -146,7 +147,11 @@ impl Peers {
         if let Some(c) = map.get(&addr) {
             return Ok(c.clone());
         }
-        let c = Arc::new(Client::new(addr, &self.token, &self.from)?);
+        let mut c = Client::new(addr, &self.token, &self.from)?;
+        if let Some(ip) = self.local {
+            c = c.bind_from(ip);
+        }
+        let c = Arc::new(c);
         map.insert(addr, c.clone());
         Ok(c)
     }
@@ -355,6 +360,7 @@ impl ClusterNode {
         let peers = Peers {
             token: token.clone(),
             from: format!("node {}", identity.name),
+            local: Some(identity.addresses.control.ip()),
             clients: Arc::default(),
         };
         let et = options.election_timeout.as_millis() as u64;

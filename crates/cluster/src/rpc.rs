@@ -224,12 +224,32 @@ pub async fn read_small_frame<T: DeserializeOwned>(
 
 type Conn = TlsStream<TcpStream>;
 
+/// Connects to `addr`, from `local` when given.
+pub async fn connect_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = local else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
+}
+
 /// A client of one node: authenticated TLS connections, kept open and reused.
 pub struct Client {
     addr: SocketAddr,
     tls: tokio_rustls::TlsConnector,
     hello_secret: String,
     from: String,
+    /// Source address for connections (a node connects from its own control address,
+    /// so firewalls and partitions see which node talks).
+    local: Option<std::net::IpAddr>,
     idle: Mutex<Vec<Conn>>,
 }
 
@@ -252,8 +272,15 @@ impl Client {
             tls: tokio_rustls::TlsConnector::from(identity::client_config(&token.fingerprint)?),
             hello_secret: token.secret.clone(),
             from: from.to_string(),
+            local: None,
             idle: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Connects from `ip` rather than from whatever address the kernel picks.
+    pub fn bind_from(mut self, ip: std::net::IpAddr) -> Client {
+        self.local = Some(ip);
+        self
     }
 
     /// The node's address.
@@ -263,7 +290,7 @@ impl Client {
 
     async fn connect(&self, timeout: Duration) -> Result<Conn, RpcError> {
         let addr = self.addr;
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(timeout, connect_from(self.local, addr))
             .await
             .map_err(|_| RpcError::Unreachable {
                 addr,

@@ -190,6 +190,8 @@ pub struct ReplicationNet {
     replicas: Mutex<HashMap<String, Arc<ReplicaVolume>>>,
     /// Links that are up now (outgoing, by node).
     up: Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Outgoing links leave from the replication address.
+    local: std::net::IpAddr,
 }
 
 impl ReplicationNet {
@@ -214,6 +216,7 @@ impl ReplicationNet {
             primaries: Mutex::default(),
             replicas: Mutex::default(),
             up: Mutex::default(),
+            local: listen.ip(),
         });
         let n = net.clone();
         tokio::spawn(async move {
@@ -374,6 +377,16 @@ impl ReplicationNet {
         result
     }
 
+    async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if self.local.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(self.local, 0))?;
+        socket.connect(addr).await
+    }
+
     /// Keeps the outgoing link to `node` up, reconnecting with a short backoff, and
     /// tells the primaries when it goes up or down.
     async fn keep_link(self: Arc<Self>, node: NodeId, addr: SocketAddr) {
@@ -382,7 +395,7 @@ impl ReplicationNet {
             if current != Some(addr) {
                 return; // replaced by a newer address
             }
-            match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
+            match tokio::time::timeout(Duration::from_secs(1), self.connect(addr)).await {
                 Ok(Ok(s)) => {
                     if let Err(e) = self.run_link(node, s).await {
                         tracing::debug!(node, error = %e, "replication link down");
