@@ -762,13 +762,20 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         for s in statuses.values().filter_map(|s| s.as_ref().ok()) {
             if let Some(x) = s.volumes.iter().find(|x| x.name == v.name) {
                 parts.push(if x.role == "primary" {
+                    let resync = if x.resync_pending_regions > 0 {
+                        format!(
+                            ", RESYNC: {} MiB to go, {} MiB sent",
+                            x.resync_pending_regions, x.resync_regions_sent
+                        )
+                    } else {
+                        format!(", {} MiB resynced", x.resync_regions_sent)
+                    };
                     format!(
-                        "{}: primary epoch {} {} ({} writes, {} regions resynced)",
+                        "{}: primary epoch {} {} ({} writes{resync})",
                         s.name,
                         x.epoch,
                         if x.serving { "serving" } else { "NOT SERVING" },
                         x.writes_completed,
-                        x.resync_regions_sent
                     )
                 } else {
                     format!("{}: replica", s.name)

@@ -188,6 +188,7 @@ impl Serving {
                         serving: volume.serving(),
                         resync_regions_sent: s.resync_regions_sent,
                         writes_completed: s.writes_completed,
+                        resync_pending_regions: s.resync_pending,
                     }
                 }
                 Role::Replica(_) => cluster::status::VolumeView {
@@ -595,6 +596,7 @@ impl Serving {
                 .collect(),
             own_activity_log: state.activity_log()?,
             replica_timeout_ms: 1000,
+            resync_window: 16,
         };
         let control = Arc::new(IsrRequests {
             node: self.node.clone(),

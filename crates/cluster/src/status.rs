@@ -156,6 +156,9 @@ pub struct VolumeView {
     pub resync_regions_sent: u64,
     /// Initiator writes completed since this primary started.
     pub writes_completed: u64,
+    /// Regions (1 MiB) still to resync to replicas.
+    #[serde(default)]
+    pub resync_pending_regions: u64,
 }
 
 /// What the serving layer reports for status.

@@ -33,6 +33,9 @@ pub struct PrimaryConfig {
     /// A replica silent this long (milliseconds) while writes wait for it is proposed for
     /// removal from the in-sync set.
     pub replica_timeout_ms: u64,
+    /// Resync regions in flight per replica (read, sent, not yet acknowledged): bounds
+    /// the memory a resync takes and lets application writes interleave.
+    pub resync_window: usize,
     /// Test only: acknowledge writes before the replicas have them. The simulation must
     /// catch this.
     #[cfg(test)]
@@ -560,8 +563,17 @@ impl Primary {
         if peer.link != Link::Streaming {
             return;
         }
-        let regions: Vec<u64> = peer.dirty.iter().collect();
-        peer.dirty.clear();
+        // A bounded window of regions in flight: memory stays at most `resync_window`
+        // regions per replica, and application writes interleave.
+        let room = self
+            .cfg
+            .resync_window
+            .max(1)
+            .saturating_sub(peer.resync_outstanding.len());
+        let regions: Vec<u64> = peer.dirty.iter().take(room).collect();
+        for r in &regions {
+            peer.dirty.remove(*r);
+        }
         let mut reads = Vec::new();
         for region in regions {
             let seq = peer.next_seq;
@@ -652,6 +664,10 @@ impl Primary {
             self.try_complete(now, w, out);
         }
         self.trim_stream(from);
+        // Refill the resync window.
+        if self.peers.get(&from).is_some_and(|p| !p.dirty.is_empty()) {
+            self.resync_dirty(from, out);
+        }
         self.maybe_request_add(from, out);
         self.check_sealed(out);
     }
@@ -857,6 +873,14 @@ impl Primary {
     /// next primary); those in flight finish. See [`Primary::in_flight`].
     pub fn drain(&mut self) {
         self.draining = true;
+    }
+
+    /// Regions still to resync, over all replicas (waiting or in flight).
+    pub fn resync_pending(&self) -> u64 {
+        self.peers
+            .values()
+            .map(|p| (p.dirty.len() + p.resync_outstanding.len()) as u64)
+            .sum()
     }
 
     /// Writes taken and not yet completed.

@@ -151,6 +151,8 @@ pub struct PrimaryStats {
     pub resync_regions_sent: u64,
     /// Writes and flushes completed on every in-sync member.
     pub writes_completed: u64,
+    /// Regions still to resync to replicas.
+    pub resync_pending: u64,
 }
 
 struct PrimaryCore {
@@ -408,6 +410,12 @@ impl PrimaryVolume {
         PrimaryStats {
             resync_regions_sent: self.shared.resync_regions_sent.load(Relaxed),
             writes_completed: self.shared.writes_completed.load(Relaxed),
+            resync_pending: self
+                .shared
+                .core
+                .lock()
+                .map(|c| c.p.resync_pending())
+                .unwrap_or(0),
         }
     }
 
@@ -703,6 +711,7 @@ mod tests {
             in_sync: isr.iter().copied().collect(),
             own_activity_log: state.activity_log().unwrap(),
             replica_timeout_ms: 500,
+            resync_window: 4,
             bug_ack_before_replicas: false,
         };
         let cp = Arc::new(Cp {
