@@ -252,6 +252,19 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
     );
     println!("  bulwark status --watch");
     println!();
+    let primary_pid = children
+        .procs
+        .iter()
+        .find(|(name, _)| *name == primary.name)
+        .and_then(|(_, c)| c.id())
+        .unwrap_or(0);
+    println!("Try a failover: writes keep their data and the volume moves to the other replica:");
+    println!("  bulwark volume move {VOLUME} n2      # planned: drain and hand over");
+    println!(
+        "  kill -9 {primary_pid}                   # unplanned: {} dies, n2 takes over",
+        primary.name
+    );
+    println!();
     println!("token: {token}");
     println!("demo ready; Ctrl-C stops every node");
     use std::io::Write;

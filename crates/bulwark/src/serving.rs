@@ -44,9 +44,13 @@ enum Role {
     Primary {
         epoch: u64,
         volume: Arc<PrimaryVolume>,
+        store: Arc<blockstore::FileStore>,
         lease: tokio::task::JoinHandle<()>,
     },
-    Replica(#[allow(dead_code)] Arc<ReplicaVolume>),
+    Replica {
+        _volume: Arc<ReplicaVolume>,
+        store: Arc<blockstore::FileStore>,
+    },
 }
 
 /// The serving side of a cluster node.
@@ -67,6 +71,7 @@ pub struct Serving {
     repromotion_asked: Mutex<HashSet<(String, u64)>>,
     /// Planned moves under way here, by (first volume of the group, epoch).
     handovers: Mutex<HashSet<(String, u64)>>,
+
     events: Arc<cluster::status::EventLog>,
 }
 
@@ -136,6 +141,7 @@ impl Serving {
             start_epochs: Mutex::new(None),
             repromotion_asked: Mutex::new(HashSet::new()),
             handovers: Mutex::new(HashSet::new()),
+
             events: node.events(),
         })
     }
@@ -191,7 +197,7 @@ impl Serving {
                         resync_pending_regions: s.resync_pending,
                     }
                 }
-                Role::Replica(_) => cluster::status::VolumeView {
+                Role::Replica { .. } => cluster::status::VolumeView {
                     name: name.clone(),
                     role: "replica".into(),
                     ..Default::default()
@@ -344,14 +350,19 @@ impl Serving {
                     Err(e) => error!(volume = %v.name, "cannot start the primary: {e:#}"),
                 }
             } else {
-                if matches!(roles.get(&v.name), Some(Role::Replica(_))) {
+                if let Some(Role::Replica { store, .. }) = roles.get(&v.name) {
+                    // A resize: replicas grow first (writes past the old end may arrive
+                    // before this, and grow the file on demand).
+                    if let Err(e) = store.grow(v.size_bytes) {
+                        error!(volume = %v.name, "cannot grow the replica: {e}");
+                    }
                     continue;
                 }
                 let old = roles.remove(&v.name);
                 self.stop_role(&v.name, old);
                 match self.start_replica(v) {
                     Ok(r) => {
-                        roles.insert(v.name.clone(), Role::Replica(r));
+                        roles.insert(v.name.clone(), r);
                     }
                     Err(e) => error!(volume = %v.name, "cannot start the replica: {e:#}"),
                 }
@@ -426,9 +437,17 @@ impl Serving {
                 };
                 if s.luns.contains_key(lun) {
                     if volume.size_bytes() < v.size_bytes {
-                        // Growing a replicated volume needs every replica to grow first;
-                        // that lands with the resize protocol.
-                        warn!(volume = %v.name, "resize of a replicated volume is not applied yet");
+                        // Resize: grow the primary's copy, then tell the initiators.
+                        // Replicas grow on the same state change, or on demand when a
+                        // write past their end arrives first.
+                        let grown = match roles.get(vol_name) {
+                            Some(Role::Primary { store, .. }) => store.grow(v.size_bytes),
+                            _ => Ok(()),
+                        };
+                        match grown {
+                            Ok(()) => s.device.capacity_changed(*lun),
+                            Err(e) => error!(volume = %v.name, "cannot grow the volume: {e}"),
+                        }
                     }
                     continue;
                 }
@@ -495,6 +514,7 @@ impl Serving {
                     epoch: e,
                     volume,
                     lease,
+                    ..
                 }) if e == epoch => {
                     // No renewal may race the release below.
                     lease.abort();
@@ -576,6 +596,7 @@ impl Serving {
 
     fn start_primary(&self, v: &Volume) -> Result<Role> {
         let store = self.open_volume(v)?;
+        let store_kept = store.clone();
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
         let cfg = PrimaryConfig {
             me: self.me,
@@ -635,21 +656,25 @@ impl Serving {
         Ok(Role::Primary {
             epoch: v.epoch,
             volume,
+            store: store_kept,
             lease,
         })
     }
 
-    fn start_replica(&self, v: &Volume) -> Result<Arc<ReplicaVolume>> {
+    fn start_replica(&self, v: &Volume) -> Result<Role> {
         let store = self.open_volume(v)?;
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
+        let grow_store = store.clone();
+        let grow = Box::new(move |n: u64| grow_store.grow(n).map_err(std::io::Error::other));
         let r = Arc::new(ReplicaVolume::start(
             REGION_SIZE,
-            store,
+            store.clone(),
+            grow,
             state,
             self.net.transport(&v.name),
         )?);
         self.net.add_replica(&v.name, r.clone());
-        Ok(r)
+        Ok(Role::Replica { _volume: r, store })
     }
 
     fn stop_role(&self, name: &str, role: Option<Role>) {
@@ -665,7 +690,7 @@ impl Serving {
                     ),
                 );
             }
-            Some(Role::Replica(_)) => {
+            Some(Role::Replica { .. }) => {
                 self.net.remove_replica(name);
             }
             None => {}

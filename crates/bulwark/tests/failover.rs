@@ -520,6 +520,45 @@ async fn a_returning_replica_receives_only_the_dirty_regions() {
         "the replicas hold the same bytes after resync"
     );
     verify_all(&c, &checker, &all).await;
+
+    // Grow the replicated volume online: the initiator sees the new capacity and can
+    // write past the old end; both replicas grow and stay identical.
+    commit(
+        &admin,
+        Command::ResizeVolume {
+            name: "v".into(),
+            size_bytes: 96 << 20,
+        },
+    )
+    .await;
+    let (_, portal) = primary_portal(&c, &all).await.unwrap();
+    let mut s = connect(portal).await.expect("session");
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x9e;
+    cdb[1] = 0x10;
+    cdb[13] = 32;
+    let blocks = wait("the new capacity", Duration::from_secs(10), async || {
+        let r = s.command(0, &cdb, None, 32).await.ok()?;
+        let last = u64::from_be_bytes(r.data.get(..8)?.try_into().ok()?);
+        (r.status == 0 && last + 1 == (96 << 20) / u64::from(BLOCK)).then_some(last + 1)
+    })
+    .await;
+    let lba = blocks - 1;
+    let (version, block) = checker.next_write(lba);
+    let r = s.write16(0, lba, &block, BLOCK, true).await.unwrap();
+    assert_eq!(r.status, 0, "a write past the old end");
+    checker.acked(lba, version);
+    let r = s.read16(0, lba, 1, BLOCK).await.unwrap();
+    checker.verify(lba, &r.data).unwrap();
+    wait(
+        "both replicas grown and identical",
+        Duration::from_secs(10),
+        async || {
+            let (a, b) = (img(1), img(2));
+            (a.len() == 96 << 20 && a == b).then_some(())
+        },
+    )
+    .await;
 }
 
 /// Links cut with nftables between one node's address and the others' (loopback

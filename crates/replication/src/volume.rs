@@ -525,9 +525,14 @@ pub struct ReplicaVolume {
 
 impl ReplicaVolume {
     /// Starts applying streams to `store`; state (epoch, activity log) in `state`.
+    ///
+    /// `grow` extends the store when a write reaches past its end: the primary writes
+    /// there only after the volume was resized, and the stream may bring such a write
+    /// before this node has applied the resize itself.
     pub fn start(
         region_size: u64,
         store: Arc<dyn BlockDevice>,
+        grow: Box<dyn Fn(u64) -> io::Result<()> + Send>,
         state: ReplicaState,
         transport: Arc<dyn Transport>,
     ) -> io::Result<ReplicaVolume> {
@@ -567,8 +572,11 @@ impl ReplicaVolume {
                                     data,
                                     flush,
                                 } => {
+                                    let end = offset + data.len() as u64;
                                     let done = if flush {
                                         store.flush()
+                                    } else if end > store.size_bytes() {
+                                        grow(end).and_then(|()| store.write_at(offset, &data, false))
                                     } else {
                                         store.write_at(offset, &data, false)
                                     };
@@ -743,9 +751,15 @@ mod tests {
     fn start_replica(net: &Arc<Net>, me: NodeId, store: Arc<MemDevice>, dir: &std::path::Path) {
         std::fs::create_dir_all(dir.join(format!("n{me}"))).unwrap();
         let state = ReplicaState::new(dir.join(format!("n{me}")), "v");
+        let grow_store = store.clone();
+        let grow = Box::new(move |n: u64| {
+            grow_store.resize(n);
+            Ok(())
+        });
         let r = ReplicaVolume::start(
             64 << 10,
             store,
+            grow,
             state,
             Arc::new(Port {
                 me,
