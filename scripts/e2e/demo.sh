@@ -61,6 +61,21 @@ if out=$("$BULWARK_BIN" volume delete demo 2>&1); then die "deleting a mapped vo
 echo "$out" | grep -q "is mapped as LUN 0" || die "unexpected refusal: $out"
 "$BULWARK_BIN" volume list --json | python3 -c 'import json,sys; v=json.load(sys.stdin); assert "extra" in v and "demo" in v, v'
 
+# A planned move through the CLI: the target is served by n2 afterwards, with its data.
+qemu-io -f raw -c "write -P 0x5a 0 1M" "iscsi://127.0.0.1/$iqn/0" >/dev/null || die "qemu-io write through n1 failed"
+"$BULWARK_BIN" volume move demo n2 | tee "$work/move.txt"
+grep -q "primary on n2" "$work/move.txt" || die "volume move did not report the new primary"
+for _ in $(seq 1 50); do
+    iscsi-ls -s iscsi://127.0.0.2 2>/dev/null | grep -q "Target:$iqn" && break
+    sleep 0.1
+done
+iscsi-ls -s iscsi://127.0.0.2 | grep -q "Target:$iqn Portal:127.0.0.2:3260" || die "after the move, n2 does not serve $iqn"
+out=$(qemu-io -f raw -c "read -P 0x5a 0 1M" "iscsi://127.0.0.2/$iqn/0" 2>&1) || die "qemu-io read through n2 failed: $out"
+if echo "$out" | grep -qi "verification failed" || ! echo "$out" | grep -q "read 1048576/1048576"; then
+    die "the data did not move with the volume: $out"
+fi
+echo "volume move: n2 serves $iqn with its data"
+
 # Ctrl-C stops every process the demo started.
 kill -INT "$demo_pid"
 for _ in $(seq 1 200); do kill -0 "$demo_pid" 2>/dev/null || break; sleep 0.1; done

@@ -114,8 +114,9 @@ pub enum VolumeCmd {
     Move {
         /// Volume name.
         name: String,
-        /// Destination node.
-        node: String,
+        /// Destination node (an in-sync replica).
+        #[arg(value_name = "NODE")]
+        to: String,
     },
     /// Deletes a volume that no target maps, with its data.
     Delete {
@@ -251,9 +252,9 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
             size_bytes: parse_size(size)?,
         }),
         VolumeCmd::Delete { name } => Some(Command::DeleteVolume { name: name.clone() }),
-        VolumeCmd::Move { name, node } => Some(Command::MoveVolume {
+        VolumeCmd::Move { name, to } => Some(Command::MoveVolume {
             volume: name.clone(),
-            node: node.clone(),
+            node: to.clone(),
         }),
         VolumeCmd::List => None,
     })
@@ -331,16 +332,25 @@ pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let a = commit(conn, c).await?;
-    if let VolumeCmd::Move { name, node } = &cmd {
+    if let VolumeCmd::Move { name, to: node } = &cmd {
         // Wait for the handover so the command reports its outcome.
         let client = conn.client()?;
         loop {
-            let st = client.state().await?;
+            let (st, statuses) = client.cluster_status().await?;
             let v = st
                 .volumes
                 .get(name)
                 .ok_or_else(|| anyhow!("volume {name} disappeared"))?;
-            if st.nodes.get(&v.primary).is_some_and(|n| &n.name == node) {
+            // Done when the new primary says it serves (sealed and leased), not merely
+            // when the cluster has named it.
+            let serving = statuses.get(&v.primary).is_some_and(|s| {
+                s.as_ref().is_ok_and(|s| {
+                    s.volumes
+                        .iter()
+                        .any(|x| &x.name == name && x.role == "primary" && x.serving)
+                })
+            });
+            if serving && st.nodes.get(&v.primary).is_some_and(|n| &n.name == node) {
                 return done(
                     conn,
                     &a,
@@ -351,7 +361,8 @@ pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
                     ),
                 );
             }
-            if v.moving_to.is_none() {
+            let named = st.nodes.get(&v.primary).is_some_and(|n| &n.name == node);
+            if v.moving_to.is_none() && !named {
                 bail!("the move of {name} did not happen (the destination fell out of sync, or a failover intervened): see `bulwark status`");
             }
             if started.elapsed() > Duration::from_secs(15) {

@@ -765,6 +765,7 @@ mod cli_tests {
             &["volume", "list"],
             &["volume", "resize", "v", "2GiB"],
             &["volume", "delete", "v"],
+            &["volume", "move", "v", "n2", "--node", "10.0.0.1"],
             &["target", "create", "iqn.2026-11.x:t", "--alias", "t"],
             &["target", "list", "--json"],
             &["target", "delete", "iqn.2026-11.x:t"],
