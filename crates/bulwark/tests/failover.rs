@@ -144,21 +144,20 @@ async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(20, 3);
+/// A 3-node cluster on 127.0.`block`.x with volume "v" (2 replicas, primary n2 while
+/// the Raft leader is n1, so the two roles fail apart) as LUN 0 of [`IQN`].
+async fn replicated_volume(block: u8, size_bytes: u64) -> Cluster {
+    let mut c = Cluster::new(block, 3);
     c.init().await;
     c.join(1).await;
     c.join(2).await;
     c.wait_voters(0, 3).await;
-    // The volume's primary is n2 (the Raft leader is n1): the two roles fail apart.
     let admin = c.admin(0);
     commit(
         &admin,
         Command::CreateVolume {
             name: "v".into(),
-            size_bytes: 16 << 20,
+            size_bytes,
             replicas: 2,
             block_size: BLOCK,
             nodes: vec!["n2".into(), "n3".into()],
@@ -182,6 +181,13 @@ async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
         },
     )
     .await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = replicated_volume(20, 16 << 20).await;
 
     let mut checker = Checker::new(BLOCK as usize);
     let all = [0usize, 1, 2];
@@ -288,40 +294,8 @@ async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_moves_under_writes_fail_no_io() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(21, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
+    let c = replicated_volume(21, 16 << 20).await;
     let admin = c.admin(0);
-    commit(
-        &admin,
-        Command::CreateVolume {
-            name: "v".into(),
-            size_bytes: 16 << 20,
-            replicas: 2,
-            block_size: BLOCK,
-            nodes: vec!["n2".into(), "n3".into()],
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::CreateTarget {
-            iqn: IQN.into(),
-            alias: None,
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::AddLun {
-            iqn: IQN.into(),
-            lun: Some(0),
-            volume: "v".into(),
-        },
-    )
-    .await;
     let all = [0usize, 1, 2];
     let mut checker = Checker::new(BLOCK as usize);
     write_load(
@@ -427,41 +401,9 @@ async fn planned_moves_under_writes_fail_no_io() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_replica_receives_only_the_dirty_regions() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(22, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
-    let admin = c.admin(0);
     // 64 MiB = 64 regions of 1 MiB; the load writes LBAs 0..4096 = the first 2 MiB.
-    commit(
-        &admin,
-        Command::CreateVolume {
-            name: "v".into(),
-            size_bytes: 64 << 20,
-            replicas: 2,
-            block_size: BLOCK,
-            nodes: vec!["n2".into(), "n3".into()],
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::CreateTarget {
-            iqn: IQN.into(),
-            alias: None,
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::AddLun {
-            iqn: IQN.into(),
-            lun: Some(0),
-            volume: "v".into(),
-        },
-    )
-    .await;
+    let mut c = replicated_volume(22, 64 << 20).await;
+    let admin = c.admin(0);
     let all = [0usize, 1, 2];
     let mut checker = Checker::new(BLOCK as usize);
     write_load(
@@ -625,40 +567,8 @@ impl Drop for Partition {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_primary_stops_before_the_new_one_starts() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(23, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
+    let c = replicated_volume(23, 16 << 20).await;
     let admin = c.admin(0);
-    commit(
-        &admin,
-        Command::CreateVolume {
-            name: "v".into(),
-            size_bytes: 16 << 20,
-            replicas: 2,
-            block_size: BLOCK,
-            nodes: vec!["n2".into(), "n3".into()],
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::CreateTarget {
-            iqn: IQN.into(),
-            alias: None,
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::AddLun {
-            iqn: IQN.into(),
-            lun: Some(0),
-            volume: "v".into(),
-        },
-    )
-    .await;
     let old_portal = c.nodes[1].addresses().portals[0];
     let mut checker = Checker::new(BLOCK as usize);
     write_load(

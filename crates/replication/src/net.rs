@@ -337,17 +337,29 @@ impl ReplicationNet {
             tracing::warn!("refused a replication connection: wrong cluster secret");
             return Err(bad("wrong cluster secret"));
         }
-        let (mut rd, wr) = s.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let (rd, wr) = s.into_split();
+        let (tx, rx) = mpsc::unbounded_channel::<Frame>();
         if let Ok(mut m) = self.incoming.lock() {
             m.insert(from, tx);
         }
+        let result = self.exchange(from, rd, wr, rx).await;
+        result
+    }
+
+    /// Runs one established link with `peer`: frames queued on `rx` go out (those
+    /// queued together in one write, flushed when the queue is empty), frames read are
+    /// routed to the volumes; returns when either side fails.
+    async fn exchange(
+        &self,
+        peer: NodeId,
+        mut rd: tokio::net::tcp::OwnedReadHalf,
+        wr: tokio::net::tcp::OwnedWriteHalf,
+        mut rx: mpsc::UnboundedReceiver<Frame>,
+    ) -> io::Result<()> {
         let writer = tokio::spawn(async move {
-            // Frames queued together leave in one write: flush only when the queue is
-            // empty.
             let mut wr = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-            while let Some((h, d)) = rx.recv().await {
-                let mut next = Some((h, d));
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
                 while let Some((h, d)) = next.take() {
                     if wr.write_all(&h).await.is_err() {
                         return;
@@ -365,11 +377,8 @@ impl ReplicationNet {
             }
         });
         let result = loop {
-            match read_frame(&mut rd).await {
-                Ok(f) => match decode(f) {
-                    Ok((vol, msg)) => self.route(from, vol, msg),
-                    Err(e) => break Err(e),
-                },
+            match read_frame(&mut rd).await.and_then(decode) {
+                Ok((vol, msg)) => self.route(peer, vol, msg),
                 Err(e) => break Err(e),
             }
         };
@@ -415,44 +424,13 @@ impl ReplicationNet {
         hello.extend_from_slice(&self.me.to_be_bytes());
         hello.extend_from_slice(hello_mac(&self.secret, self.me).as_ref());
         s.write_all(&hello).await?;
-        let (mut rd, wr) = s.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let (rd, wr) = s.into_split();
+        let (tx, rx) = mpsc::unbounded_channel::<Frame>();
         if let Ok(mut m) = self.outgoing.lock() {
             m.insert(node, tx);
         }
         self.link_changed(node, true);
-        let writer = tokio::spawn(async move {
-            // Frames queued together leave in one write: flush only when the queue is
-            // empty.
-            let mut wr = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-            while let Some((h, d)) = rx.recv().await {
-                let mut next = Some((h, d));
-                while let Some((h, d)) = next.take() {
-                    if wr.write_all(&h).await.is_err() {
-                        return;
-                    }
-                    if let Some(d) = d {
-                        if wr.write_all(&d).await.is_err() {
-                            return;
-                        }
-                    }
-                    next = rx.try_recv().ok();
-                }
-                if wr.flush().await.is_err() {
-                    return;
-                }
-            }
-        });
-        let result = loop {
-            match read_frame(&mut rd).await {
-                Ok(f) => match decode(f) {
-                    Ok((vol, msg)) => self.route(node, vol, msg),
-                    Err(e) => break Err(e),
-                },
-                Err(e) => break Err(e),
-            }
-        };
-        writer.abort();
+        let result = self.exchange(node, rd, wr, rx).await;
         if let Ok(mut m) = self.outgoing.lock() {
             m.remove(&node);
         }
