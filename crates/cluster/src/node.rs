@@ -687,6 +687,10 @@ impl ClusterNode {
             }
             let st = self.inner.state.borrow().clone();
             let now = Instant::now();
+            // Forget the first sightings of epochs that are over.
+            if let Ok(mut f) = self.inner.first_seen.lock() {
+                f.retain(|(v, e), _| st.volumes.get(v).is_some_and(|x| x.epoch == *e));
+            }
             // Groups that move together: a target's volumes, or one unmapped volume.
             let mut groups: Vec<Vec<String>> = st
                 .targets

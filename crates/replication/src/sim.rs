@@ -721,14 +721,7 @@ impl Sim {
         }
         let actions = p.tick(now);
         if let Some(epoch) = renew {
-            self.send(n, CP, |gen| Ev::ToCp {
-                from: n,
-                gen,
-                req: CpReq::RenewLease {
-                    epoch,
-                    sent_at: now,
-                },
-            });
+            self.send_renew(n, epoch);
         }
         self.primary_actions(n, actions)
     }
@@ -800,15 +793,18 @@ impl Sim {
         if let Some(Role::Primary { p, last_renew }) = self.nodes.get_mut(&n).map(|x| &mut x.role) {
             *last_renew = now;
             let epoch = p.epoch();
-            self.send(n, CP, |gen| Ev::ToCp {
-                from: n,
-                gen,
-                req: CpReq::RenewLease {
-                    epoch,
-                    sent_at: now,
-                },
-            });
+            self.send_renew(n, epoch);
         }
+    }
+
+    /// Node `n` asks the control plane to renew its lease at `epoch`, now.
+    fn send_renew(&mut self, n: NodeId, epoch: Epoch) {
+        let sent_at = self.now;
+        self.send(n, CP, |gen| Ev::ToCp {
+            from: n,
+            gen,
+            req: CpReq::RenewLease { epoch, sent_at },
+        });
     }
 
     fn cp_request(&mut self, from: NodeId, req: CpReq) {

@@ -128,13 +128,12 @@ impl Shared {
             t.insert(name.clone(), Arc::new(target));
         }
         if let Some(allowed) = allowed {
-            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            for (key, entry) in sessions.iter() {
-                if key.2 == name && !allowed.contains(&entry.info.initiator) {
+            self.each_session_of(&name, |entry| {
+                if !allowed.contains(&entry.info.initiator) {
                     tracing::info!(initiator = %entry.info.initiator, target = %name, "ending a session whose initiator the ACL no longer allows");
                     entry.kill.notify_one();
                 }
-            }
+            });
         }
     }
 
@@ -143,10 +142,15 @@ impl Shared {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
+        self.kill_target_sessions(name);
+    }
+
+    /// Calls `f` on every session of `target`.
+    fn each_session_of(&self, target: &str, f: impl Fn(&SessionEntry)) {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for (key, entry) in sessions.iter() {
-            if key.2 == name {
-                entry.kill.notify_one();
+            if key.2 == target {
+                f(entry);
             }
         }
     }
@@ -268,7 +272,6 @@ impl Shared {
         n
     }
 
-    /// Ends every session of the given target (target cold reset).
     /// Removes a target, asking its initiators to log out (RFC 7143 §11.9.1, AsyncEvent
     /// one) so they reconnect elsewhere at once; sessions still there after `grace`
     /// are ended. Must be called within a tokio runtime.
@@ -277,14 +280,7 @@ impl Shared {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        {
-            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            for (key, entry) in sessions.iter() {
-                if key.2 == name {
-                    entry.logout.notify_one();
-                }
-            }
-        }
+        self.each_session_of(name, |e| e.logout.notify_one());
         let shared = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -293,13 +289,9 @@ impl Shared {
         });
     }
 
+    /// Ends every session of the given target (target cold reset).
     pub fn kill_target_sessions(&self, target: &str) {
-        let s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, entry) in s.iter() {
-            if key.2 == target {
-                entry.kill.notify_one();
-            }
-        }
+        self.each_session_of(target, |e| e.kill.notify_one());
     }
 
     pub async fn shutdown(&self, grace: Duration) {
