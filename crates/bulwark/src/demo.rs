@@ -203,17 +203,19 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
         .and_then(|v| st.nodes.get(&v.primary))
         .ok_or_else(|| anyhow!("the demo volume has no primary"))?;
     let portal = primary.addresses.portals[0];
-    // Wait until the primary actually serves the target.
+    // Wait until the primary serves the target and its volume takes I/O (sealed and
+    // leased), so the commands printed below work at once.
     let primary_client = AdminClient::new(primary.addresses.control, &token)?;
     wait_for(
         "the demo target being served",
         Duration::from_secs(20),
         async || {
-            primary_client
-                .status()
-                .await
-                .ok()
-                .filter(|s| s.serving.iter().any(|t| t == IQN))
+            primary_client.status().await.ok().filter(|s| {
+                s.serving.iter().any(|t| t == IQN)
+                    && s.volumes
+                        .iter()
+                        .any(|v| v.name == VOLUME && v.role == "primary" && v.serving)
+            })
         },
     )
     .await?;
