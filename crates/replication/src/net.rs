@@ -352,7 +352,7 @@ impl ReplicationNet {
     async fn exchange(
         &self,
         peer: NodeId,
-        mut rd: tokio::net::tcp::OwnedReadHalf,
+        rd: tokio::net::tcp::OwnedReadHalf,
         wr: tokio::net::tcp::OwnedWriteHalf,
         mut rx: mpsc::UnboundedReceiver<Frame>,
     ) -> io::Result<()> {
@@ -376,6 +376,8 @@ impl ReplicationNet {
                 }
             }
         });
+        // Buffered: a burst of frames costs one read, not two per frame.
+        let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
         let result = loop {
             match read_frame(&mut rd).await.and_then(decode) {
                 Ok((vol, msg)) => self.route(peer, vol, msg),

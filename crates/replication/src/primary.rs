@@ -457,6 +457,14 @@ impl Primary {
                 }
             }
         }
+        // The persisted log shrinks lazily, as a replica's does: rewritten when it next
+        // grows; until then the superset on disk only costs a little resync.
+        if self.persisted_log.len() > self.activity.len() + 64 {
+            self.persisted_log = RegionSet::new();
+            for r in self.activity.keys() {
+                self.persisted_log.insert(*r);
+            }
+        }
         out.push(Action::Complete(w.tag));
     }
 

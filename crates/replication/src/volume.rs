@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,7 +123,8 @@ impl ReplicaState {
 }
 
 enum PrimaryEvent {
-    Message(NodeId, Message),
+    /// Actions that touch the disk, handed over by a thread that must not block.
+    Run(Vec<Action>),
     LinkUp(NodeId),
     LinkDown(NodeId),
     IsrCommitted(Epoch, BTreeSet<NodeId>),
@@ -132,7 +133,11 @@ enum PrimaryEvent {
 }
 
 struct PrimaryShared {
-    core: Mutex<PrimaryCore>,
+    core: Mutex<Primary>,
+    /// Initiator writes waiting for their completion, by tag. Apart from the core so a
+    /// completion does not contend with the writes being submitted.
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    next_tag: std::sync::atomic::AtomicU64,
     store: Arc<dyn BlockDevice>,
     state: ReplicaState,
     transport: Arc<dyn Transport>,
@@ -144,6 +149,13 @@ struct PrimaryShared {
     writes_completed: std::sync::atomic::AtomicU64,
 }
 
+/// An initiator write or flush waiting for every in-sync member.
+struct Waiter {
+    /// Past this the write fails as a transition (see [`WRITE_WAIT`]).
+    deadline: Instant,
+    done: scsi::WriteDone,
+}
+
 /// Counters of a primary volume since it started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrimaryStats {
@@ -153,12 +165,6 @@ pub struct PrimaryStats {
     pub writes_completed: u64,
     /// Regions still to resync to replicas.
     pub resync_pending: u64,
-}
-
-struct PrimaryCore {
-    p: Primary,
-    next_tag: u64,
-    waiters: HashMap<u64, SyncSender<()>>,
 }
 
 /// The primary of a replicated volume: what the SCSI target reads and writes.
@@ -183,10 +189,21 @@ impl PrimaryShared {
     }
 
     /// Executes actions; local writes and region reads happen here, without the lock.
-    fn run(&self, actions: Vec<Action>) {
+    /// With `may_block` false (a network task) the actions that touch the disk go to the
+    /// driver thread instead. Completions are delivered together at the end.
+    fn run(&self, actions: Vec<Action>, may_block: bool) {
         let mut queue: std::collections::VecDeque<Action> = actions.into();
+        let mut completed = Vec::new();
+        let mut to_driver = Vec::new();
         while let Some(a) = queue.pop_front() {
             match a {
+                a @ (Action::LocalWrite { .. }
+                | Action::PersistActivityLog(_)
+                | Action::ReadRegion { .. })
+                    if !may_block =>
+                {
+                    to_driver.push(a)
+                }
                 Action::Send { to, msg } => self.transport.send(to, msg),
                 Action::LocalWrite {
                     id,
@@ -204,8 +221,8 @@ impl PrimaryShared {
                     match done {
                         Ok(()) => {
                             let now = self.now();
-                            if let Ok(mut c) = self.core.lock() {
-                                queue.extend(c.p.local_done(now, id));
+                            if let Ok(mut p) = self.core.lock() {
+                                queue.extend(p.local_done(now, id));
                             }
                         }
                         Err(e) => {
@@ -224,12 +241,21 @@ impl PrimaryShared {
                         .region_size
                         .min(self.store.size_bytes().saturating_sub(offset));
                     let mut buf = vec![0u8; len as usize];
-                    match self.store.read_at(offset, &mut buf) {
+                    // A region past the end (activity logs run ahead of the writes)
+                    // resyncs as nothing.
+                    let read = if len == 0 {
+                        Ok(())
+                    } else {
+                        self.store.read_at(offset, &mut buf)
+                    };
+                    match read {
                         Ok(()) => {
-                            self.resync_regions_sent
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if let Ok(mut c) = self.core.lock() {
-                                queue.extend(c.p.region_read(peer, seq, Bytes::from(buf)));
+                            if len > 0 {
+                                self.resync_regions_sent
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            if let Ok(mut p) = self.core.lock() {
+                                queue.extend(p.region_read(peer, seq, Bytes::from(buf)));
                             }
                         }
                         Err(e) => {
@@ -237,15 +263,7 @@ impl PrimaryShared {
                         }
                     }
                 }
-                Action::Complete(tag) => {
-                    self.writes_completed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Ok(mut c) = self.core.lock() {
-                        if let Some(w) = c.waiters.remove(&tag) {
-                            let _ = w.try_send(());
-                        }
-                    }
-                }
+                Action::Complete(tag) => completed.push(tag),
                 Action::RequestIsrAdd { epoch, node } => self.control.request_isr_add(epoch, node),
                 Action::RequestIsrRemove { epoch, node } => {
                     self.control.request_isr_remove(epoch, node)
@@ -256,9 +274,59 @@ impl PrimaryShared {
                 Action::Sealed => tracing::info!(volume = %self.state.name, "in-sync set sealed"),
             }
         }
+        if !completed.is_empty() {
+            self.writes_completed
+                .fetch_add(completed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let done: Vec<Waiter> = match self.waiters.lock() {
+                Ok(mut w) => completed.iter().filter_map(|t| w.remove(t)).collect(),
+                Err(_) => Vec::new(),
+            };
+            for w in done {
+                (w.done)(Ok(()));
+            }
+        }
+        if !to_driver.is_empty() {
+            self.event(PrimaryEvent::Run(to_driver));
+        }
+    }
+
+    fn event(&self, ev: PrimaryEvent) {
+        if let Ok(tx) = self.events.lock() {
+            let _ = tx.send(ev);
+        }
+    }
+
+    /// Fails the waiting writes `which` selects with a transition (NOT READY, the
+    /// initiator retries; the in-sync set change or failover takes over from there).
+    fn fail_waiters(&self, which: impl Fn(&Waiter) -> bool, why: &str) {
+        let failed: Vec<Waiter> = match self.waiters.lock() {
+            Ok(mut w) => {
+                let tags: Vec<u64> = w
+                    .iter()
+                    .filter(|(_, w)| which(w))
+                    .map(|(t, _)| *t)
+                    .collect();
+                tags.iter().filter_map(|t| w.remove(t)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for w in failed {
+            (w.done)(Err(scsi::device::unavailable(why)));
+        }
+    }
+
+    /// Handles `msg` from replica `from` on the caller's thread, which must not block.
+    fn on_message(&self, from: NodeId, msg: Message) {
+        let now = self.now();
+        let actions = match self.core.lock() {
+            Ok(mut p) => p.on_message(now, from, msg),
+            Err(_) => return,
+        };
+        self.run(actions, false);
     }
 
     fn event_loop(self: Arc<Self>, rx: Receiver<PrimaryEvent>) {
+        let mut last_expiry = Instant::now();
         loop {
             let ev = match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(ev) => Some(ev),
@@ -266,27 +334,36 @@ impl PrimaryShared {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             let now = self.now();
+            if let Some(PrimaryEvent::Stop) = ev {
+                // Writes still waiting fail now (a transition for the initiator)
+                // instead of at their timeout.
+                self.fail_waiters(|_| true, "the volume stopped serving on this node");
+                return;
+            }
+            if last_expiry.elapsed() >= Duration::from_millis(100) {
+                let now = Instant::now();
+                last_expiry = now;
+                self.fail_waiters(
+                    |w| w.deadline <= now,
+                    "the write did not reach every in-sync replica in time",
+                );
+            }
             let actions = {
-                let Ok(mut c) = self.core.lock() else { return };
+                let Ok(mut p) = self.core.lock() else { return };
                 match ev {
-                    None => c.p.tick(now),
-                    Some(PrimaryEvent::Message(from, msg)) => c.p.on_message(now, from, msg),
-                    Some(PrimaryEvent::LinkUp(p)) => c.p.link_up(now, p),
-                    Some(PrimaryEvent::LinkDown(p)) => c.p.link_down(now, p),
-                    Some(PrimaryEvent::IsrCommitted(e, isr)) => c.p.isr_committed(now, e, isr),
+                    None => p.tick(now),
+                    Some(PrimaryEvent::Run(actions)) => actions,
+                    Some(PrimaryEvent::LinkUp(n)) => p.link_up(now, n),
+                    Some(PrimaryEvent::LinkDown(n)) => p.link_down(now, n),
+                    Some(PrimaryEvent::IsrCommitted(e, isr)) => p.isr_committed(now, e, isr),
                     Some(PrimaryEvent::Lease(until)) => {
                         let until = until.saturating_duration_since(self.start).as_millis() as u64;
-                        c.p.set_lease(now, until)
+                        p.set_lease(now, until)
                     }
-                    Some(PrimaryEvent::Stop) => {
-                        // Writes still waiting fail now (a transition for the
-                        // initiator) instead of at their timeout.
-                        c.waiters.clear();
-                        return;
-                    }
+                    Some(PrimaryEvent::Stop) => return,
                 }
             };
-            self.run(actions);
+            self.run(actions, true);
         }
     }
 }
@@ -306,11 +383,9 @@ impl PrimaryVolume {
         let start = Instant::now();
         let region_size = cfg.region_size;
         let shared = Arc::new(PrimaryShared {
-            core: Mutex::new(PrimaryCore {
-                p: Primary::new(cfg, 0),
-                next_tag: 1,
-                waiters: HashMap::new(),
-            }),
+            core: Mutex::new(Primary::new(cfg, 0)),
+            waiters: Mutex::default(),
+            next_tag: 1.into(),
             store,
             state,
             transport,
@@ -332,14 +407,14 @@ impl PrimaryVolume {
     }
 
     fn event(&self, ev: PrimaryEvent) {
-        if let Ok(tx) = self.shared.events.lock() {
-            let _ = tx.send(ev);
-        }
+        self.shared.event(ev);
     }
 
-    /// A message from replica `from`.
+    /// A message from replica `from`. Handled on the caller's thread (acks complete
+    /// initiator writes without a hop through the driver thread); what would block is
+    /// handed to the driver thread.
     pub fn deliver(&self, from: NodeId, msg: Message) {
-        self.event(PrimaryEvent::Message(from, msg));
+        self.shared.on_message(from, msg);
     }
 
     /// The link to `peer` is up.
@@ -368,24 +443,19 @@ impl PrimaryVolume {
         self.shared
             .core
             .lock()
-            .map(|c| c.p.serving(now).is_ok())
+            .map(|p| p.serving(now).is_ok())
             .unwrap_or(false)
     }
 
     /// Planned handover, part 1: refuses new writes and waits (up to `timeout`) for
     /// those in flight; true when none is left.
     pub fn drain(&self, timeout: Duration) -> bool {
-        if let Ok(mut c) = self.shared.core.lock() {
-            c.p.drain();
+        if let Ok(mut p) = self.shared.core.lock() {
+            p.drain();
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let left = self
-                .shared
-                .core
-                .lock()
-                .map(|c| c.p.in_flight())
-                .unwrap_or(0);
+            let left = self.shared.core.lock().map(|p| p.in_flight()).unwrap_or(0);
             if left == 0 {
                 return true;
             }
@@ -399,8 +469,8 @@ impl PrimaryVolume {
     /// Planned handover, part 2: gives the lease up for good; nothing is served here
     /// from now on.
     pub fn release(&self) {
-        if let Ok(mut c) = self.shared.core.lock() {
-            c.p.release();
+        if let Ok(mut p) = self.shared.core.lock() {
+            p.release();
         }
     }
 
@@ -414,7 +484,7 @@ impl PrimaryVolume {
                 .shared
                 .core
                 .lock()
-                .map(|c| c.p.resync_pending())
+                .map(|p| p.resync_pending())
                 .unwrap_or(0),
         }
     }
@@ -424,36 +494,70 @@ impl PrimaryVolume {
         self.shared
             .core
             .lock()
-            .map(|c| c.p.in_sync().clone())
+            .map(|p| p.in_sync().clone())
             .unwrap_or_default()
     }
 }
 
 impl PrimaryVolume {
+    /// Submits through the core; `done` hears when every in-sync member has it.
+    fn submit_then(
+        &self,
+        submit: impl FnOnce(&mut Primary, u64, u64) -> Result<Vec<Action>, crate::primary::NotServing>,
+        done: scsi::WriteDone,
+    ) {
+        let sh = &self.shared;
+        let tag = sh
+            .next_tag
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let waiter = Waiter {
+            deadline: Instant::now() + WRITE_WAIT,
+            done,
+        };
+        let Ok(mut waiters) = sh.waiters.lock() else {
+            return (waiter.done)(Err(io::Error::other("primary state poisoned")));
+        };
+        waiters.insert(tag, waiter);
+        drop(waiters);
+        let submitted = {
+            let now = sh.now();
+            match sh.core.lock() {
+                Ok(mut p) => {
+                    submit(&mut p, now, tag).map_err(|e| scsi::device::unavailable(e.to_string()))
+                }
+                Err(_) => Err(io::Error::other("primary state poisoned")),
+            }
+        };
+        match submitted {
+            Ok(actions) => sh.run(actions, true),
+            Err(e) => {
+                let w = sh.waiters.lock().ok().and_then(|mut w| w.remove(&tag));
+                if let Some(w) = w {
+                    (w.done)(Err(e));
+                }
+            }
+        }
+    }
+
     /// Submits through the core and waits for the completion (every in-sync member).
     fn submit_and_wait(
         &self,
         submit: impl FnOnce(&mut Primary, u64, u64) -> Result<Vec<Action>, crate::primary::NotServing>,
     ) -> io::Result<()> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let actions = {
-            let now = self.shared.now();
-            let mut c = self
-                .shared
-                .core
-                .lock()
-                .map_err(|_| io::Error::other("primary state poisoned"))?;
-            let tag = c.next_tag;
-            c.next_tag += 1;
-            let actions =
-                submit(&mut c.p, now, tag).map_err(|e| scsi::device::unavailable(e.to_string()))?;
-            c.waiters.insert(tag, tx);
-            actions
-        };
-        self.shared.run(actions);
-        rx.recv_timeout(WRITE_WAIT).map_err(|_| {
-            scsi::device::unavailable("the write did not reach every in-sync replica in time")
-        })
+        self.submit_then(
+            submit,
+            Box::new(move |r| {
+                let _ = tx.try_send(r);
+            }),
+        );
+        // The driver fails a write at its deadline; this bound is only a backstop.
+        rx.recv_timeout(WRITE_WAIT + Duration::from_secs(5))
+            .unwrap_or_else(|_| {
+                Err(scsi::device::unavailable(
+                    "the write did not complete in time",
+                ))
+            })
     }
 }
 
@@ -489,6 +593,16 @@ impl BlockDevice for PrimaryVolume {
             self.flush()?;
         }
         Ok(())
+    }
+
+    fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: scsi::WriteDone) {
+        if fua {
+            // The flush that follows must not run where the completion lands (a
+            // network task); FUA writes take the blocking path.
+            return done(self.write_at(offset, data, true));
+        }
+        let data = Bytes::copy_from_slice(data);
+        self.submit_then(|p, now, tag| p.submit_write(now, tag, offset, data), done);
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -575,6 +689,10 @@ impl ReplicaVolume {
                                     let end = offset + data.len() as u64;
                                     let done = if flush {
                                         store.flush()
+                                    } else if data.is_empty() {
+                                        // A resynced region past the end (the activity
+                                        // log runs ahead of the writes): nothing to do.
+                                        Ok(())
                                     } else if end > store.size_bytes() {
                                         grow(end).and_then(|()| store.write_at(offset, &data, false))
                                     } else {
@@ -651,12 +769,18 @@ mod tests {
     impl Transport for Port {
         fn send(&self, to: NodeId, msg: Message) {
             let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
+            // Delivered without holding the map: a primary handles a message on the
+            // sender's thread, and may call back into the control plane.
             if to_replica {
-                if let Some(r) = self.net.replicas.lock().unwrap().get(&to) {
+                let r = self.net.replicas.lock().unwrap().get(&to).cloned();
+                if let Some(r) = r {
                     r.deliver(self.me, msg);
                 }
-            } else if let Some(p) = self.net.primaries.lock().unwrap().get(&to) {
-                p.deliver(self.me, msg);
+            } else {
+                let p = self.net.primaries.lock().unwrap().get(&to).cloned();
+                if let Some(p) = p {
+                    p.deliver(self.me, msg);
+                }
             }
         }
     }

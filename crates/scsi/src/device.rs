@@ -43,6 +43,10 @@ pub fn is_transitioning(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|i| i.is::<Transitioning>())
 }
 
+/// Receives the outcome of a write started with [`BlockDevice::write_then`]; called
+/// exactly once, possibly on another thread. It must not block.
+pub type WriteDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
 /// Block storage under a logical unit.
 ///
 /// Offsets and lengths are in bytes and are always multiples of the logical block size
@@ -61,6 +65,17 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 
     /// Writes all of `data` at `offset`; with `fua` the data is durable when this returns.
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+
+    /// Starts the write `write_at` would do and reports its outcome to `done`, which may
+    /// run later on another thread: a device whose writes wait for something other than
+    /// its own disk (replicas acknowledging) need not hold the calling thread meanwhile.
+    ///
+    /// When this returns the write is placed: reads see it and it is ordered before any
+    /// write started afterwards; only its completion is pending. The default writes
+    /// synchronously.
+    fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: WriteDone) {
+        done(self.write_at(offset, data, fua))
+    }
 
     /// Makes every write that returned before this call durable.
     fn flush(&self) -> io::Result<()>;

@@ -30,7 +30,7 @@ mod tests;
 mod vpd;
 mod xcopy;
 
-pub use device::{BlockDevice, Extent, Provisioning};
+pub use device::{BlockDevice, Extent, Provisioning, WriteDone};
 pub use sense::{check_condition, Sense, SenseKey};
 pub use spc::encode_lun;
 pub use target_device::{
@@ -142,6 +142,42 @@ pub struct ScsiResponse {
     pub sense: Option<Bytes>,
     /// Data-In: the bytes the command returns, already cut to its allocation length.
     pub data_in: Bytes,
+}
+
+/// Where a command's response goes, exactly once (see [`TargetDevice::execute_then`]).
+/// Dropped without a response — a handler panicked, a device lost a completion — it
+/// answers CHECK CONDITION, HARDWARE ERROR, so an initiator never waits for a command
+/// that is gone.
+pub struct Responder(Option<Box<dyn FnOnce(ScsiResponse) + Send>>);
+
+impl Responder {
+    /// A responder that hands the response to `f`.
+    pub fn new(f: impl FnOnce(ScsiResponse) + Send + 'static) -> Responder {
+        Responder(Some(Box::new(f)))
+    }
+
+    /// Sends the response.
+    pub fn send(mut self, response: ScsiResponse) {
+        if let Some(f) = self.0.take() {
+            f(response);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(check_condition(
+                Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE,
+            ));
+        }
+    }
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Responder")
+    }
 }
 
 /// Task management functions that reach the logical units (SAM-5 §7).

@@ -32,6 +32,8 @@ pub(crate) enum Done {
     Good(Bytes),
     /// CONDITION MET (PRE-FETCH found the range fits the cache).
     ConditionMet,
+    /// The handler took the responder from [`Ctx::respond`] and answers later.
+    Deferred,
 }
 
 /// How a command failed.
@@ -141,11 +143,20 @@ pub(crate) struct Ctx<'a> {
     pub target: &'a TargetDevice,
     pub req: &'a ScsiRequest<'a>,
     pub cdb: Cdb<'a>,
+    /// The caller's responder when it accepts a deferred answer
+    /// ([`LogicalUnit::execute_then`]); a handler that takes it returns [`Done::Deferred`].
+    pub respond: Option<&'a std::cell::Cell<Option<crate::Responder>>>,
 }
 
 impl Ctx<'_> {
     pub fn nexus(&self) -> &ItNexus {
         self.req.nexus
+    }
+
+    /// The responder, for a handler that will answer later; `None` when the caller
+    /// waits for the answer.
+    pub fn take_responder(&self) -> Option<crate::Responder> {
+        self.respond.and_then(std::cell::Cell::take)
     }
 }
 
@@ -292,8 +303,31 @@ impl LogicalUnit {
     }
 
     pub fn execute(&self, target: &TargetDevice, req: &ScsiRequest<'_>) -> ScsiResponse {
-        let cdb = Cdb(req.cdb);
-        let result = self.run(target, req, cdb);
+        let result = self.run(target, req, Cdb(req.cdb), None);
+        self.response(result)
+    }
+
+    /// [`LogicalUnit::execute`] for a caller that accepts the response later: a handler
+    /// may take `respond` and answer from another thread (see
+    /// [`crate::BlockDevice::write_then`]).
+    pub fn execute_then(
+        &self,
+        target: &TargetDevice,
+        req: &ScsiRequest<'_>,
+        respond: crate::Responder,
+    ) {
+        let slot = std::cell::Cell::new(Some(respond));
+        let result = self.run(target, req, Cdb(req.cdb), Some(&slot));
+        if let Some(respond) = slot.take() {
+            debug_assert!(
+                !matches!(result, Ok(Done::Deferred)),
+                "deferred without taking the responder"
+            );
+            respond.send(self.response(result));
+        }
+    }
+
+    fn response(&self, result: CmdResult) -> ScsiResponse {
         let descriptor = self.lock().mode.d_sense;
         match result {
             Ok(Done::Good(data)) => ScsiResponse {
@@ -306,6 +340,10 @@ impl LogicalUnit {
                 sense: None,
                 data_in: Bytes::new(),
             },
+            Ok(Done::Deferred) => crate::sense::check_condition_format(
+                Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE,
+                descriptor,
+            ),
             Err(Failure::Conflict) => ScsiResponse {
                 status: ScsiStatus::ReservationConflict,
                 sense: None,
@@ -320,7 +358,13 @@ impl LogicalUnit {
         }
     }
 
-    fn run(&self, target: &TargetDevice, req: &ScsiRequest<'_>, cdb: Cdb<'_>) -> CmdResult {
+    fn run<'a>(
+        &'a self,
+        target: &'a TargetDevice,
+        req: &'a ScsiRequest<'a>,
+        cdb: Cdb<'a>,
+        respond: Option<&'a std::cell::Cell<Option<crate::Responder>>>,
+    ) -> CmdResult {
         let spec = commands::lookup(cdb);
         {
             let mut st = self.lock();
@@ -377,6 +421,7 @@ impl LogicalUnit {
             target,
             req,
             cdb,
+            respond,
         };
         (spec.handler)(&ctx)
     }

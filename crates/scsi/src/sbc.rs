@@ -228,8 +228,37 @@ pub(crate) fn read(ctx: &Ctx<'_>) -> CmdResult {
 pub(crate) fn write(ctx: &Ctx<'_>) -> CmdResult {
     let (f, data, r) = write_prologue(ctx, 0)?;
     let fua = effective_fua(ctx.lu, f.flags & 0x08 != 0);
-    write_blocks(ctx.lu, &r, data, fua)?;
-    good()
+    if data.is_empty() {
+        return good();
+    }
+    // Held while the write is placed, not until it completes: a COMPARE AND WRITE or
+    // SANITIZE that follows is ordered after it all the same.
+    let _shared = ctx.lu.medium_shared()?;
+    let offset = r.offset(ctx.lu.block_size());
+    match ctx.take_responder() {
+        Some(respond) => {
+            let descriptor = ctx.lu.lock().mode.d_sense;
+            let done = move |r: std::io::Result<()>| {
+                respond.send(match r {
+                    Ok(()) => crate::ScsiResponse {
+                        status: crate::ScsiStatus::Good,
+                        sense: None,
+                        data_in: Bytes::new(),
+                    },
+                    Err(e) => crate::sense::check_condition_format(write_error(e), descriptor),
+                })
+            };
+            ctx.lu.device.write_then(offset, data, fua, Box::new(done));
+            Ok(Done::Deferred)
+        }
+        None => {
+            ctx.lu
+                .device
+                .write_at(offset, data, fua)
+                .map_err(write_error)?;
+            good()
+        }
+    }
 }
 
 /// What WRITE, WRITE AND VERIFY and ORWRITE check before they touch the medium, in this

@@ -193,6 +193,16 @@ impl TargetDevice {
         }
     }
 
+    /// Executes one command and hands its response to `respond`: at once, or later from
+    /// another thread when the device completes a write asynchronously
+    /// ([`crate::BlockDevice::write_then`]). Blocking until the command is placed.
+    pub fn execute_then(&self, req: &ScsiRequest<'_>, respond: crate::Responder) {
+        match self.lu(req.lun) {
+            Some(lu) => lu.execute_then(self, req, respond),
+            None => respond.send(self.execute_without_lu(req)),
+        }
+    }
+
     /// How many Data-Out bytes `cdb` asks for on `lun`; `None` when the CDB cannot be
     /// decoded or the LUN does not exist.
     pub fn data_out_len(&self, lun: u64, cdb: &[u8]) -> Option<u32> {

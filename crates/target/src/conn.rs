@@ -1063,7 +1063,8 @@ impl Session {
         // The command runs, and its response is queued, on an I/O pool thread: one
         // hand-off per command, and disk I/O never blocks a runtime thread.
         let job = move || {
-            let cdb = &cmd.cdb[..];
+            let cdb_bytes = cmd.cdb;
+            let cdb = &cdb_bytes[..];
             let needed = if cmd.write {
                 device.data_out_len(lun, cdb)
             } else {
@@ -1079,56 +1080,63 @@ impl Session {
                 expected_data_in_len: cmd.expected_data_transfer_length,
                 attr: task_attribute(cmd.attr),
             };
-            // A bug in a command handler must cost one command, not the process
-            // (DESIGN.md invariant 4).
-            let resp =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device.execute(&req)))
-                    .unwrap_or_else(|_| {
-                        tracing::error!(cdb = ?&cmd.cdb[..], "SCSI command handler panicked");
-                        scsi::check_condition(scsi::Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE)
-                    });
-            if cmd.cdb[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
-                let target_name = target.as_ref().map_or("", |t| t.name.as_str());
-                for p in device.take_preempted_nexuses() {
-                    let n = shared.abort_preempted(target_name, &p.nexus, p.lun);
-                    device.abort_tasks(p.lun, Some(&p.nexus));
-                    info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
+            // The response goes out from wherever the command completes: here, or the
+            // thread that hears the replicas acknowledge a write.
+            let respond_device = device.clone();
+            let respond = scsi::Responder::new(move |resp: scsi::ScsiResponse| {
+                let device = respond_device;
+                if cmd.cdb[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
+                    let target_name = target.as_ref().map_or("", |t| t.name.as_str());
+                    for p in device.take_preempted_nexuses() {
+                        let n = shared.abort_preempted(target_name, &p.nexus, p.lun);
+                        device.abort_tasks(p.lun, Some(&p.nexus));
+                        info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
+                    }
                 }
-            }
-            let itt = cmd.itt;
-            let immediate = cmd.immediate;
-            // The task leaves `executing` only once its response is queued, so a logout
-            // or task management response waiting for it can never overtake it.
-            let aborted = executing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&itt)
-                .is_none_or(|r| r.aborted);
-            let finish = move || {
-                executing
+                let itt = cmd.itt;
+                let immediate = cmd.immediate;
+                // The task leaves `executing` only once its response is queued, so a logout
+                // or task management response waiting for it can never overtake it.
+                let aborted = executing
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&itt);
-                if !immediate {
-                    window.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    .get(&itt)
+                    .is_none_or(|r| r.aborted);
+                let finish = move || {
+                    executing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&itt);
+                    if !immediate {
+                        window.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    completed.notify_waiters();
+                };
+                if aborted {
+                    finish();
+                    return;
                 }
-                completed.notify_waiters();
-            };
-            if aborted {
-                finish();
-                return;
-            }
-            let pdus = build_response(&cmd, needed, resp, &params);
-            // Never block an I/O thread on one slow initiator's full send queue: the
-            // other sessions share these threads (DESIGN.md invariant 4).
-            match out.try_send(Out::Pdus(pdus)) {
-                Err(mpsc::error::TrySendError::Full(msg)) => {
-                    runtime.spawn(async move {
-                        let _ = out.send(msg).await;
-                        finish();
-                    });
+                let pdus = build_response(&cmd, needed, resp, &params);
+                // Never block an I/O thread on one slow initiator's full send queue: the
+                // other sessions share these threads (DESIGN.md invariant 4).
+                match out.try_send(Out::Pdus(pdus)) {
+                    Err(mpsc::error::TrySendError::Full(msg)) => {
+                        runtime.spawn(async move {
+                            let _ = out.send(msg).await;
+                            finish();
+                        });
+                    }
+                    _ => finish(),
                 }
-                _ => finish(),
+            });
+            // A bug in a command handler must cost one command, not the process
+            // (DESIGN.md invariant 4); the responder answers HARDWARE ERROR if dropped.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                device.execute_then(&req, respond)
+            }))
+            .is_err()
+            {
+                tracing::error!(cdb = ?cdb, "SCSI command handler panicked");
             }
         };
         // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
