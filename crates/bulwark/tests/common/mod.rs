@@ -50,7 +50,7 @@ impl Node {
         let child = std::process::Command::new(BIN)
             .args(["serve", "--data-dir"])
             .arg(&self.dir)
-            .args(["--capacity", "8GiB"])
+            .args(["--capacity", "16GiB"])
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
