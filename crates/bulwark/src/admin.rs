@@ -142,6 +142,39 @@ pub enum TargetCmd {
         /// IQN.
         iqn: String,
     },
+    /// Gives a target a virtual IP that follows its primary (added to INTERFACE of the
+    /// serving node, announced by gratuitous ARP, with a portal on port 3260), for
+    /// initiators without multipath.
+    AddVip {
+        /// IQN.
+        iqn: String,
+        /// ADDRESS/PREFIX, like 198.18.0.100/24.
+        address: String,
+        /// The interface it goes on (same name on every storage node).
+        #[arg(long)]
+        interface: String,
+    },
+    /// Takes a virtual IP from a target; the serving node removes it.
+    RemoveVip {
+        /// IQN.
+        iqn: String,
+        /// The address.
+        address: std::net::IpAddr,
+    },
+}
+
+/// Parses ADDRESS/PREFIX.
+fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8)> {
+    let (a, p) = s.split_once('/').with_context(|| {
+        format!("{s:?}: write the address with its prefix, like 198.18.0.100/24")
+    })?;
+    let address = a
+        .parse()
+        .with_context(|| format!("{a:?} is not an IP address"))?;
+    let prefix = p
+        .parse()
+        .with_context(|| format!("{p:?} is not a prefix length"))?;
+    Ok((address, prefix))
 }
 
 #[derive(Subcommand, Debug)]
@@ -409,6 +442,31 @@ pub async fn target(conn: &Conn, cmd: TargetCmd) -> Result<()> {
         TargetCmd::Delete { iqn } => (
             Command::DeleteTarget { iqn: iqn.clone() },
             format!("target {iqn} deleted"),
+        ),
+        TargetCmd::AddVip {
+            iqn,
+            address,
+            interface,
+        } => {
+            let (address, prefix) = parse_cidr(&address)?;
+            (
+                Command::AddVip {
+                    iqn: iqn.clone(),
+                    vip: cluster::state::VirtualIp {
+                        address,
+                        prefix,
+                        interface: interface.clone(),
+                    },
+                },
+                format!("{address}/{prefix} on {interface} follows the primary of {iqn}; portal {address}:3260"),
+            )
+        }
+        TargetCmd::RemoveVip { iqn, address } => (
+            Command::RemoveVip {
+                iqn: iqn.clone(),
+                address,
+            },
+            format!("{address} removed from {iqn}"),
         ),
     };
     let a = commit(conn, c).await?;
@@ -819,6 +877,16 @@ fn render_targets(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         let _ = writeln!(out, "  {}  {served_by}", t.iqn);
         for (lun, vol) in &t.luns {
             let _ = writeln!(out, "    LUN {lun}: volume {vol}");
+        }
+        for v in t.vips.values() {
+            let _ = writeln!(
+                out,
+                "    virtual IP: {}/{} on {} (portal {})",
+                v.address,
+                v.prefix,
+                v.interface,
+                SocketAddr::new(v.address, 3260)
+            );
         }
         let _ = writeln!(
             out,

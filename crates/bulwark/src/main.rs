@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod demo;
 mod serving;
+mod vip;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -525,6 +526,11 @@ async fn serve_cluster(
             }
         })
         .await?;
+    if let Some(s) = &serving {
+        // The next primary takes the addresses over; none must stay behind here.
+        let s = s.clone();
+        let _ = tokio::task::spawn_blocking(move || s.release_vips()).await;
+    }
     if removed_flag.load(std::sync::atomic::Ordering::SeqCst) {
         node.events().push(
             "membership",
@@ -769,6 +775,15 @@ mod cli_tests {
             &["target", "create", "iqn.2026-11.x:t", "--alias", "t"],
             &["target", "list", "--json"],
             &["target", "delete", "iqn.2026-11.x:t"],
+            &[
+                "target",
+                "add-vip",
+                "iqn.2026-11.x:t",
+                "198.18.0.100/24",
+                "--interface",
+                "eth0",
+            ],
+            &["target", "remove-vip", "iqn.2026-11.x:t", "198.18.0.100"],
             &["lun", "add", "iqn.2026-11.x:t", "v", "--lun", "3"],
             &["lun", "remove", "iqn.2026-11.x:t", "3"],
             &["acl", "add", "iqn.2026-11.x:t", "iqn.1994-05.com.redhat:h"],

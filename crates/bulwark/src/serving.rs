@@ -10,6 +10,7 @@
 //! removed here at once, ending its sessions, so initiators reconnect to the new one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +72,8 @@ pub struct Serving {
     repromotion_asked: Mutex<HashSet<(String, u64)>>,
     /// Planned moves under way here, by (first volume of the group, epoch).
     handovers: Mutex<HashSet<(String, u64)>>,
+    /// Virtual IPs of the targets served here.
+    vips: crate::vip::Vips,
 
     events: Arc<cluster::status::EventLog>,
 }
@@ -141,6 +144,7 @@ impl Serving {
             start_epochs: Mutex::new(None),
             repromotion_asked: Mutex::new(HashSet::new()),
             handovers: Mutex::new(HashSet::new()),
+            vips: crate::vip::Vips::new(),
 
             events: node.events(),
         })
@@ -468,11 +472,18 @@ impl Serving {
                 })
                 .collect();
             if is_new || s.config != *t || s.chap != chap {
+                // Virtual IPs are portals of this node while it serves the target.
+                let group_tag = self.portals.first().map_or(1, |p| p.group_tag);
+                let mut portals = self.portals.clone();
+                portals.extend(t.vips.keys().map(|a| target::Portal {
+                    addr: SocketAddr::new(*a, crate::vip::VIP_PORT),
+                    group_tag,
+                }));
                 self.server.set_target(target::TargetConfig {
                     name: t.iqn.clone(),
                     alias: t.alias.clone(),
                     device: s.device.clone(),
-                    portals: self.portals.clone(),
+                    portals,
                     allowed_initiators: if t.acl.is_empty() {
                         None
                     } else {
@@ -488,7 +499,23 @@ impl Serving {
                 s.chap = chap;
             }
         }
+
+        // 5. The virtual IPs of the targets served here, and only those.
+        let want: BTreeMap<std::net::IpAddr, cluster::state::VirtualIp> = served
+            .keys()
+            .filter_map(|iqn| st.targets.get(iqn))
+            .flat_map(|t| t.vips.clone())
+            .collect();
+        drop(roles);
+        drop(served);
+        self.vips
+            .reconcile(&want, &self.server, &self.rt, &self.events);
         Ok(())
+    }
+
+    /// Gives up every virtual IP held here (the node stops).
+    pub fn release_vips(&self) {
+        self.vips.release_all();
     }
 
     /// Hands the target of `v` (all its volumes) over to `v.moving_to`: refuse new

@@ -777,7 +777,7 @@ async fn one_gib_written_while_a_replica_is_down_resyncs_only_its_regions() {
          and rejoined the in-sync set {:.1} s after it restarted",
         written >> 20,
         SIZE >> 30,
-        sent * REGION >> 20,
+        (sent * REGION) >> 20,
         sent as f64 * 100.0 / total as f64,
         took.as_secs_f64()
     );
@@ -803,4 +803,190 @@ async fn one_gib_written_while_a_replica_is_down_resyncs_only_its_regions() {
         at += n as u64;
     }
     assert_eq!(at, SIZE);
+}
+
+/// A client in its own network namespace, reaching the cluster only through a veth
+/// link (198.18.0.0/24) on which the target's virtual IP lives. Removed when dropped.
+struct ClientNamespace {
+    ns: String,
+    host_if: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (Debian package iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl ClientNamespace {
+    fn new() -> ClientNamespace {
+        let id = std::process::id() % 100_000;
+        let c = ClientNamespace {
+            ns: format!("bwk-client-{id}"),
+            host_if: format!("bwkh{id}"),
+        };
+        let peer = format!("bwkc{id}");
+        ip(&["netns", "add", &c.ns]);
+        ip(&[
+            "link", "add", &c.host_if, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &c.ns]);
+        ip(&["link", "set", &c.host_if, "up"]);
+        let n = |args: &[&str]| {
+            let mut a = vec!["-n", c.ns.as_str()];
+            a.extend_from_slice(args);
+            ip(&a)
+        };
+        n(&["addr", "add", "198.18.0.1/24", "dev", &peer]);
+        n(&["link", "set", &peer, "up"]);
+        n(&["link", "set", "lo", "up"]);
+        c
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.ns, program]);
+        c
+    }
+}
+
+impl Drop for ClientNamespace {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// Issue 4, virtual IPs: the target's VIP follows its primary. libiscsi's `iscsi-perf
+/// -x` runs from another network namespace through the VIP while the primary is
+/// killed with -9, `BULWARK_VIP_ROUNDS` times (default 2); each time it reconnects
+/// through the VIP to the new primary, and the seconds in which it completed no I/O
+/// are counted (iscsi-perf reports once a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "not passing yet: iscsi-perf does not resume through the VIP after kill -9 (see issue 4 notes)"]
+async fn a_virtual_ip_follows_the_primary_and_iscsi_perf_reconnects_through_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let rounds: usize = std::env::var("BULWARK_VIP_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let client = ClientNamespace::new();
+    let mut c = replicated_volume(25, 64 << 20).await;
+    let admin = c.admin(0);
+    commit(
+        &admin,
+        Command::AddVip {
+            iqn: IQN.into(),
+            vip: cluster::state::VirtualIp {
+                address: "198.18.0.100".parse().unwrap(),
+                prefix: 24,
+                interface: client.host_if.clone(),
+            },
+        },
+    )
+    .await;
+    let url = format!("iscsi://198.18.0.100/{IQN}/0");
+    let all = [0usize, 1, 2];
+    let mut idle_seconds = Vec::new();
+    for round in 0..rounds {
+        wait(
+            "the target reachable through its virtual IP",
+            Duration::from_secs(30),
+            async || {
+                let out = client.command("iscsi-inq").arg(&url).output().ok()?;
+                out.status.success().then_some(())
+            },
+        )
+        .await;
+        let (epoch, _) = primary_portal(&c, &all).await.unwrap();
+        let st = c.state(0).await.unwrap();
+        let primary = st.volumes["v"].primary;
+        let victim = c
+            .nodes
+            .iter()
+            .position(|n| st.nodes.get(&primary).map(|p| p.name.as_str()) == Some(n.name.as_str()))
+            .unwrap();
+        let perf = client
+            .command("iscsi-perf")
+            .args(["-x", "20", "-m", "8", "-b", "8", "-t", "9"])
+            .arg(&url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("iscsi-perf (Debian package libiscsi-bin)");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        c.nodes[victim].kill9();
+        // Bounded: a libiscsi that cannot reconnect must fail the test, not hang it.
+        let out = tokio::task::spawn_blocking(move || {
+            let mut perf = perf;
+            let deadline = Instant::now() + Duration::from_secs(25);
+            while perf.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = perf.kill();
+            perf.wait_with_output()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n")
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "iscsi-perf failed:\n{text}");
+        let per_second: Vec<u64> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split("iops current ").nth(1)?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .collect();
+        assert!(
+            per_second.len() >= 6,
+            "iscsi-perf reported too little:\n{text}"
+        );
+        let idle = per_second.iter().filter(|n| **n == 0).count();
+        assert!(
+            per_second.last().is_some_and(|n| *n > 0),
+            "no I/O through the VIP after the failover:\n{text}"
+        );
+        let new_epoch = primary_portal(&c, &all).await.unwrap().0;
+        assert!(new_epoch > epoch, "a new primary took over");
+        eprintln!(
+            "round {round}: iscsi-perf through the VIP: {idle} second(s) without a completed read, I/O per second {per_second:?}"
+        );
+        idle_seconds.push(idle);
+        c.nodes[victim].start();
+        wait(
+            "the old primary back in the in-sync set",
+            Duration::from_secs(30),
+            async || {
+                admin
+                    .state()
+                    .await
+                    .ok()
+                    .filter(|s| s.volumes["v"].in_sync.len() == 2)
+            },
+        )
+        .await;
+    }
+    idle_seconds.sort();
+    let median = idle_seconds[idle_seconds.len() / 2];
+    eprintln!(
+        "virtual IP failover, {rounds} kill -9 rounds: median {median} whole second(s) without I/O at iscsi-perf (pause < {} s)",
+        median + 1
+    );
+    assert!(
+        median <= 1,
+        "the I/O pause through the VIP is 2 s or more (median {median} idle seconds)"
+    );
 }

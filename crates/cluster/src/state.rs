@@ -124,6 +124,23 @@ pub struct Target {
     pub acl: BTreeSet<String>,
     /// Names of the CHAP accounts bound to the target; empty means no authentication.
     pub chap: BTreeSet<String>,
+    /// Virtual IPs that follow the target's primary (IPaddr2's job), for initiators
+    /// without multipath.
+    #[serde(default)]
+    pub vips: BTreeMap<std::net::IpAddr, VirtualIp>,
+}
+
+/// An address the node serving a target adds to one of its interfaces, with an iSCSI
+/// portal on it; the next primary takes it over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtualIp {
+    /// The address.
+    pub address: std::net::IpAddr,
+    /// Prefix length of its subnet on the interface.
+    pub prefix: u8,
+    /// The interface it goes on, on whichever node serves the target (same name on
+    /// every storage node).
+    pub interface: String,
 }
 
 /// A CHAP account, defined once and bound to any number of targets.
@@ -268,6 +285,20 @@ pub enum Command {
         iqn: String,
         /// Initiator name.
         initiator: String,
+    },
+    /// Gives a target a virtual IP.
+    AddVip {
+        /// Target.
+        iqn: String,
+        /// The address, its prefix and interface.
+        vip: VirtualIp,
+    },
+    /// Takes a virtual IP from a target.
+    RemoveVip {
+        /// Target.
+        iqn: String,
+        /// The address.
+        address: std::net::IpAddr,
     },
     /// Defines a CHAP account.
     AddChap {
@@ -427,6 +458,18 @@ pub enum Refused {
     AclExists { iqn: String, initiator: String },
     #[error("{initiator} is not in the ACL of {iqn}")]
     NoSuchAcl { iqn: String, initiator: String },
+    #[error("{address} is already a virtual IP of {iqn}; remove it first to change it")]
+    VipInUse {
+        iqn: String,
+        address: std::net::IpAddr,
+    },
+    #[error("{address} is not a virtual IP of {iqn}; `bulwark target list` shows them")]
+    NoSuchVip {
+        iqn: String,
+        address: std::net::IpAddr,
+    },
+    #[error("bad virtual IP: {0}")]
+    BadVip(String),
     #[error("a CHAP account named {0:?} already exists; remove it first to change it")]
     ChapExists(String),
     #[error("no CHAP account named {0:?}; `bulwark chap list` shows them")]
@@ -875,6 +918,65 @@ impl ClusterState {
                     return Err(Refused::NoSuchAcl {
                         iqn: iqn.clone(),
                         initiator: initiator.clone(),
+                    });
+                }
+                Ok(Applied::Done)
+            }
+            Command::AddVip { iqn, vip } => {
+                let max = if vip.address.is_ipv4() { 32 } else { 128 };
+                if vip.prefix == 0 || vip.prefix > max {
+                    return Err(Refused::BadVip(format!(
+                        "prefix /{} of {} is not 1..={max}",
+                        vip.prefix, vip.address
+                    )));
+                }
+                if vip.address.is_unspecified() || vip.address.is_multicast() {
+                    return Err(Refused::BadVip(format!(
+                        "{} cannot be a host address",
+                        vip.address
+                    )));
+                }
+                let iface_ok = !vip.interface.is_empty()
+                    && vip.interface.len() < 16
+                    && vip
+                        .interface
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+                if !iface_ok {
+                    return Err(Refused::BadVip(format!(
+                        "{:?} is not an interface name (1 to 15 letters, digits, - _ . @)",
+                        vip.interface
+                    )));
+                }
+                if let Some(t) = self
+                    .targets
+                    .values()
+                    .find(|t| t.vips.contains_key(&vip.address))
+                {
+                    return Err(Refused::VipInUse {
+                        iqn: t.iqn.clone(),
+                        address: vip.address,
+                    });
+                }
+                let in_use = self.nodes.values().any(|n| {
+                    n.addresses.control.ip() == vip.address
+                        || n.addresses.replication.ip() == vip.address
+                        || n.addresses.portals.iter().any(|p| p.ip() == vip.address)
+                });
+                if in_use {
+                    return Err(Refused::BadVip(format!(
+                        "{} is a node's own address; a virtual IP must be free",
+                        vip.address
+                    )));
+                }
+                self.target_mut(iqn)?.vips.insert(vip.address, vip.clone());
+                Ok(Applied::Done)
+            }
+            Command::RemoveVip { iqn, address } => {
+                if self.target_mut(iqn)?.vips.remove(address).is_none() {
+                    return Err(Refused::NoSuchVip {
+                        iqn: iqn.clone(),
+                        address: *address,
                     });
                 }
                 Ok(Applied::Done)

@@ -852,3 +852,58 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn virtual_ips() {
+    let mut st = three();
+    for iqn in [IQN, "iqn.2026-11.x:other"] {
+        st.apply(&Command::CreateTarget {
+            iqn: iqn.into(),
+            alias: None,
+        })
+        .unwrap();
+    }
+    let vip = |a: &str, prefix: u8, interface: &str| VirtualIp {
+        address: a.parse().unwrap(),
+        prefix,
+        interface: interface.into(),
+    };
+    st.apply(&Command::AddVip {
+        iqn: IQN.into(),
+        vip: vip("198.18.0.100", 24, "eth0"),
+    })
+    .unwrap();
+    assert_eq!(st.targets[IQN].vips.len(), 1);
+    for (bad, want) in [
+        (vip("198.18.0.100", 24, "eth0"), "VipInUse"),
+        (vip("198.18.0.101", 33, "eth0"), "BadVip"),
+        (vip("0.0.0.0", 24, "eth0"), "BadVip"),
+        (vip("198.18.0.101", 24, "eth0; reboot"), "BadVip"),
+        (vip("198.18.0.101", 24, ""), "BadVip"),
+    ] {
+        let r = refused(
+            &mut st,
+            Command::AddVip {
+                iqn: "iqn.2026-11.x:other".into(),
+                vip: bad.clone(),
+            },
+        );
+        assert!(format!("{r:?}").starts_with(want), "{bad:?}: {r:?}");
+        assert!(!r.to_string().is_empty());
+    }
+    st.apply(&Command::RemoveVip {
+        iqn: IQN.into(),
+        address: "198.18.0.100".parse().unwrap(),
+    })
+    .unwrap();
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::RemoveVip {
+                iqn: IQN.into(),
+                address: "198.18.0.100".parse().unwrap(),
+            }
+        ),
+        Refused::NoSuchVip { .. }
+    ));
+}

@@ -142,6 +142,25 @@ impl Server {
         Ok(out)
     }
 
+    /// Listens on one more portal address while serving (a virtual IP that moved
+    /// here). Must be called within the runtime. Dropping the returned handle stops
+    /// accepting; connections already accepted go on.
+    pub fn listen(&self, addr: SocketAddr) -> std::io::Result<PortalListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // A previous listener on this address may have left connections in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on portal {addr}: {e}"))
+        })?;
+        let listener = socket.listen(1024)?;
+        let task = tokio::spawn(accept_loop(self.shared.clone(), listener));
+        Ok(PortalListener(task.abort_handle()))
+    }
+
     /// Accepts connections on `listeners` until `shutdown` resolves, then asks every
     /// initiator to log out, lets in-flight commands finish and returns.
     pub async fn serve(
@@ -159,6 +178,16 @@ impl Server {
         accepts.abort_all();
         self.shared.shutdown(Duration::from_secs(5)).await;
         Ok(())
+    }
+}
+
+/// A portal added with [`Server::listen`]; dropping it closes the listening socket.
+#[derive(Debug)]
+pub struct PortalListener(tokio::task::AbortHandle);
+
+impl Drop for PortalListener {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
