@@ -20,6 +20,8 @@ ensure_test_packages() {
     command -v iscsi-test-cu >/dev/null && command -v iscsi-inq >/dev/null || apt_install libiscsi-bin
     # nftables: the partition test cuts links between loopback aliases.
     command -v nft >/dev/null || apt_install nftables
+    # iproute2: the virtual-IP test puts its client in a network namespace.
+    command -v ip >/dev/null || apt_install iproute2
     # QEMU's iSCSI driver lives in qemu-block-extra, which must match qemu-utils exactly.
     local want have
     have=$(dpkg-query -W -f='${Version}' qemu-block-extra 2>/dev/null || true)
