@@ -21,7 +21,7 @@ pub const VIP_PORT: u16 = 3260;
 
 struct Held {
     vip: VirtualIp,
-    _listener: target::PortalListener,
+    listener: target::PortalListener,
 }
 
 /// The virtual IPs this node holds.
@@ -53,7 +53,7 @@ impl Vips {
             .collect();
         for a in stale {
             if let Some(h) = held.remove(&a) {
-                drop(h._listener);
+                drop(h.listener);
                 remove_address(&h.vip);
                 events.push("vip", format!("virtual IP {a} released"));
             }
@@ -86,7 +86,7 @@ impl Vips {
                         *a,
                         Held {
                             vip: vip.clone(),
-                            _listener: l,
+                            listener: l,
                         },
                     );
                 }
@@ -102,7 +102,7 @@ impl Vips {
     pub fn release_all(&self) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for (_, h) in held.drain() {
-            drop(h._listener);
+            drop(h.listener);
             remove_address(&h.vip);
         }
     }

@@ -328,34 +328,7 @@ impl LogicalUnit {
     }
 
     fn response(&self, result: CmdResult) -> ScsiResponse {
-        let descriptor = self.lock().mode.d_sense;
-        match result {
-            Ok(Done::Good(data)) => ScsiResponse {
-                status: ScsiStatus::Good,
-                sense: None,
-                data_in: data,
-            },
-            Ok(Done::ConditionMet) => ScsiResponse {
-                status: ScsiStatus::ConditionMet,
-                sense: None,
-                data_in: Bytes::new(),
-            },
-            Ok(Done::Deferred) => crate::sense::check_condition_format(
-                Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE,
-                descriptor,
-            ),
-            Err(Failure::Conflict) => ScsiResponse {
-                status: ScsiStatus::ReservationConflict,
-                sense: None,
-                data_in: Bytes::new(),
-            },
-            Err(Failure::Aborted) => ScsiResponse {
-                status: ScsiStatus::TaskAborted,
-                sense: None,
-                data_in: Bytes::new(),
-            },
-            Err(Failure::Check(sense)) => crate::sense::check_condition_format(sense, descriptor),
-        }
+        response_of(result, self.lock().mode.d_sense)
     }
 
     fn run<'a>(
@@ -494,4 +467,36 @@ pub(crate) fn data_out_len(block_size: u32, cdb: Cdb<'_>) -> Option<u32> {
         opcode::RESERVE_10 => u32::from(cdb.be16(7)),
         _ => 0,
     })
+}
+
+/// The SCSI response for a command's outcome; `descriptor` is the control mode page's
+/// D_SENSE (sense data format).
+pub(crate) fn response_of(result: CmdResult, descriptor: bool) -> ScsiResponse {
+    match result {
+        Ok(Done::Good(data)) => ScsiResponse {
+            status: ScsiStatus::Good,
+            sense: None,
+            data_in: data,
+        },
+        Ok(Done::ConditionMet) => ScsiResponse {
+            status: ScsiStatus::ConditionMet,
+            sense: None,
+            data_in: Bytes::new(),
+        },
+        Ok(Done::Deferred) => crate::sense::check_condition_format(
+            Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE,
+            descriptor,
+        ),
+        Err(Failure::Conflict) => ScsiResponse {
+            status: ScsiStatus::ReservationConflict,
+            sense: None,
+            data_in: Bytes::new(),
+        },
+        Err(Failure::Aborted) => ScsiResponse {
+            status: ScsiStatus::TaskAborted,
+            sense: None,
+            data_in: Bytes::new(),
+        },
+        Err(Failure::Check(sense)) => crate::sense::check_condition_format(sense, descriptor),
+    }
 }

@@ -239,14 +239,8 @@ pub(crate) fn write(ctx: &Ctx<'_>) -> CmdResult {
         Some(respond) => {
             let descriptor = ctx.lu.lock().mode.d_sense;
             let done = move |r: std::io::Result<()>| {
-                respond.send(match r {
-                    Ok(()) => crate::ScsiResponse {
-                        status: crate::ScsiStatus::Good,
-                        sense: None,
-                        data_in: Bytes::new(),
-                    },
-                    Err(e) => crate::sense::check_condition_format(write_error(e), descriptor),
-                })
+                let result = r.map_err(|e| write_error(e).into()).and_then(|()| good());
+                respond.send(crate::lu::response_of(result, descriptor))
             };
             ctx.lu.device.write_then(offset, data, fua, Box::new(done));
             Ok(Done::Deferred)
