@@ -600,13 +600,15 @@ pub async fn settings(
     conn: &Conn,
     heartbeat_interval_ms: Option<u64>,
     failure_timeout_ms: Option<u64>,
+    resync_rate: Option<u64>,
 ) -> Result<()> {
     let client = conn.client()?;
     let mut settings = client.state().await?.settings;
-    if heartbeat_interval_ms.is_some() || failure_timeout_ms.is_some() {
+    if heartbeat_interval_ms.is_some() || failure_timeout_ms.is_some() || resync_rate.is_some() {
         settings.heartbeat_interval_ms =
             heartbeat_interval_ms.unwrap_or(settings.heartbeat_interval_ms);
         settings.failure_timeout_ms = failure_timeout_ms.unwrap_or(settings.failure_timeout_ms);
+        settings.resync_rate_bytes_per_s = resync_rate.unwrap_or(settings.resync_rate_bytes_per_s);
         let cmd = Command::SetSettings {
             settings: settings.clone(),
         };
@@ -619,6 +621,10 @@ pub async fn settings(
     }
     println!("heartbeat interval: {} ms", settings.heartbeat_interval_ms);
     println!("failure timeout:    {} ms", settings.failure_timeout_ms);
+    match settings.resync_rate_bytes_per_s {
+        0 => println!("resync rate:        unlimited (per replica)"),
+        r => println!("resync rate:        {}/s per replica", human(r)),
+    }
     Ok(())
 }
 
@@ -831,13 +837,17 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         for s in statuses.values().filter_map(|s| s.as_ref().ok()) {
             if let Some(x) = s.volumes.iter().find(|x| x.name == v.name) {
                 parts.push(if x.role == "primary" {
-                    let resync = if x.resync_pending_regions > 0 {
+                    let resync = if x.resyncs.is_empty() && x.resync_pending_regions > 0 {
                         format!(
                             ", RESYNC: {} MiB to go, {} MiB sent",
                             x.resync_pending_regions, x.resync_regions_sent
                         )
-                    } else {
+                    } else if x.resyncs.is_empty() {
                         format!(", {} MiB resynced", x.resync_regions_sent)
+                    } else {
+                        let each: Vec<String> =
+                            x.resyncs.iter().map(|r| resync_line(st, r)).collect();
+                        format!(", {}", each.join(", "))
                     };
                     format!(
                         "{}: primary epoch {} {} ({} writes{resync})",
@@ -854,6 +864,39 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         if !parts.is_empty() {
             let _ = writeln!(out, "  {:<12} {}", "", parts.join("; "));
         }
+    }
+}
+
+/// "RESYNC to n3 45% (460 MiB of 1.0 GiB), 98 MiB/s, 6 s left" (1 MiB regions).
+fn resync_line(st: &ClusterState, r: &cluster::status::ResyncView) -> String {
+    const REGION: u64 = crate::serving::REGION_SIZE;
+    let total = (r.done_regions + r.pending_regions) * REGION;
+    let head = format!(
+        "RESYNC to {} {:.0}% ({} of {})",
+        names(st, &[r.node]),
+        r.percent(),
+        human(r.done_regions * REGION),
+        human(total)
+    );
+    if !r.connected {
+        return format!("{head}, waiting for the replica to connect");
+    }
+    match r.time_left(REGION) {
+        Some(left) => format!(
+            "{head}, {}/s, {} left",
+            human(r.rate_bytes_per_s),
+            human_duration(left)
+        ),
+        None => format!("{head}, starting"),
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64().ceil() as u64;
+    match s {
+        0..=99 => format!("{} s", s.max(1)),
+        100..=5999 => format!("{} min", s.div_ceil(60)),
+        _ => format!("{:.1} h", s as f64 / 3600.0),
     }
 }
 

@@ -156,7 +156,7 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Shows or changes cluster-wide settings (failure detection timing).
+    /// Shows or changes cluster-wide settings (failure detection timing, resync rate).
     Settings {
         #[command(flatten)]
         conn: admin::Conn,
@@ -167,6 +167,10 @@ enum ClusterCmd {
         /// milliseconds (at least two heartbeat intervals).
         #[arg(long)]
         failure_timeout_ms: Option<u64>,
+        /// Resync bandwidth per replica, e.g. 200MiB (per second); 0 is unlimited.
+        /// Application I/O goes first whatever the rate.
+        #[arg(long)]
+        resync_rate: Option<String>,
     },
     /// Prints the cluster token of the node whose data folder is --data-dir.
     Token {
@@ -381,7 +385,21 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
             conn,
             heartbeat_interval_ms,
             failure_timeout_ms,
-        } => admin::settings(&conn, heartbeat_interval_ms, failure_timeout_ms).await,
+            resync_rate,
+        } => {
+            let resync_rate = resync_rate
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .context("--resync-rate")?;
+            admin::settings(
+                &conn,
+                heartbeat_interval_ms,
+                failure_timeout_ms,
+                resync_rate,
+            )
+            .await
+        }
         ClusterCmd::Token { data_dir } => {
             println!("{}", cluster::Identity::load(&data_dir)?.token()?);
             Ok(())

@@ -25,7 +25,7 @@ use scsi::BlockDevice;
 use tracing::{error, info, warn};
 
 /// Resync and activity-log granularity.
-const REGION_SIZE: u64 = 1 << 20;
+pub(crate) const REGION_SIZE: u64 = 1 << 20;
 /// How often a primary renews its lease (well inside [`cluster::node::LEASE`]).
 const RENEW_EVERY: Duration = Duration::from_millis(200);
 /// Margin for clock rate differences between this node and the Raft leader.
@@ -118,6 +118,41 @@ impl ControlPlane for IsrRequests {
     fn request_isr_remove(&self, epoch: u64, node: NodeId) {
         self.request(epoch, Vec::new(), vec![node]);
     }
+    fn notice(&self, notice: replication::Notice) {
+        let volume = &self.volume;
+        let name = |id: NodeId| {
+            self.node
+                .state()
+                .borrow()
+                .nodes
+                .get(&id)
+                .map_or_else(|| format!("node {id}"), |n| n.name.clone())
+        };
+        let (kind, what) = match notice {
+            replication::Notice::ResyncStarted { peer, regions } => (
+                "resync",
+                format!(
+                    "resync of {volume} to {} started: {} to send",
+                    name(peer),
+                    cluster::state::human(regions * REGION_SIZE)
+                ),
+            ),
+            replication::Notice::ResyncFinished {
+                peer,
+                regions,
+                took,
+            } => (
+                "resync",
+                format!(
+                    "resync of {volume} to {} finished: {} in {:.1} s",
+                    name(peer),
+                    cluster::state::human(regions * REGION_SIZE),
+                    took.as_secs_f64()
+                ),
+            ),
+        };
+        self.node.events().push(kind, what);
+    }
 }
 
 impl Serving {
@@ -199,6 +234,17 @@ impl Serving {
                         resync_regions_sent: s.resync_regions_sent,
                         writes_completed: s.writes_completed,
                         resync_pending_regions: s.resync_pending,
+                        resyncs: s
+                            .resyncs
+                            .iter()
+                            .map(|r| cluster::status::ResyncView {
+                                node: r.peer,
+                                done_regions: r.done_regions,
+                                pending_regions: r.pending_regions,
+                                rate_bytes_per_s: r.rate_bytes_per_s,
+                                connected: r.connected,
+                            })
+                            .collect(),
                     }
                 }
                 Role::Replica { .. } => cluster::status::VolumeView {
@@ -334,6 +380,7 @@ impl Serving {
                             .filter(|n| *n != self.me)
                             .collect();
                         volume.isr_committed(v.epoch, isr);
+                        volume.set_resync_rate(st.settings.resync_rate_bytes_per_s);
                         continue;
                     }
                     _ => {}
@@ -347,7 +394,7 @@ impl Serving {
                 }
                 let old = roles.remove(&v.name);
                 self.stop_role(&v.name, old);
-                match self.start_primary(v) {
+                match self.start_primary(v, st.settings.resync_rate_bytes_per_s) {
                     Ok(role) => {
                         roles.insert(v.name.clone(), role);
                     }
@@ -621,7 +668,7 @@ impl Serving {
         });
     }
 
-    fn start_primary(&self, v: &Volume) -> Result<Role> {
+    fn start_primary(&self, v: &Volume, resync_rate: u64) -> Result<Role> {
         let store = self.open_volume(v)?;
         let store_kept = store.clone();
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
@@ -645,6 +692,7 @@ impl Serving {
             own_activity_log: state.activity_log()?,
             replica_timeout_ms: 1000,
             resync_window: 16,
+            resync_rate,
         };
         let control = Arc::new(IsrRequests {
             node: self.node.clone(),

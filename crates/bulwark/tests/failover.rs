@@ -503,6 +503,136 @@ async fn a_returning_replica_receives_only_the_dirty_regions() {
     .await;
 }
 
+/// Runs `bulwark ARGS` against node `i` of `c` and returns its standard output.
+fn cli(c: &Cluster, i: usize, args: &[&str]) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .arg("--node")
+        .arg(c.nodes[i].addresses().control.to_string())
+        .arg("--token")
+        .arg(c.token().to_string())
+        .output()
+        .expect("bulwark runs");
+    assert!(
+        out.status.success(),
+        "bulwark {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A resync keeps to the cluster's resync rate, `bulwark status` shows its progress
+/// (percent, rate, time left) and the event log its start and end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_resync_keeps_its_rate_and_shows_its_progress() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    const REGIONS: u64 = 24;
+    const RATE_MIB: u64 = 4;
+    let mut c = replicated_volume(26, 64 << 20).await;
+    let admin = c.admin(0);
+    let settings = cli(&c, 0, &["cluster", "settings", "--resync-rate", "4MiB"]);
+    assert!(
+        settings.contains("resync rate:        4.0 MiB/s"),
+        "{settings}"
+    );
+
+    // The replica is down while one block of each of 24 regions is written.
+    c.nodes[2].kill9();
+    let mut checker = Checker::new(BLOCK as usize);
+    let (_, portal) = primary_portal(&c, &[0, 1]).await.expect("a primary");
+    let mut s = connect(portal).await.expect("a session");
+    let per_region = (1 << 20) / u64::from(BLOCK);
+    for i in 0..REGIONS {
+        let lba = i * per_region;
+        let (version, block) = checker.next_write(lba);
+        wait("a write", Duration::from_secs(15), async || {
+            let r = s.write16(0, lba, &block, BLOCK, false).await.ok()?;
+            (r.status == 0).then_some(())
+        })
+        .await;
+        checker.acked(lba, version);
+    }
+
+    let primary = c.admin(1);
+    let started = Instant::now();
+    c.nodes[2].start();
+    let view = wait("the resync measured", Duration::from_secs(20), async || {
+        let st = primary.status().await.ok()?;
+        let v = st.volumes.into_iter().find(|v| v.name == "v")?;
+        let r = v.resyncs.first()?.clone();
+        (r.rate_bytes_per_s > 0 && r.done_regions > 0).then_some(r)
+    })
+    .await;
+    assert_eq!(view.node, 3, "the returning replica is n3");
+    let text = cli(&c, 0, &["status"]);
+    let line = text
+        .lines()
+        .find(|l| l.contains("RESYNC to n3"))
+        .unwrap_or_else(|| panic!("no resync line in:\n{text}"));
+    assert!(
+        line.contains("% (") && line.contains("/s") && line.contains("left"),
+        "{line}"
+    );
+    wait(
+        "the replica back in the in-sync set",
+        Duration::from_secs(30),
+        async || {
+            admin
+                .state()
+                .await
+                .ok()
+                .filter(|s| s.volumes["v"].in_sync.len() == 2)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    eprintln!(
+        "resync of {REGIONS} MiB at {RATE_MIB} MiB/s took {:.1} s; status said: {}",
+        took.as_secs_f64(),
+        line.trim()
+    );
+    // The throttle is an upper bound on speed: one region of burst, then the rate.
+    let fastest = Duration::from_secs_f64((REGIONS - 2) as f64 / RATE_MIB as f64);
+    assert!(
+        took >= fastest,
+        "{REGIONS} regions at {RATE_MIB} MiB/s cannot take {took:?}"
+    );
+    assert!(
+        view.rate_bytes_per_s <= (2 * RATE_MIB) << 20,
+        "measured {} B/s",
+        view.rate_bytes_per_s
+    );
+    // The event log has its start and its end (measured once a second).
+    let said = async |what: &str| {
+        let events = primary.status().await.ok()?.events;
+        events.into_iter().find(|e| {
+            e.kind == "resync"
+                && e.message.starts_with("resync of v to n3")
+                && e.message.contains(what)
+        })
+    };
+    let start = said("started").await.expect("a resync-started event");
+    assert!(
+        start.message.contains("started: 24.0 MiB to send"),
+        "{}",
+        start.message
+    );
+    let end = wait(
+        "the resync-finished event",
+        Duration::from_secs(5),
+        async || said("finished").await,
+    )
+    .await;
+    assert!(
+        end.message.contains("finished: 24.0 MiB in"),
+        "{}",
+        end.message
+    );
+    let img = |i: usize| std::fs::read(c.nodes[i].dir.join("volumes/v.img")).unwrap();
+    assert!(img(1) == img(2), "the replicas hold the same bytes");
+    verify_all(&c, &checker, &[0, 1, 2]).await;
+}
+
 /// Links cut with nftables between one node's address and the others' (loopback
 /// aliases; the initiator, connecting from 127.0.0.1, still reaches every portal).
 /// Removed when dropped.

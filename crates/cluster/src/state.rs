@@ -161,13 +161,29 @@ pub struct Settings {
     pub heartbeat_interval_ms: u64,
     /// A node unheard of for this long on every network is offline.
     pub failure_timeout_ms: u64,
+    /// Resync bandwidth per replica in bytes per second (0: unlimited). Application I/O
+    /// goes first whatever the rate.
+    #[serde(default = "default_resync_rate")]
+    pub resync_rate_bytes_per_s: u64,
 }
+
+/// 100 MiB/s: a returning replica catches up on a 1 GiB outage in about ten seconds
+/// without taking a 10 Gb/s link from the initiators.
+pub const DEFAULT_RESYNC_RATE: u64 = 100 << 20;
+
+fn default_resync_rate() -> u64 {
+    DEFAULT_RESYNC_RATE
+}
+
+/// The slowest resync rate accepted (other than 0, unlimited).
+pub const MIN_RESYNC_RATE: u64 = 1 << 20;
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             heartbeat_interval_ms: 150,
             failure_timeout_ms: 800,
+            resync_rate_bytes_per_s: DEFAULT_RESYNC_RATE,
         }
     }
 }
@@ -1202,6 +1218,12 @@ impl ClusterState {
                     return Err(Refused::BadSettings(
                         "failure timeout must be at least two heartbeat intervals and at most 60 s"
                             .into(),
+                    ));
+                }
+                let rate = settings.resync_rate_bytes_per_s;
+                if rate != 0 && rate < MIN_RESYNC_RATE {
+                    return Err(Refused::BadSettings(
+                        "resync rate must be at least 1 MiB/s, or 0 for unlimited".into(),
                     ));
                 }
                 self.settings = settings.clone();

@@ -679,8 +679,28 @@ fn settings_are_bounded() {
         settings: Settings {
             heartbeat_interval_ms: hb,
             failure_timeout_ms: ft,
+            ..Settings::default()
         },
     };
+    let rate = |r| Command::SetSettings {
+        settings: Settings {
+            resync_rate_bytes_per_s: r,
+            ..Settings::default()
+        },
+    };
+    assert!(matches!(
+        refused(&mut st, rate(4096)),
+        Refused::BadSettings(m) if m.contains("1 MiB/s")
+    ));
+    st.apply(&rate(0)).unwrap();
+    assert_eq!(st.settings.resync_rate_bytes_per_s, 0, "0 is unlimited");
+    // A state written before the setting existed reads with the default.
+    let old: Settings =
+        serde_json::from_str(r#"{"heartbeat_interval_ms":150,"failure_timeout_ms":800}"#).unwrap();
+    assert_eq!(
+        old.resync_rate_bytes_per_s,
+        crate::state::DEFAULT_RESYNC_RATE
+    );
     assert!(matches!(
         refused(&mut st, set(5, 800)),
         Refused::BadSettings(_)

@@ -159,6 +159,45 @@ pub struct VolumeView {
     /// Regions (1 MiB) still to resync to replicas.
     #[serde(default)]
     pub resync_pending_regions: u64,
+    /// Each replica being resynced (primaries).
+    #[serde(default)]
+    pub resyncs: Vec<ResyncView>,
+}
+
+/// The resync of one replica, as its primary reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncView {
+    /// The replica.
+    pub node: NodeId,
+    /// Regions (1 MiB) it has received in this resync.
+    pub done_regions: u64,
+    /// Regions still to go.
+    pub pending_regions: u64,
+    /// Measured rate, bytes per second.
+    pub rate_bytes_per_s: u64,
+    /// Whether the replica is connected; a resync waits for one that is down.
+    pub connected: bool,
+}
+
+impl ResyncView {
+    /// Percent done.
+    pub fn percent(&self) -> f64 {
+        let total = self.done_regions + self.pending_regions;
+        if total == 0 {
+            100.0
+        } else {
+            self.done_regions as f64 * 100.0 / total as f64
+        }
+    }
+
+    /// Time left at the measured rate, if it is moving.
+    pub fn time_left(&self, region_size: u64) -> Option<std::time::Duration> {
+        (self.rate_bytes_per_s > 0).then(|| {
+            std::time::Duration::from_secs_f64(
+                (self.pending_regions * region_size) as f64 / self.rate_bytes_per_s as f64,
+            )
+        })
+    }
 }
 
 /// What the serving layer reports for status.

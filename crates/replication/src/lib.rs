@@ -37,8 +37,9 @@ mod volume;
 
 pub use bitmap::RegionSet;
 pub use message::{Epoch, Message, NodeId, Seq};
-pub use primary::{Action, Primary, PrimaryConfig, WriteTag};
+pub use primary::{Action, Primary, PrimaryConfig, ResyncProgress, WriteTag};
 pub use replica::{Replica, ReplicaAction};
 pub use volume::{
-    ControlPlane, PrimaryStats, PrimaryVolume, ReplicaState, ReplicaVolume, Transport,
+    ControlPlane, Notice, PrimaryStats, PrimaryVolume, ReplicaState, ReplicaVolume, ResyncStatus,
+    Transport,
 };

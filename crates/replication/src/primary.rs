@@ -36,6 +36,9 @@ pub struct PrimaryConfig {
     /// Resync regions in flight per replica (read, sent, not yet acknowledged): bounds
     /// the memory a resync takes and lets application writes interleave.
     pub resync_window: usize,
+    /// Resync bandwidth per replica, in bytes per second; 0 is unlimited. Sealing (the
+    /// divergent regions of a failover, which hold I/O back) is never throttled.
+    pub resync_rate: u64,
     /// Test only: acknowledge writes before the replicas have them. The simulation must
     /// catch this.
     #[cfg(test)]
@@ -99,6 +102,19 @@ pub enum Action {
     },
     /// Sealing finished: every in-sync member holds the same data.
     Sealed,
+}
+
+/// Where the resync of one replica stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncProgress {
+    /// The replica.
+    pub peer: NodeId,
+    /// Regions it has received in this resync.
+    pub done_regions: u64,
+    /// Regions still to send (or sent and not yet acknowledged).
+    pub pending_regions: u64,
+    /// Whether it is connected (a resync waits for a replica that is down).
+    pub connected: bool,
 }
 
 /// Why a write cannot be taken now.
@@ -166,6 +182,14 @@ struct Peer {
     dirty: RegionSet,
     /// Resync entries not yet acknowledged.
     resync_outstanding: BTreeSet<Seq>,
+    /// Resync regions it has acknowledged in this term, and that count when its current
+    /// resync began.
+    resync_done: u64,
+    resync_base: u64,
+    /// Resync budget in bytes (a token bucket filled at `resync_rate`), and when it was
+    /// last filled.
+    resync_tokens: i64,
+    tokens_at: u64,
     /// Last time the replica made progress (or had nothing outstanding).
     last_progress: u64,
     /// Asked the control plane to add / remove it and waiting for the answer.
@@ -206,6 +230,10 @@ pub struct Primary {
 /// Writes in flight before new ones are refused with `Busy`.
 const MAX_IN_FLIGHT: usize = 4096;
 
+/// Application writes a replica may be behind on before resync stops adding regions to
+/// its stream (they would queue in front of the writes that follow).
+const APP_BACKLOG_BEFORE_RESYNC_WAITS: usize = 64;
+
 impl Primary {
     /// A primary for a freshly committed epoch. It seals the in-sync set before it
     /// serves: call [`Primary::link_up`] for every replica it can reach.
@@ -230,6 +258,10 @@ impl Primary {
                             all_regions(cfg.size_bytes, cfg.region_size)
                         },
                         resync_outstanding: BTreeSet::new(),
+                        resync_done: 0,
+                        resync_base: 0,
+                        resync_tokens: 0,
+                        tokens_at: now,
                         last_progress: now,
                         add_requested: false,
                         remove_requested: false,
@@ -521,11 +553,11 @@ impl Primary {
         } else {
             // A returning replica: what it missed, and what it may hold that we lack.
             peer.dirty.union_with(&divergent);
-            self.resync_dirty(from, out);
+            self.resync_dirty(now, from, out);
         }
     }
 
-    fn maybe_start_seal_resync(&mut self, _now: u64, out: &mut Vec<Action>) {
+    fn maybe_start_seal_resync(&mut self, now: u64, out: &mut Vec<Action>) {
         if !self.sealing || self.seal_resync_started || !self.seal_pending_acks.is_empty() {
             return;
         }
@@ -537,7 +569,7 @@ impl Primary {
             if let Some(p) = self.peers.get_mut(&m) {
                 p.dirty.union_with(&self.seal_divergent);
             }
-            self.resync_dirty(m, out);
+            self.resync_dirty(now, m, out);
         }
         self.check_sealed(out);
     }
@@ -564,7 +596,7 @@ impl Primary {
     }
 
     /// Queues the dirty regions of `peer` as resync entries of its stream.
-    fn resync_dirty(&mut self, pid: NodeId, out: &mut Vec<Action>) {
+    fn resync_dirty(&mut self, now: u64, pid: NodeId, out: &mut Vec<Action>) {
         let Some(peer) = self.peers.get_mut(&pid) else {
             return;
         };
@@ -573,12 +605,43 @@ impl Primary {
         }
         // A bounded window of regions in flight: memory stays at most `resync_window`
         // regions per replica, and application writes interleave.
-        let room = self
+        let mut room = self
             .cfg
             .resync_window
             .max(1)
             .saturating_sub(peer.resync_outstanding.len());
+        // Application writes first: while the replica is behind on them, no resync
+        // region joins the queue in front of the next ones.
+        let app_backlog = peer
+            .stream
+            .iter()
+            .filter(|e| e.write.is_some() && e.seq > peer.acked)
+            .count();
+        if app_backlog > APP_BACKLOG_BEFORE_RESYNC_WAITS {
+            room = 0;
+        }
+        // The seal's rewrite of divergent regions holds I/O back: never throttled.
+        let throttled = self.cfg.resync_rate > 0 && !(self.sealing && self.in_sync.contains(&pid));
+        if throttled && room > 0 {
+            // Token bucket: bursts of at most a tenth of a second's worth.
+            let rs = self.cfg.region_size as i64;
+            let burst = ((self.cfg.resync_rate / 10) as i64)
+                .clamp(rs, rs * self.cfg.resync_window.max(1) as i64);
+            let elapsed = now.saturating_sub(peer.tokens_at);
+            peer.tokens_at = now;
+            let earned = (self.cfg.resync_rate as u128 * elapsed as u128 / 1000) as i64;
+            peer.resync_tokens = peer.resync_tokens.saturating_add(earned).min(burst);
+            let affordable = if peer.resync_tokens > 0 {
+                ((peer.resync_tokens + rs - 1) / rs) as usize
+            } else {
+                0
+            };
+            room = room.min(affordable);
+        }
         let regions: Vec<u64> = peer.dirty.iter().take(room).collect();
+        if throttled {
+            peer.resync_tokens -= regions.len() as i64 * self.cfg.region_size as i64;
+        }
         for r in &regions {
             peer.dirty.remove(*r);
         }
@@ -661,8 +724,8 @@ impl Primary {
         for e in peer.stream.iter().filter(|e| e.seq <= seq) {
             if let Some(w) = e.write {
                 done_writes.push(w);
-            } else {
-                peer.resync_outstanding.remove(&e.seq);
+            } else if peer.resync_outstanding.remove(&e.seq) {
+                peer.resync_done += 1;
             }
         }
         for w in done_writes {
@@ -671,10 +734,15 @@ impl Primary {
             }
             self.try_complete(now, w, out);
         }
+        if let Some(p) = self.peers.get_mut(&from) {
+            if p.dirty.is_empty() && p.resync_outstanding.is_empty() {
+                p.resync_base = p.resync_done;
+            }
+        }
         self.trim_stream(from);
         // Refill the resync window.
         if self.peers.get(&from).is_some_and(|p| !p.dirty.is_empty()) {
-            self.resync_dirty(from, out);
+            self.resync_dirty(now, from, out);
         }
         self.maybe_request_add(from, out);
         self.check_sealed(out);
@@ -758,6 +826,10 @@ impl Primary {
         self.maybe_start_seal_resync(now, &mut out);
         self.check_sealed(&mut out);
         for pid in self.peers.keys().copied().collect::<Vec<_>>() {
+            // A throttled resync continues as its budget refills.
+            if self.peers.get(&pid).is_some_and(|p| !p.dirty.is_empty()) {
+                self.resync_dirty(now, pid, &mut out);
+            }
             self.maybe_request_add(pid, &mut out);
         }
         let members = self.members();
@@ -891,6 +963,32 @@ impl Primary {
             .sum()
     }
 
+    /// Resync progress of every replica that is being resynced or waits for one.
+    pub fn resync_progress(&self) -> Vec<ResyncProgress> {
+        self.peers
+            .iter()
+            .filter_map(|(id, p)| {
+                let pending = (p.dirty.len() + p.resync_outstanding.len()) as u64;
+                (pending > 0).then_some(ResyncProgress {
+                    peer: *id,
+                    done_regions: p.resync_done - p.resync_base,
+                    pending_regions: pending,
+                    connected: p.link == Link::Streaming,
+                })
+            })
+            .collect()
+    }
+
+    /// Resync regions `peer` has acknowledged in this term, over all its resyncs.
+    pub fn resync_done_total(&self, peer: NodeId) -> u64 {
+        self.peers.get(&peer).map_or(0, |p| p.resync_done)
+    }
+
+    /// Changes the resync bandwidth per replica (bytes per second, 0 = unlimited).
+    pub fn set_resync_rate(&mut self, rate: u64) {
+        self.cfg.resync_rate = rate;
+    }
+
     /// Writes taken and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.writes.len()
@@ -939,4 +1037,143 @@ fn committed_of(peer: &Peer, writes: &BTreeMap<u64, Write>) -> Seq {
         committed = e.seq;
     }
     committed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A primary of a 64-region volume whose replica 2 is out of sync and connected.
+    fn resyncing(rate: u64) -> (Primary, Vec<Action>) {
+        let cfg = PrimaryConfig {
+            me: 1,
+            epoch: 3,
+            region_size: MIB,
+            size_bytes: 64 * MIB,
+            replicas: [2].into(),
+            in_sync: BTreeSet::new(),
+            own_activity_log: RegionSet::new(),
+            replica_timeout_ms: 1000,
+            resync_window: 16,
+            resync_rate: rate,
+            bug_ack_before_replicas: false,
+        };
+        let mut p = Primary::new(cfg, 0);
+        let mut out = p.tick(0);
+        out.extend(p.link_up(0, 2));
+        out.extend(p.on_message(
+            0,
+            2,
+            Message::SealAck {
+                epoch: 3,
+                divergent: RegionSet::new(),
+            },
+        ));
+        (p, out)
+    }
+
+    fn reads(actions: &[Action]) -> Vec<Seq> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ReadRegion { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs the resync for `ms` of virtual time, the replica acknowledging every region
+    /// at once; returns the regions read.
+    fn run(p: &mut Primary, first: Vec<Action>, ms: u64) -> u64 {
+        let mut pending = reads(&first);
+        let mut total = pending.len() as u64;
+        let mut now = 0;
+        while now < ms {
+            now += 20;
+            let mut out = Vec::new();
+            if let Some(last) = pending.iter().max().copied() {
+                for seq in &pending {
+                    out.extend(p.region_read(2, *seq, Bytes::from(vec![0u8; 16])));
+                }
+                out.extend(p.on_message(
+                    now,
+                    2,
+                    Message::Ack {
+                        epoch: 3,
+                        seq: last,
+                    },
+                ));
+            }
+            out.extend(p.tick(now));
+            pending = reads(&out);
+            total += pending.len() as u64;
+        }
+        total
+    }
+
+    #[test]
+    fn resync_keeps_to_its_rate() {
+        // 4 MiB/s for 2 s: about 8 regions (one refill may round up).
+        let (mut p, first) = resyncing(4 * MIB);
+        let sent = run(&mut p, first, 2000);
+        assert!((7..=9).contains(&sent), "{sent} regions in 2 s at 4 MiB/s");
+        let progress = p.resync_progress();
+        assert_eq!(progress.len(), 1);
+        assert_eq!(progress[0].done_regions + progress[0].pending_regions, 64);
+
+        // Unlimited: the whole volume in the same time.
+        let (mut p, first) = resyncing(0);
+        assert_eq!(reads(&first).len(), 16, "one window at once");
+        assert_eq!(run(&mut p, first, 2000), 64);
+        assert!(p.resync_progress().is_empty(), "done");
+
+        // The rate changes while it runs.
+        let (mut p, first) = resyncing(4 * MIB);
+        p.set_resync_rate(0);
+        assert!(run(&mut p, first, 200) > 20);
+    }
+
+    #[test]
+    fn application_writes_go_before_resync() {
+        let (mut p, _first) = resyncing(0);
+        let mut out = p.set_lease(0, 10_000);
+        out.extend(p.tick(1));
+        assert!(p.serving(1).is_ok());
+        // The replica falls behind on application writes: no new resync region joins
+        // its stream until it catches up.
+        let mut acted = Vec::new();
+        for i in 0..(APP_BACKLOG_BEFORE_RESYNC_WAITS as u64 + 1) {
+            acted.extend(
+                p.submit_write(2, i, i * 4096, Bytes::from(vec![1u8; 4096]))
+                    .unwrap(),
+            );
+        }
+        let resync_seqs: Vec<Seq> = (1..=16).collect();
+        let mut out = Vec::new();
+        for seq in &resync_seqs {
+            out.extend(p.region_read(2, *seq, Bytes::from(vec![0u8; 16])));
+        }
+        out.extend(p.on_message(3, 2, Message::Ack { epoch: 3, seq: 16 }));
+        out.extend(p.tick(500));
+        assert!(
+            reads(&out).is_empty(),
+            "resync waits behind the application writes"
+        );
+        let last = 16 + APP_BACKLOG_BEFORE_RESYNC_WAITS as u64 + 1;
+        let out = p.on_message(
+            600,
+            2,
+            Message::Ack {
+                epoch: 3,
+                seq: last,
+            },
+        );
+        assert_eq!(
+            reads(&out).len(),
+            16,
+            "and resumes once they are acknowledged"
+        );
+    }
 }

@@ -751,6 +751,8 @@ impl Sim {
                     own_activity_log: own,
                     replica_timeout_ms: REPLICA_TIMEOUT,
                     resync_window: 2,
+                    // Half the seeds throttle resync (a region every 4 ms at most).
+                    resync_rate: if epoch % 2 == 0 { REGION * 250 } else { 0 },
                     bug_ack_before_replicas: self.bug == Bug::AckBeforeReplicas,
                 };
                 node.role = Role::Primary {

@@ -36,6 +36,56 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn request_isr_add(&self, epoch: Epoch, node: NodeId);
     /// Remove `node` from the in-sync set at `epoch`.
     fn request_isr_remove(&self, epoch: Epoch, node: NodeId);
+    /// Something an administrator should hear about (the event log).
+    fn notice(&self, _notice: Notice) {}
+}
+
+/// Events of a primary for the event log.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Notice {
+    /// A resync of `peer` began with `regions` to send.
+    ResyncStarted {
+        /// The replica.
+        peer: NodeId,
+        /// Regions to send.
+        regions: u64,
+    },
+    /// The resync of `peer` finished.
+    ResyncFinished {
+        /// The replica.
+        peer: NodeId,
+        /// Regions it received.
+        regions: u64,
+        /// How long it took.
+        took: Duration,
+    },
+}
+
+/// Where the resync of one replica stands, with its measured rate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResyncStatus {
+    /// The replica.
+    pub peer: NodeId,
+    /// Regions it received in this resync.
+    pub done_regions: u64,
+    /// Regions still to send or to be acknowledged.
+    pub pending_regions: u64,
+    /// Bytes per second over the last seconds.
+    pub rate_bytes_per_s: u64,
+    /// Whether the replica is connected (a resync waits for a replica that is down).
+    pub connected: bool,
+}
+
+/// One running resync as the driver measures it.
+#[derive(Clone, Copy, Debug)]
+struct ResyncMeter {
+    /// The core's cumulative count when this resync began.
+    base: u64,
+    started: Instant,
+    last_done: u64,
+    last_at: Instant,
+    /// Smoothed bytes per second.
+    rate: f64,
 }
 
 /// Small persistent state of a volume replica on one node: the highest epoch seen and
@@ -147,6 +197,8 @@ struct PrimaryShared {
     events: Mutex<Sender<PrimaryEvent>>,
     resync_regions_sent: std::sync::atomic::AtomicU64,
     writes_completed: std::sync::atomic::AtomicU64,
+    /// Running resyncs by replica, measured by the driver once a second.
+    resyncs: Mutex<HashMap<NodeId, ResyncMeter>>,
 }
 
 /// An initiator write or flush waiting for every in-sync member.
@@ -157,7 +209,7 @@ struct Waiter {
 }
 
 /// Counters of a primary volume since it started.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrimaryStats {
     /// Regions read and sent to replicas by resync (dirty, divergent or full sync).
     pub resync_regions_sent: u64,
@@ -165,6 +217,8 @@ pub struct PrimaryStats {
     pub writes_completed: u64,
     /// Regions still to resync to replicas.
     pub resync_pending: u64,
+    /// Each replica being resynced.
+    pub resyncs: Vec<ResyncStatus>,
 }
 
 /// The primary of a replicated volume: what the SCSI target reads and writes.
@@ -325,8 +379,78 @@ impl PrimaryShared {
         self.run(actions, false);
     }
 
+    /// Samples the core's resync progress: rates, and the start and end of each resync
+    /// for the event log.
+    fn measure_resyncs(&self) {
+        let (progress, totals) = match self.core.lock() {
+            Ok(p) => {
+                let progress = p.resync_progress();
+                let meters: Vec<NodeId> = match self.resyncs.lock() {
+                    Ok(m) => m.keys().copied().collect(),
+                    Err(_) => return,
+                };
+                let totals: HashMap<NodeId, u64> = meters
+                    .into_iter()
+                    .chain(progress.iter().map(|r| r.peer))
+                    .map(|n| (n, p.resync_done_total(n)))
+                    .collect();
+                (progress, totals)
+            }
+            Err(_) => return,
+        };
+        let total = |n: NodeId| totals.get(&n).copied().unwrap_or(0);
+        let now = Instant::now();
+        let mut notices = Vec::new();
+        if let Ok(mut meters) = self.resyncs.lock() {
+            for p in &progress {
+                let done = total(p.peer);
+                let m = meters.entry(p.peer).or_insert_with(|| {
+                    notices.push(Notice::ResyncStarted {
+                        peer: p.peer,
+                        regions: p.done_regions + p.pending_regions,
+                    });
+                    ResyncMeter {
+                        base: done - p.done_regions,
+                        started: now,
+                        last_done: done,
+                        last_at: now,
+                        rate: -1.0,
+                    }
+                });
+                let secs = now.duration_since(m.last_at).as_secs_f64();
+                if secs > 0.1 {
+                    let bytes = (done - m.last_done) as f64 * self.region_size as f64;
+                    let sample = bytes / secs;
+                    // The first sample stands alone; later ones are smoothed over ~3 s.
+                    m.rate = if m.rate < 0.0 {
+                        sample
+                    } else {
+                        0.7 * m.rate + 0.3 * sample
+                    };
+                    m.last_done = done;
+                    m.last_at = now;
+                }
+            }
+            meters.retain(|peer, m| {
+                let running = progress.iter().any(|p| p.peer == *peer);
+                if !running {
+                    notices.push(Notice::ResyncFinished {
+                        peer: *peer,
+                        regions: total(*peer).saturating_sub(m.base),
+                        took: now.duration_since(m.started),
+                    });
+                }
+                running
+            });
+        }
+        for n in notices {
+            self.control.notice(n);
+        }
+    }
+
     fn event_loop(self: Arc<Self>, rx: Receiver<PrimaryEvent>) {
         let mut last_expiry = Instant::now();
+        let mut last_meter = Instant::now();
         loop {
             let ev = match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(ev) => Some(ev),
@@ -339,6 +463,10 @@ impl PrimaryShared {
                 // instead of at their timeout.
                 self.fail_waiters(|_| true, "the volume stopped serving on this node");
                 return;
+            }
+            if last_meter.elapsed() >= Duration::from_secs(1) {
+                last_meter = Instant::now();
+                self.measure_resyncs();
             }
             if last_expiry.elapsed() >= Duration::from_millis(100) {
                 let now = Instant::now();
@@ -395,6 +523,7 @@ impl PrimaryVolume {
             events: Mutex::new(tx),
             resync_regions_sent: Default::default(),
             writes_completed: Default::default(),
+            resyncs: Mutex::default(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -477,15 +606,43 @@ impl PrimaryVolume {
     /// Counters since this primary started.
     pub fn stats(&self) -> PrimaryStats {
         use std::sync::atomic::Ordering::Relaxed;
+        let (pending, progress) = self
+            .shared
+            .core
+            .lock()
+            .map(|p| (p.resync_pending(), p.resync_progress()))
+            .unwrap_or_default();
+        let meters = self
+            .shared
+            .resyncs
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let resyncs = progress
+            .iter()
+            .map(|p| {
+                let m = meters.get(&p.peer);
+                ResyncStatus {
+                    peer: p.peer,
+                    done_regions: p.done_regions,
+                    pending_regions: p.pending_regions,
+                    rate_bytes_per_s: m.map_or(0, |m| m.rate.max(0.0) as u64),
+                    connected: p.connected,
+                }
+            })
+            .collect();
         PrimaryStats {
             resync_regions_sent: self.shared.resync_regions_sent.load(Relaxed),
             writes_completed: self.shared.writes_completed.load(Relaxed),
-            resync_pending: self
-                .shared
-                .core
-                .lock()
-                .map(|p| p.resync_pending())
-                .unwrap_or(0),
+            resync_pending: pending,
+            resyncs,
+        }
+    }
+
+    /// Changes the resync bandwidth per replica (bytes per second, 0 = unlimited).
+    pub fn set_resync_rate(&self, rate: u64) {
+        if let Ok(mut p) = self.shared.core.lock() {
+            p.set_resync_rate(rate);
         }
     }
 
@@ -844,6 +1001,7 @@ mod tests {
             own_activity_log: state.activity_log().unwrap(),
             replica_timeout_ms: 500,
             resync_window: 4,
+            resync_rate: 0,
             bug_ack_before_replicas: false,
         };
         let cp = Arc::new(Cp {
