@@ -37,7 +37,7 @@ mod volume;
 
 pub use bitmap::RegionSet;
 pub use message::{Epoch, Message, NodeId, Seq};
-pub use primary::{Action, Primary, PrimaryConfig, ResyncProgress, WriteTag};
+pub use primary::{Action, Primary, PrimaryConfig, ResyncProgress, VerifyReport, WriteTag};
 pub use replica::{Replica, ReplicaAction};
 pub use volume::{
     ControlPlane, Notice, PrimaryStats, PrimaryVolume, ReplicaState, ReplicaVolume, ResyncStatus,

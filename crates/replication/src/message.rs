@@ -56,6 +56,23 @@ pub enum Message {
         /// Cumulative position.
         seq: Seq,
     },
+    /// Primary → replica: send the checksum of `region` once every write before this
+    /// message is applied (online verify). Only for a replica sealed into the stream.
+    VerifyRequest {
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// Region number.
+        region: u64,
+    },
+    /// Replica → primary: the CRC32C of `region` as this replica holds it.
+    VerifyResult {
+        /// The epoch.
+        epoch: Epoch,
+        /// Region number.
+        region: u64,
+        /// CRC32C of the region's bytes (clipped at the end of the volume).
+        crc: u32,
+    },
     /// Replica → primary: refused; I have seen `epoch`, newer than yours.
     Fenced {
         /// The replica's epoch.
@@ -64,6 +81,14 @@ pub enum Message {
 }
 
 impl Message {
+    /// Whether the primary sends it (to a replica), as opposed to a replica's answer.
+    pub fn to_replica(&self) -> bool {
+        matches!(
+            self,
+            Message::Seal { .. } | Message::Write { .. } | Message::VerifyRequest { .. }
+        )
+    }
+
     /// The epoch the message was sent in.
     pub fn epoch(&self) -> Epoch {
         match self {
@@ -71,6 +96,8 @@ impl Message {
             | Message::SealAck { epoch, .. }
             | Message::Write { epoch, .. }
             | Message::Ack { epoch, .. }
+            | Message::VerifyRequest { epoch, .. }
+            | Message::VerifyResult { epoch, .. }
             | Message::Fenced { epoch } => *epoch,
         }
     }

@@ -72,6 +72,17 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             h.put_u8(5);
             h.put_u64(*epoch);
         }
+        Message::VerifyRequest { epoch, region } => {
+            h.put_u8(6);
+            h.put_u64(*epoch);
+            h.put_u64(*region);
+        }
+        Message::VerifyResult { epoch, region, crc } => {
+            h.put_u8(7);
+            h.put_u64(*epoch);
+            h.put_u64(*region);
+            h.put_u32(*crc);
+        }
     }
     let len = h.len() - 4 + data.as_ref().map_or(0, |d| d.len());
     h[..4].copy_from_slice(&(len as u32).to_be_bytes());
@@ -146,6 +157,21 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
         5 => {
             need(&b, 8)?;
             Message::Fenced { epoch: b.get_u64() }
+        }
+        6 => {
+            need(&b, 16)?;
+            Message::VerifyRequest {
+                epoch: b.get_u64(),
+                region: b.get_u64(),
+            }
+        }
+        7 => {
+            need(&b, 20)?;
+            Message::VerifyResult {
+                epoch: b.get_u64(),
+                region: b.get_u64(),
+                crc: b.get_u32(),
+            }
         }
         _ => return Err(bad("kind")),
     };
@@ -296,7 +322,7 @@ impl ReplicationNet {
     }
 
     fn route(&self, from: NodeId, volume: String, msg: Message) {
-        let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
+        let to_replica = msg.to_replica();
         if to_replica {
             let r = self
                 .replicas
@@ -469,7 +495,7 @@ struct VolumeTransport {
 
 impl Transport for VolumeTransport {
     fn send(&self, to: NodeId, msg: Message) {
-        let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
+        let to_replica = msg.to_replica();
         let map = if to_replica {
             &self.net.outgoing
         } else {

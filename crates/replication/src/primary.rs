@@ -102,6 +102,66 @@ pub enum Action {
     },
     /// Sealing finished: every in-sync member holds the same data.
     Sealed,
+    /// Read `region` locally and call [`Primary::verify_local`] with its CRC32C. Issued
+    /// when no write to the region is in flight (new ones wait until it is compared).
+    ChecksumRegion {
+        /// Region number.
+        region: u64,
+    },
+    /// The online verify finished (or was replaced); the report is final.
+    VerifyDone(VerifyReport),
+}
+
+/// What an online verify found: every region's CRC32C on this node against each
+/// in-sync replica's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The control plane's name for this verify.
+    pub id: u64,
+    /// Differing regions are resynced from this node.
+    pub repair: bool,
+    /// Regions in the volume.
+    pub regions: u64,
+    /// Regions compared so far.
+    pub compared: u64,
+    /// Regions that differ, by replica.
+    pub differing: BTreeMap<NodeId, RegionSet>,
+    /// Regions a replica could not be compared for (it was down or left the in-sync
+    /// set), by replica.
+    pub not_compared: BTreeMap<NodeId, u64>,
+    /// All regions are done.
+    pub finished: bool,
+}
+
+/// One region being verified.
+#[derive(Debug, Default)]
+struct VerifyRegion {
+    /// Checksums requested; until then it waits for the writes in flight to finish.
+    comparing: bool,
+    since: u64,
+    local: Option<u32>,
+    /// The in-sync members asked, and their answers.
+    remote: BTreeMap<NodeId, Option<u32>>,
+}
+
+/// A running online verify.
+#[derive(Debug)]
+struct Verify {
+    report: VerifyReport,
+    /// Next region to take up.
+    next: u64,
+    /// Regions under comparison: writes to them wait (see [`Primary::held`]).
+    active: BTreeMap<u64, VerifyRegion>,
+    tokens: i64,
+    tokens_at: u64,
+}
+
+/// A write that waits for the verify of a region it touches.
+#[derive(Debug)]
+struct Held {
+    tag: WriteTag,
+    offset: u64,
+    data: Bytes,
 }
 
 /// Where the resync of one replica stands.
@@ -157,6 +217,19 @@ struct Entry {
     write: Option<u64>,
     /// A flush barrier.
     flush: bool,
+    /// A resync copy: the application writes to its region that were in flight when it
+    /// was read. It may carry their data, so it is not committed (the replica keeps the
+    /// region in its activity log) until they are on every member.
+    waits_for: Vec<u64>,
+}
+
+impl Entry {
+    /// Acknowledged by its replica, and what it carries is on every member.
+    fn done(&self, acked: Seq, writes: &BTreeMap<u64, Write>) -> bool {
+        self.seq <= acked
+            && self.write.is_none_or(|w| !writes.contains_key(&w))
+            && self.waits_for.iter().all(|w| !writes.contains_key(w))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,7 +298,14 @@ pub struct Primary {
     persisted_log: RegionSet,
     /// Resync reads waiting for local writes to the region to finish.
     deferred_reads: Vec<(NodeId, Seq, u64)>,
+    verify: Option<Verify>,
+    /// Writes to regions under verify, in arrival order; placed when the region is
+    /// compared (a few milliseconds).
+    held: VecDeque<Held>,
 }
+
+/// Regions compared at once by an online verify.
+const VERIFY_WINDOW: usize = 8;
 
 /// Writes in flight before new ones are refused with `Busy`.
 const MAX_IN_FLIGHT: usize = 4096;
@@ -287,6 +367,8 @@ impl Primary {
             activity: BTreeMap::new(),
             persisted_log,
             deferred_reads: Vec::new(),
+            verify: None,
+            held: VecDeque::new(),
             cfg,
         }
     }
@@ -376,10 +458,42 @@ impl Primary {
         if self.draining {
             return Err(NotServing::Moving);
         }
-        if self.writes.len() >= MAX_IN_FLIGHT {
+        if self.writes.len() + self.held.len() >= MAX_IN_FLIGHT {
             return Err(NotServing::Busy);
         }
         let mut out = Vec::new();
+        if !data.is_empty() && self.must_hold(offset, data.len() as u64) {
+            self.held.push_back(Held { tag, offset, data });
+            return Ok(out);
+        }
+        self.place(now, tag, offset, data, flush, &mut out);
+        Ok(out)
+    }
+
+    /// Whether a write to `[offset, offset + len)` must wait: a region it touches is
+    /// being verified, or an earlier write to one of them waits already (order).
+    fn must_hold(&self, offset: u64, len: u64) -> bool {
+        let rs = self.cfg.region_size;
+        let Some(v) = &self.verify else {
+            return false;
+        };
+        regions(offset, len, rs).any(|r| v.active.contains_key(&r))
+            || self.held.iter().any(|h| {
+                regions(h.offset, h.data.len() as u64, rs)
+                    .any(|a| regions(offset, len, rs).any(|b| a == b))
+            })
+    }
+
+    /// Puts a write into every stream and writes it locally.
+    fn place(
+        &mut self,
+        now: u64,
+        tag: WriteTag,
+        offset: u64,
+        data: Bytes,
+        flush: bool,
+        out: &mut Vec<Action>,
+    ) {
         let id = self.next_id;
         self.next_id += 1;
         let len = data.len() as u64;
@@ -415,6 +529,7 @@ impl Primary {
                 data: Some(data.clone()),
                 write: Some(id),
                 flush,
+                waits_for: Vec::new(),
             });
             if streaming {
                 out.push(Action::Send {
@@ -446,7 +561,6 @@ impl Primary {
             data,
             flush,
         });
-        Ok(out)
     }
 
     /// The local write `id` is done.
@@ -498,6 +612,14 @@ impl Primary {
             }
         }
         out.push(Action::Complete(w.tag));
+        let rs = self.cfg.region_size;
+        let waited = self
+            .verify
+            .as_ref()
+            .is_some_and(|v| regions(w.offset, w.len, rs).any(|r| v.active.contains_key(&r)));
+        if waited {
+            self.pump_verify(now, out);
+        }
     }
 
     /// A message from replica `from`.
@@ -516,6 +638,18 @@ impl Primary {
         match msg {
             Message::SealAck { divergent, .. } => self.on_seal_ack(now, from, divergent, &mut out),
             Message::Ack { seq, .. } => self.on_ack(now, from, seq, &mut out),
+            Message::VerifyResult { region, crc, .. } => {
+                let answered = self
+                    .verify
+                    .as_mut()
+                    .and_then(|v| v.active.get_mut(&region))
+                    .and_then(|vr| vr.remote.get_mut(&from))
+                    .map(|slot| *slot = Some(crc))
+                    .is_some();
+                if answered {
+                    self.pump_verify(now, &mut out);
+                }
+            }
             _ => {}
         }
         out
@@ -564,8 +698,12 @@ impl Primary {
         self.seal_resync_started = true;
         // Rewrite the union of every member's divergent regions on every member, from
         // this node's copy; the members are identical once they have acknowledged.
-        let members: Vec<NodeId> = self.in_sync.iter().copied().collect();
-        for m in members {
+        // Replicas outside the in-sync set get them too: a member dropped before this
+        // point would otherwise come back with only its own divergent regions and keep
+        // old data where this node's activity log says it may differ (the online
+        // verify in the simulation found this).
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for m in peers {
             if let Some(p) = self.peers.get_mut(&m) {
                 p.dirty.union_with(&self.seal_divergent);
             }
@@ -655,6 +793,7 @@ impl Primary {
                 data: None,
                 write: None,
                 flush: false,
+                waits_for: Vec::new(),
             });
             peer.resync_outstanding.insert(seq);
             reads.push((seq, region));
@@ -693,6 +832,13 @@ impl Primary {
             .iter_mut()
             .find(|e| e.seq == seq && e.write.is_none())
         {
+            let rs = self.cfg.region_size;
+            let region = e.offset / rs;
+            e.waits_for = writes
+                .iter()
+                .filter(|(_, w)| regions(w.offset, w.len, rs).any(|r| r == region))
+                .map(|(id, _)| *id)
+                .collect();
             e.data = Some(data.clone());
             if streaming {
                 out.push(Action::Send {
@@ -753,8 +899,7 @@ impl Primary {
         let writes = &self.writes;
         if let Some(p) = self.peers.get_mut(&pid) {
             while let Some(e) = p.stream.front() {
-                let complete = e.seq <= p.acked && e.write.is_none_or(|w| !writes.contains_key(&w));
-                if !complete {
+                if !e.done(p.acked, writes) {
                     break;
                 }
                 p.stream.pop_front();
@@ -809,13 +954,19 @@ impl Primary {
 
     /// The connection to `peer` broke: what it has not acknowledged is retransmitted
     /// after the next seal; writes keep waiting for it while it is in the in-sync set.
+    #[must_use = "the actions must be run"]
     pub fn link_down(&mut self, now: u64, peer: NodeId) -> Vec<Action> {
         if let Some(p) = self.peers.get_mut(&peer) {
             if !matches!(p.link, Link::Down { .. }) {
                 p.link = Link::Down { since: now };
             }
         }
-        Vec::new()
+        // Its verify answers will not come.
+        let mut out = Vec::new();
+        if self.forget_verify_answers(peer) {
+            self.pump_verify(now, &mut out);
+        }
+        out
     }
 
     /// Time passes: replicas silent too long while writes wait are proposed for
@@ -825,6 +976,7 @@ impl Primary {
         // A primary whose in-sync set is only itself seals at once.
         self.maybe_start_seal_resync(now, &mut out);
         self.check_sealed(&mut out);
+        self.pump_verify(now, &mut out);
         for pid in self.peers.keys().copied().collect::<Vec<_>>() {
             // A throttled resync continues as its budget refills.
             if self.peers.get(&pid).is_some_and(|p| !p.dirty.is_empty()) {
@@ -908,6 +1060,13 @@ impl Primary {
             }
             p.remove_requested = false;
             p.add_requested = false;
+            if let Some(v) = self.verify.as_mut() {
+                for vr in v.active.values_mut() {
+                    if vr.remote.remove(&pid).is_some() {
+                        *v.report.not_compared.entry(pid).or_insert(0) += 1;
+                    }
+                }
+            }
             // It lacks everything it has not acknowledged: resync those regions when it
             // comes back, instead of holding the writes.
             for e in p.stream.iter().filter(|e| e.seq > p.acked) {
@@ -946,7 +1105,206 @@ impl Primary {
         }
         self.maybe_start_seal_resync(now, &mut out);
         self.check_sealed(&mut out);
+        self.pump_verify(now, &mut out);
         out
+    }
+
+    /// Starts an online verify (replacing one that runs): every region's CRC32C here
+    /// against each in-sync replica's. Writes to a region wait while it is compared,
+    /// so a comparison never races a write; with `repair` a differing region is
+    /// resynced from this node. [`Action::VerifyDone`] carries the report.
+    pub fn start_verify(&mut self, now: u64, id: u64, repair: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(old) = self.verify.take() {
+            let mut report = old.report;
+            report.finished = true;
+            out.push(Action::VerifyDone(report));
+            self.release_held(now, &mut out);
+        }
+        let total = self.cfg.size_bytes.div_ceil(self.cfg.region_size);
+        self.verify = Some(Verify {
+            report: VerifyReport {
+                id,
+                repair,
+                regions: total,
+                ..Default::default()
+            },
+            next: 0,
+            active: BTreeMap::new(),
+            tokens: 0,
+            tokens_at: now,
+        });
+        self.pump_verify(now, &mut out);
+        out
+    }
+
+    /// Where the online verify stands (the last one, once finished).
+    pub fn verify_report(&self) -> Option<VerifyReport> {
+        self.verify.as_ref().map(|v| v.report.clone())
+    }
+
+    /// The local CRC32C of `region`, as asked by [`Action::ChecksumRegion`].
+    pub fn verify_local(&mut self, now: u64, region: u64, crc: u32) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(vr) = self.verify.as_mut().and_then(|v| v.active.get_mut(&region)) {
+            vr.local = Some(crc);
+            self.pump_verify(now, &mut out);
+        }
+        out
+    }
+
+    /// Drops `peer` from the comparisons under way; true if it was in one.
+    fn forget_verify_answers(&mut self, peer: NodeId) -> bool {
+        let Some(v) = self.verify.as_mut() else {
+            return false;
+        };
+        let mut any = false;
+        for vr in v.active.values_mut() {
+            if vr.comparing && vr.remote.get(&peer) == Some(&None) {
+                vr.remote.remove(&peer);
+                *v.report.not_compared.entry(peer).or_insert(0) += 1;
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Moves the verify on: compares regions whose answers are in, asks for the
+    /// checksums of regions whose writes have drained, takes up new regions.
+    fn pump_verify(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.sealing || self.deposed || self.released {
+            return;
+        }
+        let epoch = self.cfg.epoch;
+        let rs = self.cfg.region_size;
+        let timeout = self.cfg.replica_timeout_ms.saturating_mul(10);
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        if v.report.finished {
+            return;
+        }
+        // 1. Answers that will not come.
+        for vr in v.active.values_mut().filter(|vr| vr.comparing) {
+            if now.saturating_sub(vr.since) >= timeout {
+                let silent: Vec<NodeId> = vr
+                    .remote
+                    .iter()
+                    .filter(|(_, c)| c.is_none())
+                    .map(|(n, _)| *n)
+                    .collect();
+                for n in silent {
+                    vr.remote.remove(&n);
+                    *v.report.not_compared.entry(n).or_insert(0) += 1;
+                }
+            }
+        }
+        // 2. Compare the regions that have every answer.
+        let done: Vec<u64> = v
+            .active
+            .iter()
+            .filter(|(_, vr)| vr.local.is_some() && vr.remote.values().all(Option::is_some))
+            .map(|(r, _)| *r)
+            .collect();
+        let mut repairs = Vec::new();
+        for r in &done {
+            let Some(vr) = v.active.remove(r) else {
+                continue;
+            };
+            v.report.compared += 1;
+            for (n, crc) in vr.remote {
+                if crc != vr.local {
+                    v.report.differing.entry(n).or_default().insert(*r);
+                    if v.report.repair {
+                        repairs.push((n, *r));
+                    }
+                }
+            }
+        }
+        // 3. New regions, within the window and the resync rate (a verify reads every
+        // region here and on each replica).
+        let rate = self.cfg.resync_rate;
+        if rate > 0 {
+            let burst = ((rate / 10) as i64).clamp(rs as i64, (rs * VERIFY_WINDOW as u64) as i64);
+            let earned = (rate as u128 * now.saturating_sub(v.tokens_at) as u128 / 1000) as i64;
+            v.tokens = v.tokens.saturating_add(earned).min(burst);
+            v.tokens_at = now;
+        }
+        while v.active.len() < VERIFY_WINDOW
+            && v.next < v.report.regions
+            && (rate == 0 || v.tokens > 0)
+        {
+            v.active.insert(v.next, VerifyRegion::default());
+            v.next += 1;
+            if rate > 0 {
+                v.tokens -= rs as i64;
+            }
+        }
+        // 4. Ask for checksums where no write is in flight any more (new ones wait).
+        for (r, vr) in v.active.iter_mut().filter(|(_, vr)| !vr.comparing) {
+            let repairing = self.peers.values().any(|p| {
+                p.dirty.contains(*r)
+                    || p.stream
+                        .iter()
+                        .any(|e| e.write.is_none() && e.offset / rs == *r && e.seq > p.acked)
+            });
+            if self.activity.contains_key(r) || repairing {
+                continue;
+            }
+            vr.comparing = true;
+            vr.since = now;
+            for m in &self.in_sync {
+                let streaming = self.peers.get(m).is_some_and(|p| p.link == Link::Streaming);
+                if streaming {
+                    vr.remote.insert(*m, None);
+                    out.push(Action::Send {
+                        to: *m,
+                        msg: Message::VerifyRequest { epoch, region: *r },
+                    });
+                } else {
+                    *v.report.not_compared.entry(*m).or_insert(0) += 1;
+                }
+            }
+            out.push(Action::ChecksumRegion { region: *r });
+        }
+        let finished = v.next >= v.report.regions && v.active.is_empty();
+        if finished {
+            v.report.finished = true;
+            out.push(Action::VerifyDone(v.report.clone()));
+        }
+        let took_up_new = !done.is_empty() || finished;
+        for (n, r) in repairs {
+            if let Some(p) = self.peers.get_mut(&n) {
+                p.dirty.insert(r);
+            }
+            self.resync_dirty(now, n, out);
+        }
+        if took_up_new {
+            self.release_held(now, out);
+        }
+    }
+
+    /// Places the held writes that no longer touch a region under verify, in order.
+    fn release_held(&mut self, now: u64, out: &mut Vec<Action>) {
+        let rs = self.cfg.region_size;
+        let mut still = VecDeque::new();
+        while let Some(h) = self.held.pop_front() {
+            let len = h.data.len() as u64;
+            let blocked = self
+                .verify
+                .as_ref()
+                .is_some_and(|v| regions(h.offset, len, rs).any(|r| v.active.contains_key(&r)))
+                || still.iter().any(|e: &Held| {
+                    regions(e.offset, e.data.len() as u64, rs)
+                        .any(|a| regions(h.offset, len, rs).any(|b| a == b))
+                });
+            if blocked {
+                still.push_back(h);
+            } else {
+                self.place(now, h.tag, h.offset, h.data, false, out);
+            }
+        }
+        self.held = still;
     }
 
     /// Starts a planned handover: new writes are refused (the initiator retries on the
@@ -991,7 +1349,7 @@ impl Primary {
 
     /// Writes taken and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.writes.len()
+        self.writes.len() + self.held.len()
     }
 
     /// Gives the lease up for good, before the control plane promotes the next primary:
@@ -1030,8 +1388,7 @@ fn all_regions(size: u64, region_size: u64) -> RegionSet {
 fn committed_of(peer: &Peer, writes: &BTreeMap<u64, Write>) -> Seq {
     let mut committed = peer.stream.front().map_or(peer.next_seq - 1, |e| e.seq - 1);
     for e in &peer.stream {
-        let done = e.seq <= peer.acked && e.write.is_none_or(|w| !writes.contains_key(&w));
-        if !done {
+        if !e.done(peer.acked, writes) {
             break;
         }
         committed = e.seq;
@@ -1133,6 +1490,99 @@ mod tests {
         let (mut p, first) = resyncing(4 * MIB);
         p.set_resync_rate(0);
         assert!(run(&mut p, first, 200) > 20);
+    }
+
+    /// A sealed, leased primary with replica 2 in sync and streaming.
+    fn in_sync_pair() -> Primary {
+        let cfg = PrimaryConfig {
+            me: 1,
+            epoch: 3,
+            region_size: MIB,
+            size_bytes: 4 * MIB,
+            replicas: [2].into(),
+            in_sync: [2].into(),
+            own_activity_log: RegionSet::new(),
+            replica_timeout_ms: 1000,
+            resync_window: 16,
+            resync_rate: 0,
+            bug_ack_before_replicas: false,
+        };
+        let mut p = Primary::new(cfg, 0);
+        let _ = p.link_up(0, 2);
+        let _ = p.on_message(
+            0,
+            2,
+            Message::SealAck {
+                epoch: 3,
+                divergent: RegionSet::new(),
+            },
+        );
+        let _ = p.tick(1);
+        let _ = p.set_lease(1, 100_000);
+        assert!(p.serving(1).is_ok());
+        p
+    }
+
+    #[test]
+    fn verify_holds_writes_to_a_region_under_comparison_and_repairs_a_difference() {
+        let mut p = in_sync_pair();
+        // A write in flight to region 0: the verify waits for it before comparing.
+        let w = p
+            .submit_write(2, 7, 0, Bytes::from(vec![1u8; 512]))
+            .unwrap();
+        let mut out = p.start_verify(3, 42, true);
+        let asked = |out: &[Action]| -> Vec<u64> {
+            out.iter()
+                .filter_map(|a| match a {
+                    Action::ChecksumRegion { region } => Some(*region),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(asked(&out), vec![1, 2, 3], "region 0 waits for its write");
+        // A new write to region 1 (under comparison) is held, not placed.
+        let held = p
+            .submit_write(4, 8, MIB, Bytes::from(vec![2u8; 512]))
+            .unwrap();
+        assert!(held.is_empty(), "held while region 1 is compared");
+        assert_eq!(p.in_flight(), 2);
+        // The first write completes: region 0 is compared now.
+        let id = w
+            .iter()
+            .find_map(|a| match a {
+                Action::LocalWrite { id, .. } => Some(*id),
+                _ => None,
+            })
+            .unwrap();
+        out = p.local_done(5, id);
+        out.extend(p.on_message(5, 2, Message::Ack { epoch: 3, seq: 1 }));
+        assert!(out.contains(&Action::Complete(7)));
+        assert_eq!(asked(&out), vec![0]);
+        // Every region's checksums arrive; region 2 differs on the replica.
+        let mut out = Vec::new();
+        for r in 0..4u64 {
+            out.extend(p.verify_local(6, r, 100 + r as u32));
+            let crc = if r == 2 { 999 } else { 100 + r as u32 };
+            out.extend(p.on_message(
+                6,
+                2,
+                Message::VerifyResult {
+                    epoch: 3,
+                    region: r,
+                    crc,
+                },
+            ));
+        }
+        let report = p.verify_report().unwrap();
+        assert!(report.finished);
+        assert_eq!(report.compared, 4);
+        assert_eq!(report.differing[&2].iter().collect::<Vec<_>>(), vec![2]);
+        assert!(out.contains(&Action::VerifyDone(report)));
+        // The held write is placed once region 1 is compared, and region 2 is resynced.
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::LocalWrite { offset, .. } if *offset == MIB)));
+        assert_eq!(reads(&out).len(), 1, "the differing region is repaired");
     }
 
     #[test]

@@ -35,6 +35,16 @@ pub enum ReplicaAction {
         /// A flush barrier: make everything applied so far durable.
         flush: bool,
     },
+    /// Read `region` (after every write before it) and send its CRC32C to `to` as
+    /// [`Message::VerifyResult`].
+    Checksum {
+        /// The primary.
+        to: NodeId,
+        /// The epoch to answer in.
+        epoch: Epoch,
+        /// Region number.
+        region: u64,
+    },
 }
 
 /// A replica of one volume.
@@ -157,7 +167,13 @@ impl Replica {
                             grew |= self.persisted_log.insert(r);
                         }
                         if grew {
-                            out.push(ReplicaAction::PersistActivityLog(self.activity_log()));
+                            // What goes to disk is the set that decides `grew`: writing
+                            // only the live regions would leave a region off the disk
+                            // that a later write here does not add back (the online
+                            // verify in the simulation found this).
+                            out.push(ReplicaAction::PersistActivityLog(
+                                self.persisted_log.clone(),
+                            ));
                         }
                     }
                     out.push(ReplicaAction::Apply {
@@ -169,7 +185,20 @@ impl Replica {
                 }
                 self.forget_committed(epoch, committed);
             }
-            Message::SealAck { .. } | Message::Ack { .. } | Message::Fenced { .. } => {}
+            Message::VerifyRequest { epoch, region } => {
+                // After the writes before it: the driver runs actions in order.
+                if epoch == self.epoch && self.primary == Some(from) {
+                    out.push(ReplicaAction::Checksum {
+                        to: from,
+                        epoch,
+                        region,
+                    });
+                }
+            }
+            Message::SealAck { .. }
+            | Message::Ack { .. }
+            | Message::VerifyResult { .. }
+            | Message::Fenced { .. } => {}
         }
         out
     }

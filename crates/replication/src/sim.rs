@@ -173,6 +173,8 @@ pub struct Report {
     pub writes_acked: u64,
     pub reads_checked: u64,
     pub failovers: u64,
+    /// Online verifies that ran to the end (none may find a difference).
+    pub verifies: u64,
 }
 
 struct Sim {
@@ -452,15 +454,15 @@ impl Sim {
                     self.break_link(n, m);
                     self.told_up.remove(&(n, m));
                     self.told_up.remove(&(m, n));
-                    if let Some(Role::Primary { p, .. }) =
-                        self.nodes.get_mut(&n).map(|x| &mut x.role)
-                    {
-                        p.link_down(self.now, m);
-                    }
-                    if let Some(Role::Primary { p, .. }) =
-                        self.nodes.get_mut(&m).map(|x| &mut x.role)
-                    {
-                        p.link_down(self.now, n);
+                    for (a, b) in [(n, m), (m, n)] {
+                        let now = self.now;
+                        if let Some(Role::Primary { p, .. }) =
+                            self.nodes.get_mut(&a).map(|x| &mut x.role)
+                        {
+                            let actions = p.link_down(now, b);
+                            // A failure here shows again in the invariant checks.
+                            let _ = self.primary_actions(a, actions);
+                        }
                     }
                 }
             }
@@ -537,7 +539,7 @@ impl Sim {
         match &mut node.role {
             Role::Down => Ok(()),
             Role::Primary { p, .. } => {
-                let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
+                let to_replica = msg.to_replica();
                 if to_replica && msg.epoch() > p.epoch() {
                     // A newer primary exists: step down and take the message as a replica.
                     node.role =
@@ -575,6 +577,15 @@ impl Sim {
                 }
                 ReplicaAction::PersistActivityLog(s) => {
                     self.nodes.get_mut(&n).expect("node").activity_log = s;
+                }
+                ReplicaAction::Checksum { to, epoch, region } => {
+                    let crc = disk_crc(&self.nodes[&n].disk, region);
+                    self.send(n, to, |gen| Ev::Repl {
+                        from: n,
+                        to,
+                        gen,
+                        msg: Message::VerifyResult { epoch, region, crc },
+                    });
                 }
                 ReplicaAction::Apply {
                     seq, offset, data, ..
@@ -670,6 +681,24 @@ impl Sim {
                     return Ok(());
                 }
                 Action::Sealed => {}
+                Action::ChecksumRegion { region } => {
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    let crc = disk_crc(&node.disk, region);
+                    if let Role::Primary { p, .. } = &mut node.role {
+                        queue.extend(p.verify_local(now, region, crc));
+                    }
+                }
+                Action::VerifyDone(report) => {
+                    if !report.differing.is_empty() {
+                        return Err(format!(
+                            "t={now}: node {n}'s verify found in-sync members differing: {:?}",
+                            report.differing
+                        ));
+                    }
+                    if report.compared == report.regions {
+                        self.report.verifies += 1;
+                    }
+                }
             }
         }
         Ok(())
@@ -755,14 +784,21 @@ impl Sim {
                     resync_rate: if epoch % 2 == 0 { REGION * 250 } else { 0 },
                     bug_ack_before_replicas: self.bug == Bug::AckBeforeReplicas,
                 };
-                node.role = Role::Primary {
-                    p: Primary::new(cfg, now),
-                    last_renew: 0,
+                let mut p = Primary::new(cfg, now);
+                // Two terms in three run an online verify from the start: it must find
+                // the in-sync members identical whatever the faults, and the writes it
+                // holds back must still complete.
+                let verify = if epoch % 3 != 1 {
+                    p.start_verify(now, epoch, false)
+                } else {
+                    Vec::new()
                 };
+                node.role = Role::Primary { p, last_renew: 0 };
                 node.tags.clear();
                 self.told_up.retain(|(p, _)| *p != to);
                 self.report.failovers += 1;
                 self.refresh_links()?;
+                self.primary_actions(to, verify)?;
                 self.node_tick_lease(to);
             }
             CpRep::LeaseGranted { epoch, sent_at } => {
@@ -1092,6 +1128,16 @@ impl Sim {
     }
 }
 
+fn disk_crc(disk: &[u64], region: u64) -> u32 {
+    let first = (region * REGION / BLOCK) as usize;
+    let last = (((region + 1) * REGION).min(SIZE) / BLOCK) as usize;
+    let mut bytes = Vec::new();
+    for b in disk.get(first..last).unwrap_or(&[]) {
+        bytes.extend_from_slice(&b.to_le_bytes());
+    }
+    crc32c::crc32c(&bytes)
+}
+
 fn write_disk(disk: &mut [u64], offset: u64, data: &[u8]) {
     for (i, chunk) in data.chunks(BLOCK as usize).enumerate() {
         let b = (offset / BLOCK) as usize + i;
@@ -1126,16 +1172,22 @@ mod tests {
                     total.writes_acked += r.writes_acked;
                     total.reads_checked += r.reads_checked;
                     total.failovers += r.failovers;
+                    total.verifies += r.verifies;
                 }
                 Err(e) => panic!("seed {seed}: {e}\n(rerun: BULWARK_SIM_SEED={seed})"),
             }
         }
         eprintln!(
-            "simulation: {} seeds, {} writes acknowledged, {} reads checked, {} promotions",
+            "simulation: {} seeds, {} writes acknowledged, {} reads checked, {} promotions, {} online verifies finished clean",
             seeds(),
             total.writes_acked,
             total.reads_checked,
-            total.failovers
+            total.failovers,
+            total.verifies
+        );
+        assert!(
+            total.verifies > seeds() / 2,
+            "online verifies ran to the end"
         );
         assert!(
             total.writes_acked > seeds() * 10,

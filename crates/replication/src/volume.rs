@@ -19,7 +19,7 @@ use scsi::BlockDevice;
 
 use crate::bitmap::RegionSet;
 use crate::message::{Epoch, Message, NodeId, Seq};
-use crate::primary::{Action, Primary, PrimaryConfig};
+use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport};
 use crate::replica::{Replica, ReplicaAction};
 
 /// Sends replication messages. Never blocks; messages to one node arrive in order or
@@ -38,6 +38,19 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn request_isr_remove(&self, epoch: Epoch, node: NodeId);
     /// Something an administrator should hear about (the event log).
     fn notice(&self, _notice: Notice) {}
+    /// An online verify finished: record its report.
+    fn verify_finished(&self, _report: VerifyReport) {}
+}
+
+/// Reads `region` of `store` (clipped at its end) and returns its CRC32C.
+fn region_crc(store: &dyn BlockDevice, region: u64, region_size: u64) -> io::Result<u32> {
+    let offset = region * region_size;
+    let len = region_size.min(store.size_bytes().saturating_sub(offset));
+    let mut buf = vec![0u8; len as usize];
+    if len > 0 {
+        store.read_at(offset, &mut buf)?;
+    }
+    Ok(crc32c::crc32c(&buf))
 }
 
 /// Events of a primary for the event log.
@@ -253,7 +266,8 @@ impl PrimaryShared {
             match a {
                 a @ (Action::LocalWrite { .. }
                 | Action::PersistActivityLog(_)
-                | Action::ReadRegion { .. })
+                | Action::ReadRegion { .. }
+                | Action::ChecksumRegion { .. })
                     if !may_block =>
                 {
                     to_driver.push(a)
@@ -317,6 +331,22 @@ impl PrimaryShared {
                         }
                     }
                 }
+                Action::ChecksumRegion { region } => {
+                    match region_crc(self.store.as_ref(), region, self.region_size) {
+                        Ok(crc) => {
+                            let now = self.now();
+                            if let Ok(mut p) = self.core.lock() {
+                                queue.extend(p.verify_local(now, region, crc));
+                            }
+                        }
+                        // The region stays under comparison and is reported as not
+                        // compared when the verify gives up on it.
+                        Err(e) => {
+                            tracing::error!(volume = %self.state.name, region, error = %e, "verify read failed")
+                        }
+                    }
+                }
+                Action::VerifyDone(report) => self.control.verify_finished(report),
                 Action::Complete(tag) => completed.push(tag),
                 Action::RequestIsrAdd { epoch, node } => self.control.request_isr_add(epoch, node),
                 Action::RequestIsrRemove { epoch, node } => {
@@ -639,6 +669,22 @@ impl PrimaryVolume {
         }
     }
 
+    /// Starts online verify `id` (replacing one that runs); see
+    /// [`Primary::start_verify`]. The report goes to [`ControlPlane::verify_finished`].
+    pub fn start_verify(&self, id: u64, repair: bool) {
+        let now = self.shared.now();
+        let actions = match self.shared.core.lock() {
+            Ok(mut p) => p.start_verify(now, id, repair),
+            Err(_) => return,
+        };
+        self.shared.run(actions, false);
+    }
+
+    /// The running (or last) online verify.
+    pub fn verify_report(&self) -> Option<VerifyReport> {
+        self.shared.core.lock().ok().and_then(|p| p.verify_report())
+    }
+
     /// Changes the resync bandwidth per replica (bytes per second, 0 = unlimited).
     pub fn set_resync_rate(&self, rate: u64) {
         if let Ok(mut p) = self.shared.core.lock() {
@@ -863,6 +909,17 @@ impl ReplicaVolume {
                                     }
                                     queue.extend(core.applied(seq as Seq));
                                 }
+                                ReplicaAction::Checksum { to, epoch, region } => {
+                                    // A failed read sends nothing: the primary reports
+                                    // the region as not compared.
+                                    match region_crc(store.as_ref(), region, region_size) {
+                                        Ok(crc) => transport.send(
+                                            to,
+                                            Message::VerifyResult { epoch, region, crc },
+                                        ),
+                                        Err(err) => tracing::error!(error = %err, region, "verify read failed"),
+                                    }
+                                }
                             }
                         }
                         burst += 1;
@@ -925,7 +982,7 @@ mod tests {
 
     impl Transport for Port {
         fn send(&self, to: NodeId, msg: Message) {
-            let to_replica = matches!(msg, Message::Seal { .. } | Message::Write { .. });
+            let to_replica = msg.to_replica();
             // Delivered without holding the map: a primary handles a message on the
             // sender's thread, and may call back into the control plane.
             if to_replica {
