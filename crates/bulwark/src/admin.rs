@@ -123,6 +123,20 @@ pub enum VolumeCmd {
         /// Volume name.
         name: String,
     },
+    /// Compares the volume's replicas online, region by region (CRC32C of each 1 MiB
+    /// region on the primary and on every in-sync replica; writes to a region wait the
+    /// few milliseconds it is compared). Waits for the result; exits with status 1 when
+    /// replicas differ and --repair was not given.
+    Verify {
+        /// Volume name.
+        name: String,
+        /// Resync the differing regions from the primary.
+        #[arg(long)]
+        repair: bool,
+        /// Start it and return; `bulwark status` shows its progress and result.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -289,8 +303,59 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
             volume: name.clone(),
             node: to.clone(),
         }),
+        VolumeCmd::Verify { name, repair, .. } => Some(Command::StartVerify {
+            volume: name.clone(),
+            repair: *repair,
+        }),
         VolumeCmd::List => None,
     })
+}
+
+/// "identical on n2, n3 (1024 regions)", "3 regions DIFFER on n3 (repaired): 4, 9, 10".
+pub(crate) fn verify_summary(
+    st: &ClusterState,
+    r: &cluster::state::VerifyResult,
+    repair: bool,
+) -> String {
+    let mut parts = Vec::new();
+    for x in r.replicas.iter().filter(|x| x.differing > 0) {
+        let sample: Vec<String> = x.sample.iter().map(|r| r.to_string()).collect();
+        parts.push(format!(
+            "{} region(s) DIFFER on {}{} (regions {}{})",
+            x.differing,
+            names(st, &[x.node]),
+            if repair {
+                ", repaired from the primary"
+            } else {
+                ""
+            },
+            sample.join(", "),
+            if x.differing as usize > sample.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        ));
+    }
+    for x in r.replicas.iter().filter(|x| x.not_compared > 0) {
+        parts.push(format!(
+            "{} region(s) not compared on {} (it was down or out of sync)",
+            x.not_compared,
+            names(st, &[x.node])
+        ));
+    }
+    if !r.differs() {
+        parts.insert(
+            0,
+            format!(
+                "{} of {} regions identical on the primary {} and the in-sync replicas",
+                r.compared,
+                r.regions,
+                names(st, &[r.primary]),
+            ),
+        );
+    }
+    parts.join("; ")
 }
 
 async fn commit(conn: &Conn, cmd: Command) -> Result<Applied> {
@@ -365,6 +430,14 @@ pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let a = commit(conn, c).await?;
+    if let VolumeCmd::Verify {
+        name,
+        repair,
+        no_wait,
+    } = &cmd
+    {
+        return verify_wait(conn, name, *repair, *no_wait).await;
+    }
     if let VolumeCmd::Move { name, to: node } = &cmd {
         // Wait for the handover so the command reports its outcome.
         let client = conn.client()?;
@@ -628,6 +701,71 @@ pub async fn settings(
     Ok(())
 }
 
+/// Waits for the verify just asked for and reports it.
+async fn verify_wait(conn: &Conn, name: &str, repair: bool, no_wait: bool) -> Result<()> {
+    let client = conn.client()?;
+    let id = client
+        .state()
+        .await?
+        .volumes
+        .get(name)
+        .and_then(|v| v.verify.as_ref())
+        .map(|x| x.id)
+        .ok_or_else(|| anyhow!("volume {name} has no verify request; see `bulwark status`"))?;
+    if no_wait {
+        if conn.json {
+            return print_json(&serde_json::json!({ "volume": name, "verify": id }));
+        }
+        println!("verify {id} of {name} started; `bulwark status` shows its progress and result");
+        return Ok(());
+    }
+    let mut last_print = std::time::Instant::now();
+    loop {
+        let (st, statuses) = client.cluster_status().await?;
+        let v = st
+            .volumes
+            .get(name)
+            .ok_or_else(|| anyhow!("volume {name} disappeared"))?;
+        let Some(asked) = v.verify.as_ref().filter(|x| x.id >= id) else {
+            bail!("the verify of {name} was cleared; see `bulwark status`");
+        };
+        if asked.id != id {
+            bail!(
+                "another verify of {name} was asked for (number {}); it replaces this one",
+                asked.id
+            );
+        }
+        if let Some(r) = &asked.result {
+            if conn.json {
+                print_json(r)?;
+            } else {
+                println!("verify of {name}: {}", verify_summary(&st, r, repair));
+            }
+            if r.differs() && !repair {
+                bail!("replicas of {name} differ; `bulwark volume verify {name} --repair` resyncs those regions from the primary");
+            }
+            return Ok(());
+        }
+        if last_print.elapsed() >= Duration::from_secs(2) && !conn.json {
+            last_print = std::time::Instant::now();
+            let live = statuses
+                .get(&v.primary)
+                .and_then(|s| s.as_ref().ok())
+                .and_then(|s| s.volumes.iter().find(|x| x.name == name))
+                .and_then(|x| x.verify.clone())
+                .filter(|x| x.id == id);
+            match live {
+                Some(x) => eprintln!(
+                    "verify of {name}: {} of {} regions compared, {} differing so far",
+                    x.compared, x.regions, x.differing
+                ),
+                None => eprintln!("verify of {name}: waiting for the primary to start it"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `bulwark status`: one screen, like crm_mon.
 pub async fn status(conn: &Conn, watch: bool, interval: Duration) -> Result<()> {
     let client = conn.client()?;
@@ -863,6 +1001,30 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         }
         if !parts.is_empty() {
             let _ = writeln!(out, "  {:<12} {}", "", parts.join("; "));
+        }
+        if let Some(asked) = &v.verify {
+            let line = match &asked.result {
+                Some(r) => format!("last verify: {}", verify_summary(st, r, asked.repair)),
+                None => {
+                    let live = statuses
+                        .get(&v.primary)
+                        .and_then(|s| s.as_ref().ok())
+                        .and_then(|s| s.volumes.iter().find(|x| x.name == v.name))
+                        .and_then(|x| x.verify.clone())
+                        .filter(|x| x.id == asked.id);
+                    match live {
+                        Some(x) => format!(
+                            "VERIFY running: {:.0}% ({} of {} regions), {} differing so far",
+                            x.compared as f64 * 100.0 / x.regions.max(1) as f64,
+                            x.compared,
+                            x.regions,
+                            x.differing
+                        ),
+                        None => "VERIFY asked for; waiting for the primary to start it".into(),
+                    }
+                }
+            };
+            let _ = writeln!(out, "  {:<12} {line}", "");
         }
     }
 }

@@ -47,6 +47,8 @@ enum Role {
         volume: Arc<PrimaryVolume>,
         store: Arc<blockstore::FileStore>,
         lease: tokio::task::JoinHandle<()>,
+        /// The online verify started here.
+        verify: Option<u64>,
     },
     Replica {
         _volume: Arc<ReplicaVolume>,
@@ -82,6 +84,7 @@ pub struct Serving {
 struct IsrRequests {
     node: ClusterNode,
     volume: String,
+    epoch: u64,
     rt: tokio::runtime::Handle,
 }
 
@@ -152,6 +155,60 @@ impl ControlPlane for IsrRequests {
             ),
         };
         self.node.events().push(kind, what);
+    }
+
+    fn verify_finished(&self, report: replication::VerifyReport) {
+        let result = cluster::state::VerifyResult {
+            primary: self.node.id(),
+            epoch: self.epoch,
+            regions: report.regions,
+            compared: report.compared,
+            replicas: report
+                .differing
+                .keys()
+                .chain(report.not_compared.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|n| cluster::state::ReplicaVerify {
+                    node: *n,
+                    differing: report.differing.get(n).map_or(0, |r| r.len() as u64),
+                    sample: report.differing.get(n).map_or_else(Vec::new, |r| {
+                        r.iter().take(cluster::state::VERIFY_SAMPLE).collect()
+                    }),
+                    not_compared: report.not_compared.get(n).copied().unwrap_or(0),
+                })
+                .collect(),
+            finished_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        if report.compared < report.regions && report.not_compared.is_empty() {
+            // Replaced by a newer request before it finished: nothing to record.
+            return;
+        }
+        let what = {
+            let st = self.node.state().borrow().clone();
+            format!(
+                "verify of {} finished: {}",
+                self.volume,
+                crate::admin::verify_summary(&st, &result, report.repair)
+            )
+        };
+        self.node.events().push("verify", what);
+        let (node, volume, id) = (self.node.clone(), self.volume.clone(), report.id);
+        self.rt.spawn(async move {
+            let cmd = Command::FinishVerify {
+                volume: volume.clone(),
+                id,
+                result,
+            };
+            match node.write(cmd).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(r)) => warn!(%volume, refused = %r, "verify result refused"),
+                Err(e) => warn!(%volume, error = %e, "verify result not committed"),
+            }
+        });
     }
 }
 
@@ -245,6 +302,13 @@ impl Serving {
                                 connected: r.connected,
                             })
                             .collect(),
+                        verify: volume.verify_report().map(|r| cluster::status::VerifyView {
+                            id: r.id,
+                            regions: r.regions,
+                            compared: r.compared,
+                            differing: r.differing.values().map(|d| d.len() as u64).sum(),
+                            finished: r.finished,
+                        }),
                     }
                 }
                 Role::Replica { .. } => cluster::status::VolumeView {
@@ -371,8 +435,13 @@ impl Serving {
             .filter(|v| v.replicas.contains(&self.me))
         {
             if v.primary == self.me {
-                match roles.get(&v.name) {
-                    Some(Role::Primary { epoch, volume, .. }) if *epoch == v.epoch => {
+                match roles.get_mut(&v.name) {
+                    Some(Role::Primary {
+                        epoch,
+                        volume,
+                        verify,
+                        ..
+                    }) if *epoch == v.epoch => {
                         let isr: BTreeSet<NodeId> = v
                             .in_sync
                             .iter()
@@ -381,6 +450,21 @@ impl Serving {
                             .collect();
                         volume.isr_committed(v.epoch, isr);
                         volume.set_resync_rate(st.settings.resync_rate_bytes_per_s);
+                        if let Some(asked) = v.verify.as_ref().filter(|x| x.result.is_none()) {
+                            if *verify != Some(asked.id) {
+                                *verify = Some(asked.id);
+                                volume.start_verify(asked.id, asked.repair);
+                                self.events.push(
+                                    "verify",
+                                    format!(
+                                        "verify of {} started on {}{}",
+                                        v.name,
+                                        self.node_name,
+                                        if asked.repair { " (repairing)" } else { "" }
+                                    ),
+                                );
+                            }
+                        }
                         continue;
                     }
                     _ => {}
@@ -697,6 +781,7 @@ impl Serving {
         let control = Arc::new(IsrRequests {
             node: self.node.clone(),
             volume: v.name.clone(),
+            epoch: v.epoch,
             rt: self.rt.clone(),
         });
         let volume = Arc::new(PrimaryVolume::start(
@@ -733,6 +818,7 @@ impl Serving {
             volume,
             store: store_kept,
             lease,
+            verify: None,
         })
     }
 

@@ -503,8 +503,9 @@ async fn a_returning_replica_receives_only_the_dirty_regions() {
     .await;
 }
 
-/// Runs `bulwark ARGS` against node `i` of `c` and returns its standard output.
-fn cli(c: &Cluster, i: usize, args: &[&str]) -> String {
+/// Runs `bulwark ARGS` against node `i` of `c`: whether it succeeded, its standard
+/// output and its standard error.
+fn try_cli(c: &Cluster, i: usize, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(BIN)
         .args(args)
         .arg("--node")
@@ -513,12 +514,117 @@ fn cli(c: &Cluster, i: usize, args: &[&str]) -> String {
         .arg(c.token().to_string())
         .output()
         .expect("bulwark runs");
-    assert!(
+    (
         out.status.success(),
-        "bulwark {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `bulwark ARGS` against node `i` of `c`, which must succeed; its standard output.
+fn cli(c: &Cluster, i: usize, args: &[&str]) -> String {
+    let (ok, out, err) = try_cli(c, i, args);
+    assert!(ok, "bulwark {args:?}: {err}");
+    out
+}
+
+/// `bulwark volume verify` under load finds nothing on healthy replicas, finds the
+/// regions of a replica damaged behind Bulwark's back, and `--repair` makes the
+/// replicas identical again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_and_repairs_a_damaged_replica_under_load() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let c = replicated_volume(27, 16 << 20).await;
+    let all = [0usize, 1, 2];
+    let mut checker = Checker::new(BLOCK as usize);
+    write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_secs(1),
+        &all,
+    )
+    .await;
+
+    // Healthy replicas, writes running: identical, and the writes go on.
+    let (node, token) = (
+        c.nodes[0].addresses().control.to_string(),
+        c.token().to_string(),
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let verify = |args: Vec<&'static str>| {
+        let (node, token) = (node.clone(), token.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(BIN)
+                .args(["volume", "verify", "v"])
+                .args(args)
+                .args(["--node", &node, "--token", &token])
+                .output()
+                .expect("bulwark runs");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        })
+    };
+    let running = verify(vec![]);
+    let mut longest = Duration::ZERO;
+    while !running.is_finished() {
+        let pause = write_load(
+            &c,
+            &mut checker,
+            Instant::now() + Duration::from_millis(300),
+            &all,
+        )
+        .await;
+        longest = longest.max(pause);
+    }
+    let (ok, out) = running.await.unwrap();
+    eprintln!(
+        "verify under load: {}; longest write pause meanwhile {} ms",
+        out.trim(),
+        longest.as_millis()
+    );
+    assert!(ok && out.contains("16 of 16 regions identical"), "{out}");
+    // Writes to a region wait only while it is compared.
+    assert!(
+        longest < Duration::from_secs(2),
+        "writes paused {longest:?}"
+    );
+
+    // Damage n3's copy of regions 5 and 9 behind Bulwark's back (outside the load).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.nodes[2].dir.join("volumes/v.img"))
+            .unwrap();
+        f.write_all_at(b"bit rot", 5 << 20).unwrap();
+        f.write_all_at(b"bit rot", (9 << 20) + 4096).unwrap();
+    }
+    let (ok, out) = verify(vec![]).await.unwrap();
+    eprintln!("verify of a damaged replica: {}", out.trim());
+    assert!(!ok, "differences fail the command");
+    assert!(
+        out.contains("2 region(s) DIFFER on n3") && out.contains("regions 5, 9"),
+        "{out}"
+    );
+    let status = cli(&c, 0, &["status"]);
+    assert!(
+        status.contains("last verify: 2 region(s) DIFFER on n3"),
+        "{status}"
+    );
+
+    let (ok, out) = verify(vec!["--repair"]).await.unwrap();
+    assert!(ok && out.contains("repaired from the primary"), "{out}");
+    let img = |i: usize| std::fs::read(c.nodes[i].dir.join("volumes/v.img")).unwrap();
+    wait(
+        "the repaired replica identical",
+        Duration::from_secs(10),
+        async || (img(1) == img(2)).then_some(()),
+    )
+    .await;
+    let (ok, out) = verify(vec![]).await.unwrap();
+    assert!(ok && out.contains("16 of 16 regions identical"), "{out}");
+    verify_all(&c, &checker, &all).await;
 }
 
 /// A resync keeps to the cluster's resync rate, `bulwark status` shows its progress

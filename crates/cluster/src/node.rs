@@ -1224,6 +1224,17 @@ async fn serve_connection(
     loop {
         let req: Request = match read_frame(&mut tls).await {
             Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // Say why rather than drop the connection: the sender would only see a
+                // closed connection (a node of another version, or a bug).
+                warn!(%peer, error = %e, "undecodable control request");
+                let why = Response::Error(format!(
+                    "{} cannot decode the request ({e}); are all nodes the same version?",
+                    node.identity().name
+                ));
+                let _ = write_frame(&mut tls, &why).await;
+                return;
+            }
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::UnexpectedEof {
                     debug!(%peer, error = %e, "control connection ended");

@@ -109,7 +109,65 @@ pub struct Volume {
     /// the volume over to this node.
     #[serde(default)]
     pub moving_to: Option<NodeId>,
+    /// The last online verify asked for (`bulwark volume verify`), and its result once
+    /// the primary has run it.
+    #[serde(default)]
+    pub verify: Option<VolumeVerify>,
 }
+
+/// An online verify of a volume: every region's checksum on the primary against each
+/// in-sync replica's. The primary runs it (a new primary after a failover runs it
+/// again) and commits the result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeVerify {
+    /// Raised at every request.
+    pub id: u64,
+    /// Differing regions are resynced from the primary.
+    pub repair: bool,
+    /// `None` while it runs.
+    pub result: Option<VerifyResult>,
+}
+
+/// What an online verify found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyResult {
+    /// The primary that ran it.
+    pub primary: NodeId,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Regions (1 MiB) in the volume.
+    pub regions: u64,
+    /// Regions compared.
+    pub compared: u64,
+    /// Each replica that differed or could not be compared everywhere. (A list, not a
+    /// map: commands are an internally tagged enum, whose maps must have string keys.)
+    pub replicas: Vec<ReplicaVerify>,
+    /// When it finished, milliseconds since the Unix epoch.
+    pub finished_unix_ms: u64,
+}
+
+impl VerifyResult {
+    /// Whether some replica differs from the primary.
+    pub fn differs(&self) -> bool {
+        self.replicas.iter().any(|r| r.differing > 0)
+    }
+}
+
+/// What a verify found on one replica.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaVerify {
+    /// The replica.
+    pub node: NodeId,
+    /// Regions that differ from the primary.
+    pub differing: u64,
+    /// The first of them (at most [`VERIFY_SAMPLE`]).
+    pub sample: Vec<u64>,
+    /// Regions it could not be compared for (it was down or out of sync).
+    pub not_compared: u64,
+}
+
+/// Differing regions listed per replica in a [`VerifyResult`].
+pub const VERIFY_SAMPLE: usize = 16;
 
 /// An iSCSI target.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,6 +424,23 @@ pub enum Command {
         volume: String,
         /// Destination: an in-sync replica.
         node: String,
+    },
+    /// Asks the primary of `volume` for an online verify (replacing one that runs).
+    StartVerify {
+        /// Volume.
+        volume: String,
+        /// Resync differing regions from the primary.
+        repair: bool,
+    },
+    /// The primary's result of verify `id` (ignored if another verify was asked for
+    /// since).
+    FinishVerify {
+        /// Volume.
+        volume: String,
+        /// The verify it ran.
+        id: u64,
+        /// What it found.
+        result: VerifyResult,
     },
     /// Changes the settings.
     SetSettings {
@@ -790,6 +865,7 @@ impl ClusterState {
                         in_sync: placement.clone(),
                         moving_to: None,
                         epoch: 1,
+                        verify: None,
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1203,6 +1279,29 @@ impl ClusterState {
                     if let Some(gv) = self.volumes.get_mut(g) {
                         gv.moving_to = Some(n);
                     }
+                }
+                Ok(Applied::Done)
+            }
+            Command::StartVerify { volume, repair } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                let id = v.verify.as_ref().map_or(1, |x| x.id + 1);
+                v.verify = Some(VolumeVerify {
+                    id,
+                    repair: *repair,
+                    result: None,
+                });
+                Ok(Applied::Done)
+            }
+            Command::FinishVerify { volume, id, result } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                if let Some(x) = v.verify.as_mut().filter(|x| x.id == *id) {
+                    x.result = Some(result.clone());
                 }
                 Ok(Applied::Done)
             }

@@ -927,3 +927,64 @@ fn virtual_ips() {
         Refused::NoSuchVip { .. }
     ));
 }
+
+#[test]
+fn a_verify_is_asked_for_and_its_result_recorded_once() {
+    let mut st = three();
+    st.apply(&create("v", GIB, 2, &[])).unwrap();
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::StartVerify {
+                volume: "w".into(),
+                repair: false
+            }
+        ),
+        Refused::NoSuchVolume(_)
+    ));
+    let start = |repair| Command::StartVerify {
+        volume: "v".into(),
+        repair,
+    };
+    st.apply(&start(false)).unwrap();
+    st.apply(&start(true)).unwrap();
+    let asked = st.volumes["v"].verify.clone().unwrap();
+    assert_eq!((asked.id, asked.repair, asked.result), (2, true, None));
+    let result = VerifyResult {
+        regions: 1024,
+        compared: 1024,
+        replicas: vec![ReplicaVerify {
+            node: 3,
+            differing: 2,
+            sample: vec![5, 9],
+            not_compared: 0,
+        }],
+        ..Default::default()
+    };
+    // Commands travel and are stored as JSON.
+    let cmd = Command::FinishVerify {
+        volume: "v".into(),
+        id: 2,
+        result: result.clone(),
+    };
+    let json = serde_json::to_string(&cmd).unwrap();
+    assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), cmd);
+    // The first request was replaced: its result does not land.
+    st.apply(&Command::FinishVerify {
+        volume: "v".into(),
+        id: 1,
+        result: result.clone(),
+    })
+    .unwrap();
+    assert_eq!(st.volumes["v"].verify.as_ref().unwrap().result, None);
+    st.apply(&Command::FinishVerify {
+        volume: "v".into(),
+        id: 2,
+        result: result.clone(),
+    })
+    .unwrap();
+    assert_eq!(
+        st.volumes["v"].verify.as_ref().unwrap().result,
+        Some(result)
+    );
+}

@@ -162,6 +162,24 @@ pub struct VolumeView {
     /// Each replica being resynced (primaries).
     #[serde(default)]
     pub resyncs: Vec<ResyncView>,
+    /// The online verify run here (primaries), live.
+    #[serde(default)]
+    pub verify: Option<VerifyView>,
+}
+
+/// An online verify as its primary runs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyView {
+    /// Which request.
+    pub id: u64,
+    /// Regions in the volume.
+    pub regions: u64,
+    /// Regions compared so far.
+    pub compared: u64,
+    /// Differing regions found so far (all replicas).
+    pub differing: u64,
+    /// Done.
+    pub finished: bool,
 }
 
 /// The resync of one replica, as its primary reports it.

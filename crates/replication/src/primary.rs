@@ -1116,9 +1116,11 @@ impl Primary {
     pub fn start_verify(&mut self, now: u64, id: u64, repair: bool) -> Vec<Action> {
         let mut out = Vec::new();
         if let Some(old) = self.verify.take() {
-            let mut report = old.report;
-            report.finished = true;
-            out.push(Action::VerifyDone(report));
+            if !old.report.finished {
+                let mut report = old.report;
+                report.finished = true;
+                out.push(Action::VerifyDone(report));
+            }
             self.release_held(now, &mut out);
         }
         let total = self.cfg.size_bytes.div_ceil(self.cfg.region_size);
