@@ -527,7 +527,7 @@ impl Serving {
                         volume = vol,
                         "removing the data of a volume this node no longer holds"
                     );
-                    for ext in ["img", "pr", "epoch", "al"] {
+                    for ext in ["img", "pr", "epoch", "al", "dirty"] {
                         let _ = std::fs::remove_file(entry.path().with_extension(ext));
                     }
                 }
@@ -774,6 +774,10 @@ impl Serving {
                 .filter(|n| *n != self.me)
                 .collect(),
             own_activity_log: state.activity_log()?,
+            dirty_hint: state.dirty_map().unwrap_or_else(|e| {
+                warn!(volume = %v.name, error = %e, "ignoring the map of out-of-sync regions; out-of-sync replicas get a full sync");
+                None
+            }),
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate,

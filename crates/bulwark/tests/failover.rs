@@ -274,6 +274,14 @@ async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
             img(holders[0]) == img(holders[1]),
             "round {round}: replicas differ after resync"
         );
+        // The new primary knew from its map what the old one could lack: the regions
+        // written since, and those with writes in flight at the kill. Not all 16.
+        let new_primary = (0..3)
+            .find(|i| c.nodes[*i].addresses().portals[0] == new_portal)
+            .unwrap();
+        let sent = c.admin(new_primary).status().await.unwrap().volumes[0].resync_regions_sent;
+        eprintln!("round {round}: the old primary rejoined after a resync of {sent} of 16 regions");
+        assert!(sent < 16, "round {round}: the old primary got a full sync");
     }
     pauses.sort();
     let median = pauses[pauses.len() / 2];

@@ -5,6 +5,9 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+/// Replica → the regions it may lack (see [`crate::Message::DirtyMap`]).
+pub type DirtyMap = std::collections::BTreeMap<crate::NodeId, RegionSet>;
+
 /// A set of region numbers (region = `offset / region_size`). Sparse: a volume mostly
 /// has few dirty regions, and the set travels in [`crate::Message::SealAck`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +72,18 @@ impl RegionSet {
     /// Removes every region.
     pub fn clear(&mut self) {
         self.0.clear();
+    }
+
+    /// Adds every region of `other`; the ones that were new.
+    pub fn add_all(&mut self, other: &RegionSet) -> RegionSet {
+        RegionSet(
+            other
+                .0
+                .iter()
+                .copied()
+                .filter(|r| self.0.insert(*r))
+                .collect(),
+        )
     }
 }
 

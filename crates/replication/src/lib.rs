@@ -35,7 +35,7 @@ mod replica;
 mod sim;
 mod volume;
 
-pub use bitmap::RegionSet;
+pub use bitmap::{DirtyMap, RegionSet};
 pub use message::{Epoch, Message, NodeId, Seq};
 pub use primary::{Action, Primary, PrimaryConfig, ResyncProgress, VerifyReport, WriteTag};
 pub use replica::{Replica, ReplicaAction};

@@ -56,6 +56,19 @@ pub enum Message {
         /// Cumulative position.
         seq: Seq,
     },
+    /// Primary → in-sync replica: the regions each replica outside the in-sync set may
+    /// lack (DRBD's per-peer bitmap). Kept on disk by every member, so the one promoted
+    /// next resyncs those replicas by region instead of in full. With `full` it
+    /// replaces what the replica holds (sent at every seal and when the set shrinks);
+    /// otherwise it adds to it, and comes before the write that made a region lacking.
+    DirtyMap {
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// Replaces rather than adds.
+        full: bool,
+        /// Replica → regions it may lack. The primary itself is listed with none.
+        peers: crate::bitmap::DirtyMap,
+    },
     /// Primary → replica: send the checksum of `region` once every write before this
     /// message is applied (online verify). Only for a replica sealed into the stream.
     VerifyRequest {
@@ -85,7 +98,10 @@ impl Message {
     pub fn to_replica(&self) -> bool {
         matches!(
             self,
-            Message::Seal { .. } | Message::Write { .. } | Message::VerifyRequest { .. }
+            Message::Seal { .. }
+                | Message::Write { .. }
+                | Message::VerifyRequest { .. }
+                | Message::DirtyMap { .. }
         )
     }
 
@@ -98,6 +114,7 @@ impl Message {
             | Message::Ack { epoch, .. }
             | Message::VerifyRequest { epoch, .. }
             | Message::VerifyResult { epoch, .. }
+            | Message::DirtyMap { epoch, .. }
             | Message::Fenced { epoch } => *epoch,
         }
     }

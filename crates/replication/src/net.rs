@@ -83,6 +83,19 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             h.put_u64(*region);
             h.put_u32(*crc);
         }
+        Message::DirtyMap { epoch, full, peers } => {
+            h.put_u8(8);
+            h.put_u64(*epoch);
+            h.put_u8(u8::from(*full));
+            h.put_u32(peers.len() as u32);
+            for (node, regions) in peers {
+                h.put_u64(*node);
+                h.put_u32(regions.len() as u32);
+                for r in regions.iter() {
+                    h.put_u64(r);
+                }
+            }
+        }
     }
     let len = h.len() - 4 + data.as_ref().map_or(0, |d| d.len());
     h[..4].copy_from_slice(&(len as u32).to_be_bytes());
@@ -164,6 +177,24 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
                 epoch: b.get_u64(),
                 region: b.get_u64(),
             }
+        }
+        8 => {
+            need(&b, 13)?;
+            let epoch = b.get_u64();
+            let full = b.get_u8() != 0;
+            let n = b.get_u32();
+            let mut peers = crate::bitmap::DirtyMap::new();
+            for _ in 0..n {
+                need(&b, 12)?;
+                let node = b.get_u64();
+                let count = b.get_u32() as usize;
+                need(&b, count.checked_mul(8).ok_or_else(|| bad("count"))?)?;
+                let set = peers.entry(node).or_default();
+                for _ in 0..count {
+                    set.insert(b.get_u64());
+                }
+            }
+            Message::DirtyMap { epoch, full, peers }
         }
         7 => {
             need(&b, 20)?;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
-use crate::bitmap::RegionSet;
+use crate::bitmap::{DirtyMap, RegionSet};
 use crate::message::{Epoch, Message, NodeId, Seq};
 
 /// The driver's name for an initiator write, returned in [`Action::Complete`].
@@ -30,6 +30,10 @@ pub struct PrimaryConfig {
     /// This node's own activity log at promotion (regions it may hold writes the others
     /// lack).
     pub own_activity_log: RegionSet,
+    /// What the replicas outside the in-sync set lacked when this node last had a map
+    /// (as a member, from the previous primary). A replica it does not list gets a
+    /// full sync.
+    pub dirty_hint: Option<DirtyMap>,
     /// A replica silent this long (milliseconds) while writes wait for it is proposed for
     /// removal from the in-sync set.
     pub replica_timeout_ms: u64,
@@ -69,6 +73,9 @@ pub enum Action {
     },
     /// Persist this node's activity log before the local write that follows.
     PersistActivityLog(RegionSet),
+    /// Persist the map of what the replicas outside the in-sync set lack before the
+    /// local write that follows.
+    PersistDirtyMap(DirtyMap),
     /// Read `region` locally and call [`Primary::region_read`] with `peer` and `seq`.
     /// Issued only when no earlier local write to the region is still running.
     ReadRegion {
@@ -302,6 +309,10 @@ pub struct Primary {
     /// Writes to regions under verify, in arrival order; placed when the region is
     /// compared (a few milliseconds).
     held: VecDeque<Held>,
+    /// Every replica outside the in-sync set → the regions it may lack (everything
+    /// written since it left, and what it lacked then); this node → none. Persisted
+    /// here and on every member ([`Message::DirtyMap`]).
+    dirty_map: DirtyMap,
 }
 
 /// Regions compared at once by an online verify.
@@ -320,6 +331,28 @@ impl Primary {
     pub fn new(cfg: PrimaryConfig, now: u64) -> Primary {
         debug_assert!(cfg.in_sync.is_subset(&cfg.replicas));
         debug_assert!(!cfg.replicas.contains(&cfg.me));
+        // What a replica outside the in-sync set lacks: what the map says plus what
+        // this node may have written without it; with no map, everything.
+        let lacking = |r: &NodeId| -> RegionSet {
+            if cfg.in_sync.contains(r) {
+                return RegionSet::new();
+            }
+            match cfg.dirty_hint.as_ref().and_then(|h| h.get(r)) {
+                Some(d) => {
+                    let mut d = d.clone();
+                    d.union_with(&cfg.own_activity_log);
+                    d
+                }
+                None => all_regions(cfg.size_bytes, cfg.region_size),
+            }
+        };
+        let mut dirty_map: DirtyMap = cfg
+            .replicas
+            .iter()
+            .filter(|r| !cfg.in_sync.contains(r))
+            .map(|r| (*r, lacking(r)))
+            .collect();
+        dirty_map.insert(cfg.me, RegionSet::new());
         let peers = cfg
             .replicas
             .iter()
@@ -331,12 +364,7 @@ impl Primary {
                         next_seq: 1,
                         acked: 0,
                         stream: VecDeque::new(),
-                        // After a failover nothing tells what an out-of-sync replica lacks.
-                        dirty: if cfg.in_sync.contains(r) {
-                            RegionSet::new()
-                        } else {
-                            all_regions(cfg.size_bytes, cfg.region_size)
-                        },
+                        dirty: lacking(r),
                         resync_outstanding: BTreeSet::new(),
                         resync_done: 0,
                         resync_base: 0,
@@ -369,6 +397,7 @@ impl Primary {
             deferred_reads: Vec::new(),
             verify: None,
             held: VecDeque::new(),
+            dirty_map,
             cfg,
         }
     }
@@ -497,6 +526,23 @@ impl Primary {
         let id = self.next_id;
         self.next_id += 1;
         let len = data.len() as u64;
+        if len > 0 {
+            // Replicas outside the in-sync set may lack these regions from now on; the
+            // members hear it before the write itself.
+            let outside: Vec<NodeId> = self
+                .peers
+                .keys()
+                .filter(|p| !self.in_sync.contains(p))
+                .copied()
+                .collect();
+            if !outside.is_empty() {
+                let mut touched = RegionSet::new();
+                touched.mark(offset, len, self.cfg.region_size);
+                for peer in outside {
+                    self.mark_lacking(peer, &touched, out);
+                }
+            }
+        }
         let members = self.members();
         // Activity log first: after a crash these regions are resynced.
         if len > 0 {
@@ -664,6 +710,20 @@ impl Primary {
         }
         peer.link = Link::Streaming;
         peer.last_progress = now;
+        if self.in_sync.contains(&from) {
+            // A member keeps the map, from before anything that follows.
+            out.push(Action::Send {
+                to: from,
+                msg: Message::DirtyMap {
+                    epoch: self.cfg.epoch,
+                    full: true,
+                    peers: self.dirty_map.clone(),
+                },
+            });
+        }
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
         // Retransmit what this stream has not acknowledged (a reconnect in the same
         // epoch), in order.
         for e in peer.stream.iter().filter(|e| e.seq > peer.acked) {
@@ -686,7 +746,10 @@ impl Primary {
             self.maybe_start_seal_resync(now, out);
         } else {
             // A returning replica: what it missed, and what it may hold that we lack.
-            peer.dirty.union_with(&divergent);
+            if let Some(peer) = self.peers.get_mut(&from) {
+                peer.dirty.union_with(&divergent);
+            }
+            self.mark_lacking(from, &divergent, out);
             self.resync_dirty(now, from, out);
         }
     }
@@ -703,10 +766,20 @@ impl Primary {
         // old data where this node's activity log says it may differ (the online
         // verify in the simulation found this).
         let peers: Vec<NodeId> = self.peers.keys().copied().collect();
-        for m in peers {
-            if let Some(p) = self.peers.get_mut(&m) {
+        for m in &peers {
+            if let Some(p) = self.peers.get_mut(m) {
                 p.dirty.union_with(&self.seal_divergent);
             }
+            if !self.in_sync.contains(m) {
+                self.dirty_map
+                    .entry(*m)
+                    .or_default()
+                    .union_with(&self.seal_divergent);
+            }
+        }
+        // This term's map, on disk here and on every member before the first write.
+        self.broadcast_dirty_map(out);
+        for m in peers {
             self.resync_dirty(now, m, out);
         }
         self.check_sealed(out);
@@ -1091,7 +1164,24 @@ impl Primary {
             }
             self.seal_pending_acks.remove(&pid);
         }
+        let changed = isr != self.in_sync;
+        for pid in self.peers.keys().copied().collect::<Vec<_>>() {
+            if isr.contains(&pid) {
+                self.dirty_map.remove(&pid);
+            } else if self.in_sync.contains(&pid) {
+                // Dropped: it lacks what it had not acknowledged (now in its dirty set).
+                let lacks = self
+                    .peers
+                    .get(&pid)
+                    .map(|p| p.dirty.clone())
+                    .unwrap_or_default();
+                self.dirty_map.entry(pid).or_default().union_with(&lacks);
+            }
+        }
         self.in_sync = isr;
+        if changed && !self.sealing {
+            self.broadcast_dirty_map(&mut out);
+        }
         let ids: Vec<u64> = self.writes.keys().copied().collect();
         let members = self.members();
         for id in ids {
@@ -1107,6 +1197,49 @@ impl Primary {
         self.check_sealed(&mut out);
         self.pump_verify(now, &mut out);
         out
+    }
+
+    /// Records that `peer`, outside the in-sync set, may lack `regions`. What is news
+    /// is persisted and sent to the streaming members ahead of anything that follows.
+    fn mark_lacking(&mut self, peer: NodeId, regions: &RegionSet, out: &mut Vec<Action>) {
+        if self.in_sync.contains(&peer) || peer == self.cfg.me || regions.is_empty() {
+            return;
+        }
+        let new = self.dirty_map.entry(peer).or_default().add_all(regions);
+        if new.is_empty() {
+            return;
+        }
+        out.push(Action::PersistDirtyMap(self.dirty_map.clone()));
+        let delta: DirtyMap = [(peer, new)].into();
+        for m in &self.in_sync {
+            if self.peers.get(m).is_some_and(|p| p.link == Link::Streaming) {
+                out.push(Action::Send {
+                    to: *m,
+                    msg: Message::DirtyMap {
+                        epoch: self.cfg.epoch,
+                        full: false,
+                        peers: delta.clone(),
+                    },
+                });
+            }
+        }
+    }
+
+    /// Persists the whole map and sends it to every streaming member.
+    fn broadcast_dirty_map(&self, out: &mut Vec<Action>) {
+        out.push(Action::PersistDirtyMap(self.dirty_map.clone()));
+        for m in &self.in_sync {
+            if self.peers.get(m).is_some_and(|p| p.link == Link::Streaming) {
+                out.push(Action::Send {
+                    to: *m,
+                    msg: Message::DirtyMap {
+                        epoch: self.cfg.epoch,
+                        full: true,
+                        peers: self.dirty_map.clone(),
+                    },
+                });
+            }
+        }
     }
 
     /// Starts an online verify (replacing one that runs): every region's CRC32C here
@@ -1414,6 +1547,7 @@ mod tests {
             replicas: [2].into(),
             in_sync: BTreeSet::new(),
             own_activity_log: RegionSet::new(),
+            dirty_hint: None,
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate: rate,
@@ -1504,6 +1638,7 @@ mod tests {
             replicas: [2].into(),
             in_sync: [2].into(),
             own_activity_log: RegionSet::new(),
+            dirty_hint: None,
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate: 0,

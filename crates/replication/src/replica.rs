@@ -35,6 +35,9 @@ pub enum ReplicaAction {
         /// A flush barrier: make everything applied so far durable.
         flush: bool,
     },
+    /// Persist the map of what the replicas outside the in-sync set lack (fsync) before
+    /// anything that follows.
+    PersistDirtyMap(crate::bitmap::DirtyMap),
     /// Read `region` (after every write before it) and send its CRC32C to `to` as
     /// [`Message::VerifyResult`].
     Checksum {
@@ -64,6 +67,8 @@ pub struct Replica {
     activity: BTreeMap<u64, (Epoch, Seq)>,
     /// The region set last persisted (a superset of `activity`'s keys).
     persisted_log: RegionSet,
+    /// What the replicas outside the in-sync set lack, as the primary told; persisted.
+    dirty_map: crate::bitmap::DirtyMap,
 }
 
 impl Replica {
@@ -80,7 +85,14 @@ impl Replica {
             early: BTreeMap::new(),
             activity,
             persisted_log: activity_log,
+            dirty_map: Default::default(),
         }
+    }
+
+    /// Starts from the map persisted before a restart.
+    pub fn with_dirty_map(mut self, map: crate::bitmap::DirtyMap) -> Replica {
+        self.dirty_map = map;
+        self
     }
 
     /// The highest epoch seen.
@@ -184,6 +196,20 @@ impl Replica {
                     });
                 }
                 self.forget_committed(epoch, committed);
+            }
+            Message::DirtyMap { epoch, full, peers } => {
+                if epoch != self.epoch || self.primary != Some(from) {
+                    // Not sealed into this stream: the next seal brings a full map.
+                    return out;
+                }
+                if full {
+                    self.dirty_map = peers;
+                } else {
+                    for (node, regions) in &peers {
+                        self.dirty_map.entry(*node).or_default().union_with(regions);
+                    }
+                }
+                out.push(ReplicaAction::PersistDirtyMap(self.dirty_map.clone()));
             }
             Message::VerifyRequest { epoch, region } => {
                 // After the writes before it: the driver runs actions in order.

@@ -134,6 +134,8 @@ struct Node {
     disk: Vec<u64>,
     epoch: Epoch,
     activity_log: RegionSet,
+    /// Persistent: the map of what out-of-sync replicas lack (`None`: never had one).
+    dirty_map: Option<crate::bitmap::DirtyMap>,
     role: Role,
     /// Initiator write tag → (block, version).
     tags: BTreeMap<u64, (u64, u64)>,
@@ -220,6 +222,7 @@ impl Sim {
                         disk: vec![0; BLOCKS as usize],
                         epoch: 0,
                         activity_log: RegionSet::new(),
+                        dirty_map: None,
                         role: Role::Replica(Replica::new(REGION, 0, RegionSet::new())),
                         tags: BTreeMap::new(),
                     },
@@ -489,8 +492,7 @@ impl Sim {
     fn restart(&mut self, n: NodeId) -> Result<(), String> {
         if let Some(node) = self.nodes.get_mut(&n) {
             if matches!(node.role, Role::Down) {
-                node.role =
-                    Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                node.role = Role::Replica(replica_of(node));
             }
         }
         self.refresh_links()
@@ -542,8 +544,7 @@ impl Sim {
                 let to_replica = msg.to_replica();
                 if to_replica && msg.epoch() > p.epoch() {
                     // A newer primary exists: step down and take the message as a replica.
-                    node.role =
-                        Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    node.role = Role::Replica(replica_of(node));
                     self.told_up.retain(|(p, _)| *p != to);
                     return self.deliver_repl(from, to, msg);
                 }
@@ -577,6 +578,9 @@ impl Sim {
                 }
                 ReplicaAction::PersistActivityLog(s) => {
                     self.nodes.get_mut(&n).expect("node").activity_log = s;
+                }
+                ReplicaAction::PersistDirtyMap(m) => {
+                    self.nodes.get_mut(&n).expect("node").dirty_map = Some(m);
                 }
                 ReplicaAction::Checksum { to, epoch, region } => {
                     let crc = disk_crc(&self.nodes[&n].disk, region);
@@ -630,6 +634,9 @@ impl Sim {
                 Action::PersistActivityLog(s) => {
                     self.nodes.get_mut(&n).expect("node").activity_log = s;
                 }
+                Action::PersistDirtyMap(m) => {
+                    self.nodes.get_mut(&n).expect("node").dirty_map = Some(m);
+                }
                 Action::ReadRegion { peer, seq, region } => {
                     let node = self.nodes.get_mut(&n).expect("node");
                     let start = (region * REGION) as usize;
@@ -674,8 +681,7 @@ impl Sim {
                 }
                 Action::Deposed { .. } => {
                     let node = self.nodes.get_mut(&n).expect("node");
-                    node.role =
-                        Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    node.role = Role::Replica(replica_of(node));
                     self.told_up.retain(|(p, _)| *p != n);
                     let _ = now;
                     return Ok(());
@@ -778,6 +784,7 @@ impl Sim {
                     replicas: NODES.iter().copied().filter(|x| *x != to).collect(),
                     in_sync: isr.into_iter().filter(|x| *x != to).collect(),
                     own_activity_log: own,
+                    dirty_hint: node.dirty_map.clone(),
                     replica_timeout_ms: REPLICA_TIMEOUT,
                     resync_window: 2,
                     // Half the seeds throttle resync (a region every 4 ms at most).
@@ -817,8 +824,7 @@ impl Sim {
             }
             CpRep::Deposed => {
                 if let Role::Primary { .. } = node.role {
-                    node.role =
-                        Role::Replica(Replica::new(REGION, node.epoch, node.activity_log.clone()));
+                    node.role = Role::Replica(replica_of(node));
                     self.told_up.retain(|(p, _)| *p != to);
                 }
             }
@@ -1126,6 +1132,12 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// A replica process starting on `node`'s persistent state.
+fn replica_of(node: &Node) -> Replica {
+    Replica::new(REGION, node.epoch, node.activity_log.clone())
+        .with_dirty_map(node.dirty_map.clone().unwrap_or_default())
 }
 
 fn disk_crc(disk: &[u64], region: u64) -> u32 {

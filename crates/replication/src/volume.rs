@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use scsi::BlockDevice;
 
-use crate::bitmap::RegionSet;
+use crate::bitmap::{DirtyMap, RegionSet};
 use crate::message::{Epoch, Message, NodeId, Seq};
 use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport};
 use crate::replica::{Replica, ReplicaAction};
@@ -175,6 +175,63 @@ impl ReplicaState {
         }
     }
 
+    /// The persisted map of what the replicas outside the in-sync set lack (`None`
+    /// when this node never had one: then they need a full sync).
+    pub fn dirty_map(&self) -> io::Result<Option<DirtyMap>> {
+        let path = self.path("dirty");
+        let b = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let damaged = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is damaged", path.display()),
+            )
+        };
+        let (body, crc) = b
+            .split_at_checked(b.len().saturating_sub(4))
+            .ok_or_else(damaged)?;
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(damaged());
+        }
+        let mut words = body
+            .chunks_exact(8)
+            .map(|c| <[u8; 8]>::try_from(c).map(u64::from_le_bytes));
+        let mut next = || words.next().and_then(Result::ok).ok_or_else(damaged);
+        let mut map = DirtyMap::new();
+        for _ in 0..next()? {
+            let node = next()?;
+            let set = map.entry(node).or_default();
+            for _ in 0..next()? {
+                set.insert(next()?);
+            }
+        }
+        Ok(Some(map))
+    }
+
+    /// Removes the map (after a failed update: no map is safe, a stale one is not).
+    pub fn forget_dirty_map(&self) {
+        let _ = std::fs::remove_file(self.path("dirty"));
+    }
+
+    /// Persists the map of what the replicas outside the in-sync set lack.
+    pub fn set_dirty_map(&self, map: &DirtyMap) -> io::Result<()> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(map.len() as u64).to_le_bytes());
+        for (node, set) in map {
+            b.extend_from_slice(&node.to_le_bytes());
+            b.extend_from_slice(&(set.len() as u64).to_le_bytes());
+            for r in set.iter() {
+                b.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        self.write_atomic("dirty", &b)
+    }
+
     /// Persists the activity log.
     pub fn set_activity_log(&self, s: &RegionSet) -> io::Result<()> {
         let mut b = Vec::with_capacity(s.len() * 8);
@@ -266,6 +323,7 @@ impl PrimaryShared {
             match a {
                 a @ (Action::LocalWrite { .. }
                 | Action::PersistActivityLog(_)
+                | Action::PersistDirtyMap(_)
                 | Action::ReadRegion { .. }
                 | Action::ChecksumRegion { .. })
                     if !may_block =>
@@ -296,6 +354,14 @@ impl PrimaryShared {
                         Err(e) => {
                             tracing::error!(volume = %self.state.name, error = %e, "local write failed")
                         }
+                    }
+                }
+                Action::PersistDirtyMap(m) => {
+                    // Without it a later promotion here falls back to a full sync of
+                    // the out-of-sync replicas (a missing file means "no map").
+                    if let Err(e) = self.state.set_dirty_map(&m) {
+                        tracing::error!(volume = %self.state.name, error = %e, "cannot persist the map of out-of-sync regions");
+                        self.state.forget_dirty_map();
                     }
                 }
                 Action::PersistActivityLog(s) => {
@@ -853,7 +919,14 @@ impl ReplicaVolume {
         state: ReplicaState,
         transport: Arc<dyn Transport>,
     ) -> io::Result<ReplicaVolume> {
-        let mut core = Replica::new(region_size, state.epoch()?, state.activity_log()?);
+        let dirty_map = state.dirty_map().unwrap_or_else(|e| {
+            // Only costs a full sync of the out-of-sync replicas should this node be
+            // promoted; the next seal brings a fresh map.
+            tracing::warn!(error = %e, "ignoring the map of out-of-sync regions");
+            None
+        });
+        let mut core = Replica::new(region_size, state.epoch()?, state.activity_log()?)
+            .with_dirty_map(dirty_map.unwrap_or_default());
         let (tx, rx) = mpsc::channel::<ReplicaEvent>();
         let thread = std::thread::Builder::new()
             .name("bulwark-replica".into())
@@ -874,6 +947,13 @@ impl ReplicaVolume {
                                     if let Err(err) = state.set_epoch(e) {
                                         // Without the epoch on disk this replica must not ack.
                                         tracing::error!(error = %err, "cannot persist the epoch; stopping the replica");
+                                        return;
+                                    }
+                                }
+                                ReplicaAction::PersistDirtyMap(m) => {
+                                    if let Err(err) = state.set_dirty_map(&m) {
+                                        // Without it this replica must not ack what follows.
+                                        tracing::error!(error = %err, "cannot persist the map of out-of-sync regions; stopping the replica");
                                         return;
                                     }
                                 }
@@ -1056,6 +1136,7 @@ mod tests {
             replicas: others.iter().copied().collect(),
             in_sync: isr.iter().copied().collect(),
             own_activity_log: state.activity_log().unwrap(),
+            dirty_hint: state.dirty_map().unwrap(),
             replica_timeout_ms: 500,
             resync_window: 4,
             resync_rate: 0,
