@@ -30,6 +30,8 @@ pub(crate) const REGION_SIZE: u64 = 1 << 20;
 const RENEW_EVERY: Duration = Duration::from_millis(200);
 /// Margin for clock rate differences between this node and the Raft leader.
 const LEASE_MARGIN: Duration = Duration::from_millis(150);
+/// How often the virtual IPs are checked against the leases.
+const VIP_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// One target served here.
 struct Served {
@@ -245,6 +247,25 @@ impl Serving {
     /// Reconciles on every state change until the state channel closes; also every
     /// second, so a re-promotion request that was lost is asked again.
     pub async fn run(self: Arc<Self>, mut state: tokio::sync::watch::Receiver<Arc<ClusterState>>) {
+        // Virtual IPs follow the lease, not only the state: a primary cut off from the
+        // cluster loses its lease while its state still names it, and must give the
+        // address up before its successor takes it.
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _vip_watch = AbortOnDrop({
+            let (me, st) = (self.clone(), state.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(VIP_CHECK_EVERY).await;
+                    let (me, st) = (me.clone(), st.borrow().clone());
+                    let _ = tokio::task::spawn_blocking(move || me.reconcile_vips(&st)).await;
+                }
+            })
+        });
         loop {
             let st = state.borrow_and_update().clone();
             let me = self.clone();
@@ -632,16 +653,32 @@ impl Serving {
         }
 
         // 5. The virtual IPs of the targets served here, and only those.
-        let want: BTreeMap<std::net::IpAddr, cluster::state::VirtualIp> = served
-            .keys()
-            .filter_map(|iqn| st.targets.get(iqn))
-            .flat_map(|t| t.vips.clone())
-            .collect();
         drop(roles);
         drop(served);
+        self.reconcile_vips(st);
+        Ok(())
+    }
+
+    /// Holds the virtual IPs of the targets served here whose volumes all serve now
+    /// (sealed, lease valid), and no others.
+    fn reconcile_vips(&self, st: &ClusterState) {
+        let want: BTreeMap<std::net::IpAddr, cluster::state::VirtualIp> = {
+            let (Ok(served), Ok(roles)) = (self.served.lock(), self.roles.lock()) else {
+                return;
+            };
+            served
+                .keys()
+                .filter_map(|iqn| st.targets.get(iqn))
+                .filter(|t| {
+                    t.luns.values().all(|vol| {
+                        matches!(roles.get(vol), Some(Role::Primary { volume, .. }) if volume.serving())
+                    })
+                })
+                .flat_map(|t| t.vips.clone())
+                .collect()
+        };
         self.vips
             .reconcile(&want, &self.server, &self.rt, &self.events);
-        Ok(())
     }
 
     /// Gives up every virtual IP held here (the node stops).
