@@ -669,19 +669,36 @@ pub async fn chap(conn: &Conn, cmd: ChapCmd) -> Result<()> {
 }
 
 /// `bulwark cluster settings`: shows the settings, or changes the ones given.
-pub async fn settings(
-    conn: &Conn,
-    heartbeat_interval_ms: Option<u64>,
-    failure_timeout_ms: Option<u64>,
-    resync_rate: Option<u64>,
-) -> Result<()> {
+/// Changes to the cluster-wide settings (`None`: unchanged).
+pub struct SettingsChange {
+    pub heartbeat_interval_ms: Option<u64>,
+    pub failure_timeout_ms: Option<u64>,
+    pub resync_rate: Option<u64>,
+    /// "" removes the fence command.
+    pub fence_command: Option<String>,
+    pub fence_timeout_ms: Option<u64>,
+}
+
+pub async fn settings(conn: &Conn, change: SettingsChange) -> Result<()> {
     let client = conn.client()?;
     let mut settings = client.state().await?.settings;
-    if heartbeat_interval_ms.is_some() || failure_timeout_ms.is_some() || resync_rate.is_some() {
-        settings.heartbeat_interval_ms =
-            heartbeat_interval_ms.unwrap_or(settings.heartbeat_interval_ms);
-        settings.failure_timeout_ms = failure_timeout_ms.unwrap_or(settings.failure_timeout_ms);
-        settings.resync_rate_bytes_per_s = resync_rate.unwrap_or(settings.resync_rate_bytes_per_s);
+    let before = settings.clone();
+    if let Some(v) = change.heartbeat_interval_ms {
+        settings.heartbeat_interval_ms = v;
+    }
+    if let Some(v) = change.failure_timeout_ms {
+        settings.failure_timeout_ms = v;
+    }
+    if let Some(v) = change.resync_rate {
+        settings.resync_rate_bytes_per_s = v;
+    }
+    if let Some(v) = change.fence_command {
+        settings.fence_command = (!v.is_empty()).then_some(v);
+    }
+    if let Some(v) = change.fence_timeout_ms {
+        settings.fence_timeout_ms = v;
+    }
+    if settings != before {
         let cmd = Command::SetSettings {
             settings: settings.clone(),
         };
@@ -697,6 +714,13 @@ pub async fn settings(
     match settings.resync_rate_bytes_per_s {
         0 => println!("resync rate:        unlimited (per replica)"),
         r => println!("resync rate:        {}/s per replica", human(r)),
+    }
+    match &settings.fence_command {
+        Some(c) => println!(
+            "fence command:      {c} (timeout {} s)",
+            settings.fence_timeout_ms / 1000
+        ),
+        None => println!("fence command:      none (the lease alone decides)"),
     }
     Ok(())
 }

@@ -171,6 +171,16 @@ enum ClusterCmd {
         /// Application I/O goes first whatever the rate.
         #[arg(long)]
         resync_rate: Option<String>,
+        /// Program the leader runs to fence a primary that lost its lease before it
+        /// promotes another node (a STONITH agent; absolute path, must exist on every
+        /// node; "" removes it). It gets BULWARK_FENCE_NODE, BULWARK_FENCE_NODE_ID,
+        /// BULWARK_FENCE_ADDRESS, BULWARK_FENCE_VOLUMES and BULWARK_FENCE_EPOCH; exit
+        /// status 0 means fenced, anything else holds the failover back (retried).
+        #[arg(long)]
+        fence_command: Option<String>,
+        /// How long the fence program may run, in milliseconds.
+        #[arg(long)]
+        fence_timeout_ms: Option<u64>,
     },
     /// Prints the cluster token of the node whose data folder is --data-dir.
     Token {
@@ -386,6 +396,8 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
             heartbeat_interval_ms,
             failure_timeout_ms,
             resync_rate,
+            fence_command,
+            fence_timeout_ms,
         } => {
             let resync_rate = resync_rate
                 .as_deref()
@@ -394,9 +406,13 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
                 .context("--resync-rate")?;
             admin::settings(
                 &conn,
-                heartbeat_interval_ms,
-                failure_timeout_ms,
-                resync_rate,
+                admin::SettingsChange {
+                    heartbeat_interval_ms,
+                    failure_timeout_ms,
+                    resync_rate,
+                    fence_command,
+                    fence_timeout_ms,
+                },
             )
             .await
         }

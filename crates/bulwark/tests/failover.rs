@@ -747,6 +747,112 @@ async fn a_throttled_resync_keeps_its_rate_and_shows_its_progress() {
     verify_all(&c, &checker, &[0, 1, 2]).await;
 }
 
+/// With a fence command set, the leader promotes a new primary only once the program
+/// has fenced the old one: while it fails the volume stays offline (and says why),
+/// and the failover completes once it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_waits_for_the_fence_command() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = replicated_volume(28, 16 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (script, answer, log) = (
+        dir.path().join("fence"),
+        dir.path().join("answer"),
+        dir.path().join("fenced"),
+    );
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$BULWARK_FENCE_NODE $BULWARK_FENCE_VOLUMES $BULWARK_FENCE_EPOCH\" >> {}\necho 'power switch unreachable' >&2\nexit $(cat {})\n",
+            log.display(),
+            answer.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(&answer, "1").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shown = cli(
+        &c,
+        0,
+        &[
+            "cluster",
+            "settings",
+            "--fence-command",
+            script.to_str().unwrap(),
+        ],
+    );
+    assert!(shown.contains("fence command:      /"), "{shown}");
+
+    let admin = c.admin(0);
+    let mut checker = Checker::new(BLOCK as usize);
+    write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_millis(500),
+        &[0, 1, 2],
+    )
+    .await;
+    c.nodes[1].kill9(); // n2, the primary
+    let killed = Instant::now();
+    // The fence fails: no promotion, and the event log says why.
+    wait("a failed fencing", Duration::from_secs(10), async || {
+        let events = admin.status().await.ok()?.events;
+        events
+            .into_iter()
+            .find(|e| e.kind == "fence" && e.message.contains("fencing n2 failed"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        admin.state().await.unwrap().volumes["v"].epoch,
+        1,
+        "no promotion while the old primary is not fenced"
+    );
+    let said = admin.status().await.unwrap().events;
+    let failed = said
+        .iter()
+        .find(|e| e.message.contains("fencing n2 failed"))
+        .unwrap();
+    assert!(
+        failed.message.contains("power switch unreachable")
+            && failed.message.contains("stay(s) offline"),
+        "{}",
+        failed.message
+    );
+
+    // The fence works now: the next try fences, then promotes n3.
+    std::fs::write(&answer, "0").unwrap();
+    let st = wait(
+        "the promotion after fencing",
+        Duration::from_secs(15),
+        async || {
+            admin
+                .state()
+                .await
+                .ok()
+                .filter(|s| s.volumes["v"].epoch == 2)
+        },
+    )
+    .await;
+    eprintln!(
+        "fenced failover: new primary {} {} ms after the kill (one failed fencing, retried after 5 s)",
+        st.nodes[&st.volumes["v"].primary].name,
+        killed.elapsed().as_millis()
+    );
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert!(calls.lines().all(|l| l == "n2 v 1"), "{calls}");
+    assert!(calls.lines().count() >= 2, "{calls}");
+    write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_millis(500),
+        &[0, 2],
+    )
+    .await;
+    verify_all(&c, &checker, &[0, 2]).await;
+}
+
 /// Links cut with nftables between one node's address and the others' (loopback
 /// aliases; the initiator, connecting from 127.0.0.1, still reaches every portal).
 /// Removed when dropped.

@@ -678,6 +678,9 @@ impl ClusterNode {
     async fn watch_primaries(self) {
         let me = self.id();
         let mut offline_reported: std::collections::HashSet<String> = Default::default();
+        // Fencing done, and failed attempts' next try, by (old primary, epoch).
+        let mut fenced: std::collections::HashSet<(NodeId, u64)> = Default::default();
+        let mut fence_retry: HashMap<(NodeId, u64), Instant> = HashMap::new();
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let since = self.inner.leader_since.lock().ok().and_then(|s| *s);
@@ -749,6 +752,55 @@ impl ClusterNode {
                     continue;
                 };
                 offline_reported.remove(&group.join(","));
+                let fence_key = (primary, first.epoch);
+                if let Some(program) =
+                    st.settings.fence_command.as_ref().filter(|_| {
+                        node != primary && primary != me && !fenced.contains(&fence_key)
+                    })
+                {
+                    if fence_retry.get(&fence_key).is_some_and(|t| now < *t) {
+                        continue;
+                    }
+                    let old = st.nodes.get(&primary);
+                    let env = [
+                        (
+                            "BULWARK_FENCE_NODE",
+                            old.map(|n| n.name.clone()).unwrap_or_default(),
+                        ),
+                        ("BULWARK_FENCE_NODE_ID", primary.to_string()),
+                        (
+                            "BULWARK_FENCE_ADDRESS",
+                            old.map(|n| n.addresses.control.ip().to_string())
+                                .unwrap_or_default(),
+                        ),
+                        ("BULWARK_FENCE_VOLUMES", group.join(",")),
+                        ("BULWARK_FENCE_EPOCH", first.epoch.to_string()),
+                    ];
+                    let name = env[0].1.clone();
+                    let timeout = Duration::from_millis(st.settings.fence_timeout_ms);
+                    match run_fence(program, &env, timeout).await {
+                        Ok(took) => {
+                            fenced.insert(fence_key);
+                            fence_retry.remove(&fence_key);
+                            self.inner.events.push(
+                                "fence",
+                                format!("fenced {name} with {program} in {} ms", took.as_millis()),
+                            );
+                        }
+                        Err(why) => {
+                            fence_retry.insert(fence_key, Instant::now() + FENCE_RETRY);
+                            self.inner.events.push(
+                                "fence",
+                                format!(
+                                    "fencing {name} failed: {why}; {} stay(s) offline until it succeeds (next try in {} s)",
+                                    group.join(", "),
+                                    FENCE_RETRY.as_secs()
+                                ),
+                            );
+                            continue;
+                        }
+                    }
+                }
                 let cmd = Command::Promote {
                     volumes: vols.iter().map(|v| (v.name.clone(), v.epoch)).collect(),
                     node,
@@ -1245,6 +1297,48 @@ async fn serve_connection(
         let resp = node.handle(req).await;
         if write_frame(&mut tls, &resp).await.is_err() {
             return;
+        }
+    }
+}
+
+/// How long a failed fencing waits before it is tried again.
+const FENCE_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs the fence program with `env`; how long it took, or why it did not fence.
+async fn run_fence(
+    program: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let child = tokio::process::Command::new(program)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        // Past the timeout the future is dropped, and the program with it.
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Err(_) => Err(format!(
+            "{program} did not finish within {} s and was killed",
+            timeout.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("{program}: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(started.elapsed()),
+        Ok(Ok(out)) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let last = stderr.lines().last().unwrap_or("").trim().to_string();
+            Err(format!(
+                "{program} exited with {}{}",
+                out.status,
+                if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({last})")
+                }
+            ))
         }
     }
 }

@@ -223,6 +223,22 @@ pub struct Settings {
     /// goes first whatever the rate.
     #[serde(default = "default_resync_rate")]
     pub resync_rate_bytes_per_s: u64,
+    /// A program the Raft leader runs to fence a primary that stopped renewing its lease
+    /// (power it off, cut its network: a STONITH agent) before it promotes another
+    /// node. Exit status 0 means fenced; anything else, or running past
+    /// `fence_timeout_ms`, holds the promotion back, and it is tried again. It gets the
+    /// node and volumes in its environment (BULWARK_FENCE_NODE, BULWARK_FENCE_NODE_ID,
+    /// BULWARK_FENCE_ADDRESS, BULWARK_FENCE_VOLUMES, BULWARK_FENCE_EPOCH) and must exist
+    /// at that path on every node, since any may lead. `None`: the lease alone decides.
+    #[serde(default)]
+    pub fence_command: Option<String>,
+    /// How long the fence program may run.
+    #[serde(default = "default_fence_timeout")]
+    pub fence_timeout_ms: u64,
+}
+
+fn default_fence_timeout() -> u64 {
+    30_000
 }
 
 /// 100 MiB/s: a returning replica catches up on a 1 GiB outage in about ten seconds
@@ -242,6 +258,8 @@ impl Default for Settings {
             heartbeat_interval_ms: 150,
             failure_timeout_ms: 800,
             resync_rate_bytes_per_s: DEFAULT_RESYNC_RATE,
+            fence_command: None,
+            fence_timeout_ms: default_fence_timeout(),
         }
     }
 }
@@ -1317,6 +1335,18 @@ impl ClusterState {
                     return Err(Refused::BadSettings(
                         "failure timeout must be at least two heartbeat intervals and at most 60 s"
                             .into(),
+                    ));
+                }
+                if let Some(cmd) = &settings.fence_command {
+                    if !cmd.starts_with('/') || cmd.contains(char::is_whitespace) {
+                        return Err(Refused::BadSettings(format!(
+                            "the fence command {cmd:?} must be the absolute path of a program (no arguments; it gets the node to fence in its environment)"
+                        )));
+                    }
+                }
+                if !(1000..=600_000).contains(&settings.fence_timeout_ms) {
+                    return Err(Refused::BadSettings(
+                        "the fence timeout must be 1 to 600 s".into(),
                     ));
                 }
                 let rate = settings.resync_rate_bytes_per_s;

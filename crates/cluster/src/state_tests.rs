@@ -692,6 +692,19 @@ fn settings_are_bounded() {
         refused(&mut st, rate(4096)),
         Refused::BadSettings(m) if m.contains("1 MiB/s")
     ));
+    let fence = |c: &str| Command::SetSettings {
+        settings: Settings {
+            fence_command: Some(c.into()),
+            ..Settings::default()
+        },
+    };
+    for bad in ["fence.sh", "/usr/bin/fence --node x"] {
+        assert!(matches!(
+            refused(&mut st, fence(bad)),
+            Refused::BadSettings(m) if m.contains("absolute path")
+        ));
+    }
+    st.apply(&fence("/usr/local/sbin/bulwark-fence")).unwrap();
     st.apply(&rate(0)).unwrap();
     assert_eq!(st.settings.resync_rate_bytes_per_s, 0, "0 is unlimited");
     // A state written before the setting existed reads with the default.
