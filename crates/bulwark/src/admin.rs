@@ -1011,15 +1011,23 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
                             x.resyncs.iter().map(|r| resync_line(st, r)).collect();
                         format!(", {}", each.join(", "))
                     };
+                    let state = match (&x.error, x.serving) {
+                        (Some(e), _) => format!("FAILED ({e}), handing over"),
+                        (None, true) => "serving".into(),
+                        (None, false) => "NOT SERVING".into(),
+                    };
                     format!(
-                        "{}: primary epoch {} {} ({} writes{resync})",
-                        s.name,
-                        x.epoch,
-                        if x.serving { "serving" } else { "NOT SERVING" },
-                        x.writes_completed,
+                        "{}: primary epoch {} {state} ({} writes{resync})",
+                        s.name, x.epoch, x.writes_completed,
                     )
                 } else {
-                    format!("{}: replica", s.name)
+                    match &x.error {
+                        Some(e) => format!(
+                            "{}: replica STOPPED ({e}); it returns when its node restarts",
+                            s.name
+                        ),
+                        None => format!("{}: replica", s.name),
+                    }
                 });
             }
         }

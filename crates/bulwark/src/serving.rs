@@ -53,7 +53,7 @@ enum Role {
         verify: Option<u64>,
     },
     Replica {
-        _volume: Arc<ReplicaVolume>,
+        volume: Arc<ReplicaVolume>,
         store: Arc<blockstore::FileStore>,
     },
 }
@@ -140,6 +140,13 @@ impl ControlPlane for IsrRequests {
                     "resync of {volume} to {} started: {} to send",
                     name(peer),
                     cluster::state::human(regions * REGION_SIZE)
+                ),
+            ),
+            replication::Notice::DiskFailed { error } => (
+                "disk",
+                format!(
+                    "{}'s copy of {volume} failed ({error}): it gives the primary role up; an in-sync replica takes over",
+                    self.node.identity().name
                 ),
             ),
             replication::Notice::ResyncFinished {
@@ -323,6 +330,7 @@ impl Serving {
                                 connected: r.connected,
                             })
                             .collect(),
+                        error: volume.failure(),
                         verify: volume.verify_report().map(|r| cluster::status::VerifyView {
                             id: r.id,
                             regions: r.regions,
@@ -332,9 +340,10 @@ impl Serving {
                         }),
                     }
                 }
-                Role::Replica { .. } => cluster::status::VolumeView {
+                Role::Replica { volume, .. } => cluster::status::VolumeView {
                     name: name.clone(),
                     role: "replica".into(),
+                    error: volume.failure(),
                     ..Default::default()
                 },
             })
@@ -838,6 +847,11 @@ impl Serving {
                 (self.node.clone(), volume.clone(), v.name.clone(), v.epoch);
             self.rt.spawn(async move {
                 loop {
+                    if pv.failure().is_some() {
+                        // A failed copy never serves again: let the lease lapse so the
+                        // leader promotes an in-sync replica.
+                        return;
+                    }
                     let sent = Instant::now();
                     match node.renew_lease(&name, epoch).await {
                         Ok(()) => pv.lease(sent + cluster::node::LEASE - LEASE_MARGIN),
@@ -876,7 +890,7 @@ impl Serving {
             self.net.transport(&v.name),
         )?);
         self.net.add_replica(&v.name, r.clone());
-        Ok(Role::Replica { _volume: r, store })
+        Ok(Role::Replica { volume: r, store })
     }
 
     fn stop_role(&self, name: &str, role: Option<Role>) {

@@ -853,6 +853,153 @@ async fn a_failover_waits_for_the_fence_command() {
     verify_all(&c, &checker, &[0, 2]).await;
 }
 
+/// A small tmpfs on a node's volume folder: its disk fills up. Unmounted (lazily, the
+/// node may still hold files open) when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&dir).unwrap();
+        let opt = format!("size={size}");
+        run_tool(
+            "mount",
+            "mount",
+            &["-t", "tmpfs", "-o", &opt, "tmpfs", dir.to_str().unwrap()],
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Disks that fill up: a replica whose writes fail leaves the in-sync set and the
+/// primary keeps serving; a primary whose writes fail gives its role up and an
+/// in-sync replica takes over. No acknowledged write is lost, and `bulwark status`
+/// and the event log say what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = Cluster::new(29, 3);
+    c.init().await;
+    c.join(1).await;
+    c.join(2).await;
+    c.wait_voters(0, 3).await;
+    // n2 (the primary) fills at about 8 MiB, n3 at about 4 MiB, n1 has room.
+    let _n3_disk = SmallDisk::mount(c.nodes[2].dir.join("volumes"), "4m");
+    let _n2_disk = SmallDisk::mount(c.nodes[1].dir.join("volumes"), "8m");
+    let admin = c.admin(0);
+    commit(
+        &admin,
+        Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 16 << 20,
+            replicas: 3,
+            block_size: BLOCK,
+            nodes: vec!["n2".into(), "n3".into(), "n1".into()],
+        },
+    )
+    .await;
+    for cmd in [
+        Command::CreateTarget {
+            iqn: IQN.into(),
+            alias: None,
+        },
+        Command::AddLun {
+            iqn: IQN.into(),
+            lun: Some(0),
+            volume: "v".into(),
+        },
+    ] {
+        commit(&admin, cmd).await;
+    }
+
+    // One block every 4 KiB (a page of tmpfs each) up to 14 MiB, reconnecting to
+    // whichever node is primary.
+    let all = [0usize, 1, 2];
+    let mut checker = Checker::new(BLOCK as usize);
+    let mut session: Option<Session> = None;
+    let mut longest = Duration::ZERO;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for i in 0..(14u64 << 20) / 4096 {
+        let lba = i * 4096 / u64::from(BLOCK);
+        let (version, block) = checker.next_write(lba);
+        let started = Instant::now();
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "writes stopped at {} MiB",
+                i * 4096 >> 20
+            );
+            if session.is_none() {
+                if let Some((_, portal)) = primary_portal(&c, &all).await {
+                    session = connect(portal).await;
+                }
+            }
+            let Some(s) = session.as_mut() else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            match s.write16(0, lba, &block, BLOCK, false).await {
+                Ok(r) if r.status == 0 => break,
+                Ok(r) if retryable(r.status, &r.sense) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                _ => {
+                    session = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        checker.acked(lba, version);
+        longest = longest.max(started.elapsed());
+    }
+    let st = admin.state().await.unwrap();
+    let v = &st.volumes["v"];
+    let name = |id| st.nodes[&id].name.clone();
+    eprintln!(
+        "full disks: 14 MiB written, longest write {} ms; primary now {} (epoch {}), in sync {:?}",
+        longest.as_millis(),
+        name(v.primary),
+        v.epoch,
+        v.in_sync.iter().map(|n| name(*n)).collect::<Vec<_>>()
+    );
+    assert_eq!(name(v.primary), "n1", "the primary with room took over");
+    assert_eq!(
+        v.in_sync,
+        vec![1],
+        "the nodes with full disks left the in-sync set"
+    );
+    let events: Vec<String> = admin
+        .status()
+        .await
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    let text = cli(&c, 0, &["status"]);
+    assert!(
+        text.contains("n3: replica STOPPED (disk write failed: No space left on device"),
+        "{text}"
+    );
+    let status_n2 = c.admin(1).status().await.unwrap();
+    assert!(
+        status_n2
+            .events
+            .iter()
+            .any(|e| e.kind == "disk" && e.message.contains("n2's copy of v failed")),
+        "{events:?}"
+    );
+    verify_all(&c, &checker, &[0]).await;
+}
+
 /// Links cut with nftables between one node's address and the others' (loopback
 /// aliases; the initiator, connecting from 127.0.0.1, still reaches every portal).
 /// Removed when dropped.

@@ -165,6 +165,9 @@ pub struct VolumeView {
     /// The online verify run here (primaries), live.
     #[serde(default)]
     pub verify: Option<VerifyView>,
+    /// Why this node's copy stopped (a disk error), if it has.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// An online verify as its primary runs it.

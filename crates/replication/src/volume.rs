@@ -63,6 +63,12 @@ pub enum Notice {
         /// Regions to send.
         regions: u64,
     },
+    /// This node's copy failed (a write or flush returned an error): the primary gives
+    /// its role up for good so an in-sync replica takes over.
+    DiskFailed {
+        /// The error.
+        error: String,
+    },
     /// The resync of `peer` finished.
     ResyncFinished {
         /// The replica.
@@ -269,6 +275,8 @@ struct PrimaryShared {
     writes_completed: std::sync::atomic::AtomicU64,
     /// Running resyncs by replica, measured by the driver once a second.
     resyncs: Mutex<HashMap<NodeId, ResyncMeter>>,
+    /// Why the local copy failed, once it has: the primary serves nothing more.
+    failed: Mutex<Option<String>>,
 }
 
 /// An initiator write or flush waiting for every in-sync member.
@@ -337,8 +345,6 @@ impl PrimaryShared {
                     data,
                     flush,
                 } => {
-                    // A failed local write leaves the write pending: the initiator's
-                    // wait times out and reports a transition; the disk error is logged.
                     let done = if flush {
                         self.store.flush()
                     } else {
@@ -351,9 +357,7 @@ impl PrimaryShared {
                                 queue.extend(p.local_done(now, id));
                             }
                         }
-                        Err(e) => {
-                            tracing::error!(volume = %self.state.name, error = %e, "local write failed")
-                        }
+                        Err(e) => self.disk_failed(&e),
                     }
                 }
                 Action::PersistDirtyMap(m) => {
@@ -438,6 +442,33 @@ impl PrimaryShared {
         if !to_driver.is_empty() {
             self.event(PrimaryEvent::Run(to_driver));
         }
+    }
+
+    /// The local copy failed: never serve again (the write stays unacknowledged, and
+    /// the lease is no longer renewed, so the leader promotes an in-sync replica that
+    /// has the writes), and fail what waits as a transition the initiator retries.
+    fn disk_failed(&self, e: &io::Error) {
+        let first = match self.failed.lock() {
+            Ok(mut f) if f.is_none() => {
+                *f = Some(e.to_string());
+                true
+            }
+            _ => false,
+        };
+        if !first {
+            return;
+        }
+        tracing::error!(volume = %self.state.name, error = %e, "local write failed; giving the primary role up");
+        if let Ok(mut p) = self.core.lock() {
+            p.release();
+        }
+        self.fail_waiters(
+            |_| true,
+            "the primary's disk failed; another replica takes over",
+        );
+        self.control.notice(Notice::DiskFailed {
+            error: e.to_string(),
+        });
     }
 
     fn event(&self, ev: PrimaryEvent) {
@@ -620,6 +651,7 @@ impl PrimaryVolume {
             resync_regions_sent: Default::default(),
             writes_completed: Default::default(),
             resyncs: Mutex::default(),
+            failed: Mutex::default(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -756,6 +788,12 @@ impl PrimaryVolume {
         if let Ok(mut p) = self.shared.core.lock() {
             p.set_resync_rate(rate);
         }
+    }
+
+    /// Why this node's copy failed, if it has: the primary serves nothing more and
+    /// must not renew its lease.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failed.lock().ok().and_then(|f| f.clone())
     }
 
     /// The in-sync set as the primary knows it (without itself).
@@ -904,6 +942,8 @@ enum ReplicaEvent {
 pub struct ReplicaVolume {
     tx: Sender<ReplicaEvent>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Why it stopped applying the stream, once it has.
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 impl ReplicaVolume {
@@ -928,6 +968,18 @@ impl ReplicaVolume {
         let mut core = Replica::new(region_size, state.epoch()?, state.activity_log()?)
             .with_dirty_map(dirty_map.unwrap_or_default());
         let (tx, rx) = mpsc::channel::<ReplicaEvent>();
+        let failed: Arc<Mutex<Option<String>>> = Arc::default();
+        let fail = {
+            let failed = failed.clone();
+            move |why: String| {
+                tracing::error!(
+                    "{why}; this replica stops (the primary drops it from the in-sync set)"
+                );
+                if let Ok(mut f) = failed.lock() {
+                    *f = Some(why);
+                }
+            }
+        };
         let thread = std::thread::Builder::new()
             .name("bulwark-replica".into())
             .spawn(move || {
@@ -946,20 +998,20 @@ impl ReplicaVolume {
                                 ReplicaAction::PersistEpoch(e) => {
                                     if let Err(err) = state.set_epoch(e) {
                                         // Without the epoch on disk this replica must not ack.
-                                        tracing::error!(error = %err, "cannot persist the epoch; stopping the replica");
+                                        fail(format!("cannot persist the epoch: {err}"));
                                         return;
                                     }
                                 }
                                 ReplicaAction::PersistDirtyMap(m) => {
                                     if let Err(err) = state.set_dirty_map(&m) {
                                         // Without it this replica must not ack what follows.
-                                        tracing::error!(error = %err, "cannot persist the map of out-of-sync regions; stopping the replica");
+                                        fail(format!("cannot persist the map of out-of-sync regions: {err}"));
                                         return;
                                     }
                                 }
                                 ReplicaAction::PersistActivityLog(s) => {
                                     if let Err(err) = state.set_activity_log(&s) {
-                                        tracing::error!(error = %err, "cannot persist the activity log; stopping the replica");
+                                        fail(format!("cannot persist the activity log: {err}"));
                                         return;
                                     }
                                 }
@@ -984,7 +1036,7 @@ impl ReplicaVolume {
                                     if let Err(err) = done {
                                         // No ack: the primary drops this replica from the
                                         // in-sync set through the control plane.
-                                        tracing::error!(error = %err, "replica write failed; stopping the replica");
+                                        fail(format!("disk write failed: {err}"));
                                         return;
                                     }
                                     queue.extend(core.applied(seq as Seq));
@@ -1025,7 +1077,13 @@ impl ReplicaVolume {
         Ok(ReplicaVolume {
             tx,
             thread: Some(thread),
+            failed,
         })
+    }
+
+    /// Why this replica stopped applying the stream, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().ok().and_then(|f| f.clone())
     }
 
     /// A message from the primary `from`.
