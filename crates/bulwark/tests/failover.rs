@@ -935,7 +935,7 @@ async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
             assert!(
                 Instant::now() < deadline,
                 "writes stopped at {} MiB",
-                i * 4096 >> 20
+                (i * 4096) >> 20
             );
             if session.is_none() {
                 if let Some((_, portal)) = primary_portal(&c, &all).await {
