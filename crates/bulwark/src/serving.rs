@@ -668,8 +668,10 @@ impl Serving {
         Ok(())
     }
 
-    /// Holds the virtual IPs of the targets served here whose volumes all serve now
-    /// (sealed, lease valid), and no others.
+    /// Holds the virtual IPs of the targets served here whose volumes all claim
+    /// service (a lease not lapsed, or a fresh promotion still getting its first), and
+    /// no others: the address moves as soon as the new primary is named, and leaves a
+    /// primary cut off from the cluster when its lease lapses.
     fn reconcile_vips(&self, st: &ClusterState) {
         let want: BTreeMap<std::net::IpAddr, cluster::state::VirtualIp> = {
             let (Ok(served), Ok(roles)) = (self.served.lock(), self.roles.lock()) else {
@@ -680,7 +682,7 @@ impl Serving {
                 .filter_map(|iqn| st.targets.get(iqn))
                 .filter(|t| {
                     t.luns.values().all(|vol| {
-                        matches!(roles.get(vol), Some(Role::Primary { volume, .. }) if volume.serving())
+                        matches!(roles.get(vol), Some(Role::Primary { volume, .. }) if volume.claims_service(cluster::node::LEASE))
                     })
                 })
                 .flat_map(|t| t.vips.clone())

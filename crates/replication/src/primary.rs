@@ -443,6 +443,21 @@ impl Primary {
         }
     }
 
+    /// Whether this primary may still become or remain the one that serves: not
+    /// deposed, released or failed, and its lease, once it had one, not lapsed. Before
+    /// the first lease it claims service for `grace` ms from its start (a promotion
+    /// that never got a lease is not a claim). A virtual IP follows this, so it moves to
+    /// a new primary before that one has sealed, and leaves one cut off from the
+    /// cluster when its lease lapses.
+    pub fn claims_service(&self, now: u64, grace: u64) -> bool {
+        !self.deposed
+            && !self.released
+            && match self.lease_until {
+                Some(t) => now < t,
+                None => now < grace,
+            }
+    }
+
     /// The control plane renewed the lease: valid until `until` on this node's clock
     /// (the driver measures from before it asked).
     /// Writes that became complete while the lease had lapsed complete now.

@@ -790,6 +790,19 @@ impl PrimaryVolume {
         }
     }
 
+    /// Whether this primary serves or is about to (see [`Primary::claims_service`]):
+    /// `grace` is how long a primary that never got a lease keeps its claim.
+    pub fn claims_service(&self, grace: Duration) -> bool {
+        let now = self.shared.now();
+        self.failure().is_none()
+            && self
+                .shared
+                .core
+                .lock()
+                .map(|p| p.claims_service(now, grace.as_millis() as u64))
+                .unwrap_or(false)
+    }
+
     /// Why this node's copy failed, if it has: the primary serves nothing more and
     /// must not renew its lease.
     pub fn failure(&self) -> Option<String> {
