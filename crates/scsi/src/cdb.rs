@@ -49,6 +49,11 @@ pub mod opcode {
     pub const SERVICE_ACTION_IN_16: u8 = 0x9E;
     pub const REPORT_LUNS: u8 = 0xA0;
     pub const MAINTENANCE_IN: u8 = 0xA3;
+    pub const MAINTENANCE_OUT: u8 = 0xA4;
+    pub const RECEIVE_DIAGNOSTIC_RESULTS: u8 = 0x1C;
+    pub const SEND_DIAGNOSTIC: u8 = 0x1D;
+    pub const LOG_SELECT: u8 = 0x4C;
+    pub const LOG_SENSE: u8 = 0x4D;
     pub const READ_12: u8 = 0xA8;
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
@@ -60,6 +65,8 @@ pub mod opcode {
     pub const SA_GET_LBA_STATUS: u8 = 0x12;
     /// MAINTENANCE IN service actions.
     pub const SA_REPORT_TARGET_PORT_GROUPS: u8 = 0x0A;
+    /// MAINTENANCE OUT service action.
+    pub const SA_SET_TARGET_PORT_GROUPS: u8 = 0x0A;
     pub const SA_REPORT_SUPPORTED_OPERATION_CODES: u8 = 0x0C;
     pub const SA_REPORT_SUPPORTED_TMFS: u8 = 0x0D;
     /// RECEIVE COPY RESULTS service actions.

@@ -533,6 +533,14 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         [0xA3, 0x0D, 0x80, 0, 0, 0, F, F, F, F, 0, 0]
     ),
     cmd!(
+        op::MAINTENANCE_OUT,
+        Some(op::SA_SET_TARGET_PORT_GROUPS),
+        "SET TARGET PORT GROUPS",
+        Free,
+        spc::set_target_port_groups,
+        [0xA4, 0x0A, 0, 0, 0, 0, F, F, F, F, 0, 0]
+    ),
+    cmd!(
         op::READ_12,
         None,
         "READ(12)",

@@ -13,6 +13,7 @@
 // `is_multiple_of` is newer than the workspace's rust-version (1.80).
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod alua;
 pub mod cdb;
 mod commands;
 pub mod device;

@@ -339,6 +339,8 @@ impl LogicalUnit {
         respond: Option<&'a std::cell::Cell<Option<crate::Responder>>>,
     ) -> CmdResult {
         let spec = commands::lookup(cdb);
+        // Read before this unit's lock: publishing states takes the table, then units.
+        let access = target.access_state(req.nexus.target_port.group);
         {
             let mut st = self.lock();
             if !st.nexuses.contains_key(req.nexus) {
@@ -372,6 +374,11 @@ impl LogicalUnit {
                 if let Some(sense) = st.sanitize.state.refuses(cdb.opcode()) {
                     return Err(Failure::Check(sense));
                 }
+            }
+            // SPC-4 §5.15.2.4: through a port that is not active, only what its state
+            // allows (the unit attention above comes first).
+            if let Some(sense) = crate::alua::refuses(access, cdb) {
+                return Err(Failure::Check(sense));
             }
         }
         let Some(spec) = spec else {
@@ -463,6 +470,7 @@ pub(crate) fn data_out_len(block_size: u32, cdb: Cdb<'_>) -> Option<u32> {
         opcode::MODE_SELECT_6 => u32::from(cdb.u8(4)),
         opcode::MODE_SELECT_10 | opcode::UNMAP | opcode::SANITIZE => u32::from(cdb.be16(7)),
         opcode::PERSISTENT_RESERVE_OUT => cdb.be32(5),
+        opcode::MAINTENANCE_OUT => cdb.be32(6),
         opcode::EXTENDED_COPY => cdb.be32(10),
         opcode::RESERVE_10 => u32::from(cdb.be16(7)),
         _ => 0,

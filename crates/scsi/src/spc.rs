@@ -25,7 +25,10 @@ pub(crate) fn inquiry(ctx: &Ctx<'_>) -> CmdResult {
             .ok_or(Sense::invalid_field_in_cdb(2))?;
         return data_in(page, alloc);
     }
-    data_in(vpd::standard_inquiry(ctx.lu), alloc)
+    // Explicit ALUA (SET TARGET PORT GROUPS) only where a cluster publishes port
+    // groups and acts on the requests.
+    let explicit = !ctx.target.port_groups().is_empty();
+    data_in(vpd::standard_inquiry(ctx.lu, explicit), alloc)
 }
 
 fn check_inquiry_cdb(cdb: Cdb<'_>) -> Result<(), Sense> {
@@ -262,25 +265,68 @@ pub(crate) fn report_supported_tmfs(ctx: &Ctx<'_>) -> CmdResult {
     data_in(b, alloc)
 }
 
-/// REPORT TARGET PORT GROUPS (SPC-4 §6.37): one group, the one of the port the command
-/// came through, active/optimized.
+/// REPORT TARGET PORT GROUPS (SPC-4 §6.37): every group the target device lists, with
+/// its state and ports; without a table, the one group of the port the command came
+/// through, active/optimized.
 pub(crate) fn report_target_port_groups(ctx: &Ctx<'_>) -> CmdResult {
+    use crate::alua::{AsymmetricAccessState, TargetPortGroup, SUPPORTED_STATES};
     let extended = ctx.cdb.u8(1) >> 5 == 0x01;
     let alloc = usize::try_from(ctx.cdb.be32(6)).unwrap_or(usize::MAX);
     let port = &ctx.nexus().target_port;
+    let mut groups = ctx.target.port_groups();
+    if groups.is_empty() {
+        groups.push(TargetPortGroup {
+            id: port.group,
+            state: AsymmetricAccessState::ActiveOptimized,
+            preferred: false,
+            ports: vec![port.relative_id],
+        });
+    }
     let mut b = vec![0u8; 4];
     if extended {
-        b.extend_from_slice(&[0x10, 0x00, 0x00, 0x00]);
+        // Format 1; implicit transitions take about a failover (2 s).
+        b.extend_from_slice(&[0x10, 0x02, 0x00, 0x00]);
     }
-    let header = b.len();
-    // Descriptor: PREF=0, state 0h active/optimized; supported states T, U, S, AN, AO.
-    b.extend_from_slice(&[0x00, 0x8F]);
-    b.extend_from_slice(&port.group.to_be_bytes());
-    b.extend_from_slice(&[0x00, 0x00, 0x00, 0x01]); // status code, vendor, port count
-    b.extend_from_slice(&[0x00, 0x00]);
-    b.extend_from_slice(&port.relative_id.to_be_bytes());
+    for g in &groups {
+        b.push(u8::from(g.preferred) << 7 | g.state.code());
+        b.push(SUPPORTED_STATES);
+        b.extend_from_slice(&g.id.to_be_bytes());
+        // Reserved, status code (none), vendor specific, target port count.
+        let count = u8::try_from(g.ports.len()).unwrap_or(u8::MAX);
+        b.extend_from_slice(&[0x00, 0x00, 0x00, count]);
+        for p in g.ports.iter().take(usize::from(count)) {
+            b.extend_from_slice(&[0x00, 0x00]);
+            b.extend_from_slice(&p.to_be_bytes());
+        }
+    }
     let len = u32::try_from(b.len() - 4).unwrap_or(0);
     put(&mut b, 0, &len.to_be_bytes());
-    let _ = header;
     data_in(b, alloc)
+}
+
+/// SET TARGET PORT GROUPS (SPC-4 §6.44): checked here, carried out by the cluster
+/// (it moves the primary, then publishes the states, which raises ASYMMETRIC ACCESS
+/// STATE CHANGED); GOOD once the request is queued.
+pub(crate) fn set_target_port_groups(ctx: &Ctx<'_>) -> CmdResult {
+    let len = usize::try_from(ctx.cdb.be32(6)).unwrap_or(usize::MAX);
+    if len == 0 {
+        return good();
+    }
+    let data = ctx
+        .req
+        .data_out
+        .get(..len)
+        .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
+    let mut known: Vec<u16> = ctx.target.port_groups().iter().map(|g| g.id).collect();
+    if known.is_empty() {
+        known.push(ctx.nexus().target_port.group);
+    }
+    for (group, state) in crate::alua::parse_set_target_port_groups(data, &known)? {
+        ctx.target.push_alua_request(crate::alua::AluaRequest {
+            group,
+            state,
+            by: ctx.nexus().clone(),
+        });
+    }
+    good()
 }

@@ -127,6 +127,11 @@ const LUN_MAX: u64 = 16383;
 #[derive(Debug, Default)]
 pub struct TargetDevice {
     luns: RwLock<BTreeMap<u64, Arc<LogicalUnit>>>,
+    /// The target port groups and their states (SPC-4 §5.15); empty: one group, the
+    /// port's own, active/optimized.
+    port_groups: RwLock<Vec<crate::alua::TargetPortGroup>>,
+    /// SET TARGET PORT GROUPS requests for the cluster to act on.
+    alua_requests: std::sync::Mutex<Vec<crate::alua::AluaRequest>>,
 }
 
 impl TargetDevice {
@@ -288,6 +293,67 @@ impl TargetDevice {
                 tracing::error!(lun = lu.lun, error = %e, "flushing the device failed");
             }
         }
+    }
+
+    /// Publishes the target port groups and their states. When a group's state
+    /// changes, every I_T nexus gets ASYMMETRIC ACCESS STATE CHANGED on every logical
+    /// unit (SPC-4 §5.15.2.6): all the LUNs of the target change together.
+    pub fn set_port_groups(&self, groups: Vec<crate::alua::TargetPortGroup>) {
+        let changed = {
+            let mut current = self.port_groups.write().unwrap_or_else(|e| e.into_inner());
+            let state_of = |list: &[crate::alua::TargetPortGroup], id: u16| {
+                list.iter().find(|g| g.id == id).map(|g| g.state)
+            };
+            let changed = groups
+                .iter()
+                .any(|g| state_of(&current, g.id) != Some(g.state))
+                || current.iter().any(|g| state_of(&groups, g.id).is_none());
+            let was_empty = current.is_empty();
+            *current = groups;
+            changed && !was_empty
+        };
+        // Raised after the table lock is released: a command holds a logical unit's
+        // lock and then reads the table.
+        if changed {
+            for lu in self.read().values() {
+                lu.ua_all(None, Sense::UNIT_ATTENTION_ASYMMETRIC_ACCESS_STATE_CHANGED);
+            }
+        }
+    }
+
+    /// The target port groups as last published (empty: the single-group default).
+    pub fn port_groups(&self) -> Vec<crate::alua::TargetPortGroup> {
+        self.port_groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The access state of target port group `group`: active/optimized without a
+    /// table; unavailable for a group the table does not list.
+    pub fn access_state(&self, group: u16) -> crate::alua::AsymmetricAccessState {
+        let groups = self.port_groups.read().unwrap_or_else(|e| e.into_inner());
+        if groups.is_empty() {
+            return crate::alua::AsymmetricAccessState::ActiveOptimized;
+        }
+        groups
+            .iter()
+            .find(|g| g.id == group)
+            .map_or(crate::alua::AsymmetricAccessState::Unavailable, |g| g.state)
+    }
+
+    /// Takes the SET TARGET PORT GROUPS requests received since the last call.
+    pub fn take_alua_requests(&self) -> Vec<crate::alua::AluaRequest> {
+        std::mem::take(&mut *self.alua_requests.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn push_alua_request(&self, r: crate::alua::AluaRequest) {
+        let mut q = self.alua_requests.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: a burst of requests is acted on as its last one anyway.
+        if q.len() >= 64 {
+            q.remove(0);
+        }
+        q.push(r);
     }
 
     /// The device under `lun` changed size: CAPACITY DATA HAS CHANGED to every nexus.

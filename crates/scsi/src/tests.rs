@@ -156,7 +156,11 @@ fn standard_inquiry_contents() {
     assert_eq!(d[2], 0x06);
     assert_eq!(d[3] & 0x0F, 2);
     assert_eq!(d[4] as usize, d.len() - 5);
-    assert_eq!((d[5] >> 4) & 0x03, 0x01, "TPGS implicit");
+    assert_eq!(
+        (d[5] >> 4) & 0x03,
+        0x01,
+        "TPGS implicit (explicit only with port groups)"
+    );
     assert_eq!(&d[8..16], b"BULWARK ");
     let descriptors: Vec<u16> = (0..8)
         .map(|i| u16::from_be_bytes([d[58 + 2 * i], d[59 + 2 * i]]))
@@ -1297,4 +1301,95 @@ proptest! {
             let _ = target.data_out_len(lun, &cdb);
         }
     }
+}
+
+/// A nexus through relative port `port` of target port group `group`.
+fn nexus_via(name: &str, group: u16, port: u16) -> ItNexus {
+    let mut n = nexus(name);
+    n.target_port.group = group;
+    n.target_port.relative_id = port;
+    n.target_port.name = format!("iqn.2024-01.test:t,t,0x{port:04x}");
+    n
+}
+
+fn groups(states: &[(u16, alua::AsymmetricAccessState)]) -> Vec<alua::TargetPortGroup> {
+    states
+        .iter()
+        .map(|(id, state)| alua::TargetPortGroup {
+            id: *id,
+            state: *state,
+            preferred: false,
+            ports: vec![*id],
+        })
+        .collect()
+}
+
+#[test]
+fn target_port_groups_gate_commands_and_announce_their_changes() {
+    use alua::AsymmetricAccessState::*;
+    let k = Kit::new();
+    k.target
+        .set_port_groups(groups(&[(1, ActiveOptimized), (2, Standby)]));
+    let a = k.ready("a");
+    let b = nexus_via("b", 2, 2);
+    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+
+    // Explicit ALUA is offered once a cluster publishes groups.
+    let inq = k.exec(&a, &[0x12, 0, 0, 0, 96, 0], &[]);
+    assert_eq!(
+        (inq.data_in[5] >> 4) & 0x03,
+        0x03,
+        "TPGS implicit and explicit"
+    );
+    // REPORT TARGET PORT GROUPS lists both, with their states and ports.
+    let r = k.exec(&a, &[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    assert_good(&r);
+    let d = &r.data_in;
+    assert_eq!(u32::from_be_bytes([d[0], d[1], d[2], d[3]]), 24);
+    assert_eq!((d[4] & 0x0F, u16::from_be_bytes([d[6], d[7]])), (0x0, 1));
+    assert_eq!((d[16] & 0x0F, u16::from_be_bytes([d[18], d[19]])), (0x2, 2));
+    assert_eq!(
+        (d[11], u16::from_be_bytes([d[14], d[15]])),
+        (1, 1),
+        "one port, id 1"
+    );
+
+    // Through the standby group: reads refused, persistent reservations answered.
+    let _ = k.exec(&b, &[0x00, 0, 0, 0, 0, 0], &[]); // power-on unit attention
+    assert_eq!(sense_of(&k.exec(&b, &read10, &[])), (0x02, 0x04, 0x0B));
+    assert_good(&k.exec(&b, &[0x5E, 0, 0, 0, 0, 0, 0, 0x10, 0, 0], &[]));
+    assert_good(&k.exec(&a, &read10, &[]));
+
+    // A failover: group 1 transitions, group 2 becomes active/optimized. Every nexus
+    // hears it once, then the new states hold.
+    k.target
+        .set_port_groups(groups(&[(1, Transitioning), (2, ActiveOptimized)]));
+    for n in [&a, &b] {
+        assert_eq!(sense_of(&k.exec(n, &read10, &[])), (0x06, 0x2A, 0x06));
+    }
+    assert_eq!(sense_of(&k.exec(&a, &read10, &[])), (0x02, 0x04, 0x0A));
+    assert_good(&k.exec(&b, &read10, &[]));
+    // Publishing the same states again announces nothing.
+    k.target
+        .set_port_groups(groups(&[(1, Transitioning), (2, ActiveOptimized)]));
+    assert_good(&k.exec(&b, &read10, &[]));
+
+    // SET TARGET PORT GROUPS is checked, then queued for the cluster.
+    let stpg = |list: &[u8]| {
+        let mut cdb = vec![0xA4, 0x0A, 0, 0, 0, 0];
+        cdb.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
+        k.exec(&b, &cdb, list)
+    };
+    assert_good(&stpg(&[0, 0, 0, 0, 0x00, 0, 0, 1]));
+    let asked = k.target.take_alua_requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!((asked[0].group, asked[0].state), (1, ActiveOptimized));
+    assert_eq!(asked[0].by, b);
+    assert_eq!(
+        sense_of(&stpg(&[0, 0, 0, 0, 0x00, 0, 0, 7])),
+        (0x05, 0x26, 0x00),
+        "an unknown group"
+    );
+    assert!(k.target.take_alua_requests().is_empty());
 }

@@ -26,8 +26,9 @@ fn ascii_field(buf: &mut [u8], off: usize, len: usize, s: &str) {
     }
 }
 
-/// Standard INQUIRY data (SPC-4 §6.4.2), 96 bytes.
-pub(crate) fn standard_inquiry(lu: &LogicalUnit) -> Vec<u8> {
+/// Standard INQUIRY data (SPC-4 §6.4.2), 96 bytes. TPGS says implicit ALUA, and
+/// explicit too when `explicit_alua`.
+pub(crate) fn standard_inquiry(lu: &LogicalUnit, explicit_alua: bool) -> Vec<u8> {
     let mut b = vec![0u8; 96];
     put(
         &mut b,
@@ -38,7 +39,7 @@ pub(crate) fn standard_inquiry(lu: &LogicalUnit) -> Vec<u8> {
             0x06, // VERSION: SPC-4
             0x12, // HISUP, response data format 2
             0,    // additional length below
-            0x18, // TPGS = 01b (implicit ALUA), 3PC (EXTENDED COPY)
+            0x18, // TPGS = 01b (implicit ALUA; 11b below with explicit), 3PC
             0x10, // MULTIP: the unit is reachable through several ports
             0x02, // CMDQUE
         ],
@@ -50,6 +51,9 @@ pub(crate) fn standard_inquiry(lu: &LogicalUnit) -> Vec<u8> {
         put(&mut b, 58 + 2 * i, &v.to_be_bytes());
     }
     put(&mut b, 4, &[95 - 4]);
+    if let Some(flags) = b.get_mut(5).filter(|_| explicit_alua) {
+        *flags |= 0x20;
+    }
     b
 }
 
