@@ -725,6 +725,71 @@ pub async fn settings(conn: &Conn, change: SettingsChange) -> Result<()> {
     Ok(())
 }
 
+/// Initiator settings for a cluster with `settings`: iscsid.conf and multipath.conf,
+/// each value with the reason for it. Pure, so it is tested without a cluster.
+pub fn initiator_config(settings: &cluster::state::Settings) -> String {
+    // The longest an unplanned failover keeps I/O waiting: the primary is declared
+    // failed, its lease runs out, the successor seals. Planned moves take ~40 ms.
+    let failover_ms = settings.failure_timeout_ms + cluster::node::LEASE.as_millis() as u64 + 1000;
+    let failover_s = failover_ms.div_ceil(1000);
+    // iSCSI-level recovery must outlast a failover several times over, so a single
+    // path (or a virtual IP) never fails I/O during one.
+    let replacement = (4 * failover_s).max(15);
+    // dm-multipath queues while no path is up for this many checker intervals.
+    const POLLING: u64 = 5;
+    let no_path_retry = (2 * replacement).div_ceil(POLLING).max(6);
+    format!(
+        r#"# Initiator settings for this Bulwark cluster (bulwark initiator-config).
+# An unplanned failover keeps I/O waiting up to about {failover_s} s (failure timeout
+# {ft} ms, lease {lease} ms, then the new primary seals); a planned move ~40 ms.
+
+# --- open-iscsi: /etc/iscsi/iscsid.conf (new sessions), or for existing ones:
+#     iscsiadm -m node -T IQN -o update -n NAME -v VALUE
+# Session recovery waits this long for the target to come back before failing I/O up
+# to the SCSI layer (or to dm-multipath): {replacement} s outlasts a failover several times.
+node.session.timeo.replacement_timeout = {replacement}
+# A NOP-Out every 2 s, answered within 2 s, finds a connection to a node that hung or
+# vanished without closing it (a node that steps down closes its sessions itself).
+node.conn[0].timeo.noop_out_interval = 2
+node.conn[0].timeo.noop_out_timeout = 2
+# Logins to a node that is just taking over are answered within a second; 5 s leaves
+# room for a busy network without stalling reconnects.
+node.conn[0].timeo.login_timeout = 5
+node.session.initial_login_retry_max = 8
+# Log in again at boot.
+node.startup = automatic
+
+# --- dm-multipath: a device section for /etc/multipath.conf
+devices {{
+    device {{
+        # As Bulwark reports itself in INQUIRY.
+        vendor "BULWARK"
+        product "VOLUME"
+        # Implicit ALUA: the target says which path is active/optimized.
+        hardware_handler "1 alua"
+        prio alua
+        # One path group per ALUA state; I/O goes to the best group.
+        path_grouping_policy group_by_prio
+        # Back to the optimized path as soon as it returns.
+        failback immediate
+        # TEST UNIT READY tells a standby or transitioning path from a dead one.
+        path_checker tur
+        polling_interval {POLLING}
+        # With no path up, queue for {no_path_retry} checks ({queue_s} s, twice the
+        # replacement timeout) before failing I/O: a failover never fails a write, and a
+        # cluster that is really gone does not hang applications forever.
+        no_path_retry {no_path_retry}
+    }}
+}}
+# Volumes are told apart by the NAA identifier of VPD page 0x83 (the same on every
+# node and after every failover), so the default uid settings need no change.
+"#,
+        ft = settings.failure_timeout_ms,
+        lease = cluster::node::LEASE.as_millis(),
+        queue_s = no_path_retry * POLLING,
+    )
+}
+
 /// Waits for the verify just asked for and reports it.
 async fn verify_wait(conn: &Conn, name: &str, repair: bool, no_wait: bool) -> Result<()> {
     let client = conn.client()?;
@@ -1227,5 +1292,65 @@ mod tests {
         assert_eq!(human(512), "512 B");
         assert_eq!(human(1 << 30), "1.0 GiB");
         assert_eq!(format_time(3_723_004), "01:02:03.004Z");
+    }
+}
+
+#[cfg(test)]
+mod initiator_config_tests {
+    use super::*;
+
+    fn value(text: &str, key: &str) -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("{key} missing"));
+        line.rsplit([' ', '=']).next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn initiator_settings_follow_the_failover_time_and_the_inquiry_data() {
+        let default = cluster::state::Settings::default();
+        let text = initiator_config(&default);
+        // 800 ms detection + 800 ms lease + seal: about 3 s; recovery outlasts it.
+        assert_eq!(value(&text, "node.session.timeo.replacement_timeout"), 15);
+        assert_eq!(value(&text, "no_path_retry"), 6);
+        for want in [
+            "hardware_handler \"1 alua\"",
+            "prio alua",
+            "group_by_prio",
+            "failback immediate",
+        ] {
+            assert!(text.contains(want), "{want}");
+        }
+        // multipath matches devices by what INQUIRY reports.
+        let lu = scsi::LuConfig::default();
+        assert!(text.contains(&format!("vendor \"{}\"", lu.vendor)));
+        assert!(text.contains(&format!("product \"{}\"", lu.product)));
+
+        // A cluster tuned for slow networks gets longer timeouts.
+        let slow = cluster::state::Settings {
+            failure_timeout_ms: 10_000,
+            ..default
+        };
+        let text = initiator_config(&slow);
+        assert_eq!(value(&text, "node.session.timeo.replacement_timeout"), 48);
+        assert_eq!(value(&text, "no_path_retry"), 20);
+        // Every setting has its reason on the lines above it.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim();
+            let setting = !t.is_empty() && !t.starts_with('#') && !t.ends_with('{') && t != "}";
+            if setting {
+                let reason = lines[..i]
+                    .iter()
+                    .rev()
+                    .map(|l| l.trim())
+                    .find(|l| l.starts_with('#') || l.ends_with('{') || l.is_empty());
+                assert!(
+                    reason.is_some_and(|r| r.starts_with('#')),
+                    "no comment above {t:?}"
+                );
+            }
+        }
     }
 }

@@ -109,6 +109,12 @@ enum Command {
         #[command(subcommand)]
         cmd: admin::ChapCmd,
     },
+    /// Prints initiator settings tuned to this cluster's failover time: open-iscsi's
+    /// iscsid.conf values and a multipath.conf device section, each with its reason.
+    InitiatorConfig {
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
     /// The cluster on one screen: nodes, leader, volumes, targets, sessions, events.
     Status {
         #[command(flatten)]
@@ -312,6 +318,11 @@ fn run() -> Result<()> {
         Command::Lun { conn, cmd } => runtime()?.block_on(admin::lun(&conn, cmd)),
         Command::Acl { conn, cmd } => runtime()?.block_on(admin::acl(&conn, cmd)),
         Command::Chap { conn, cmd } => runtime()?.block_on(admin::chap(&conn, cmd)),
+        Command::InitiatorConfig { conn } => runtime()?.block_on(async {
+            let st = conn.client()?.state().await?;
+            print!("{}", admin::initiator_config(&st.settings));
+            Ok(())
+        }),
         Command::Status {
             conn,
             watch,
