@@ -790,6 +790,20 @@ devices {{
     )
 }
 
+/// Verify `id` of volume `v` as its primary reports it while running.
+fn live_verify(
+    statuses: &Statuses,
+    v: &cluster::state::Volume,
+    id: u64,
+) -> Option<cluster::status::VerifyView> {
+    statuses
+        .get(&v.primary)
+        .and_then(|s| s.as_ref().ok())
+        .and_then(|s| s.volumes.iter().find(|x| x.name == v.name))
+        .and_then(|x| x.verify.clone())
+        .filter(|x| x.id == id)
+}
+
 /// Waits for the verify just asked for and reports it.
 async fn verify_wait(conn: &Conn, name: &str, repair: bool, no_wait: bool) -> Result<()> {
     let client = conn.client()?;
@@ -837,12 +851,7 @@ async fn verify_wait(conn: &Conn, name: &str, repair: bool, no_wait: bool) -> Re
         }
         if last_print.elapsed() >= Duration::from_secs(2) && !conn.json {
             last_print = std::time::Instant::now();
-            let live = statuses
-                .get(&v.primary)
-                .and_then(|s| s.as_ref().ok())
-                .and_then(|s| s.volumes.iter().find(|x| x.name == name))
-                .and_then(|x| x.verify.clone())
-                .filter(|x| x.id == id);
+            let live = live_verify(&statuses, v, id);
             match live {
                 Some(x) => eprintln!(
                     "verify of {name}: {} of {} regions compared, {} differing so far",
@@ -1103,12 +1112,7 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
             let line = match &asked.result {
                 Some(r) => format!("last verify: {}", verify_summary(st, r, asked.repair)),
                 None => {
-                    let live = statuses
-                        .get(&v.primary)
-                        .and_then(|s| s.as_ref().ok())
-                        .and_then(|s| s.volumes.iter().find(|x| x.name == v.name))
-                        .and_then(|x| x.verify.clone())
-                        .filter(|x| x.id == asked.id);
+                    let live = live_verify(statuses, v, asked.id);
                     match live {
                         Some(x) => format!(
                             "VERIFY running: {:.0}% ({} of {} regions), {} differing so far",

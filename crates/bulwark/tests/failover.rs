@@ -144,6 +144,23 @@ async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
     }
 }
 
+/// Waits until volume "v" has `count` in-sync replicas; the state at that point.
+async fn wait_in_sync(
+    admin: &cluster::AdminClient,
+    count: usize,
+    limit: Duration,
+    what: &str,
+) -> cluster::state::ClusterState {
+    wait(what, limit, async || {
+        admin
+            .state()
+            .await
+            .ok()
+            .filter(|s| s.volumes["v"].in_sync.len() == count)
+    })
+    .await
+}
+
 /// A 3-node cluster on 127.0.`block`.x with volume "v" (2 replicas, primary n2 while
 /// the Raft leader is n1, so the two roles fail apart) as LUN 0 of [`IQN`].
 async fn replicated_volume(block: u8, size_bytes: u64) -> Cluster {
@@ -247,16 +264,11 @@ async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
         // replicas hold the same bytes.
         c.nodes[victim].start();
         let admin = c.admin(survivors[0]);
-        wait(
-            "the old primary back in the in-sync set",
+        wait_in_sync(
+            &admin,
+            2,
             Duration::from_secs(30),
-            async || {
-                admin
-                    .state()
-                    .await
-                    .ok()
-                    .filter(|s| s.volumes["v"].in_sync.len() == 2)
-            },
+            "the old primary back in the in-sync set",
         )
         .await;
         let st = admin.state().await.unwrap();
@@ -441,16 +453,11 @@ async fn a_returning_replica_receives_only_the_dirty_regions() {
     let sent_before = primary.status().await.unwrap().volumes[0].resync_regions_sent;
 
     c.nodes[2].start();
-    wait(
-        "the replica back in the in-sync set",
+    wait_in_sync(
+        &admin,
+        2,
         Duration::from_secs(30),
-        async || {
-            admin
-                .state()
-                .await
-                .ok()
-                .filter(|s| s.volumes["v"].in_sync.len() == 2)
-        },
+        "the replica back in the in-sync set",
     )
     .await;
     let status = primary.status().await.unwrap();
@@ -687,16 +694,11 @@ async fn a_throttled_resync_keeps_its_rate_and_shows_its_progress() {
         line.contains("% (") && line.contains("/s") && line.contains("left"),
         "{line}"
     );
-    wait(
-        "the replica back in the in-sync set",
+    wait_in_sync(
+        &admin,
+        2,
         Duration::from_secs(30),
-        async || {
-            admin
-                .state()
-                .await
-                .ok()
-                .filter(|s| s.volumes["v"].in_sync.len() == 2)
-        },
+        "the replica back in the in-sync set",
     )
     .await;
     let took = started.elapsed();
@@ -1173,16 +1175,11 @@ async fn a_partitioned_primary_stops_before_the_new_one_starts() {
     }
 
     drop(cut);
-    wait(
-        "both replicas in sync again",
+    wait_in_sync(
+        &admin,
+        2,
         Duration::from_secs(30),
-        async || {
-            admin
-                .state()
-                .await
-                .ok()
-                .filter(|s| s.volumes["v"].in_sync.len() == 2)
-        },
+        "both replicas in sync again",
     )
     .await;
     let checker = std::sync::Arc::try_unwrap(checker)
@@ -1257,16 +1254,11 @@ async fn one_gib_written_while_a_replica_is_down_resyncs_only_its_regions() {
     let sent_before = primary.status().await.unwrap().volumes[0].resync_regions_sent;
     let back = Instant::now();
     c.nodes[2].start();
-    wait(
-        "the replica back in the in-sync set",
+    wait_in_sync(
+        &admin,
+        2,
         Duration::from_secs(300),
-        async || {
-            admin
-                .state()
-                .await
-                .ok()
-                .filter(|s| s.volumes["v"].in_sync.len() == 2)
-        },
+        "the replica back in the in-sync set",
     )
     .await;
     let took = back.elapsed();
@@ -1488,16 +1480,11 @@ async fn a_virtual_ip_follows_the_primary_and_iscsi_perf_reconnects_through_it()
         );
         idle_seconds.push(idle);
         c.nodes[victim].start();
-        wait(
-            "the old primary back in the in-sync set",
+        wait_in_sync(
+            &admin,
+            2,
             Duration::from_secs(30),
-            async || {
-                admin
-                    .state()
-                    .await
-                    .ok()
-                    .filter(|s| s.volumes["v"].in_sync.len() == 2)
-            },
+            "the old primary back in the in-sync set",
         )
         .await;
     }

@@ -1224,24 +1224,17 @@ impl Primary {
         if new.is_empty() {
             return;
         }
-        out.push(Action::PersistDirtyMap(self.dirty_map.clone()));
-        let delta: DirtyMap = [(peer, new)].into();
-        for m in &self.in_sync {
-            if self.peers.get(m).is_some_and(|p| p.link == Link::Streaming) {
-                out.push(Action::Send {
-                    to: *m,
-                    msg: Message::DirtyMap {
-                        epoch: self.cfg.epoch,
-                        full: false,
-                        peers: delta.clone(),
-                    },
-                });
-            }
-        }
+        self.publish_dirty_map(false, [(peer, new)].into(), out);
     }
 
     /// Persists the whole map and sends it to every streaming member.
     fn broadcast_dirty_map(&self, out: &mut Vec<Action>) {
+        self.publish_dirty_map(true, self.dirty_map.clone(), out);
+    }
+
+    /// Persists the map, and sends `peers` (all of it when `full`, else what was
+    /// added) to every streaming member.
+    fn publish_dirty_map(&self, full: bool, peers: DirtyMap, out: &mut Vec<Action>) {
         out.push(Action::PersistDirtyMap(self.dirty_map.clone()));
         for m in &self.in_sync {
             if self.peers.get(m).is_some_and(|p| p.link == Link::Streaming) {
@@ -1249,8 +1242,8 @@ impl Primary {
                     to: *m,
                     msg: Message::DirtyMap {
                         epoch: self.cfg.epoch,
-                        full: true,
-                        peers: self.dirty_map.clone(),
+                        full,
+                        peers: peers.clone(),
                     },
                 });
             }
