@@ -30,6 +30,8 @@ pub(crate) const REGION_SIZE: u64 = 1 << 20;
 const RENEW_EVERY: Duration = Duration::from_millis(200);
 /// Margin for clock rate differences between this node and the Raft leader.
 const LEASE_MARGIN: Duration = Duration::from_millis(150);
+/// How long a replica whose disk failed stays stopped before it is tried again.
+const REPLICA_RETRY: Duration = Duration::from_secs(10);
 /// How often the virtual IPs are checked against the leases.
 const VIP_CHECK_EVERY: Duration = Duration::from_millis(100);
 
@@ -55,6 +57,7 @@ enum Role {
     Replica {
         volume: Arc<ReplicaVolume>,
         store: Arc<blockstore::FileStore>,
+        started: Instant,
     },
 }
 
@@ -515,7 +518,25 @@ impl Serving {
                     Err(e) => error!(volume = %v.name, "cannot start the primary: {e:#}"),
                 }
             } else {
-                if let Some(Role::Replica { store, .. }) = roles.get(&v.name) {
+                let retry = match roles.get(&v.name) {
+                    Some(Role::Replica {
+                        volume, started, ..
+                    }) => volume
+                        .failure()
+                        .filter(|_| started.elapsed() >= REPLICA_RETRY),
+                    _ => None,
+                };
+                if let Some(why) = &retry {
+                    // Its disk failed: try again now and then (space may have been
+                    // freed); the primary resyncs what it missed.
+                    self.events.push(
+                        "disk",
+                        format!(
+                            "restarting the replica of {} on {} (it stopped: {why})",
+                            v.name, self.node_name
+                        ),
+                    );
+                } else if let Some(Role::Replica { store, .. }) = roles.get(&v.name) {
                     // A resize: replicas grow first (writes past the old end may arrive
                     // before this, and grow the file on demand).
                     if let Err(e) = store.grow(v.size_bytes) {
@@ -892,7 +913,11 @@ impl Serving {
             self.net.transport(&v.name),
         )?);
         self.net.add_replica(&v.name, r.clone());
-        Ok(Role::Replica { volume: r, store })
+        Ok(Role::Replica {
+            volume: r,
+            store,
+            started: Instant::now(),
+        })
     }
 
     fn stop_role(&self, name: &str, role: Option<Role>) {

@@ -884,7 +884,8 @@ impl Drop for SmallDisk {
 /// Disks that fill up: a replica whose writes fail leaves the in-sync set and the
 /// primary keeps serving; a primary whose writes fail gives its role up and an
 /// in-sync replica takes over. No acknowledged write is lost, and `bulwark status`
-/// and the event log say what happened.
+/// and the event log say what happened. Once there is room again the stopped replicas
+/// are retried, resynced and rejoin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -894,8 +895,8 @@ async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
     c.join(2).await;
     c.wait_voters(0, 3).await;
     // n2 (the primary) fills at about 8 MiB, n3 at about 4 MiB, n1 has room.
-    let _n3_disk = SmallDisk::mount(c.nodes[2].dir.join("volumes"), "4m");
-    let _n2_disk = SmallDisk::mount(c.nodes[1].dir.join("volumes"), "8m");
+    let n3_disk = SmallDisk::mount(c.nodes[2].dir.join("volumes"), "4m");
+    let n2_disk = SmallDisk::mount(c.nodes[1].dir.join("volumes"), "8m");
     let admin = c.admin(0);
     commit(
         &admin,
@@ -1000,6 +1001,29 @@ async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
         "{events:?}"
     );
     verify_all(&c, &checker, &[0]).await;
+
+    // Room again: the stopped replicas are retried, resynced, and rejoin.
+    for d in [&n2_disk, &n3_disk] {
+        run_tool(
+            "mount",
+            "mount",
+            &["-o", "remount,size=32m", d.0.to_str().unwrap()],
+        );
+    }
+    let back = Instant::now();
+    let st = wait_in_sync(
+        &admin,
+        3,
+        Duration::from_secs(60),
+        "both replicas back in sync",
+    )
+    .await;
+    eprintln!(
+        "full disks: with room again both replicas rejoined in {} ms (primary {})",
+        back.elapsed().as_millis(),
+        st.nodes[&st.volumes["v"].primary].name
+    );
+    verify_all(&c, &checker, &all).await;
 }
 
 /// Links cut with nftables between one node's address and the others' (loopback
