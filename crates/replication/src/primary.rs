@@ -171,6 +171,17 @@ struct Held {
     data: Bytes,
 }
 
+impl Held {
+    /// Whether it touches a region that `[offset, offset + len)` touches.
+    fn shares_region(&self, offset: u64, len: u64, region_size: u64) -> bool {
+        let (a, b) = (
+            regions(self.offset, self.data.len() as u64, region_size),
+            regions(offset, len, region_size),
+        );
+        !a.is_empty() && !b.is_empty() && a.start() <= b.end() && b.start() <= a.end()
+    }
+}
+
 /// Where the resync of one replica stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResyncProgress {
@@ -522,10 +533,7 @@ impl Primary {
             return false;
         };
         regions(offset, len, rs).any(|r| v.active.contains_key(&r))
-            || self.held.iter().any(|h| {
-                regions(h.offset, h.data.len() as u64, rs)
-                    .any(|a| regions(offset, len, rs).any(|b| a == b))
-            })
+            || self.held.iter().any(|h| h.shares_region(offset, len, rs))
     }
 
     /// Puts a write into every stream and writes it locally.
@@ -1437,10 +1445,9 @@ impl Primary {
                 .verify
                 .as_ref()
                 .is_some_and(|v| regions(h.offset, len, rs).any(|r| v.active.contains_key(&r)))
-                || still.iter().any(|e: &Held| {
-                    regions(e.offset, e.data.len() as u64, rs)
-                        .any(|a| regions(h.offset, len, rs).any(|b| a == b))
-                });
+                || still
+                    .iter()
+                    .any(|e: &Held| e.shares_region(h.offset, len, rs));
             if blocked {
                 still.push_back(h);
             } else {
@@ -1509,7 +1516,7 @@ impl Primary {
 }
 
 /// Regions `[offset, offset+len)` touches.
-fn regions(offset: u64, len: u64, region_size: u64) -> impl Iterator<Item = u64> {
+fn regions(offset: u64, len: u64, region_size: u64) -> std::ops::RangeInclusive<u64> {
     let (first, last) = if len == 0 {
         (1, 0)
     } else {
