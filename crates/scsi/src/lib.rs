@@ -35,7 +35,8 @@ pub use device::{BlockDevice, Extent, Provisioning, WriteDone};
 pub use sense::{check_condition, Sense, SenseKey};
 pub use spc::encode_lun;
 pub use target_device::{
-    LuConfig, Preempted, ScsiError, TargetDevice, SANITIZE_BYTES_PER_S_DEFAULT,
+    ForwardedCommand, ForwardedTaskManagement, Forwarder, LuConfig, Preempted,
+    ReservationStore, ScsiError, TargetDevice, SANITIZE_BYTES_PER_S_DEFAULT,
 };
 
 use bytes::Bytes;

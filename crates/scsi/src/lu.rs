@@ -125,6 +125,9 @@ pub(crate) struct LogicalUnit {
     pub lun: u64,
     pub config: LuConfig,
     pub device: Arc<dyn BlockDevice>,
+    /// Where the persistent reservations are kept when they are shared with other
+    /// nodes; `None`: in memory, and in `config.pr_file` with APTPL.
+    pub pr_store: Option<Arc<dyn crate::ReservationStore>>,
     state: Mutex<LuState>,
     /// Writers hold it shared; COMPARE AND WRITE holds it exclusively so that no write
     /// lands between its read and its write (SBC-3 §5.2). Take it through
@@ -165,19 +168,22 @@ impl LogicalUnit {
         lun: u64,
         config: LuConfig,
         device: Arc<dyn BlockDevice>,
+        pr_store: Option<Arc<dyn crate::ReservationStore>>,
     ) -> Result<Arc<LogicalUnit>, ScsiError> {
-        let pr = match &config.pr_file {
-            Some(path) => PrState::load(path).map_err(|source| ScsiError::PrState {
+        let pr = match (&pr_store, &config.pr_file) {
+            (Some(store), _) => store.load().map(|t| PrState::parse(&t)).unwrap_or_default(),
+            (None, Some(path)) => PrState::load(path).map_err(|source| ScsiError::PrState {
                 path: path.clone(),
                 source,
             })?,
-            None => PrState::default(),
+            (None, None) => PrState::default(),
         };
         let mode = ModeState::new(&config);
         Ok(Arc::new_cyclic(|me| LogicalUnit {
             lun,
             config,
             device,
+            pr_store,
             state: Mutex::new(LuState {
                 nexuses: HashMap::new(),
                 mode,
@@ -355,7 +361,7 @@ impl LogicalUnit {
                     }
                 }
                 let mut ns = NexusState::default();
-                ns.push_ua(Sense::UNIT_ATTENTION_POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED);
+                ns.push_ua(target.first_contact_unit_attention());
                 st.nexuses.insert(req.nexus.clone(), ns);
             }
             // SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE neither report nor clear

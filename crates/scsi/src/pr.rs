@@ -179,11 +179,15 @@ impl PrState {
     }
 
     /// Text format, one record per line:
-    /// `generation <n>`, `reg <key hex> <all_tg_pt 0|1> <isid hex> <rel port> <group>
+    /// `generation <n>`, `aptpl <0|1>`, `reg <key hex> <all_tg_pt 0|1> <isid hex> <rel port> <group>
     /// <port name> <initiator name>` and `res <type> <holder index>`. Names contain no
     /// spaces (iSCSI names cannot).
-    fn serialize(&self) -> String {
-        let mut s = format!("bulwark-pr 1\ngeneration {}\n", self.generation);
+    pub(crate) fn serialize(&self) -> String {
+        let mut s = format!(
+            "bulwark-pr 1\ngeneration {}\naptpl {}\n",
+            self.generation,
+            u8::from(self.aptpl)
+        );
         for r in &self.registrations {
             let isid: String = r.nexus.isid.iter().map(|b| format!("{b:02x}")).collect();
             s.push_str(&format!(
@@ -209,7 +213,7 @@ impl PrState {
         s
     }
 
-    fn parse(text: &str) -> PrState {
+    pub(crate) fn parse(text: &str) -> PrState {
         let mut st = PrState {
             aptpl: true,
             ..PrState::default()
@@ -218,6 +222,8 @@ impl PrState {
             let f: Vec<&str> = line.split(' ').collect();
             match f.as_slice() {
                 ["generation", n] => st.generation = n.parse().unwrap_or(0),
+                // Files written before this line existed were APTPL files.
+                ["aptpl", a] => st.aptpl = *a != "0",
                 ["reg", key, all, isid, rel, group, port, name] => {
                     let mut isid_b = [0u8; 6];
                     for (i, b) in isid_b.iter_mut().enumerate() {
@@ -454,6 +460,7 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
     };
     let nexus = ctx.nexus();
     let mut st = ctx.lu.lock();
+    let before = ctx.lu.pr_store.as_ref().map(|_| st.pr.clone());
     let result = match sa {
         0x00 | 0x06 => register(&mut st, nexus, &p, sa == 0x06),
         0x01 => reserve(&mut st, nexus, &p, scope, type_field),
@@ -465,7 +472,16 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
         _ => register_and_move(&mut st, nexus, &p, data),
     };
     if result.is_ok() {
-        if let Some(path) = &ctx.lu.config.pr_file {
+        if let (Some(store), Some(before)) = (&ctx.lu.pr_store, before) {
+            // Shared state: the command completes only once the store has it, and a
+            // change the store refused did not happen (SPC-4 §5.13.1: every path sees
+            // the same registrations and reservation).
+            if let Err(e) = store.save(&st.pr.serialize()) {
+                tracing::warn!(lun = ctx.lu.lun, error = %e, "reservation change not saved");
+                st.pr = before;
+                return Err(Sense::NOT_READY_ASYMMETRIC_ACCESS_STATE_TRANSITION.into());
+            }
+        } else if let Some(path) = &ctx.lu.config.pr_file {
             if let Err(e) = st.pr.persist(path) {
                 tracing::error!(lun = ctx.lu.lun, error = %e, "persisting PR state failed");
                 return Err(Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE.into());

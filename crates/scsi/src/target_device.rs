@@ -132,6 +132,113 @@ pub struct TargetDevice {
     port_groups: RwLock<Vec<crate::alua::TargetPortGroup>>,
     /// SET TARGET PORT GROUPS requests for the cluster to act on.
     alua_requests: std::sync::Mutex<Vec<crate::alua::AluaRequest>>,
+    /// Set while another node executes this target's commands (this node's ports are
+    /// active/non-optimized or worse): every command goes there.
+    forwarding: RwLock<Option<Forwarding>>,
+    /// The logical units took over from another node's: an I_T nexus they see first
+    /// gets ASYMMETRIC ACCESS STATE CHANGED instead of POWER ON, RESET.
+    took_over: std::sync::atomic::AtomicBool,
+}
+
+/// Where a logical unit keeps its persistent reservation state when more than one
+/// node serves it: the registrations, the reservation and the generation, as one
+/// opaque text the logical unit writes and reads back.
+pub trait ReservationStore: Send + Sync + std::fmt::Debug {
+    /// The state last saved, if any.
+    fn load(&self) -> Option<String>;
+    /// Saves `state`. PERSISTENT RESERVE OUT completes only after this returns `Ok`;
+    /// on an error the change is undone and the command fails as transitioning (the
+    /// initiator retries). Blocking; called with the logical unit's state locked, so
+    /// changes are saved in the order they were made.
+    fn save(&self, state: &str) -> std::io::Result<()>;
+}
+
+/// Where a target device sends the commands it does not execute itself: the node that
+/// is primary for the target's volumes (DESIGN.md, "ALUA and paths"). The forwarder
+/// carries the I_T nexus along, so reservations, unit attentions and the access state
+/// are decided there, for the port the command really arrived through.
+pub trait Forwarder: Send + Sync + std::fmt::Debug {
+    /// Executes `cmd` where the logical units are; the answer goes to `respond`. A
+    /// forwarder that cannot reach them answers NOT READY, ASYMMETRIC ACCESS STATE
+    /// TRANSITION, so the initiator retries (SPC-4 §5.15.2.5).
+    fn execute(&self, cmd: ForwardedCommand, respond: crate::Responder);
+    /// Task management and nexus events for the logical units there. Blocking until
+    /// done or given up on.
+    fn task_management(&self, tmf: ForwardedTaskManagement);
+}
+
+/// One SCSI command as forwarded to the node that executes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardedCommand {
+    /// The I_T nexus it arrived on.
+    pub nexus: ItNexus,
+    /// The LUN.
+    pub lun: u64,
+    /// The CDB.
+    pub cdb: Bytes,
+    /// Data-Out.
+    pub data_out: Bytes,
+    /// Expected Data-In length.
+    pub expected_data_in_len: u32,
+    /// Task attribute.
+    pub attr: crate::TaskAttribute,
+}
+
+impl ForwardedCommand {
+    /// The request to execute.
+    pub fn request(&self) -> ScsiRequest<'_> {
+        ScsiRequest {
+            nexus: &self.nexus,
+            lun: self.lun,
+            cdb: &self.cdb,
+            data_out: &self.data_out,
+            expected_data_in_len: self.expected_data_in_len,
+            attr: self.attr,
+        }
+    }
+}
+
+/// Task management that reaches the logical units of another node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ForwardedTaskManagement {
+    /// [`TargetDevice::reset`].
+    Reset {
+        /// The reset.
+        kind: ResetKind,
+        /// Its LUN (LOGICAL UNIT RESET).
+        lun: Option<u64>,
+        /// The nexus that asked.
+        by: ItNexus,
+    },
+    /// [`TargetDevice::abort_tasks`].
+    AbortTasks {
+        /// The LUN.
+        lun: u64,
+        /// Whose tasks; every nexus's when `None`.
+        nexus: Option<ItNexus>,
+    },
+    /// [`TargetDevice::nexus_loss`].
+    NexusLoss(ItNexus),
+}
+
+impl TargetDevice {
+    /// Carries out task management forwarded from another node.
+    pub fn apply_task_management(&self, tmf: &ForwardedTaskManagement) {
+        match tmf {
+            ForwardedTaskManagement::Reset { kind, lun, by } => self.reset(*kind, *lun, by),
+            ForwardedTaskManagement::AbortTasks { lun, nexus } => {
+                self.abort_tasks(*lun, nexus.as_ref());
+            }
+            ForwardedTaskManagement::NexusLoss(n) => self.nexus_loss(n),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Forwarding {
+    to: Arc<dyn Forwarder>,
+    /// LUN → logical block size (what Data-Out a command carries is decided here).
+    luns: BTreeMap<u64, u32>,
 }
 
 impl TargetDevice {
@@ -148,6 +255,18 @@ impl TargetDevice {
         config: LuConfig,
         device: Arc<dyn BlockDevice>,
     ) -> Result<(), ScsiError> {
+        self.add_shared_lun(lun, config, device, None)
+    }
+
+    /// [`Self::add_lun`] for a logical unit whose persistent reservations live in
+    /// `store` (shared by every node that serves it) rather than in this process.
+    pub fn add_shared_lun(
+        &self,
+        lun: u64,
+        config: LuConfig,
+        device: Arc<dyn BlockDevice>,
+        store: Option<Arc<dyn ReservationStore>>,
+    ) -> Result<(), ScsiError> {
         if lun > LUN_MAX {
             return Err(ScsiError::LunOutOfRange(lun));
         }
@@ -161,7 +280,7 @@ impl TargetDevice {
                 block_size: config.block_size,
             });
         }
-        let new_lu = LogicalUnit::new(lun, config, device)?;
+        let new_lu = LogicalUnit::new(lun, config, device, store)?;
         let mut luns = self.write();
         if luns.contains_key(&lun) {
             return Err(ScsiError::LunExists(lun));
@@ -187,21 +306,88 @@ impl TargetDevice {
 
     /// The LUNs in ascending order.
     pub fn luns(&self) -> Vec<u64> {
+        if let Some(f) = self.forwarding() {
+            return f.luns.keys().copied().collect();
+        }
         self.read().keys().copied().collect()
+    }
+
+    /// From now on every command, and task management, goes to `to`: another node
+    /// executes them on its logical units, which are `luns` (LUN → block size). The
+    /// logical units here are dropped, without unit attentions: the initiators learn
+    /// of the change from the access states (ASYMMETRIC ACCESS STATE CHANGED there).
+    pub fn forward_to(&self, to: Arc<dyn Forwarder>, luns: BTreeMap<u64, u32>) {
+        *self.forwarding.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(Forwarding { to, luns });
+        self.write().clear();
+    }
+
+    /// Stops forwarding: the logical units are added here again ([`Self::add_lun`]),
+    /// and, having taken over from another node's, greet each I_T nexus with
+    /// ASYMMETRIC ACCESS STATE CHANGED rather than POWER ON (SPC-4 §5.15.2.6: the
+    /// initiator learns that this port's state changed, and keeps its reservations).
+    pub fn take_over(&self) {
+        *self.forwarding.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.took_over
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether commands are forwarded to another node.
+    pub fn is_forwarding(&self) -> bool {
+        self.forwarding().is_some()
+    }
+
+    pub(crate) fn first_contact_unit_attention(&self) -> Sense {
+        if self.took_over.load(std::sync::atomic::Ordering::Acquire) {
+            Sense::UNIT_ATTENTION_ASYMMETRIC_ACCESS_STATE_CHANGED
+        } else {
+            Sense::UNIT_ATTENTION_POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED
+        }
+    }
+
+    fn forwarding(&self) -> Option<Forwarding> {
+        self.forwarding
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Executes one command. Blocking (device I/O); never panics.
     pub fn execute(&self, req: &ScsiRequest<'_>) -> ScsiResponse {
-        match self.lu(req.lun) {
-            Some(lu) => lu.execute(self, req),
-            None => self.execute_without_lu(req),
+        if self.forwarding().is_none() {
+            return match self.lu(req.lun) {
+                Some(lu) => lu.execute(self, req),
+                None => self.execute_without_lu(req),
+            };
         }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.execute_then(
+            req,
+            crate::Responder::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or_else(|_| {
+            check_condition(Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE)
+        })
     }
 
     /// Executes one command and hands its response to `respond`: at once, or later from
     /// another thread when the device completes a write asynchronously
-    /// ([`crate::BlockDevice::write_then`]). Blocking until the command is placed.
+    /// ([`crate::BlockDevice::write_then`]) or another node answers a forwarded one.
+    /// Blocking until the command is placed.
     pub fn execute_then(&self, req: &ScsiRequest<'_>, respond: crate::Responder) {
+        if let Some(f) = self.forwarding() {
+            let cmd = ForwardedCommand {
+                nexus: req.nexus.clone(),
+                lun: req.lun,
+                cdb: Bytes::copy_from_slice(req.cdb),
+                data_out: Bytes::copy_from_slice(req.data_out),
+                expected_data_in_len: req.expected_data_in_len,
+                attr: req.attr,
+            };
+            return f.to.execute(cmd, respond);
+        }
         match self.lu(req.lun) {
             Some(lu) => lu.execute_then(self, req, respond),
             None => respond.send(self.execute_without_lu(req)),
@@ -211,6 +397,9 @@ impl TargetDevice {
     /// How many Data-Out bytes `cdb` asks for on `lun`; `None` when the CDB cannot be
     /// decoded or the LUN does not exist.
     pub fn data_out_len(&self, lun: u64, cdb: &[u8]) -> Option<u32> {
+        if let Some(f) = self.forwarding() {
+            return crate::lu::data_out_len(*f.luns.get(&lun)?, Cdb(cdb));
+        }
         let lu = self.lu(lun)?;
         crate::lu::data_out_len(lu.block_size(), Cdb(cdb))
     }
@@ -219,6 +408,11 @@ impl TargetDevice {
     /// ALLOW MEDIUM REMOVAL state is cleared. Persistent reservations survive
     /// (SPC-4 §5.13.1).
     pub fn nexus_loss(&self, nexus: &ItNexus) {
+        if let Some(f) = self.forwarding() {
+            return f
+                .to
+                .task_management(ForwardedTaskManagement::NexusLoss(nexus.clone()));
+        }
         for lu in self.read().values() {
             lu.nexus_loss(nexus);
         }
@@ -230,7 +424,13 @@ impl TargetDevice {
     /// OCCURRED (29h/01h) on every logical unit (SAM-5 §6.3, §7.?). Legacy reservations
     /// and PREVENT state are cleared; persistent reservations survive.
     pub fn reset(&self, kind: ResetKind, lun: Option<u64>, by: &ItNexus) {
-        let _ = by;
+        if let Some(f) = self.forwarding() {
+            return f.to.task_management(ForwardedTaskManagement::Reset {
+                kind,
+                lun,
+                by: by.clone(),
+            });
+        }
         let luns = self.read();
         match (kind, lun) {
             (ResetKind::LogicalUnit, Some(lun)) => {
@@ -262,6 +462,12 @@ impl TargetDevice {
     /// The transport calls this before it waits for the aborted tasks to end; otherwise
     /// that wait lasts as long as the sanitize operation.
     pub fn abort_tasks(&self, lun: u64, nexus: Option<&ItNexus>) {
+        if let Some(f) = self.forwarding() {
+            return f.to.task_management(ForwardedTaskManagement::AbortTasks {
+                lun,
+                nexus: nexus.cloned(),
+            });
+        }
         if let Some(lu) = self.lu(lun) {
             lu.abort_tasks(nexus);
         }

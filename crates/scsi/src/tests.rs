@@ -1393,3 +1393,166 @@ fn target_port_groups_gate_commands_and_announce_their_changes() {
     );
     assert!(k.target.take_alua_requests().is_empty());
 }
+
+/// Forwards to another target device in the same process, as the cluster does over
+/// the replication link.
+#[derive(Debug)]
+struct ToDevice(Arc<TargetDevice>);
+
+impl Forwarder for ToDevice {
+    fn execute(&self, cmd: ForwardedCommand, respond: Responder) {
+        self.0.execute_then(&cmd.request(), respond);
+    }
+    fn task_management(&self, tmf: ForwardedTaskManagement) {
+        self.0.apply_task_management(&tmf);
+    }
+}
+
+fn nexus_on(name: &str, port: u16) -> ItNexus {
+    let mut n = nexus(name);
+    n.target_port = TargetPort {
+        name: format!("iqn.2024-01.test:t,t,0x{port:04x}"),
+        relative_id: port,
+        group: port,
+    };
+    n
+}
+
+#[test]
+fn a_forwarding_device_shares_reservations_and_reports_its_own_port() {
+    let primary = Arc::new(TargetDevice::new());
+    primary
+        .add_lun(0, LuConfig::default(), Arc::new(MemDevice::new(BLOCKS * 512)))
+        .unwrap();
+    use alua::AsymmetricAccessState::*;
+    primary.set_port_groups(groups(&[(1, ActiveOptimized), (2, ActiveNonOptimized)]));
+    let other = Kit {
+        target: TargetDevice::new(),
+        dev: Arc::new(MemDevice::new(512)),
+    };
+    other
+        .target
+        .forward_to(Arc::new(ToDevice(primary.clone())), [(0, 512)].into());
+    assert!(other.target.is_forwarding());
+    assert_eq!(other.target.luns(), vec![0]);
+    assert_eq!(other.target.data_out_len(0, &write10(0, 2)), Some(1024));
+    let a = nexus_on("iqn.a", 1);
+    let b = nexus_on("iqn.b", 2);
+    // Both nexuses live on the primary's logical unit, whichever path they use.
+    let exec_a = |cdb: &[u8], data: &[u8]| {
+        let mut c = [0u8; 16];
+        c[..cdb.len()].copy_from_slice(cdb);
+        primary.execute(&ScsiRequest {
+            nexus: &a,
+            lun: 0,
+            cdb: &c,
+            data_out: data,
+            expected_data_in_len: 1 << 20,
+            attr: TaskAttribute::Simple,
+        })
+    };
+    assert_eq!(sense_of(&exec_a(&[0; 6], &[])).1, 0x29);
+    assert_eq!(sense_of(&other.exec(&b, &[0; 6], &[])).1, 0x29);
+    // VPD 0x83 through the forwarded path names the port it arrived on.
+    let r = other.exec(&b, &[0x12, 1, 0x83, 0, 255, 0], &[]);
+    assert_good(&r);
+    let d = &r.data_in;
+    let tpg = d.windows(8).any(|w| w[0] & 0x0F == 1 && w[1] & 0x0F == 5 && w[6..8] == [0, 2]);
+    assert!(tpg, "target port group 2 designator in {d:?}");
+    // Registration and reservation through the primary; conflicts through the other path.
+    let (c, p) = prout(0, 0, 0, 0xA, 0);
+    assert_good(&exec_a(&c, &p));
+    let (c, p) = prout(1, 3, 0xA, 0, 0);
+    assert_good(&exec_a(&c, &p));
+    assert_eq!(
+        other.exec(&b, &read10(1, 1), &[]).status,
+        ScsiStatus::ReservationConflict
+    );
+    // READ RESERVATION through the other path sees it.
+    let r = other.exec(&b, &[0x5E, 1, 0, 0, 0, 0, 0, 0, 64, 0], &[]);
+    assert_good(&r);
+    assert_eq!(&r.data_in[8..16], &0xAu64.to_be_bytes());
+    assert_eq!(r.data_in[21], 3);
+    // Writes through the forwarded path land on the primary's medium.
+    let (c, p) = prout(2, 3, 0xA, 0, 0);
+    assert_good(&exec_a(&c, &p));
+    assert_good(&other.exec(&b, &write10(7, 1), &[0x5A; 512]));
+    let r = exec_a(&read10(7, 1), &[]);
+    assert_eq!(&r.data_in[..], &[0x5A; 512][..]);
+    // A LOGICAL UNIT RESET through the other path resets the primary's unit.
+    other.target.reset(ResetKind::LogicalUnit, Some(0), &b);
+    assert_eq!(sense_of(&exec_a(&read10(1, 1), &[])), (0x06, 0x29, 0x03));
+}
+
+/// A shared reservation store in memory that can be told to refuse.
+#[derive(Debug, Default)]
+struct MemStore {
+    state: std::sync::Mutex<Option<String>>,
+    refuse: std::sync::atomic::AtomicBool,
+    saves: std::sync::atomic::AtomicUsize,
+}
+
+impl ReservationStore for MemStore {
+    fn load(&self) -> Option<String> {
+        self.state.lock().unwrap().clone()
+    }
+    fn save(&self, state: &str) -> std::io::Result<()> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("no quorum"));
+        }
+        self.saves.fetch_add(1, Ordering::SeqCst);
+        *self.state.lock().unwrap() = Some(state.to_string());
+        Ok(())
+    }
+}
+
+#[test]
+fn shared_reservations_are_saved_before_completion_and_survive_a_takeover() {
+    let store = Arc::new(MemStore::default());
+    let first = TargetDevice::new();
+    first
+        .add_shared_lun(
+            0,
+            LuConfig::default(),
+            Arc::new(MemDevice::new(BLOCKS * 512)),
+            Some(store.clone()),
+        )
+        .unwrap();
+    let k = Kit {
+        target: first,
+        dev: Arc::new(MemDevice::new(512)),
+    };
+    let a = k.ready("iqn.a");
+    let b = k.ready("iqn.b");
+    assert_good(&pr(&k, &a, 0, 0, 0, 0xA));
+    assert_good(&pr(&k, &a, 1, 5, 0xA, 0));
+    assert_eq!(store.saves.load(Ordering::SeqCst), 2);
+    // A change the store refuses did not happen.
+    store.refuse.store(true, Ordering::SeqCst);
+    assert_eq!(sense_of(&pr(&k, &b, 0, 0, 0, 0xB)), (0x02, 0x04, 0x0A));
+    store.refuse.store(false, Ordering::SeqCst);
+    assert!(!can_write(&k, &b), "b's registration was undone");
+    // Another node takes over with the same store: same registrations and reservation,
+    // and each nexus is told the access state changed, not that power came on.
+    let second = TargetDevice::new();
+    second.take_over();
+    second
+        .add_shared_lun(
+            0,
+            LuConfig::default(),
+            Arc::new(MemDevice::new(BLOCKS * 512)),
+            Some(store.clone()),
+        )
+        .unwrap();
+    let k2 = Kit {
+        target: second,
+        dev: Arc::new(MemDevice::new(512)),
+    };
+    assert_eq!(sense_of(&k2.exec(&a, &read10(1, 1), &[])), (0x06, 0x2A, 0x06));
+    assert_eq!(sense_of(&k2.exec(&b, &read10(1, 1), &[])), (0x06, 0x2A, 0x06));
+    assert!(can_write(&k2, &a));
+    assert!(!can_write(&k2, &b));
+    let r = k2.exec(&a, &[0x5E, 1, 0, 0, 0, 0, 0, 0, 64, 0], &[]);
+    assert_eq!(&r.data_in[8..16], &0xAu64.to_be_bytes());
+    assert_eq!(r.data_in[21], 5);
+}
