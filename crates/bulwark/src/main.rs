@@ -3,6 +3,7 @@
 mod admin;
 mod config;
 mod demo;
+mod forward;
 mod serving;
 mod vip;
 
@@ -752,6 +753,7 @@ async fn serve(cfg: Config) -> Result<()> {
             alias: t.alias.clone(),
             device,
             portals,
+            remote_portals: Vec::new(),
             allowed_initiators: t.allowed_initiators.clone(),
             chap: accounts(&t.chap),
         });

@@ -38,11 +38,121 @@ const VIP_CHECK_EVERY: Duration = Duration::from_millis(100);
 /// One target served here.
 struct Served {
     device: Arc<scsi::TargetDevice>,
-    /// LUN → (volume name, epoch of the primary serving it).
+    /// LUN → (volume name, epoch of the primary serving it), for the logical units
+    /// executed here; empty while forwarding.
     luns: BTreeMap<u64, (String, u64)>,
+    /// The primary this node forwards the target's commands to (its ports are
+    /// active/non-optimized or worse); `None`: this node is the primary.
+    forwarding_to: Option<NodeId>,
     /// The configuration last given to the iSCSI server.
     config: Target,
     chap: Vec<ChapAccount>,
+    /// The portals (this node's, then the other nodes') last given to the server.
+    portals: (Vec<target::Portal>, Vec<target::Portal>),
+}
+
+/// The storage nodes that serve target `t`: those that hold a replica of every one of
+/// its volumes, primary first.
+pub(crate) fn target_nodes(st: &ClusterState, t: &Target) -> Vec<NodeId> {
+    let mut nodes: Vec<NodeId> = Vec::new();
+    for (i, vol) in t.luns.values().enumerate() {
+        let Some(v) = st.volumes.get(vol) else {
+            return Vec::new();
+        };
+        if i == 0 {
+            nodes = v.replicas.clone();
+        } else {
+            nodes.retain(|n| v.replicas.contains(n));
+        }
+    }
+    if let Some(p) = st.target_primary(t) {
+        nodes.sort_by_key(|n| *n != p);
+    }
+    nodes
+}
+
+/// The target port group of a node: its node id (also its portal group tag and
+/// relative target port identifier).
+pub(crate) fn port_group_of(node: NodeId) -> u16 {
+    u16::try_from(node).unwrap_or(u16::MAX)
+}
+
+/// The ALUA table of target `t` (SPC-4 §5.15), the same on every node: one group per
+/// serving node; the primary's active/optimized, other nodes in sync for every volume
+/// active/non-optimized (their commands are forwarded), the rest unavailable.
+pub(crate) fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::TargetPortGroup> {
+    use scsi::alua::AsymmetricAccessState as S;
+    let primary = st.target_primary(t);
+    target_nodes(st, t)
+        .into_iter()
+        .map(|n| {
+            let in_sync = t
+                .luns
+                .values()
+                .all(|vol| st.volumes.get(vol).is_some_and(|v| v.in_sync.contains(&n)));
+            let state = if Some(n) == primary {
+                S::ActiveOptimized
+            } else if in_sync {
+                S::ActiveNonOptimized
+            } else {
+                S::Unavailable
+            };
+            scsi::alua::TargetPortGroup {
+                id: port_group_of(n),
+                state,
+                preferred: Some(n) == primary,
+                ports: vec![port_group_of(n)],
+            }
+        })
+        .collect()
+}
+
+/// Persistent reservations of a volume kept in the cluster state: a change completes
+/// once the Raft log has it, and a new primary starts from the last one.
+struct ClusterReservations {
+    node: ClusterNode,
+    volume: String,
+    epoch: u64,
+    rt: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for ClusterReservations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterReservations")
+            .field("volume", &self.volume)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl scsi::ReservationStore for ClusterReservations {
+    fn load(&self) -> Option<String> {
+        self.node
+            .state()
+            .borrow()
+            .volumes
+            .get(&self.volume)
+            .and_then(|v| v.reservations.clone())
+    }
+
+    fn save(&self, state: &str) -> std::io::Result<()> {
+        let cmd = Command::SetReservations {
+            volume: self.volume.clone(),
+            epoch: self.epoch,
+            state: state.to_string(),
+        };
+        let node = self.node.clone();
+        // Called on an I/O thread, never on the runtime.
+        let r = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), node.write(cmd)).await
+        });
+        match r {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(refused))) => Err(std::io::Error::other(refused.to_string())),
+            Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+            Err(_) => Err(std::io::Error::other("not committed within 5 s")),
+        }
+    }
 }
 
 enum Role {
@@ -234,7 +344,7 @@ impl Serving {
         portals: Vec<target::Portal>,
         net: Arc<ReplicationNet>,
     ) -> Arc<Serving> {
-        Arc::new(Serving {
+        let serving = Arc::new(Serving {
             me: node.id(),
             node_name: node.identity().name.clone(),
             node: node.clone(),
@@ -251,7 +361,22 @@ impl Serving {
             vips: crate::vip::Vips::new(),
 
             events: node.events(),
-        })
+        });
+        let weak = Arc::downgrade(&serving);
+        serving
+            .net
+            .set_forward_handler(Arc::new(crate::forward::ForwardServer {
+                lookup: Box::new(move |target| {
+                    let s = weak.upgrade()?;
+                    let served = s.served.lock().ok()?;
+                    served
+                        .get(target)
+                        .filter(|x| x.forwarding_to.is_none() && !x.luns.is_empty())
+                        .map(|x| x.device.clone())
+                }),
+                server: serving.server.clone(),
+            }));
+        serving
     }
 
     /// Reconciles on every state change until the state channel closes; also every
@@ -297,7 +422,12 @@ impl Serving {
         let mut v: Vec<String> = self
             .served
             .lock()
-            .map(|s| s.keys().cloned().collect())
+            .map(|s| {
+                s.iter()
+                    .filter(|(_, x)| x.forwarding_to.is_none())
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -414,28 +544,22 @@ impl Serving {
             .map_err(|_| anyhow::anyhow!("poisoned"))?;
         let mut roles = self.roles.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
 
-        // 1. Targets that are no longer ours go first: their sessions end before the
-        //    primary volumes under them stop.
+        // 1. Targets that are no longer served here go first: their sessions end
+        //    before the volumes under them stop. Targets whose primary moved away
+        //    forward from now on (their ports become active/non-optimized), and their
+        //    initiators are asked to log in again, as a single-path initiator then
+        //    finds the new primary through a virtual IP.
         let gone: Vec<String> = served
-            .iter()
-            .filter(|(iqn, s)| {
-                let Some(t) = st.targets.get(*iqn) else {
-                    return true;
-                };
-                // Not primary here any more, or a volume under it changed epoch (this
-                // node was re-promoted): the device under the LUN is another one now.
-                st.target_primary(t) != Some(self.me)
-                    || s.luns.iter().any(|(lun, (vol, epoch))| {
-                        t.luns.get(lun) == Some(vol)
-                            && st.volumes.get(vol).is_some_and(|v| v.epoch != *epoch)
-                    })
+            .keys()
+            .filter(|iqn| {
+                st.targets
+                    .get(*iqn)
+                    .is_none_or(|t| !target_nodes(st, t).contains(&self.me))
             })
-            .map(|(iqn, _)| iqn.clone())
+            .cloned()
             .collect();
         for iqn in gone {
             if st.targets.contains_key(&iqn) {
-                // Served elsewhere now: ask initiators to log out so they reconnect at
-                // once (RFC 7143 AsyncEvent 1), end the sessions that stay.
                 self.server.hand_over_target(&iqn, Duration::from_secs(2));
             } else {
                 self.server.remove_target(&iqn);
@@ -445,6 +569,17 @@ impl Serving {
                 "config",
                 format!("{} stopped serving {iqn}", self.node_name),
             );
+        }
+        for (iqn, s) in served.iter_mut() {
+            let Some(t) = st.targets.get(iqn) else {
+                continue;
+            };
+            match st.target_primary(t) {
+                Some(p) if p != self.me && s.forwarding_to != Some(p) => {
+                    self.forward_target(t, s, p);
+                }
+                _ => {}
+            }
         }
 
         // 2. Volume roles.
@@ -585,63 +720,44 @@ impl Serving {
             }
         }
 
-        // 4. Targets primary here, once every volume's primary runs at its epoch.
+        // 4. Targets served here: executed where they are primary, once every
+        //    volume's primary runs at its epoch; forwarded from the other nodes that
+        //    hold their volumes.
         for t in st.targets.values() {
-            if st.target_primary(t) != Some(self.me) {
+            let nodes = target_nodes(st, t);
+            if !nodes.contains(&self.me) {
                 continue;
             }
+            let Some(primary) = st.target_primary(t) else {
+                continue;
+            };
+            let here = primary == self.me;
             let ready = t.luns.values().all(|n| {
                 st.volumes.get(n).is_some_and(|v| {
                     matches!(roles.get(n), Some(Role::Primary { epoch, .. }) if *epoch == v.epoch)
                 })
             });
-            if !ready {
+            if here && !ready && !served.contains_key(&t.iqn) {
                 continue;
             }
             let is_new = !served.contains_key(&t.iqn);
             let s = served.entry(t.iqn.clone()).or_insert_with(|| Served {
                 device: Arc::new(scsi::TargetDevice::new()),
                 luns: BTreeMap::new(),
+                forwarding_to: None,
                 config: Target::default(),
                 chap: Vec::new(),
+                portals: (Vec::new(), Vec::new()),
             });
-            let removed: Vec<u64> = s
-                .luns
-                .iter()
-                .filter(|(lun, (vol, _))| t.luns.get(lun) != Some(vol))
-                .map(|(lun, _)| *lun)
-                .collect();
-            for lun in removed {
-                let _ = s.device.remove_lun(lun);
-                s.luns.remove(&lun);
-            }
-            for (lun, vol_name) in &t.luns {
-                let (Some(v), Some(Role::Primary { volume, .. })) =
-                    (st.volumes.get(vol_name), roles.get(vol_name))
-                else {
-                    continue;
-                };
-                if s.luns.contains_key(lun) {
-                    if volume.size_bytes() < v.size_bytes {
-                        // Resize: grow the primary's copy, then tell the initiators.
-                        // Replicas grow on the same state change, or on demand when a
-                        // write past their end arrives first.
-                        let grown = match roles.get(vol_name) {
-                            Some(Role::Primary { store, .. }) => store.grow(v.size_bytes),
-                            _ => Ok(()),
-                        };
-                        match grown {
-                            Ok(()) => s.device.capacity_changed(*lun),
-                            Err(e) => error!(volume = %v.name, "cannot grow the volume: {e}"),
-                        }
-                    }
-                    continue;
+            if !here {
+                if is_new || s.forwarding_to != Some(primary) {
+                    self.forward_target(t, s, primary);
                 }
-                let device: Arc<dyn BlockDevice> = volume.clone();
-                s.device
-                    .add_lun(*lun, lu_config(v, &self.volume_path(&v.name)), device)
-                    .with_context(|| format!("{} LUN {lun}", t.iqn))?;
-                s.luns.insert(*lun, (vol_name.clone(), v.epoch));
+            } else if ready {
+                if s.forwarding_to.take().is_some() {
+                    s.device.take_over();
+                }
+                self.execute_target_here(st, t, s, &roles)?;
             }
             let chap: Vec<ChapAccount> = t
                 .chap
@@ -653,19 +769,34 @@ impl Serving {
                     mutual: a.mutual.clone(),
                 })
                 .collect();
-            if is_new || s.config != *t || s.chap != chap {
-                // Virtual IPs are portals of this node while it serves the target.
-                let group_tag = self.portals.first().map_or(1, |p| p.group_tag);
-                let mut portals = self.portals.clone();
+            let mut portals = self.portals.clone();
+            if here {
+                // Virtual IPs are portals of the primary.
+                let group_tag = port_group_of(self.me);
                 portals.extend(t.vips.keys().map(|a| target::Portal {
                     addr: SocketAddr::new(*a, crate::vip::VIP_PORT),
                     group_tag,
                 }));
+            }
+            let remote: Vec<target::Portal> = nodes
+                .iter()
+                .filter(|n| **n != self.me)
+                .filter_map(|n| st.nodes.get(n))
+                .flat_map(|n| {
+                    n.addresses.portals.iter().map(|a| target::Portal {
+                        addr: *a,
+                        group_tag: port_group_of(n.id),
+                    })
+                })
+                .collect();
+            let portals = (portals, remote);
+            if is_new || s.config != *t || s.chap != chap || s.portals != portals {
                 self.server.set_target(target::TargetConfig {
                     name: t.iqn.clone(),
                     alias: t.alias.clone(),
                     device: s.device.clone(),
-                    portals,
+                    portals: portals.0.clone(),
+                    remote_portals: portals.1.clone(),
                     allowed_initiators: if t.acl.is_empty() {
                         None
                     } else {
@@ -679,13 +810,114 @@ impl Serving {
                 }
                 s.config = t.clone();
                 s.chap = chap;
+                s.portals = portals;
             }
+            s.device.set_port_groups(port_groups(st, t));
         }
 
         // 5. The virtual IPs of the targets served here, and only those.
         drop(roles);
         drop(served);
         self.reconcile_vips(st);
+        Ok(())
+    }
+
+    /// From now on `t`'s commands arriving here go to `primary`. Sessions that were
+    /// served here as primary are asked to log in again.
+    fn forward_target(&self, t: &Target, s: &mut Served, primary: NodeId) {
+        let luns: BTreeMap<u64, u32> = t
+            .luns
+            .iter()
+            .filter_map(|(lun, vol)| {
+                self.node
+                    .state()
+                    .borrow()
+                    .volumes
+                    .get(vol)
+                    .map(|v| (*lun, v.block_size))
+            })
+            .collect();
+        let was_primary = s.forwarding_to.is_none() && !s.luns.is_empty();
+        s.device.forward_to(
+            Arc::new(crate::forward::NetForwarder {
+                net: self.net.clone(),
+                primary,
+                target: t.iqn.clone(),
+            }),
+            luns,
+        );
+        s.luns.clear();
+        s.forwarding_to = Some(primary);
+        if was_primary {
+            self.server.ask_to_log_out(&t.iqn, Duration::from_secs(2));
+            self.events.push(
+                "config",
+                format!(
+                    "{} forwards {} to node {primary} (active/non-optimized)",
+                    self.node_name, t.iqn
+                ),
+            );
+        }
+    }
+
+    /// The logical units of `t`, primary here, on this node's volumes: new LUNs are
+    /// added, removed ones dropped, and a volume re-promoted at a new epoch gets a new
+    /// logical unit (its device changed). Reservations come from the cluster state.
+    fn execute_target_here(
+        &self,
+        st: &ClusterState,
+        t: &Target,
+        s: &mut Served,
+        roles: &HashMap<String, Role>,
+    ) -> Result<()> {
+        let stale: Vec<u64> = s
+            .luns
+            .iter()
+            .filter(|(lun, (vol, epoch))| {
+                t.luns.get(lun) != Some(vol)
+                    || st.volumes.get(vol).is_none_or(|v| v.epoch != *epoch)
+            })
+            .map(|(lun, _)| *lun)
+            .collect();
+        for lun in stale {
+            let _ = s.device.remove_lun(lun);
+            s.luns.remove(&lun);
+        }
+        for (lun, vol_name) in &t.luns {
+            let (Some(v), Some(Role::Primary { volume, store, .. })) =
+                (st.volumes.get(vol_name), roles.get(vol_name))
+            else {
+                continue;
+            };
+            if s.luns.contains_key(lun) {
+                if volume.size_bytes() < v.size_bytes {
+                    // Resize: grow the primary's copy, then tell the initiators.
+                    // Replicas grow on the same state change, or on demand when a
+                    // write past their end arrives first.
+                    match store.grow(v.size_bytes) {
+                        Ok(()) => s.device.capacity_changed(*lun),
+                        Err(e) => error!(volume = %v.name, "cannot grow the volume: {e}"),
+                    }
+                }
+                continue;
+            }
+            let device: Arc<dyn BlockDevice> = volume.clone();
+            let reservations: Arc<dyn scsi::ReservationStore> = Arc::new(ClusterReservations {
+                node: self.node.clone(),
+                volume: v.name.clone(),
+                epoch: v.epoch,
+                rt: self.rt.clone(),
+            });
+            s.device
+                .add_shared_lun(
+                    *lun,
+                    lu_config(v, &self.volume_path(&v.name)),
+                    device,
+                    Some(reservations),
+                )
+                .with_context(|| format!("{} LUN {lun}", t.iqn))?;
+            s.luns.insert(*lun, (vol_name.clone(), v.epoch));
+        }
         Ok(())
     }
 
@@ -699,8 +931,9 @@ impl Serving {
                 return;
             };
             served
-                .keys()
-                .filter_map(|iqn| st.targets.get(iqn))
+                .iter()
+                .filter(|(_, s)| s.forwarding_to.is_none())
+                .filter_map(|(iqn, _)| st.targets.get(iqn))
                 .filter(|t| {
                     t.luns.values().all(|vol| {
                         matches!(roles.get(vol), Some(Role::Primary { volume, .. }) if volume.claims_service(cluster::node::LEASE))

@@ -113,6 +113,11 @@ pub struct Volume {
     /// the primary has run it.
     #[serde(default)]
     pub verify: Option<VolumeVerify>,
+    /// Persistent reservation state of the volume's logical unit (registrations, the
+    /// reservation, the generation; the `scsi` crate's text form), as the primary
+    /// last committed it: every path sees it and a new primary starts from it.
+    #[serde(default)]
+    pub reservations: Option<String>,
 }
 
 /// An online verify of a volume: every region's checksum on the primary against each
@@ -459,6 +464,16 @@ pub enum Command {
         id: u64,
         /// What it found.
         result: VerifyResult,
+    },
+    /// The primary changed the persistent reservations of a volume (PERSISTENT
+    /// RESERVE OUT completes once this is committed).
+    SetReservations {
+        /// Volume.
+        volume: String,
+        /// The primary's epoch: a deposed primary's change is refused.
+        epoch: u64,
+        /// The new state.
+        state: String,
     },
     /// Changes the settings.
     SetSettings {
@@ -884,6 +899,7 @@ impl ClusterState {
                         moving_to: None,
                         epoch: 1,
                         verify: None,
+                        reservations: None,
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1321,6 +1337,25 @@ impl ClusterState {
                 if let Some(x) = v.verify.as_mut().filter(|x| x.id == *id) {
                     x.result = Some(result.clone());
                 }
+                Ok(Applied::Done)
+            }
+            Command::SetReservations {
+                volume,
+                epoch,
+                state,
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                if v.epoch != *epoch {
+                    return Err(Refused::StaleEpoch {
+                        volume: volume.clone(),
+                        epoch: *epoch,
+                        current: v.epoch,
+                    });
+                }
+                v.reservations = Some(state.clone());
                 Ok(Applied::Done)
             }
             Command::SetSettings { settings } => {

@@ -212,6 +212,95 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
     Ok((name, msg))
 }
 
+/// Frame kinds of forwarded SCSI traffic (not volume messages).
+const FORWARD_REQUEST: u8 = 100;
+const FORWARD_REPLY: u8 = 101;
+
+/// How long a forwarded command may wait for its answer before it is failed as
+/// transitioning (a primary stopped, not disconnected, answers nothing).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A frame as received.
+enum Incoming {
+    Volume(String, Message),
+    ForwardRequest { target: String, id: u64, body: Bytes },
+    ForwardReply { id: u64, body: Bytes },
+}
+
+/// A forwarding frame: `kind`, the target's name, the request id; `body` follows as is.
+fn encode_forward(kind: u8, target: &str, id: u64, body: Bytes) -> Frame {
+    let mut h = BytesMut::with_capacity(20 + target.len());
+    h.put_u32((2 + target.len() + 1 + 8 + body.len()) as u32);
+    h.put_u16(target.len() as u16);
+    h.put_slice(target.as_bytes());
+    h.put_u8(kind);
+    h.put_u64(id);
+    (h, Some(body))
+}
+
+fn decode_incoming(b: Bytes) -> io::Result<Incoming> {
+    let kind = b
+        .get(2..4)
+        .map(|l| u16::from_be_bytes([l[0], l[1]]) as usize)
+        .and_then(|nlen| b.get(2 + nlen).copied());
+    match kind {
+        Some(k @ (FORWARD_REQUEST | FORWARD_REPLY)) => {
+            let mut b = b;
+            let nlen = b.get_u16() as usize;
+            let name = String::from_utf8(b.split_to(nlen).to_vec()).map_err(|_| bad("name"))?;
+            b.advance(1);
+            if b.remaining() < 8 {
+                return Err(bad("short"));
+            }
+            let id = b.get_u64();
+            Ok(if k == FORWARD_REQUEST {
+                Incoming::ForwardRequest {
+                    target: name,
+                    id,
+                    body: b,
+                }
+            } else {
+                Incoming::ForwardReply { id, body: b }
+            })
+        }
+        _ => decode(b).map(|(v, m)| Incoming::Volume(v, m)),
+    }
+}
+
+/// Executes SCSI commands that other nodes forward here (their ports are
+/// active/non-optimized: this node is primary). The body is the caller's encoding.
+pub trait ForwardHandler: Send + Sync {
+    /// Handles one request for `target` from `from`; the answer goes to `reply`.
+    fn request(&self, from: NodeId, target: String, body: Bytes, reply: ForwardReply);
+}
+
+/// Where the answer to one forwarded request goes (back on the link it came in on).
+pub struct ForwardReply {
+    tx: Option<mpsc::UnboundedSender<Frame>>,
+    target: String,
+    id: u64,
+}
+
+impl ForwardReply {
+    /// Sends the answer; it is lost if the link went down meanwhile (the sender then
+    /// fails the request itself).
+    pub fn send(self, body: Bytes) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(encode_forward(FORWARD_REPLY, &self.target, self.id, body));
+        }
+    }
+}
+
+/// The callback of one request sent with [`ReplicationNet::forward`]: the answer, or
+/// `None` when the link went down or the answer did not come in time.
+pub type ForwardDone = Box<dyn FnOnce(Option<Bytes>) + Send>;
+
+struct PendingForward {
+    node: NodeId,
+    sent: std::time::Instant,
+    done: ForwardDone,
+}
+
 async fn read_frame(s: &mut (impl AsyncReadExt + Unpin)) -> io::Result<Bytes> {
     let len = s.read_u32().await? as usize;
     if len > MAX_FRAME {
@@ -249,6 +338,11 @@ pub struct ReplicationNet {
     up: Mutex<std::collections::BTreeSet<NodeId>>,
     /// Outgoing links leave from the replication address.
     local: std::net::IpAddr,
+    /// Executes what other nodes forward here.
+    forward_handler: Mutex<Option<Arc<dyn ForwardHandler>>>,
+    /// Requests forwarded from here that wait for their answer, by id.
+    forwards: Mutex<HashMap<u64, PendingForward>>,
+    next_forward: std::sync::atomic::AtomicU64,
 }
 
 impl ReplicationNet {
@@ -274,6 +368,17 @@ impl ReplicationNet {
             replicas: Mutex::default(),
             up: Mutex::default(),
             local: listen.ip(),
+            forward_handler: Mutex::default(),
+            forwards: Mutex::default(),
+            next_forward: std::sync::atomic::AtomicU64::new(1),
+        });
+        let weak = Arc::downgrade(&net);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(n) = weak.upgrade() else { return };
+                n.fail_forwards(|p| p.sent.elapsed() >= FORWARD_TIMEOUT);
+            }
         });
         let n = net.clone();
         tokio::spawn(async move {
@@ -309,6 +414,90 @@ impl ReplicationNet {
         if new {
             let n = self.clone();
             tokio::spawn(async move { n.keep_link(node, addr).await });
+        }
+    }
+
+    /// Sets what executes requests forwarded to this node.
+    pub fn set_forward_handler(&self, h: Arc<dyn ForwardHandler>) {
+        *self.forward_handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+    }
+
+    /// Forwards `body` for `target` to `node` over the link to it; `done` gets the
+    /// answer, or `None` at once when there is no link, later when it breaks or the
+    /// answer takes longer than [`FORWARD_TIMEOUT`].
+    pub fn forward(&self, node: NodeId, target: &str, body: Bytes, done: ForwardDone) {
+        let tx = self
+            .outgoing
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&node).cloned());
+        let Some(tx) = tx else {
+            return done(None);
+        };
+        let id = self
+            .next_forward
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                PendingForward {
+                    node,
+                    sent: std::time::Instant::now(),
+                    done,
+                },
+            );
+        if tx
+            .send(encode_forward(FORWARD_REQUEST, target, id, body))
+            .is_err()
+        {
+            self.fail_forwards(|p| p.node == node);
+        }
+    }
+
+    fn fail_forwards(&self, which: impl Fn(&PendingForward) -> bool) {
+        let failed: Vec<PendingForward> = {
+            let mut m = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u64> = m.iter().filter(|(_, p)| which(p)).map(|(id, _)| *id).collect();
+            ids.into_iter().filter_map(|id| m.remove(&id)).collect()
+        };
+        for p in failed {
+            (p.done)(None);
+        }
+    }
+
+    fn incoming_frame(&self, peer: NodeId, frame: Incoming) {
+        match frame {
+            Incoming::Volume(vol, msg) => self.route(peer, vol, msg),
+            Incoming::ForwardRequest { target, id, body } => {
+                let handler = self
+                    .forward_handler
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let tx = self
+                    .incoming
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&peer).cloned());
+                let reply = ForwardReply { tx, target: target.clone(), id };
+                match handler {
+                    Some(h) => h.request(peer, target, body, reply),
+                    // Dropped: the sender times the request out.
+                    None => drop(reply),
+                }
+            }
+            Incoming::ForwardReply { id, body } => {
+                let p = self
+                    .forwards
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if let Some(p) = p {
+                    (p.done)(Some(body));
+                }
+            }
         }
     }
 
@@ -436,8 +625,8 @@ impl ReplicationNet {
         // Buffered: a burst of frames costs one read, not two per frame.
         let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
         let result = loop {
-            match read_frame(&mut rd).await.and_then(decode) {
-                Ok((vol, msg)) => self.route(peer, vol, msg),
+            match read_frame(&mut rd).await.and_then(decode_incoming) {
+                Ok(frame) => self.incoming_frame(peer, frame),
                 Err(e) => break Err(e),
             }
         };
@@ -497,6 +686,10 @@ impl ReplicationNet {
     }
 
     fn link_changed(&self, node: NodeId, up: bool) {
+        if !up {
+            // Requests forwarded over the link will not be answered.
+            self.fail_forwards(|p| p.node == node);
+        }
         if let Ok(mut u) = self.up.lock() {
             if up {
                 u.insert(node);

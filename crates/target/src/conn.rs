@@ -408,7 +408,9 @@ async fn full_feature(
             target_port: TargetPort {
                 name: format!("{},t,0x{:04x}", t.name, tag),
                 relative_id: tag,
-                group: 1,
+                // One target port group per portal group: in a cluster, one per node
+                // (DESIGN.md, "ALUA and paths").
+                group: tag,
             },
         })
     });

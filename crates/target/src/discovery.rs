@@ -50,7 +50,7 @@ pub(crate) fn send_targets(
             continue;
         }
         out.push("TargetName", t.name.clone());
-        for p in &t.portals {
+        for p in t.portals.iter().chain(&t.remote_portals) {
             out.push("TargetAddress", target_address(p.addr, p.group_tag, local));
         }
     }

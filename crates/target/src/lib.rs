@@ -43,6 +43,10 @@ pub struct TargetConfig {
     pub device: Arc<scsi::TargetDevice>,
     /// Portals the target is reachable on.
     pub portals: Vec<Portal>,
+    /// Portals of other nodes that serve the target too: SendTargets lists them with
+    /// their own portal group tags, so one discovery finds every path (RFC 7143 §4.4.1),
+    /// but logins there are theirs to accept.
+    pub remote_portals: Vec<Portal>,
     /// Initiator names allowed to see and log in to the target; `None` allows all.
     pub allowed_initiators: Option<Vec<String>>,
     /// CHAP accounts bound to the target; empty means no authentication.
@@ -115,6 +119,19 @@ impl Server {
     /// Removes a target and ends its sessions.
     pub fn remove_target(&self, name: &str) {
         self.shared.remove_target(name);
+    }
+
+    /// Asks the initiators logged in to `name` to log out and log in again; ends the
+    /// sessions still there after `grace`. The target stays.
+    pub fn ask_to_log_out(&self, name: &str, grace: Duration) {
+        self.shared.ask_to_log_out(name, grace);
+    }
+
+    /// Aborts the tasks of `nexus` on `lun` in the sessions of `target` (PERSISTENT
+    /// RESERVE OUT PREEMPT AND ABORT executed for another node's path); returns how
+    /// many.
+    pub fn abort_preempted(&self, target: &str, nexus: &scsi::ItNexus, lun: u64) -> usize {
+        self.shared.abort_preempted(target, nexus, lun)
     }
 
     /// The sessions logged in now.

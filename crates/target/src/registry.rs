@@ -289,6 +289,25 @@ impl Shared {
         });
     }
 
+    /// Asks the initiators of `name`'s sessions to log out (RFC 7143 §11.9.1, AsyncEvent
+    /// one) and ends those still there after `grace`; the target stays, so they log in
+    /// again (the primary moved away: on this path they now reach it forwarded, or
+    /// through a virtual IP on the new primary). Must be called within a tokio runtime.
+    pub fn ask_to_log_out(&self, name: &str, grace: Duration) {
+        let kills = std::sync::Mutex::new(Vec::new());
+        self.each_session_of(name, |e| {
+            e.logout.notify_one();
+            kills.lock().unwrap_or_else(|e| e.into_inner()).push(e.kill.clone());
+        });
+        let kills = kills.into_inner().unwrap_or_else(|e| e.into_inner());
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            for k in kills {
+                k.notify_one();
+            }
+        });
+    }
+
     /// Ends every session of the given target (target cold reset).
     pub fn kill_target_sessions(&self, target: &str) {
         self.each_session_of(target, |e| e.kill.notify_one());

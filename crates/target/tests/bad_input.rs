@@ -32,6 +32,7 @@ async fn start(settings: ServerSettings) -> (Server, SocketAddr, tokio::sync::on
         alias: None,
         device,
         portals: vec![Portal { addr, group_tag: 1 }],
+        remote_portals: Vec::new(),
         allowed_initiators: None,
         chap: Vec::new(),
     });

@@ -1,0 +1,433 @@
+//! Active/non-optimized paths: a node that holds an in-sync replica of a target's
+//! volumes serves the target too, and forwards every command over the replication link
+//! to the primary, which executes it for the I_T nexus it arrived on (DESIGN.md, "ALUA
+//! and paths"). Reservations, unit attentions and access states are therefore decided
+//! in one place, for every path.
+//!
+//! Wire form (the body of a replication forwarding frame): a kind byte, then for a
+//! command the nexus, LUN, task attribute, expected Data-In length, CDB and Data-Out;
+//! the answer is the status, the sense and the Data-In. Task management carries its
+//! function and is answered with an empty body once done.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use replication::net::{ForwardHandler, ForwardReply, ReplicationNet, FORWARD_TIMEOUT};
+use replication::NodeId;
+use scsi::{
+    ForwardedCommand, ForwardedTaskManagement, ItNexus, ResetKind, ScsiResponse, ScsiStatus,
+    Sense, TargetPort, TaskAttribute,
+};
+
+const COMMAND: u8 = 1;
+const TASK_MANAGEMENT: u8 = 2;
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("bad forwarded command: {what}"),
+    )
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    b.put_u16(u16::try_from(s.len()).unwrap_or(u16::MAX));
+    b.put_slice(s.as_bytes().get(..usize::from(u16::MAX)).unwrap_or(s.as_bytes()));
+}
+
+fn get_bytes(b: &mut Bytes, n: usize) -> io::Result<Bytes> {
+    if b.remaining() < n {
+        return Err(bad("short"));
+    }
+    Ok(b.split_to(n))
+}
+
+fn get_str(b: &mut Bytes) -> io::Result<String> {
+    let n = usize::from(get_u16(b)?);
+    String::from_utf8(get_bytes(b, n)?.to_vec()).map_err(|_| bad("name"))
+}
+
+fn get_u8(b: &mut Bytes) -> io::Result<u8> {
+    Ok(get_bytes(b, 1)?.get_u8())
+}
+
+fn get_u16(b: &mut Bytes) -> io::Result<u16> {
+    Ok(get_bytes(b, 2)?.get_u16())
+}
+
+fn get_u32(b: &mut Bytes) -> io::Result<u32> {
+    Ok(get_bytes(b, 4)?.get_u32())
+}
+
+fn get_u64(b: &mut Bytes) -> io::Result<u64> {
+    Ok(get_bytes(b, 8)?.get_u64())
+}
+
+fn put_nexus(b: &mut BytesMut, n: &ItNexus) {
+    put_str(b, &n.initiator_name);
+    b.put_slice(&n.isid);
+    put_str(b, &n.target_port.name);
+    b.put_u16(n.target_port.relative_id);
+    b.put_u16(n.target_port.group);
+}
+
+fn get_nexus(b: &mut Bytes) -> io::Result<ItNexus> {
+    let initiator_name = get_str(b)?;
+    let mut isid = [0u8; 6];
+    get_bytes(b, 6)?.copy_to_slice(&mut isid);
+    let name = get_str(b)?;
+    Ok(ItNexus {
+        initiator_name,
+        isid,
+        target_port: TargetPort {
+            name,
+            relative_id: get_u16(b)?,
+            group: get_u16(b)?,
+        },
+    })
+}
+
+fn attr_code(a: TaskAttribute) -> u8 {
+    match a {
+        TaskAttribute::Simple => 0,
+        TaskAttribute::Ordered => 1,
+        TaskAttribute::HeadOfQueue => 2,
+        TaskAttribute::Aca => 3,
+        TaskAttribute::Untagged => 4,
+    }
+}
+
+fn attr_of(c: u8) -> TaskAttribute {
+    match c {
+        1 => TaskAttribute::Ordered,
+        2 => TaskAttribute::HeadOfQueue,
+        3 => TaskAttribute::Aca,
+        4 => TaskAttribute::Untagged,
+        _ => TaskAttribute::Simple,
+    }
+}
+
+/// Encodes a command; the Data-Out is appended as is.
+pub fn encode_command(c: &ForwardedCommand) -> Bytes {
+    let mut b = BytesMut::with_capacity(96 + c.cdb.len() + c.data_out.len());
+    b.put_u8(COMMAND);
+    put_nexus(&mut b, &c.nexus);
+    b.put_u64(c.lun);
+    b.put_u8(attr_code(c.attr));
+    b.put_u32(c.expected_data_in_len);
+    b.put_u8(u8::try_from(c.cdb.len()).unwrap_or(0));
+    b.put_slice(c.cdb.get(..usize::from(u8::MAX)).unwrap_or(&c.cdb));
+    b.put_slice(&c.data_out);
+    b.freeze()
+}
+
+/// Encodes task management.
+pub fn encode_task_management(t: &ForwardedTaskManagement) -> Bytes {
+    let mut b = BytesMut::with_capacity(96);
+    b.put_u8(TASK_MANAGEMENT);
+    match t {
+        ForwardedTaskManagement::Reset { kind, lun, by } => {
+            b.put_u8(match kind {
+                ResetKind::LogicalUnit => 1,
+                ResetKind::TargetWarm => 2,
+                ResetKind::TargetCold => 3,
+            });
+            b.put_u64(lun.map_or(u64::MAX, |l| l));
+            put_nexus(&mut b, by);
+        }
+        ForwardedTaskManagement::AbortTasks { lun, nexus } => {
+            b.put_u8(4);
+            b.put_u64(*lun);
+            b.put_u8(u8::from(nexus.is_some()));
+            if let Some(n) = nexus {
+                put_nexus(&mut b, n);
+            }
+        }
+        ForwardedTaskManagement::NexusLoss(n) => {
+            b.put_u8(5);
+            put_nexus(&mut b, n);
+        }
+    }
+    b.freeze()
+}
+
+/// A decoded request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// A SCSI command.
+    Command(ForwardedCommand),
+    /// Task management.
+    TaskManagement(ForwardedTaskManagement),
+}
+
+/// Decodes a request body.
+pub fn decode_request(mut b: Bytes) -> io::Result<Request> {
+    match get_u8(&mut b)? {
+        COMMAND => {
+            let nexus = get_nexus(&mut b)?;
+            let lun = get_u64(&mut b)?;
+            let attr = attr_of(get_u8(&mut b)?);
+            let expected_data_in_len = get_u32(&mut b)?;
+            let n = usize::from(get_u8(&mut b)?);
+            let cdb = get_bytes(&mut b, n)?;
+            Ok(Request::Command(ForwardedCommand {
+                nexus,
+                lun,
+                cdb,
+                data_out: b,
+                expected_data_in_len,
+                attr,
+            }))
+        }
+        TASK_MANAGEMENT => {
+            let t = match get_u8(&mut b)? {
+                k @ 1..=3 => {
+                    let lun = get_u64(&mut b)?;
+                    ForwardedTaskManagement::Reset {
+                        kind: match k {
+                            1 => ResetKind::LogicalUnit,
+                            2 => ResetKind::TargetWarm,
+                            _ => ResetKind::TargetCold,
+                        },
+                        lun: (lun != u64::MAX).then_some(lun),
+                        by: get_nexus(&mut b)?,
+                    }
+                }
+                4 => {
+                    let lun = get_u64(&mut b)?;
+                    let nexus = if get_u8(&mut b)? != 0 {
+                        Some(get_nexus(&mut b)?)
+                    } else {
+                        None
+                    };
+                    ForwardedTaskManagement::AbortTasks { lun, nexus }
+                }
+                5 => ForwardedTaskManagement::NexusLoss(get_nexus(&mut b)?),
+                _ => return Err(bad("task management function")),
+            };
+            if b.has_remaining() {
+                return Err(bad("trailing bytes"));
+            }
+            Ok(Request::TaskManagement(t))
+        }
+        _ => Err(bad("kind")),
+    }
+}
+
+/// Encodes a command's response.
+pub fn encode_response(r: &ScsiResponse) -> Bytes {
+    let sense = r.sense.as_deref().unwrap_or(&[]);
+    let mut b = BytesMut::with_capacity(8 + sense.len() + r.data_in.len());
+    b.put_u8(r.status as u8);
+    b.put_u8(u8::from(r.sense.is_some()));
+    b.put_u16(u16::try_from(sense.len()).unwrap_or(0));
+    b.put_slice(sense.get(..usize::from(u16::MAX)).unwrap_or(sense));
+    b.put_slice(&r.data_in);
+    b.freeze()
+}
+
+/// Decodes a command's response.
+pub fn decode_response(mut b: Bytes) -> io::Result<ScsiResponse> {
+    let status = match get_u8(&mut b)? {
+        0x00 => ScsiStatus::Good,
+        0x02 => ScsiStatus::CheckCondition,
+        0x04 => ScsiStatus::ConditionMet,
+        0x08 => ScsiStatus::Busy,
+        0x18 => ScsiStatus::ReservationConflict,
+        0x28 => ScsiStatus::TaskSetFull,
+        0x30 => ScsiStatus::AcaActive,
+        0x40 => ScsiStatus::TaskAborted,
+        _ => return Err(bad("status")),
+    };
+    let has_sense = get_u8(&mut b)? != 0;
+    let n = usize::from(get_u16(&mut b)?);
+    let sense = get_bytes(&mut b, n)?;
+    Ok(ScsiResponse {
+        status,
+        sense: has_sense.then_some(sense),
+        data_in: b,
+    })
+}
+
+/// What a forwarded command gets when the primary cannot be reached or answers
+/// nonsense: the initiator retries, on this path or another (SPC-4 §5.15.2.5).
+fn transitioning() -> ScsiResponse {
+    scsi::check_condition(Sense::NOT_READY_ASYMMETRIC_ACCESS_STATE_TRANSITION)
+}
+
+/// The forwarder of a target served here while `primary` executes its commands.
+pub struct NetForwarder {
+    /// The replication endpoint.
+    pub net: Arc<ReplicationNet>,
+    /// The primary.
+    pub primary: NodeId,
+    /// The target's name.
+    pub target: String,
+}
+
+impl std::fmt::Debug for NetForwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetForwarder")
+            .field("primary", &self.primary)
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl scsi::Forwarder for NetForwarder {
+    fn execute(&self, cmd: ForwardedCommand, respond: scsi::Responder) {
+        self.net.forward(
+            self.primary,
+            &self.target,
+            encode_command(&cmd),
+            Box::new(move |answer| {
+                let r = answer
+                    .and_then(|b| decode_response(b).ok())
+                    .unwrap_or_else(transitioning);
+                respond.send(r);
+            }),
+        );
+    }
+
+    fn task_management(&self, tmf: ForwardedTaskManagement) {
+        let wait = !matches!(tmf, ForwardedTaskManagement::AbortTasks { .. });
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.net.forward(
+            self.primary,
+            &self.target,
+            encode_task_management(&tmf),
+            Box::new(move |answer| {
+                let _ = tx.send(answer.is_some());
+            }),
+        );
+        // Aborts are called from the connection's task and must not block it; the
+        // others run on a blocking thread and complete once the primary has them.
+        if wait && !matches!(rx.recv_timeout(FORWARD_TIMEOUT), Ok(true)) {
+            tracing::warn!(target = %self.target, ?tmf, "forwarded task management not confirmed");
+        }
+    }
+}
+
+/// Looks up the target device that executes a target's commands here (this node is
+/// its primary), or `None`.
+pub type DeviceLookup = dyn Fn(&str) -> Option<Arc<scsi::TargetDevice>> + Send + Sync;
+
+/// Executes commands forwarded to this node.
+pub struct ForwardServer {
+    /// The targets this node executes.
+    pub lookup: Box<DeviceLookup>,
+    /// The iSCSI server (to abort the tasks of preempted nexuses).
+    pub server: target::Server,
+}
+
+impl ForwardHandler for ForwardServer {
+    fn request(&self, from: NodeId, target: String, body: Bytes, reply: ForwardReply) {
+        let request = match decode_request(body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(from, %target, error = %e, "undecodable forwarded command");
+                return reply.send(encode_response(&transitioning()));
+            }
+        };
+        let device = (self.lookup)(&target);
+        let server = self.server.clone();
+        // Commands block on the disk: never on the link's task.
+        tokio::task::spawn_blocking(move || match request {
+            Request::Command(cmd) => {
+                let Some(device) = device else {
+                    return reply.send(encode_response(&transitioning()));
+                };
+                let prout = cmd.cdb.first() == Some(&0x5F);
+                let d = device.clone();
+                let respond = scsi::Responder::new(move |r: ScsiResponse| {
+                    if prout && r.status == ScsiStatus::Good {
+                        for p in d.take_preempted_nexuses() {
+                            let n = server.abort_preempted(&target, &p.nexus, p.lun);
+                            d.abort_tasks(p.lun, Some(&p.nexus));
+                            tracing::info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
+                        }
+                    }
+                    reply.send(encode_response(&r));
+                });
+                device.execute_then(&cmd.request(), respond);
+            }
+            Request::TaskManagement(t) => {
+                if let Some(device) = device {
+                    device.apply_task_management(&t);
+                }
+                reply.send(Bytes::new());
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nexus() -> ItNexus {
+        ItNexus {
+            initiator_name: "iqn.1994-05.com.example:host".into(),
+            isid: [0x80, 1, 2, 3, 4, 5],
+            target_port: TargetPort {
+                name: "iqn.t,t,0x0002".into(),
+                relative_id: 2,
+                group: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let c = ForwardedCommand {
+            nexus: nexus(),
+            lun: 3,
+            cdb: Bytes::from_static(&[0x2A, 0, 0, 0, 0, 1, 0, 0, 1, 0]),
+            data_out: Bytes::from(vec![7u8; 512]),
+            expected_data_in_len: 0,
+            attr: TaskAttribute::Ordered,
+        };
+        assert_eq!(
+            decode_request(encode_command(&c)).unwrap(),
+            Request::Command(c)
+        );
+        for t in [
+            ForwardedTaskManagement::Reset {
+                kind: ResetKind::LogicalUnit,
+                lun: Some(0),
+                by: nexus(),
+            },
+            ForwardedTaskManagement::Reset {
+                kind: ResetKind::TargetCold,
+                lun: None,
+                by: nexus(),
+            },
+            ForwardedTaskManagement::AbortTasks {
+                lun: 1,
+                nexus: None,
+            },
+            ForwardedTaskManagement::NexusLoss(nexus()),
+        ] {
+            assert_eq!(
+                decode_request(encode_task_management(&t)).unwrap(),
+                Request::TaskManagement(t)
+            );
+        }
+        let r = scsi::check_condition(Sense::NOT_READY_ASYMMETRIC_ACCESS_STATE_TRANSITION);
+        assert_eq!(decode_response(encode_response(&r)).unwrap(), r);
+        let r = ScsiResponse {
+            status: ScsiStatus::Good,
+            sense: None,
+            data_in: Bytes::from_static(b"data"),
+        };
+        assert_eq!(decode_response(encode_response(&r)).unwrap(), r);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_never_panics(b in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = decode_request(Bytes::from(b.clone()));
+            let _ = decode_response(Bytes::from(b));
+        }
+    }
+}
