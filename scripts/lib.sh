@@ -57,3 +57,61 @@ stop_bulwark() {
     fi
     BULWARK_PID=""
 }
+
+# Every test of `iscsi-test-cu -t ALL`, with Sanitize.Reset as its own suite instance
+# (see scripts/e2e/conformance.sh for why).
+CONFORMANCE_ALL='ALL.[!S]*,ALL.S[!a]*,ALL.Sanitize.[!R]*,ALL.Sanitize.Readonly,ALL.Sanitize.Reservations,ALL.Sanitize.Reset'
+all_test_count() { iscsi-test-cu -l | grep -c '^ALL\.[^.]*\.'; }
+
+# Checks an iscsi-test-cu output: 0 failed, and no skip other than for removable
+# media, write protection, SANITIZE CRYPTO ERASE, or the pattern given as $3.
+check_run() {
+    local name=$1 out=$2
+    local summary failed ran
+    summary=$(grep -E '^\s+tests\s' "$out" | tail -1)
+    [ -n "$summary" ] || { tail -40 "$out"; die "$name: iscsi-test-cu printed no summary"; }
+    ran=$(echo "$summary" | awk '{print $3}')
+    failed=$(echo "$summary" | awk '{print $5}')
+    echo "$name: $summary"
+    if [ "$failed" != "0" ]; then
+        grep -E 'FAILED' "$out" | head -40
+        die "$name: $failed failed tests"
+    fi
+    local bad_skips
+    bad_skips=$(grep -F '[SKIPPED]' "$out" | grep -v -e 'not removable' -e 'not write-protected' \
+        -e 'SANITIZE CRYPTO_ERASE is not implemented' -e "${3:-no other allowed skip}" || true)
+    if [ -n "$bad_skips" ]; then
+        echo "$bad_skips"
+        die "$name: tests skipped for a reason other than removable media or write protection"
+    fi
+    echo "$name: $ran tests ran, 0 failed, no skips but the allowed ones"
+}
+
+# Starts `bulwark demo` (3 nodes on 127.0.0.1-3) with its data under $1; sets DEMO_PID,
+# DEMO_OUT and exports BULWARK_NODE and BULWARK_TOKEN for the CLI. stop_demo undoes it.
+start_demo() {
+    DEMO_OUT=$1/demo.out
+    "$BULWARK_BIN" demo --no-watch --dir "$1/data" >"$DEMO_OUT" 2>&1 &
+    DEMO_PID=$!
+    for _ in $(seq 1 600); do
+        grep -q '^demo ready' "$DEMO_OUT" && break
+        kill -0 "$DEMO_PID" 2>/dev/null || { cat "$DEMO_OUT"; die "bulwark demo exited early"; }
+        sleep 0.1
+    done
+    grep -q '^demo ready' "$DEMO_OUT" || { cat "$DEMO_OUT"; die "bulwark demo not ready within 60 s"; }
+    export BULWARK_NODE=127.0.0.2:3261
+    BULWARK_TOKEN=$(sed -n 's/^token: //p' "$DEMO_OUT")
+    export BULWARK_TOKEN
+}
+
+# The node pids the demo printed.
+demo_node_pids() { sed -n 's/^  n[0-9]: pid \([0-9]*\) .*/\1/p' "$DEMO_OUT" 2>/dev/null; }
+
+# Kills the demo and every node it started (by pid), if still running.
+stop_demo() {
+    if [ -n "${DEMO_PID:-}" ] && kill -0 "$DEMO_PID" 2>/dev/null; then kill -KILL "$DEMO_PID"; fi
+    for p in $(demo_node_pids); do
+        kill -0 "$p" 2>/dev/null && kill -KILL "$p"
+    done
+    DEMO_PID=""
+}

@@ -8,32 +8,14 @@ cd "$(dirname "$0")/../.."
 
 step "demo: 3-node cluster, iscsi-ls through the serving portal, clean stop"
 work=$(mktemp -d /tmp/bulwark-demo.XXXXXX)
-demo_pid=""
-cleanup() {
-    if [ -n "$demo_pid" ] && kill -0 "$demo_pid" 2>/dev/null; then kill -KILL "$demo_pid"; fi
-    # Node pids the demo printed, in case it died before stopping them.
-    for p in $(sed -n 's/^  n[0-9]: pid \([0-9]*\) .*/\1/p' "$work/demo.out" 2>/dev/null); do
-        kill -0 "$p" 2>/dev/null && kill -KILL "$p"
-    done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap 'stop_demo; rm -rf "$work"' EXIT
 
-"$BULWARK_BIN" demo --no-watch --dir "$work/data" >"$work/demo.out" 2>&1 &
-demo_pid=$!
-for _ in $(seq 1 600); do
-    grep -q '^demo ready' "$work/demo.out" && break
-    kill -0 "$demo_pid" 2>/dev/null || { cat "$work/demo.out"; die "bulwark demo exited early"; }
-    sleep 0.1
-done
-grep -q '^demo ready' "$work/demo.out" || { cat "$work/demo.out"; die "bulwark demo not ready within 60 s"; }
-pids=$(sed -n 's/^  n[0-9]: pid \([0-9]*\) .*/\1/p' "$work/demo.out")
-[ "$(echo "$pids" | wc -w)" -eq 3 ] || { cat "$work/demo.out"; die "demo did not report 3 node pids"; }
+start_demo "$work"
+demo_pid=$DEMO_PID
+pids=$(demo_node_pids)
+[ "$(echo "$pids" | wc -w)" -eq 3 ] || { cat "$DEMO_OUT"; die "demo did not report 3 node pids"; }
 
 iqn=iqn.2026-11.io.bulwark:demo
-export BULWARK_NODE=127.0.0.2:3261
-BULWARK_TOKEN=$(sed -n 's/^token: //p' "$work/demo.out")
-export BULWARK_TOKEN
 
 # Every node portal that serves the target lists it (and a LUN) through libiscsi.
 serving=$("$BULWARK_BIN" status --json | python3 -c '
@@ -81,7 +63,7 @@ kill -INT "$demo_pid"
 for _ in $(seq 1 200); do kill -0 "$demo_pid" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$demo_pid" 2>/dev/null && die "bulwark demo did not stop within 20 s of Ctrl-C"
 wait "$demo_pid" || true
-demo_pid=""
+DEMO_PID=""
 for p in $pids; do
     kill -0 "$p" 2>/dev/null && die "node pid $p still runs after the demo stopped"
 done

@@ -16,8 +16,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use replication::net::{ForwardHandler, ForwardReply, ReplicationNet, FORWARD_TIMEOUT};
 use replication::NodeId;
 use scsi::{
-    ForwardedCommand, ForwardedTaskManagement, ItNexus, ResetKind, ScsiResponse, ScsiStatus,
-    Sense, TargetPort, TaskAttribute,
+    ForwardedCommand, ForwardedTaskManagement, ItNexus, ResetKind, ScsiResponse, ScsiStatus, Sense,
+    TargetPort, TaskAttribute,
 };
 
 const COMMAND: u8 = 1;
@@ -32,7 +32,11 @@ fn bad(what: &str) -> io::Error {
 
 fn put_str(b: &mut BytesMut, s: &str) {
     b.put_u16(u16::try_from(s.len()).unwrap_or(u16::MAX));
-    b.put_slice(s.as_bytes().get(..usize::from(u16::MAX)).unwrap_or(s.as_bytes()));
+    b.put_slice(
+        s.as_bytes()
+            .get(..usize::from(u16::MAX))
+            .unwrap_or(s.as_bytes()),
+    );
 }
 
 fn get_bytes(b: &mut Bytes, n: usize) -> io::Result<Bytes> {
@@ -331,32 +335,45 @@ impl ForwardHandler for ForwardServer {
         };
         let device = (self.lookup)(&target);
         let server = self.server.clone();
-        // Commands block on the disk: never on the link's task.
-        tokio::task::spawn_blocking(move || match request {
-            Request::Command(cmd) => {
-                let Some(device) = device else {
-                    return reply.send(encode_response(&transitioning()));
-                };
-                let prout = cmd.cdb.first() == Some(&0x5F);
-                let d = device.clone();
-                let respond = scsi::Responder::new(move |r: ScsiResponse| {
-                    if prout && r.status == ScsiStatus::Good {
-                        for p in d.take_preempted_nexuses() {
-                            let n = server.abort_preempted(&target, &p.nexus, p.lun);
-                            d.abort_tasks(p.lun, Some(&p.nexus));
-                            tracing::info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
-                        }
-                    }
-                    reply.send(encode_response(&r));
-                });
-                device.execute_then(&cmd.request(), respond);
-            }
+        let cmd = match request {
             Request::TaskManagement(t) => {
+                // Applied in arrival order, here: it only takes the units' locks, and a
+                // command that came after it (a new session of the same initiator port
+                // after a nexus loss) must find it done.
                 if let Some(device) = device {
                     device.apply_task_management(&t);
                 }
-                reply.send(Bytes::new());
+                if let ForwardedTaskManagement::Reset {
+                    kind: ResetKind::TargetCold,
+                    ..
+                } = t
+                {
+                    // RFC 7143 §11.5.1: a cold reset ends the target's sessions, on every
+                    // node (the one it came through ends its own).
+                    server.kill_target_sessions(&target);
+                }
+                return reply.send(Bytes::new());
             }
+            Request::Command(cmd) => cmd,
+        };
+        // Commands block on the disk: never on the link's task.
+        tokio::task::spawn_blocking(move || {
+            let Some(device) = device else {
+                return reply.send(encode_response(&transitioning()));
+            };
+            let prout = cmd.cdb.first() == Some(&0x5F);
+            let d = device.clone();
+            let respond = scsi::Responder::new(move |r: ScsiResponse| {
+                if prout && r.status == ScsiStatus::Good {
+                    for p in d.take_preempted_nexuses() {
+                        let n = server.abort_preempted(&target, &p.nexus, p.lun);
+                        d.abort_tasks(p.lun, Some(&p.nexus));
+                        tracing::info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
+                    }
+                }
+                reply.send(encode_response(&r));
+            });
+            device.execute_then(&cmd.request(), respond);
         });
     }
 }

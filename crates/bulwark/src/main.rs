@@ -57,6 +57,10 @@ enum Command {
         /// Take a Raft snapshot and compact the log every this many entries.
         #[arg(long, default_value_t = 1000)]
         snapshot_every: u64,
+        /// Cluster member: how long a session may stay silent after a NOP-In ping
+        /// before it is dropped (single-node mode: `nop_timeout_ms` in --config).
+        #[arg(long, env = "BULWARK_NOP_TIMEOUT_MS", default_value_t = 15000)]
+        nop_timeout_ms: u64,
         /// Log filter (tracing EnvFilter syntax), e.g. "info" or "target=debug". Raft's
         /// own tracing is off by default (it logs every failed heartbeat to a down peer;
         /// the event log reports liveness and leadership): add "openraft=info" to see it.
@@ -288,6 +292,7 @@ fn run() -> Result<()> {
             witness,
             capacity,
             snapshot_every,
+            nop_timeout_ms,
             log,
         } => {
             init_logging(&log)?;
@@ -301,6 +306,7 @@ fn run() -> Result<()> {
                     witness,
                     capacity,
                     snapshot_every,
+                    nop_timeout_ms,
                 ));
             }
             if witness {
@@ -462,6 +468,7 @@ async fn serve_cluster(
     witness: bool,
     capacity: Option<u64>,
     snapshot_every: u64,
+    nop_timeout_ms: u64,
 ) -> Result<()> {
     let mut options = cluster::NodeOptions::new(data_dir.clone());
     options.role = if witness {
@@ -485,6 +492,7 @@ async fn serve_cluster(
     // use rather than for the CPUs.
     let server = target::Server::new(target::ServerSettings {
         io_threads: 64,
+        nop_timeout: Duration::from_millis(nop_timeout_ms),
         ..Default::default()
     });
     let mut listeners = Vec::new();

@@ -757,6 +757,9 @@ impl Serving {
                 if s.forwarding_to.take().is_some() {
                     s.device.take_over();
                 }
+                if is_new || s.luns.is_empty() {
+                    s.device.on_cold_reset(self.cold_reset_everywhere(&t.iqn));
+                }
                 self.execute_target_here(st, t, s, &roles)?;
             }
             let chap: Vec<ChapAccount> = t
@@ -820,6 +823,38 @@ impl Serving {
         drop(served);
         self.reconcile_vips(st);
         Ok(())
+    }
+
+    /// A target cold reset executed here ends the target's sessions on the other nodes
+    /// that serve it too (RFC 7143 §11.5.1: all sessions of the target).
+    fn cold_reset_everywhere(&self, iqn: &str) -> scsi::ColdResetHook {
+        let (net, node, iqn, me) = (
+            self.net.clone(),
+            self.node.clone(),
+            iqn.to_string(),
+            self.me,
+        );
+        Arc::new(move |by: &scsi::ItNexus| {
+            let others: Vec<NodeId> = {
+                let st = node.state().borrow().clone();
+                st.targets
+                    .get(&iqn)
+                    .map(|t| target_nodes(&st, t))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| *n != me)
+                    .collect()
+            };
+            let body =
+                crate::forward::encode_task_management(&scsi::ForwardedTaskManagement::Reset {
+                    kind: scsi::ResetKind::TargetCold,
+                    lun: None,
+                    by: by.clone(),
+                });
+            for n in others {
+                net.forward(n, &iqn, body.clone(), Box::new(|_| {}));
+            }
+        })
     }
 
     /// From now on `t`'s commands arriving here go to `primary`. Sessions that were

@@ -223,8 +223,15 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 /// A frame as received.
 enum Incoming {
     Volume(String, Message),
-    ForwardRequest { target: String, id: u64, body: Bytes },
-    ForwardReply { id: u64, body: Bytes },
+    ForwardRequest {
+        target: String,
+        id: u64,
+        body: Bytes,
+    },
+    ForwardReply {
+        id: u64,
+        body: Bytes,
+    },
 }
 
 /// A forwarding frame: `kind`, the target's name, the request id; `body` follows as is.
@@ -240,8 +247,8 @@ fn encode_forward(kind: u8, target: &str, id: u64, body: Bytes) -> Frame {
 
 fn decode_incoming(b: Bytes) -> io::Result<Incoming> {
     let kind = b
-        .get(2..4)
-        .map(|l| u16::from_be_bytes([l[0], l[1]]) as usize)
+        .get(..2)
+        .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])))
         .and_then(|nlen| b.get(2 + nlen).copied());
     match kind {
         Some(k @ (FORWARD_REQUEST | FORWARD_REPLY)) => {
@@ -419,7 +426,10 @@ impl ReplicationNet {
 
     /// Sets what executes requests forwarded to this node.
     pub fn set_forward_handler(&self, h: Arc<dyn ForwardHandler>) {
-        *self.forward_handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        *self
+            .forward_handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(h);
     }
 
     /// Forwards `body` for `target` to `node` over the link to it; `done` gets the
@@ -459,7 +469,11 @@ impl ReplicationNet {
     fn fail_forwards(&self, which: impl Fn(&PendingForward) -> bool) {
         let failed: Vec<PendingForward> = {
             let mut m = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
-            let ids: Vec<u64> = m.iter().filter(|(_, p)| which(p)).map(|(id, _)| *id).collect();
+            let ids: Vec<u64> = m
+                .iter()
+                .filter(|(_, p)| which(p))
+                .map(|(id, _)| *id)
+                .collect();
             ids.into_iter().filter_map(|id| m.remove(&id)).collect()
         };
         for p in failed {
@@ -481,7 +495,11 @@ impl ReplicationNet {
                     .lock()
                     .ok()
                     .and_then(|m| m.get(&peer).cloned());
-                let reply = ForwardReply { tx, target: target.clone(), id };
+                let reply = ForwardReply {
+                    tx,
+                    target: target.clone(),
+                    id,
+                };
                 match handler {
                     Some(h) => h.request(peer, target, body, reply),
                     // Dropped: the sender times the request out.
@@ -735,6 +753,41 @@ impl Transport for VolumeTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarding_frames_round_trip_and_leave_volume_frames_alone() {
+        let body = Bytes::from_static(b"a forwarded command");
+        for kind in [FORWARD_REQUEST, FORWARD_REPLY] {
+            let (h, d) = encode_forward(kind, "iqn.t", 77, body.clone());
+            let mut frame = h.to_vec();
+            frame.extend_from_slice(&d.unwrap());
+            assert_eq!(
+                u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+                frame.len() - 4
+            );
+            match decode_incoming(Bytes::from(frame[4..].to_vec())).unwrap() {
+                Incoming::ForwardRequest {
+                    target,
+                    id,
+                    body: b,
+                } => {
+                    assert_eq!(
+                        (kind, target.as_str(), id, b),
+                        (FORWARD_REQUEST, "iqn.t", 77, body.clone())
+                    );
+                }
+                Incoming::ForwardReply { id, body: b } => {
+                    assert_eq!((kind, id, b), (FORWARD_REPLY, 77, body.clone()));
+                }
+                Incoming::Volume(..) => panic!("decoded as a volume message"),
+            }
+        }
+        let (h, _) = encode("v", &Message::Ack { epoch: 1, seq: 2 });
+        assert!(matches!(
+            decode_incoming(Bytes::from(h[4..].to_vec())).unwrap(),
+            Incoming::Volume(v, Message::Ack { epoch: 1, seq: 2 }) if v == "v"
+        ));
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -620,6 +620,10 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
         // ANC_SUP = 0 in the logical block provisioning VPD page.
         return Err(Sense::invalid_bit_in_cdb(1, 4).into());
     }
+    if unmap && !ctx.lu.device.supports_discard() {
+        // LBPWS = 0 on a fully provisioned unit: the UNMAP bit is not supported.
+        return Err(Sense::invalid_bit_in_cdb(1, 3).into());
+    }
     let num_blocks = ctx.lu.num_blocks();
     if f.lba.0 >= num_blocks {
         return Err(Sense::ILLEGAL_REQUEST_LBA_OUT_OF_RANGE.into());
@@ -668,6 +672,11 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
 /// UNMAP (SBC-3 §5.27).
 pub(crate) fn unmap(ctx: &Ctx<'_>) -> CmdResult {
     let cdb = ctx.cdb;
+    // A fully provisioned unit (LBPME=0) does not implement UNMAP (SBC-3 §4.7.2,
+    // §5.28): accepting it would claim a deallocation the unit does not do.
+    if !ctx.lu.device.supports_discard() {
+        return Err(Sense::ILLEGAL_REQUEST_INVALID_COMMAND_OPERATION_CODE.into());
+    }
     if cdb.bit(1, 0) {
         return Err(Sense::invalid_bit_in_cdb(1, 0).into()); // ANCHOR: ANC_SUP = 0
     }
@@ -712,10 +721,6 @@ pub(crate) fn unmap(ctx: &Ctx<'_>) -> CmdResult {
     }
     let bs = ctx.lu.block_size();
     let device = &ctx.lu.device;
-    // A fully provisioned unit keeps its blocks (SBC-3 §4.7.2): nothing to do.
-    if !device.supports_discard() {
-        return good();
-    }
     let _shared = ctx.lu.medium_shared()?;
     for r in ranges {
         device

@@ -138,7 +138,22 @@ pub struct TargetDevice {
     /// The logical units took over from another node's: an I_T nexus they see first
     /// gets ASYMMETRIC ACCESS STATE CHANGED instead of POWER ON, RESET.
     took_over: std::sync::atomic::AtomicBool,
+    /// Told of every TARGET COLD RESET executed here: in a cluster the target's
+    /// sessions on every node end (RFC 7143 §11.5.1).
+    cold_reset_hook: RwLock<Option<HookSlot>>,
 }
+
+#[derive(Clone)]
+struct HookSlot(ColdResetHook);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ColdResetHook")
+    }
+}
+
+/// See [`TargetDevice::on_cold_reset`].
+pub type ColdResetHook = Arc<dyn Fn(&ItNexus) + Send + Sync>;
 
 /// Where a logical unit keeps its persistent reservation state when more than one
 /// node serves it: the registrations, the reservation and the generation, as one
@@ -317,8 +332,7 @@ impl TargetDevice {
     /// logical units here are dropped, without unit attentions: the initiators learn
     /// of the change from the access states (ASYMMETRIC ACCESS STATE CHANGED there).
     pub fn forward_to(&self, to: Arc<dyn Forwarder>, luns: BTreeMap<u64, u32>) {
-        *self.forwarding.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(Forwarding { to, luns });
+        *self.forwarding.write().unwrap_or_else(|e| e.into_inner()) = Some(Forwarding { to, luns });
         self.write().clear();
     }
 
@@ -330,6 +344,15 @@ impl TargetDevice {
         *self.forwarding.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.took_over
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Calls `hook` with the requesting nexus after every TARGET COLD RESET executed
+    /// here.
+    pub fn on_cold_reset(&self, hook: ColdResetHook) {
+        *self
+            .cold_reset_hook
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(HookSlot(hook));
     }
 
     /// Whether commands are forwarded to another node.
@@ -367,9 +390,8 @@ impl TargetDevice {
                 let _ = tx.send(r);
             }),
         );
-        rx.recv().unwrap_or_else(|_| {
-            check_condition(Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE)
-        })
+        rx.recv()
+            .unwrap_or_else(|_| check_condition(Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE))
     }
 
     /// Executes one command and hands its response to `respond`: at once, or later from
@@ -447,6 +469,15 @@ impl TargetDevice {
             (ResetKind::TargetCold, _) => {
                 for lu in luns.values() {
                     lu.reset(Sense::UNIT_ATTENTION_POWER_ON_OCCURRED);
+                }
+                drop(luns);
+                let hook = self
+                    .cold_reset_hook
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(h) = hook {
+                    (h.0)(by);
                 }
             }
         }

@@ -1422,7 +1422,11 @@ fn nexus_on(name: &str, port: u16) -> ItNexus {
 fn a_forwarding_device_shares_reservations_and_reports_its_own_port() {
     let primary = Arc::new(TargetDevice::new());
     primary
-        .add_lun(0, LuConfig::default(), Arc::new(MemDevice::new(BLOCKS * 512)))
+        .add_lun(
+            0,
+            LuConfig::default(),
+            Arc::new(MemDevice::new(BLOCKS * 512)),
+        )
         .unwrap();
     use alua::AsymmetricAccessState::*;
     primary.set_port_groups(groups(&[(1, ActiveOptimized), (2, ActiveNonOptimized)]));
@@ -1457,7 +1461,9 @@ fn a_forwarding_device_shares_reservations_and_reports_its_own_port() {
     let r = other.exec(&b, &[0x12, 1, 0x83, 0, 255, 0], &[]);
     assert_good(&r);
     let d = &r.data_in;
-    let tpg = d.windows(8).any(|w| w[0] & 0x0F == 1 && w[1] & 0x0F == 5 && w[6..8] == [0, 2]);
+    let tpg = d
+        .windows(8)
+        .any(|w| w[0] & 0x0F == 1 && w[1] & 0x0F == 5 && w[6..8] == [0, 2]);
     assert!(tpg, "target port group 2 designator in {d:?}");
     // Registration and reservation through the primary; conflicts through the other path.
     let (c, p) = prout(0, 0, 0, 0xA, 0);
@@ -1548,8 +1554,14 @@ fn shared_reservations_are_saved_before_completion_and_survive_a_takeover() {
         target: second,
         dev: Arc::new(MemDevice::new(512)),
     };
-    assert_eq!(sense_of(&k2.exec(&a, &read10(1, 1), &[])), (0x06, 0x2A, 0x06));
-    assert_eq!(sense_of(&k2.exec(&b, &read10(1, 1), &[])), (0x06, 0x2A, 0x06));
+    assert_eq!(
+        sense_of(&k2.exec(&a, &read10(1, 1), &[])),
+        (0x06, 0x2A, 0x06)
+    );
+    assert_eq!(
+        sense_of(&k2.exec(&b, &read10(1, 1), &[])),
+        (0x06, 0x2A, 0x06)
+    );
     assert!(can_write(&k2, &a));
     assert!(!can_write(&k2, &b));
     let r = k2.exec(&a, &[0x5E, 1, 0, 0, 0, 0, 0, 0, 64, 0], &[]);

@@ -121,6 +121,11 @@ impl Server {
         self.shared.remove_target(name);
     }
 
+    /// Ends every session of target `name` here (a target cold reset on another node).
+    pub fn kill_target_sessions(&self, name: &str) {
+        self.shared.kill_target_sessions(name);
+    }
+
     /// Asks the initiators logged in to `name` to log out and log in again; ends the
     /// sessions still there after `grace`. The target stays.
     pub fn ask_to_log_out(&self, name: &str, grace: Duration) {

@@ -297,7 +297,10 @@ impl Shared {
         let kills = std::sync::Mutex::new(Vec::new());
         self.each_session_of(name, |e| {
             e.logout.notify_one();
-            kills.lock().unwrap_or_else(|e| e.into_inner()).push(e.kill.clone());
+            kills
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(e.kill.clone());
         });
         let kills = kills.into_inner().unwrap_or_else(|e| e.into_inner());
         tokio::spawn(async move {

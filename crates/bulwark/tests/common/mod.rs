@@ -182,8 +182,12 @@ impl Cluster {
         })
         .await;
         let st = admin.state().await.unwrap();
-        let name = &st.nodes[&id].name;
-        self.nodes.iter().position(|n| &n.name == name).unwrap()
+        self.index(&st.nodes[&id].name)
+    }
+
+    /// The slot of the node named `name`.
+    pub fn index(&self, name: &str) -> usize {
+        self.nodes.iter().position(|n| n.name == name).unwrap()
     }
 
     pub async fn state(&self, i: usize) -> Option<ClusterState> {

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# ALUA multipath across nodes: libiscsi's whole conformance suite (`iscsi-test-cu -t
+# ALL`) with its two paths on two different nodes of a 3-node cluster, one path on the
+# primary (active/optimized) and one on another node (active/non-optimized: every
+# command forwarded to the primary), then again with the paths swapped. MultipathIO
+# and every PersistentReserveIn/Out test must run and pass on both orders, which shows
+# that reservations, unit attentions and resets hold across nodes.
+#
+# Allowed skips, as in conformance.sh (removable media, write protection, SANITIZE
+# CRYPTO ERASE), and the thin-provisioning tests: a replicated volume is fully
+# provisioned (LBPME=0), so UNMAP and the provisioning tests do not apply to it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+
+step "multipath: iscsi-test-cu -t ALL across two nodes of a cluster, both ways round"
+work=$(mktemp -d /tmp/bulwark-multipath.XXXXXX)
+trap 'stop_demo; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+# libiscsi's Sanitize.Reset sleeps 60 s without servicing its sockets (see
+# conformance.sh); the nodes the demo starts inherit this.
+export BULWARK_NOP_TIMEOUT_MS=90000
+start_demo "$work"
+
+iqn=iqn.2026-11.io.bulwark:multipath
+"$BULWARK_BIN" volume create mp 128MiB --replicas 3 >/dev/null
+"$BULWARK_BIN" target create "$iqn" >/dev/null
+"$BULWARK_BIN" lun add "$iqn" mp >/dev/null
+
+# The primary's portal and another in-sync node's, once both serve the target.
+paths() {
+    "$BULWARK_BIN" status --json | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["state"]
+v = d["volumes"]["mp"]
+if sorted(v["in_sync"]) != sorted(v["replicas"]):
+    sys.exit(0)
+other = [n for n in v["in_sync"] if n != v["primary"]][0]
+print(d["nodes"][str(v["primary"])]["addresses"]["portals"][0].rsplit(":", 1)[0],
+      d["nodes"][str(other)]["addresses"]["portals"][0].rsplit(":", 1)[0])
+'
+}
+optimized="" non_optimized=""
+for _ in $(seq 1 100); do
+    read -r optimized non_optimized < <(paths) || true
+    if [ -n "$non_optimized" ] && iscsi-inq "iscsi://$non_optimized/$iqn/0" >/dev/null 2>&1 \
+        && iscsi-inq "iscsi://$optimized/$iqn/0" >/dev/null 2>&1; then
+        break
+    fi
+    sleep 0.2
+done
+[ -n "$non_optimized" ] || die "the volume's replicas never were all in sync"
+echo "active/optimized path via $optimized, active/non-optimized path via $non_optimized"
+
+# One discovery through any node lists every node's portal, each its own portal group.
+iscsi-ls -s "iscsi://$non_optimized" >"$work/ls.txt"
+[ "$(grep -c "Target:$iqn Portal:" "$work/ls.txt")" -eq 3 ] || { cat "$work/ls.txt"; die "SendTargets via $non_optimized does not list the 3 nodes' portals"; }
+
+expected=$(all_test_count)
+thin='Logical unit is fully provisioned'
+run_both() {
+    local first=$1 second=$2 out=$work/all-$1.txt
+    timeout 900 iscsi-test-cu -d -S -t "$CONFORMANCE_ALL" "iscsi://$first/$iqn/0" "iscsi://$second/$iqn/0" >"$out" 2>&1 || true
+    local ran
+    ran=$(grep -E '^\s+tests\s' "$out" | tail -1 | awk '{print $3}')
+    [ "$ran" = "$expected" ] || { tail -30 "$out"; die "paths $first,$second: $ran of $expected tests ran"; }
+    check_run "ALL via $first then $second" "$out" "$thin"
+    # MultipathIO and the reservation suites ran every test, none skipped.
+    for suite in MultipathIO PrinReadKeys PrinServiceactionRange PrinReportCapabilities \
+        ProutClear ProutPreempt ProutRegister ProutReserve; do
+        awk -v s="Suite: $suite" '$0 ~ "^Suite: " {on = ($0 == s)} on' "$out" >"$work/suite.txt"
+        [ -s "$work/suite.txt" ] || die "suite $suite did not run"
+        if grep -q SKIPPED "$work/suite.txt"; then cat "$work/suite.txt"; die "suite $suite skipped tests"; fi
+    done
+}
+run_both "$optimized" "$non_optimized"
+run_both "$non_optimized" "$optimized"
+for log in "$work"/data/n*.log; do
+    if grep -E 'panicked' "$log"; then die "a node panicked during the multipath run ($log)"; fi
+done
+echo "multipath: ok"
