@@ -816,6 +816,9 @@ impl Serving {
                 s.portals = portals;
             }
             s.device.set_port_groups(port_groups(st, t));
+            if s.forwarding_to.is_none() {
+                self.act_on_alua_requests(st, t, &s.device, &nodes);
+            }
         }
 
         // 5. The virtual IPs of the targets served here, and only those.
@@ -823,6 +826,61 @@ impl Serving {
         drop(served);
         self.reconcile_vips(st);
         Ok(())
+    }
+
+    /// SET TARGET PORT GROUPS received for `t` (explicit ALUA, SPC-4 §6.36): asking for
+    /// another node's group to become active/optimized is a planned move of the
+    /// target's volumes there. Other requests are logged and left: the states follow
+    /// from which node is primary and which are in sync.
+    fn act_on_alua_requests(
+        &self,
+        st: &ClusterState,
+        t: &Target,
+        device: &scsi::TargetDevice,
+        nodes: &[NodeId],
+    ) {
+        use scsi::alua::AsymmetricAccessState as S;
+        for req in device.take_alua_requests() {
+            let to = nodes
+                .iter()
+                .find(|n| port_group_of(**n) == req.group)
+                .and_then(|n| st.nodes.get(n));
+            let (Some(to), S::ActiveOptimized, Some(volume)) =
+                (to, req.state, t.luns.values().next())
+            else {
+                info!(target = %t.iqn, group = req.group, state = ?req.state, "SET TARGET PORT GROUPS request left alone");
+                continue;
+            };
+            if to.id == self.me {
+                continue;
+            }
+            self.events.push(
+                "alua",
+                format!(
+                    "{} asked for {} to be active/optimized for {}: moving it there",
+                    req.by.initiator_port_name(),
+                    to.name,
+                    t.iqn
+                ),
+            );
+            let (node, cmd) = (
+                self.node.clone(),
+                Command::MoveVolume {
+                    volume: volume.clone(),
+                    node: to.name.clone(),
+                },
+            );
+            let events = self.events.clone();
+            self.rt.spawn(async move {
+                match node.write(cmd).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(r)) => events.push("alua", format!("the move was refused: {r}")),
+                    Err(e) => {
+                        warn!(error = %e, "move asked by SET TARGET PORT GROUPS not committed")
+                    }
+                }
+            });
+        }
     }
 
     /// A target cold reset executed here ends the target's sessions on the other nodes

@@ -76,9 +76,22 @@ impl Path {
         self.good("REGISTER", &cdb, Some(&p), 0).await;
     }
 
+    /// The status of a WRITE(10), retried while the path says it is transitioning or
+    /// unavailable (a multipath initiator would use another path meanwhile).
     async fn write_status(&mut self) -> u8 {
         let cdb = [0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0];
-        self.run(&cdb, Some(&[0x5A; 512]), 0).await.status
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.run(&cdb, Some(&[0x5A; 512]), 0).await;
+            let not_now = matches!(sense(&r), Some((2, 0x04, 0x0A | 0x0C)));
+            if !not_now || Instant::now() > deadline {
+                if r.status == 2 {
+                    eprintln!("write: sense {:x?}", sense(&r));
+                }
+                return r.status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn read_status(&mut self) -> u8 {
@@ -355,5 +368,41 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
     a2.good("RELEASE", &cdb, Some(&p), 0).await;
     assert_eq!(b.reservation().await, None);
     assert_eq!(b.write_status().await, 0, "B writes once A released");
+
+    // Explicit ALUA: B asks, with SET TARGET PORT GROUPS, for the other surviving node's
+    // group to be active/optimized; the cluster moves the volume there.
+    let target = if new_primary == q {
+        r.clone()
+    } else {
+        q.clone()
+    };
+    let mut list = vec![0u8; 8];
+    list[4] = AO;
+    list[6..8].copy_from_slice(&group(&st, &target).to_be_bytes());
+    let cdb = [0xA4, 0x0A, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0];
+    b.good("SET TARGET PORT GROUPS", &cdb, Some(&list), 0).await;
+    let moved = Instant::now();
+    loop {
+        assert!(
+            moved.elapsed() < Duration::from_secs(15),
+            "the move asked by STPG did not happen"
+        );
+        if let Ok(t) = b.port_groups().await {
+            if t.get(&group(&st, &target)) == Some(&AO) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "SET TARGET PORT GROUPS moved the volume to {target} in {} ms",
+        moved.elapsed().as_millis()
+    );
+    assert_eq!(b.write_status().await, 0, "B writes after the move");
+    assert_eq!(
+        b.keys().await.1,
+        vec![KEY_A, KEY_B],
+        "registrations after the move"
+    );
     let _ = a.session;
 }
