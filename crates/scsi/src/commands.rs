@@ -605,6 +605,16 @@ pub(crate) fn lookup_by(opcode: u8, service_action: u8) -> Option<&'static Comma
     })
 }
 
+/// Whether a logical unit implements `spec`: UNMAP and SANITIZE BLOCK ERASE only where
+/// blocks can be deallocated (`thin`: LBPME=1). A fully provisioned unit neither lists
+/// nor accepts them (SBC-3 §4.7.2), rather than accept a deallocation it cannot do.
+pub(crate) fn implemented(spec: &CommandSpec, thin: bool) -> bool {
+    thin || !matches!(
+        (spec.opcode, spec.service_action),
+        (op::UNMAP, _) | (op::SANITIZE, Some(0x02))
+    )
+}
+
 /// The sense for an unsupported command: INVALID COMMAND OPERATION CODE, or INVALID FIELD
 /// IN CDB at the service action for a known operation code (SPC-4 §4.2.5.1).
 pub(crate) fn unsupported(cdb: Cdb<'_>) -> Sense {

@@ -387,7 +387,8 @@ impl LogicalUnit {
                 return Err(Failure::Check(sense));
             }
         }
-        let Some(spec) = spec else {
+        let Some(spec) = spec.filter(|s| commands::implemented(s, self.device.supports_discard()))
+        else {
             return Err(commands::unsupported(cdb).into());
         };
         if req.cdb.len() < spec.cdb_len() {

@@ -460,24 +460,13 @@ fn overwrite(lu: &LogicalUnit, pattern: &[u8], inverted_passes: &[bool]) -> std:
     Ok(())
 }
 
-/// Deallocation is a metadata change on a thin device: one call. A thick device writes
-/// zeroes for it, so it goes chunk by chunk at the configured rate like an overwrite.
+/// Deallocation is a metadata change on a thin device: one call. (Only thin devices
+/// implement BLOCK ERASE: see `commands::implemented`.)
 fn block_erase(lu: &LogicalUnit) -> std::io::Result<()> {
+    debug_assert!(lu.device.supports_discard());
     let size = lu.num_blocks() * u64::from(lu.block_size());
-    if lu.device.supports_discard() {
-        lu.device.discard(0, size)?;
-        record_progress(lu, size);
-        return Ok(());
-    }
-    let throttle = Throttle::new(lu.config.sanitize_bytes_per_s);
-    let mut offset = 0u64;
-    while offset < size {
-        let n = CHUNK_BYTES.min(size - offset);
-        lu.device.discard(offset, n)?;
-        offset += n;
-        record_progress(lu, offset);
-        throttle.pace(offset);
-    }
+    lu.device.discard(0, size)?;
+    record_progress(lu, size);
     Ok(())
 }
 

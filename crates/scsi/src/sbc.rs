@@ -672,11 +672,6 @@ pub(crate) fn write_same(ctx: &Ctx<'_>) -> CmdResult {
 /// UNMAP (SBC-3 §5.27).
 pub(crate) fn unmap(ctx: &Ctx<'_>) -> CmdResult {
     let cdb = ctx.cdb;
-    // A fully provisioned unit (LBPME=0) does not implement UNMAP (SBC-3 §4.7.2,
-    // §5.28): accepting it would claim a deallocation the unit does not do.
-    if !ctx.lu.device.supports_discard() {
-        return Err(Sense::ILLEGAL_REQUEST_INVALID_COMMAND_OPERATION_CODE.into());
-    }
     if cdb.bit(1, 0) {
         return Err(Sense::invalid_bit_in_cdb(1, 0).into()); // ANCHOR: ANC_SUP = 0
     }

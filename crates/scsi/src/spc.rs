@@ -202,7 +202,8 @@ pub(crate) fn report_supported_operation_codes(ctx: &Ctx<'_>) -> CmdResult {
     match options {
         0 => {
             let mut b = vec![0u8; 4];
-            for c in COMMANDS {
+            let thin = ctx.lu.device.supports_discard();
+            for c in COMMANDS.iter().filter(|c| commands::implemented(c, thin)) {
                 b.push(c.opcode);
                 b.push(0);
                 b.extend_from_slice(&u16::from(c.service_action.unwrap_or(0)).to_be_bytes());
@@ -229,7 +230,8 @@ pub(crate) fn report_supported_operation_codes(ctx: &Ctx<'_>) -> CmdResult {
                     .and_then(|sa| commands::lookup_by(requested_opcode, sa))
             } else {
                 commands::lookup_by(requested_opcode, 0)
-            };
+            }
+            .filter(|c| commands::implemented(c, ctx.lu.device.supports_discard()));
             let mut b = vec![0u8; 4];
             match spec {
                 Some(c) => {

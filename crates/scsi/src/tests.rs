@@ -931,11 +931,43 @@ fn write_same_unmap_deallocates_whatever_the_data() {
     gls.extend_from_slice(&(BLOCKS - 3).to_be_bytes());
     gls.extend_from_slice(&[0, 0, 0, 24, 0, 0]);
     assert_eq!(k.exec(&n, &gls, &[]).data_in[20], 0x01, "deallocated");
-    // A thick device cannot deallocate: it writes the data.
+    // A thick device cannot deallocate (LBPWS=0): the UNMAP bit is refused, as LIO
+    // does and libiscsi's WriteSame10.UnmapVPD expects, and nothing is written; without
+    // it the data is written. UNMAP and SANITIZE BLOCK ERASE are not implemented there
+    // and not reported as supported.
     let k = Kit::with(LuConfig::default(), MemDevice::thick(BLOCKS * 512));
     let n = k.ready("i1");
-    assert_good(&k.exec(&n, &[0x41, 0x08, 0, 0, 0, 5, 0, 0, 2, 0], &[0xFF; 512]));
+    let r = k.exec(&n, &[0x41, 0x08, 0, 0, 0, 5, 0, 0, 2, 0], &[0xFF; 512]);
+    assert_eq!(sense_of(&r), (0x05, 0x24, 0x00));
+    assert_eq!(k.dev.snapshot(5 * 512, 1024), vec![0; 1024]);
+    assert_good(&k.exec(&n, &[0x41, 0, 0, 0, 0, 5, 0, 0, 2, 0], &[0xFF; 512]));
     assert_eq!(k.dev.snapshot(5 * 512, 1024), vec![0xFF; 1024]);
+    let unmap = [0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0];
+    assert_eq!(sense_of(&k.exec(&n, &unmap, &[0; 24])), (0x05, 0x20, 0x00));
+    let block_erase = [0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(sense_of(&k.exec(&n, &block_erase, &[])), (0x05, 0x24, 0x00));
+    // REPORT SUPPORTED OPERATION CODES, one command: SUPPORT 001b (not supported).
+    let rsoc = |opcode: u8, sa: u8| {
+        let options = if sa == 0xFF { 1 } else { 2 };
+        let cdb = [
+            0xA3,
+            0x0C,
+            options,
+            opcode,
+            0,
+            sa.min(0x1F),
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+        ];
+        k.exec(&n, &cdb, &[]).data_in[1] & 0x07
+    };
+    assert_eq!(rsoc(0x42, 0xFF), 0x01, "UNMAP not supported");
+    assert_eq!(rsoc(0x48, 0x02), 0x01, "SANITIZE BLOCK ERASE not supported");
+    assert_eq!(rsoc(0x48, 0x01), 0x03, "SANITIZE OVERWRITE supported");
 }
 
 #[test]
