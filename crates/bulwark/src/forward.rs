@@ -340,8 +340,22 @@ impl ForwardHandler for ForwardServer {
                 // Applied in arrival order, here: it only takes the units' locks, and a
                 // command that came after it (a new session of the same initiator port
                 // after a nexus loss) must find it done.
-                if let Some(device) = device {
-                    device.apply_task_management(&t);
+                match (&device, &t) {
+                    // This node executes the target: a forwarding node's task management.
+                    (Some(device), _) => device.apply_task_management(&t),
+                    // This node forwards: the primary tells it to abort the tasks of a
+                    // nexus that PREEMPT AND ABORT preempted.
+                    (
+                        None,
+                        ForwardedTaskManagement::AbortTasks {
+                            lun,
+                            nexus: Some(n),
+                        },
+                    ) => {
+                        let aborted = server.abort_preempted(&target, n, *lun);
+                        tracing::info!(lun, initiator = %n.initiator_port_name(), aborted, "PREEMPT AND ABORT on another node");
+                    }
+                    _ => {}
                 }
                 if let ForwardedTaskManagement::Reset {
                     kind: ResetKind::TargetCold,

@@ -107,6 +107,60 @@ pub(crate) fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::Targ
         .collect()
 }
 
+/// The other nodes serving a target whose primary is here: a cold reset and the
+/// aborts of PREEMPT AND ABORT reach their sessions over the replication links.
+struct ClusterPaths {
+    net: Arc<ReplicationNet>,
+    node: ClusterNode,
+    iqn: String,
+    me: NodeId,
+}
+
+impl std::fmt::Debug for ClusterPaths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterPaths")
+            .field("iqn", &self.iqn)
+            .finish()
+    }
+}
+
+impl ClusterPaths {
+    fn tell_others(&self, tmf: &scsi::ForwardedTaskManagement) {
+        let others: Vec<NodeId> = {
+            let st = self.node.state().borrow().clone();
+            st.targets
+                .get(&self.iqn)
+                .map(|t| target_nodes(&st, t))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| *n != self.me)
+                .collect()
+        };
+        let body = crate::forward::encode_task_management(tmf);
+        for n in others {
+            self.net
+                .forward(n, &self.iqn, body.clone(), Box::new(|_| {}));
+        }
+    }
+}
+
+impl scsi::RemotePaths for ClusterPaths {
+    fn cold_reset(&self, by: &scsi::ItNexus) {
+        self.tell_others(&scsi::ForwardedTaskManagement::Reset {
+            kind: scsi::ResetKind::TargetCold,
+            lun: None,
+            by: by.clone(),
+        });
+    }
+
+    fn preempted(&self, lun: u64, nexus: &scsi::ItNexus) {
+        self.tell_others(&scsi::ForwardedTaskManagement::AbortTasks {
+            lun,
+            nexus: Some(nexus.clone()),
+        });
+    }
+}
+
 /// Persistent reservations of a volume kept in the cluster state: a change completes
 /// once the Raft log has it, and a new primary starts from the last one.
 struct ClusterReservations {
@@ -758,7 +812,12 @@ impl Serving {
                     s.device.take_over();
                 }
                 if is_new || s.luns.is_empty() {
-                    s.device.on_cold_reset(self.cold_reset_everywhere(&t.iqn));
+                    s.device.set_remote_paths(Arc::new(ClusterPaths {
+                        net: self.net.clone(),
+                        node: self.node.clone(),
+                        iqn: t.iqn.clone(),
+                        me: self.me,
+                    }));
                 }
                 self.execute_target_here(st, t, s, &roles)?;
             }
@@ -881,38 +940,6 @@ impl Serving {
                 }
             });
         }
-    }
-
-    /// A target cold reset executed here ends the target's sessions on the other nodes
-    /// that serve it too (RFC 7143 §11.5.1: all sessions of the target).
-    fn cold_reset_everywhere(&self, iqn: &str) -> scsi::ColdResetHook {
-        let (net, node, iqn, me) = (
-            self.net.clone(),
-            self.node.clone(),
-            iqn.to_string(),
-            self.me,
-        );
-        Arc::new(move |by: &scsi::ItNexus| {
-            let others: Vec<NodeId> = {
-                let st = node.state().borrow().clone();
-                st.targets
-                    .get(&iqn)
-                    .map(|t| target_nodes(&st, t))
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|n| *n != me)
-                    .collect()
-            };
-            let body =
-                crate::forward::encode_task_management(&scsi::ForwardedTaskManagement::Reset {
-                    kind: scsi::ResetKind::TargetCold,
-                    lun: None,
-                    by: by.clone(),
-                });
-            for n in others {
-                net.forward(n, &iqn, body.clone(), Box::new(|_| {}));
-            }
-        })
     }
 
     /// From now on `t`'s commands arriving here go to `primary`. Sessions that were

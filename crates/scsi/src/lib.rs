@@ -35,7 +35,7 @@ pub use device::{BlockDevice, Extent, Provisioning, WriteDone};
 pub use sense::{check_condition, Sense, SenseKey};
 pub use spc::encode_lun;
 pub use target_device::{
-    ColdResetHook, ForwardedCommand, ForwardedTaskManagement, Forwarder, LuConfig, Preempted,
+    ForwardedCommand, ForwardedTaskManagement, Forwarder, LuConfig, Preempted, RemotePaths,
     ReservationStore, ScsiError, TargetDevice, SANITIZE_BYTES_PER_S_DEFAULT,
 };
 

@@ -138,22 +138,22 @@ pub struct TargetDevice {
     /// The logical units took over from another node's: an I_T nexus they see first
     /// gets ASYMMETRIC ACCESS STATE CHANGED instead of POWER ON, RESET.
     took_over: std::sync::atomic::AtomicBool,
-    /// Told of every TARGET COLD RESET executed here: in a cluster the target's
-    /// sessions on every node end (RFC 7143 §11.5.1).
-    cold_reset_hook: RwLock<Option<HookSlot>>,
+    /// The paths to these logical units through other nodes, told of what must reach
+    /// their sessions.
+    remote_paths: RwLock<Option<Arc<dyn RemotePaths>>>,
 }
 
-#[derive(Clone)]
-struct HookSlot(ColdResetHook);
-
-impl std::fmt::Debug for HookSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ColdResetHook")
-    }
+/// The paths to a target device's logical units that other nodes serve (forwarding
+/// their commands here): what this device executes that must reach sessions there.
+pub trait RemotePaths: Send + Sync + std::fmt::Debug {
+    /// A TARGET COLD RESET was executed here: the target's sessions end on every node
+    /// (RFC 7143 §11.5.1).
+    fn cold_reset(&self, by: &ItNexus);
+    /// PERSISTENT RESERVE OUT with PREEMPT AND ABORT removed the registration of
+    /// `nexus` on `lun`: its tasks are aborted wherever its session is (SPC-4
+    /// §5.13.11.2.5).
+    fn preempted(&self, lun: u64, nexus: &ItNexus);
 }
-
-/// See [`TargetDevice::on_cold_reset`].
-pub type ColdResetHook = Arc<dyn Fn(&ItNexus) + Send + Sync>;
 
 /// Where a logical unit keeps its persistent reservation state when more than one
 /// node serves it: the registrations, the reservation and the generation, as one
@@ -346,13 +346,16 @@ impl TargetDevice {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Calls `hook` with the requesting nexus after every TARGET COLD RESET executed
-    /// here.
-    pub fn on_cold_reset(&self, hook: ColdResetHook) {
-        *self
-            .cold_reset_hook
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Some(HookSlot(hook));
+    /// Sets the paths other nodes serve to this device's logical units.
+    pub fn set_remote_paths(&self, paths: Arc<dyn RemotePaths>) {
+        *self.remote_paths.write().unwrap_or_else(|e| e.into_inner()) = Some(paths);
+    }
+
+    fn remote_paths(&self) -> Option<Arc<dyn RemotePaths>> {
+        self.remote_paths
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether commands are forwarded to another node.
@@ -471,13 +474,8 @@ impl TargetDevice {
                     lu.reset(Sense::UNIT_ATTENTION_POWER_ON_OCCURRED);
                 }
                 drop(luns);
-                let hook = self
-                    .cold_reset_hook
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(h) = hook {
-                    (h.0)(by);
+                if let Some(p) = self.remote_paths() {
+                    p.cold_reset(by);
                 }
             }
         }
@@ -518,6 +516,11 @@ impl TargetDevice {
                     .drain(..)
                     .map(|nexus| Preempted { lun: lu.lun, nexus }),
             );
+        }
+        if let Some(paths) = self.remote_paths() {
+            for p in &out {
+                paths.preempted(p.lun, &p.nexus);
+            }
         }
         out
     }

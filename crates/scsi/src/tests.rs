@@ -1600,3 +1600,47 @@ fn shared_reservations_are_saved_before_completion_and_survive_a_takeover() {
     assert_eq!(&r.data_in[8..16], &0xAu64.to_be_bytes());
     assert_eq!(r.data_in[21], 5);
 }
+
+/// Records what a device tells the other nodes' paths.
+#[derive(Debug, Default)]
+struct Paths(std::sync::Mutex<Vec<String>>);
+
+impl RemotePaths for Paths {
+    fn cold_reset(&self, by: &ItNexus) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("cold reset by {}", by.initiator_name));
+    }
+    fn preempted(&self, lun: u64, nexus: &ItNexus) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("preempted {} on {lun}", nexus.initiator_name));
+    }
+}
+
+#[test]
+fn preempt_and_abort_and_cold_resets_reach_the_other_nodes_paths() {
+    let k = Kit::new();
+    let paths = Arc::new(Paths::default());
+    k.target.set_remote_paths(paths.clone());
+    let a = k.ready("iqn.a");
+    let b = k.ready("iqn.b");
+    assert_good(&pr(&k, &a, 0, 0, 0, 0xA));
+    assert_good(&pr(&k, &b, 0, 0, 0, 0xB));
+    assert_good(&pr(&k, &a, 1, 1, 0xA, 0));
+    // PREEMPT AND ABORT of b's key by a.
+    assert_good(&pr(&k, &a, 5, 1, 0xA, 0xB));
+    let taken = k.target.take_preempted_nexuses();
+    assert_eq!(taken.len(), 1);
+    k.target.reset(ResetKind::TargetWarm, None, &a);
+    k.target.reset(ResetKind::TargetCold, None, &a);
+    assert_eq!(
+        *paths.0.lock().unwrap(),
+        vec![
+            "preempted iqn.b on 0".to_string(),
+            "cold reset by iqn.a".to_string()
+        ]
+    );
+}
