@@ -175,6 +175,17 @@ pub enum TargetCmd {
         /// The address.
         address: std::net::IpAddr,
     },
+    /// How the target's ports on in-sync nodes other than the primary serve I/O:
+    /// `non-optimized` (the default: active/non-optimized, every command forwarded to
+    /// the primary) or `standby` (only management commands; multipath uses them once
+    /// they become the primary).
+    Paths {
+        /// IQN.
+        iqn: String,
+        /// non-optimized or standby.
+        #[arg(value_parser = ["non-optimized", "standby"])]
+        mode: String,
+    },
 }
 
 /// Parses ADDRESS/PREFIX.
@@ -540,6 +551,20 @@ pub async fn target(conn: &Conn, cmd: TargetCmd) -> Result<()> {
                 address,
             },
             format!("{address} removed from {iqn}"),
+        ),
+        TargetCmd::Paths { iqn, mode } => (
+            Command::SetTargetPaths {
+                iqn: iqn.clone(),
+                standby: mode == "standby",
+            },
+            format!(
+                "ports of {iqn} on the other in-sync nodes are now {}",
+                if mode == "standby" {
+                    "standby"
+                } else {
+                    "active/non-optimized"
+                }
+            ),
         ),
     };
     let a = commit(conn, c).await?;
@@ -1181,6 +1206,25 @@ fn render_targets(out: &mut String, st: &ClusterState, statuses: &Statuses) {
             })
             .unwrap_or_else(|| "no LUNs, not served".into());
         let _ = writeln!(out, "  {}  {served_by}", t.iqn);
+        // Every node holding the volumes is a path (one target port group each).
+        let paths: Vec<String> = crate::serving::port_groups(st, t)
+            .iter()
+            .map(|g| {
+                let node = st.nodes.get(&u64::from(g.id));
+                let portals: Vec<String> = node
+                    .map(|n| n.addresses.portals.iter().map(|a| a.to_string()).collect())
+                    .unwrap_or_default();
+                format!(
+                    "{} {} {}",
+                    node.map_or_else(|| format!("#{}", g.id), |n| n.name.clone()),
+                    portals.join(","),
+                    g.state
+                )
+            })
+            .collect();
+        if !paths.is_empty() {
+            let _ = writeln!(out, "    paths (ALUA): {}", paths.join("; "));
+        }
         for (lun, vol) in &t.luns {
             let _ = writeln!(out, "    LUN {lun}: volume {vol}");
         }

@@ -79,7 +79,8 @@ pub(crate) fn port_group_of(node: NodeId) -> u16 {
 
 /// The ALUA table of target `t` (SPC-4 §5.15), the same on every node: one group per
 /// serving node; the primary's active/optimized, other nodes in sync for every volume
-/// active/non-optimized (their commands are forwarded), the rest unavailable.
+/// active/non-optimized (their commands are forwarded) or, as the target says, standby;
+/// the rest unavailable.
 pub(crate) fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::TargetPortGroup> {
     use scsi::alua::AsymmetricAccessState as S;
     let primary = st.target_primary(t);
@@ -92,6 +93,8 @@ pub(crate) fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::Targ
                 .all(|vol| st.volumes.get(vol).is_some_and(|v| v.in_sync.contains(&n)));
             let state = if Some(n) == primary {
                 S::ActiveOptimized
+            } else if in_sync && t.standby_paths {
+                S::Standby
             } else if in_sync {
                 S::ActiveNonOptimized
             } else {

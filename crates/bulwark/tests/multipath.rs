@@ -404,5 +404,43 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
         vec![KEY_A, KEY_B],
         "registrations after the move"
     );
+
+    // A target whose other paths are standby: B's group says so, and B's writes are
+    // refused with the standby sense until the paths are non-optimized again.
+    let b_group = group(&st, &q);
+    let admin = c.admin(c.index(&q));
+    for (standby, want) in [(true, 0x2u8), (false, ANO)] {
+        commit(
+            &admin,
+            Command::SetTargetPaths {
+                iqn: IQN.into(),
+                standby,
+            },
+        )
+        .await;
+        wait(
+            "the paths' new state",
+            Duration::from_secs(10),
+            async || (b.port_groups().await.ok()?.get(&b_group) == Some(&want)).then_some(()),
+        )
+        .await;
+        let r = b
+            .run(&[0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0], Some(&[0x5A; 512]), 0)
+            .await;
+        if standby {
+            assert_eq!(
+                sense(&r),
+                Some((2, 0x04, 0x0B)),
+                "write through a standby port"
+            );
+        } else {
+            assert_eq!(
+                r.status,
+                0,
+                "write through a non-optimized port: {:x?}",
+                sense(&r)
+            );
+        }
+    }
     let _ = a.session;
 }

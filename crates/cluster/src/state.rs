@@ -191,6 +191,10 @@ pub struct Target {
     /// without multipath.
     #[serde(default)]
     pub vips: BTreeMap<std::net::IpAddr, VirtualIp>,
+    /// Ports of in-sync nodes other than the primary are standby (management commands
+    /// only) rather than active/non-optimized (I/O forwarded to the primary).
+    #[serde(default)]
+    pub standby_paths: bool,
 }
 
 /// An address the node serving a target adds to one of its interfaces, with an iSCSI
@@ -389,6 +393,13 @@ pub enum Command {
         iqn: String,
         /// The address, its prefix and interface.
         vip: VirtualIp,
+    },
+    /// How a target's ports on in-sync nodes other than the primary serve I/O.
+    SetTargetPaths {
+        /// Target.
+        iqn: String,
+        /// Standby (no I/O) rather than active/non-optimized (I/O forwarded).
+        standby: bool,
     },
     /// Takes a virtual IP from a target.
     RemoveVip {
@@ -1096,6 +1107,10 @@ impl ClusterState {
                     )));
                 }
                 self.target_mut(iqn)?.vips.insert(vip.address, vip.clone());
+                Ok(Applied::Done)
+            }
+            Command::SetTargetPaths { iqn, standby } => {
+                self.target_mut(iqn)?.standby_paths = *standby;
                 Ok(Applied::Done)
             }
             Command::RemoveVip { iqn, address } => {

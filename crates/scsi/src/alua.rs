@@ -63,6 +63,19 @@ impl AsymmetricAccessState {
     }
 }
 
+impl std::fmt::Display for AsymmetricAccessState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AsymmetricAccessState::ActiveOptimized => "active/optimized",
+            AsymmetricAccessState::ActiveNonOptimized => "active/non-optimized",
+            AsymmetricAccessState::Standby => "standby",
+            AsymmetricAccessState::Unavailable => "unavailable",
+            AsymmetricAccessState::Offline => "offline",
+            AsymmetricAccessState::Transitioning => "transitioning",
+        })
+    }
+}
+
 /// A target port group: its ports (relative target port identifiers) and their
 /// common state.
 #[derive(Clone, Debug, PartialEq, Eq)]
