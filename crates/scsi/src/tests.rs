@@ -968,6 +968,9 @@ fn write_same_unmap_deallocates_whatever_the_data() {
     assert_eq!(rsoc(0x42, 0xFF), 0x01, "UNMAP not supported");
     assert_eq!(rsoc(0x48, 0x02), 0x01, "SANITIZE BLOCK ERASE not supported");
     assert_eq!(rsoc(0x48, 0x01), 0x03, "SANITIZE OVERWRITE supported");
+    // No block erase, so no WABEREQ in the block device characteristics page.
+    let b1 = k.exec(&n, &[0x12, 1, 0xB1, 0, 64, 0], &[]);
+    assert_eq!(b1.data_in[7] & 0xC0, 0);
 }
 
 #[test]

@@ -81,7 +81,7 @@ pub(crate) fn vpd_page(lu: &LogicalUnit, port: &TargetPort, code: u8) -> Option<
         0x80 => page(0x80, lu.config.serial.as_bytes()),
         0x83 => page(0x83, &device_identification(lu, port)),
         0xB0 => page(0xB0, &block_limits(lu)),
-        0xB1 => page(0xB1, &block_device_characteristics()),
+        0xB1 => page(0xB1, &block_device_characteristics(lu)),
         0xB2 => page(0xB2, &logical_block_provisioning(lu)),
         _ => return None,
     })
@@ -182,13 +182,16 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
 }
 
 /// Block device characteristics VPD page body (SBC-3 §6.6.2).
-fn block_device_characteristics() -> Vec<u8> {
+fn block_device_characteristics(lu: &LogicalUnit) -> Vec<u8> {
     let mut b = vec![0u8; 0x3C];
     put(&mut b, 0, &1u16.to_be_bytes()); // MEDIUM ROTATION RATE 0001h: non-rotating
-                                         // Byte 7 of the page: WABEREQ 01b. After a SANITIZE BLOCK ERASE a read completes
-                                         // with GOOD status: the blocks are deallocated and read as zeroes. WACEREQ stays 00b:
-                                         // CRYPTOGRAPHIC ERASE is not supported.
-    put(&mut b, 3, &[0x40]);
+                                         // Byte 7 of the page: WABEREQ 01b where SANITIZE BLOCK ERASE is implemented (a thin
+                                         // unit): after it a read completes with GOOD status, the blocks deallocated and
+                                         // reading as zeroes. 00b otherwise. WACEREQ stays 00b: CRYPTOGRAPHIC ERASE is not
+                                         // supported.
+    if lu.device.supports_discard() {
+        put(&mut b, 3, &[0x40]);
+    }
     b
 }
 
