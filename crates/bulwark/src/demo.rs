@@ -246,6 +246,20 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
     println!("  iscsi-inq iscsi://{ip}/{IQN}/0");
     println!("  qemu-img info iscsi://{ip}/{IQN}/0");
     println!("  iscsiadm -m discovery -t st -p {ip} && iscsiadm -m node -T {IQN} -p {ip} --login");
+    // The other replica's node serves the target too (active/non-optimized).
+    if let Some(t) = st.targets.get(IQN) {
+        for g in crate::serving::port_groups(&st, t) {
+            let node = st.nodes.get(&u64::from(g.id));
+            if let Some((n, p)) = node.and_then(|n| Some((n, n.addresses.portals.first()?))) {
+                println!(
+                    "  path via {}: iscsi://{}/{IQN}/0  ({})",
+                    n.name,
+                    p.ip(),
+                    g.state
+                );
+            }
+        }
+    }
     println!();
     println!("Administer it from another terminal:");
     println!(
