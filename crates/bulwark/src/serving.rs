@@ -32,6 +32,10 @@ const RENEW_EVERY: Duration = Duration::from_millis(200);
 const LEASE_MARGIN: Duration = Duration::from_millis(150);
 /// How long a replica whose disk failed stays stopped before it is tried again.
 const REPLICA_RETRY: Duration = Duration::from_secs(10);
+/// A node that leaves the in-sync set keeps its path state this long: a replica that
+/// flaps out and back (a stall under load) changes nothing the initiators see. The
+/// reconcile that runs every second publishes the change once it lasts.
+const PATH_FLAP_GRACE: Duration = Duration::from_secs(3);
 /// How often the virtual IPs are checked against the leases.
 const VIP_CHECK_EVERY: Duration = Duration::from_millis(100);
 
@@ -82,15 +86,32 @@ pub(crate) fn port_group_of(node: NodeId) -> u16 {
 /// active/non-optimized (their commands are forwarded) or, as the target says, standby;
 /// the rest unavailable.
 pub(crate) fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::TargetPortGroup> {
+    port_groups_with(st, t, &|_| false)
+}
+
+/// Whether `node` is in the in-sync set of every volume of `t`.
+fn in_sync_for(st: &ClusterState, t: &Target, node: NodeId) -> bool {
+    t.luns.values().all(|vol| {
+        st.volumes
+            .get(vol)
+            .is_some_and(|v| v.in_sync.contains(&node))
+    })
+}
+
+/// [`port_groups`], counting the nodes `recently_in_sync` says left the in-sync set only
+/// a moment ago as still in sync: a replica that flaps out and back within the grace
+/// changes no state, so initiators get no unit attention storm.
+fn port_groups_with(
+    st: &ClusterState,
+    t: &Target,
+    recently_in_sync: &dyn Fn(NodeId) -> bool,
+) -> Vec<scsi::alua::TargetPortGroup> {
     use scsi::alua::AsymmetricAccessState as S;
     let primary = st.target_primary(t);
     target_nodes(st, t)
         .into_iter()
         .map(|n| {
-            let in_sync = t
-                .luns
-                .values()
-                .all(|vol| st.volumes.get(vol).is_some_and(|v| v.in_sync.contains(&n)));
+            let in_sync = in_sync_for(st, t, n) || recently_in_sync(n);
             let state = if Some(n) == primary {
                 S::ActiveOptimized
             } else if in_sync && t.standby_paths {
@@ -248,6 +269,8 @@ pub struct Serving {
     handovers: Mutex<HashSet<(String, u64)>>,
     /// Virtual IPs of the targets served here.
     vips: crate::vip::Vips,
+    /// When each node was last in sync for each target's volumes (path states).
+    in_sync_seen: Mutex<HashMap<(String, NodeId), Instant>>,
 
     events: Arc<cluster::status::EventLog>,
 }
@@ -416,6 +439,7 @@ impl Serving {
             repromotion_asked: Mutex::new(HashSet::new()),
             handovers: Mutex::new(HashSet::new()),
             vips: crate::vip::Vips::new(),
+            in_sync_seen: Mutex::new(HashMap::new()),
 
             events: node.events(),
         });
@@ -877,7 +901,21 @@ impl Serving {
                 s.chap = chap;
                 s.portals = portals;
             }
-            s.device.set_port_groups(port_groups(st, t));
+            let groups = {
+                let now = Instant::now();
+                let mut seen = self
+                    .in_sync_seen
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                for n in nodes.iter().filter(|n| in_sync_for(st, t, **n)) {
+                    seen.insert((t.iqn.clone(), *n), now);
+                }
+                port_groups_with(st, t, &|n| {
+                    seen.get(&(t.iqn.clone(), n))
+                        .is_some_and(|at| now.duration_since(*at) < PATH_FLAP_GRACE)
+                })
+            };
+            s.device.set_port_groups(groups);
             if s.forwarding_to.is_none() {
                 self.act_on_alua_requests(st, t, &s.device, &nodes);
             }
