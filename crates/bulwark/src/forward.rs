@@ -31,12 +31,12 @@ fn bad(what: &str) -> io::Error {
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
-    b.put_u16(u16::try_from(s.len()).unwrap_or(u16::MAX));
-    b.put_slice(
-        s.as_bytes()
-            .get(..usize::from(u16::MAX))
-            .unwrap_or(s.as_bytes()),
-    );
+    let bytes = s
+        .as_bytes()
+        .get(..usize::from(u16::MAX))
+        .unwrap_or(s.as_bytes());
+    b.put_u16(u16::try_from(bytes.len()).unwrap_or(u16::MAX));
+    b.put_slice(bytes);
 }
 
 fn get_bytes(b: &mut Bytes, n: usize) -> io::Result<Bytes> {
@@ -119,8 +119,9 @@ pub fn encode_command(c: &ForwardedCommand) -> Bytes {
     b.put_u64(c.lun);
     b.put_u8(attr_code(c.attr));
     b.put_u32(c.expected_data_in_len);
-    b.put_u8(u8::try_from(c.cdb.len()).unwrap_or(0));
-    b.put_slice(c.cdb.get(..usize::from(u8::MAX)).unwrap_or(&c.cdb));
+    let cdb = c.cdb.get(..usize::from(u8::MAX)).unwrap_or(&c.cdb);
+    b.put_u8(u8::try_from(cdb.len()).unwrap_or(u8::MAX));
+    b.put_slice(cdb);
     b.put_slice(&c.data_out);
     b.freeze()
 }
@@ -224,8 +225,9 @@ pub fn encode_response(r: &ScsiResponse) -> Bytes {
     let mut b = BytesMut::with_capacity(8 + sense.len() + r.data_in.len());
     b.put_u8(r.status as u8);
     b.put_u8(u8::from(r.sense.is_some()));
-    b.put_u16(u16::try_from(sense.len()).unwrap_or(0));
-    b.put_slice(sense.get(..usize::from(u16::MAX)).unwrap_or(sense));
+    let sense = sense.get(..usize::from(u16::MAX)).unwrap_or(sense);
+    b.put_u16(u16::try_from(sense.len()).unwrap_or(u16::MAX));
+    b.put_slice(sense);
     b.put_slice(&r.data_in);
     b.freeze()
 }

@@ -442,5 +442,36 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
             );
         }
     }
-    let _ = a.session;
+
+    // APTPL: B registers again with APTPL set; the whole cluster loses power (kill -9
+    // of every node) and comes back: the registrations are there.
+    let (cdb, p) = prout(0x06, 0, 0, KEY_B, 0x01);
+    b.good("REGISTER AND IGNORE EXISTING KEY, APTPL", &cdb, Some(&p), 0)
+        .await;
+    drop((a, a2, b));
+    for i in 0..3 {
+        c.nodes[i].kill9();
+    }
+    for i in 0..3 {
+        c.nodes[i].start();
+    }
+    let mut b3 = wait(
+        "a path after the cluster restart",
+        Duration::from_secs(60),
+        async || {
+            let mut p = Path::open(HOST_B, portal(&c, &q)).await?;
+            for _ in 0..5 {
+                if p.session.command(0, &[0; 6], None, 0).await.ok()?.status == 0 {
+                    return Some(p);
+                }
+            }
+            None
+        },
+    )
+    .await;
+    assert_eq!(
+        b3.keys().await.1,
+        vec![KEY_A, KEY_B],
+        "registrations after a full cluster restart"
+    );
 }
