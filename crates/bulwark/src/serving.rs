@@ -149,7 +149,10 @@ impl std::fmt::Debug for ClusterPaths {
 }
 
 impl ClusterPaths {
-    fn tell_others(&self, tmf: &scsi::ForwardedTaskManagement) {
+    /// Sends `tmf` to every other node serving the target but the one whose port group
+    /// is `except` (the node a forwarded cold reset came through ends its own sessions
+    /// once it has answered the task management request).
+    fn tell_others(&self, tmf: &scsi::ForwardedTaskManagement, except: Option<u16>) {
         let others: Vec<NodeId> = {
             let st = self.node.state().borrow().clone();
             st.targets
@@ -157,7 +160,7 @@ impl ClusterPaths {
                 .map(|t| target_nodes(&st, t))
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|n| *n != self.me)
+                .filter(|n| *n != self.me && Some(port_group_of(*n)) != except)
                 .collect()
         };
         let body = crate::forward::encode_task_management(tmf);
@@ -170,18 +173,24 @@ impl ClusterPaths {
 
 impl scsi::RemotePaths for ClusterPaths {
     fn cold_reset(&self, by: &scsi::ItNexus) {
-        self.tell_others(&scsi::ForwardedTaskManagement::Reset {
-            kind: scsi::ResetKind::TargetCold,
-            lun: None,
-            by: by.clone(),
-        });
+        self.tell_others(
+            &scsi::ForwardedTaskManagement::Reset {
+                kind: scsi::ResetKind::TargetCold,
+                lun: None,
+                by: by.clone(),
+            },
+            Some(by.target_port.group),
+        );
     }
 
     fn preempted(&self, lun: u64, nexus: &scsi::ItNexus) {
-        self.tell_others(&scsi::ForwardedTaskManagement::AbortTasks {
-            lun,
-            nexus: Some(nexus.clone()),
-        });
+        self.tell_others(
+            &scsi::ForwardedTaskManagement::AbortTasks {
+                lun,
+                nexus: Some(nexus.clone()),
+            },
+            None,
+        );
     }
 }
 

@@ -3,8 +3,8 @@
 //!
 //! Registrations are kept per I_T nexus; a registration made with ALL_TG_PT applies to
 //! the initiator port through every target port. PREEMPT AND ABORT preempts like PREEMPT;
-//! aborting the preempted nexuses' tasks is the transport's business. SPEC_I_PT is not
-//! supported (INVALID FIELD IN PARAMETER LIST) and REPORT CAPABILITIES says so.
+//! aborting the preempted nexuses' tasks is the transport's business. REGISTER with
+//! SPEC_I_PT registers the initiator ports its iSCSI TransportIDs name (with an ISID).
 
 use std::io::{self, Write as _};
 use std::path::Path;
@@ -377,7 +377,13 @@ pub(crate) fn persistent_reserve_in(ctx: &Ctx<'_>) -> CmdResult {
         0x02 => {
             b.clear();
             // Length 8; ATP_C, PTPL_C; TMV with ALLOW COMMANDS 001b; PTPL_A; type mask.
-            b.extend_from_slice(&[0x00, 0x08, 0x04 | 0x01, 0x80 | 0x10 | u8::from(pr.aptpl)]);
+            // SIP_C, ATP_C, PTPL_C.
+            b.extend_from_slice(&[
+                0x00,
+                0x08,
+                0x08 | 0x04 | 0x01,
+                0x80 | 0x10 | u8::from(pr.aptpl),
+            ]);
             b.extend_from_slice(&[0xEA, 0x01, 0x00, 0x00]);
         }
         _ => {
@@ -441,7 +447,10 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
         .data_out
         .get(..param_len)
         .ok_or(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR)?;
-    if sa != 0x07 && param_len != 24 {
+    // Only REGISTER with SPEC_I_PT carries more than the basic 24 bytes: its
+    // TransportIDs (SPC-4 §6.16.3).
+    let spec_i_pt_list = sa == 0x00 && get_u8(data, 20) & 0x08 != 0;
+    if sa != 0x07 && param_len != 24 && !(spec_i_pt_list && param_len >= 28) {
         return Err(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR.into());
     }
     if sa == 0x07 && param_len < 24 {
@@ -462,7 +471,7 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
     let mut st = ctx.lu.lock();
     let before = ctx.lu.pr_store.as_ref().map(|_| st.pr.clone());
     let result = match sa {
-        0x00 | 0x06 => register(&mut st, nexus, &p, sa == 0x06),
+        0x00 | 0x06 => register(&mut st, nexus, &p, sa == 0x06, data),
         0x01 => reserve(&mut st, nexus, &p, scope, type_field),
         0x02 => release(&mut st, nexus, &p, scope, type_field),
         0x03 => clear(&mut st, nexus, &p),
@@ -533,11 +542,17 @@ fn register(
     nexus: &ItNexus,
     p: &ProutParams,
     ignore: bool,
+    data: &[u8],
 ) -> Result<(), Failure> {
-    if p.spec_i_pt {
+    if p.spec_i_pt && ignore {
+        // REGISTER AND IGNORE EXISTING KEY takes no TransportIDs (SPC-4 §6.16.3).
         return Err(Sense::invalid_field_in_parameter_list(20).into());
     }
     let existing = st.pr.registration(nexus).cloned();
+    if p.spec_i_pt && existing.is_some() {
+        // SPC-4 §5.13.7: SPEC_I_PT only from an unregistered I_T nexus.
+        return Err(Sense::invalid_field_in_cdb(1).into());
+    }
     match existing {
         None => {
             if !ignore && p.key != 0 {
@@ -546,14 +561,20 @@ fn register(
             if p.sa_key == 0 {
                 return Ok(());
             }
-            if st.pr.registrations.len() >= REGISTRATIONS_MAX {
+            let mut nexuses = vec![nexus.clone()];
+            if p.spec_i_pt {
+                nexuses.extend(specified_initiator_ports(st, nexus, data)?);
+            }
+            if st.pr.registrations.len() + nexuses.len() > REGISTRATIONS_MAX {
                 return Err(Sense::ILLEGAL_REQUEST_INSUFFICIENT_REGISTRATION_RESOURCES.into());
             }
-            st.pr.registrations.push(Registration {
-                nexus: nexus.clone(),
-                key: p.sa_key,
-                all_tg_pt: p.all_tg_pt,
-            });
+            for n in nexuses {
+                st.pr.registrations.push(Registration {
+                    nexus: n,
+                    key: p.sa_key,
+                    all_tg_pt: p.all_tg_pt,
+                });
+            }
         }
         Some(reg) => {
             if !ignore && p.key != reg.key {
@@ -713,6 +734,46 @@ fn preempt(
     };
     st.pr.generation = st.pr.generation.wrapping_add(1);
     Ok(removed)
+}
+
+/// The I_T nexuses a REGISTER with SPEC_I_PT names (SPC-4 §5.13.7, §6.16.3): one per
+/// iSCSI TransportID with an ISID (format 01b), through the target port the command
+/// came on (with ALL_TG_PT, the registration covers every port anyway). Registering
+/// is all or nothing: a named nexus already registered is a RESERVATION CONFLICT, a
+/// TransportID that cannot be parsed INVALID FIELD IN PARAMETER LIST.
+fn specified_initiator_ports(
+    st: &LuState,
+    nexus: &ItNexus,
+    data: &[u8],
+) -> Result<Vec<ItNexus>, Failure> {
+    let len = usize::try_from(get_be32(data, 24)).unwrap_or(usize::MAX);
+    if data.len() != 28usize.saturating_add(len) {
+        return Err(Sense::ILLEGAL_REQUEST_PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    let mut out: Vec<ItNexus> = Vec::new();
+    let mut at = 28usize;
+    while at < data.len() {
+        let tid_len = 4 + usize::from(get_be16(data, at + 2));
+        let field = u16::try_from(at).unwrap_or(u16::MAX);
+        let tid = data
+            .get(at..at + tid_len)
+            .ok_or(Sense::invalid_field_in_parameter_list(field))?;
+        let (initiator_name, isid) =
+            parse_iscsi_transport_id(tid).ok_or(Sense::invalid_field_in_parameter_list(field))?;
+        let n = ItNexus {
+            initiator_name,
+            isid,
+            target_port: nexus.target_port.clone(),
+        };
+        if st.pr.registration(&n).is_some() {
+            return Err(Failure::Conflict);
+        }
+        if !out.contains(&n) && !(same_initiator_port(&n, nexus)) {
+            out.push(n);
+        }
+        at += tid_len;
+    }
+    Ok(out)
 }
 
 /// PREEMPT AND ABORT: the tasks of every I_T nexus of the initiator ports whose

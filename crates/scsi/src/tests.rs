@@ -686,9 +686,69 @@ fn persistent_reservation_registration_rules_and_preempt() {
         sense_of(&k.exec(&a, &[0x5E, 4, 0, 0, 0, 0, 0, 1, 0, 0], &[])),
         (ILLEGAL, 0x24, 0)
     );
-    // SPEC_I_PT is refused.
-    let (c, p) = prout(0x00, 0, 0, 0xD, 0x08);
-    assert_eq!(sense_of(&k.exec(&a, &c, &p)), (ILLEGAL, 0x26, 0));
+    // SPEC_I_PT: see spec_i_pt_registers_the_named_initiator_ports.
+}
+
+/// An iSCSI TransportID with an ISID (SPC-4 §7.6.4.6, format 01b).
+fn iscsi_transport_id(n: &ItNexus) -> Vec<u8> {
+    let mut body = n.initiator_port_name().into_bytes();
+    body.push(0);
+    while body.len() % 4 != 0 {
+        body.push(0);
+    }
+    let mut t = vec![0x45, 0];
+    t.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    t.extend_from_slice(&body);
+    t
+}
+
+#[test]
+fn spec_i_pt_registers_the_named_initiator_ports() {
+    let k = Kit::new();
+    let a = k.ready("iqn.a");
+    let b = k.ready("iqn.b");
+    let c = k.ready("iqn.c");
+    let with_ids = |key: u64, sa_key: u64, ids: &[&ItNexus]| {
+        let list: Vec<u8> = ids.iter().flat_map(|n| iscsi_transport_id(n)).collect();
+        let (_, p) = prout(0x00, 0, key, sa_key, 0x08);
+        let mut p = p.to_vec();
+        p.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        p.extend_from_slice(&list);
+        let mut cdb = vec![0x5F, 0x00, 0, 0, 0, 0, 0, 0, 0, 0];
+        cdb[5..9].copy_from_slice(&(p.len() as u32).to_be_bytes());
+        (cdb, p)
+    };
+    // REPORT CAPABILITIES says SIP_C.
+    let caps = k.exec(&a, &[0x5E, 2, 0, 0, 0, 0, 0, 8, 0, 0], &[]);
+    assert_eq!(caps.data_in[2] & 0x08, 0x08);
+    // a registers itself and b in one command: both hold key 0xA.
+    let (cdb, p) = with_ids(0, 0xA, &[&b]);
+    assert_good(&k.exec(&a, &cdb, &p));
+    let keys = k.exec(&a, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(&keys.data_in[4..8], &16u32.to_be_bytes());
+    assert_good(&pr(&k, &b, 1, 1, 0xA, 0));
+    assert_good(&pr(&k, &b, 2, 1, 0xA, 0));
+    // From a registered nexus SPEC_I_PT is INVALID FIELD IN CDB; naming a registered
+    // port is a conflict and registers nobody; a bad TransportID is refused.
+    let (cdb, p) = with_ids(0xA, 0xA, &[&c]);
+    assert_eq!(sense_of(&k.exec(&a, &cdb, &p)), (0x05, 0x24, 0x00));
+    let (cdb, p) = with_ids(0, 0xC, &[&b]);
+    assert_eq!(k.exec(&c, &cdb, &p).status, ScsiStatus::ReservationConflict);
+    let keys = k.exec(&a, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
+    assert_eq!(
+        &keys.data_in[4..8],
+        &16u32.to_be_bytes(),
+        "c was not registered"
+    );
+    let (cdb, mut p) = with_ids(0, 0xC, &[&a]);
+    p[28] = 0x05; // format 00b without an ISID: not an initiator port
+    assert_eq!(sense_of(&k.exec(&c, &cdb, &p)).1, 0x26);
+    // REGISTER AND IGNORE EXISTING KEY takes no SPEC_I_PT, and no TransportIDs.
+    let (cdb, p) = prout(0x06, 0, 0, 0xC, 0x08);
+    assert_eq!(sense_of(&k.exec(&c, &cdb, &p)), (0x05, 0x26, 0x00));
+    let (mut cdb, p) = with_ids(0, 0xC, &[&b]);
+    cdb[1] = 0x06;
+    assert_eq!(sense_of(&k.exec(&c, &cdb, &p)), (0x05, 0x1A, 0x00));
 }
 
 #[test]
