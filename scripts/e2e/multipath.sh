@@ -2,9 +2,10 @@
 # ALUA multipath across nodes: libiscsi's whole conformance suite (`iscsi-test-cu -t
 # ALL`) with its two paths on two different nodes of a 3-node cluster, one path on the
 # primary (active/optimized) and one on another node (active/non-optimized: every
-# command forwarded to the primary), then again with the paths swapped. MultipathIO
-# and every PersistentReserveIn/Out test must run and pass on both orders, which shows
-# that reservations, unit attentions and resets hold across nodes.
+# command forwarded to the primary), and at the same time, against a second target,
+# with the paths swapped. MultipathIO and every PersistentReserveIn/Out test must run
+# and pass on both orders, which shows that reservations, unit attentions and resets
+# hold across nodes.
 #
 # Allowed skips, as in conformance.sh (removable media, write protection, SANITIZE
 # CRYPTO ERASE), and the thin-provisioning tests: a replicated volume is fully
@@ -22,61 +23,76 @@ trap 'stop_demo; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 export BULWARK_NOP_TIMEOUT_MS=90000
 start_demo "$work"
 
-iqn=iqn.2026-11.io.bulwark:multipath
-"$BULWARK_BIN" volume create mp 128MiB --replicas 3 >/dev/null
-"$BULWARK_BIN" target create "$iqn" >/dev/null
-"$BULWARK_BIN" lun add "$iqn" mp >/dev/null
+# Two volumes on all three nodes, each the LUN of its own target: the two orders of the
+# paths run at once, one per target (libiscsi's Sanitize.Reset spends a minute asleep).
+for i in 1 2; do
+    "$BULWARK_BIN" volume create "mp$i" 128MiB --replicas 3 >/dev/null
+    "$BULWARK_BIN" target create "iqn.2026-11.io.bulwark:multipath$i" >/dev/null
+    "$BULWARK_BIN" lun add "iqn.2026-11.io.bulwark:multipath$i" "mp$i" >/dev/null
+done
 
 # The primary's portal and another in-sync node's, once both serve the target.
 paths() {
     "$BULWARK_BIN" status --json | python3 -c '
 import json, sys
 d = json.load(sys.stdin)["state"]
-v = d["volumes"]["mp"]
+v = d["volumes"][sys.argv[1]]
 if sorted(v["in_sync"]) != sorted(v["replicas"]):
     sys.exit(0)
 other = [n for n in v["in_sync"] if n != v["primary"]][0]
 print(d["nodes"][str(v["primary"])]["addresses"]["portals"][0].rsplit(":", 1)[0],
       d["nodes"][str(other)]["addresses"]["portals"][0].rsplit(":", 1)[0])
-'
+' "$1"
 }
-optimized="" non_optimized=""
-for _ in $(seq 1 100); do
-    read -r optimized non_optimized < <(paths) || true
-    if [ -n "$non_optimized" ] && iscsi-inq "iscsi://$non_optimized/$iqn/0" >/dev/null 2>&1 \
-        && iscsi-inq "iscsi://$optimized/$iqn/0" >/dev/null 2>&1; then
-        break
-    fi
-    sleep 0.2
+declare -A optimized non_optimized
+for i in 1 2; do
+    iqn=iqn.2026-11.io.bulwark:multipath$i
+    for _ in $(seq 1 100); do
+        read -r optimized[$i] non_optimized[$i] < <(paths "mp$i") || true
+        if [ -n "${non_optimized[$i]:-}" ] && iscsi-inq "iscsi://${non_optimized[$i]}/$iqn/0" >/dev/null 2>&1 \
+            && iscsi-inq "iscsi://${optimized[$i]}/$iqn/0" >/dev/null 2>&1; then
+            break
+        fi
+        sleep 0.2
+    done
+    [ -n "${non_optimized[$i]:-}" ] || die "the replicas of mp$i never were all in sync"
+    echo "$iqn: active/optimized path via ${optimized[$i]}, active/non-optimized path via ${non_optimized[$i]}"
 done
-[ -n "$non_optimized" ] || die "the volume's replicas never were all in sync"
-echo "active/optimized path via $optimized, active/non-optimized path via $non_optimized"
 
 # One discovery through any node lists every node's portal, each its own portal group.
-iscsi-ls -s "iscsi://$non_optimized" >"$work/ls.txt"
-[ "$(grep -c "Target:$iqn Portal:" "$work/ls.txt")" -eq 3 ] || { cat "$work/ls.txt"; die "SendTargets via $non_optimized does not list the 3 nodes' portals"; }
+iscsi-ls -s "iscsi://${non_optimized[1]}" >"$work/ls.txt"
+[ "$(grep -c "Target:iqn.2026-11.io.bulwark:multipath1 Portal:" "$work/ls.txt")" -eq 3 ] \
+    || { cat "$work/ls.txt"; die "SendTargets via ${non_optimized[1]} does not list the 3 nodes' portals"; }
 
 expected=$(all_test_count)
 # What a fully provisioned unit does not implement (UNMAP, SANITIZE BLOCK ERASE), as
 # libiscsi words it (a GNU grep alternation).
 thin='fully provisioned\|BLOCK_ERASE is not implemented\|UNMAP is not implemented'
-run_both() {
-    local first=$1 second=$2 out=$work/all-$1.txt
-    timeout 900 iscsi-test-cu -d -S -t "$CONFORMANCE_ALL" "iscsi://$first/$iqn/0" "iscsi://$second/$iqn/0" >"$out" 2>&1 || true
-    local ran
+# Target 1: optimized path first; target 2: non-optimized path first.
+run() { # i first second
+    timeout 900 iscsi-test-cu -d -S -t "$CONFORMANCE_ALL" \
+        "iscsi://$2/iqn.2026-11.io.bulwark:multipath$1/0" "iscsi://$3/iqn.2026-11.io.bulwark:multipath$1/0" \
+        >"$work/all-$1.txt" 2>&1 || true
+}
+run 1 "${optimized[1]}" "${non_optimized[1]}" &
+first=$!
+run 2 "${non_optimized[2]}" "${optimized[2]}" &
+second=$!
+wait "$first" "$second"
+for i in 1 2; do
+    out=$work/all-$i.txt
+    if [ "$i" = 1 ]; then order="optimized path first"; else order="non-optimized path first"; fi
     ran=$(grep -E '^\s+tests\s' "$out" | tail -1 | awk '{print $3}')
-    [ "$ran" = "$expected" ] || { tail -30 "$out"; die "paths $first,$second: $ran of $expected tests ran"; }
-    check_run "ALL via $first then $second" "$out" "$thin"
+    [ "$ran" = "$expected" ] || { tail -30 "$out"; die "$order: $ran of $expected tests ran"; }
+    check_run "ALL, $order" "$out" "$thin"
     # MultipathIO and the reservation suites ran every test, none skipped.
     for suite in MultipathIO PrinReadKeys PrinServiceactionRange PrinReportCapabilities \
         ProutClear ProutPreempt ProutRegister ProutReserve; do
         awk -v s="Suite: $suite" '$0 ~ "^Suite: " {on = ($0 == s)} on' "$out" >"$work/suite.txt"
-        [ -s "$work/suite.txt" ] || die "suite $suite did not run"
-        if grep -q SKIPPED "$work/suite.txt"; then cat "$work/suite.txt"; die "suite $suite skipped tests"; fi
+        [ -s "$work/suite.txt" ] || die "$order: suite $suite did not run"
+        if grep -q SKIPPED "$work/suite.txt"; then cat "$work/suite.txt"; die "$order: suite $suite skipped tests"; fi
     done
-}
-run_both "$optimized" "$non_optimized"
-run_both "$non_optimized" "$optimized"
+done
 for log in "$work"/data/n*.log; do
     if grep -E 'panicked' "$log"; then die "a node panicked during the multipath run ($log)"; fi
 done
