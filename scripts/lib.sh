@@ -107,9 +107,15 @@ start_demo() {
 # The node pids the demo printed.
 demo_node_pids() { sed -n 's/^  n[0-9]: pid \([0-9]*\) .*/\1/p' "$DEMO_OUT" 2>/dev/null; }
 
-# Kills the demo and every node it started (by pid), if still running.
+# Stops the demo as Ctrl-C does (it stops its nodes), then kills whatever still runs
+# of it and of the nodes it started (by pid).
 stop_demo() {
-    if [ -n "${DEMO_PID:-}" ] && kill -0 "$DEMO_PID" 2>/dev/null; then kill -KILL "$DEMO_PID"; fi
+    if [ -n "${DEMO_PID:-}" ] && kill -0 "$DEMO_PID" 2>/dev/null; then
+        kill -INT "$DEMO_PID"
+        for _ in $(seq 1 150); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$DEMO_PID" 2>/dev/null && kill -KILL "$DEMO_PID"
+        wait "$DEMO_PID" 2>/dev/null || true
+    fi
     for p in $(demo_node_pids); do
         kill -0 "$p" 2>/dev/null && kill -KILL "$p"
     done
