@@ -181,23 +181,7 @@ async fn replicated_volume(block: u8, size_bytes: u64) -> Cluster {
         },
     )
     .await;
-    commit(
-        &admin,
-        Command::CreateTarget {
-            iqn: IQN.into(),
-            alias: None,
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::AddLun {
-            iqn: IQN.into(),
-            lun: Some(0),
-            volume: "v".into(),
-        },
-    )
-    .await;
+    target_with_lun(&admin, IQN, "v").await;
     c
 }
 

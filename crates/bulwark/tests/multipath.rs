@@ -199,23 +199,7 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
         *size_bytes = 16 << 20;
     }
     commit(&admin, create).await;
-    commit(
-        &admin,
-        Command::CreateTarget {
-            iqn: IQN.into(),
-            alias: None,
-        },
-    )
-    .await;
-    commit(
-        &admin,
-        Command::AddLun {
-            iqn: IQN.into(),
-            lun: Some(0),
-            volume: "v".into(),
-        },
-    )
-    .await;
+    target_with_lun(&admin, IQN, "v").await;
     let portal = |c: &Cluster, name: &str| c.nodes[c.index(name)].addresses().portals[0];
     let st = wait(
         "all three replicas in sync",

@@ -361,7 +361,8 @@ impl LogicalUnit {
                     }
                 }
                 let mut ns = NexusState::default();
-                ns.push_ua(target.first_contact_unit_attention());
+                let registered = st.pr.registration(req.nexus).is_some();
+                ns.push_ua(target.first_contact_unit_attention(registered));
                 st.nexuses.insert(req.nexus.clone(), ns);
             }
             // SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE neither report nor clear

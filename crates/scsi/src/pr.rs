@@ -105,7 +105,7 @@ pub(crate) struct PrState {
 }
 
 impl PrState {
-    fn registration(&self, nexus: &ItNexus) -> Option<&Registration> {
+    pub(crate) fn registration(&self, nexus: &ItNexus) -> Option<&Registration> {
         self.registrations.iter().find(|r| r.matches(nexus))
     }
 

@@ -337,7 +337,7 @@ impl TargetDevice {
     }
 
     /// Stops forwarding: the logical units are added here again ([`Self::add_lun`]),
-    /// and, having taken over from another node's, greet each I_T nexus with
+    /// and, having taken over from another node's, greet each registered I_T nexus with
     /// ASYMMETRIC ACCESS STATE CHANGED rather than POWER ON (SPC-4 §5.15.2.6: the
     /// initiator learns that this port's state changed, and keeps its reservations).
     pub fn take_over(&self) {
@@ -363,8 +363,12 @@ impl TargetDevice {
         self.forwarding().is_some()
     }
 
-    pub(crate) fn first_contact_unit_attention(&self) -> Sense {
-        if self.took_over.load(std::sync::atomic::Ordering::Acquire) {
+    /// The unit attention an I_T nexus gets when a logical unit sees it first. After a
+    /// takeover, a nexus that is registered (its initiator used the unit before, through
+    /// the old primary) learns that the access state changed; any other nexus, as on a
+    /// fresh unit, of the power on (initiators such as libiscsi expect that at login).
+    pub(crate) fn first_contact_unit_attention(&self, registered: bool) -> Sense {
+        if registered && self.took_over.load(std::sync::atomic::Ordering::Acquire) {
             Sense::UNIT_ATTENTION_ASYMMETRIC_ACCESS_STATE_CHANGED
         } else {
             Sense::UNIT_ATTENTION_POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED

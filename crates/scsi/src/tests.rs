@@ -1633,8 +1633,9 @@ fn shared_reservations_are_saved_before_completion_and_survive_a_takeover() {
     assert_eq!(sense_of(&pr(&k, &b, 0, 0, 0, 0xB)), (0x02, 0x04, 0x0A));
     store.refuse.store(false, Ordering::SeqCst);
     assert!(!can_write(&k, &b), "b's registration was undone");
-    // Another node takes over with the same store: same registrations and reservation,
-    // and each nexus is told the access state changed, not that power came on.
+    // Another node takes over with the same store: same registrations and reservation;
+    // a registered nexus is told the access state changed, not that power came on, and
+    // an unregistered one gets the power on a fresh unit gives.
     let second = TargetDevice::new();
     second.take_over();
     second
@@ -1655,7 +1656,7 @@ fn shared_reservations_are_saved_before_completion_and_survive_a_takeover() {
     );
     assert_eq!(
         sense_of(&k2.exec(&b, &read10(1, 1), &[])),
-        (0x06, 0x2A, 0x06)
+        (0x06, 0x29, 0x00)
     );
     assert!(can_write(&k2, &a));
     assert!(!can_write(&k2, &b));

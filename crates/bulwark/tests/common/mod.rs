@@ -217,6 +217,27 @@ pub async fn commit(admin: &AdminClient, cmd: Command) -> Applied {
         .unwrap_or_else(|r| panic!("{cmd:?} refused: {r}"))
 }
 
+/// Creates target `iqn` with `volume` as its LUN 0.
+pub async fn target_with_lun(admin: &AdminClient, iqn: &str, volume: &str) {
+    commit(
+        admin,
+        Command::CreateTarget {
+            iqn: iqn.into(),
+            alias: None,
+        },
+    )
+    .await;
+    commit(
+        admin,
+        Command::AddLun {
+            iqn: iqn.into(),
+            lun: Some(0),
+            volume: volume.into(),
+        },
+    )
+    .await;
+}
+
 pub fn create_volume(name: &str, on: &[&str]) -> Command {
     Command::CreateVolume {
         name: name.into(),
