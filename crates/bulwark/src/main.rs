@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod demo;
 mod forward;
+mod service;
 mod serving;
 mod vip;
 
@@ -66,6 +67,10 @@ enum Command {
         /// the event log reports liveness and leadership): add "openraft=info" to see it.
         #[arg(long, env = "BULWARK_LOG", default_value = "info,openraft=off")]
         log: String,
+        /// Log lines as text, or as one JSON object per line (for journald and log
+        /// shippers: `journalctl -o cat -u bulwark | jq`).
+        #[arg(long, env = "BULWARK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Creates, joins or leaves a cluster.
     Cluster {
@@ -141,6 +146,26 @@ enum Command {
         #[arg(long)]
         no_watch: bool,
     },
+    /// Prints the shell completion script for SHELL (bash, zsh, fish, elvish,
+    /// powershell), e.g. `bulwark completions bash > /etc/bash_completion.d/bulwark`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Writes the manual pages (bulwark.1 and one per subcommand) into DIR.
+    Man {
+        /// Where the pages go (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -270,16 +295,38 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn init_logging(filter: &str) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(filter).context("bad --log filter")?,
-        )
+fn init_logging(filter: &str, format: LogFormat) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("bad --log filter")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
     Ok(())
+}
+
+/// Writes `bulwark.1` and a page per subcommand (`bulwark-volume-create.1`, ...).
+fn write_man_pages(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fn walk(cmd: &clap::Command, name: &str, dir: &Path) -> Result<()> {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone().display_name(name.to_string()))
+            .title(name.to_uppercase())
+            .render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            walk(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    walk(&Cli::command(), "bulwark", dir)
 }
 
 fn run() -> Result<()> {
@@ -294,8 +341,9 @@ fn run() -> Result<()> {
             snapshot_every,
             nop_timeout_ms,
             log,
+            log_format,
         } => {
-            init_logging(&log)?;
+            init_logging(&log, log_format)?;
             if cluster::Identity::exists(&data_dir) {
                 if config.is_some() {
                     bail!("{} belongs to a cluster, whose configuration lives in the cluster (bulwark volume/target/lun ...); drop --config", data_dir.display());
@@ -340,6 +388,18 @@ fn run() -> Result<()> {
             Duration::from_millis(interval_ms),
         )),
         Command::Demo { dir, no_watch } => runtime()?.block_on(demo::run(dir, !no_watch)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "bulwark", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(e).context("writing the completions")
+                }
+                _ => Ok(()),
+            }
+        }
+        Command::Man { dir } => write_man_pages(&dir),
     }
 }
 
@@ -564,6 +624,7 @@ async fn serve_cluster(
         }
     );
     println!("Ready. Ctrl-C stops the node.");
+    service::ready(&tokio::runtime::Handle::current());
     let removed = {
         let node = node.clone();
         async move { node.removed().await }
@@ -768,6 +829,7 @@ async fn serve(cfg: Config) -> Result<()> {
     }
     let listeners = server.bind().await?;
     println!("Ready. Ctrl-C stops the server after in-flight commands finish.");
+    service::ready(&tokio::runtime::Handle::current());
     server
         .serve(listeners, async {
             shutdown_signal().await;
@@ -796,6 +858,7 @@ pub(crate) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+    let _ = service::notify("STOPPING=1");
 }
 
 #[cfg(test)]
