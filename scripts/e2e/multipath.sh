@@ -70,7 +70,7 @@ expected=$(all_test_count)
 thin='fully provisioned\|BLOCK_ERASE is not implemented\|UNMAP is not implemented'
 # Target 1: optimized path first; target 2: non-optimized path first.
 run() { # i first second
-    timeout 900 iscsi-test-cu -d -S -t "$CONFORMANCE_ALL" \
+    timeout 480 iscsi-test-cu -d -S -t "$CONFORMANCE_ALL" \
         "iscsi://$2/iqn.2026-11.io.bulwark:multipath$1/0" "iscsi://$3/iqn.2026-11.io.bulwark:multipath$1/0" \
         >"$work/all-$1.txt" 2>&1 || true
 }

@@ -434,6 +434,27 @@ fn record_progress(lu: &LogicalUnit, done_bytes: u64) {
     }
 }
 
+/// How long a sanitize operation waits out a device that says it is transitioning.
+const TRANSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Writes one chunk of a sanitize operation. A device that is transitioning (a
+/// replicated volume resealing its in-sync set, a brief primary change) is retried
+/// for up to [`TRANSITION_WAIT`]: a long operation must not fail, and leave the unit in
+/// the sanitize-failed state, over a pause of a few milliseconds.
+fn write_through_transitions(lu: &LogicalUnit, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        match lu.device.write_at(offset, data, false) {
+            Err(e)
+                if crate::device::is_transitioning(&e) && started.elapsed() < TRANSITION_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn overwrite(lu: &LogicalUnit, pattern: &[u8], inverted_passes: &[bool]) -> std::io::Result<()> {
     let size = lu.num_blocks() * u64::from(lu.block_size());
     let chunk_len = usize::try_from(CHUNK_BYTES.min(size)).unwrap_or(0);
@@ -450,7 +471,7 @@ fn overwrite(lu: &LogicalUnit, pattern: &[u8], inverted_passes: &[bool]) -> std:
         while offset < size {
             let n = CHUNK_BYTES.min(size - offset);
             let slice = data.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(data);
-            lu.device.write_at(offset, slice, false)?;
+            write_through_transitions(lu, offset, slice)?;
             offset += n;
             done += n;
             record_progress(lu, done);

@@ -26,6 +26,9 @@ pub struct MemDevice {
     pub fail_reads: AtomicBool,
     /// When set, `write_at` fails with an I/O error.
     pub fail_writes: AtomicBool,
+    /// This many next `write_at` calls fail as transitioning (a replicated volume
+    /// changing primary or resealing), as [`crate::device::unavailable`] says.
+    pub transitioning_writes: AtomicU64,
     /// Number of `flush` calls.
     pub flushes: AtomicU64,
     /// Number of `write_at` calls with `fua = true`.
@@ -56,6 +59,7 @@ impl MemDevice {
             fail_writes: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
+            transitioning_writes: AtomicU64::new(0),
         }
     }
 
@@ -115,6 +119,13 @@ impl BlockDevice for MemDevice {
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         if self.fail_writes.load(Ordering::Relaxed) {
             return Err(io::Error::other("injected write error"));
+        }
+        if self
+            .transitioning_writes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(crate::device::unavailable("injected transition"));
         }
         if fua {
             self.fua_writes.fetch_add(1, Ordering::Relaxed);

@@ -1333,6 +1333,16 @@ fn sanitize_overwrite_with_invert_ends_with_the_pattern() {
 }
 
 #[test]
+fn sanitize_waits_out_a_transitioning_device() {
+    let k = sanitize_kit(0);
+    let n = k.ready("i1");
+    k.dev.transitioning_writes.store(3, Ordering::Relaxed);
+    assert_good(&k.exec(&n, &sanitize_overwrite_cdb(false, false), &OVERWRITE_AA));
+    assert_eq!(k.dev.transitioning_writes.load(Ordering::Relaxed), 0);
+    assert_eq!(k.dev.snapshot(0, 512), vec![0xAA; 512]);
+}
+
+#[test]
 fn flush_all_flushes_every_unit() {
     let k = Kit::new();
     let other = Arc::new(MemDevice::new(64 * 512));
