@@ -381,11 +381,7 @@ impl ForwardHandler for ForwardServer {
             let d = device.clone();
             let respond = scsi::Responder::new(move |r: ScsiResponse| {
                 if prout && r.status == ScsiStatus::Good {
-                    for p in d.take_preempted_nexuses() {
-                        let n = server.abort_preempted(&target, &p.nexus, p.lun);
-                        d.abort_tasks(p.lun, Some(&p.nexus));
-                        tracing::info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
-                    }
+                    server.abort_preempted_tasks(&target, &d);
                 }
                 reply.send(encode_response(&r));
             });

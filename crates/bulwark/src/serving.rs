@@ -280,6 +280,10 @@ pub struct Serving {
     vips: crate::vip::Vips,
     /// When each node was last in sync for each target's volumes (path states).
     in_sync_seen: Mutex<HashMap<(String, NodeId), Instant>>,
+    /// The target devices executed here, for commands forwarded from other nodes: read
+    /// on the replication link's task, so never behind `served`, which a reconcile
+    /// holds throughout.
+    executed_here: std::sync::RwLock<HashMap<String, Arc<scsi::TargetDevice>>>,
 
     events: Arc<cluster::status::EventLog>,
 }
@@ -449,6 +453,7 @@ impl Serving {
             handovers: Mutex::new(HashSet::new()),
             vips: crate::vip::Vips::new(),
             in_sync_seen: Mutex::new(HashMap::new()),
+            executed_here: std::sync::RwLock::new(HashMap::new()),
 
             events: node.events(),
         });
@@ -458,11 +463,8 @@ impl Serving {
             .set_forward_handler(Arc::new(crate::forward::ForwardServer {
                 lookup: Box::new(move |target| {
                     let s = weak.upgrade()?;
-                    let served = s.served.lock().ok()?;
-                    served
-                        .get(target)
-                        .filter(|x| x.forwarding_to.is_none() && !x.luns.is_empty())
-                        .map(|x| x.device.clone())
+                    let devices = s.executed_here.read().ok()?;
+                    devices.get(target).cloned()
                 }),
                 server: serving.server.clone(),
             }));
@@ -930,6 +932,14 @@ impl Serving {
             }
         }
 
+        if let Ok(mut devices) = self.executed_here.write() {
+            *devices = served
+                .iter()
+                .filter(|(_, x)| x.forwarding_to.is_none() && !x.luns.is_empty())
+                .map(|(iqn, x)| (iqn.clone(), x.device.clone()))
+                .collect();
+        }
+
         // 5. The virtual IPs of the targets served here, and only those.
         drop(roles);
         drop(served);
@@ -1008,6 +1018,9 @@ impl Serving {
             })
             .collect();
         let was_primary = s.forwarding_to.is_none() && !s.luns.is_empty();
+        if let Ok(mut devices) = self.executed_here.write() {
+            devices.remove(&t.iqn);
+        }
         s.device.forward_to(
             Arc::new(crate::forward::NetForwarder {
                 net: self.net.clone(),

@@ -215,11 +215,7 @@ async fn three_nodes_agree_and_serve_live_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(11, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
+    let mut c = Cluster::three_voters(11).await;
     commit(
         &c.admin(0),
         Command::CreateTarget {
@@ -477,11 +473,7 @@ async fn snapshots_compact_the_log_and_a_corrupt_store_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_is_offline_within_a_second_and_returns_by_itself() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(14, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
+    let c = Cluster::three_voters(14).await;
     let admin = c.admin(0);
     let online = async |want: bool| {
         let s = admin.status().await.ok()?;

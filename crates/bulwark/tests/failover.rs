@@ -164,11 +164,7 @@ async fn wait_in_sync(
 /// A 3-node cluster on 127.0.`block`.x with volume "v" (2 replicas, primary n2 while
 /// the Raft leader is n1, so the two roles fail apart) as LUN 0 of [`IQN`].
 async fn replicated_volume(block: u8, size_bytes: u64) -> Cluster {
-    let mut c = Cluster::new(block, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
+    let c = Cluster::three_voters(block).await;
     let admin = c.admin(0);
     commit(
         &admin,
@@ -873,11 +869,7 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(29, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
+    let c = Cluster::three_voters(29).await;
     // n2 (the primary) fills at about 8 MiB, n3 at about 4 MiB, n1 has room.
     let n3_disk = SmallDisk::mount(c.nodes[2].dir.join("volumes"), "4m");
     let n2_disk = SmallDisk::mount(c.nodes[1].dir.join("volumes"), "8m");

@@ -188,11 +188,7 @@ fn name_of(st: &ClusterState, id: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::new(40, 3);
-    c.init().await;
-    c.join(1).await;
-    c.join(2).await;
-    c.wait_voters(0, 3).await;
+    let mut c = Cluster::three_voters(40).await;
     let admin = c.admin(0);
     let mut create = create_volume("v", &["n1", "n2", "n3"]);
     if let Command::CreateVolume { size_bytes, .. } = &mut create {

@@ -134,7 +134,7 @@ pub struct TargetDevice {
     alua_requests: std::sync::Mutex<Vec<crate::alua::AluaRequest>>,
     /// Set while another node executes this target's commands (this node's ports are
     /// active/non-optimized or worse): every command goes there.
-    forwarding: RwLock<Option<Forwarding>>,
+    forwarding: RwLock<Option<Arc<Forwarding>>>,
     /// The logical units took over from another node's: an I_T nexus they see first
     /// gets ASYMMETRIC ACCESS STATE CHANGED instead of POWER ON, RESET.
     took_over: std::sync::atomic::AtomicBool,
@@ -249,7 +249,7 @@ impl TargetDevice {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Forwarding {
     to: Arc<dyn Forwarder>,
     /// LUN → logical block size (what Data-Out a command carries is decided here).
@@ -332,7 +332,8 @@ impl TargetDevice {
     /// logical units here are dropped, without unit attentions: the initiators learn
     /// of the change from the access states (ASYMMETRIC ACCESS STATE CHANGED there).
     pub fn forward_to(&self, to: Arc<dyn Forwarder>, luns: BTreeMap<u64, u32>) {
-        *self.forwarding.write().unwrap_or_else(|e| e.into_inner()) = Some(Forwarding { to, luns });
+        *self.forwarding.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::new(Forwarding { to, luns }));
         self.write().clear();
     }
 
@@ -375,7 +376,8 @@ impl TargetDevice {
         }
     }
 
-    fn forwarding(&self) -> Option<Forwarding> {
+    /// Per command: an `Arc` clone under a read lock, nothing more.
+    fn forwarding(&self) -> Option<Arc<Forwarding>> {
         self.forwarding
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -1089,11 +1089,7 @@ impl Session {
                 let device = respond_device;
                 if cmd.cdb[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
                     let target_name = target.as_ref().map_or("", |t| t.name.as_str());
-                    for p in device.take_preempted_nexuses() {
-                        let n = shared.abort_preempted(target_name, &p.nexus, p.lun);
-                        device.abort_tasks(p.lun, Some(&p.nexus));
-                        info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
-                    }
+                    shared.abort_preempted_tasks(target_name, &device);
                 }
                 let itt = cmd.itt;
                 let immediate = cmd.immediate;

@@ -139,6 +139,12 @@ impl Server {
         self.shared.abort_preempted(target, nexus, lun)
     }
 
+    /// After a PERSISTENT RESERVE OUT that completed with GOOD on `device` (executed
+    /// here for another node's path): aborts the preempted nexuses' tasks.
+    pub fn abort_preempted_tasks(&self, target: &str, device: &scsi::TargetDevice) {
+        self.shared.abort_preempted_tasks(target, device);
+    }
+
     /// The sessions logged in now.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         self.shared.sessions()

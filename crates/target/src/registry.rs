@@ -272,6 +272,17 @@ impl Shared {
         n
     }
 
+    /// After a PERSISTENT RESERVE OUT that completed with GOOD: the tasks of every
+    /// I_T nexus PREEMPT AND ABORT preempted on `device` are aborted, in this server's
+    /// sessions of `target` and in the logical unit.
+    pub fn abort_preempted_tasks(&self, target: &str, device: &scsi::TargetDevice) {
+        for p in device.take_preempted_nexuses() {
+            let n = self.abort_preempted(target, &p.nexus, p.lun);
+            device.abort_tasks(p.lun, Some(&p.nexus));
+            tracing::info!(lun = p.lun, initiator = %p.nexus.initiator_port_name(), aborted = n, "PREEMPT AND ABORT");
+        }
+    }
+
     /// Removes a target, asking its initiators to log out (RFC 7143 §11.9.1, AsyncEvent
     /// one) so they reconnect elsewhere at once; sessions still there after `grace`
     /// are ended. Must be called within a tokio runtime.

@@ -125,6 +125,16 @@ impl Cluster {
         }
     }
 
+    /// Three storage nodes on 127.0.`block`.1-3, started, all voting in Raft.
+    pub async fn three_voters(block: u8) -> Cluster {
+        let mut c = Cluster::new(block, 3);
+        c.init().await;
+        c.join(1).await;
+        c.join(2).await;
+        c.wait_voters(0, 3).await;
+        c
+    }
+
     pub fn token(&self) -> Token {
         self.token.clone().expect("cluster initialised")
     }
