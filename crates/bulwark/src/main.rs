@@ -1,9 +1,12 @@
 //! `bulwark`: highly available iSCSI block storage in one binary.
 
 mod admin;
+mod alerts;
 mod config;
 mod demo;
 mod forward;
+mod http;
+mod metrics;
 mod service;
 mod serving;
 mod vip;
@@ -62,6 +65,15 @@ enum Command {
         /// before it is dropped (single-node mode: `nop_timeout_ms` in --config).
         #[arg(long, env = "BULWARK_NOP_TIMEOUT_MS", default_value_t = 15000)]
         nop_timeout_ms: u64,
+        /// Cluster member: where the web console and /metrics listen (HTTPS with the
+        /// cluster certificate; default: the control address's IP, port 3263); "off"
+        /// for no listener.
+        #[arg(long, env = "BULWARK_HTTP")]
+        http: Option<String>,
+        /// Serve /metrics without the cluster token, for a Prometheus on a trusted
+        /// network (the console and its API always need it).
+        #[arg(long, env = "BULWARK_METRICS_OPEN")]
+        metrics_open: bool,
         /// Log filter (tracing EnvFilter syntax), e.g. "info" or "target=debug". Raft's
         /// own tracing is off by default (it logs every failed heartbeat to a down peer;
         /// the event log reports liveness and leadership): add "openraft=info" to see it.
@@ -111,6 +123,14 @@ enum Command {
         conn: admin::Conn,
         #[command(subcommand)]
         cmd: admin::AclCmd,
+    },
+    /// Alerts: a program or URL that gets every cluster event (node down, failover,
+    /// resync, disk error, ...).
+    Alert {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::AlertCmd,
     },
     /// CHAP accounts, shared by any number of targets.
     Chap {
@@ -340,6 +360,8 @@ fn run() -> Result<()> {
             capacity,
             snapshot_every,
             nop_timeout_ms,
+            http,
+            metrics_open,
             log,
             log_format,
         } => {
@@ -349,13 +371,15 @@ fn run() -> Result<()> {
                     bail!("{} belongs to a cluster, whose configuration lives in the cluster (bulwark volume/target/lun ...); drop --config", data_dir.display());
                 }
                 let capacity = capacity.as_deref().map(parse_size).transpose()?;
-                return runtime()?.block_on(serve_cluster(
+                return runtime()?.block_on(serve_cluster(ClusterServe {
                     data_dir,
                     witness,
                     capacity,
                     snapshot_every,
                     nop_timeout_ms,
-                ));
+                    http,
+                    metrics_open,
+                }));
             }
             if witness {
                 bail!("--witness needs a cluster: run `bulwark cluster join SEED --token TOKEN --name NAME --address IP --data-dir {}` first", data_dir.display());
@@ -373,6 +397,7 @@ fn run() -> Result<()> {
         Command::Lun { conn, cmd } => runtime()?.block_on(admin::lun(&conn, cmd)),
         Command::Acl { conn, cmd } => runtime()?.block_on(admin::acl(&conn, cmd)),
         Command::Chap { conn, cmd } => runtime()?.block_on(admin::chap(&conn, cmd)),
+        Command::Alert { conn, cmd } => runtime()?.block_on(admin::alert(&conn, cmd)),
         Command::InitiatorConfig { conn } => runtime()?.block_on(async {
             let st = conn.client()?.state().await?;
             print!("{}", admin::initiator_config(&st.settings));
@@ -523,13 +548,27 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
 
 /// Runs this node as a cluster member until Ctrl-C / SIGTERM, or until the cluster
 /// removes it.
-async fn serve_cluster(
+/// `bulwark serve` of a cluster member.
+struct ClusterServe {
     data_dir: PathBuf,
     witness: bool,
     capacity: Option<u64>,
     snapshot_every: u64,
     nop_timeout_ms: u64,
-) -> Result<()> {
+    http: Option<String>,
+    metrics_open: bool,
+}
+
+async fn serve_cluster(o: ClusterServe) -> Result<()> {
+    let ClusterServe {
+        data_dir,
+        witness,
+        capacity,
+        snapshot_every,
+        nop_timeout_ms,
+        http,
+        metrics_open,
+    } = o;
     let mut options = cluster::NodeOptions::new(data_dir.clone());
     options.role = if witness {
         cluster::NodeRole::Witness
@@ -611,6 +650,31 @@ async fn serve_cluster(
             }
         }));
     }
+    let alerts = alerts::Alerts::start(node.clone(), server.clone());
+    let http_addr: Option<std::net::SocketAddr> = match http.as_deref() {
+        Some("off") => None,
+        Some(a) => Some(
+            a.parse()
+                .with_context(|| format!("--http {a:?}: expected IP:PORT or \"off\""))?,
+        ),
+        None => Some(std::net::SocketAddr::new(
+            identity.addresses.control.ip(),
+            http::HTTP_PORT,
+        )),
+    };
+    if let Some(listen) = http_addr {
+        http::AdminHttp::start(
+            http::HttpOptions {
+                listen,
+                metrics_open,
+            },
+            node.clone(),
+            serving.clone(),
+            server.clone(),
+            alerts,
+        )
+        .await?;
+    }
     println!(
         "Bulwark node {} (id {}) of cluster {}: control {}{}",
         identity.name,
@@ -623,6 +687,9 @@ async fn serve_cluster(
             format!(", portals {:?}", identity.addresses.portals)
         }
     );
+    if let Some(a) = http_addr {
+        println!("Console and metrics: https://{a}/ and https://{a}/metrics");
+    }
     println!("Ready. Ctrl-C stops the node.");
     service::ready(&tokio::runtime::Handle::current());
     let removed = {

@@ -192,6 +192,34 @@ impl scsi::RemotePaths for ClusterPaths {
             None,
         );
     }
+
+    fn reservation_preempted(&self, lun: u64, by: &scsi::ItNexus, removed: &[scsi::ItNexus]) {
+        let volume = self
+            .node
+            .state()
+            .borrow()
+            .targets
+            .get(&self.iqn)
+            .and_then(|t| t.luns.get(&lun).cloned())
+            .unwrap_or_default();
+        let losers: Vec<String> = removed.iter().map(|n| n.initiator_port_name()).collect();
+        let mut details = serde_json::Map::new();
+        details.insert("target".into(), self.iqn.clone().into());
+        details.insert("lun".into(), lun.into());
+        details.insert("volume".into(), volume.clone().into());
+        details.insert("by".into(), by.initiator_port_name().into());
+        details.insert("preempted".into(), losers.clone().into());
+        self.node.events().push_with(
+            "reservation_preempted",
+            format!(
+                "{} preempted the persistent reservation registration(s) of {} on {volume} (LUN {lun} of {})",
+                by.initiator_port_name(),
+                losers.join(", "),
+                self.iqn
+            ),
+            details,
+        );
+    }
 }
 
 /// Persistent reservations of a volume kept in the cluster state: a change completes
@@ -284,8 +312,19 @@ pub struct Serving {
     /// on the replication link's task, so never behind `served`, which a reconcile
     /// holds throughout.
     executed_here: std::sync::RwLock<HashMap<String, Arc<scsi::TargetDevice>>>,
+    /// Primaries this node took over, by kind, for metrics.
+    pub failovers: FailoverCounts,
 
     events: Arc<cluster::status::EventLog>,
+}
+
+/// Takeovers by this node since it started.
+#[derive(Debug, Default)]
+pub struct FailoverCounts {
+    /// After a planned move.
+    pub planned: std::sync::atomic::AtomicU64,
+    /// After the old primary's lease lapsed.
+    pub unplanned: std::sync::atomic::AtomicU64,
 }
 
 /// Sends in-sync-set changes through Raft.
@@ -454,6 +493,7 @@ impl Serving {
             vips: crate::vip::Vips::new(),
             in_sync_seen: Mutex::new(HashMap::new()),
             executed_here: std::sync::RwLock::new(HashMap::new()),
+            failovers: FailoverCounts::default(),
 
             events: node.events(),
         });
@@ -556,6 +596,15 @@ impl Serving {
                             })
                             .collect(),
                         error: volume.failure(),
+                        lag: s
+                            .lag
+                            .iter()
+                            .map(|l| cluster::status::LagView {
+                                node: l.peer,
+                                writes: l.writes,
+                                bytes: l.bytes,
+                            })
+                            .collect(),
                         verify: volume.verify_report().map(|r| cluster::status::VerifyView {
                             id: r.id,
                             regions: r.regions,
@@ -575,6 +624,19 @@ impl Serving {
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// This node's portal addresses.
+    pub fn portal_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.portals.iter().map(|p| p.addr).collect()
+    }
+
+    /// The target devices that execute commands here (the primary's), by IQN.
+    pub fn executing_devices(&self) -> HashMap<String, Arc<scsi::TargetDevice>> {
+        self.executed_here
+            .read()
+            .map(|d| d.clone())
+            .unwrap_or_default()
     }
 
     fn volume_path(&self, name: &str) -> PathBuf {
@@ -1178,6 +1240,21 @@ impl Serving {
             .map(|n| n.name.clone())
             .unwrap_or_default();
         let from_name = self.node_name.clone();
+        let io_stopped_unix_ms = cluster::status::unix_ms();
+        let mut details = serde_json::Map::new();
+        details.insert("volumes".into(), names.clone().into());
+        details.insert("from".into(), from_name.clone().into());
+        details.insert("to".into(), to_name.clone().into());
+        details.insert("epoch".into(), (group[0].1 + 1).into());
+        details.insert("planned".into(), true.into());
+        self.events.push_with(
+            "failover_started",
+            format!(
+                "planned move of {} from {from_name} to {to_name}: draining",
+                names.join(", ")
+            ),
+            details,
+        );
         self.rt.spawn(async move {
             let started = Instant::now();
             let drained = tokio::task::spawn_blocking(move || {
@@ -1192,10 +1269,14 @@ impl Serving {
             let cmd = Command::Promote {
                 volumes: group,
                 node: to,
+                cause: Some(cluster::state::FailoverCause {
+                    planned: true,
+                    io_stopped_unix_ms,
+                }),
             };
             match node.write(cmd).await {
                 Ok(Ok(_)) => events.push(
-                    "failover",
+                    "handover",
                     format!(
                         "planned move of {} from {from_name} to {to_name}: drained{} and handed over in {} ms",
                         names.join(", "),
@@ -1204,7 +1285,7 @@ impl Serving {
                     ),
                 ),
                 Ok(Err(r)) => events.push(
-                    "failover",
+                    "handover",
                     format!("planned move of {} refused: {r}; the leader promotes an in-sync replica when the lease lapses", names.join(", ")),
                 ),
                 Err(e) => warn!(error = %e, "planned move not committed; failover takes over"),
@@ -1225,6 +1306,7 @@ impl Serving {
         let cmd = Command::Promote {
             volumes: Self::group_of(st, v),
             node: self.me,
+            cause: None,
         };
         let node = self.node.clone();
         let name = v.name.clone();
@@ -1307,6 +1389,13 @@ impl Serving {
                 self.node_name, v.name, v.epoch
             ),
         );
+        if let Some(f) = v
+            .last_failover
+            .clone()
+            .filter(|f| f.to == self.me && f.epoch == v.epoch && f.pause_ms.is_none())
+        {
+            self.report_takeover(v.name.clone(), f, volume.clone());
+        }
         Ok(Role::Primary {
             epoch: v.epoch,
             volume,
@@ -1314,6 +1403,68 @@ impl Serving {
             lease,
             verify: None,
         })
+    }
+
+    /// Once the new primary `volume` serves, tells the cluster how long I/O paused
+    /// (`failover_finished`, and [`Command::FailoverFinished`] for the status).
+    fn report_takeover(
+        &self,
+        name: String,
+        f: cluster::state::FailoverRecord,
+        volume: Arc<PrimaryVolume>,
+    ) {
+        let (node, events) = (self.node.clone(), self.events.clone());
+        let counter = if f.planned {
+            &self.failovers.planned
+        } else {
+            &self.failovers.unplanned
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let from = self
+            .node
+            .state()
+            .borrow()
+            .nodes
+            .get(&f.from)
+            .map_or_else(|| format!("node {}", f.from), |n| n.name.clone());
+        let me = self.node_name.clone();
+        self.rt.spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !volume.serving() {
+                if Instant::now() > deadline || volume.failure().is_some() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let pause_ms = cluster::status::unix_ms().saturating_sub(f.io_stopped_unix_ms);
+            let mut details = serde_json::Map::new();
+            details.insert("volume".into(), name.clone().into());
+            details.insert("from".into(), from.clone().into());
+            details.insert("to".into(), me.clone().into());
+            details.insert("epoch".into(), f.epoch.into());
+            details.insert("planned".into(), f.planned.into());
+            details.insert("pause_ms".into(), pause_ms.into());
+            events.push_with(
+                "failover_finished",
+                format!(
+                    "{} of {name} from {from} to {me} finished: I/O paused {pause_ms} ms",
+                    if f.planned {
+                        "planned move"
+                    } else {
+                        "failover"
+                    }
+                ),
+                details,
+            );
+            let cmd = Command::FailoverFinished {
+                volumes: vec![name.clone()],
+                epoch: f.epoch,
+                pause_ms,
+            };
+            if let Err(e) = node.write(cmd).await {
+                tracing::debug!(volume = %name, error = %e, "failover pause not recorded");
+            }
+        });
     }
 
     fn start_replica(&self, v: &Volume) -> Result<Role> {

@@ -97,6 +97,10 @@ pub enum NodeError {
 /// How long a primary's lease lasts from the moment the Raft leader confirmed its own
 /// leadership. A primary counts it from before it asked, minus a margin for clock rate
 /// differences, so it stops serving before the leader could promote anyone else.
+/// How long a node may see no leader before it reports the quorum lost: longer than
+/// an election takes.
+const QUORUM_GRACE: Duration = Duration::from_secs(3);
+
 pub const LEASE: Duration = Duration::from_millis(800);
 
 /// What the serving layer tells the cluster about this node's iSCSI side.
@@ -801,9 +805,19 @@ impl ClusterNode {
                         }
                     }
                 }
+                // I/O stopped when the old primary was last heard from, at the latest.
+                let silent_ms = self
+                    .peer_liveness(primary)
+                    .and_then(|l| l.last_heard_ms)
+                    .filter(|_| primary != me)
+                    .unwrap_or(0);
                 let cmd = Command::Promote {
                     volumes: vols.iter().map(|v| (v.name.clone(), v.epoch)).collect(),
                     node,
+                    cause: Some(crate::state::FailoverCause {
+                        planned: false,
+                        io_stopped_unix_ms: crate::status::unix_ms().saturating_sub(silent_ms),
+                    }),
                 };
                 match self.write(cmd).await {
                     Ok(Ok(_)) => {
@@ -813,15 +827,24 @@ impl ClusterNode {
                                 .map(|n| n.name.clone())
                                 .unwrap_or_else(|| format!("id {id}"))
                         };
-                        self.inner.events.push(
-                            "failover",
+                        let mut details = serde_json::Map::new();
+                        details.insert("volumes".into(), group.clone().into());
+                        details.insert("from".into(), name(primary).into());
+                        details.insert("to".into(), name(node).into());
+                        details.insert("epoch".into(), (first.epoch + 1).into());
+                        details.insert("planned".into(), false.into());
+                        self.inner.events.push_with(
+                            "failover_started",
                             format!(
-                                "failover: {} from {} to {} (epoch {})",
+                                "failover: {} from {} to {} (epoch {}): {} silent for {} ms",
                                 group.join(", "),
                                 name(primary),
                                 name(node),
-                                first.epoch + 1
+                                first.epoch + 1,
+                                name(primary),
+                                silent_ms
                             ),
+                            details,
                         );
                     }
                     Ok(Err(r)) => debug!(refused = %r, "promotion refused"),
@@ -851,6 +874,11 @@ impl ClusterNode {
             timeout,
             Instant::now(),
         ))
+    }
+
+    /// The Raft leader this node knows, if any.
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
     }
 
     /// This node's status.
@@ -898,6 +926,15 @@ impl ClusterNode {
     }
 
     async fn cluster_status(&self) -> Response {
+        let (state, nodes) = self.gather_status().await;
+        Response::ClusterStatus { state, nodes }
+    }
+
+    /// The cluster state and every member's status (an error for those that did not
+    /// answer within 700 ms), as `bulwark status` shows them.
+    pub async fn gather_status(
+        &self,
+    ) -> (ClusterState, BTreeMap<NodeId, Result<NodeStatus, String>>) {
         let st = self.inner.state.borrow().clone();
         let mut asks = tokio::task::JoinSet::new();
         for n in st.nodes.values() {
@@ -925,10 +962,7 @@ impl ClusterNode {
                 nodes.insert(id, r);
             }
         }
-        Response::ClusterStatus {
-            state: (*st).clone(),
-            nodes,
-        }
+        ((*st).clone(), nodes)
     }
 
     async fn handle(&self, req: Request) -> Response {
@@ -1035,11 +1069,40 @@ impl ClusterNode {
         let mut metrics = self.inner.raft.metrics();
         let mut last: Option<NodeId> = None;
         let mut last_state = ServerState::Learner;
+        // Without a leader for QUORUM_GRACE, this node cannot reach a majority.
+        let mut leaderless_since: Option<Instant> = None;
+        let mut quorum_lost = false;
         loop {
             let (leader, term, state) = {
                 let m = metrics.borrow_and_update();
                 (m.current_leader, m.current_term, m.state)
             };
+            match leader {
+                None => {
+                    let since = *leaderless_since.get_or_insert_with(Instant::now);
+                    if !quorum_lost && since.elapsed() >= QUORUM_GRACE {
+                        quorum_lost = true;
+                        self.inner.events.push(
+                            "quorum_lost",
+                            format!(
+                                "node {} has had no leader for {} s: it cannot reach a majority of the voters; volumes it is primary of stop when their lease lapses",
+                                self.inner.identity.name,
+                                since.elapsed().as_secs()
+                            ),
+                        );
+                    }
+                }
+                Some(_) => {
+                    leaderless_since = None;
+                    if quorum_lost {
+                        quorum_lost = false;
+                        self.inner.events.push(
+                            "quorum_regained",
+                            format!("node {} reaches a majority again", self.inner.identity.name),
+                        );
+                    }
+                }
+            }
             if leader != last {
                 if let Ok(mut since) = self.inner.leader_since.lock() {
                     *since = (leader == Some(self.id())).then(Instant::now);
@@ -1057,10 +1120,16 @@ impl ClusterNode {
                         .unwrap_or_else(|| format!("id {id}"))
                 };
                 match leader {
-                    Some(l) => self.inner.events.push(
-                        "leader",
-                        format!("leader is node {} (term {term})", name(l)),
-                    ),
+                    Some(l) => {
+                        let mut details = serde_json::Map::new();
+                        details.insert("leader".into(), name(l).into());
+                        details.insert("term".into(), term.into());
+                        self.inner.events.push_with(
+                            "leader",
+                            format!("leader is node {} (term {term})", name(l)),
+                            details,
+                        )
+                    }
                     None => self.inner.events.push(
                         "leader",
                         format!("no leader (term {term}): election under way"),
@@ -1072,8 +1141,14 @@ impl ClusterNode {
                 debug!(?state, "raft state");
                 last_state = state;
             }
-            if metrics.changed().await.is_err() {
-                return;
+            let grace_left = leaderless_since
+                .filter(|_| !quorum_lost)
+                .map(|t| QUORUM_GRACE.saturating_sub(t.elapsed()));
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() {
+                    return;
+                },
+                _ = tokio::time::sleep(grace_left.unwrap_or(Duration::from_secs(3600))), if grace_left.is_some() => {}
             }
         }
     }

@@ -118,6 +118,38 @@ pub struct Volume {
     /// last committed it: every path sees it and a new primary starts from it.
     #[serde(default)]
     pub reservations: Option<String>,
+    /// The last change of primary, planned or not.
+    #[serde(default)]
+    pub last_failover: Option<FailoverRecord>,
+}
+
+/// Why a primary changes, as the node that commits [`Command::Promote`] knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverCause {
+    /// A planned move (the old primary drained and handed over), or a failover after
+    /// the old primary's lease lapsed.
+    pub planned: bool,
+    /// When I/O stopped: the drain's start, or when the old primary was last heard
+    /// from (ms since the Unix epoch, by the committing node's clock).
+    pub io_stopped_unix_ms: u64,
+}
+
+/// A change of primary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    /// Planned move or failover.
+    pub planned: bool,
+    /// The old primary.
+    pub from: NodeId,
+    /// The new one.
+    pub to: NodeId,
+    /// The epoch it serves at.
+    pub epoch: u64,
+    /// When I/O stopped (see [`FailoverCause`]).
+    pub io_stopped_unix_ms: u64,
+    /// How long I/O paused: from `io_stopped_unix_ms` until the new primary served,
+    /// once it has said so.
+    pub pause_ms: Option<u64>,
 }
 
 /// An online verify of a volume: every region's checksum on the primary against each
@@ -288,6 +320,121 @@ pub struct ClusterState {
     pub chap: BTreeMap<String, ChapAccount>,
     /// Settings.
     pub settings: Settings,
+    /// Alerts by name.
+    #[serde(default)]
+    pub alerts: BTreeMap<String, Alert>,
+}
+
+/// Event kinds an alert may ask for (`events`); see `status::Event::kind`.
+pub const EVENT_KINDS: &[&str] = &[
+    "node_offline",
+    "node_online",
+    "network_down",
+    "network_up",
+    "leader",
+    "membership",
+    "quorum_lost",
+    "quorum_regained",
+    "failover_started",
+    "failover_finished",
+    "handover",
+    "volume_offline",
+    "fence",
+    "primary",
+    "in_sync",
+    "resync",
+    "verify",
+    "disk",
+    "reservation_preempted",
+    "login_failures",
+    "alua",
+    "vip",
+    "config",
+    "alert_test",
+];
+
+/// Where the cluster sends its events (the job of Pacemaker's alert agents): a
+/// program that reads the event as JSON on stdin, or an HTTP(S) URL that gets it
+/// POSTed. Each event reaches each alert from one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Unique name.
+    pub name: String,
+    /// Absolute path of a program (no arguments), present on every node.
+    pub program: Option<String>,
+    /// http:// or https:// URL.
+    pub url: Option<String>,
+    /// Event kinds to send ([`EVENT_KINDS`]); empty: all of them.
+    pub events: Vec<String>,
+    /// Raised by [`Command::TestAlert`]: the leader then sends this alert a test event.
+    #[serde(default)]
+    pub tests: u64,
+    /// How long one delivery may take before it is killed / abandoned.
+    pub timeout_ms: u64,
+    /// Further attempts after a failed one.
+    pub retries: u32,
+}
+
+impl Alert {
+    /// Why the alert cannot be used, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "alert name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
+                self.name
+            ));
+        }
+        match (&self.program, &self.url) {
+            (Some(p), None) => {
+                if !p.starts_with('/') || p.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "program {p:?} must be an absolute path without arguments (the event comes on stdin)"
+                    ));
+                }
+            }
+            (None, Some(u)) => {
+                let rest = u
+                    .strip_prefix("https://")
+                    .or_else(|| u.strip_prefix("http://"));
+                if rest.is_none_or(|r| r.is_empty() || r.starts_with('/'))
+                    || u.contains(char::is_whitespace)
+                {
+                    return Err(format!(
+                        "URL {u:?} must be http://HOST[:PORT]/PATH or https://..."
+                    ));
+                }
+            }
+            _ => return Err("give either a program or a URL (one of them)".into()),
+        }
+        if let Some(bad) = self
+            .events
+            .iter()
+            .find(|e| !EVENT_KINDS.contains(&e.as_str()))
+        {
+            return Err(format!(
+                "unknown event kind {bad:?}; known kinds: {}",
+                EVENT_KINDS.join(", ")
+            ));
+        }
+        if !(100..=600_000).contains(&self.timeout_ms) {
+            return Err("the timeout must be 0.1 to 600 s".into());
+        }
+        if self.retries > 10 {
+            return Err("at most 10 retries".into());
+        }
+        Ok(())
+    }
+
+    /// Whether events of `kind` go to this alert.
+    pub fn wants(&self, kind: &str) -> bool {
+        self.events.is_empty() || self.events.iter().any(|e| e == kind)
+    }
 }
 
 /// One change to the cluster, as committed to the Raft log.
@@ -450,6 +597,18 @@ pub enum Command {
         volumes: Vec<(String, u64)>,
         /// New primary.
         node: NodeId,
+        /// Why, when the primary changes (recorded in [`Volume::last_failover`]).
+        #[serde(default)]
+        cause: Option<FailoverCause>,
+    },
+    /// The new primary of `volumes` at `epoch` serves: I/O paused `pause_ms`.
+    FailoverFinished {
+        /// The volumes that moved together.
+        volumes: Vec<String>,
+        /// The epoch the new primary serves at.
+        epoch: u64,
+        /// Length of the pause.
+        pause_ms: u64,
     },
     /// Planned move of a volume (with the rest of its target) to `node`: the primary
     /// drains and hands over (`bulwark volume move`).
@@ -491,6 +650,21 @@ pub enum Command {
         /// New settings.
         settings: Settings,
     },
+    /// Adds an alert, or replaces the one of that name.
+    SetAlert {
+        /// The alert.
+        alert: Alert,
+    },
+    /// Removes an alert.
+    RemoveAlert {
+        /// Its name.
+        name: String,
+    },
+    /// Asks the leader to send the alert a test event.
+    TestAlert {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// What a committed command did.
@@ -510,6 +684,10 @@ pub enum Applied {
 /// Why a command was refused. Each message says what is wrong and what to do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refused {
+    #[error("bad alert: {0}")]
+    BadAlert(String),
+    #[error("no alert named {0:?}; `bulwark alert list` shows them")]
+    NoSuchAlert(String),
     #[error("a node named {0:?} is already a member; pick another name")]
     NodeExists(String),
     #[error("no node named {0:?}; `bulwark node list` shows the members")]
@@ -911,6 +1089,7 @@ impl ClusterState {
                         epoch: 1,
                         verify: None,
                         reservations: None,
+                        last_failover: None,
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1243,7 +1422,11 @@ impl ClusterState {
                 v.in_sync.sort_unstable();
                 Ok(Applied::Done)
             }
-            Command::Promote { volumes, node } => {
+            Command::Promote {
+                volumes,
+                node,
+                cause,
+            } => {
                 // A target moves as one unit: all its volumes or none.
                 for (name, _) in volumes {
                     if let Some((t, _)) = self.mapping_of(name) {
@@ -1289,6 +1472,33 @@ impl ClusterState {
                         v.primary = *node;
                         v.epoch += 1;
                         v.moving_to = None;
+                        if let Some(c) = cause.as_ref().filter(|_| old != *node) {
+                            v.last_failover = Some(FailoverRecord {
+                                planned: c.planned,
+                                from: old,
+                                to: *node,
+                                epoch: v.epoch,
+                                io_stopped_unix_ms: c.io_stopped_unix_ms,
+                                pause_ms: None,
+                            });
+                        }
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::FailoverFinished {
+                volumes,
+                epoch,
+                pause_ms,
+            } => {
+                for name in volumes {
+                    if let Some(f) = self
+                        .volumes
+                        .get_mut(name)
+                        .and_then(|v| v.last_failover.as_mut())
+                        .filter(|f| f.epoch == *epoch)
+                    {
+                        f.pause_ms = Some(*pause_ms);
                     }
                 }
                 Ok(Applied::Done)
@@ -1373,6 +1583,29 @@ impl ClusterState {
                 v.reservations = Some(state.clone());
                 Ok(Applied::Done)
             }
+            Command::SetAlert { alert } => {
+                alert.check().map_err(Refused::BadAlert)?;
+                let tests = self.alerts.get(&alert.name).map_or(0, |a| a.tests);
+                self.alerts.insert(
+                    alert.name.clone(),
+                    Alert {
+                        tests,
+                        ..alert.clone()
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::TestAlert { name } => match self.alerts.get_mut(name) {
+                Some(a) => {
+                    a.tests += 1;
+                    Ok(Applied::Done)
+                }
+                None => Err(Refused::NoSuchAlert(name.clone())),
+            },
+            Command::RemoveAlert { name } => match self.alerts.remove(name) {
+                Some(_) => Ok(Applied::Done),
+                None => Err(Refused::NoSuchAlert(name.clone())),
+            },
             Command::SetSettings { settings } => {
                 if !(20..=5000).contains(&settings.heartbeat_interval_ms) {
                     return Err(Refused::BadSettings(

@@ -627,6 +627,7 @@ fn in_sync_set_and_promotion_follow_epochs() {
     ));
     // Only an in-sync replica may be promoted; the epoch must be current.
     let promote = |epoch, node| Command::Promote {
+        cause: None,
         volumes: vec![("v".into(), epoch)],
         node,
     };
@@ -846,6 +847,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
             }),
         (prop::sample::select(vec!["a", "b", "c"]), 1u64..4, 1u64..6).prop_map(
             |(v, epoch, node)| Command::Promote {
+                cause: None,
                 volumes: vec![(v.into(), epoch)],
                 node
             }

@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,11 @@ use crate::state::NodeId;
 /// One entry of the event log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// Unique across the cluster and across restarts: the observer's name, when its
+    /// process started, and a sequence number. Alerts carry it so that a receiver can
+    /// drop a repeated delivery.
+    #[serde(default)]
+    pub id: String,
     /// Milliseconds since the Unix epoch.
     pub unix_ms: u64,
     /// The node that saw it.
@@ -22,6 +28,10 @@ pub struct Event {
     pub kind: String,
     /// What happened, for people.
     pub message: String,
+    /// What happened, for programs: e.g. `volume`, `pause_ms`, `planned` (an object,
+    /// empty when there is nothing to add to the message).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Events this node saw: the last few in memory, all of them appended to a file as JSON
@@ -29,12 +39,29 @@ pub struct Event {
 #[derive(Debug)]
 pub struct EventLog {
     observer: String,
+    /// Start of this process, ms since the epoch: part of every event id.
+    boot_ms: u64,
+    sequence: AtomicU64,
     recent: Mutex<VecDeque<Event>>,
     file: Option<Mutex<std::fs::File>>,
+    /// Every event as it happens, for alerts and the console (they may lag and miss
+    /// some; the log never waits for them).
+    live: tokio::sync::broadcast::Sender<Event>,
 }
 
 /// Events kept in memory per node.
 const RECENT: usize = 200;
+
+/// Events a slow subscriber may fall behind by before it misses some.
+const LIVE: usize = 1024;
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 impl EventLog {
     /// An event log for `observer`, appending to `path` when given.
@@ -50,23 +77,35 @@ impl EventLog {
         };
         Ok(EventLog {
             observer: observer.to_string(),
+            boot_ms: unix_ms(),
+            sequence: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             file,
+            live: tokio::sync::broadcast::channel(LIVE).0,
         })
     }
 
     /// Records an event.
     pub fn push(&self, kind: &str, message: String) {
+        self.push_with(kind, message, serde_json::Map::new());
+    }
+
+    /// Records an event with details for programs.
+    pub fn push_with(
+        &self,
+        kind: &str,
+        message: String,
+        details: serde_json::Map<String, serde_json::Value>,
+    ) {
         tracing::info!(event = kind, "{message}");
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
         let ev = Event {
-            unix_ms,
+            id: format!("{}-{:x}-{seq}", self.observer, self.boot_ms),
+            unix_ms: unix_ms(),
             observer: self.observer.clone(),
             kind: kind.to_string(),
             message,
+            details,
         };
         if let Some(f) = &self.file {
             if let (Ok(mut f), Ok(line)) = (f.lock(), serde_json::to_string(&ev)) {
@@ -78,8 +117,15 @@ impl EventLog {
             if r.len() == RECENT {
                 r.pop_front();
             }
-            r.push_back(ev);
+            r.push_back(ev.clone());
         }
+        // No receiver is fine: nothing listens.
+        let _ = self.live.send(ev);
+    }
+
+    /// Events from now on, as they happen.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.live.subscribe()
     }
 
     /// The most recent events, oldest first.
@@ -168,6 +214,20 @@ pub struct VolumeView {
     /// Why this node's copy stopped (a disk error), if it has.
     #[serde(default)]
     pub error: Option<String>,
+    /// How far each replica is behind (primaries).
+    #[serde(default)]
+    pub lag: Vec<LagView>,
+}
+
+/// What a replica has not acknowledged yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LagView {
+    /// The replica.
+    pub node: NodeId,
+    /// Application writes.
+    pub writes: u64,
+    /// Bytes.
+    pub bytes: u64,
 }
 
 /// An online verify as its primary runs it.

@@ -291,6 +291,19 @@ struct Peer {
     requested_at: u64,
 }
 
+/// How far one replica is behind its primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaLag {
+    /// The replica.
+    pub peer: NodeId,
+    /// Application writes it has not acknowledged.
+    pub writes: u64,
+    /// Bytes of data (writes and resync copies) it has not acknowledged.
+    pub bytes: u64,
+    /// Its link streams (not down, not sealing).
+    pub streaming: bool,
+}
+
 /// The primary of one volume for one epoch.
 #[derive(Debug)]
 pub struct Primary {
@@ -1483,6 +1496,29 @@ impl Primary {
                     pending_regions: pending,
                     connected: p.link == Link::Streaming,
                 })
+            })
+            .collect()
+    }
+
+    /// How far each replica is behind: entries sent or queued that it has not
+    /// acknowledged.
+    pub fn replica_lag(&self) -> Vec<ReplicaLag> {
+        self.peers
+            .iter()
+            .map(|(id, p)| {
+                let behind = p.stream.iter().filter(|e| e.seq > p.acked);
+                let (writes, bytes) = behind.fold((0, 0), |(w, b), e| {
+                    (
+                        w + u64::from(e.write.is_some()),
+                        b + e.data.as_ref().map_or(0, |d| d.len() as u64),
+                    )
+                });
+                ReplicaLag {
+                    peer: *id,
+                    writes,
+                    bytes,
+                    streaming: p.link == Link::Streaming,
+                }
             })
             .collect()
     }

@@ -297,6 +297,8 @@ pub struct PrimaryStats {
     pub resync_pending: u64,
     /// Each replica being resynced.
     pub resyncs: Vec<ResyncStatus>,
+    /// How far each replica is behind.
+    pub lag: Vec<crate::primary::ReplicaLag>,
 }
 
 /// The primary of a replicated volume: what the SCSI target reads and writes.
@@ -734,11 +736,11 @@ impl PrimaryVolume {
     /// Counters since this primary started.
     pub fn stats(&self) -> PrimaryStats {
         use std::sync::atomic::Ordering::Relaxed;
-        let (pending, progress) = self
+        let (pending, progress, lag) = self
             .shared
             .core
             .lock()
-            .map(|p| (p.resync_pending(), p.resync_progress()))
+            .map(|p| (p.resync_pending(), p.resync_progress(), p.replica_lag()))
             .unwrap_or_default();
         let meters = self
             .shared
@@ -764,6 +766,7 @@ impl PrimaryVolume {
             writes_completed: self.shared.writes_completed.load(Relaxed),
             resync_pending: pending,
             resyncs,
+            lag,
         }
     }
 

@@ -24,6 +24,7 @@ mod sanitize;
 mod sbc;
 pub mod sense;
 mod spc;
+pub mod stats;
 mod target_device;
 pub mod testing;
 #[cfg(test)]

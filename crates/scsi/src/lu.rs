@@ -138,6 +138,8 @@ pub(crate) struct LogicalUnit {
     sanitize_cv: Condvar,
     /// This logical unit, for the threads of its background operations.
     me: Weak<LogicalUnit>,
+    /// Its I/O counters.
+    pub stats: Arc<crate::stats::IoStats>,
 }
 
 /// The context a command handler runs in.
@@ -196,6 +198,7 @@ impl LogicalUnit {
             atomic: RwLock::new(()),
             sanitize_cv: Condvar::new(),
             me: me.clone(),
+            stats: Arc::default(),
         }))
     }
 
@@ -322,6 +325,17 @@ impl LogicalUnit {
         req: &ScsiRequest<'_>,
         respond: crate::Responder,
     ) {
+        // Counted from here, where the command reaches its unit with all its data, to
+        // the moment its response is handed to the transport.
+        let arrived = std::time::Instant::now();
+        let stats = self.stats.clone();
+        let kind = crate::stats::IoKind::of(req.cdb.first().copied().unwrap_or(0));
+        let data_out = req.data_out.len();
+        stats.start();
+        let respond = crate::Responder::new(move |response: ScsiResponse| {
+            stats.finish(kind, data_out, &response, arrived.elapsed());
+            respond.send(response);
+        });
         let slot = std::cell::Cell::new(Some(respond));
         let result = self.run(target, req, Cdb(req.cdb), Some(&slot));
         if let Some(respond) = slot.take() {

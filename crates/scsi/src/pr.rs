@@ -475,9 +475,14 @@ pub(crate) fn persistent_reserve_out(ctx: &Ctx<'_>) -> CmdResult {
         0x01 => reserve(&mut st, nexus, &p, scope, type_field),
         0x02 => release(&mut st, nexus, &p, scope, type_field),
         0x03 => clear(&mut st, nexus, &p),
-        0x04 => preempt(&mut st, nexus, &p, scope, type_field).map(drop),
-        0x05 => preempt(&mut st, nexus, &p, scope, type_field)
-            .map(|removed| note_preempted(&mut st, &removed)),
+        0x04 | 0x05 => preempt(&mut st, nexus, &p, scope, type_field).map(|removed| {
+            if let Some(paths) = ctx.target.remote_paths().filter(|_| !removed.is_empty()) {
+                paths.reservation_preempted(ctx.lu.lun, nexus, &removed);
+            }
+            if sa == 0x05 {
+                note_preempted(&mut st, &removed);
+            }
+        }),
         _ => register_and_move(&mut st, nexus, &p, data),
     };
     if result.is_ok() {

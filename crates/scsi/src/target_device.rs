@@ -153,6 +153,9 @@ pub trait RemotePaths: Send + Sync + std::fmt::Debug {
     /// `nexus` on `lun`: its tasks are aborted wherever its session is (SPC-4
     /// §5.13.11.2.5).
     fn preempted(&self, lun: u64, nexus: &ItNexus);
+    /// PREEMPT or PREEMPT AND ABORT by `by` removed the registrations of `removed` on
+    /// `lun`: worth telling an administrator (a cluster node fenced another off).
+    fn reservation_preempted(&self, _lun: u64, _by: &ItNexus, _removed: &[ItNexus]) {}
 }
 
 /// Where a logical unit keeps its persistent reservation state when more than one
@@ -352,7 +355,7 @@ impl TargetDevice {
         *self.remote_paths.write().unwrap_or_else(|e| e.into_inner()) = Some(paths);
     }
 
-    fn remote_paths(&self) -> Option<Arc<dyn RemotePaths>> {
+    pub(crate) fn remote_paths(&self) -> Option<Arc<dyn RemotePaths>> {
         self.remote_paths
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -611,6 +614,11 @@ impl TargetDevice {
 
     pub(crate) fn lu(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
         self.read().get(&lun).cloned()
+    }
+
+    /// The I/O counters of `lun` when it executes here (not while forwarding).
+    pub fn io_stats(&self, lun: u64) -> Option<Arc<crate::stats::IoStats>> {
+        self.lu(lun).map(|lu| lu.stats.clone())
     }
 
     /// Every logical unit (EXTENDED COPY looks targets up by designator).

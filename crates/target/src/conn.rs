@@ -79,7 +79,7 @@ pub(crate) async fn run(
                 return;
             }
             Err(_) => {
-                shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+                shared.stats.login_failed("timeout");
                 warn!(
                     "login did not finish within {:?}; closing",
                     shared.settings.login_timeout
@@ -168,7 +168,7 @@ async fn login_phase(
     loop {
         let bhs = wire::read_header(rd, Digests::default()).await?;
         if bhs.opcode() != Ok(Opcode::LoginRequest) {
-            shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+            shared.stats.login_failed("protocol error");
             warn!(
                 opcode = bhs.opcode_raw(),
                 "PDU other than Login Request before login completed; closing"
@@ -235,11 +235,11 @@ async fn login_phase(
         wr.write_all(&pdu.to_wire(false, false)).await?;
         stat_sn = stat_sn.wrapping_add(1);
         if reply.failed() {
-            shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
             let status = LoginStatus {
                 class: reply.header.status_class,
                 detail: reply.header.status_detail,
             };
+            shared.stats.login_failed(status.reason());
             let p = neg.params();
             warn!(
                 initiator = %p.initiator_name,
@@ -274,7 +274,7 @@ async fn send_login_failure(
     stat_sn: u32,
     status: LoginStatus,
 ) -> Result<(), ReadError> {
-    shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+    shared.stats.login_failed(status.reason());
     warn!(reason = status.reason(), tsih = req.tsih, "login refused");
     let header = Login {
         csg: req.csg,
@@ -420,6 +420,7 @@ async fn full_feature(
         target: target_name.clone(),
         tsih: est.tsih,
         peer,
+        portal: local,
     };
     let normal = params.session_type == SessionType::Normal;
     let executing: Executing = Arc::new(Mutex::new(HashMap::new()));

@@ -25,6 +25,30 @@ pub struct ServerStats {
     pub digest_errors: AtomicU64,
     /// Tasks aborted by task management.
     pub aborted_tasks: AtomicU64,
+    /// Failed logins by reason ([`iscsi_proto::login::LoginStatus::reason`], "timeout"
+    /// or "protocol error"); logins are rare enough for a lock.
+    login_failure_reasons: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl ServerStats {
+    /// A login failed for `reason`.
+    pub fn login_failed(&self, reason: &'static str) {
+        self.login_failures.fetch_add(1, Ordering::Relaxed);
+        *self
+            .login_failure_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Failed logins so far, by reason.
+    pub fn login_failures_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.login_failure_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// A logged-in session, for status output.
@@ -40,6 +64,8 @@ pub struct SessionInfo {
     pub tsih: u16,
     /// Initiator address.
     pub peer: SocketAddr,
+    /// The portal it logged in through.
+    pub portal: Option<SocketAddr>,
 }
 
 /// A session's entry: how to end it, and a signal when it has ended.

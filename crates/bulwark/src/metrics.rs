@@ -1,0 +1,458 @@
+//! `/metrics`: this node's view in the Prometheus text format.
+//!
+//! Nothing here sits on the data path. The I/O counters are the logical units' atomics
+//! ([`scsi::stats::IoStats`]); everything else is read from the status a scrape
+//! gathers anyway. A scrape builds a [`Snapshot`], and a `prometheus-client`
+//! collector encodes it, so names, types and escaping follow the exposition format.
+//!
+//! Every sample carries `node` (this node's name). Volume, replication and failover
+//! series come from a volume's primary only, so a sum over nodes counts each once.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use cluster::state::ClusterState;
+use cluster::status::NodeStatus;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::serving::Serving;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One family: its samples with their labels.
+#[derive(Debug)]
+enum Family {
+    Counter(Vec<(Labels, u64)>),
+    Gauge(Vec<(Labels, f64)>),
+    /// (labels, non-cumulative buckets with `f64::MAX` as +Inf, count, sum)
+    Histogram(Vec<(Labels, Vec<(f64, u64)>, u64, f64)>),
+}
+
+/// Everything one scrape reports.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    families: Vec<(&'static str, &'static str, Family)>,
+}
+
+impl Snapshot {
+    fn counter(&mut self, name: &'static str, help: &'static str, s: Vec<(Labels, u64)>) {
+        self.families.push((name, help, Family::Counter(s)));
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &'static str, s: Vec<(Labels, f64)>) {
+        self.families.push((name, help, Family::Gauge(s)));
+    }
+}
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, family) in &self.families {
+            match family {
+                Family::Counter(samples) => {
+                    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                    for (labels, v) in samples {
+                        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+                    }
+                }
+                Family::Gauge(samples) => {
+                    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                    for (labels, v) in samples {
+                        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+                    }
+                }
+                Family::Histogram(samples) => {
+                    let mut m =
+                        encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+                    for (labels, buckets, count, sum) in samples {
+                        m.encode_family(labels)?
+                            .encode_histogram::<Labels>(*sum, *count, buckets, None)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a scrape reads.
+pub struct Sources<'a> {
+    /// This node's status (Raft, peers, sessions, volumes here).
+    pub status: &'a NodeStatus,
+    /// The committed cluster state.
+    pub state: &'a ClusterState,
+    /// The iSCSI server.
+    pub server: &'a target::Server,
+    /// The storage side (`None` on a witness).
+    pub serving: Option<&'a Arc<Serving>>,
+    /// Alert deliveries by (alert, result).
+    pub alert_deliveries: BTreeMap<(String, &'static str), u64>,
+}
+
+/// Builds the snapshot of one scrape.
+pub fn snapshot(src: &Sources<'_>) -> Snapshot {
+    let mut out = Snapshot::default();
+    let st = src.state;
+    let me = src.status.node;
+    let name_of = |id: u64| {
+        st.nodes
+            .get(&id)
+            .map_or_else(|| format!("id {id}"), |n| n.name.clone())
+    };
+    cluster_metrics(&mut out, src, &name_of);
+    target_metrics(&mut out, src);
+    volume_metrics(&mut out, src, me, &name_of);
+    out.counter(
+        "alert_deliveries",
+        "Alert deliveries from this node, by alert and result (delivered, failed: given up after the retries)",
+        src.alert_deliveries
+            .iter()
+            .map(|((a, r), v)| (vec![("alert", a.clone()), ("result", r.to_string())], *v))
+            .collect(),
+    );
+    out
+}
+
+fn cluster_metrics(out: &mut Snapshot, src: &Sources<'_>, name_of: &dyn Fn(u64) -> String) {
+    let raft = &src.status.raft;
+    out.gauge(
+        "raft_term",
+        "Current Raft term",
+        vec![(vec![], raft.term as f64)],
+    );
+    out.gauge(
+        "raft_has_leader",
+        "1 while this node knows a leader (it reaches a majority), 0 otherwise",
+        vec![(vec![], flag(raft.leader.is_some()))],
+    );
+    out.gauge(
+        "raft_is_leader",
+        "1 on the Raft leader",
+        vec![(vec![], flag(raft.leader == Some(src.status.node)))],
+    );
+    out.gauge(
+        "raft_leader",
+        "The leader this node knows, as a label (value 1)",
+        raft.leader
+            .map(|l| (vec![("leader", name_of(l))], 1.0))
+            .into_iter()
+            .collect(),
+    );
+    out.gauge(
+        "raft_last_log_index",
+        "Index of the last entry in this node's Raft log",
+        vec![(vec![], raft.last_log_index.unwrap_or(0) as f64)],
+    );
+    out.gauge(
+        "raft_applied_index",
+        "Index of the last committed entry this node has applied",
+        vec![(vec![], raft.last_applied.unwrap_or(0) as f64)],
+    );
+    let mut up = Vec::new();
+    for p in &src.status.peers {
+        if p.node == src.status.node {
+            continue;
+        }
+        for (i, on) in p.networks.iter().enumerate() {
+            up.push((
+                vec![("peer", name_of(p.node)), ("network", i.to_string())],
+                flag(*on),
+            ));
+        }
+    }
+    out.gauge(
+        "node_up",
+        "1 while this node hears peer on network (0 = control network, then portals, replication)",
+        up,
+    );
+}
+
+fn target_metrics(out: &mut Snapshot, src: &Sources<'_>) {
+    let stats = src.server.stats();
+    let mut sessions: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for s in src.server.sessions() {
+        let Some(t) = s.target else { continue };
+        let portal = s.portal.map(|p| p.to_string()).unwrap_or_default();
+        *sessions.entry((t, portal)).or_default() += 1;
+    }
+    // Every target this node serves appears, with 0 when nobody is logged in.
+    if let Some(serving) = src.serving {
+        for t in serving.served_targets() {
+            for p in &serving.portal_addrs() {
+                sessions.entry((t.clone(), p.to_string())).or_default();
+            }
+        }
+    }
+    let per_portal: Vec<(Labels, f64)> = sessions
+        .iter()
+        .map(|((t, p), n)| {
+            (
+                vec![("target", t.clone()), ("portal", p.clone())],
+                *n as f64,
+            )
+        })
+        .collect();
+    out.gauge(
+        "target_sessions",
+        "iSCSI sessions logged in to target through portal",
+        per_portal.clone(),
+    );
+    out.gauge(
+        "target_connections",
+        "iSCSI connections to target through portal (one per session: MaxConnections=1)",
+        per_portal,
+    );
+    out.counter(
+        "iscsi_connections_accepted",
+        "TCP connections accepted on the portals",
+        vec![(vec![], stats.connections_accepted.load(Relaxed))],
+    );
+    out.counter(
+        "iscsi_login_failures",
+        "Failed iSCSI logins, by reason",
+        stats
+            .login_failures_by_reason()
+            .into_iter()
+            .map(|(r, v)| (vec![("reason", r.to_string())], v))
+            .collect(),
+    );
+    out.counter(
+        "iscsi_rejects",
+        "Reject PDUs sent",
+        vec![(vec![], stats.rejects.load(Relaxed))],
+    );
+    out.counter(
+        "iscsi_digest_errors",
+        "Header and data digest errors",
+        vec![(vec![], stats.digest_errors.load(Relaxed))],
+    );
+    out.counter(
+        "iscsi_aborted_tasks",
+        "Tasks aborted by task management",
+        vec![(vec![], stats.aborted_tasks.load(Relaxed))],
+    );
+}
+
+fn volume_metrics(out: &mut Snapshot, src: &Sources<'_>, me: u64, name_of: &dyn Fn(u64) -> String) {
+    let st = src.state;
+    let vol = |v: &str| -> Labels { vec![("volume", v.to_string())] };
+    let primaries: Vec<&cluster::state::Volume> =
+        st.volumes.values().filter(|v| v.primary == me).collect();
+    out.gauge(
+        "volume_replicas",
+        "Copies of the volume the cluster keeps (reported by its primary)",
+        primaries
+            .iter()
+            .map(|v| (vol(&v.name), v.replicas.len() as f64))
+            .collect(),
+    );
+    out.gauge(
+        "volume_in_sync_replicas",
+        "Copies known to hold every acknowledged write, the primary's included",
+        primaries
+            .iter()
+            .map(|v| (vol(&v.name), v.in_sync.len() as f64))
+            .collect(),
+    );
+    out.gauge(
+        "last_failover_pause_seconds",
+        "How long I/O paused at the volume's last change of primary",
+        primaries
+            .iter()
+            .filter_map(|v| {
+                let f = v.last_failover.as_ref()?;
+                Some((vol(&v.name), f.pause_ms? as f64 / 1000.0))
+            })
+            .collect(),
+    );
+    let views = &src.status.volumes;
+    out.gauge(
+        "volume_primary",
+        "1 while this node is the volume's primary and serves I/O",
+        views
+            .iter()
+            .filter(|v| v.role == "primary")
+            .map(|v| (vol(&v.name), flag(v.serving)))
+            .collect(),
+    );
+    let mut lag_w = Vec::new();
+    let mut lag_b = Vec::new();
+    let mut resync_left = Vec::new();
+    let mut resync_rate = Vec::new();
+    let mut verify = Vec::new();
+    for v in views.iter().filter(|v| v.role == "primary") {
+        for l in &v.lag {
+            let labels = vec![("volume", v.name.clone()), ("peer", name_of(l.node))];
+            lag_w.push((labels.clone(), l.writes as f64));
+            lag_b.push((labels, l.bytes as f64));
+        }
+        for r in &v.resyncs {
+            let labels = vec![("volume", v.name.clone()), ("peer", name_of(r.node))];
+            resync_left.push((
+                labels.clone(),
+                (r.pending_regions * crate::serving::REGION_SIZE) as f64,
+            ));
+            resync_rate.push((labels, r.rate_bytes_per_s as f64));
+        }
+        if let Some(x) = &v.verify {
+            verify.push((vol(&v.name), x.differing as f64));
+        }
+    }
+    out.gauge(
+        "replica_lag_writes",
+        "Writes the replica has not acknowledged",
+        lag_w,
+    );
+    out.gauge(
+        "replica_lag_bytes",
+        "Bytes the replica has not acknowledged",
+        lag_b,
+    );
+    out.gauge(
+        "resync_remaining_bytes",
+        "Bytes still to resync to the replica",
+        resync_left,
+    );
+    out.gauge(
+        "resync_rate_bytes_per_second",
+        "Measured resync rate to the replica",
+        resync_rate,
+    );
+    out.gauge(
+        "verify_differing_regions",
+        "Regions (1 MiB) that differed between the primary and a replica in the volume's last online verify",
+        verify,
+    );
+    let counts = src.serving.map(|s| &s.failovers);
+    out.counter(
+        "failovers",
+        "Volumes this node took over as primary, by kind (planned move, unplanned failover)",
+        vec![
+            (
+                vec![("kind", "planned".to_string())],
+                counts.map_or(0, |c| c.planned.load(Relaxed)),
+            ),
+            (
+                vec![("kind", "unplanned".to_string())],
+                counts.map_or(0, |c| c.unplanned.load(Relaxed)),
+            ),
+        ],
+    );
+    io_metrics(out, src);
+}
+
+/// The I/O counters of every logical unit executed here, by volume.
+fn io_metrics(out: &mut Snapshot, src: &Sources<'_>) {
+    let mut units = Vec::new();
+    if let Some(serving) = src.serving {
+        let devices = serving.executing_devices();
+        for t in src.state.targets.values() {
+            let Some(d) = devices.get(&t.iqn) else {
+                continue;
+            };
+            for (lun, volume) in &t.luns {
+                if let Some(s) = d.io_stats(*lun) {
+                    units.push((volume.clone(), s));
+                }
+            }
+        }
+    }
+    let each = |f: &dyn Fn(&scsi::stats::IoStats) -> u64| -> Vec<(Labels, u64)> {
+        units
+            .iter()
+            .map(|(v, s)| (vec![("volume", v.clone())], f(s)))
+            .collect()
+    };
+    out.counter(
+        "volume_reads",
+        "READ commands completed",
+        each(&|s| s.reads.load(Relaxed)),
+    );
+    out.counter(
+        "volume_writes",
+        "Write commands completed (WRITE, WRITE AND VERIFY, WRITE SAME, COMPARE AND WRITE)",
+        each(&|s| s.writes.load(Relaxed)),
+    );
+    out.counter(
+        "volume_read_bytes",
+        "Bytes returned by successful reads",
+        each(&|s| s.read_bytes.load(Relaxed)),
+    );
+    out.counter(
+        "volume_written_bytes",
+        "Bytes received by successful writes",
+        each(&|s| s.written_bytes.load(Relaxed)),
+    );
+    out.counter(
+        "disk_io_errors",
+        "Commands that failed with MEDIUM ERROR or HARDWARE ERROR",
+        each(&|s| s.medium_errors.load(Relaxed)),
+    );
+    out.gauge(
+        "volume_commands_in_flight",
+        "SCSI commands started and not yet answered",
+        units
+            .iter()
+            .map(|(v, s)| {
+                (
+                    vec![("volume", v.clone())],
+                    s.in_flight.load(Relaxed) as f64,
+                )
+            })
+            .collect(),
+    );
+    let mut hist = Vec::new();
+    for (v, s) in &units {
+        for (kind, snap) in s.latency() {
+            // The encoder adds the buckets up itself and wants +Inf as f64::MAX.
+            let mut prev = 0;
+            let buckets = snap
+                .buckets
+                .iter()
+                .map(|(le, cum)| {
+                    let n = cum - prev;
+                    prev = *cum;
+                    (if le.is_finite() { *le } else { f64::MAX }, n)
+                })
+                .collect();
+            hist.push((
+                vec![("volume", v.clone()), ("op", kind.label().to_string())],
+                buckets,
+                snap.count,
+                snap.sum_seconds,
+            ));
+        }
+    }
+    out.families.push((
+        "volume_command_duration_seconds",
+        "Time from a command reaching its logical unit (with its data) to its status, by operation",
+        Family::Histogram(hist),
+    ));
+}
+
+/// The text exposition of `snapshot`, every series labelled with `node`.
+pub fn encode(node: &str, snapshot: Snapshot) -> String {
+    let mut registry = Registry::with_prefix_and_labels(
+        "bulwark",
+        [(Cow::Borrowed("node"), Cow::Owned(node.to_string()))].into_iter(),
+    );
+    registry.register_collector(Box::new(snapshot));
+    let mut text = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+    text
+}
