@@ -22,6 +22,15 @@ ensure_test_packages() {
     command -v nft >/dev/null || apt_install nftables
     # iproute2: the virtual-IP test puts its client in a network namespace.
     command -v ip >/dev/null || apt_install iproute2
+    # The observability test: promtool and a real Prometheus, headless Chromium driven
+    # through chromedriver, curl.
+    command -v promtool >/dev/null && command -v prometheus >/dev/null || apt_install prometheus
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null || apt_install chromium chromium-driver
+    command -v curl >/dev/null || apt_install curl
+    # The package test: cargo-deb's dpkg-shlibdeps, strip/objcopy, systemd-analyze.
+    command -v dpkg-shlibdeps >/dev/null || apt_install dpkg-dev
+    command -v objcopy >/dev/null || apt_install binutils
+    command -v systemd-analyze >/dev/null || apt_install systemd
     # QEMU's iSCSI driver lives in qemu-block-extra, which must match qemu-utils exactly.
     local want have
     have=$(dpkg-query -W -f='${Version}' qemu-block-extra 2>/dev/null || true)

@@ -235,7 +235,13 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
             a.portals[0],
             dir.join(format!("{name}.log")).display()
         );
+        let web = SocketAddr::new(a.control.ip(), crate::http::HTTP_PORT);
+        println!("    console: https://{web}/");
+        println!("    metrics: https://{web}/metrics");
     }
+    println!(
+        "  (the console and /metrics take the token below: sign in with it, or send\n   Authorization: Bearer TOKEN; the certificate is the cluster's own, self-signed)"
+    );
     println!();
     println!(
         "Volume {VOLUME} (1 GiB, replicas on n1 and n2) is LUN 0 of {IQN}, served by {}:",

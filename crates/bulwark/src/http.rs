@@ -153,11 +153,7 @@ impl AdminHttp {
             let st = state.borrow_and_update().clone();
             let nodes = statuses.lock().ok().and_then(|s| s.clone());
             let Some(nodes) = nodes else { continue };
-            let view = serde_json::json!({
-                "me": self.node.identity().name,
-                "state": *st,
-                "nodes": nodes,
-            });
+            let view = view(&self.node.identity().name, &st, &nodes);
             self.status
                 .send_replace(Arc::new(serde_json::to_string(&view).unwrap_or_default()));
         }
@@ -435,14 +431,40 @@ async fn api_status(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap)
         return r;
     }
     let (state, nodes) = h.node.gather_status().await;
-    secure_headers(
-        Json(serde_json::json!({
-            "me": h.node.identity().name,
-            "state": state,
-            "nodes": nodes,
-        }))
-        .into_response(),
-    )
+    secure_headers(Json(view(&h.node.identity().name, &state, &nodes)).into_response())
+}
+
+/// What the console shows: the state, every node's status, and each target's paths
+/// with their ALUA states (as every node computes them).
+fn view(
+    me: &str,
+    state: &cluster::ClusterState,
+    nodes: &std::collections::BTreeMap<u64, Result<cluster::status::NodeStatus, String>>,
+) -> serde_json::Value {
+    let paths: serde_json::Map<String, serde_json::Value> = state
+        .targets
+        .values()
+        .map(|t| {
+            let groups: Vec<serde_json::Value> = crate::serving::port_groups(state, t)
+                .iter()
+                .map(|g| {
+                    let node = state.nodes.get(&u64::from(g.id));
+                    serde_json::json!({
+                        "node": node.map(|n| n.name.clone()),
+                        "portals": node.map(|n| n.addresses.portals.clone()),
+                        "state": g.state.to_string(),
+                    })
+                })
+                .collect();
+            (t.iqn.clone(), groups.into())
+        })
+        .collect();
+    serde_json::json!({
+        "me": me,
+        "state": state,
+        "nodes": nodes,
+        "paths": paths,
+    })
 }
 
 /// Server-sent events: the console's view, each time it changes.

@@ -31,9 +31,11 @@ type Labels = Vec<(&'static str, String)>;
 enum Family {
     Counter(Vec<(Labels, u64)>),
     Gauge(Vec<(Labels, f64)>),
-    /// (labels, non-cumulative buckets with `f64::MAX` as +Inf, count, sum)
-    Histogram(Vec<(Labels, Vec<(f64, u64)>, u64, f64)>),
+    Histogram(Vec<HistogramSample>),
 }
+
+/// (labels, non-cumulative buckets with `f64::MAX` as +Inf, count, sum)
+type HistogramSample = (Labels, Vec<(f64, u64)>, u64, f64);
 
 /// Everything one scrape reports.
 #[derive(Debug, Default)]
@@ -454,5 +456,89 @@ pub fn encode(node: &str, snapshot: Snapshot) -> String {
     let mut text = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
-    text
+    to_prometheus_text(&text)
+}
+
+/// The crate writes OpenMetrics; Prometheus' own text format (0.0.4, what `promtool
+/// check metrics` and every scraper read) differs only in naming a counter's HELP and
+/// TYPE lines after its `_total` samples and in having no `# EOF`.
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64);
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_after_their_samples() {
+        let om = "# HELP x_reads Reads\n# TYPE x_reads counter\nx_reads_total{node=\"a\"} 3\n# HELP x_up Up\n# TYPE x_up gauge\nx_up 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_reads_total Reads\n# TYPE x_reads_total counter\nx_reads_total{node=\"a\"} 3\n# HELP x_up Up\n# TYPE x_up gauge\nx_up 1\n"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_encodes_every_family_with_the_node_label() {
+        let mut s = Snapshot::default();
+        s.counter(
+            "volume_writes",
+            "Writes",
+            vec![(vec![("volume", "v<1>".into())], 7)],
+        );
+        s.gauge("raft_term", "Term", vec![(vec![], 3.0)]);
+        s.families.push((
+            "volume_command_duration_seconds",
+            "Latency",
+            Family::Histogram(vec![(
+                vec![("volume", "v".into()), ("op", "write".into())],
+                vec![(0.001, 2), (f64::MAX, 1)],
+                3,
+                0.5,
+            )]),
+        ));
+        let text = encode("n1", s);
+        assert!(
+            text.contains("# TYPE bulwark_volume_writes_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bulwark_volume_writes_total{node=\"n1\",volume=\"v<1>\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("bulwark_raft_term{node=\"n1\"} 3"), "{text}");
+        assert!(
+            text.contains("le=\"0.001\",volume=\"v\",op=\"write\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("le=\"+Inf\",volume=\"v\",op=\"write\"} 3"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+    }
 }

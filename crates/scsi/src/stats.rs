@@ -89,7 +89,9 @@ impl Latency {
             .iter()
             .position(|b| s <= *b)
             .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Relaxed);
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Relaxed);
+        }
         self.sum_ns
             .fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
     }
@@ -129,7 +131,9 @@ pub struct IoStats {
     pub medium_errors: AtomicU64,
     /// Commands started and not yet answered.
     pub in_flight: AtomicI64,
-    latency: [Latency; 3],
+    read_latency: Latency,
+    write_latency: Latency,
+    other_latency: Latency,
 }
 
 impl IoStats {
@@ -172,14 +176,22 @@ impl IoStats {
         {
             self.medium_errors.fetch_add(1, Relaxed);
         }
-        self.latency[kind as usize].observe(took);
+        self.latency_of(kind).observe(took);
+    }
+
+    fn latency_of(&self, kind: IoKind) -> &Latency {
+        match kind {
+            IoKind::Read => &self.read_latency,
+            IoKind::Write => &self.write_latency,
+            IoKind::Other => &self.other_latency,
+        }
     }
 
     /// Latency histograms by kind.
     pub fn latency(&self) -> impl Iterator<Item = (IoKind, LatencySnapshot)> + '_ {
         IoKind::ALL
             .into_iter()
-            .map(|k| (k, self.latency[k as usize].snapshot()))
+            .map(|k| (k, self.latency_of(k).snapshot()))
     }
 }
 
