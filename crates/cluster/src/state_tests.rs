@@ -1003,3 +1003,67 @@ fn a_verify_is_asked_for_and_its_result_recorded_once() {
         Some(result)
     );
 }
+
+#[test]
+fn alerts_are_checked_added_tested_and_removed() {
+    let mut st = ClusterState::default();
+    let alert = |name: &str, program: Option<&str>, url: Option<&str>, events: &[&str]| Alert {
+        name: name.into(),
+        program: program.map(Into::into),
+        url: url.map(Into::into),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        tests: 0,
+        timeout_ms: 5000,
+        retries: 2,
+    };
+    let bad = [
+        alert("mail", Some("sendmail-alert"), None, &[]),
+        alert("mail", Some("/bin/x"), Some("https://h/a"), &[]),
+        alert("mail", None, None, &[]),
+        alert("mail", None, Some("ftp://h/a"), &[]),
+        alert("mail", Some("/bin/x"), None, &["failover"]),
+        alert("<b>m</b>", Some("/bin/x"), None, &[]),
+    ];
+    for a in bad {
+        let why = match st.apply(&Command::SetAlert { alert: a.clone() }) {
+            Err(Refused::BadAlert(why)) => why,
+            other => panic!("{a:?} was not refused: {other:?}"),
+        };
+        assert!(!why.is_empty());
+    }
+    assert!(st.alerts.is_empty());
+    let good = alert(
+        "mail",
+        Some("/usr/local/bin/a"),
+        None,
+        &["failover_started"],
+    );
+    st.apply(&Command::SetAlert {
+        alert: good.clone(),
+    })
+    .unwrap();
+    assert!(st.alerts["mail"].wants("failover_started"));
+    assert!(!st.alerts["mail"].wants("node_offline"));
+    st.apply(&Command::TestAlert {
+        name: "mail".into(),
+    })
+    .unwrap();
+    assert_eq!(st.alerts["mail"].tests, 1);
+    // Replacing an alert keeps its test count (a test in flight still finds its report).
+    st.apply(&Command::SetAlert { alert: good }).unwrap();
+    assert_eq!(st.alerts["mail"].tests, 1);
+    assert!(matches!(
+        st.apply(&Command::TestAlert { name: "x".into() }),
+        Err(Refused::NoSuchAlert(_))
+    ));
+    st.apply(&Command::RemoveAlert {
+        name: "mail".into(),
+    })
+    .unwrap();
+    assert!(matches!(
+        st.apply(&Command::RemoveAlert {
+            name: "mail".into()
+        }),
+        Err(Refused::NoSuchAlert(_))
+    ));
+}
