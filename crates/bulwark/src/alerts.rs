@@ -101,9 +101,12 @@ impl Alerts {
                         return;
                     }
                     let st = state.borrow_and_update().clone();
+                    // Several changes may arrive as one: an alert added (or re-added)
+                    // and tested at once counts from zero.
+                    tests.retain(|n, _| st.alerts.contains_key(n));
                     for a in st.alerts.values() {
-                        let seen = tests.insert(a.name.clone(), a.tests);
-                        if seen.is_some_and(|t| t < a.tests) && self.is_leader() {
+                        let seen = tests.insert(a.name.clone(), a.tests).unwrap_or(0);
+                        if seen < a.tests && self.is_leader() {
                             events.push_with(
                                 "alert_test",
                                 format!("test of alert {} (bulwark alert test)", a.name),
