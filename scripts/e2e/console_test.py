@@ -3,7 +3,9 @@
 the demo cluster, see the nodes and the volume, kill the volume's primary, and see the
 new primary on the page within 3 s without reloading. Saves a screenshot.
 
-    console_test.py CONSOLE_URL TOKEN PRIMARY_PID PRIMARY_NAME SCREENSHOT
+    console_test.py CONSOLE_URL TOKEN PRIMARY_PID PRIMARY_NAME SCREENSHOT MARKUP_IQN
+
+MARKUP_IQN names a target with HTML in it: the page must show it as text.
 """
 
 import os
@@ -14,7 +16,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from webdriver import Chrome  # noqa: E402
 
-url, token, primary_pid, primary, shot = sys.argv[1:6]
+url, token, primary_pid, primary, shot, markup = sys.argv[1:7]
 primary_pid = int(primary_pid)
 
 
@@ -39,6 +41,12 @@ with Chrome(log_path=os.path.join(os.path.dirname(shot), "chromedriver.log")) as
     for n in ("n1", "n2", "n3"):
         b.wait_for(lambda: b.find(f'tr[data-node="{n}"]') is not None, 5,
                    message=f"node {n} missing")
+    b.wait_for(lambda: markup in b.text("#targets"), 5,
+               message="the target with markup in its name is not shown as text")
+    assert not b.find_all("#targets b") and not b.find_all("#targets img"), \
+        "markup in a target name became elements"
+    assert b.execute("return window.__xss === undefined;"), "markup in a name ran a script"
+    print("console: a target named with HTML shows as text")
     before = volume_primary(b)
     assert before == primary, f"page says primary {before!r}, the demo said {primary!r}"
     print(f"console: signed in; nodes n1 n2 n3, volume demo with primary {before}")

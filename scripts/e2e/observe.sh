@@ -112,6 +112,9 @@ kill "$prom_pid"; wait "$prom_pid" 2>/dev/null || true; prom_pid=""
 primary=$(sed -n 's/^Volume demo .* served by \(n[0-9]\):$/\1/p' "$DEMO_OUT")
 ppid=$(sed -n "s/^  $primary: pid \([0-9]*\) .*/\1/p" "$DEMO_OUT")
 [ -n "$primary" ] && [ -n "$ppid" ] || die "cannot find the primary in the demo's output"
+# A name with markup in it must show as text.
+evil='iqn.2026-11.io.evil:<b>bold</b><img/src=x/onerror=window.__xss=1>'
+"$BULWARK_BIN" target create "$evil" >/dev/null || die "cannot create the target with markup in its name"
 mkdir -p target/screenshots
 python3 scripts/e2e/console_test.py https://127.0.0.3:3263/ "$token" "$ppid" "$primary" \
-    target/screenshots/console-failover.png || die "the console test failed"
+    target/screenshots/console-failover.png "$evil" || die "the console test failed"

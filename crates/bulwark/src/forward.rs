@@ -182,6 +182,7 @@ pub fn decode_request(mut b: Bytes) -> io::Result<Request> {
                 data_out: b,
                 expected_data_in_len,
                 attr,
+                arrived: std::time::Instant::now(),
             }))
         }
         TASK_MANAGEMENT => {
@@ -415,11 +416,15 @@ mod tests {
             data_out: Bytes::from(vec![7u8; 512]),
             expected_data_in_len: 0,
             attr: TaskAttribute::Ordered,
+            arrived: std::time::Instant::now(),
         };
-        assert_eq!(
-            decode_request(encode_command(&c)).unwrap(),
-            Request::Command(c)
-        );
+        // The arrival time is the receiver's own: it does not travel.
+        let Request::Command(mut d) = decode_request(encode_command(&c)).unwrap() else {
+            panic!("not a command");
+        };
+        assert!(d.arrived >= c.arrived);
+        d.arrived = c.arrived;
+        assert_eq!(d, c);
         for t in [
             ForwardedTaskManagement::Reset {
                 kind: ResetKind::LogicalUnit,

@@ -441,7 +441,7 @@ fn io_metrics(out: &mut Snapshot, src: &Sources<'_>) {
     }
     out.families.push((
         "volume_command_duration_seconds",
-        "Time from a command reaching its logical unit (with its data) to its status, by operation",
+        "Time from a SCSI command's arrival to its status, by operation",
         Family::Histogram(hist),
     ));
 }

@@ -133,6 +133,9 @@ pub struct ScsiRequest<'a> {
     pub expected_data_in_len: u32,
     /// Task attribute.
     pub attr: TaskAttribute,
+    /// When the command arrived at the target (its command PDU), for the latency
+    /// histogram of [`stats::IoStats`].
+    pub arrived: std::time::Instant,
 }
 
 /// The result of a SCSI command.

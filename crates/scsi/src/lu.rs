@@ -325,9 +325,9 @@ impl LogicalUnit {
         req: &ScsiRequest<'_>,
         respond: crate::Responder,
     ) {
-        // Counted from here, where the command reaches its unit with all its data, to
-        // the moment its response is handed to the transport.
-        let arrived = std::time::Instant::now();
+        // From the command's arrival at the target to its response being handed to the
+        // transport.
+        let arrived = req.arrived;
         let stats = self.stats.clone();
         let kind = crate::stats::IoKind::of(req.cdb.first().copied().unwrap_or(0));
         let data_out = req.data_out.len();

@@ -200,6 +200,8 @@ pub struct ForwardedCommand {
     pub expected_data_in_len: u32,
     /// Task attribute.
     pub attr: crate::TaskAttribute,
+    /// When it arrived on this node (not where it was first received: clocks differ).
+    pub arrived: std::time::Instant,
 }
 
 impl ForwardedCommand {
@@ -212,6 +214,7 @@ impl ForwardedCommand {
             data_out: &self.data_out,
             expected_data_in_len: self.expected_data_in_len,
             attr: self.attr,
+            arrived: self.arrived,
         }
     }
 }
@@ -419,6 +422,7 @@ impl TargetDevice {
                 data_out: Bytes::copy_from_slice(req.data_out),
                 expected_data_in_len: req.expected_data_in_len,
                 attr: req.attr,
+                arrived: req.arrived,
             };
             return f.to.execute(cmd, respond);
         }

@@ -53,6 +53,7 @@ impl Kit {
             data_out: data,
             expected_data_in_len: 1 << 20,
             attr: TaskAttribute::Simple,
+            arrived: std::time::Instant::now(),
         };
         self.target.execute(&req)
     }
@@ -1398,7 +1399,7 @@ proptest! {
             cdb[0] = opcode;
         }
         for _ in 0..2 {
-            let req = ScsiRequest { nexus: &n, lun, cdb: &cdb, data_out: &data, expected_data_in_len: 4096, attr: TaskAttribute::Simple };
+            let req = ScsiRequest { nexus: &n, lun, cdb: &cdb, data_out: &data, expected_data_in_len: 4096, attr: TaskAttribute::Simple, arrived: std::time::Instant::now() };
             let r = target.execute(&req);
             if r.status == ScsiStatus::CheckCondition {
                 prop_assert!(r.sense.is_some());
@@ -1558,6 +1559,7 @@ fn a_forwarding_device_shares_reservations_and_reports_its_own_port() {
             data_out: data,
             expected_data_in_len: 1 << 20,
             attr: TaskAttribute::Simple,
+            arrived: std::time::Instant::now(),
         })
     };
     assert_eq!(sense_of(&exec_a(&[0; 6], &[])).1, 0x29);

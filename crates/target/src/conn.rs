@@ -322,6 +322,8 @@ struct WriteTask {
     r2t_sn: u32,
     /// A data sequence or digest error happened; the task fails at the end of its data.
     failed: bool,
+    /// When its SCSI Command PDU arrived (latency is counted from there).
+    arrived: Instant,
 }
 
 /// A command handed to the SCSI layer.
@@ -764,6 +766,7 @@ impl Session {
         rd: &mut BufReader<OwnedReadHalf>,
         bhs: Bhs,
     ) -> Result<(), ConnError> {
+        let arrived = Instant::now();
         let cmd = ScsiCommand::parse(&bhs);
         let dlen = bhs.data_len();
         let mrdsl = self.params.max_recv_data_segment_length as usize;
@@ -797,7 +800,7 @@ impl Session {
         }
         let edtl = cmd.expected_data_transfer_length;
         if !(cmd.write && edtl > 0) {
-            self.dispatch(cmd, Bytes::new());
+            self.dispatch(cmd, Bytes::new(), arrived);
             return Ok(());
         }
         if edtl > WRITE_BYTES_MAX {
@@ -850,10 +853,11 @@ impl Session {
             next_r2t_offset: unsolicited_end,
             r2t_sn: 0,
             failed: false,
+            arrived,
         };
         if task.received == edtl {
             let data = task.buf.freeze();
-            self.dispatch(task.cmd, data);
+            self.dispatch(task.cmd, data, task.arrived);
             return Ok(());
         }
         let r2ts = self.issue_r2ts(&mut task);
@@ -990,7 +994,7 @@ impl Session {
         if complete {
             if let Some(t) = self.receiving.remove(&d.itt) {
                 let data = t.buf.freeze();
-                self.dispatch(t.cmd, data);
+                self.dispatch(t.cmd, data, t.arrived);
             }
         }
         // A task failed earlier in its data ends when a sequence of it ends or all its
@@ -1034,7 +1038,7 @@ impl Session {
 
     /// Hands a command with all its data to the SCSI layer on the blocking pool; the
     /// completion queues the response.
-    fn dispatch(&mut self, cmd: ScsiCommand, data: Bytes) {
+    fn dispatch(&mut self, cmd: ScsiCommand, data: Bytes, arrived: Instant) {
         let Some((nexus, device)) = self.nexus_and_device() else {
             // Discovery sessions never get here (SCSI commands are rejected there).
             debug_assert!(false, "dispatch without a target");
@@ -1082,6 +1086,7 @@ impl Session {
                 data_out: &data,
                 expected_data_in_len: cmd.expected_data_transfer_length,
                 attr: task_attribute(cmd.attr),
+                arrived,
             };
             // The response goes out from wherever the command completes: here, or the
             // thread that hears the replicas acknowledge a write.
