@@ -1419,7 +1419,12 @@ pub enum AlertCmd {
         /// http:// or https:// URL.
         #[arg(long)]
         url: Option<String>,
-        /// Only these event kinds (comma-separated); default: all.
+        /// Only these event kinds (comma-separated; default: all): node_offline,
+        /// node_online, network_down, network_up, leader, membership, quorum_lost,
+        /// quorum_regained, failover_started, failover_finished, handover,
+        /// volume_offline, fence, primary, replica_left, replica_rejoined,
+        /// resync_started, resync_finished, verify, disk, reservation_preempted,
+        /// login_failures, alua, vip, config, alert_test.
         #[arg(long, value_delimiter = ',')]
         events: Vec<String>,
         /// A delivery that takes longer is killed (program) or abandoned (URL).

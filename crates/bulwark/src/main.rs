@@ -938,6 +938,44 @@ mod cli_tests {
     }
 
     #[test]
+    fn alert_commands_parse_and_the_help_lists_every_event_kind() {
+        for args in [
+            &["alert", "add", "mail", "--program", "/usr/local/bin/a"][..],
+            &[
+                "alert",
+                "add",
+                "hook",
+                "--url",
+                "https://h/x",
+                "--events",
+                "failover_started,disk",
+                "--timeout-ms",
+                "2000",
+                "--retries",
+                "0",
+            ],
+            &["alert", "list", "--json"],
+            &["alert", "remove", "mail"],
+            &["alert", "test", "mail"],
+        ] {
+            parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        // A program or a URL, not both and not neither.
+        assert!(parse(&["alert", "add", "x"]).is_err());
+        assert!(parse(&["alert", "add", "x", "--program", "/a", "--url", "http://h/"]).is_err());
+        let help = match parse(&["alert", "add", "--help"]) {
+            Err(h) => h.replace(['\n', ' '], ""),
+            Ok(_) => panic!("--help parsed"),
+        };
+        for kind in cluster::state::EVENT_KINDS {
+            assert!(
+                help.contains(kind),
+                "`bulwark alert add --help` lacks {kind}"
+            );
+        }
+    }
+
+    #[test]
     fn every_admin_command_parses_with_json_and_node() {
         for args in [
             &["node", "list", "--json"][..],

@@ -347,12 +347,30 @@ impl IsrRequests {
             };
             match node.write(cmd).await {
                 Ok(Ok(_)) => {
-                    let what = if add.is_empty() {
-                        format!("node(s) {remove:?} left the in-sync set of {volume}")
-                    } else {
-                        format!("node(s) {add:?} rejoined the in-sync set of {volume}")
+                    let names: Vec<String> = {
+                        let st = node.state().borrow().clone();
+                        add.iter()
+                            .chain(&remove)
+                            .map(|id| {
+                                st.nodes
+                                    .get(id)
+                                    .map_or_else(|| format!("node {id}"), |n| n.name.clone())
+                            })
+                            .collect()
                     };
-                    node.events().push("in_sync", what);
+                    let (kind, what) = if add.is_empty() {
+                        ("replica_left", "left")
+                    } else {
+                        ("replica_rejoined", "rejoined")
+                    };
+                    let mut details = serde_json::Map::new();
+                    details.insert("volume".into(), volume.clone().into());
+                    details.insert("nodes".into(), names.clone().into());
+                    node.events().push_with(
+                        kind,
+                        format!("{} {what} the in-sync set of {volume}", names.join(", ")),
+                        details,
+                    );
                 }
                 Ok(Err(r)) => warn!(%volume, refused = %r, "in-sync set change refused"),
                 Err(e) => warn!(%volume, error = %e, "in-sync set change not committed"),
@@ -378,9 +396,21 @@ impl ControlPlane for IsrRequests {
                 .get(&id)
                 .map_or_else(|| format!("node {id}"), |n| n.name.clone())
         };
+        let mut details = serde_json::Map::new();
+        details.insert("volume".into(), volume.clone().into());
+        match &notice {
+            replication::Notice::ResyncStarted { peer, regions }
+            | replication::Notice::ResyncFinished { peer, regions, .. } => {
+                details.insert("peer".into(), name(*peer).into());
+                details.insert("bytes".into(), (regions * REGION_SIZE).into());
+            }
+            replication::Notice::DiskFailed { .. } => {
+                details.insert("node".into(), self.node.identity().name.clone().into());
+            }
+        }
         let (kind, what) = match notice {
             replication::Notice::ResyncStarted { peer, regions } => (
-                "resync",
+                "resync_started",
                 format!(
                     "resync of {volume} to {} started: {} to send",
                     name(peer),
@@ -399,7 +429,7 @@ impl ControlPlane for IsrRequests {
                 regions,
                 took,
             } => (
-                "resync",
+                "resync_finished",
                 format!(
                     "resync of {volume} to {} finished: {} in {:.1} s",
                     name(peer),
@@ -408,7 +438,7 @@ impl ControlPlane for IsrRequests {
                 ),
             ),
         };
-        self.node.events().push(kind, what);
+        self.node.events().push_with(kind, what, details);
     }
 
     fn verify_finished(&self, report: replication::VerifyReport) {

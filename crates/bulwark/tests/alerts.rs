@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use cluster::state::{Alert, ClusterState, Command, Refused};
 use cluster::status::Event;
 use cluster::{AdminClient, Token};
-use initiator::{LoginOptions, Session};
+use initiator::Session;
 use serde_json::Value;
 
 mod common;
@@ -221,15 +221,6 @@ async fn primary_portal(admins: &[AdminClient]) -> Option<SocketAddr> {
     None
 }
 
-async fn connect(portal: SocketAddr) -> Option<Session> {
-    let mut opts = LoginOptions::new(INITIATOR, Some(IQN));
-    opts.timeout = Duration::from_secs(2);
-    let mut s = Session::login(portal, &opts).await.ok()?;
-    // Clear the power-on unit attention.
-    let _ = s.command(0, &[0u8; 6], None, 0).await;
-    Some(s)
-}
-
 impl Load {
     fn start(controls: Vec<SocketAddr>, token: Token) -> Load {
         let acks = Arc::new(Mutex::new(Vec::new()));
@@ -246,7 +237,7 @@ impl Load {
                 while !stop.load(Ordering::Relaxed) {
                     if session.is_none() {
                         if let Some(portal) = primary_portal(&admins).await {
-                            session = connect(portal).await;
+                            session = connect(portal, IQN).await;
                         }
                         if session.is_none() {
                             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cluster::state::Command;
 use initiator::checker::Checker;
-use initiator::{LoginOptions, Session};
+use initiator::Session;
 
 mod common;
 use common::*;
@@ -28,15 +28,6 @@ async fn primary_portal(c: &Cluster, via: &[usize]) -> Option<(u64, SocketAddr)>
         }
     }
     None
-}
-
-async fn connect(portal: SocketAddr) -> Option<Session> {
-    let mut opts = LoginOptions::new(INITIATOR, Some(IQN));
-    opts.timeout = Duration::from_secs(2);
-    let mut s = Session::login(portal, &opts).await.ok()?;
-    // Clear the power-on unit attention.
-    let _ = s.command(0, &[0u8; 6], None, 0).await;
-    Some(s)
 }
 
 /// Writes until `until`, reconnecting to whichever node is primary; returns the
@@ -76,7 +67,7 @@ async fn write_load_counting(
     while Instant::now() < until {
         if session.is_none() {
             if let Some((_, portal)) = primary_portal(c, via).await {
-                session = connect(portal).await;
+                session = connect(portal, IQN).await;
             }
             if session.is_none() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -127,7 +118,7 @@ async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
     let mut s = wait(
         "a session on the new primary",
         Duration::from_secs(10),
-        async || connect(portal).await,
+        async || connect(portal, IQN).await,
     )
     .await;
     for lba in checker.lbas().collect::<Vec<_>>() {
@@ -469,7 +460,7 @@ async fn a_returning_replica_receives_only_the_dirty_regions() {
     )
     .await;
     let (_, portal) = primary_portal(&c, &all).await.unwrap();
-    let mut s = connect(portal).await.expect("session");
+    let mut s = connect(portal, IQN).await.expect("session");
     let mut cdb = [0u8; 16];
     cdb[0] = 0x9e;
     cdb[1] = 0x10;
@@ -641,7 +632,7 @@ async fn a_throttled_resync_keeps_its_rate_and_shows_its_progress() {
     c.nodes[2].kill9();
     let mut checker = Checker::new(BLOCK as usize);
     let (_, portal) = primary_portal(&c, &[0, 1]).await.expect("a primary");
-    let mut s = connect(portal).await.expect("a session");
+    let mut s = connect(portal, IQN).await.expect("a session");
     let per_region = (1 << 20) / u64::from(BLOCK);
     for i in 0..REGIONS {
         let lba = i * per_region;
@@ -702,7 +693,7 @@ async fn a_throttled_resync_keeps_its_rate_and_shows_its_progress() {
     let said = async |what: &str| {
         let events = primary.status().await.ok()?.events;
         events.into_iter().find(|e| {
-            e.kind == "resync"
+            e.kind.starts_with("resync_")
                 && e.message.starts_with("resync of v to n3")
                 && e.message.contains(what)
         })
@@ -918,7 +909,7 @@ async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
             );
             if session.is_none() {
                 if let Some((_, portal)) = primary_portal(&c, &all).await {
-                    session = connect(portal).await;
+                    session = connect(portal, IQN).await;
                 }
             }
             let Some(s) = session.as_mut() else {
@@ -1098,7 +1089,7 @@ async fn a_partitioned_primary_stops_before_the_new_one_starts() {
             let mut n = 0u64;
             while Instant::now() < until {
                 if session.is_none() {
-                    session = connect(old_portal).await;
+                    session = connect(old_portal, IQN).await;
                     if session.is_none() {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -1132,7 +1123,7 @@ async fn a_partitioned_primary_stops_before_the_new_one_starts() {
     while Instant::now() < until {
         if session.is_none() {
             match primary_portal(&c, &[0, 2]).await {
-                Some((_, p)) if p != old_portal => session = connect(p).await,
+                Some((_, p)) if p != old_portal => session = connect(p, IQN).await,
                 _ => {}
             }
             if session.is_none() {
@@ -1215,7 +1206,7 @@ async fn one_gib_written_while_a_replica_is_down_resyncs_only_its_regions() {
     })
     .await;
     let mut s = wait("a session", Duration::from_secs(20), async || {
-        connect(portal).await
+        connect(portal, IQN).await
     })
     .await;
     let probe = vec![0u8; BLOCK as usize];

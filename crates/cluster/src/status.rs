@@ -23,8 +23,8 @@ pub struct Event {
     pub unix_ms: u64,
     /// The node that saw it.
     pub observer: String,
-    /// Kind, for filtering: `node_offline`, `node_online`, `network_down`, `network_up`,
-    /// `leader`, `membership`, `config`.
+    /// Kind, for filtering and alerts: one of [`crate::state::EVENT_KINDS`] (or
+    /// `alert`, about alert deliveries).
     pub kind: String,
     /// What happened, for people.
     pub message: String,

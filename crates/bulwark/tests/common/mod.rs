@@ -267,3 +267,13 @@ pub async fn login(
     opts.chap = chap;
     Session::login(portal, &opts).await
 }
+
+/// A session to `iqn` through `portal` (2 s login timeout) with the power-on unit
+/// attention cleared, or `None` while no node serves it there.
+pub async fn connect(portal: SocketAddr, iqn: &str) -> Option<Session> {
+    let mut opts = LoginOptions::new(INITIATOR, Some(iqn));
+    opts.timeout = Duration::from_secs(2);
+    let mut s = Session::login(portal, &opts).await.ok()?;
+    let _ = s.command(0, &[0u8; 6], None, 0).await;
+    Some(s)
+}
