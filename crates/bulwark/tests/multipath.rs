@@ -60,7 +60,7 @@ impl Path {
     }
 
     async fn good(&mut self, what: &str, cdb: &[u8], data: Option<&[u8]>, len: u32) -> Vec<u8> {
-        let r = self.run(cdb, data, len).await;
+        let r = self.run_through_transitions(what, cdb, data, len).await;
         assert_eq!(
             r.status,
             0,
@@ -78,24 +78,41 @@ impl Path {
 
     /// The status of a WRITE(10), retried while the path says it is transitioning or
     /// unavailable (a multipath initiator would use another path meanwhile).
-    async fn write_status(&mut self) -> u8 {
-        let cdb = [0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0];
+    /// `cdb`'s result, retried for up to 10 s (as a multipath initiator retries) while
+    /// the path answers NOT READY, ASYMMETRIC ACCESS STATE TRANSITION or TARGET PORT IN
+    /// UNAVAILABLE STATE: a replica that misses its deadline under load leaves the
+    /// in-sync set for a moment and its path becomes unavailable until it is back.
+    async fn run_through_transitions(
+        &mut self,
+        what: &str,
+        cdb: &[u8],
+        data: Option<&[u8]>,
+        len: u32,
+    ) -> CommandResult {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = self.run(&cdb, Some(&[0x5A; 512]), 0).await;
+            let r = self.run(cdb, data, len).await;
             let not_now = matches!(sense(&r), Some((2, 0x04, 0x0A | 0x0C)));
             if !not_now || Instant::now() > deadline {
                 if r.status == 2 {
-                    eprintln!("write: sense {:x?}", sense(&r));
+                    eprintln!("{what}: sense {:x?}", sense(&r));
                 }
-                return r.status;
+                return r;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    async fn write_status(&mut self) -> u8 {
+        let cdb = [0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0];
+        self.run_through_transitions("write", &cdb, Some(&[0x5A; 512]), 0)
+            .await
+            .status
+    }
+
     async fn read_status(&mut self) -> u8 {
-        self.run(&[0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0], None, 512)
+        let cdb = [0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0];
+        self.run_through_transitions("read", &cdb, None, 512)
             .await
             .status
     }
