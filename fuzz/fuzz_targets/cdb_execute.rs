@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         data_out,
         expected_data_in_len: 65536,
         attr: TaskAttribute::Simple,
+        arrived: std::time::Instant::now(),
     };
     let _ = device().execute(&req);
 });
