@@ -320,23 +320,30 @@ async fn console(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) ->
 // The script and style sheet hold no data; they are protected like everything else so
 // that nothing at all is readable before sign-in.
 async fn console_js(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
-    if let Some(r) = h.check(peer.ip(), &headers) {
-        return r;
-    }
-    secure_headers(
-        (
-            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-            CONSOLE_JS,
-        )
-            .into_response(),
+    asset(
+        &h,
+        peer,
+        &headers,
+        "text/javascript; charset=utf-8",
+        CONSOLE_JS,
     )
 }
 
 async fn console_css(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
-    if let Some(r) = h.check(peer.ip(), &headers) {
+    asset(&h, peer, &headers, "text/css", CONSOLE_CSS)
+}
+
+fn asset(
+    h: &AdminHttp,
+    peer: ClientAddr,
+    headers: &HeaderMap,
+    content_type: &'static str,
+    body: &'static str,
+) -> Response {
+    if let Some(r) = h.check(peer.ip(), headers) {
         return r;
     }
-    secure_headers(([(header::CONTENT_TYPE, "text/css")], CONSOLE_CSS).into_response())
+    secure_headers(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 #[derive(serde::Deserialize)]

@@ -110,11 +110,7 @@ pub fn snapshot(src: &Sources<'_>) -> Snapshot {
     let mut out = Snapshot::default();
     let st = src.state;
     let me = src.status.node;
-    let name_of = |id: u64| {
-        st.nodes
-            .get(&id)
-            .map_or_else(|| format!("id {id}"), |n| n.name.clone())
-    };
+    let name_of = |id: u64| st.node_name(id);
     cluster_metrics(&mut out, src, &name_of);
     target_metrics(&mut out, src);
     volume_metrics(&mut out, src, me, &name_of);

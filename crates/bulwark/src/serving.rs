@@ -351,11 +351,7 @@ impl IsrRequests {
                         let st = node.state().borrow().clone();
                         add.iter()
                             .chain(&remove)
-                            .map(|id| {
-                                st.nodes
-                                    .get(id)
-                                    .map_or_else(|| format!("node {id}"), |n| n.name.clone())
-                            })
+                            .map(|id| st.node_name(*id))
                             .collect()
                     };
                     let (kind, what) = if add.is_empty() {
@@ -388,14 +384,7 @@ impl ControlPlane for IsrRequests {
     }
     fn notice(&self, notice: replication::Notice) {
         let volume = &self.volume;
-        let name = |id: NodeId| {
-            self.node
-                .state()
-                .borrow()
-                .nodes
-                .get(&id)
-                .map_or_else(|| format!("node {id}"), |n| n.name.clone())
-        };
+        let name = |id: NodeId| self.node.state().borrow().node_name(id);
         let mut details = serde_json::Map::new();
         details.insert("volume".into(), volume.clone().into());
         match &notice {
@@ -1450,13 +1439,7 @@ impl Serving {
             &self.failovers.unplanned
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let from = self
-            .node
-            .state()
-            .borrow()
-            .nodes
-            .get(&f.from)
-            .map_or_else(|| format!("node {}", f.from), |n| n.name.clone());
+        let from = self.node.state().borrow().node_name(f.from);
         let me = self.node_name.clone();
         self.rt.spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(60);

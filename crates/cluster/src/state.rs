@@ -948,7 +948,8 @@ impl ClusterState {
             .find_map(|v| self.volumes.get(v).map(|v| v.primary))
     }
 
-    fn node_name(&self, id: NodeId) -> String {
+    /// The name of node `id`, or `#id` for one that is not (or no longer) a member.
+    pub fn node_name(&self, id: NodeId) -> String {
         self.nodes
             .get(&id)
             .map(|n| n.name.clone())
