@@ -28,6 +28,9 @@ nop_timeout_ms = 90000
 [[target]]
 iqn = "iqn.2026-11.io.bulwark:conformance"
 portals = ["127.0.0.1:3260", "127.0.0.2:3260"]
+# libiscsi's Reserve6.TargetColdReset/TargetWarmReset send target resets, which a
+# target refuses unless it allows them.
+allow_target_reset = true
 # LUN 0 reports physical = logical blocks: libiscsi's GetLBAStatus.UnmapSingle assumes
 # that (it expects a descriptor at LBA i+LBPPB for a request at LBA i+1, which SBC-3
 # only allows for LBPPB=1). LUN 1 reports 4 KiB physical blocks (the default) for the

@@ -41,12 +41,12 @@ with Chrome(log_path=os.path.join(os.path.dirname(shot), "chromedriver.log")) as
     for n in ("n1", "n2", "n3"):
         b.wait_for(lambda: b.find(f'tr[data-node="{n}"]') is not None, 5,
                    message=f"node {n} missing")
-    b.wait_for(lambda: markup in b.text("#targets"), 5,
-               message="the target with markup in its name is not shown as text")
-    assert not b.find_all("#targets b") and not b.find_all("#targets img"), \
-        "markup in a target name became elements"
-    assert b.execute("return window.__xss === undefined;"), "markup in a name ran a script"
-    print("console: a target named with HTML shows as text")
+    b.wait_for(lambda: markup in b.text("#events"), 5,
+               message="the event with markup from a stranger is not shown as text")
+    assert not b.find_all("#events b") and not b.find_all("#events img"), \
+        "markup from the network became elements"
+    assert b.execute("return window.__xss === undefined;"), "markup from the network ran a script"
+    print("console: a stranger's text with HTML in the event log shows as text")
     before = volume_primary(b)
     assert before == primary, f"page says primary {before!r}, the demo said {primary!r}"
     print(f"console: signed in; nodes n1 n2 n3, volume demo with primary {before}")

@@ -28,6 +28,9 @@ start_demo "$work"
 for i in 1 2; do
     "$BULWARK_BIN" volume create "mp$i" 128MiB --replicas 3 >/dev/null
     "$BULWARK_BIN" target create "iqn.2026-11.io.bulwark:multipath$i" >/dev/null
+    "$BULWARK_BIN" target allow-any "iqn.2026-11.io.bulwark:multipath$i" >/dev/null
+    # libiscsi's Reserve6.TargetColdReset/TargetWarmReset send target resets.
+    "$BULWARK_BIN" target settings "iqn.2026-11.io.bulwark:multipath$i" --allow-target-reset on >/dev/null
     "$BULWARK_BIN" lun add "iqn.2026-11.io.bulwark:multipath$i" "mp$i" >/dev/null
 done
 

@@ -122,9 +122,24 @@ d = json.load(sys.stdin)
 ids = [s["Ok"]["raft"]["leader"] for s in d["nodes"].values() if "Ok" in s]
 print(d["state"]["nodes"][str(ids[0])]["name"])')
 [ "$leader" != "$primary" ] || die "n2 became the Raft leader; the test wants a primary that is not"
-# A name with markup in it must show as text.
-evil='iqn.2026-11.io.evil:<b>bold</b><img/src=x/onerror=window.__xss=1>'
-"$BULWARK_BIN" target create "$evil" >/dev/null || die "cannot create the target with markup in its name"
+# Markup from the network must show as text. The API refuses it in names (iSCSI name
+# rules), so it comes the way a stranger's text does: the sender a refused control
+# connection names goes into the event log, which the console shows.
+evil='<b>bold</b><img/src=x/onerror=window.__xss=1>'
+if "$BULWARK_BIN" target create "iqn.2026-11.io.evil:$evil" >/dev/null 2>&1; then
+    die "the API accepted a target name with markup in it"
+fi
+python3 - "$evil" <<'PY' || die "cannot send a hello with markup to n3's control port"
+import json, socket, ssl, struct, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+raw = socket.create_connection(("127.0.0.3", 3261), timeout=10, source_address=("127.0.9.9", 0))
+with ctx.wrap_socket(raw, server_hostname="bulwark-cluster") as s:
+    body = json.dumps({"secret": "0" * 32, "from": sys.argv[1]}).encode()
+    s.sendall(struct.pack(">I", len(body)) + body)
+    s.recv(4096)
+PY
 mkdir -p target/screenshots
 python3 scripts/e2e/console_test.py https://127.0.0.3:3263/ "$token" "$ppid" "$primary" \
     target/screenshots/console-failover.png "$evil" || die "the console test failed"

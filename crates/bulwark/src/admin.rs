@@ -30,11 +30,14 @@ pub struct Conn {
         global = true
     )]
     pub node: String,
-    /// Cluster token, as `bulwark cluster init` printed it. Without it, the token is read
-    /// from the local node's data folder (--data-dir) when this user can read it.
+    /// Cluster token, as `bulwark cluster init` or `bulwark cluster token create`
+    /// printed it. Without it, the command runs with the certificate of the local node
+    /// whose data folder is --data-dir (root on a node; works after every token was
+    /// revoked).
     #[arg(long, env = "BULWARK_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
-    /// Data folder of a local node to read the token from.
+    /// Data folder of a local node: its certificate admits the command when no token
+    /// is given (`cluster token` prints the init token from it).
     #[arg(
         long = "data-dir",
         env = "BULWARK_DATA_DIR",
@@ -67,7 +70,17 @@ impl Conn {
 
     pub fn client(&self) -> Result<AdminClient> {
         let addr = parse_control(&self.node)?;
+        if self.token.is_none() {
+            if let Ok(id) = cluster::Identity::load(&self.data_dir) {
+                return Ok(AdminClient::for_node(addr, &id)?);
+            }
+        }
         Ok(AdminClient::new(addr, &self.token()?)?)
+    }
+
+    /// The fingerprint of the cluster CA, from the token or the local node.
+    pub(crate) fn ca_fingerprint(&self) -> Result<String> {
+        Ok(self.token()?.fingerprint)
     }
 }
 
@@ -175,6 +188,26 @@ pub enum TargetCmd {
         /// The address.
         address: std::net::IpAddr,
     },
+    /// Lets any initiator log in to the target while no ACL entry and no CHAP binding
+    /// says who may (a new target admits nobody). Same as `settings IQN --allow-any on`.
+    AllowAny {
+        /// IQN.
+        iqn: String,
+    },
+    /// Who may log in without an ACL entry, and whether initiators may reset the whole
+    /// target.
+    Settings {
+        /// IQN.
+        iqn: String,
+        /// on: admit any initiator while neither ACL nor CHAP says who; off: admit
+        /// only those (the default).
+        #[arg(long, value_parser = ["on", "off"])]
+        allow_any: Option<String>,
+        /// on: TARGET WARM/COLD RESET from an initiator is carried out (it ends every
+        /// session of the target on every node); off: refused (the default, as LIO).
+        #[arg(long, value_parser = ["on", "off"])]
+        allow_target_reset: Option<String>,
+    },
     /// How the target's ports on in-sync nodes other than the primary serve I/O:
     /// `non-optimized` (the default: active/non-optimized, every command forwarded to
     /// the primary) or `standby` (only management commands; multipath uses them once
@@ -258,7 +291,11 @@ pub enum ChapCmd {
         mutual_secret: Option<String>,
     },
     /// Lists accounts (without secrets) and the targets they are bound to.
-    List,
+    List {
+        /// Show the secrets too (admin token or node certificate).
+        #[arg(long)]
+        show_secrets: bool,
+    },
     /// Deletes an account that no target uses.
     Remove {
         /// User name.
@@ -377,7 +414,7 @@ async fn commit(conn: &Conn, cmd: Command) -> Result<Applied> {
     }
 }
 
-fn print_json<T: Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -521,7 +558,7 @@ pub async fn target(conn: &Conn, cmd: TargetCmd) -> Result<()> {
                 iqn: iqn.clone(),
                 alias,
             },
-            format!("target {iqn} created; map volumes with `bulwark lun add {iqn} VOLUME`"),
+            format!("target {iqn} created; it admits no initiator until you run `bulwark acl add {iqn} INITIATOR`, `bulwark chap bind USER {iqn}` or `bulwark target allow-any {iqn}`; map volumes with `bulwark lun add {iqn} VOLUME`"),
         ),
         TargetCmd::Delete { iqn } => (
             Command::DeleteTarget { iqn: iqn.clone() },
@@ -552,6 +589,34 @@ pub async fn target(conn: &Conn, cmd: TargetCmd) -> Result<()> {
             },
             format!("{address} removed from {iqn}"),
         ),
+        TargetCmd::AllowAny { iqn } => (
+            Command::SetTargetAccess {
+                iqn: iqn.clone(),
+                allow_any: Some(true),
+                allow_target_reset: None,
+            },
+            format!(
+                "{iqn} admits any initiator while it has no ACL entry and no CHAP binding (`bulwark target settings {iqn} --allow-any off` undoes it)"
+            ),
+        ),
+        TargetCmd::Settings {
+            iqn,
+            allow_any,
+            allow_target_reset,
+        } => {
+            if allow_any.is_none() && allow_target_reset.is_none() {
+                bail!("nothing to change: give --allow-any and/or --allow-target-reset");
+            }
+            let on = |v: &Option<String>| v.as_deref().map(|v| v == "on");
+            (
+                Command::SetTargetAccess {
+                    iqn: iqn.clone(),
+                    allow_any: on(&allow_any),
+                    allow_target_reset: on(&allow_target_reset),
+                },
+                format!("settings of {iqn} changed"),
+            )
+        }
         TargetCmd::Paths { iqn, mode } => (
             Command::SetTargetPaths {
                 iqn: iqn.clone(),
@@ -620,8 +685,13 @@ pub async fn acl(conn: &Conn, cmd: AclCmd) -> Result<()> {
 
 pub async fn chap(conn: &Conn, cmd: ChapCmd) -> Result<()> {
     let (c, text) = match cmd {
-        ChapCmd::List => {
-            let st = conn.client()?.state().await?;
+        ChapCmd::List { show_secrets } => {
+            let client = conn.client()?;
+            let st = if show_secrets {
+                client.state_with_secrets().await?
+            } else {
+                client.state().await?
+            };
             let rows: Vec<serde_json::Value> = st
                 .chap
                 .values()
@@ -632,11 +702,16 @@ pub async fn chap(conn: &Conn, cmd: ChapCmd) -> Result<()> {
                         .filter(|t| t.chap.contains(&a.user))
                         .map(|t| &t.iqn)
                         .collect();
-                    serde_json::json!({
+                    let mut row = serde_json::json!({
                         "user": a.user,
                         "mutual_user": a.mutual.as_ref().map(|m| &m.0),
                         "targets": bound,
-                    })
+                    });
+                    if show_secrets {
+                        row["secret"] = a.secret.clone().into();
+                        row["mutual_secret"] = a.mutual.as_ref().map(|m| m.1.clone()).into();
+                    }
+                    row
                 })
                 .collect();
             if conn.json {
@@ -647,10 +722,15 @@ pub async fn chap(conn: &Conn, cmd: ChapCmd) -> Result<()> {
             }
             for r in rows {
                 println!(
-                    "{}  mutual: {}  targets: {}",
+                    "{}  mutual: {}  targets: {}{}",
                     r["user"].as_str().unwrap_or(""),
                     r["mutual_user"].as_str().unwrap_or("no"),
-                    r["targets"]
+                    r["targets"],
+                    match (r["secret"].as_str(), r["mutual_secret"].as_str()) {
+                        (Some(s), Some(m)) => format!("  secret: {s}  mutual secret: {m}"),
+                        (Some(s), None) => format!("  secret: {s}"),
+                        _ => String::new(),
+                    }
                 );
             }
             return Ok(());
@@ -1045,12 +1125,17 @@ fn render_nodes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         if let Some(Ok(s)) = status {
             let _ = writeln!(
                 out,
-                "  {:<12} raft: last log {} applied {} snapshot {} ({} entries on disk)",
+                "  {:<12} raft: last log {} applied {} snapshot {} ({} entries on disk); replication {}",
                 "",
                 opt(s.raft.last_log_index),
                 opt(s.raft.last_applied),
                 opt(s.raft.snapshot_index),
-                s.raft.log_entries
+                s.raft.log_entries,
+                if s.replication_plaintext {
+                    "IN THE CLEAR (--replication-tls off)"
+                } else {
+                    "TLS"
+                }
             );
         }
     }
@@ -1273,7 +1358,7 @@ fn chrono_like_now() -> String {
 }
 
 /// `HH:MM:SS.mmm` UTC.
-fn format_time(unix_ms: u64) -> String {
+pub(crate) fn format_time(unix_ms: u64) -> String {
     let s = unix_ms / 1000;
     format!(
         "{:02}:{:02}:{:02}.{:03}Z",
@@ -1424,7 +1509,8 @@ pub enum AlertCmd {
         /// quorum_regained, failover_started, failover_finished, handover,
         /// volume_offline, fence, primary, replica_left, replica_rejoined,
         /// resync_started, resync_finished, verify, disk, reservation_preempted,
-        /// login_failures, alua, vip, config, alert_test.
+        /// login_failures, alua, vip, config, alert_test, auth_refused (at most one
+        /// per source address per minute).
         #[arg(long, value_delimiter = ',')]
         events: Vec<String>,
         /// A delivery that takes longer is killed (program) or abandoned (URL).

@@ -207,7 +207,12 @@ impl Alerts {
                 tokio::time::sleep(Duration::from_secs(1 << (attempt - 1).min(5))).await;
             }
             let result = match (&alert.program, &alert.url) {
-                (Some(p), _) => run_program(p, &alert, &ev, &body, timeout).await,
+                (Some(p), _) => match cluster::hooks::check_program(p, self.node.hooks_dir()) {
+                    Ok(path) => {
+                        run_program(&path.to_string_lossy(), &alert, &ev, &body, timeout).await
+                    }
+                    Err(why) => Err(why),
+                },
                 (None, Some(u)) => self.post(u, &body, timeout).await,
                 (None, None) => Err("neither program nor URL".into()),
             };

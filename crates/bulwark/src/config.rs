@@ -105,6 +105,10 @@ pub struct TargetSection {
     pub chap: Vec<String>,
     /// Initiator names allowed; absent means every initiator.
     pub allowed_initiators: Option<Vec<String>>,
+    /// Let initiators reset the whole target (TARGET WARM/COLD RESET, which ends every
+    /// session of it); off by default, as in LIO.
+    #[serde(default)]
+    pub allow_target_reset: bool,
     #[serde(default)]
     pub lun: Vec<LunSection>,
 }

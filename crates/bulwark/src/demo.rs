@@ -187,6 +187,17 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
         },
     )
     .await?;
+    // A demo on loopback: any initiator may log in (a target made with `bulwark
+    // target create` admits nobody until an ACL, a CHAP binding or this).
+    ensure(
+        &client,
+        Command::SetTargetAccess {
+            iqn: IQN.into(),
+            allow_any: Some(true),
+            allow_target_reset: None,
+        },
+    )
+    .await?;
     ensure(
         &client,
         Command::AddLun {
@@ -247,6 +258,7 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
         "Volume {VOLUME} (1 GiB, replicas on n1 and n2) is LUN 0 of {IQN}, served by {}:",
         primary.name
     );
+    println!("  any initiator may log in (demo: `bulwark target allow-any`; for real targets use `bulwark acl add` or `bulwark chap bind`)");
     println!("  iSCSI URL:  iscsi://{ip}/{IQN}/0");
     println!("  iscsi-ls -s iscsi://{ip}");
     println!("  iscsi-inq iscsi://{ip}/{IQN}/0");

@@ -1,12 +1,14 @@
 //! The admin HTTPS listener: the web console (`/`), its API (`/api/...`) and
 //! `/metrics`.
 //!
-//! TLS with the cluster certificate, as on the control port. One credential admits:
-//! the cluster token `bulwark cluster init` printed (what `bulwark demo` prints as
-//! `token:`), given as `Authorization: Bearer TOKEN` or typed into the sign-in form,
-//! which sets a session cookie for this node. Without it every path answers 401 and
-//! nothing else; `/` adds the sign-in form to its 401. Failed attempts are logged and
-//! limited per client address.
+//! TLS with this node's certificate (issued by the cluster CA). A token admits, given
+//! as `Authorization: Bearer TOKEN` or typed into the sign-in form (which sets a
+//! session cookie for this node), with what its role allows ([`cluster::auth`]):
+//! `admin` everything, `viewer` the console and its API without actions, `metrics`
+//! only `/metrics`. Without one every path answers 401 and nothing else; `/` adds the
+//! sign-in form to its 401. A token revoked or expired stops working at once, also
+//! for the sessions it opened. Failed attempts are logged and limited per client
+//! address. No CHAP secret ever leaves through this listener.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -52,9 +54,12 @@ pub struct AdminHttp {
     serving: Option<Arc<Serving>>,
     server: target::Server,
     alerts: Arc<crate::alerts::Alerts>,
-    token: String,
+    /// The fingerprint of the cluster CA: a token must name it.
+    ca_fingerprint: String,
     metrics_open: bool,
-    sessions: Mutex<HashMap<String, Instant>>,
+    /// Console sessions: cookie id → (expiry, the token secret that opened it; checked
+    /// again at every request).
+    sessions: Mutex<HashMap<String, (Instant, String)>>,
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     /// The console's view (state plus every node's status) as JSON, newest first.
     status: watch::Sender<Arc<String>>,
@@ -78,8 +83,8 @@ impl AdminHttp {
         alerts: Arc<crate::alerts::Alerts>,
     ) -> Result<Arc<AdminHttp>> {
         let identity = node.identity().clone();
-        let token = identity.token()?.to_string();
-        let tls = identity.cert.server_config()?;
+        let ca_fingerprint = identity.token()?.fingerprint;
+        let tls = identity.tls()?.https_server;
         let tcp = tokio::net::TcpListener::bind(options.listen)
             .await
             .with_context(|| {
@@ -93,7 +98,7 @@ impl AdminHttp {
             serving,
             server,
             alerts,
-            token,
+            ca_fingerprint,
             metrics_open: options.metrics_open,
             sessions: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
@@ -108,12 +113,14 @@ impl AdminHttp {
             .route("/logout", post(logout))
             .route("/metrics", get(metrics))
             .route("/api/status", get(api_status))
+            .route("/api/whoami", get(api_whoami))
             .route("/api/stream", get(api_stream))
             .route("/api/volumes/{name}/move", post(api_move))
             .route("/api/volumes/{name}/verify", post(api_verify))
             .fallback(not_found)
             .with_state(http.clone());
-        let listener = TlsListener::start(tcp, tokio_rustls::TlsAcceptor::from(tls))?;
+        let listener =
+            TlsListener::start(tcp, tokio_rustls::TlsAcceptor::from(tls), http.node.state())?;
         tokio::spawn(async move {
             let svc = app.into_make_service_with_connect_info::<ClientAddr>();
             if let Err(e) = axum::serve(listener, svc).await {
@@ -159,25 +166,35 @@ impl AdminHttp {
         }
     }
 
-    /// Whether the request carries the credential (bearer or session cookie).
-    fn signed_in(&self, headers: &HeaderMap) -> bool {
+    /// The token holder a presented token string names, if it is valid now.
+    fn holder_of(&self, token: &str) -> Option<cluster::auth::Holder> {
+        let secret = self.secret_of(token)?;
+        self.node.authenticate(&secret).ok()
+    }
+
+    /// The secret of a token of this cluster (one that names our CA).
+    fn secret_of(&self, token: &str) -> Option<String> {
+        let t: cluster::Token = token.trim().parse().ok()?;
+        cluster::identity::secrets_match(&t.fingerprint, &self.ca_fingerprint).then_some(t.secret)
+    }
+
+    /// Who the request comes from (bearer or session cookie), if anyone valid.
+    fn signed_in(&self, headers: &HeaderMap) -> Option<cluster::auth::Holder> {
         if let Some(token) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
         {
-            return cluster::identity::secrets_match(token.trim(), &self.token);
+            return self.holder_of(token);
         }
-        let Some(id) = cookie(headers, COOKIE) else {
-            return false;
+        let id = cookie(headers, COOKIE)?;
+        let secret = {
+            let mut sessions = self.sessions.lock().ok()?;
+            let now = Instant::now();
+            sessions.retain(|_, (exp, _)| *exp > now);
+            sessions.get(id)?.1.clone()
         };
-        let mut sessions = match self.sessions.lock() {
-            Ok(s) => s,
-            Err(_) => return false,
-        };
-        let now = Instant::now();
-        sessions.retain(|_, exp| *exp > now);
-        sessions.contains_key(id)
+        self.node.authenticate(&secret).ok()
     }
 
     /// Whether `ip` may try a credential now.
@@ -204,19 +221,59 @@ impl AdminHttp {
         warn!(client = %ip, failures = n, "{what} with a wrong credential");
     }
 
-    /// The credential check of every protected path: `None` to go on, or the 401/429
-    /// to answer.
-    fn check(&self, ip: IpAddr, headers: &HeaderMap) -> Option<Response> {
+    /// The credential check of every protected path: `None` to go on, or the
+    /// 401/403/429 to answer. `need` is what the path does.
+    fn check(&self, ip: IpAddr, headers: &HeaderMap, need: Need) -> Option<Response> {
         if !self.may_try(ip) {
             return Some(too_many());
         }
-        if self.signed_in(headers) {
-            return None;
+        match self.signed_in(headers) {
+            Some(h) if need.allowed(h.role) => None,
+            Some(h) => Some(
+                (
+                    StatusCode::FORBIDDEN,
+                    format!("a {} token cannot {}\n", h.role, need.what()),
+                )
+                    .into_response(),
+            ),
+            None => {
+                if headers.contains_key(header::AUTHORIZATION) {
+                    self.failed(ip, "request");
+                }
+                Some(unauthorized(None))
+            }
         }
-        if headers.contains_key(header::AUTHORIZATION) {
-            self.failed(ip, "request");
+    }
+}
+
+/// What a path does, for the role check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    /// The console, its script, status and events.
+    Read,
+    /// A console action (move, verify).
+    Act,
+    /// `/metrics`.
+    Metrics,
+}
+
+impl Need {
+    fn allowed(self, role: cluster::auth::Role) -> bool {
+        use cluster::auth::Role;
+        match role {
+            Role::Admin => true,
+            Role::Viewer => matches!(self, Need::Read | Need::Metrics),
+            Role::Metrics => self == Need::Metrics,
+            Role::Join => false,
         }
-        Some(unauthorized(None))
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Need::Read => "read the console (it reads /metrics only)",
+            Need::Act => "change the cluster; it needs an admin token",
+            Need::Metrics => "read /metrics",
+        }
     }
 }
 
@@ -305,8 +362,16 @@ async fn console(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) ->
     if !h.may_try(peer.ip()) {
         return too_many();
     }
-    if !h.signed_in(&headers) {
-        return unauthorized(Some(LOGIN_HTML));
+    match h.signed_in(&headers) {
+        Some(holder) if Need::Read.allowed(holder.role) => {}
+        Some(holder) => {
+            return (
+                StatusCode::FORBIDDEN,
+                format!("a {} token cannot {}\n", holder.role, Need::Read.what()),
+            )
+                .into_response()
+        }
+        None => return unauthorized(Some(LOGIN_HTML)),
     }
     secure_headers(
         (
@@ -340,7 +405,7 @@ fn asset(
     content_type: &'static str,
     body: &'static str,
 ) -> Response {
-    if let Some(r) = h.check(peer.ip(), headers) {
+    if let Some(r) = h.check(peer.ip(), headers, Need::Read) {
         return r;
     }
     secure_headers(([(header::CONTENT_TYPE, content_type)], body).into_response())
@@ -355,8 +420,16 @@ async fn login(State(h): Http, ConnectInfo(peer): Peer, Form(form): Form<SignIn>
     if !h.may_try(peer.ip()) {
         return too_many();
     }
-    if !cluster::identity::secrets_match(form.token.trim(), &h.token) {
+    let holder = h.holder_of(&form.token);
+    let (Some(secret), Some(holder)) = (h.secret_of(&form.token), holder) else {
         h.failed(peer.ip(), "console sign-in");
+        return unauthorized(Some(LOGIN_HTML));
+    };
+    if !Need::Read.allowed(holder.role) {
+        h.failed(
+            peer.ip(),
+            "console sign-in (token of a role without the console)",
+        );
         return unauthorized(Some(LOGIN_HTML));
     }
     let id = format!(
@@ -365,9 +438,9 @@ async fn login(State(h): Http, ConnectInfo(peer): Peer, Form(form): Form<SignIn>
         cluster::identity::random_hex16()
     );
     if let Ok(mut s) = h.sessions.lock() {
-        s.insert(id.clone(), Instant::now() + SESSION_TTL);
+        s.insert(id.clone(), (Instant::now() + SESSION_TTL, secret));
     }
-    info!(client = %peer.ip(), "console sign-in");
+    info!(client = %peer.ip(), token = %holder.id, role = %holder.role, "console sign-in");
     let cookie = format!(
         "{COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
         SESSION_TTL.as_secs()
@@ -399,7 +472,7 @@ async fn logout(State(h): Http, headers: HeaderMap) -> Response {
 }
 
 async fn not_found(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
-    if let Some(r) = h.check(peer.ip(), &headers) {
+    if let Some(r) = h.check(peer.ip(), &headers, Need::Metrics) {
         return r;
     }
     (StatusCode::NOT_FOUND, "no such page\n").into_response()
@@ -407,7 +480,7 @@ async fn not_found(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) 
 
 async fn metrics(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
     if !h.metrics_open {
-        if let Some(r) = h.check(peer.ip(), &headers) {
+        if let Some(r) = h.check(peer.ip(), &headers, Need::Metrics) {
             return r;
         }
     }
@@ -433,8 +506,23 @@ async fn metrics(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) ->
         .into_response()
 }
 
+/// Who the console runs for: it shows its actions only to a role that may use them.
+async fn api_whoami(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
+    if let Some(r) = h.check(peer.ip(), &headers, Need::Read) {
+        return r;
+    }
+    let holder = h.signed_in(&headers);
+    secure_headers(
+        Json(serde_json::json!({
+            "role": holder.as_ref().map(|h| h.role),
+            "token": holder.map(|h| h.id),
+        }))
+        .into_response(),
+    )
+}
+
 async fn api_status(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
-    if let Some(r) = h.check(peer.ip(), &headers) {
+    if let Some(r) = h.check(peer.ip(), &headers, Need::Read) {
         return r;
     }
     let (state, nodes) = h.node.gather_status().await;
@@ -468,7 +556,7 @@ fn view(
         .collect();
     serde_json::json!({
         "me": me,
-        "state": state,
+        "state": cluster::auth::redacted(state),
         "nodes": nodes,
         "paths": paths,
     })
@@ -476,7 +564,7 @@ fn view(
 
 /// Server-sent events: the console's view, each time it changes.
 async fn api_stream(State(h): Http, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
-    if let Some(r) = h.check(peer.ip(), &headers) {
+    if let Some(r) = h.check(peer.ip(), &headers, Need::Read) {
         return r;
     }
     let rx = h.status.subscribe();
@@ -527,7 +615,7 @@ async fn api_move(
     headers: HeaderMap,
     Json(body): Json<MoveTo>,
 ) -> Response {
-    if let Some(r) = h.check(peer.ip(), &headers) {
+    if let Some(r) = h.check(peer.ip(), &headers, Need::Act) {
         return r;
     }
     if !from_console(&headers) {
@@ -550,7 +638,7 @@ async fn api_verify(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = h.check(peer.ip(), &headers) {
+    if let Some(r) = h.check(peer.ip(), &headers, Need::Act) {
         return r;
     }
     if !from_console(&headers) {
@@ -583,17 +671,37 @@ async fn commit(h: &AdminHttp, cmd: Command) -> Response {
     }
 }
 
+/// HTTPS connections held at once: per source address, in all, and for the
+/// cluster's members (another node's console proxying, scrapers on a node).
+const HTTP_LIMITS: cluster::limits::Limits = cluster::limits::Limits {
+    strangers: 256,
+    members: 32,
+    per_source: 32,
+};
+
+/// How long a connection may pass no byte either way before it is closed. The event
+/// stream sends a keep-alive every 15 s, so a watching console is never idle this long.
+const HTTP_IDLE: Duration = Duration::from_secs(60);
+
+/// How long a client has for the TLS handshake.
+const HTTP_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// TLS connections, handshaken off the accept loop so that one slow client cannot
-/// hold the others up.
+/// hold the others up, each holding a slot of [`HTTP_LIMITS`] for its lifetime.
 struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(Limited, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    fn start(tcp: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Result<Self> {
+    fn start(
+        tcp: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        state: watch::Receiver<Arc<cluster::ClusterState>>,
+    ) -> Result<Self> {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
+        let limiter = cluster::limits::ConnectionLimiter::new(HTTP_LIMITS);
         tokio::spawn(async move {
             loop {
                 let (sock, peer) = match tcp.accept().await {
@@ -604,12 +712,24 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let member = cluster::limits::is_member_address(&state.borrow(), peer.ip());
+                let slot = match limiter.admit(peer.ip(), member) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        tracing::debug!(client = %peer, %why, "closed an HTTPS connection at accept");
+                        continue;
+                    }
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await
-                    {
+                    match tokio::time::timeout(HTTP_HANDSHAKE, acceptor.accept(sock)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            let conn = Limited {
+                                io: tls,
+                                _slot: slot,
+                                idle: Box::pin(tokio::time::sleep(HTTP_IDLE)),
+                            };
+                            let _ = tx.send((conn, peer)).await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
@@ -623,8 +743,87 @@ impl TlsListener {
     }
 }
 
+/// An HTTPS connection with its slot, closed after [`HTTP_IDLE`] without traffic.
+struct Limited {
+    io: TlsStream<TcpStream>,
+    _slot: cluster::limits::Slot,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Limited {
+    fn progressed(&mut self) {
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + HTTP_IDLE);
+    }
+
+    fn poll_idle<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match std::future::Future::poll(self.idle.as_mut(), cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle HTTPS connection closed",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Limited {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.progressed();
+                }
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => self.poll_idle(cx),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Limited {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.io).poll_write(cx, data) {
+            std::task::Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.progressed();
+                }
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => self.poll_idle(cx),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Limited;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -1,14 +1,17 @@
 //! `bulwark`: highly available iSCSI block storage in one binary.
 
 mod admin;
+mod admission;
 mod alerts;
 mod config;
+mod datadir;
 mod demo;
 mod forward;
 mod http;
 mod metrics;
 mod service;
 mod serving;
+mod tokens;
 mod vip;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +77,16 @@ enum Command {
         /// network (the console and its API always need it).
         #[arg(long, env = "BULWARK_METRICS_OPEN")]
         metrics_open: bool,
+        /// Cluster member: "off" sends replication and forwarded commands in the clear
+        /// after the nodes have authenticated each other with their certificates, on
+        /// links to nodes that set it too. Only for a dedicated back-end network;
+        /// `bulwark status` shows it.
+        #[arg(long, env = "BULWARK_REPLICATION_TLS", default_value = "on", value_parser = ["on", "off"])]
+        replication_tls: String,
+        /// Cluster member: the directory alert programs and the fence command must be
+        /// in; it and they must be owned by root and writable by nobody else.
+        #[arg(long, env = "BULWARK_HOOKS_DIR", default_value = cluster::hooks::DEFAULT_HOOKS_DIR)]
+        hooks_dir: PathBuf,
         /// Log filter (tracing EnvFilter syntax), e.g. "info" or "target=debug". Raft's
         /// own tracing is off by default (it logs every failed heartbeat to a down peer;
         /// the event log reports liveness and leadership): add "openraft=info" to see it.
@@ -238,11 +251,14 @@ enum ClusterCmd {
         #[arg(long)]
         fence_timeout_ms: Option<u64>,
     },
-    /// Prints the cluster token of the node whose data folder is --data-dir.
+    /// Without a subcommand, prints the token `cluster init` printed, from the data
+    /// folder of a node (--data-dir). With one, creates, lists or revokes API tokens:
+    /// admin, viewer (read-only), metrics (/metrics only) and join (single use).
     Token {
-        /// Data folder of a node of the cluster.
-        #[arg(long, env = "BULWARK_DATA_DIR", default_value = "bulwark-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: Option<tokens::TokenCmd>,
     },
     /// The node at --node leaves the cluster (it must hold no volumes) and stops.
     Leave {
@@ -351,6 +367,12 @@ fn write_man_pages(dir: &Path) -> Result<()> {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Cluster { .. } | Command::Demo { .. }
+    ) {
+        datadir::private_files();
+    }
     match cli.command {
         Command::Serve {
             config,
@@ -362,10 +384,13 @@ fn run() -> Result<()> {
             nop_timeout_ms,
             http,
             metrics_open,
+            replication_tls,
+            hooks_dir,
             log,
             log_format,
         } => {
             init_logging(&log, log_format)?;
+            datadir::secure_data_dir(&data_dir)?;
             if cluster::Identity::exists(&data_dir) {
                 if config.is_some() {
                     bail!("{} belongs to a cluster, whose configuration lives in the cluster (bulwark volume/target/lun ...); drop --config", data_dir.display());
@@ -379,6 +404,8 @@ fn run() -> Result<()> {
                     nop_timeout_ms,
                     http,
                     metrics_open,
+                    replication_plaintext: replication_tls == "off",
+                    hooks_dir,
                 }));
             }
             if witness {
@@ -519,10 +546,14 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
             )
             .await
         }
-        ClusterCmd::Token { data_dir } => {
-            println!("{}", cluster::Identity::load(&data_dir)?.token()?);
+        ClusterCmd::Token { conn, cmd: None } => {
+            println!("{}", cluster::Identity::load(&conn.data_dir)?.token()?);
             Ok(())
         }
+        ClusterCmd::Token {
+            conn,
+            cmd: Some(cmd),
+        } => tokens::token(&conn, cmd).await,
         ClusterCmd::Leave { conn } => {
             let client = conn.client()?;
             let me = client.status().await?;
@@ -557,6 +588,8 @@ struct ClusterServe {
     nop_timeout_ms: u64,
     http: Option<String>,
     metrics_open: bool,
+    replication_plaintext: bool,
+    hooks_dir: PathBuf,
 }
 
 async fn serve_cluster(o: ClusterServe) -> Result<()> {
@@ -568,6 +601,8 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
         nop_timeout_ms,
         http,
         metrics_open,
+        replication_plaintext,
+        hooks_dir,
     } = o;
     let mut options = cluster::NodeOptions::new(data_dir.clone());
     options.role = if witness {
@@ -584,6 +619,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
         }
     };
     options.snapshot_every = snapshot_every.max(10);
+    options.hooks_dir = hooks_dir;
     let node = cluster::ClusterNode::start(options).await?;
     let identity = node.identity().clone();
     // A replicated write holds its I/O thread until every in-sync replica has it: the
@@ -615,12 +651,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
                     .with_context(|| format!("cannot listen on portal {}", p.addr))?,
             );
         }
-        let net = replication::net::ReplicationNet::start(
-            identity.node_id,
-            &identity.secret,
-            identity.addresses.replication,
-        )
-        .await?;
+        let net = admission::start_replication(&node, replication_plaintext).await?;
         let serving = serving::Serving::new(&node, server.clone(), &data_dir, portals, net);
         tokio::spawn(serving.clone().run(node.state()));
         Some(serving)
@@ -647,6 +678,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
                     .as_ref()
                     .map(|s| s.volume_views())
                     .unwrap_or_default(),
+                replication_plaintext,
             }
         }));
     }
@@ -739,6 +771,7 @@ fn default_config(data_dir: &Path, listen: &str) -> Config {
             portals: vec![listen.to_string()],
             chap: Vec::new(),
             allowed_initiators: None,
+            allow_target_reset: false,
             lun: vec![LunSection {
                 lun: 0,
                 path: data_dir.join("default.img"),
@@ -892,6 +925,7 @@ async fn serve(cfg: Config) -> Result<()> {
             remote_portals: Vec::new(),
             allowed_initiators: t.allowed_initiators.clone(),
             chap: accounts(&t.chap),
+            allow_target_reset: t.allow_target_reset,
         });
     }
     let listeners = server.bind().await?;

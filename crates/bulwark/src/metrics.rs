@@ -228,6 +228,13 @@ fn target_metrics(out: &mut Snapshot, src: &Sources<'_>) {
             .map(|(r, v)| (vec![("reason", r.to_string())], v))
             .collect(),
     );
+    if let Some(serving) = src.serving {
+        out.counter(
+            "replication_refused_frames",
+            "Replication and forwarding frames from authenticated nodes refused because they contradict the committed cluster state",
+            vec![(vec![], serving.refused_replication_frames())],
+        );
+    }
     out.counter(
         "iscsi_rejects",
         "Reject PDUs sent",
@@ -238,6 +245,45 @@ fn target_metrics(out: &mut Snapshot, src: &Sources<'_>) {
         "Header and data digest errors",
         vec![(vec![], stats.digest_errors.load(Relaxed))],
     );
+    for (name, help, v) in [
+        (
+            "iscsi_connections_refused",
+            "Connections closed at accept: the server's or one address's limit was reached",
+            &stats.connections_refused,
+        ),
+        (
+            "iscsi_io_queue_waits",
+            "Commands whose connection waited for room in the I/O queue (back-pressure)",
+            &stats.io_queue_waits,
+        ),
+        (
+            "iscsi_buffer_waits",
+            "Commands that waited for the server-wide buffer budget",
+            &stats.buffer_waits,
+        ),
+        (
+            "iscsi_buffer_refusals",
+            "Commands answered TASK SET FULL for want of buffer budget",
+            &stats.buffer_refusals,
+        ),
+        (
+            "iscsi_immediate_rejects",
+            "Immediate commands rejected beyond the per-session limit",
+            &stats.immediate_rejects,
+        ),
+        (
+            "iscsi_data_out_timeouts",
+            "Connections dropped because their writes waited too long for Data-Out",
+            &stats.data_out_timeouts,
+        ),
+        (
+            "iscsi_target_resets_refused",
+            "TARGET WARM/COLD RESET refused on targets that do not allow them",
+            &stats.target_resets_refused,
+        ),
+    ] {
+        out.counter(name, help, vec![(vec![], v.load(Relaxed))]);
+    }
     out.counter(
         "iscsi_aborted_tasks",
         "Tasks aborted by task management",

@@ -646,6 +646,12 @@ impl Serving {
     }
 
     /// This node's portal addresses.
+    /// Replication and forwarding frames from authenticated nodes that the committed
+    /// state refused.
+    pub fn refused_replication_frames(&self) -> u64 {
+        self.net.refused_frames()
+    }
+
     pub fn portal_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.portals.iter().map(|p| p.addr).collect()
     }
@@ -978,12 +984,9 @@ impl Serving {
                     device: s.device.clone(),
                     portals: portals.0.clone(),
                     remote_portals: portals.1.clone(),
-                    allowed_initiators: if t.acl.is_empty() {
-                        None
-                    } else {
-                        Some(t.acl.iter().cloned().collect())
-                    },
+                    allowed_initiators: t.admitted_initiators(),
                     chap: chap.clone(),
+                    allow_target_reset: t.allow_target_reset,
                 });
                 if is_new {
                     self.events

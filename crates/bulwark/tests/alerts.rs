@@ -466,7 +466,7 @@ async fn alerts_record_failovers_and_a_hanging_alert_does_not_delay_them() {
     let test_started = Instant::now();
     // Declared before the cluster: dropped after its nodes are killed.
     let programs = Programs::new();
-    let mut c = Cluster::three_voters(NET).await;
+    let mut c = Cluster::three_voters_with(NET, &hooks_dir_args(programs.dir.path())).await;
     let admin = c.admin(0);
     commit(&admin, create_volume("v", &["n1", "n2", "n3"])).await;
     target_with_lun(&admin, IQN, "v").await;

@@ -4,7 +4,6 @@
 //! I/O pause is measured at the initiator, and once the old primary is back the
 //! replicas must be identical.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cluster::state::Command;
@@ -12,165 +11,8 @@ use initiator::checker::Checker;
 use initiator::Session;
 
 mod common;
+use common::load::*;
 use common::*;
-
-const IQN: &str = "iqn.2026-11.io.bulwark:failover";
-const BLOCK: u32 = 512;
-const LBAS: u64 = 4096;
-
-/// The portal of the volume's primary, as the cluster says now.
-async fn primary_portal(c: &Cluster, via: &[usize]) -> Option<(u64, SocketAddr)> {
-    for &i in via {
-        if let Some(st) = c.state(i).await {
-            let v = st.volumes.get("v")?;
-            let n = st.nodes.get(&v.primary)?;
-            return Some((v.epoch, n.addresses.portals[0]));
-        }
-    }
-    None
-}
-
-/// Writes until `until`, reconnecting to whichever node is primary; returns the
-/// longest gap between two acknowledged writes (the I/O pause).
-async fn write_load(c: &Cluster, checker: &mut Checker, until: Instant, via: &[usize]) -> Duration {
-    write_load_counting(c, checker, until, via).await.0
-}
-
-/// What a load run saw.
-type LoadReport = (Duration, u64, u64);
-
-/// True for what an initiator retries by itself: a unit attention, or NOT READY while
-/// the volume changes primary.
-fn retryable(status: u8, sense: &[u8]) -> bool {
-    status == 2
-        && sense.len() >= 14
-        && matches!(
-            (sense[2] & 0x0f, sense[12], sense[13]),
-            (6, _, _) | (2, 0x04, 0x0a)
-        )
-}
-
-/// Like [`write_load`], also counting failed writes (statuses an initiator would not
-/// retry by itself) and logouts the target asked for.
-async fn write_load_counting(
-    c: &Cluster,
-    checker: &mut Checker,
-    until: Instant,
-    via: &[usize],
-) -> LoadReport {
-    let mut failed = 0;
-    let mut logouts = 0;
-    let mut session: Option<Session> = None;
-    let mut last_ack = Instant::now();
-    let mut longest = Duration::ZERO;
-    let mut n = 0u64;
-    while Instant::now() < until {
-        if session.is_none() {
-            if let Some((_, portal)) = primary_portal(c, via).await {
-                session = connect(portal, IQN).await;
-            }
-            if session.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        }
-        let s = session.as_mut().expect("connected");
-        n += 1;
-        let lba = (n * 7919) % LBAS;
-        let (version, block) = checker.next_write(lba);
-        match tokio::time::timeout(
-            Duration::from_secs(3),
-            s.write16(0, lba, &block, BLOCK, false),
-        )
-        .await
-        {
-            Ok(Ok(r)) if r.status == 0 => {
-                checker.acked(lba, version);
-                let now = Instant::now();
-                longest = longest.max(now - last_ack);
-                last_ack = now;
-            }
-            // CHECK CONDITION (a transition, a unit attention): retry on this session.
-            Ok(Ok(r)) => {
-                if !retryable(r.status, &r.sense) {
-                    failed += 1;
-                    eprintln!(
-                        "failed write: status {:#x} sense {:02x?}",
-                        r.status,
-                        &r.sense[..r.sense.len().min(18)]
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await
-            }
-            _ => session = None,
-        }
-        // The target asks us to log out (the volume moved): reconnect, as open-iscsi does.
-        if session.as_ref().is_some_and(|s| s.logout_requested()) {
-            logouts += 1;
-            session = None;
-        }
-    }
-    (longest, failed, logouts)
-}
-
-async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
-    let (_, portal) = primary_portal(c, via).await.expect("a primary");
-    let mut s = wait(
-        "a session on the new primary",
-        Duration::from_secs(10),
-        async || connect(portal, IQN).await,
-    )
-    .await;
-    for lba in checker.lbas().collect::<Vec<_>>() {
-        let r = wait("a read", Duration::from_secs(10), async || {
-            s.read16(0, lba, 1, BLOCK)
-                .await
-                .ok()
-                .filter(|r| r.status == 0)
-        })
-        .await;
-        if let Err(e) = checker.verify(lba, &r.data) {
-            panic!("{e}");
-        }
-    }
-}
-
-/// Waits until volume "v" has `count` in-sync replicas; the state at that point.
-async fn wait_in_sync(
-    admin: &cluster::AdminClient,
-    count: usize,
-    limit: Duration,
-    what: &str,
-) -> cluster::state::ClusterState {
-    wait(what, limit, async || {
-        admin
-            .state()
-            .await
-            .ok()
-            .filter(|s| s.volumes["v"].in_sync.len() == count)
-    })
-    .await
-}
-
-/// A 3-node cluster on 127.0.`block`.x with volume "v" (2 replicas, primary n2 while
-/// the Raft leader is n1, so the two roles fail apart) as LUN 0 of [`IQN`].
-async fn replicated_volume(block: u8, size_bytes: u64) -> Cluster {
-    let c = Cluster::three_voters(block).await;
-    let admin = c.admin(0);
-    commit(
-        &admin,
-        Command::CreateVolume {
-            name: "v".into(),
-            size_bytes,
-            replicas: 2,
-            block_size: BLOCK,
-            nodes: vec!["n2".into(), "n3".into()],
-        },
-    )
-    .await;
-    target_with_lun(&admin, IQN, "v").await;
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_the_primary_under_writes_loses_no_acknowledged_write() {
@@ -726,8 +568,8 @@ async fn a_throttled_resync_keeps_its_rate_and_shows_its_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_waits_for_the_fence_command() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = replicated_volume(28, 16 << 20).await;
     let dir = tempfile::tempdir().unwrap();
+    let mut c = replicated_volume_with(28, 16 << 20, &hooks_dir_args(dir.path())).await;
     let (script, answer, log) = (
         dir.path().join("fence"),
         dir.path().join("answer"),
@@ -880,6 +722,11 @@ async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
         Command::CreateTarget {
             iqn: IQN.into(),
             alias: None,
+        },
+        Command::SetTargetAccess {
+            iqn: IQN.into(),
+            allow_any: Some(true),
+            allow_target_reset: None,
         },
         Command::AddLun {
             iqn: IQN.into(),

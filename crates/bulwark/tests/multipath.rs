@@ -286,8 +286,16 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
     assert_eq!(a.write_status().await, 0, "the holder writes");
     // The reservation is cluster state, committed before the command completed.
     let committed = c.state(0).await.unwrap().volumes["v"].reservations.clone();
+    // Saved as JSON: the reservation is WRITE EXCLUSIVE (type 1), held by A's
+    // registration.
+    let saved: Option<serde_json::Value> = committed
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok());
     assert!(
-        committed.as_deref().is_some_and(|s| s.contains("res 1")),
+        saved.as_ref().is_some_and(|v| v["reservation"]["kind"] == 1
+            && v["registrations"][v["reservation"]["holder"].as_u64().unwrap_or(99) as usize]
+                ["key"]
+                == KEY_A),
         "reservation in the cluster state: {committed:?}"
     );
     let uas_before = b.unit_attentions.len();

@@ -31,6 +31,18 @@ impl AdminClient {
         })
     }
 
+    /// A client of the node at `addr` with a node's own certificate (root on a node,
+    /// with its data folder): it needs no token, so it works even after every admin
+    /// token was revoked.
+    pub fn for_node(
+        addr: SocketAddr,
+        identity: &crate::Identity,
+    ) -> Result<AdminClient, NodeError> {
+        Ok(AdminClient {
+            client: Client::for_node(addr, &identity.tls()?, "cli (node certificate)"),
+        })
+    }
+
     async fn call(&self, req: Request) -> Result<Response, NodeError> {
         match self.client.call(&req, ADMIN_TIMEOUT).await? {
             Response::Error(e) => Err(NodeError::Remote(e)),
@@ -50,6 +62,14 @@ impl AdminClient {
     /// The node's copy of the state.
     pub async fn state(&self) -> Result<ClusterState, NodeError> {
         match self.call(Request::State).await? {
+            Response::State(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The node's copy of the state with CHAP secrets (admin tokens and nodes only).
+    pub async fn state_with_secrets(&self) -> Result<ClusterState, NodeError> {
+        match self.call(Request::StateWithSecrets).await? {
             Response::State(s) => Ok(s),
             other => Err(unexpected(other)),
         }

@@ -4,10 +4,13 @@
 //!
 //! Heartbeats are separate from Raft's: Raft only tells followers about the leader,
 //! while every node needs to know about every other, per network. A heartbeat is
-//! `"BWHB" | version | ring | node id | incarnation | sequence | HMAC-SHA256` with the
-//! cluster secret as key, so a stranger cannot make a dead node look alive; the
-//! sequence (per incarnation) stops replays. Time is measured on the monotonic clock,
-//! so wall-clock jumps change nothing.
+//! `"BWHB" | version | ring | node id | incarnation | sequence | HMAC-SHA256` with a key
+//! only nodes hold (derived from the cluster CA's key, never from a token), so neither
+//! a stranger nor a token holder can make a dead node look alive. The incarnation rises
+//! at every start of a node and the sequence with every heartbeat of one incarnation:
+//! a heartbeat not newer than the last one accepted from that node on that network (a
+//! replay, or one of an earlier incarnation) is dropped. Time is measured on the
+//! monotonic clock, so wall-clock jumps change nothing.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -34,7 +37,7 @@ pub struct Heartbeat {
     pub ring: u8,
     /// Sender.
     pub node: NodeId,
-    /// Random per process start of the sender.
+    /// Rises with every start of the sender ([`next_incarnation`]).
     pub incarnation: u64,
     /// Increases with every heartbeat of one incarnation.
     pub seq: u64,
@@ -71,12 +74,31 @@ impl Heartbeat {
     }
 }
 
-/// The HMAC key derived from the cluster secret.
-pub fn key(secret: &str) -> hmac::Key {
-    hmac::Key::new(
-        hmac::HMAC_SHA256,
-        format!("bulwark-heartbeat:{secret}").as_bytes(),
-    )
+/// The HMAC key derived from `node_secret`: material only nodes hold (the cluster CA's
+/// private key, see [`crate::identity::Identity::node_secret`]).
+pub fn key(node_secret: &[u8]) -> hmac::Key {
+    let mut material = b"bulwark-heartbeat:".to_vec();
+    material.extend_from_slice(node_secret);
+    hmac::Key::new(hmac::HMAC_SHA256, &material)
+}
+
+/// This start's incarnation: above every earlier one of this node. Kept in
+/// `<dir>/incarnation`, and never below the wall clock in microseconds, so a data
+/// folder restored from a backup still starts above what its peers saw.
+pub fn next_incarnation(dir: &std::path::Path) -> std::io::Result<u64> {
+    let path = dir.join("incarnation");
+    let last = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let next = last.saturating_add(1).max(clock);
+    crate::store::write_private_file(&path, next.to_string().as_bytes())?;
+    Ok(next)
 }
 
 #[derive(Clone, Copy)]
@@ -93,24 +115,32 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// Records a verified heartbeat; replays (same incarnation, old sequence) are ignored.
-    pub fn record(&self, hb: &Heartbeat, now: Instant) {
+    /// Records a verified heartbeat if it is newer than the last one accepted from
+    /// that node on that network; returns whether it was. A replay (the same or an
+    /// older sequence) or a heartbeat of an earlier incarnation is dropped.
+    pub fn record(&self, hb: &Heartbeat, now: Instant) -> bool {
         let Ok(mut seen) = self.seen.lock() else {
-            return;
+            return false;
         };
-        let e = seen.entry((hb.node, hb.ring)).or_insert(Seen {
+        let fresh = Seen {
             at: now,
             incarnation: hb.incarnation,
             seq: hb.seq,
-        });
-        if e.incarnation == hb.incarnation && hb.seq < e.seq {
-            return;
+        };
+        match seen.entry((hb.node, hb.ring)) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(fresh);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                let e = o.get();
+                if (hb.incarnation, hb.seq) <= (e.incarnation, e.seq) {
+                    return false;
+                }
+                o.insert(fresh);
+                true
+            }
         }
-        *e = Seen {
-            at: now,
-            incarnation: hb.incarnation,
-            seq: hb.seq,
-        };
     }
 
     /// How `node` with `rings` networks looks at `now`.
@@ -144,16 +174,18 @@ impl Liveness {
 /// Runs failure detection for node `me` until the task is dropped: senders and
 /// receivers on each of this node's networks, and a monitor that turns changes into
 /// events.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     me: NodeId,
-    secret: String,
+    node_secret: Vec<u8>,
+    incarnation: u64,
     my_networks: Vec<IpAddr>,
     port: u16,
     state: watch::Receiver<Arc<ClusterState>>,
     liveness: Arc<Liveness>,
     events: Arc<EventLog>,
 ) {
-    let key = Arc::new(key(&secret));
+    let key = Arc::new(key(&node_secret));
     let mut sockets = Vec::new();
     for (ring, ip) in my_networks.iter().enumerate() {
         match UdpSocket::bind(SocketAddr::new(*ip, port)).await {
@@ -175,14 +207,17 @@ pub async fn run(
                     continue;
                 };
                 match Heartbeat::decode(&buf[..n], &key) {
-                    Some(hb) if hb.node != me => liveness.record(&hb, Instant::now()),
+                    Some(hb) if hb.node != me => {
+                        if !liveness.record(&hb, Instant::now()) {
+                            debug!(%from, node = hb.node, "dropped a replayed or outdated heartbeat");
+                        }
+                    }
                     Some(_) => {}
-                    None => debug!(%from, "dropped a heartbeat that is not signed with the cluster secret"),
+                    None => debug!(%from, "dropped a heartbeat that is not signed with the cluster's key"),
                 }
             }
         });
     }
-    let incarnation: u64 = rand::random();
     let mut seq = 0u64;
     let mut previous: HashMap<NodeId, PeerLiveness> = HashMap::new();
     let mut last_round = Instant::now();
@@ -284,7 +319,7 @@ mod tests {
 
     #[test]
     fn heartbeat_round_trip_and_forgery() {
-        let k = key("s1");
+        let k = key(b"s1");
         let hb = Heartbeat {
             ring: 1,
             node: 7,
@@ -293,7 +328,7 @@ mod tests {
         };
         let p = hb.encode(&k);
         assert_eq!(Heartbeat::decode(&p, &k), Some(hb));
-        assert_eq!(Heartbeat::decode(&p, &key("s2")), None, "other secret");
+        assert_eq!(Heartbeat::decode(&p, &key(b"s2")), None, "other secret");
         let mut bad = p;
         bad[10] ^= 1;
         assert_eq!(Heartbeat::decode(&bad, &k), None, "tampered");
@@ -308,7 +343,7 @@ mod tests {
         let hb = |ring, seq| Heartbeat {
             ring,
             node: 2,
-            incarnation: 1,
+            incarnation: 10,
             seq,
         };
         l.record(&hb(0, 5), t0);
@@ -319,13 +354,39 @@ mod tests {
         l.record(&hb(1, 6), t0 + Duration::from_millis(700));
         let p = l.peer(2, 2, to, t0 + Duration::from_millis(900));
         assert!(p.online && p.networks == vec![false, true]);
-        // A replay of an old heartbeat does not revive ring 0.
-        l.record(&hb(0, 4), t0 + Duration::from_millis(900));
+        // A replay of an old heartbeat, or of the last one, does not revive ring 0;
+        // nor does one of an earlier incarnation.
+        assert!(!l.record(&hb(0, 4), t0 + Duration::from_millis(900)));
+        assert!(!l.record(&hb(0, 5), t0 + Duration::from_millis(900)));
+        let earlier = Heartbeat {
+            incarnation: 9,
+            seq: 1000,
+            ..hb(0, 0)
+        };
+        assert!(!l.record(&earlier, t0 + Duration::from_millis(900)));
         let p = l.peer(2, 2, to, t0 + Duration::from_millis(950));
         assert_eq!(p.networks, vec![false, true]);
         // Nothing for a full timeout: offline.
         let p = l.peer(2, 2, to, t0 + Duration::from_millis(1600));
         assert!(!p.online);
         assert_eq!(p.last_heard_ms, Some(900));
+        // A restart (a higher incarnation) starts its sequence again.
+        let restarted = Heartbeat {
+            incarnation: 11,
+            seq: 1,
+            ..hb(0, 0)
+        };
+        assert!(l.record(&restarted, t0 + Duration::from_millis(1700)));
+    }
+
+    #[test]
+    fn incarnations_rise_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = next_incarnation(dir.path()).unwrap();
+        let b = next_incarnation(dir.path()).unwrap();
+        assert!(b > a);
+        // A folder whose counter says more than the clock still rises.
+        std::fs::write(dir.path().join("incarnation"), format!("{}", u64::MAX / 2)).unwrap();
+        assert_eq!(next_incarnation(dir.path()).unwrap(), u64::MAX / 2 + 1);
     }
 }

@@ -6,9 +6,12 @@
 //! apply); [`store`] persists the Raft log and state; [`rpc`] and [`identity`] are the
 //! transport and its trust; [`heartbeat`] detects failures; [`node`] runs it all.
 
+pub mod auth;
 pub mod client;
 pub mod heartbeat;
+pub mod hooks;
 pub mod identity;
+pub mod limits;
 pub mod node;
 pub mod rpc;
 pub mod state;

@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::heartbeat::{self, Liveness};
-use crate::identity::{secrets_match, ClusterCert, Identity, IdentityError, Token};
-use crate::rpc::{read_frame, write_frame, Client, Hello, Request, Response, RpcError};
+use crate::identity::{ClusterCert, Identity, IdentityError, NodeCert, NodeKey, NodeTls, Token};
+use crate::rpc::{read_frame, write_frame, Caller, Client, Hello, Request, Response, RpcError};
 use crate::state::{Applied, ClusterState, Command, NodeAddresses, NodeId, NodeRole, Refused};
 use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView};
 use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
@@ -47,6 +47,8 @@ pub struct NodeOptions {
     pub raft_heartbeat: Duration,
     /// Raft election timeout, lower bound (the upper bound is twice this).
     pub election_timeout: Duration,
+    /// Where the fence command and alert programs must be ([`crate::hooks`]).
+    pub hooks_dir: PathBuf,
 }
 
 impl NodeOptions {
@@ -59,6 +61,7 @@ impl NodeOptions {
             snapshot_every: 1000,
             raft_heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(400),
+            hooks_dir: PathBuf::from(crate::hooks::DEFAULT_HOOKS_DIR),
         }
     }
 }
@@ -136,7 +139,7 @@ pub struct ClusterNode {
 /// Clients of the other members, by control address.
 #[derive(Clone)]
 struct Peers {
-    token: Token,
+    tls: NodeTls,
     from: String,
     local: Option<std::net::IpAddr>,
     clients: Arc<Mutex<HashMap<SocketAddr, Arc<Client>>>>,
@@ -151,7 +154,7 @@ impl Peers {
         if let Some(c) = map.get(&addr) {
             return Ok(c.clone());
         }
-        let mut c = Client::new(addr, &self.token, &self.from)?;
+        let mut c = Client::for_node(addr, &self.tls, &self.from);
         if let Some(ip) = self.local {
             c = c.bind_from(ip);
         }
@@ -205,9 +208,10 @@ impl PeerNetwork {
             .client(addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         client.call(&req, timeout).await.map_err(|e| match e {
-            RpcError::Unreachable { .. } | RpcError::Tls { .. } | RpcError::Refused { .. } => {
-                RPCError::Unreachable(Unreachable::new(&e))
-            }
+            RpcError::Unreachable { .. }
+            | RpcError::Tls { .. }
+            | RpcError::Refused { .. }
+            | RpcError::NotAMember { .. } => RPCError::Unreachable(Unreachable::new(&e)),
             _ => RPCError::Network(NetworkError::new(&e)),
         })
     }
@@ -282,13 +286,19 @@ pub fn init(
         let existing = Identity::load(data_dir)?;
         return Err(IdentityError::Exists(data_dir.to_path_buf(), existing.cluster_id).into());
     }
+    let ca = ClusterCert::generate()?;
+    let key = NodeKey::generate()?;
     let identity = Identity {
         cluster_id: crate::identity::random_hex16()[..12].to_string(),
         node_id: 1,
         name: name.to_string(),
         addresses,
         secret: crate::identity::random_hex16(),
-        cert: ClusterCert::generate()?,
+        node_cert: Some(NodeCert {
+            cert_pem: ca.issue_node_cert(1, &key.public_key())?,
+            key_pem: key.pem(),
+        }),
+        cert: ca,
         seeds: Vec::new(),
         bootstrap: true,
     };
@@ -312,8 +322,11 @@ pub async fn join(
         return Err(IdentityError::Exists(data_dir.to_path_buf(), existing.cluster_id).into());
     }
     let client = Client::new(seed, token, &format!("joining node {name}"))?;
+    // The node's key is made here and never leaves it: only the public key travels.
+    let key = NodeKey::generate()?;
     let req = Request::Join {
         name: name.to_string(),
+        public_key: crate::identity::hex(&key.public_key()),
         addresses: addresses.clone(),
         capacity_bytes,
     };
@@ -322,8 +335,14 @@ pub async fn join(
             node_id,
             cluster_id,
             cert,
+            node_cert_pem,
             seeds,
         } => {
+            if cert.fingerprint()? != token.fingerprint {
+                return Err(NodeError::Remote(
+                    "the cluster answered with a CA other than the token's; refusing it".into(),
+                ));
+            }
             let identity = Identity {
                 cluster_id,
                 node_id,
@@ -331,9 +350,15 @@ pub async fn join(
                 addresses,
                 secret: token.secret.clone(),
                 cert,
+                node_cert: Some(NodeCert {
+                    cert_pem: node_cert_pem,
+                    key_pem: key.pem(),
+                }),
                 seeds,
                 bootstrap: false,
             };
+            // The certificate must be for this node's key and id.
+            identity.tls()?;
             identity.save(data_dir)?;
             Ok(identity)
         }
@@ -350,7 +375,7 @@ impl ClusterNode {
     /// starts Raft, the control listener and failure detection.
     pub async fn start(options: NodeOptions) -> Result<ClusterNode, NodeError> {
         let mut identity = Identity::load(&options.data_dir)?;
-        let token = identity.token()?;
+        let tls = identity.tls()?;
         let store = Store::open(&Identity::dir(&options.data_dir).join("raft.redb"))?;
         let (sm, state) = StateMachineStore::load(store.clone()).await?;
         let events = Arc::new(
@@ -362,7 +387,7 @@ impl ClusterNode {
             )?,
         );
         let peers = Peers {
-            token: token.clone(),
+            tls: tls.clone(),
             from: format!("node {}", identity.name),
             local: Some(identity.addresses.control.ip()),
             clients: Arc::default(),
@@ -433,11 +458,19 @@ impl ClusterNode {
                 identity: identity.clone(),
             }),
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(identity.cert.server_config()?);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.control_server.clone());
         tokio::spawn(accept_loop(node.clone(), listener, acceptor));
+        let incarnation =
+            heartbeat::next_incarnation(&Identity::dir(&options.data_dir)).map_err(|source| {
+                NodeError::Identity(IdentityError::Io {
+                    path: Identity::dir(&options.data_dir).join("incarnation"),
+                    source,
+                })
+            })?;
         tokio::spawn(heartbeat::run(
             identity.node_id,
-            identity.secret.clone(),
+            identity.node_secret(),
+            incarnation,
             identity.addresses.networks(),
             identity.addresses.control.port(),
             node.inner.state.clone(),
@@ -452,16 +485,44 @@ impl ClusterNode {
             // The founding node adds itself as the first member, once it leads.
             let me = identity.node_id;
             if !node.state().borrow().nodes.contains_key(&me) {
+                let public_key = identity
+                    .node_cert
+                    .as_ref()
+                    .and_then(NodeCert::public_key_hex);
                 let cmd = Command::AddNode {
                     name: identity.name.clone(),
                     addresses: identity.addresses.clone(),
                     capacity_bytes: options.capacity_bytes,
+                    public_key,
                 };
                 match node.write(cmd).await? {
                     Ok(Applied::NodeAdded(id)) if id == me => {}
                     other => {
                         return Err(NodeError::Raft(format!(
                             "bootstrapping the cluster failed: {other:?}"
+                        )))
+                    }
+                }
+            }
+            // The token `cluster init` printed becomes the first admin token, so it
+            // can be listed and revoked like any other.
+            if node.state().borrow().tokens.is_empty() {
+                let init = crate::auth::ApiToken {
+                    id: crate::auth::INIT_TOKEN_ID.into(),
+                    role: crate::auth::Role::Admin,
+                    secret_sha256: crate::auth::secret_digest(&identity.secret),
+                    created_unix_ms: crate::auth::now_unix_ms(),
+                    expires_unix_ms: None,
+                    single_use: false,
+                    used: false,
+                    revoked: false,
+                    comment: "printed by cluster init".into(),
+                };
+                match node.write(Command::CreateToken { token: init }).await? {
+                    Ok(_) | Err(Refused::TokenExists(_)) => {}
+                    Err(other) => {
+                        return Err(NodeError::Raft(format!(
+                            "recording the cluster's first token failed: {other}"
                         )))
                     }
                 }
@@ -484,6 +545,11 @@ impl ClusterNode {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.identity.node_id
+    }
+
+    /// Where the programs this node runs for the cluster must be.
+    pub fn hooks_dir(&self) -> &std::path::Path {
+        &self.inner.options.hooks_dir
     }
 
     /// This node's identity.
@@ -578,6 +644,10 @@ impl ClusterNode {
                     if let Some(addr) = target {
                         match self.forward(&addr, &cmd).await {
                             Ok(r) => return Ok(r),
+                            // Our own certificate was refused: the cluster removed us.
+                            Err(NodeError::Rpc(RpcError::NotAMember { .. })) => {
+                                return Ok(Err(Refused::NoSuchNodeId(self.id())))
+                            }
                             Err(e) => last = e.to_string(),
                         }
                     }
@@ -782,7 +852,13 @@ impl ClusterNode {
                     ];
                     let name = env[0].1.clone();
                     let timeout = Duration::from_millis(st.settings.fence_timeout_ms);
-                    match run_fence(program, &env, timeout).await {
+                    let checked =
+                        crate::hooks::check_program(program, &self.inner.options.hooks_dir);
+                    let outcome = match checked {
+                        Ok(path) => run_fence(&path.to_string_lossy(), &env, timeout).await,
+                        Err(why) => Err(why),
+                    };
+                    match outcome {
                         Ok(took) => {
                             fenced.insert(fence_key);
                             fence_retry.remove(&fence_key);
@@ -921,13 +997,17 @@ impl ClusterNode {
             sessions: local.sessions,
             serving: local.serving,
             volumes: local.volumes,
+            replication_plaintext: local.replication_plaintext,
             events: self.inner.events.recent(30),
         }
     }
 
     async fn cluster_status(&self) -> Response {
         let (state, nodes) = self.gather_status().await;
-        Response::ClusterStatus { state, nodes }
+        Response::ClusterStatus {
+            state: crate::auth::redacted(&state),
+            nodes,
+        }
     }
 
     /// The cluster state and every member's status (an error for those that did not
@@ -965,7 +1045,25 @@ impl ClusterNode {
         ((*st).clone(), nodes)
     }
 
-    async fn handle(&self, req: Request) -> Response {
+    /// Who holds the token secret `secret`, by the state this node applied.
+    pub fn authenticate(&self, secret: &str) -> Result<crate::auth::Holder, String> {
+        crate::auth::authenticate(
+            &self.inner.state.borrow(),
+            &self.inner.identity.secret,
+            secret,
+            crate::auth::now_unix_ms(),
+        )
+    }
+
+    async fn handle(&self, req: Request, caller: &Caller) -> Response {
+        if let Err(why) = req.allowed(caller) {
+            return Response::Error(why);
+        }
+        if let Request::Write(cmd) = &req {
+            if let Err(refused) = cmd.check_names() {
+                return Response::Written(Err(refused));
+            }
+        }
         let raft = &self.inner.raft;
         match req {
             Request::AppendEntries(r) => Response::AppendEntries(raft.append_entries(r).await),
@@ -979,16 +1077,42 @@ impl ClusterNode {
             },
             Request::Join {
                 name,
+                public_key,
                 addresses,
                 capacity_bytes,
             } => {
+                let key = match parse_public_key(&public_key) {
+                    Ok(k) => k,
+                    Err(e) => return Response::Error(e),
+                };
+                // A join token is spent before the node is admitted: two joins with
+                // one token cannot both pass.
+                if let Caller::Token(h) = caller {
+                    if h.role == crate::auth::Role::Join {
+                        let spend = Command::UseToken {
+                            id: h.id.clone(),
+                            now_unix_ms: crate::auth::now_unix_ms(),
+                        };
+                        match self.write(spend).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(refused)) => return Response::Written(Err(refused)),
+                            Err(e) => return Response::Error(e.to_string()),
+                        }
+                    }
+                }
                 let cmd = Command::AddNode {
                     name: name.clone(),
                     addresses,
                     capacity_bytes,
+                    public_key: Some(crate::identity::hex(&key)),
                 };
                 match self.write(cmd).await {
                     Ok(Ok(Applied::NodeAdded(node_id))) => {
+                        let node_cert_pem =
+                            match self.inner.identity.cert.issue_node_cert(node_id, &key) {
+                                Ok(c) => c,
+                                Err(e) => return Response::Error(e.to_string()),
+                            };
                         self.inner
                             .events
                             .push("membership", format!("node {name} joined as id {node_id}"));
@@ -1004,6 +1128,7 @@ impl ClusterNode {
                             node_id,
                             cluster_id: self.inner.identity.cluster_id.clone(),
                             cert: self.inner.identity.cert.clone(),
+                            node_cert_pem,
                             seeds,
                         }
                     }
@@ -1011,7 +1136,8 @@ impl ClusterNode {
                     Err(e) => Response::Error(e.to_string()),
                 }
             }
-            Request::State => Response::State((**self.inner.state.borrow()).clone()),
+            Request::State => Response::State(crate::auth::redacted(&self.inner.state.borrow())),
+            Request::StateWithSecrets => Response::State((**self.inner.state.borrow()).clone()),
             Request::Status => Response::Status(self.status().await),
             Request::ClusterStatus => self.cluster_status().await,
             Request::RenewLease {
@@ -1262,16 +1388,21 @@ impl ClusterNode {
     }
 }
 
-/// Control connections served at once; more are closed at accept, so a flood of
-/// strangers cannot exhaust the node's file descriptors.
-const MAX_CONTROL_CONNECTIONS: usize = 256;
+/// Control connections served at once: from addresses that are not members', from
+/// any one such address, and from members (slots strangers never take, so a flood
+/// cannot block Raft or lease renewals). More are closed at accept.
+pub const CONTROL_LIMITS: crate::limits::Limits = crate::limits::Limits {
+    strangers: 256,
+    members: 64,
+    per_source: 16,
+};
 
 async fn accept_loop(
     node: ClusterNode,
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
+    let limiter = crate::limits::ConnectionLimiter::new(CONTROL_LIMITS);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -1281,9 +1412,16 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            warn!(%peer, "too many control connections; closing a new one");
-            continue;
+        let member = crate::limits::is_member_address(&node.inner.state.borrow(), peer.ip());
+        let slot = match limiter.admit(peer.ip(), member) {
+            Ok(slot) => slot,
+            Err(why) => {
+                debug!(%peer, %why, "closed a control connection at accept");
+                node.inner
+                    .events
+                    .push_refusal(&peer.ip().to_string(), &why.to_string());
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let (node, acceptor) = (node.clone(), acceptor.clone());
@@ -1297,11 +1435,18 @@ async fn accept_loop(
             {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
-                    warn!(%peer, error = %e, "refused a control connection: TLS handshake failed (not a member of this cluster?)");
+                    debug!(%peer, error = %e, "refused a control connection: TLS handshake failed");
+                    node.inner.events.push_refusal(
+                        &peer.ip().to_string(),
+                        &format!("TLS handshake failed (not a member of this cluster?): {e}"),
+                    );
                     return;
                 }
                 Err(_) => {
-                    warn!(%peer, "refused a control connection: no TLS handshake in time");
+                    debug!(%peer, "refused a control connection: no TLS handshake in time");
+                    node.inner
+                        .events
+                        .push_refusal(&peer.ip().to_string(), "no TLS handshake in time");
                     return;
                 }
             };
@@ -1315,6 +1460,13 @@ async fn serve_connection(
     mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     peer: SocketAddr,
 ) {
+    // A node shows its certificate in the handshake (already verified against the
+    // CA); the state must still count it as a member with that key.
+    let member = crate::identity::peer_cert(tls.get_ref().1.peer_certificates()).map(|p| {
+        p.and_then(|p| {
+            crate::identity::check_member(&node.inner.state.borrow(), &p).map(|()| p.node)
+        })
+    });
     let hello: Hello = match tokio::time::timeout(
         crate::rpc::HANDSHAKE_TIMEOUT,
         crate::rpc::read_small_frame(&mut tls),
@@ -1323,25 +1475,41 @@ async fn serve_connection(
     {
         Ok(Ok(h)) => h,
         _ => {
-            warn!(%peer, "refused a control connection: no valid hello");
+            debug!(%peer, "refused a control connection: no valid hello");
+            node.inner
+                .events
+                .push_refusal(&peer.ip().to_string(), "no valid hello in time");
             return;
         }
     };
-    if !secrets_match(&hello.secret, &node.inner.identity.secret) {
-        warn!(%peer, from = %hello.from, "refused a control connection: wrong cluster secret");
-        node.inner.events.push(
-            "auth_refused",
-            format!("refused {} from {peer}: wrong cluster secret", hello.from),
-        );
-        let _ = write_frame(
-            &mut tls,
-            &Response::Error(
-                "wrong cluster credentials: use the token that `bulwark cluster init` printed (also in the first node's data folder)".into(),
-            ),
-        )
-        .await;
-        return;
-    }
+    let caller = match member {
+        Some(Ok(id)) => Caller::Node(id),
+        Some(Err(why)) => {
+            debug!(%peer, %why, "refused a control connection");
+            node.inner
+                .events
+                .push_refusal(&peer.ip().to_string(), &format!("{} ({why})", hello.from));
+            let _ = write_frame(&mut tls, &Response::NotAMember(why)).await;
+            return;
+        }
+        None => match node.authenticate(&hello.secret) {
+            Ok(holder) => Caller::Token(holder),
+            Err(why) => {
+                debug!(%peer, %why, "refused a control connection");
+                node.inner
+                    .events
+                    .push_refusal(&peer.ip().to_string(), &format!("{} ({why})", hello.from));
+                let _ = write_frame(
+                    &mut tls,
+                    &Response::Error(format!(
+                        "wrong cluster credentials ({why}): use a token that `bulwark cluster init` or `bulwark cluster token create` printed"
+                    )),
+                )
+                .await;
+                return;
+            }
+        },
+    };
     if write_frame(&mut tls, &Response::Written(Ok(Applied::Done)))
         .await
         .is_err()
@@ -1369,11 +1537,32 @@ async fn serve_connection(
                 return;
             }
         };
-        let resp = node.handle(req).await;
+        // A token revoked or expired while the connection is open stops here.
+        if let Caller::Token(_) = caller {
+            if let Err(why) = node.authenticate(&hello.secret) {
+                let _ = write_frame(&mut tls, &Response::Error(why)).await;
+                return;
+            }
+        }
+        let resp = node.handle(req, &caller).await;
         if write_frame(&mut tls, &resp).await.is_err() {
             return;
         }
     }
+}
+
+/// The public key a joining node sent: hex of an uncompressed P-256 point.
+fn parse_public_key(hex: &str) -> Result<Vec<u8>, String> {
+    let bytes: Option<Vec<u8>> = (hex.len() == 130)
+        .then(|| {
+            (0..65)
+                .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten();
+    bytes.ok_or_else(|| {
+        "the join request's public key is not a P-256 point (130 hex digits); is the joining node the same version?".into()
+    })
 }
 
 /// How long a failed fencing waits before it is tried again.

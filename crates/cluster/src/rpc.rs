@@ -1,6 +1,8 @@
-//! Node-to-node and CLI-to-node RPC: TLS (the pinned cluster certificate, see
-//! [`crate::identity`]), then a hello frame with the cluster secret, then request and
-//! response frames in turn. A frame is a 4-byte big-endian length and a JSON document.
+//! Node-to-node and CLI-to-node RPC: TLS (see [`crate::identity`]), then a hello frame,
+//! then request and response frames in turn. A frame is a 4-byte big-endian length and
+//! a JSON document. A node proves who it is with its certificate during the TLS
+//! handshake; a client without one (the CLI, a joining node) with the token's secret
+//! in the hello. What a caller may ask depends on which it is ([`Caller`]).
 //!
 //! One transport serves Raft, forwarded writes, joins and the admin API: the control
 //! plane's traffic is small, and one authenticated path is one thing to get right.
@@ -35,7 +37,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first frame a client sends.
 #[derive(Serialize, Deserialize)]
 pub struct Hello {
-    /// The cluster secret (hex).
+    /// The cluster secret (hex); empty from a node, which shows its certificate.
     pub secret: String,
     /// Who is calling, for the log: "node N" or "cli".
     pub from: String,
@@ -57,13 +59,18 @@ pub enum Request {
     Join {
         /// Its name.
         name: String,
+        /// The public key of the key it made (hex of the uncompressed P-256 point):
+        /// the cluster CA issues its certificate for it.
+        public_key: String,
         /// Its addresses.
         addresses: NodeAddresses,
         /// Its capacity.
         capacity_bytes: u64,
     },
-    /// This node's copy of the cluster state.
+    /// This node's copy of the cluster state, secrets redacted.
     State,
+    /// This node's copy of the cluster state with CHAP secrets (admins and nodes).
+    StateWithSecrets,
     /// This node's own status (Raft view, liveness, sessions, events).
     Status,
     /// Every reachable node's status plus the cluster state, gathered by this node.
@@ -77,6 +84,62 @@ pub enum Request {
         /// The primary.
         node: NodeId,
     },
+}
+
+/// Who is calling, as the control listener established it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A member, by the certificate it showed.
+    Node(NodeId),
+    /// A token holder.
+    Token(crate::auth::Holder),
+}
+
+impl Request {
+    /// Whether `caller` may make this request ([`crate::auth`] has the table). Raft,
+    /// leases and the commands that only nodes issue (promotions, in-sync changes,
+    /// reservations) are accepted only from node certificates, never from a token.
+    pub fn allowed(&self, caller: &Caller) -> Result<(), String> {
+        use crate::auth::Role;
+        let role = match caller {
+            Caller::Node(_) => return Ok(()),
+            Caller::Token(h) => h.role,
+        };
+        let node_only = match self {
+            Request::AppendEntries(_) | Request::Vote(_) | Request::InstallSnapshot(_) => {
+                Some("Raft messages are")
+            }
+            Request::RenewLease { .. } => Some("lease renewals are"),
+            Request::Write(cmd) if cmd.node_only() => Some("this command is"),
+            _ => None,
+        };
+        if let Some(what) = node_only {
+            return Err(format!(
+                "{what} accepted only from cluster nodes (with their certificate), not with a token"
+            ));
+        }
+        let ok = match role {
+            Role::Admin => true,
+            Role::Viewer => matches!(
+                self,
+                Request::State | Request::Status | Request::ClusterStatus
+            ),
+            Role::Join => matches!(self, Request::Join { .. }),
+            Role::Metrics => false,
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(match role {
+            Role::Viewer => {
+                "a viewer token only reads status and configuration; this needs an admin token"
+                    .into()
+            }
+            Role::Join => "a join token only joins a node (`bulwark cluster join`)".into(),
+            Role::Metrics => "a metrics token only reads /metrics over HTTPS".into(),
+            Role::Admin => unreachable!("admins may do all but node-only requests"),
+        })
+    }
 }
 
 /// A response.
@@ -99,8 +162,10 @@ pub enum Response {
         node_id: NodeId,
         /// The cluster id.
         cluster_id: String,
-        /// The cluster certificate and key.
+        /// The cluster CA's certificate and key.
         cert: ClusterCert,
+        /// The node's certificate, issued by the CA for the key it sent, PEM.
+        node_cert_pem: String,
         /// Control addresses of the members.
         seeds: Vec<SocketAddr>,
     },
@@ -117,6 +182,9 @@ pub enum Response {
     },
     /// The lease is granted for [`crate::node::LEASE`] from when the leader checked.
     LeaseGranted,
+    /// The caller's node certificate is not a member's (removed, or another key): the
+    /// answer to its hello.
+    NotAMember(String),
     /// This node is not the Raft leader; try the one named, if known.
     NotLeader(Option<SocketAddr>),
     /// The request could not be served; the message says why and what to do.
@@ -145,6 +213,14 @@ pub enum RpcError {
     /// The server refused our credentials.
     #[error("{addr} refused this client: {detail}")]
     Refused {
+        /// Address.
+        addr: SocketAddr,
+        /// What the server said.
+        detail: String,
+    },
+    /// The server does not count this node as a member of the cluster.
+    #[error("{addr} refused this node: {detail}")]
+    NotAMember {
         /// Address.
         addr: SocketAddr,
         /// What the server said.
@@ -277,6 +353,18 @@ impl Client {
         })
     }
 
+    /// A client of the node at `addr` for a member: it shows its node certificate.
+    pub fn for_node(addr: SocketAddr, tls: &identity::NodeTls, from: &str) -> Client {
+        Client {
+            addr,
+            tls: tokio_rustls::TlsConnector::from(tls.client.clone()),
+            hello_secret: String::new(),
+            from: from.to_string(),
+            local: None,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Connects from `ip` rather than from whatever address the kernel picks.
     pub fn bind_from(mut self, ip: std::net::IpAddr) -> Client {
         self.local = Some(ip);
@@ -326,6 +414,7 @@ impl Client {
             })?;
         match answer {
             Response::Error(detail) => Err(RpcError::Refused { addr, detail }),
+            Response::NotAMember(detail) => Err(RpcError::NotAMember { addr, detail }),
             _ => Ok(tls),
         }
     }

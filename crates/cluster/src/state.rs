@@ -84,6 +84,11 @@ pub struct Node {
     /// Bytes of volume data this node may hold (its data folder's file system, or a
     /// configured limit).
     pub capacity_bytes: u64,
+    /// The public key its certificate must carry (hex of the P-256 point it sent at
+    /// join): peers accept that node's links only with it. `None` only for nodes
+    /// that joined before nodes had their own keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// A replicated block volume.
@@ -215,7 +220,8 @@ pub struct Target {
     pub alias: Option<String>,
     /// LUN → volume name.
     pub luns: BTreeMap<u64, String>,
-    /// Initiator names allowed to log in; empty allows every initiator.
+    /// Initiator names allowed to log in. Empty admits an initiator only through a
+    /// CHAP binding or `allow_any_initiator`.
     pub acl: BTreeSet<String>,
     /// Names of the CHAP accounts bound to the target; empty means no authentication.
     pub chap: BTreeSet<String>,
@@ -227,6 +233,26 @@ pub struct Target {
     /// only) rather than active/non-optimized (I/O forwarded to the primary).
     #[serde(default)]
     pub standby_paths: bool,
+    /// Admit any initiator when no ACL entry and no CHAP binding says who (`bulwark
+    /// target allow-any`). Off by default: a new target admits nobody until told.
+    #[serde(default)]
+    pub allow_any_initiator: bool,
+    /// Initiators may reset the whole target (TARGET WARM/COLD RESET ends every session
+    /// of it, on every node). Off by default, as in LIO.
+    #[serde(default)]
+    pub allow_target_reset: bool,
+}
+
+impl Target {
+    /// The initiators the target admits: `None` for any (CHAP bound, or allowed
+    /// explicitly), else the ACL (empty: nobody).
+    pub fn admitted_initiators(&self) -> Option<Vec<String>> {
+        if self.acl.is_empty() && (self.allow_any_initiator || !self.chap.is_empty()) {
+            None
+        } else {
+            Some(self.acl.iter().cloned().collect())
+        }
+    }
 }
 
 /// An address the node serving a target adds to one of its interfaces, with an iSCSI
@@ -323,10 +349,14 @@ pub struct ClusterState {
     /// Alerts by name.
     #[serde(default)]
     pub alerts: BTreeMap<String, Alert>,
+    /// API tokens by id ([`crate::auth`]).
+    #[serde(default)]
+    pub tokens: BTreeMap<String, crate::auth::ApiToken>,
 }
 
 /// Event kinds an alert may ask for (`events`); see `status::Event::kind`.
 pub const EVENT_KINDS: &[&str] = &[
+    "auth_refused",
     "node_offline",
     "node_online",
     "network_down",
@@ -439,6 +469,41 @@ impl Alert {
     }
 }
 
+impl Command {
+    /// Checks the iSCSI names a command from an administrator carries against the
+    /// rules logins are held to (RFC 3720 §3.2.6, [`iscsi_proto::check_iscsi_name`]),
+    /// before it is proposed. Not in [`ClusterState::apply`]: entries an older version
+    /// committed must replay as they applied then.
+    pub fn check_names(&self) -> Result<(), Refused> {
+        let names: &[&String] = match self {
+            Command::CreateTarget { iqn, .. } => &[iqn],
+            Command::AddAcl { iqn, initiator } => &[iqn, initiator],
+            _ => &[],
+        };
+        for n in names {
+            iscsi_proto::check_iscsi_name(n)
+                .map_err(|e| Refused::BadName(format!("not a valid iSCSI name: {n:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Commands only nodes issue, as part of running the cluster: accepted over the
+    /// control port only from a node certificate.
+    pub fn node_only(&self) -> bool {
+        matches!(
+            self,
+            Command::AddNode { .. }
+                | Command::NodeStarted { .. }
+                | Command::IsrChange { .. }
+                | Command::Promote { .. }
+                | Command::FailoverFinished { .. }
+                | Command::FinishVerify { .. }
+                | Command::SetReservations { .. }
+                | Command::UseToken { .. }
+        )
+    }
+}
+
 /// One change to the cluster, as committed to the Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -451,6 +516,9 @@ pub enum Command {
         addresses: NodeAddresses,
         /// Capacity.
         capacity_bytes: u64,
+        /// The public key of the key the node made (hex), for its certificate.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public_key: Option<String>,
     },
     /// A node (re)started: its role, addresses and capacity as it sees them now.
     NodeStarted {
@@ -550,6 +618,16 @@ pub enum Command {
         /// Standby (no I/O) rather than active/non-optimized (I/O forwarded).
         standby: bool,
     },
+    /// Changes who may log in to a target without an ACL entry, and whether target
+    /// resets are allowed; `None` leaves a setting as it is.
+    SetTargetAccess {
+        /// Target.
+        iqn: String,
+        /// Admit any initiator when neither ACL nor CHAP says who.
+        allow_any: Option<bool>,
+        /// Let initiators reset the whole target.
+        allow_target_reset: Option<bool>,
+    },
     /// Takes a virtual IP from a target.
     RemoveVip {
         /// Target.
@@ -647,6 +725,23 @@ pub enum Command {
         /// The new state.
         state: String,
     },
+    /// Records an API token (its secret's digest only).
+    CreateToken {
+        /// The token.
+        token: crate::auth::ApiToken,
+    },
+    /// Revokes an API token: it stops working at once, on every node.
+    RevokeToken {
+        /// Its id.
+        id: String,
+    },
+    /// Spends a single-use token (a join), before what it allows is done.
+    UseToken {
+        /// Its id.
+        id: String,
+        /// The time of use, to check expiry against (Unix milliseconds).
+        now_unix_ms: u64,
+    },
     /// Changes the settings.
     SetSettings {
         /// New settings.
@@ -686,6 +781,14 @@ pub enum Applied {
 /// Why a command was refused. Each message says what is wrong and what to do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refused {
+    #[error("bad token: {0}")]
+    BadToken(String),
+    #[error("a token with id {0:?} exists; pick another id")]
+    TokenExists(String),
+    #[error("no token with id {0:?}; `bulwark cluster token list` shows them")]
+    NoSuchToken(String),
+    #[error("{0}")]
+    TokenUnusable(String),
     #[error("bad alert: {0}")]
     BadAlert(String),
     #[error("no alert named {0:?}; `bulwark alert list` shows them")]
@@ -988,6 +1091,7 @@ impl ClusterState {
                 name,
                 addresses,
                 capacity_bytes,
+                public_key,
             } => {
                 check_name("node", name)?;
                 if self.node_by_name(name).is_some() {
@@ -1004,6 +1108,7 @@ impl ClusterState {
                         role: NodeRole::Storage,
                         addresses: addresses.clone(),
                         capacity_bytes: *capacity_bytes,
+                        public_key: public_key.clone(),
                     },
                 );
                 Ok(Applied::NodeAdded(id))
@@ -1293,6 +1398,20 @@ impl ClusterState {
             }
             Command::SetTargetPaths { iqn, standby } => {
                 self.target_mut(iqn)?.standby_paths = *standby;
+                Ok(Applied::Done)
+            }
+            Command::SetTargetAccess {
+                iqn,
+                allow_any,
+                allow_target_reset,
+            } => {
+                let t = self.target_mut(iqn)?;
+                if let Some(a) = allow_any {
+                    t.allow_any_initiator = *a;
+                }
+                if let Some(r) = allow_target_reset {
+                    t.allow_target_reset = *r;
+                }
                 Ok(Applied::Done)
             }
             Command::RemoveVip { iqn, address } => {
@@ -1605,6 +1724,44 @@ impl ClusterState {
                 }
                 None => Err(Refused::NoSuchAlert(name.clone())),
             },
+            Command::CreateToken { token } => {
+                token.check().map_err(Refused::BadToken)?;
+                if self.tokens.contains_key(&token.id) {
+                    return Err(Refused::TokenExists(token.id.clone()));
+                }
+                if self
+                    .tokens
+                    .values()
+                    .any(|t| t.secret_sha256 == token.secret_sha256)
+                {
+                    return Err(Refused::BadToken("that secret is already in use".into()));
+                }
+                self.tokens.insert(token.id.clone(), token.clone());
+                Ok(Applied::Done)
+            }
+            Command::RevokeToken { id } => match self.tokens.get_mut(id) {
+                Some(t) if !t.revoked => {
+                    t.revoked = true;
+                    Ok(Applied::Done)
+                }
+                Some(_) => Err(Refused::TokenUnusable(format!(
+                    "token {id} is already revoked"
+                ))),
+                None => Err(Refused::NoSuchToken(id.clone())),
+            },
+            Command::UseToken { id, now_unix_ms } => {
+                let t = self
+                    .tokens
+                    .get_mut(id)
+                    .ok_or_else(|| Refused::NoSuchToken(id.clone()))?;
+                if let Some(why) = t.unusable(*now_unix_ms) {
+                    return Err(Refused::TokenUnusable(why));
+                }
+                if t.single_use {
+                    t.used = true;
+                }
+                Ok(Applied::Done)
+            }
             Command::RemoveAlert { name } => match self.alerts.remove(name) {
                 Some(_) => Ok(Applied::Done),
                 None => Err(Refused::NoSuchAlert(name.clone())),

@@ -23,6 +23,7 @@ fn add_node(st: &mut ClusterState, name: &str, i: u8, cap: u64) -> NodeId {
         name: name.into(),
         addresses: addrs(i),
         capacity_bytes: cap,
+        public_key: None,
     }) {
         Ok(Applied::NodeAdded(id)) => id,
         other => panic!("{other:?}"),
@@ -65,7 +66,8 @@ fn nodes_get_fresh_ids_and_unique_names_and_addresses() {
             Command::AddNode {
                 name: "n1".into(),
                 addresses: addrs(9),
-                capacity_bytes: 0
+                capacity_bytes: 0,
+                public_key: None
             }
         ),
         Refused::NodeExists(_)
@@ -76,7 +78,8 @@ fn nodes_get_fresh_ids_and_unique_names_and_addresses() {
             Command::AddNode {
                 name: "n9".into(),
                 addresses: addrs(2),
-                capacity_bytes: 0
+                capacity_bytes: 0,
+                public_key: None
             }
         ),
         Refused::AddressInUse { .. }
@@ -87,7 +90,8 @@ fn nodes_get_fresh_ids_and_unique_names_and_addresses() {
             Command::AddNode {
                 name: "bad name".into(),
                 addresses: addrs(9),
-                capacity_bytes: 0
+                capacity_bytes: 0,
+                public_key: None
             }
         ),
         Refused::BadName(_)
@@ -785,6 +789,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
             name,
             addresses: addrs(i),
             capacity_bytes: cap * GIB,
+            public_key: None,
         }),
         (1u64..6, any::<bool>(), 1u8..6).prop_map(|(id, w, i)| Command::NodeStarted {
             id,

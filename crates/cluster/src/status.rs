@@ -43,7 +43,9 @@ pub struct EventLog {
     boot_ms: u64,
     sequence: AtomicU64,
     recent: Mutex<VecDeque<Event>>,
-    file: Option<Mutex<std::fs::File>>,
+    file: Option<Mutex<LogFile>>,
+    /// Refused authentications by source, aggregated per minute.
+    refusals: Mutex<std::collections::HashMap<String, RefusalWindow>>,
     /// Every event as it happens, for alerts and the console (they may lag and miss
     /// some; the log never waits for them).
     live: tokio::sync::broadcast::Sender<Event>,
@@ -51,6 +53,83 @@ pub struct EventLog {
 
 /// Events kept in memory per node.
 const RECENT: usize = 200;
+
+/// `events.log` is rotated past this size: `events.log.1` ... `events.log.{KEPT}`.
+pub const EVENT_FILE_MAX: u64 = 16 << 20;
+/// Rotated event files kept.
+pub const EVENT_FILES_KEPT: u32 = 4;
+
+/// One refusal event per source per this long; the rest are counted.
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Sources tracked at once; past this, refusals are counted under one shared entry.
+const REFUSAL_SOURCES: usize = 1024;
+
+/// The append-only event file and its size, rotated by size.
+#[derive(Debug)]
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+}
+
+impl LogFile {
+    fn open(path: PathBuf) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let size = file.metadata()?.len();
+        Ok(LogFile { path, file, size })
+    }
+
+    fn append(&mut self, line: &str) -> std::io::Result<()> {
+        if self.size + line.len() as u64 + 1 > EVENT_FILE_MAX && self.size > 0 {
+            self.rotate()?;
+        }
+        writeln!(self.file, "{line}")?;
+        self.size += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let numbered = |n: u32| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(format!(".{n}"));
+            PathBuf::from(p)
+        };
+        for n in (1..EVENT_FILES_KEPT).rev() {
+            let _ = std::fs::rename(numbered(n), numbered(n + 1));
+        }
+        std::fs::rename(&self.path, numbered(1))?;
+        *self = LogFile::open(self.path.clone())?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct RefusalWindow {
+    since: std::time::Instant,
+    /// Refusals in this window not reported yet.
+    suppressed: u64,
+}
+
+/// `text` from the network, fit for a log line: control and non-ASCII characters
+/// escaped, at most `max` characters kept.
+pub fn sanitize(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_ascii_graphic() || c == ' ' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
 
 /// Events a slow subscriber may fall behind by before it misses some.
 const LIVE: usize = 1024;
@@ -67,12 +146,7 @@ impl EventLog {
     /// An event log for `observer`, appending to `path` when given.
     pub fn new(observer: &str, path: Option<PathBuf>) -> std::io::Result<EventLog> {
         let file = match path {
-            Some(p) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
-            )),
+            Some(p) => Some(Mutex::new(LogFile::open(p)?)),
             None => None,
         };
         Ok(EventLog {
@@ -81,6 +155,7 @@ impl EventLog {
             sequence: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             file,
+            refusals: Mutex::default(),
             live: tokio::sync::broadcast::channel(LIVE).0,
         })
     }
@@ -110,7 +185,7 @@ impl EventLog {
         if let Some(f) = &self.file {
             if let (Ok(mut f), Ok(line)) = (f.lock(), serde_json::to_string(&ev)) {
                 // The event log is best effort: a full disk must not stop the node.
-                let _ = writeln!(f, "{line}");
+                let _ = f.append(&line);
             }
         }
         if let Ok(mut r) = self.recent.lock() {
@@ -121,6 +196,65 @@ impl EventLog {
         }
         // No receiver is fine: nothing listens.
         let _ = self.live.send(ev);
+    }
+
+    /// Records a refused authentication from `source` (an address): one
+    /// `auth_refused` event per source per minute, saying how many more came in the
+    /// window before; `why` comes from the peer only through [`sanitize`]. A flood of
+    /// strangers therefore writes a bounded number of events and runs alert programs
+    /// a bounded number of times.
+    pub fn push_refusal(&self, source: &str, why: &str) {
+        let now = std::time::Instant::now();
+        let report = {
+            let Ok(mut m) = self.refusals.lock() else {
+                return;
+            };
+            m.retain(|_, w| now.duration_since(w.since) < REFUSAL_WINDOW || w.suppressed > 0);
+            let key = if m.len() >= REFUSAL_SOURCES && !m.contains_key(source) {
+                "other sources".to_string()
+            } else {
+                source.to_string()
+            };
+            match m.get_mut(&key) {
+                Some(w) if now.duration_since(w.since) < REFUSAL_WINDOW => {
+                    w.suppressed += 1;
+                    None
+                }
+                Some(w) => {
+                    let before = w.suppressed;
+                    *w = RefusalWindow {
+                        since: now,
+                        suppressed: 0,
+                    };
+                    Some(before)
+                }
+                None => {
+                    m.insert(
+                        key,
+                        RefusalWindow {
+                            since: now,
+                            suppressed: 0,
+                        },
+                    );
+                    Some(0)
+                }
+            }
+        };
+        if let Some(before) = report {
+            let mut details = serde_json::Map::new();
+            details.insert("source".into(), source.into());
+            details.insert("refused_since_last_event".into(), before.into());
+            let more = if before > 0 {
+                format!(" ({before} more refused from there in the minute before)")
+            } else {
+                String::new()
+            };
+            self.push_with(
+                "auth_refused",
+                format!("refused {source}: {}{more}", sanitize(why, 200)),
+                details,
+            );
+        }
     }
 
     /// Events from now on, as they happen.
@@ -290,6 +424,8 @@ pub struct LocalReport {
     pub serving: Vec<String>,
     /// Volume replicas here.
     pub volumes: Vec<VolumeView>,
+    /// Replication traffic leaves this node in the clear (`--replication-tls off`).
+    pub replication_plaintext: bool,
 }
 
 /// What `Request::Status` returns.
@@ -310,6 +446,58 @@ pub struct NodeStatus {
     /// Volume replicas here.
     #[serde(default)]
     pub volumes: Vec<VolumeView>,
+    /// Replication traffic leaves this node in the clear (`--replication-tls off`).
+    #[serde(default)]
+    pub replication_plaintext: bool,
     /// Recent events seen here.
     pub events: Vec<Event>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_aggregated_per_source() {
+        let log = EventLog::new("n1", None).unwrap();
+        for _ in 0..1000 {
+            log.push_refusal("198.18.0.9", "wrong secret");
+        }
+        log.push_refusal("198.18.0.10", "bad\nline\u{7}");
+        let evs = log.recent(10);
+        assert_eq!(evs.len(), 2, "{evs:?}");
+        assert!(
+            evs[1].message.contains("bad\\nline\\u{7}"),
+            "{}",
+            evs[1].message
+        );
+        assert!(!evs[1].message.contains('\n'));
+    }
+
+    #[test]
+    fn sanitize_escapes_and_truncates() {
+        assert_eq!(sanitize("iqn.a\nb", 100), "iqn.a\\nb");
+        assert_eq!(sanitize(&"x".repeat(10), 4), "xxxx…");
+    }
+
+    #[test]
+    fn the_event_file_rotates_and_keeps_a_bounded_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let log = EventLog::new("n1", Some(path.clone())).unwrap();
+        let big = "x".repeat(1 << 20);
+        for _ in 0..(EVENT_FILE_MAX >> 20) * u64::from(EVENT_FILES_KEPT + 2) {
+            log.push("config", big.clone());
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len() as u32, EVENT_FILES_KEPT + 1, "{names:?}");
+        for n in names {
+            let len = std::fs::metadata(dir.path().join(&n)).unwrap().len();
+            assert!(len <= EVENT_FILE_MAX, "{n}: {len}");
+        }
+    }
 }

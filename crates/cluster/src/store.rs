@@ -103,6 +103,28 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Writes `data` to `path` as a new file only its owner can read (0600), atomically: a
+/// uniquely named temporary file, synced, renamed over `path`.
+pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp.{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// The database; shared by the log store and the state machine.
 #[derive(Debug)]
 pub struct Store {

@@ -10,8 +10,10 @@
 pub mod chap;
 pub mod digest;
 pub mod login;
+pub mod name;
 pub mod pdu;
 pub mod serial;
 pub mod text;
 
+pub use name::{check_iscsi_name, NameError};
 pub use serial::SerialNumber;

@@ -5,6 +5,7 @@
 //! response to send; the transport owns the socket, the session table and the TSIH.
 
 use crate::chap;
+use crate::name::{check_iscsi_name, NameError};
 use crate::pdu::Login;
 use crate::text::TextPairs;
 
@@ -307,6 +308,19 @@ impl LoginReply {
     }
 }
 
+/// A login refused because a name in it is not an iSCSI name (see
+/// [`LoginNegotiator::refused_name`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedName {
+    /// The key that carried it: `InitiatorName` or `TargetName`.
+    pub key: &'static str,
+    /// The name as the initiator sent it: untrusted, log it only through
+    /// [`crate::name::Loggable`].
+    pub name: String,
+    /// What is wrong with it.
+    pub error: NameError,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum ChapState {
     /// No CHAP exchange begun.
@@ -334,6 +348,8 @@ pub struct LoginNegotiator {
     pending_text: Vec<u8>,
     /// Keys negotiated once already (a repeated key is a protocol error, RFC 7143 §6.2).
     seen: Vec<String>,
+    /// Set when the login was refused for a malformed name.
+    refused_name: Option<RefusedName>,
 }
 
 /// The challenge source: random bytes for CHAP_I and CHAP_C.
@@ -389,7 +405,23 @@ impl LoginNegotiator {
             tsih: 0,
             pending_text: Vec::new(),
             seen: Vec::new(),
+            refused_name: None,
         }
+    }
+
+    /// The malformed name the login was refused for, if that is why it failed: the
+    /// transport logs it (escaped) instead of the usual refusal line.
+    pub fn refused_name(&self) -> Option<&RefusedName> {
+        self.refused_name.as_ref()
+    }
+
+    /// Refuses a login for a name that is not an iSCSI name.
+    fn refuse_name(&mut self, key: &'static str, name: &str, error: NameError) {
+        self.refused_name = Some(RefusedName {
+            key,
+            name: name.to_string(),
+            error,
+        });
     }
 
     /// The ISID and TSIH of the first request (the session the initiator names).
@@ -562,6 +594,15 @@ impl LoginNegotiator {
         if initiator.is_empty() {
             return Err(LoginStatus::MISSING_PARAMETER);
         }
+        // The name is present but is not an iSCSI name (RFC 7143 §4.2.7): "Initiator
+        // error" (0x0200, "miscellaneous iSCSI initiator errors", RFC 7143 §11.13.5).
+        // "Missing parameter" (0x0207) is for a key that is absent, which this one is not.
+        // Nothing from this login is kept, so the name reaches no ACL, log or status
+        // output unchecked.
+        if let Err(e) = check_iscsi_name(initiator) {
+            self.refuse_name("InitiatorName", initiator, e);
+            return Err(LoginStatus::INITIATOR_ERROR);
+        }
         self.params.initiator_name = initiator.to_string();
         self.params.initiator_alias = pairs.get("InitiatorAlias").map(str::to_string);
         let session_type = match pairs.get("SessionType") {
@@ -576,7 +617,21 @@ impl LoginNegotiator {
                 let target = pairs
                     .get("TargetName")
                     .ok_or(LoginStatus::MISSING_PARAMETER)?;
-                let a = policy.admit(initiator, target)?;
+                // A name the target serves is the administrator's, so it is admitted as
+                // configured; a name it does not serve is checked so the refusal says
+                // why. A malformed TargetName names no target here: "Not found"
+                // (0x0203, RFC 7143 §11.13.5), as for any other unknown name, so the
+                // answer tells a scanner nothing more.
+                let a = match policy.admit(initiator, target) {
+                    Ok(a) => a,
+                    Err(status) => {
+                        if let Err(e) = check_iscsi_name(target) {
+                            self.refuse_name("TargetName", target, e);
+                            return Err(LoginStatus::NOT_FOUND);
+                        }
+                        return Err(status);
+                    }
+                };
                 self.params.target_name = Some(target.to_string());
                 a
             }
@@ -835,13 +890,19 @@ impl LoginNegotiator {
 mod tests {
     use super::*;
 
+    const INITIATOR: &str = "iqn.1993-08.org.debian:01:abcdef";
+    const TARGET: &str = "iqn.2026-11.io.bulwark:t";
+    const DENIED: &str = "iqn.2026-11.io.example:denied";
+    /// A target the administrator named outside the iSCSI name rules.
+    const ODD_TARGET: &str = "iqn.2026-11.io.bulwark:odd_name";
+
     struct Policy(Authentication);
     impl LoginPolicy for Policy {
         fn admit(&self, initiator: &str, target: &str) -> Result<TargetAdmission, LoginStatus> {
-            if target != "iqn.t" {
+            if target != TARGET && target != ODD_TARGET {
                 return Err(LoginStatus::NOT_FOUND);
             }
-            if initiator == "iqn.denied" {
+            if initiator == DENIED {
                 return Err(LoginStatus::AUTHORIZATION_FAILURE);
             }
             Ok(TargetAdmission {
@@ -892,8 +953,8 @@ mod tests {
         let r = n.step(
             &req(0, 1, true),
             &text(&[
-                ("InitiatorName", "iqn.i"),
-                ("TargetName", "iqn.t"),
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
                 ("AuthMethod", "None"),
             ]),
             &p,
@@ -929,7 +990,10 @@ mod tests {
         let mut n = LoginNegotiator::new(TargetLimits::default());
         let r = n.step(
             &req(0, 1, true),
-            &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.x")]),
+            &text(&[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", "iqn.2026-11.io.bulwark:x"),
+            ]),
             &p,
             &mut Fixed,
         );
@@ -937,7 +1001,7 @@ mod tests {
         let mut n = LoginNegotiator::new(TargetLimits::default());
         let r = n.step(
             &req(0, 1, true),
-            &text(&[("InitiatorName", "iqn.denied"), ("TargetName", "iqn.t")]),
+            &text(&[("InitiatorName", DENIED), ("TargetName", TARGET)]),
             &p,
             &mut Fixed,
         );
@@ -950,8 +1014,8 @@ mod tests {
         let r = n.step(
             &req(0, 1, true),
             &text(&[
-                ("InitiatorName", "iqn.i"),
-                ("TargetName", "iqn.t"),
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
                 ("AuthMethod", "CHAP,None"),
             ]),
             &p,
@@ -1006,10 +1070,90 @@ mod tests {
         let mut n = LoginNegotiator::new(TargetLimits::default());
         let r = n.step(
             &req(1, 3, true),
-            &text(&[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t")]),
+            &text(&[("InitiatorName", INITIATOR), ("TargetName", TARGET)]),
             &p,
             &mut Fixed,
         );
         assert_eq!((r.header.status_class, r.header.status_detail), (2, 1));
+    }
+    fn first_step(initiator: &str, target: Option<&str>) -> (LoginNegotiator, LoginReply) {
+        let p = Policy(Authentication::None);
+        let mut n = LoginNegotiator::new(TargetLimits::default());
+        let mut pairs = vec![("InitiatorName", initiator), ("AuthMethod", "None")];
+        match target {
+            Some(t) => pairs.push(("TargetName", t)),
+            None => pairs.push(("SessionType", "Discovery")),
+        }
+        let r = n.step(&req(0, 1, true), &text(&pairs), &p, &mut Fixed);
+        (n, r)
+    }
+
+    #[test]
+    fn malformed_initiator_name_is_refused_as_initiator_error() {
+        for bad in [
+            "iqn.1993-08.org.debian:01:ab\ncd",
+            "not-an-iqn",
+            "iqn.2026-11.io.example:host/a",
+            "eui.123",
+        ] {
+            for target in [Some(TARGET), None] {
+                let (n, r) = first_step(bad, target);
+                assert_eq!(
+                    (r.header.status_class, r.header.status_detail),
+                    (2, 0),
+                    "{bad:?}"
+                );
+                let refused = n.refused_name().expect("the name is recorded");
+                assert_eq!(refused.key, "InitiatorName");
+                assert_eq!(refused.name, bad);
+                assert_eq!(Err(refused.error.clone()), check_iscsi_name(bad));
+                assert_eq!(
+                    n.params().initiator_name,
+                    "",
+                    "nothing of the login is kept"
+                );
+            }
+        }
+        let long = format!("iqn.2026-11.io.example:{}", "a".repeat(300));
+        let (n, r) = first_step(&long, Some(TARGET));
+        assert_eq!((r.header.status_class, r.header.status_detail), (2, 0));
+        assert_eq!(
+            n.refused_name().map(|r| &r.error),
+            Some(&NameError::TooLong(323))
+        );
+    }
+
+    #[test]
+    fn real_initiator_names_log_in_and_upper_case_is_accepted() {
+        for good in [
+            INITIATOR,
+            "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test",
+            "iqn.2008-11.org.linux-kvm",
+            "iqn.2008-11.org.linux-kvm:6f1e3c2a-8b4d-4e5f-9a0b-1c2d3e4f5a6b",
+            "iqn.1998-01.com.vmware:ESX01-5f2a3b4c",
+            "IQN.1993-08.ORG.DEBIAN:01:ABCDEF",
+        ] {
+            let (n, r) = first_step(good, Some(TARGET));
+            assert!(!r.failed(), "{good}");
+            assert!(n.refused_name().is_none());
+            assert_eq!(n.params().initiator_name, good, "kept as sent");
+        }
+    }
+
+    #[test]
+    fn malformed_target_name_is_not_found_unless_configured() {
+        let (n, r) = first_step(INITIATOR, Some("iqn.2026-11.io.bulwark:t\r\n"));
+        assert_eq!((r.header.status_class, r.header.status_detail), (2, 3));
+        let refused = n.refused_name().expect("recorded");
+        assert_eq!(refused.key, "TargetName");
+        assert_eq!(refused.error, NameError::Character { ch: '\r', at: 24 });
+        // A well-formed name the target does not serve: plain "not found".
+        let (n, r) = first_step(INITIATOR, Some("iqn.2026-11.io.bulwark:other"));
+        assert_eq!((r.header.status_class, r.header.status_detail), (2, 3));
+        assert!(n.refused_name().is_none());
+        // A name the administrator configured is theirs, even outside the rules.
+        let (n, r) = first_step(INITIATOR, Some(ODD_TARGET));
+        assert!(!r.failed());
+        assert!(n.refused_name().is_none());
     }
 }

@@ -94,6 +94,38 @@ pub(crate) struct Reservation {
     pub kind: PrType,
 }
 
+/// What [`PrState::serialize`] writes in `format`.
+const SAVED_FORMAT: &str = "bulwark-pr-2";
+
+/// Persistent reservations as saved (in the APTPL file, or in the cluster state).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedPr {
+    format: String,
+    generation: u32,
+    aptpl: bool,
+    registrations: Vec<SavedRegistration>,
+    reservation: Option<SavedReservation>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedRegistration {
+    key: u64,
+    all_tg_pt: bool,
+    initiator: String,
+    isid: [u8; 6],
+    port: String,
+    relative_port: u16,
+    group: u16,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedReservation {
+    /// The PERSISTENT RESERVE type code (SPC-4 table 222).
+    kind: u8,
+    /// Index of the holder's registration.
+    holder: usize,
+}
+
 /// Persistent reservation state of a logical unit.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct PrState {
@@ -178,42 +210,100 @@ impl PrState {
         }
     }
 
-    /// Text format, one record per line:
-    /// `generation <n>`, `aptpl <0|1>`, `reg <key hex> <all_tg_pt 0|1> <isid hex> <rel port> <group>
-    /// <port name> <initiator name>` and `res <type> <holder index>`. Names contain no
-    /// spaces (iSCSI names cannot).
+    /// The saved form: JSON ([`SavedPr`]), so that no name, however strange, can be
+    /// read back as another field or record (the old line format could be, by a name
+    /// holding a newline).
     pub(crate) fn serialize(&self) -> String {
-        let mut s = format!(
-            "bulwark-pr 1\ngeneration {}\naptpl {}\n",
-            self.generation,
-            u8::from(self.aptpl)
-        );
-        for r in &self.registrations {
-            let isid: String = r.nexus.isid.iter().map(|b| format!("{b:02x}")).collect();
-            s.push_str(&format!(
-                "reg {:016x} {} {} {} {} {} {}\n",
-                r.key,
-                u8::from(r.all_tg_pt),
-                isid,
-                r.nexus.target_port.relative_id,
-                r.nexus.target_port.group,
-                r.nexus.target_port.name,
-                r.nexus.initiator_name
-            ));
-        }
-        if let Some(res) = &self.reservation {
-            if let Some(i) = self
+        let registrations: Vec<SavedRegistration> = self
+            .registrations
+            .iter()
+            .map(|r| SavedRegistration {
+                key: r.key,
+                all_tg_pt: r.all_tg_pt,
+                initiator: r.nexus.initiator_name.clone(),
+                isid: r.nexus.isid,
+                port: r.nexus.target_port.name.clone(),
+                relative_port: r.nexus.target_port.relative_id,
+                group: r.nexus.target_port.group,
+            })
+            .collect();
+        let reservation = self.reservation.as_ref().and_then(|res| {
+            let holder = self
                 .registrations
                 .iter()
-                .position(|r| r.matches(&res.holder))
-            {
-                s.push_str(&format!("res {} {}\n", res.kind as u8, i));
-            }
-        }
-        s
+                .position(|r| r.matches(&res.holder))?;
+            Some(SavedReservation {
+                kind: res.kind as u8,
+                holder,
+            })
+        });
+        let saved = SavedPr {
+            format: SAVED_FORMAT.into(),
+            generation: self.generation,
+            aptpl: self.aptpl,
+            registrations,
+            reservation,
+        };
+        // Plain data: serialising it cannot fail.
+        serde_json::to_string(&saved).unwrap_or_default()
     }
 
+    /// Reads what [`PrState::serialize`] wrote, or the line format of earlier
+    /// versions. Something unreadable yields no reservations, and says so in the log.
     pub(crate) fn parse(text: &str) -> PrState {
+        if text.trim_start().starts_with('{') {
+            return match serde_json::from_str::<SavedPr>(text) {
+                Ok(saved) if saved.format == SAVED_FORMAT => PrState::from_saved(saved),
+                Ok(saved) => {
+                    tracing::warn!(format = %saved.format, "persistent reservations in an unknown format; starting without them");
+                    PrState::default()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "persistent reservations unreadable; starting without them");
+                    PrState::default()
+                }
+            };
+        }
+        PrState::parse_lines(text)
+    }
+
+    fn from_saved(saved: SavedPr) -> PrState {
+        let registrations: Vec<Registration> = saved
+            .registrations
+            .into_iter()
+            .take(REGISTRATIONS_MAX)
+            .map(|r| Registration {
+                nexus: ItNexus {
+                    initiator_name: r.initiator,
+                    isid: r.isid,
+                    target_port: TargetPort {
+                        name: r.port,
+                        relative_id: r.relative_port,
+                        group: r.group,
+                    },
+                },
+                key: r.key,
+                all_tg_pt: r.all_tg_pt,
+            })
+            .collect();
+        let reservation = saved.reservation.and_then(|res| {
+            Some(Reservation {
+                holder: registrations.get(res.holder)?.nexus.clone(),
+                kind: PrType::from_u8(res.kind)?,
+            })
+        });
+        PrState {
+            generation: saved.generation,
+            registrations,
+            reservation,
+            aptpl: saved.aptpl,
+        }
+    }
+
+    /// The line format written before reservations were JSON: `generation <n>`, `aptpl
+    /// <0|1>`, `reg <key hex> <all_tg_pt 0|1> <isid hex> <rel port> <group> <port
+    /// name> <initiator name>` and `res <type> <holder index>`.
+    fn parse_lines(text: &str) -> PrState {
         let mut st = PrState {
             aptpl: true,
             ..PrState::default()
@@ -925,6 +1015,49 @@ mod tests {
         assert_eq!(back.generation, 7);
         assert_eq!(back.registrations, st.registrations);
         assert_eq!(back.reservation, st.reservation);
+        assert!(back.aptpl);
+    }
+
+    #[test]
+    fn a_name_with_a_newline_stays_one_name() {
+        // The old line format read this back as a second registration, holding the
+        // reservation: a name is data, never structure.
+        let evil = ItNexus {
+            initiator_name: "iqn.a\nreg 00000000000000ff 1 000000000000 1 1 p iqn.evil\nres 3 1"
+                .into(),
+            isid: [0; 6],
+            target_port: TargetPort {
+                name: "p".into(),
+                relative_id: 1,
+                group: 1,
+            },
+        };
+        let st = PrState {
+            generation: 1,
+            registrations: vec![Registration {
+                nexus: evil.clone(),
+                key: 1,
+                all_tg_pt: false,
+            }],
+            reservation: None,
+            aptpl: false,
+        };
+        let back = PrState::parse(&st.serialize());
+        assert_eq!(back.registrations.len(), 1);
+        assert_eq!(back.registrations[0].nexus, evil);
+        assert!(back.reservation.is_none());
+    }
+
+    #[test]
+    fn the_line_format_of_earlier_versions_still_reads() {
+        let old = "bulwark-pr 1\ngeneration 3\naptpl 0\nreg 000000000000abcd 1 010203040506 1 2 iqn.t,t,0x0001 iqn.a\nres 3 0\n";
+        let st = PrState::parse(old);
+        assert_eq!(
+            (st.generation, st.aptpl, st.registrations.len()),
+            (3, false, 1)
+        );
+        assert_eq!(st.registrations[0].key, 0xabcd);
+        assert!(st.reservation.is_some());
     }
 
     #[test]

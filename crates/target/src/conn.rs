@@ -16,6 +16,7 @@ use iscsi_proto::login::{
     Authentication, LoginNegotiator, LoginPolicy, LoginStatus, OsChallenges, SessionParams,
     SessionType, TargetAdmission,
 };
+use iscsi_proto::name::Loggable;
 use iscsi_proto::pdu::{
     reject, tmf, AsyncMessage, Bhs, DataIn, DataOut, Login, LogoutRequest, LogoutResponse, Lun,
     Nop, Opcode, R2t, Reject, ScsiCommand, ScsiResponse as ScsiResponsePdu, StatusSeq,
@@ -30,7 +31,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::budget::BufferPermit;
 use crate::discovery;
+use crate::iopool::JobSlot;
 use crate::registry::{ConnectionGuard, SessionEntry, SessionKey, Shared};
 use crate::wire::{self, Digests, Out, OutPdu, ReadError, StatSn, Window};
 use crate::{SessionInfo, TargetConfig};
@@ -54,6 +57,83 @@ const SANITIZE: u8 = 0x48;
 const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
 /// Largest data segment accepted during login.
 const LOGIN_TEXT_MAX: usize = 64 * 1024;
+/// Immediate SCSI commands a session may have outstanding. Immediate commands bypass the
+/// CmdSN window (RFC 7143 §4.2.2.1, RFC 3720 §3.2.2.1), so without a limit an initiator
+/// could queue any number of them; past it they get Reject "Immediate command reject -
+/// too many immediate commands" (0x06, RFC 7143 §11.17.1; the initiator may resend).
+/// Initiators send no immediate SCSI commands in normal operation (Linux, libiscsi and
+/// QEMU send only task management, NOP-Out, Text and Logout as immediate, which this
+/// connection answers one at a time before it reads the next PDU and so never counts),
+/// and the RFC asks a target to take at least one immediate task management and one
+/// other immediate request per connection at any time: four leaves room for both.
+const IMMEDIATE_COMMANDS_MAX: u32 = 4;
+/// While the reader waits for the I/O queue or the buffer budget (our back-pressure, not
+/// the initiator's silence), it tells the keepalive it is alive this often.
+const STALL_TICK: Duration = Duration::from_millis(500);
+/// [`Clocks::data_wait`] when no write waits for data.
+const NO_DATA_WAIT: u64 = u64::MAX;
+
+/// What the reader tells the keepalive, in milliseconds since `epoch`: when the
+/// initiator was last heard from, and since when the writes waiting for data have had
+/// none (the Data-Out timeout, [`crate::ServerSettings::data_out_timeout`]).
+struct Clocks {
+    epoch: Instant,
+    /// When the last PDU header arrived (or the reader last waited for our own
+    /// resources, see [`Session::stalled`]).
+    last_rx: AtomicU64,
+    /// When a write started waiting for data or a Data-Out last delivered some;
+    /// [`NO_DATA_WAIT`] while no write waits. Only the reader stores it.
+    data_wait: AtomicU64,
+}
+
+impl Clocks {
+    fn new() -> Clocks {
+        Clocks {
+            epoch: Instant::now(),
+            last_rx: AtomicU64::new(0),
+            data_wait: AtomicU64::new(NO_DATA_WAIT),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A PDU arrived.
+    fn heard(&self) {
+        self.last_rx.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// A Data-Out delivered data to a waiting write: the Data-Out timeout starts over.
+    fn data_progress(&self) {
+        self.data_wait.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// After a PDU was handled: no clock while nothing waits for data; one starting now
+    /// if a write has just begun waiting.
+    fn data_waiting(&self, waiting: bool) {
+        if !waiting {
+            self.data_wait.store(NO_DATA_WAIT, Ordering::Relaxed);
+        } else if self.data_wait.load(Ordering::Relaxed) == NO_DATA_WAIT {
+            self.data_progress();
+        }
+    }
+
+    /// The reader waited for the server's own resources and read nothing meanwhile:
+    /// that time is not the initiator's, so the keepalive and the Data-Out timeout do
+    /// not count it.
+    fn stalled(&self) {
+        self.heard();
+        self.data_paused();
+    }
+
+    /// The Data-Out timeout starts over if it runs: the reader was not reading.
+    fn data_paused(&self) {
+        if self.data_wait.load(Ordering::Relaxed) != NO_DATA_WAIT {
+            self.data_progress();
+        }
+    }
+}
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -239,14 +319,27 @@ async fn login_phase(
                 class: reply.header.status_class,
                 detail: reply.header.status_detail,
             };
-            shared.stats.login_failed(status.reason());
             let p = neg.params();
-            warn!(
-                initiator = %p.initiator_name,
-                target = p.target_name.as_deref().unwrap_or("-"),
-                reason = status.reason(),
-                "login refused"
-            );
+            if let Some(bad) = neg.refused_name() {
+                // The name came from the network and failed the checks: it is shown
+                // escaped and cut (a newline in it must not forge a log line).
+                shared.stats.login_failed("bad iSCSI name");
+                warn!(
+                    key = bad.key,
+                    name = %Loggable(&bad.name),
+                    error = %bad.error,
+                    reason = status.reason(),
+                    "login refused: not an iSCSI name"
+                );
+            } else {
+                shared.stats.login_failed(status.reason());
+                warn!(
+                    initiator = %Loggable(&p.initiator_name),
+                    target = %Loggable(p.target_name.as_deref().unwrap_or("-")),
+                    reason = status.reason(),
+                    "login refused"
+                );
+            }
             let _ = wr.flush().await;
             return Ok(None);
         }
@@ -324,6 +417,8 @@ struct WriteTask {
     failed: bool,
     /// When its SCSI Command PDU arrived (latency is counted from there).
     arrived: Instant,
+    /// Its share of the server's buffer budget.
+    buffers: BufferPermit,
 }
 
 /// A command handed to the SCSI layer.
@@ -364,7 +459,8 @@ struct Session {
     /// Woken when a command completes (logout and abort wait on it).
     completed: Arc<Notify>,
     next_ttt: u32,
-    last_rx: Arc<AtomicU64>,
+    /// Shared with the keepalive, which drops the connection when they run out.
+    clocks: Arc<Clocks>,
     local: Option<SocketAddr>,
     text_continuation: Option<(u32, Bytes)>,
     cid: Option<u16>,
@@ -447,15 +543,14 @@ async fn full_feature(
         data_digest = params.data_digest,
         "session established"
     );
-    let last_rx = Arc::new(AtomicU64::new(0));
-    let epoch = Instant::now();
+    let clocks = Arc::new(Clocks::new());
     let keepalive = tokio::spawn(keepalive(
         shared.clone(),
         out_tx.clone(),
         kill.clone(),
         logout,
-        last_rx.clone(),
-        epoch,
+        clocks.clone(),
+        params.initiator_name.clone(),
     ));
     let mut s = Session {
         shared: shared.clone(),
@@ -469,7 +564,7 @@ async fn full_feature(
         executing,
         completed: Arc::new(Notify::new()),
         next_ttt: 1,
-        last_rx,
+        clocks,
         local,
         text_continuation: None,
         cid: None,
@@ -487,8 +582,7 @@ async fn full_feature(
             }
             Err(e) => break Err(e.into()),
         };
-        s.last_rx
-            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        s.clocks.heard();
         // A PDU whose data never arrives must not pin the session past a kill.
         let handled = tokio::select! {
             r = s.handle(&mut rd, bhs) => r,
@@ -497,6 +591,7 @@ async fn full_feature(
         if let Err(e) = handled {
             break Err(e);
         }
+        s.clocks.data_waiting(!s.receiving.is_empty());
     };
     match &result {
         Ok(()) => info!("session ended by the target"),
@@ -514,17 +609,38 @@ async fn full_feature(
     let _ = ended_tx.send(true);
 }
 
-/// Target-initiated NOP-In pings (RFC 7143 §11.19) and the logout request at shutdown.
+/// Target-initiated NOP-In pings (RFC 7143 §11.19), the Data-Out timeout and the logout
+/// request at shutdown.
+///
+/// The Data-Out timeout: while writes wait for their data, some Data-Out must deliver
+/// part of it every [`crate::ServerSettings::data_out_timeout`], or the connection is
+/// dropped. Any in-sequence Data-Out with data for any waiting write counts (a healthy
+/// initiator serves R2Ts one task after another, so a single task may wait for the
+/// others' data), and nothing else does: an initiator that answers pings and sends other
+/// commands but never the data would otherwise hold its writes' buffers forever. A
+/// target at ErrorRecoveryLevel 0 cannot ask for the data again (no recovery R2T, RFC
+/// 7143 §7.1.4.1); its recovery is to end the connection and with it the session's tasks
+/// (§7.1.5), which gives their share of the buffer budget back.
 async fn keepalive(
     shared: Arc<Shared>,
     out: mpsc::Sender<Out>,
     kill: Arc<Notify>,
     logout: Arc<Notify>,
-    last_rx: Arc<AtomicU64>,
-    epoch: Instant,
+    clocks: Arc<Clocks>,
+    initiator: String,
 ) {
     let interval = shared.settings.nop_interval.max(Duration::from_millis(100));
     let timeout = shared.settings.nop_timeout;
+    let data_out_timeout = shared
+        .settings
+        .data_out_timeout
+        .max(Duration::from_millis(100));
+    // Checked four times per Data-Out timeout: a connection is dropped at most a quarter
+    // of it late.
+    let tick = interval
+        .min(timeout)
+        .min(data_out_timeout / 4)
+        .max(Duration::from_millis(50));
     let mut shutdown = shared.shutting_down.subscribe();
     let mut ttt: u32 = 0x4000_0000;
     let mut ping_sent_at: Option<u64> = None;
@@ -542,7 +658,7 @@ async fn keepalive(
     };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(interval.min(timeout).max(Duration::from_millis(50))) => {}
+            _ = tokio::time::sleep(tick) => {}
             r = async {
                 tokio::select! {
                     r = shutdown.wait_for(|s| *s) => r.is_ok(),
@@ -563,8 +679,23 @@ async fn keepalive(
                 continue;
             }
         }
-        let now = epoch.elapsed().as_millis() as u64;
-        let last = last_rx.load(Ordering::Relaxed);
+        let now = clocks.now();
+        let data_wait = clocks.data_wait.load(Ordering::Relaxed);
+        if data_wait != NO_DATA_WAIT
+            && now.saturating_sub(data_wait) >= data_out_timeout.as_millis() as u64
+        {
+            shared
+                .stats
+                .data_out_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                initiator = %Loggable(&initiator),
+                "no Data-Out for the writes waiting for data within {data_out_timeout:?}; dropping the connection"
+            );
+            kill.notify_one();
+            return;
+        }
+        let last = clocks.last_rx.load(Ordering::Relaxed);
         match ping_sent_at {
             Some(sent) if last < sent => {
                 if now.saturating_sub(sent) >= timeout.as_millis() as u64 {
@@ -757,6 +888,18 @@ impl Session {
         }
     }
 
+    /// Whether this session's target lets initiators reset it. When it does not, TARGET
+    /// WARM RESET and TARGET COLD RESET are answered "Function authorization failed" (6,
+    /// RFC 7143 §11.6.1), not "Task management function not supported" (5): the
+    /// functions are implemented and other targets allow them, so what fails is this
+    /// initiator's authority over this target. RFC 7143 §11.5.1 subjects TARGET WARM
+    /// RESET to access controls with exactly this answer, and leaves TARGET COLD RESET's
+    /// privileges to "iSCSI mechanisms" such as this setting; LIO answers the same for
+    /// both. Both codes map to the SCSI service response FUNCTION REJECTED.
+    fn target_reset_allowed(&self) -> bool {
+        self.target.as_ref().is_some_and(|t| t.allow_target_reset)
+    }
+
     fn nexus_and_device(&self) -> Option<(Arc<ItNexus>, Arc<scsi::TargetDevice>)> {
         Some((self.nexus.clone()?, self.target.as_ref()?.device.clone()))
     }
@@ -778,15 +921,26 @@ impl Session {
         if !self.accept_cmd_sn(cmd.cmd_sn, cmd.immediate) {
             return self.skip_data(rd, &bhs).await;
         }
+        if cmd.immediate && self.window.immediate_in_flight() >= IMMEDIATE_COMMANDS_MAX {
+            self.shared
+                .stats
+                .immediate_rejects
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(
+                itt = cmd.itt,
+                limit = IMMEDIATE_COMMANDS_MAX,
+                "too many immediate commands; rejecting"
+            );
+            self.skip_data(rd, &bhs).await?;
+            return self.reject(reject::IMMEDIATE_COMMAND_REJECT, &bhs).await;
+        }
         if dlen > 0
             && (!cmd.write
                 || !self.params.immediate_data
                 || dlen as u32 > cmd.expected_data_transfer_length)
         {
             self.skip_data(rd, &bhs).await?;
-            if !cmd.immediate {
-                self.window.in_flight.fetch_add(1, Ordering::AcqRel);
-            }
+            self.window.task_started(cmd.immediate);
             self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB)
                 .await;
             return self.reject(reject::PROTOCOL_ERROR, &bhs).await;
@@ -795,15 +949,10 @@ impl Session {
             self.skip_data(rd, &bhs).await?;
             return self.reject(reject::TASK_IN_PROGRESS, &bhs).await;
         }
-        if !cmd.immediate {
-            self.window.in_flight.fetch_add(1, Ordering::AcqRel);
-        }
+        self.window.task_started(cmd.immediate);
         let edtl = cmd.expected_data_transfer_length;
-        if !(cmd.write && edtl > 0) {
-            self.dispatch(cmd, Bytes::new(), arrived);
-            return Ok(());
-        }
-        if edtl > WRITE_BYTES_MAX {
+        let write = cmd.write && edtl > 0;
+        if write && edtl > WRITE_BYTES_MAX {
             self.skip_data(rd, &bhs).await?;
             self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB)
                 .await;
@@ -813,18 +962,19 @@ impl Session {
         // (queue depth × the largest EDTL would be gigabytes): past the bound the
         // initiator gets TASK SET FULL and retries later (SAM-5 §5.3.1).
         let pending: u64 = self.receiving.values().map(|t| t.buf.len() as u64).sum();
-        if pending + u64::from(edtl) > PENDING_WRITE_BYTES_MAX {
+        if write && pending + u64::from(edtl) > PENDING_WRITE_BYTES_MAX {
             self.skip_data(rd, &bhs).await?;
-            let full = scsi::ScsiResponse {
-                status: ScsiStatus::TaskSetFull,
-                sense: None,
-                data_in: Bytes::new(),
-            };
-            let pdus = build_response(&cmd, None, full, &self.params);
-            if !cmd.immediate {
-                self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
-            return self.send(pdus).await;
+            return self.task_set_full(&cmd).await;
+        }
+        // The data buffer (write data to collect, or read data to send) comes out of the
+        // server-wide budget before it exists.
+        let Some(buffers) = self.reserve_buffers(edtl).await else {
+            self.skip_data(rd, &bhs).await?;
+            return self.task_set_full(&cmd).await;
+        };
+        if !write {
+            self.dispatch(cmd, Bytes::new(), arrived, buffers).await;
+            return Ok(());
         }
         let mut buf = BytesMut::zeroed(edtl as usize);
         if dlen > 0 {
@@ -854,10 +1004,12 @@ impl Session {
             r2t_sn: 0,
             failed: false,
             arrived,
+            buffers,
         };
         if task.received == edtl {
             let data = task.buf.freeze();
-            self.dispatch(task.cmd, data, task.arrived);
+            self.dispatch(task.cmd, data, task.arrived, task.buffers)
+                .await;
             return Ok(());
         }
         let r2ts = self.issue_r2ts(&mut task);
@@ -867,6 +1019,73 @@ impl Session {
             self.send(r2ts).await?;
         }
         Ok(())
+    }
+
+    /// Answers a command TASK SET FULL (SAM-5 §5.3.1): the initiator retries it later.
+    async fn task_set_full(&self, cmd: &ScsiCommand) -> Result<(), ConnError> {
+        let full = scsi::ScsiResponse {
+            status: ScsiStatus::TaskSetFull,
+            sense: None,
+            data_in: Bytes::new(),
+        };
+        let pdus = build_response(cmd, None, full, &self.params);
+        self.window.task_ended(cmd.immediate);
+        self.send(pdus).await
+    }
+
+    /// `bytes` of the server-wide buffer budget for one command: at once if free, else
+    /// after waiting for other commands to give theirs back. `None` means answer TASK SET
+    /// FULL instead of waiting: this session has writes waiting for Data-Out, which only
+    /// this reader can receive, so if it stopped here to wait for budget those writes
+    /// (holding budget themselves) could never finish, and with several sessions in the
+    /// same state nothing would. A reader that waits therefore holds no budget that
+    /// depends on its own progress: every byte it waits for belongs to a command that is
+    /// executing, to Data-In on its way out, or to another session that is still reading.
+    async fn reserve_buffers(&self, bytes: u32) -> Option<BufferPermit> {
+        if let Some(p) = self.shared.buffers.try_reserve(bytes) {
+            return Some(p);
+        }
+        if !self.receiving.is_empty() {
+            self.shared
+                .stats
+                .buffer_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.shared
+            .stats
+            .buffer_waits
+            .fetch_add(1, Ordering::Relaxed);
+        self.stalled(self.shared.buffers.reserve(bytes)).await
+    }
+
+    /// A slot in the I/O threads' queue, waiting for one if the queue is full.
+    async fn job_slot(&self) -> Option<JobSlot> {
+        if let Some(slot) = self.shared.io.try_slot() {
+            return Some(slot);
+        }
+        self.shared
+            .stats
+            .io_queue_waits
+            .fetch_add(1, Ordering::Relaxed);
+        self.stalled(self.shared.io.slot()).await
+    }
+
+    /// Runs `f`, which waits for the server's resources, telling the keepalive every
+    /// [`STALL_TICK`] that the connection is alive: it is this target that is not reading
+    /// the socket, and an initiator must not be dropped for the answer to a ping, or the
+    /// Data-Out of a waiting write, that sits unread in it.
+    async fn stalled<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(f);
+        loop {
+            tokio::select! {
+                v = &mut f => {
+                    self.clocks.data_paused();
+                    return v;
+                }
+                _ = tokio::time::sleep(STALL_TICK) => self.clocks.stalled(),
+            }
+        }
     }
 
     fn executing_contains(&self, itt: u32) -> bool {
@@ -968,6 +1187,9 @@ impl Session {
         }
         seq.next_data_sn = seq.next_data_sn.wrapping_add(1);
         seq.next_offset += len as u32;
+        if len > 0 {
+            self.clocks.data_progress();
+        }
         let seq_done = seq.next_offset == seq.end;
         if d.final_bit && !seq_done {
             return self.fail_write_on_final(d.itt, true).await;
@@ -994,7 +1216,7 @@ impl Session {
         if complete {
             if let Some(t) = self.receiving.remove(&d.itt) {
                 let data = t.buf.freeze();
-                self.dispatch(t.cmd, data, t.arrived);
+                self.dispatch(t.cmd, data, t.arrived, t.buffers).await;
             }
         }
         // A task failed earlier in its data ends when a sequence of it ends or all its
@@ -1030,22 +1252,34 @@ impl Session {
     async fn respond_check_condition(&self, cmd: &ScsiCommand, sense: scsi::Sense) {
         let resp = scsi::check_condition(sense);
         let pdus = build_response(cmd, None, resp, &self.params);
-        if !cmd.immediate {
-            self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.window.task_ended(cmd.immediate);
         let _ = self.send(pdus).await;
     }
 
     /// Hands a command with all its data to the SCSI layer on the blocking pool; the
-    /// completion queues the response.
-    fn dispatch(&mut self, cmd: ScsiCommand, data: Bytes, arrived: Instant) {
+    /// completion queues the response, which carries `buffers` to the writer. Waits for a
+    /// place in the pool's queue if it is full.
+    async fn dispatch(
+        &mut self,
+        cmd: ScsiCommand,
+        data: Bytes,
+        arrived: Instant,
+        buffers: BufferPermit,
+    ) {
         let Some((nexus, device)) = self.nexus_and_device() else {
             // Discovery sessions never get here (SCSI commands are rejected there).
             debug_assert!(false, "dispatch without a target");
-            if !cmd.immediate {
-                self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
+            self.window.task_ended(cmd.immediate);
             return;
+        };
+        // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
+        // not take one of the few I/O threads every other command needs, so it runs on
+        // tokio's blocking threads (rare, and bounded by the sessions' windows). Taken
+        // before the task is registered, so a wait cancelled by a kill leaves nothing.
+        let slot = if cmd.cdb[0] == SANITIZE {
+            None
+        } else {
+            self.job_slot().await
         };
         let lun = Lun::from_field(cmd.lun).0;
         self.executing
@@ -1060,9 +1294,9 @@ impl Session {
             );
         let executing = self.executing.clone();
         let shared = self.shared.clone();
+        let hide_target_reset = !self.target_reset_allowed();
         let target = self.target.clone();
         let runtime = tokio::runtime::Handle::current();
-        let cmd_opcode = cmd.cdb[0];
         let window = self.window.clone();
         let out = self.out.clone();
         let params = self.params.clone();
@@ -1111,19 +1345,22 @@ impl Session {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&itt);
-                    if !immediate {
-                        window.in_flight.fetch_sub(1, Ordering::AcqRel);
-                    }
+                    window.task_ended(immediate);
                     completed.notify_waiters();
                 };
                 if aborted {
                     finish();
                     return;
                 }
+                let resp = if hide_target_reset {
+                    without_target_reset(&cmd.cdb, resp)
+                } else {
+                    resp
+                };
                 let pdus = build_response(&cmd, needed, resp, &params);
                 // Never block an I/O thread on one slow initiator's full send queue: the
                 // other sessions share these threads (DESIGN.md invariant 4).
-                match out.try_send(Out::Pdus(pdus)) {
+                match out.try_send(Out::Response(pdus, buffers)) {
                     Err(mpsc::error::TrySendError::Full(msg)) => {
                         runtime.spawn(async move {
                             let _ = out.send(msg).await;
@@ -1143,12 +1380,10 @@ impl Session {
                 tracing::error!(cdb = ?cdb, "SCSI command handler panicked");
             }
         };
-        // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
-        // not take one of the few I/O threads every other command needs.
-        if cmd_opcode == SANITIZE {
-            tokio::task::spawn_blocking(job);
-        } else {
-            self.shared.io.spawn(job);
+        match slot {
+            Some(slot) => self.shared.io.spawn(slot, job),
+            // SANITIZE (the pool never shuts its queue while a session runs).
+            None => drop(tokio::task::spawn_blocking(job)),
         }
     }
 
@@ -1250,7 +1485,9 @@ impl Session {
         let response = if response == 0 {
             // Commands in flight finish before the session goes (RFC 7143 §11.14); if
             // they cannot, say "cleanup failed" rather than pretend they are gone.
-            self.receiving.clear();
+            for (_, t) in self.receiving.drain() {
+                self.window.task_ended(t.cmd.immediate);
+            }
             if self.wait_idle(TASK_WAIT_MAX).await {
                 0
             } else {
@@ -1314,9 +1551,7 @@ impl Session {
             .collect();
         for itt in doomed {
             if let Some(t) = self.receiving.remove(&itt) {
-                if !t.cmd.immediate {
-                    self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
-                }
+                self.window.task_ended(t.cmd.immediate);
                 n += 1;
             }
         }
@@ -1394,6 +1629,17 @@ impl Session {
                     .await;
                     complete_or_rejected(idle)
                 }
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET if !self.target_reset_allowed() => {
+                self.shared
+                    .stats
+                    .target_resets_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    function = req.function,
+                    "target reset refused: not allowed on this target (allow_target_reset)"
+                );
+                tmf::RESP_AUTH_FAILED
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                 let cold = req.function == tmf::TARGET_COLD_RESET;
@@ -1526,6 +1772,29 @@ fn build_response(
         pdus.push(OutPdu::new(r.to_bhs(), sense_data, StatSn::Advance));
     }
     pdus
+}
+
+/// REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-4 §6.39) for a target that refuses
+/// target resets (see [`Session::target_reset_allowed`]): the SCSI layer reports what the
+/// iSCSI transport offers, TARGET RESET included (TRS, bit 1 of byte 0; iSCSI's TARGET
+/// WARM RESET), but an initiator told so would only learn otherwise from a refusal.
+/// Other answers pass unchanged.
+fn without_target_reset(cdb: &[u8; 16], mut resp: scsi::ScsiResponse) -> scsi::ScsiResponse {
+    use scsi::cdb::opcode::{MAINTENANCE_IN, SA_REPORT_SUPPORTED_TMFS};
+    /// TRS, in byte 0 of both formats of the parameter data.
+    const TRS: u8 = 0x02;
+    let report_tmfs = cdb[0] == MAINTENANCE_IN && cdb[1] & 0x1f == SA_REPORT_SUPPORTED_TMFS;
+    if report_tmfs
+        && resp.status == ScsiStatus::Good
+        && resp.data_in.first().is_some_and(|b| b & TRS != 0)
+    {
+        let mut data = BytesMut::from(&resp.data_in[..]);
+        if let Some(b) = data.first_mut() {
+            *b &= !TRS;
+        }
+        resp.data_in = data.freeze();
+    }
+    resp
 }
 
 /// "Function complete" promises the aborted tasks no longer exist (SAM-5 §7.1); when a

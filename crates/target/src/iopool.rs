@@ -5,9 +5,17 @@
 //! most of the target's CPU time in context switches. Here a few workers take commands
 //! from one queue back to back and sleep only when it is empty, so a busy target wakes a
 //! thread only when one is idle.
+//!
+//! The queue is bounded (DESIGN.md invariant 6): a job needs a [`JobSlot`], taken before
+//! it is queued and given back when it has run. A connection task that finds no slot
+//! waits for one, so it stops reading its socket and TCP pushes back on the initiator,
+//! instead of the queue growing with every command the initiators send faster than the
+//! disks complete them. Taking a free slot is one atomic compare-and-swap.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -22,11 +30,17 @@ struct Inner {
     ready: Condvar,
 }
 
+/// One place in the pool (queued or running); the job gives it back when it returns.
+#[derive(Debug)]
+pub(crate) struct JobSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+
 /// A pool of worker threads; dropping the last handle lets the workers finish the
 /// queue and exit.
 #[derive(Clone)]
 pub(crate) struct IoPool {
     inner: Arc<Inner>,
+    /// Jobs queued or running, at most the number it was created with.
+    slots: Arc<Semaphore>,
     _closer: Arc<Closer>,
 }
 
@@ -44,8 +58,11 @@ impl Drop for Closer {
 }
 
 impl IoPool {
-    /// Starts `threads` workers (at least one).
-    pub fn new(threads: usize) -> std::io::Result<IoPool> {
+    /// Starts `threads` workers (at least one) that hold at most `jobs_max` jobs, queued
+    /// and running together (at least one per thread).
+    pub fn new(threads: usize, jobs_max: usize) -> std::io::Result<IoPool> {
+        let threads = threads.max(1);
+        let jobs_max = jobs_max.clamp(threads, Semaphore::MAX_PERMITS);
         let inner = Arc::new(Inner {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
@@ -54,7 +71,7 @@ impl IoPool {
             }),
             ready: Condvar::new(),
         });
-        for i in 0..threads.max(1) {
+        for i in 0..threads {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name(format!("bulwark-io-{i}"))
@@ -63,11 +80,31 @@ impl IoPool {
         Ok(IoPool {
             _closer: Arc::new(Closer(inner.clone())),
             inner,
+            slots: Arc::new(Semaphore::new(jobs_max)),
         })
     }
 
-    /// Queues a job; wakes a worker only if one is waiting.
-    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+    /// A slot for one job, at once if one is free, else when a job returns. `None` only
+    /// if the pool was shut down (its semaphore is never closed, so: never).
+    pub async fn slot(&self) -> Option<JobSlot> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Some(JobSlot(p));
+        }
+        self.slots.clone().acquire_owned().await.ok().map(JobSlot)
+    }
+
+    /// A slot if one is free now.
+    pub fn try_slot(&self) -> Option<JobSlot> {
+        self.slots.clone().try_acquire_owned().ok().map(JobSlot)
+    }
+
+    /// Queues a job in `slot`; wakes a worker only if one is waiting. The slot is given
+    /// back when the job returns (or unwinds).
+    pub fn spawn(&self, slot: JobSlot, job: impl FnOnce() + Send + 'static) {
+        let job = move || {
+            job();
+            drop(slot);
+        };
         let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
         q.jobs.push_back(Box::new(job));
         let wake = q.idle > 0;
@@ -104,15 +141,16 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[test]
-    fn runs_every_job() {
-        let pool = IoPool::new(3).unwrap();
+    #[tokio::test]
+    async fn runs_every_job() {
+        let pool = IoPool::new(3, 8).unwrap();
         let n = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..1000 {
             let n = n.clone();
             let tx = tx.clone();
-            pool.spawn(move || {
+            let slot = pool.slot().await.unwrap();
+            pool.spawn(slot, move || {
                 n.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.send(());
             });
@@ -121,5 +159,46 @@ mod tests {
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
         }
         assert_eq!(n.load(Ordering::Relaxed), 1000);
+    }
+
+    /// With every slot taken by jobs that cannot finish yet, a submitter waits instead of
+    /// queueing; it goes on as soon as one job returns, and a panicking job gives its slot
+    /// back too.
+    #[tokio::test]
+    async fn a_full_queue_makes_the_submitter_wait() {
+        let pool = IoPool::new(2, 4).unwrap();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        for _ in 0..4 {
+            let gate = gate.clone();
+            let slot = pool.try_slot().expect("a free slot");
+            pool.spawn(slot, move || {
+                let (open, cv) = &*gate;
+                let mut g = open.lock().unwrap();
+                while !*g {
+                    g = cv.wait(g).unwrap();
+                }
+            });
+        }
+        assert!(pool.try_slot().is_none(), "the queue is full");
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(200), pool.slot());
+        assert!(waiting.await.is_err(), "the submitter must wait");
+        {
+            let (open, cv) = &*gate;
+            *open.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        let slot = tokio::time::timeout(std::time::Duration::from_secs(5), pool.slot())
+            .await
+            .expect("a slot comes back when a job returns")
+            .unwrap();
+        pool.spawn(slot, || panic!("a job that panics"));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let s = tokio::time::timeout(std::time::Duration::from_secs(5), pool.slot())
+                .await
+                .expect("every slot comes back, the panicking job's too")
+                .unwrap();
+            held.push(s);
+        }
     }
 }

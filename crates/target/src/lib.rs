@@ -6,6 +6,7 @@
 //! where blocks live.
 #![warn(missing_docs)]
 
+mod budget;
 mod conn;
 mod discovery;
 mod iopool;
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use budget::BUFFER_BYTES_MAX_DEFAULT;
 pub use iscsi_proto::login::{ChapAccount, TargetLimits};
 pub use registry::{ServerStats, SessionInfo};
 
@@ -51,6 +53,16 @@ pub struct TargetConfig {
     pub allowed_initiators: Option<Vec<String>>,
     /// CHAP accounts bound to the target; empty means no authentication.
     pub chap: Vec<ChapAccount>,
+    /// Whether initiators may reset the whole target with the task management functions
+    /// TARGET WARM RESET and TARGET COLD RESET (RFC 7143 §11.5.1). Off unless the
+    /// administrator turns it on, as in LIO: a target reset aborts every task of every
+    /// initiator on every logical unit, and a cold reset also ends all their sessions,
+    /// so one initiator could disturb all the others. Refused, they are answered
+    /// "Function authorization failed"; a Linux initiator then escalates to a session
+    /// reset (re-login), which touches only its own session. Conformance suites that
+    /// test target resets (libiscsi's Reserve6.Target*Reset, PreventAllow.*Reset) need
+    /// it on.
+    pub allow_target_reset: bool,
 }
 
 /// Server-wide settings.
@@ -66,13 +78,47 @@ pub struct ServerSettings {
     pub login_timeout: Duration,
     /// Connections accepted at once; more are closed at accept.
     pub max_connections: usize,
+    /// Connections accepted at once from one source address. A host logs in to each
+    /// target it uses over each path, so this is generous; it keeps a flood (or a
+    /// slowloris of logins) from one address from taking every slot.
+    pub max_connections_per_source: usize,
     /// Operational limits offered in login.
     pub limits: TargetLimits,
     /// CHAP accounts required for discovery sessions; empty means none.
     pub discovery_chap: Vec<ChapAccount>,
     /// Threads that execute SCSI commands (blocking disk I/O); 0 picks twice the CPUs.
+    /// Their queue holds at most twice as many commands as there are threads plus one
+    /// session's `queue_depth` (see `iopool`); past that, connections wait.
     pub io_threads: usize,
+    /// Bytes all sessions together may hold in data buffers of commands in flight (write
+    /// data being collected, read data waiting to be sent); commands past it wait.
+    /// Default [`BUFFER_BYTES_MAX_DEFAULT`] (1 GiB; why, see there).
+    pub buffer_bytes_max: u64,
+    /// How long a connection with writes waiting for their data (solicited by R2T, or
+    /// unsolicited) may go without a Data-Out PDU that delivers some of it before the
+    /// connection is dropped. At ErrorRecoveryLevel 0 a target has no recovery R2T for
+    /// data that does not come (RFC 7143 §7.1.4.1, §7.1.5): it ends the connection, and
+    /// the session's tasks, with their share of the buffer budget, end with it. Without
+    /// this bound an initiator that sends WRITE commands and never their data holds
+    /// [`ServerSettings::buffer_bytes_max`] budget for as long as it answers pings.
+    /// Connections with no write waiting for data are never closed by it. Default
+    /// [`DATA_OUT_TIMEOUT_DEFAULT`] (20 s; why, see there).
+    pub data_out_timeout: Duration,
 }
+
+/// Default for [`ServerSettings::data_out_timeout`]: 20 s. A healthy initiator sends the
+/// data of a write as soon as the R2T arrives, so the gap between two Data-Out PDUs on
+/// a connection with writes waiting is about one PDU's transfer time (a 16 MiB segment
+/// takes 1.3 s even at 100 Mb/s), plus the Data-In queued ahead of a new write's R2T —
+/// bounded by the buffer budget, 1 GiB, about 9 s at 1 Gb/s and 1 s at 10 Gb/s — plus
+/// whatever stalls the network or the host add: TCP's retransmission backoff needs about
+/// 12 s to lose the same segment six times in a row (0.2 + 0.4 + … + 6.4 s). 20 s is past
+/// all of that, and equals the time the NOP-In keepalive gives a silent connection with
+/// the default settings (`nop_interval` + `nop_timeout`), so an initiator in trouble is
+/// treated the same whether it answers pings or not. LIO allows 3 s (`dataout_timeout`)
+/// and at ErrorRecoveryLevel 0 then drops the connection; this is more forgiving, and
+/// still bounds how long a hostile connection holds budget to about 20 s, not forever.
+pub const DATA_OUT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(20);
 
 impl Default for ServerSettings {
     fn default() -> Self {
@@ -82,9 +128,12 @@ impl Default for ServerSettings {
             nop_timeout: Duration::from_secs(15),
             login_timeout: Duration::from_secs(15),
             max_connections: 1024,
+            max_connections_per_source: 256,
             limits: TargetLimits::default(),
             discovery_chap: Vec::new(),
             io_threads: 0,
+            buffer_bytes_max: BUFFER_BYTES_MAX_DEFAULT,
+            data_out_timeout: DATA_OUT_TIMEOUT_DEFAULT,
         }
     }
 }
@@ -231,12 +280,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let Some(guard) = shared.try_admit_connection() else {
-            shared
+        let Some(guard) = shared.try_admit_connection(peer.ip()) else {
+            let refused = shared
                 .stats
                 .connections_refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            warn!(%peer, "connection limit reached; closing new connection");
+            // Logged for the first and then every 1000th: a flood must not flood the log.
+            if refused.is_multiple_of(1000) {
+                warn!(%peer, refused = refused + 1, "connection limit reached (in all or for this address); closing new connections");
+            }
             drop(stream);
             continue;
         };

@@ -25,6 +25,20 @@ pub struct ServerStats {
     pub digest_errors: AtomicU64,
     /// Tasks aborted by task management.
     pub aborted_tasks: AtomicU64,
+    /// Commands whose connection waited for a place in the I/O threads' queue.
+    pub io_queue_waits: AtomicU64,
+    /// Commands whose connection waited for the server-wide buffer budget.
+    pub buffer_waits: AtomicU64,
+    /// Commands answered TASK SET FULL because the buffer budget was used up while their
+    /// session had writes waiting for data (waiting then could deadlock, see `conn`).
+    pub buffer_refusals: AtomicU64,
+    /// Immediate SCSI commands rejected beyond the per-session limit.
+    pub immediate_rejects: AtomicU64,
+    /// TARGET WARM/COLD RESET refused because the target does not allow them.
+    pub target_resets_refused: AtomicU64,
+    /// Connections dropped because writes waited for Data-Out longer than
+    /// [`crate::ServerSettings::data_out_timeout`].
+    pub data_out_timeouts: AtomicU64,
     /// Failed logins by reason ([`iscsi_proto::login::LoginStatus::reason`], "timeout"
     /// or "protocol error"); logins are rare enough for a lock.
     login_failure_reasons: Mutex<BTreeMap<&'static str, u64>>,
@@ -89,10 +103,14 @@ pub(crate) struct Shared {
     pub settings: ServerSettings,
     /// Runs SCSI commands off the async runtime.
     pub io: crate::iopool::IoPool,
+    /// Bytes of data buffers of commands in flight, across sessions.
+    pub buffers: crate::budget::BufferBudget,
     targets: RwLock<BTreeMap<String, Arc<TargetConfig>>>,
     sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
     next_tsih: AtomicU16,
     connections: AtomicUsize,
+    /// Connections held per source address (the per-source cap).
+    connections_by_source: Mutex<HashMap<std::net::IpAddr, usize>>,
     pub stats: ServerStats,
     /// Flips to true at shutdown; connections ask their initiators to log out.
     pub shutting_down: watch::Sender<bool>,
@@ -101,11 +119,26 @@ pub(crate) struct Shared {
 /// Holds one slot of the connection limit.
 pub(crate) struct ConnectionGuard {
     shared: Arc<Shared>,
+    /// The source address it counts against, once admitted.
+    source: Option<std::net::IpAddr>,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.source {
+            let mut m = self
+                .shared
+                .connections_by_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
     }
 }
 
@@ -115,28 +148,57 @@ impl Shared {
             0 => std::thread::available_parallelism().map_or(4, |n| n.get() * 2),
             n => n,
         };
+        // Every thread busy with one more command ready behind it, plus a whole session's
+        // CmdSN window: one initiator at full queue depth never waits for the pool, and
+        // many together wait for the disks (holding their sockets) rather than pile up
+        // queued commands. Each queued command is a few hundred bytes; its data buffer
+        // is bounded separately by the buffer budget.
+        let jobs_max = threads
+            .saturating_mul(2)
+            .saturating_add(settings.queue_depth.max(1) as usize);
         // Failing to start threads at start-up leaves nothing to serve with.
         #[allow(clippy::expect_used)]
-        let io = crate::iopool::IoPool::new(threads).expect("cannot start the I/O threads");
+        let io =
+            crate::iopool::IoPool::new(threads, jobs_max).expect("cannot start the I/O threads");
         Shared {
             io,
+            buffers: crate::budget::BufferBudget::new(settings.buffer_bytes_max),
             settings,
             targets: RwLock::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_tsih: AtomicU16::new(1),
             connections: AtomicUsize::new(0),
+            connections_by_source: Mutex::default(),
             stats: ServerStats::default(),
             shutting_down: watch::channel(false).0,
         }
     }
 
-    pub fn try_admit_connection(self: &Arc<Self>) -> Option<ConnectionGuard> {
+    /// A slot for a new connection from `source`, unless the server or that source
+    /// holds its limit already (a flood from one address leaves room for the others).
+    pub fn try_admit_connection(
+        self: &Arc<Self>,
+        source: std::net::IpAddr,
+    ) -> Option<ConnectionGuard> {
         let n = self.connections.fetch_add(1, Ordering::AcqRel);
-        let guard = ConnectionGuard {
+        let mut guard = ConnectionGuard {
             shared: self.clone(),
+            source: None,
         };
         if n >= self.settings.max_connections {
             return None;
+        }
+        {
+            let mut m = self
+                .connections_by_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let held = m.entry(source).or_default();
+            if *held >= self.settings.max_connections_per_source {
+                return None;
+            }
+            *held += 1;
+            guard.source = Some(source);
         }
         self.stats
             .connections_accepted
@@ -155,7 +217,12 @@ impl Shared {
         }
         if let Some(allowed) = allowed {
             self.each_session_of(&name, |entry| {
-                if !allowed.contains(&entry.info.initiator) {
+                // Compared as at login (`discovery::allowed`): iSCSI names are
+                // case-insensitive (RFC 3722).
+                if !allowed
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(&entry.info.initiator))
+                {
                     tracing::info!(initiator = %entry.info.initiator, target = %name, "ending a session whose initiator the ACL no longer allows");
                     entry.kill.notify_one();
                 }

@@ -15,6 +15,8 @@ use iscsi_proto::SerialNumber;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::budget::BufferPermit;
+
 /// Why reading a PDU failed; each ends the connection.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ReadError {
@@ -130,6 +132,9 @@ impl OutPdu {
 pub(crate) enum Out {
     /// PDUs sent back to back.
     Pdus(Vec<OutPdu>),
+    /// A command's Data-In and status, with the share of the buffer budget its data
+    /// holds: given back once the PDUs are on the socket (or dropped with the queue).
+    Response(Vec<OutPdu>, BufferPermit),
     /// Flush and signal when everything before this was written.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
@@ -142,6 +147,8 @@ pub(crate) struct Window {
     pub max_cmd_sn: AtomicU32,
     /// Non-immediate commands received and not yet answered.
     pub in_flight: AtomicU32,
+    /// Immediate SCSI commands received and not yet answered (outside the window).
+    pub immediate_in_flight: AtomicU32,
     pub queue_depth: u32,
 }
 
@@ -151,7 +158,31 @@ impl Window {
             exp_cmd_sn: AtomicU32::new(exp_cmd_sn),
             max_cmd_sn: AtomicU32::new(exp_cmd_sn.wrapping_add(queue_depth.max(1) - 1)),
             in_flight: AtomicU32::new(0),
+            immediate_in_flight: AtomicU32::new(0),
             queue_depth: queue_depth.max(1),
+        }
+    }
+
+    /// A SCSI command was received: it counts until it is answered or dropped.
+    pub fn task_started(&self, immediate: bool) {
+        self.counter(immediate).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A SCSI command counted by [`Window::task_started`] was answered or dropped.
+    pub fn task_ended(&self, immediate: bool) {
+        self.counter(immediate).fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Immediate SCSI commands outstanding now.
+    pub fn immediate_in_flight(&self) -> u32 {
+        self.immediate_in_flight.load(Ordering::Acquire)
+    }
+
+    fn counter(&self, immediate: bool) -> &AtomicU32 {
+        if immediate {
+            &self.immediate_in_flight
+        } else {
+            &self.in_flight
         }
     }
 
@@ -184,11 +215,16 @@ pub(crate) async fn writer<W: AsyncWrite + Unpin>(
     const BATCH_PDUS_MAX: usize = 64;
     let mut batch: Vec<OutPdu> = Vec::with_capacity(BATCH_PDUS_MAX);
     let mut barriers = Vec::new();
+    let mut held: Vec<BufferPermit> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
                 Out::Pdus(p) => batch.extend(p),
+                Out::Response(p, permit) => {
+                    batch.extend(p);
+                    held.push(permit);
+                }
                 Out::Barrier(tx) => barriers.push(tx),
             }
             if batch.len() < BATCH_PDUS_MAX {
@@ -212,6 +248,8 @@ pub(crate) async fn writer<W: AsyncWrite + Unpin>(
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "initiator stopped reading")
             })??;
         batch.clear();
+        // The data is on the socket: its buffers may be reused.
+        held.clear();
         for b in barriers.drain(..) {
             let _ = b.send(());
         }

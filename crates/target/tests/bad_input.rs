@@ -35,6 +35,7 @@ async fn start(settings: ServerSettings) -> (Server, SocketAddr, tokio::sync::on
         remote_portals: Vec::new(),
         allowed_initiators: None,
         chap: Vec::new(),
+        allow_target_reset: false,
     });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let s = server.clone();

@@ -171,7 +171,11 @@ function renderVolumes() {
         act("/api/volumes/" + encodeURIComponent(v.name) + "/verify", {});
       }
     });
-    actions.append(target, move, check);
+    if (canAct) {
+      actions.append(target, move, check);
+    } else {
+      actions.textContent = "read-only";
+    }
     const primary = el("td", nodeName(v.primary) + (v.moving_to != null ? " → " + nodeName(v.moving_to) : ""), "primary");
     rows.push(row([
       v.name, human(v.size_bytes), primary, v.replicas.map(nodeName).join(", "),
@@ -240,6 +244,20 @@ async function act(url, body) {
   }
 }
 
+// Actions are shown only to a role that may use them (admin); a viewer's console reads.
+let canAct = false;
+
+async function whoami() {
+  try {
+    const r = await fetch("/api/whoami");
+    const j = await r.json();
+    canAct = j.role === "admin";
+    $("#role").textContent = j.role ? "signed in as " + j.role + (j.token ? " (token " + j.token + ")" : "") : "";
+  } catch (e) {
+    canAct = false;
+  }
+}
+
 function connect() {
   const live = $("#live");
   const source = new EventSource("/api/stream");
@@ -257,4 +275,4 @@ function connect() {
   };
 }
 
-connect();
+whoami().then(connect);

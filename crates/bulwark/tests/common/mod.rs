@@ -2,6 +2,8 @@
 //! on a 127.0.N.x block, talk to them, and kill every one of them (by pid) at the end.
 #![allow(dead_code)] // each test file uses a part
 
+pub mod load;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -127,7 +129,15 @@ impl Cluster {
 
     /// Three storage nodes on 127.0.`block`.1-3, started, all voting in Raft.
     pub async fn three_voters(block: u8) -> Cluster {
+        Cluster::three_voters_with(block, &[]).await
+    }
+
+    /// [`Cluster::three_voters`] with `extra` arguments to every `bulwark serve`.
+    pub async fn three_voters_with(block: u8, extra: &[String]) -> Cluster {
         let mut c = Cluster::new(block, 3);
+        for n in &mut c.nodes {
+            n.extra = extra.to_vec();
+        }
         c.init().await;
         c.join(1).await;
         c.join(2).await;
@@ -205,6 +215,13 @@ impl Cluster {
     }
 }
 
+/// The `bulwark serve` arguments that let the nodes run hook programs (alerts, the
+/// fence command) from `dir`, which must be owned by root and writable by nobody else
+/// (a tempdir is).
+pub fn hooks_dir_args(dir: &std::path::Path) -> Vec<String> {
+    vec!["--hooks-dir".into(), dir.display().to_string()]
+}
+
 pub async fn wait<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     loop {
@@ -227,8 +244,8 @@ pub async fn commit(admin: &AdminClient, cmd: Command) -> Applied {
         .unwrap_or_else(|r| panic!("{cmd:?} refused: {r}"))
 }
 
-/// Creates target `iqn` with `volume` as its LUN 0.
-pub async fn target_with_lun(admin: &AdminClient, iqn: &str, volume: &str) {
+/// Creates target `iqn` open to any initiator (targets admit nobody by default).
+pub async fn open_target(admin: &AdminClient, iqn: &str) {
     commit(
         admin,
         Command::CreateTarget {
@@ -237,6 +254,20 @@ pub async fn target_with_lun(admin: &AdminClient, iqn: &str, volume: &str) {
         },
     )
     .await;
+    commit(
+        admin,
+        Command::SetTargetAccess {
+            iqn: iqn.into(),
+            allow_any: Some(true),
+            allow_target_reset: None,
+        },
+    )
+    .await;
+}
+
+/// Creates target `iqn`, open to any initiator, with `volume` as its LUN 0.
+pub async fn target_with_lun(admin: &AdminClient, iqn: &str, volume: &str) {
+    open_target(admin, iqn).await;
     commit(
         admin,
         Command::AddLun {
