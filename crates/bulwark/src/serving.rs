@@ -1370,6 +1370,7 @@ impl Serving {
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate,
+            activity_log_slack: replication::ACTIVITY_LOG_SLACK,
         };
         let control = Arc::new(IsrRequests {
             node: self.node.clone(),

@@ -43,10 +43,27 @@ pub struct PrimaryConfig {
     /// Resync bandwidth per replica, in bytes per second; 0 is unlimited. Sealing (the
     /// divergent regions of a failover, which hold I/O back) is never throttled.
     pub resync_rate: u64,
+    /// How many regions the persisted activity log may carry beyond the live ones
+    /// before it is rewritten smaller ([`crate::replica::ACTIVITY_LOG_SLACK`]).
+    pub activity_log_slack: usize,
     /// Test only: acknowledge writes before the replicas have them. The simulation must
     /// catch this.
     #[cfg(test)]
     pub bug_ack_before_replicas: bool,
+    /// Test only: drop regions from the activity log once written everywhere, before
+    /// they are durable. The simulation with power cuts must catch this.
+    #[cfg(test)]
+    pub bug_forget_before_flush: bool,
+}
+
+impl PrimaryConfig {
+    /// The planted bug of the power-cut simulation; never in the product.
+    fn forgets_before_flush(&self) -> bool {
+        #[cfg(test)]
+        return self.bug_forget_before_flush;
+        #[cfg(not(test))]
+        false
+    }
 }
 
 /// What the driver must do for the primary, in order.
@@ -73,6 +90,13 @@ pub enum Action {
     },
     /// Persist this node's activity log before the local write that follows.
     PersistActivityLog(RegionSet),
+    /// Flush the local store (in the background: no initiator waits for it), then
+    /// call [`Primary::flushed`] with `mark`. Regions whose writes it covers may then
+    /// leave the activity log.
+    Flush {
+        /// What the flush covers, for [`Primary::flushed`].
+        mark: u64,
+    },
     /// Persist the map of what the replicas outside the in-sync set lack before the
     /// local write that follows.
     PersistDirtyMap(DirtyMap),
@@ -221,6 +245,8 @@ struct Write {
     offset: u64,
     len: u64,
     local_done: bool,
+    /// For a flush barrier: the local writes it covers (see [`Primary::done_count`]).
+    flush_mark: Option<u64>,
     /// In-sync (or joining) members that have not acknowledged it.
     waiting: BTreeSet<NodeId>,
 }
@@ -289,6 +315,11 @@ struct Peer {
     /// When the pending request was last sent (it is repeated until answered: the
     /// control plane may be unreachable for a while).
     requested_at: u64,
+    /// The last resync copy put in its stream, and the last flush barrier it
+    /// acknowledged: a resynced replica joins the in-sync set only once a flush covers
+    /// its copies, so every member holds every flushed write durably.
+    last_resync_seq: Seq,
+    flushed_through: Seq,
 }
 
 /// How far one replica is behind its primary.
@@ -326,6 +357,16 @@ pub struct Primary {
     released: bool,
     /// This node's activity log: region → writes in flight there.
     activity: BTreeMap<u64, u32>,
+    /// Regions written here that no completed local flush covers yet → the
+    /// `done_count` of their last write. They stay in the activity log: a power cut
+    /// may take them back to older data that only a resync repairs.
+    unflushed: BTreeMap<u64, u64>,
+    /// Local writes finished so far; a flush placed when it was `n` covers the first
+    /// `n` (a write counts once its `local_done` has run, before the flush begins).
+    done_count: u64,
+    /// A background flush is running; when the last one was placed.
+    flush_running: bool,
+    last_flush_at: u64,
     persisted_log: RegionSet,
     /// Resync reads waiting for local writes to the region to finish.
     deferred_reads: Vec<(NodeId, Seq, u64)>,
@@ -338,6 +379,12 @@ pub struct Primary {
     /// here and on every member ([`Message::DirtyMap`]).
     dirty_map: DirtyMap,
 }
+
+/// How often a background flush runs while regions wait for one (milliseconds), and
+/// how many waiting regions start one at once: together they bound the activity log,
+/// and so the resync after a power cut.
+const FLUSH_EVERY_MS: u64 = 200;
+const FLUSH_AT_REGIONS: usize = 256;
 
 /// Regions compared at once by an online verify.
 const VERIFY_WINDOW: usize = 8;
@@ -398,11 +445,22 @@ impl Primary {
                         add_requested: false,
                         remove_requested: false,
                         requested_at: 0,
+                        last_resync_seq: 0,
+                        flushed_through: 0,
                     },
                 )
             })
             .collect();
         let persisted_log = cfg.own_activity_log.clone();
+        // What this node may hold that others lack is not known to be durable either:
+        // the seal copies it everywhere, and a power cut here before the next flush
+        // would take it back.
+        let unflushed = cfg
+            .own_activity_log
+            .iter()
+            .filter(|_| !cfg.forgets_before_flush())
+            .map(|r| (r, 0))
+            .collect();
         Primary {
             in_sync: cfg.in_sync.clone(),
             seal_divergent: cfg.own_activity_log.clone(),
@@ -417,6 +475,10 @@ impl Primary {
             draining: false,
             released: false,
             activity: BTreeMap::new(),
+            unflushed,
+            done_count: 0,
+            flush_running: false,
+            last_flush_at: now,
             persisted_log,
             deferred_reads: Vec::new(),
             verify: None,
@@ -634,6 +696,7 @@ impl Primary {
                 offset,
                 len,
                 local_done: false,
+                flush_mark: flush.then_some(self.done_count),
                 waiting: members,
             },
         );
@@ -648,8 +711,19 @@ impl Primary {
     /// The local write `id` is done.
     pub fn local_done(&mut self, now: u64, id: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        let mut covered = None;
         if let Some(w) = self.writes.get_mut(&id) {
             w.local_done = true;
+            if w.len > 0 && !self.cfg.forgets_before_flush() {
+                self.done_count += 1;
+                for r in regions(w.offset, w.len, self.cfg.region_size) {
+                    self.unflushed.insert(r, self.done_count);
+                }
+            }
+            covered = w.flush_mark;
+        }
+        if let Some(mark) = covered {
+            self.forget_flushed(mark);
         }
         self.try_complete(now, id, &mut out);
         // Resync reads that waited for this write.
@@ -685,14 +759,7 @@ impl Primary {
                 }
             }
         }
-        // The persisted log shrinks lazily, as a replica's does: rewritten when it next
-        // grows; until then the superset on disk only costs a little resync.
-        if self.persisted_log.len() > self.activity.len() + 64 {
-            self.persisted_log = RegionSet::new();
-            for r in self.activity.keys() {
-                self.persisted_log.insert(*r);
-            }
-        }
+        self.shrink_persisted_log();
         out.push(Action::Complete(w.tag));
         let rs = self.cfg.region_size;
         let waited = self
@@ -832,11 +899,9 @@ impl Primary {
         });
         if done {
             self.sealing = false;
-            // Our own divergent regions are now the same everywhere.
-            self.persisted_log.clear();
-            for r in self.activity.keys() {
-                self.persisted_log.insert(*r);
-            }
+            // Our own divergent regions are now the same everywhere (those not yet
+            // durable here stay until a flush covers them).
+            self.persisted_log = self.live_log();
             out.push(Action::PersistActivityLog(self.persisted_log.clone()));
             out.push(Action::Sealed);
         }
@@ -905,6 +970,7 @@ impl Primary {
                 waits_for: Vec::new(),
             });
             peer.resync_outstanding.insert(seq);
+            peer.last_resync_seq = seq;
             reads.push((seq, region));
         }
         for (seq, region) in reads {
@@ -977,6 +1043,9 @@ impl Primary {
         peer.last_progress = now;
         let mut done_writes = Vec::new();
         for e in peer.stream.iter().filter(|e| e.seq <= seq) {
+            if e.flush {
+                peer.flushed_through = peer.flushed_through.max(e.seq);
+            }
             if let Some(w) = e.write {
                 done_writes.push(w);
             } else if peer.resync_outstanding.remove(&e.seq) {
@@ -1029,6 +1098,32 @@ impl Primary {
             && p.dirty.is_empty()
             && p.resync_outstanding.is_empty()
             && p.acked + 1 == p.next_seq;
+        if caught_up && p.flushed_through < p.last_resync_seq {
+            // Its copies are applied, perhaps not durable: a flush barrier first, so a
+            // power cut of every member cannot take a flushed write back.
+            let seq = p.next_seq;
+            p.next_seq += 1;
+            p.stream.push_back(Entry {
+                seq,
+                offset: 0,
+                data: Some(Bytes::new()),
+                write: None,
+                flush: true,
+                waits_for: Vec::new(),
+            });
+            out.push(Action::Send {
+                to: pid,
+                msg: Message::Write {
+                    epoch: self.cfg.epoch,
+                    seq,
+                    offset: 0,
+                    data: Bytes::new(),
+                    committed: 0,
+                    flush: true,
+                },
+            });
+            return;
+        }
         if caught_up && !p.add_requested && !p.remove_requested {
             p.add_requested = true;
             p.requested_at = p.last_progress;
@@ -1082,6 +1177,7 @@ impl Primary {
     /// removal from the in-sync set.
     pub fn tick(&mut self, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        self.maybe_flush(now, &mut out);
         // A primary whose in-sync set is only itself seals at once.
         self.maybe_start_seal_resync(now, &mut out);
         self.check_sealed(&mut out);
@@ -1470,10 +1566,62 @@ impl Primary {
         self.held = still;
     }
 
+    /// The activity log as it must be on disk now (a superset of every region with a
+    /// write in flight or not yet durable here).
+    pub fn persisted_log(&self) -> &RegionSet {
+        &self.persisted_log
+    }
+
     /// Starts a planned handover: new writes are refused (the initiator retries on the
     /// next primary); those in flight finish. See [`Primary::in_flight`].
     pub fn drain(&mut self) {
         self.draining = true;
+    }
+
+    /// Regions that must stay in the persisted activity log: writes in flight, and
+    /// writes no completed flush covers.
+    fn live_log(&self) -> RegionSet {
+        let mut s = RegionSet::new();
+        for r in self.activity.keys().chain(self.unflushed.keys()) {
+            s.insert(*r);
+        }
+        s
+    }
+
+    /// The persisted log shrinks lazily, as a replica's does: rewritten when it next
+    /// grows; until then the superset on disk only costs a little resync.
+    fn shrink_persisted_log(&mut self) {
+        let live = self.activity.len() + self.unflushed.len();
+        if self.persisted_log.len() > live + self.cfg.activity_log_slack {
+            self.persisted_log = self.live_log();
+        }
+    }
+
+    /// A local flush placed at `mark` completed.
+    fn forget_flushed(&mut self, mark: u64) {
+        self.unflushed.retain(|_, done| *done > mark);
+        self.shrink_persisted_log();
+    }
+
+    /// Starts a background flush when regions have waited for one long enough, or
+    /// when many wait.
+    fn maybe_flush(&mut self, now: u64, out: &mut Vec<Action>) {
+        let due = now.saturating_sub(self.last_flush_at) >= FLUSH_EVERY_MS
+            || self.unflushed.len() >= FLUSH_AT_REGIONS;
+        if self.flush_running || self.unflushed.is_empty() || !due {
+            return;
+        }
+        self.flush_running = true;
+        self.last_flush_at = now;
+        out.push(Action::Flush {
+            mark: self.done_count,
+        });
+    }
+
+    /// The background flush placed at `mark` completed (see [`Action::Flush`]).
+    pub fn flushed(&mut self, mark: u64) {
+        self.flush_running = false;
+        self.forget_flushed(mark);
     }
 
     /// Regions still to resync, over all replicas (waiting or in flight).
@@ -1602,7 +1750,9 @@ mod tests {
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate: rate,
+            activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
             bug_ack_before_replicas: false,
+            bug_forget_before_flush: false,
         };
         let mut p = Primary::new(cfg, 0);
         let mut out = p.tick(0);
@@ -1693,7 +1843,9 @@ mod tests {
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate: 0,
+            activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
             bug_ack_before_replicas: false,
+            bug_forget_before_flush: false,
         };
         let mut p = Primary::new(cfg, 0);
         let _ = p.link_up(0, 2);

@@ -24,7 +24,8 @@ pub enum ReplicaAction {
     /// these regions are resynced.
     PersistActivityLog(RegionSet),
     /// Write locally (or, for a flush barrier, flush the store), then call
-    /// [`Replica::applied`] with `seq`.
+    /// [`Replica::applied`] with `seq`. Writes are applied in order: a flush covers
+    /// every write applied before it.
     Apply {
         /// Stream position.
         seq: Seq,
@@ -69,7 +70,28 @@ pub struct Replica {
     persisted_log: RegionSet,
     /// What the replicas outside the in-sync set lack, as the primary told; persisted.
     dirty_map: crate::bitmap::DirtyMap,
+    /// The highest seq of the current epoch's stream known to be on every in-sync
+    /// member (the primary's `committed`).
+    committed: (Epoch, Seq),
+    /// The highest seq of the current epoch applied locally, and the highest one a
+    /// completed local flush covers: a region leaves the activity log only once its
+    /// last write is both committed and durable here, so a power cut never takes away
+    /// data that no activity log names (DRBD flushes before it evicts an AL extent).
+    applied: (Epoch, Seq),
+    durable: (Epoch, Seq),
+    /// Flush barriers handed to the driver and not yet reported applied.
+    barriers: std::collections::BTreeSet<Seq>,
+    /// How many regions the persisted log may hold beyond the live ones before it is
+    /// rewritten smaller (each rewrite is an fsync on the write path).
+    log_slack: usize,
+    /// Test only: forget regions once committed, durable or not. The simulation with
+    /// power cuts must catch this.
+    #[cfg(test)]
+    bug_forget_before_flush: bool,
 }
+
+/// Default of [`Replica::with_log_slack`] and `PrimaryConfig::activity_log_slack`.
+pub const ACTIVITY_LOG_SLACK: usize = 64;
 
 impl Replica {
     /// A replica that has persisted `epoch` and `activity_log` (empty for a new one).
@@ -86,7 +108,27 @@ impl Replica {
             activity,
             persisted_log: activity_log,
             dirty_map: Default::default(),
+            committed: (0, 0),
+            applied: (0, 0),
+            durable: (0, 0),
+            barriers: Default::default(),
+            log_slack: ACTIVITY_LOG_SLACK,
+            #[cfg(test)]
+            bug_forget_before_flush: false,
         }
+    }
+
+    /// How many regions the persisted activity log may carry beyond the live ones.
+    pub fn with_log_slack(mut self, slack: usize) -> Replica {
+        self.log_slack = slack;
+        self
+    }
+
+    /// Test only: the planted ordering bug (forget before flush).
+    #[cfg(test)]
+    pub fn with_bug_forget_before_flush(mut self, bug: bool) -> Replica {
+        self.bug_forget_before_flush = bug;
+        self
     }
 
     /// Starts from the map persisted before a restart.
@@ -129,6 +171,14 @@ impl Replica {
                 self.primary = Some(from);
                 self.next_seq = next_seq;
                 self.early.clear();
+                self.barriers.clear();
+                // The stream restarts at `next_seq`: later positions will carry other
+                // writes, which no earlier flush or commit covers.
+                for mark in [&mut self.applied, &mut self.durable, &mut self.committed] {
+                    if mark.0 == epoch {
+                        mark.1 = mark.1.min(next_seq.saturating_sub(1));
+                    }
+                }
                 // Only regions from older epochs are divergent: this epoch's stream is
                 // retransmitted from `next_seq` by the primary itself.
                 let mut divergent = RegionSet::new();
@@ -188,6 +238,9 @@ impl Replica {
                             ));
                         }
                     }
+                    if flush {
+                        self.barriers.insert(seq);
+                    }
                     out.push(ReplicaAction::Apply {
                         seq,
                         offset,
@@ -195,7 +248,10 @@ impl Replica {
                         flush,
                     });
                 }
-                self.forget_committed(epoch, committed);
+                if committed > 0 && (epoch, committed) > self.committed {
+                    self.committed = (epoch, committed);
+                }
+                self.forget_committed();
             }
             Message::DirtyMap { epoch, full, peers } => {
                 if epoch != self.epoch || self.primary != Some(from) {
@@ -229,8 +285,13 @@ impl Replica {
         out
     }
 
-    /// The local write of `seq` is done: acknowledge it (cumulatively).
+    /// The local write of `seq` is done: acknowledge it (cumulatively). For a flush
+    /// barrier, everything applied before it is now durable.
     pub fn applied(&mut self, seq: Seq) -> Vec<ReplicaAction> {
+        self.applied = (self.epoch, seq);
+        if self.barriers.remove(&seq) {
+            self.flushed(seq);
+        }
         match self.primary {
             Some(p) => vec![ReplicaAction::Send {
                 to: p,
@@ -243,14 +304,60 @@ impl Replica {
         }
     }
 
-    fn forget_committed(&mut self, epoch: Epoch, committed: Seq) {
+    /// The highest seq applied so far, when some region of the activity log waits
+    /// only for a local flush: the driver flushes the store (in the background, at its
+    /// own pace) and then calls [`Replica::flushed`] with it.
+    pub fn flush_due(&self) -> Option<Seq> {
+        let (epoch, applied) = self.applied;
+        if epoch != self.epoch || applied <= self.durable.1 && self.durable.0 == epoch {
+            return None;
+        }
         self.activity
-            .retain(|_, (e, s)| !(*e == epoch && *s <= committed));
+            .values()
+            .any(|(e, s)| *e == epoch && *s <= applied)
+            .then_some(applied)
+    }
+
+    /// A local flush that began after `seq` was applied has completed.
+    pub fn flushed(&mut self, seq: Seq) {
+        if (self.epoch, seq) > self.durable {
+            self.durable = (self.epoch, seq);
+        }
+        self.forget_committed();
+    }
+
+    /// Regions whose last write is on every in-sync member and durable here leave the
+    /// activity log.
+    fn forget_committed(&mut self) {
+        let (epoch, committed) = self.committed;
+        if epoch == 0 || epoch != self.epoch {
+            // Nothing of this epoch's stream is known committed yet; regions from
+            // before a restart are kept until a seal rewrites them.
+            return;
+        }
+        #[cfg(test)]
+        let durable = if self.bug_forget_before_flush {
+            Seq::MAX
+        } else {
+            self.durable_in(epoch)
+        };
+        #[cfg(not(test))]
+        let durable = self.durable_in(epoch);
+        self.activity
+            .retain(|_, (e, s)| !(*e == epoch && *s <= committed && *s <= durable));
         // The persisted log shrinks lazily: it is rewritten when it next grows, and a
         // stale superset only costs a little resync after a crash.
         let live = self.activity_log();
-        if self.persisted_log.len() > live.len() + 64 {
+        if self.persisted_log.len() > live.len() + self.log_slack {
             self.persisted_log = live;
+        }
+    }
+
+    fn durable_in(&self, epoch: Epoch) -> Seq {
+        if self.durable.0 == epoch {
+            self.durable.1
+        } else {
+            0
         }
     }
 }

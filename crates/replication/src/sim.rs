@@ -1,10 +1,18 @@
 //! Deterministic simulation of the replication protocol with its control plane.
 //!
 //! Three nodes replicate one small volume. A seeded random schedule crashes and
-//! restarts nodes, cuts and heals links (between nodes, to the control plane, to the
-//! client), flaps connections (dropping what was in flight), and delays messages so
-//! that different links reorder against each other; within one link delivery is in
-//! order, as TCP gives it. The control plane is a linearizable authority (Raft's job in
+//! restarts nodes, cuts their power (one node, both replicas, the whole cluster), cuts
+//! and heals links (between nodes, to the control plane, to the client), flaps
+//! connections (dropping what was in flight), and delays messages so that different
+//! links reorder against each other; within one link delivery is in order, as TCP
+//! gives it.
+//!
+//! Each node's disk is a [`Disk`]: writes land in a volatile cache that a flush (or
+//! the page cache's own writeback, at random) makes durable. A crash keeps the cache
+//! (the kernel still has it); a power cut keeps a random subset of the cached blocks,
+//! in no order, so a write spanning several blocks may be torn. Metadata (epoch,
+//! activity log, dirty map) is written with fsync by the product, so here it is
+//! durable once persisted. The control plane is a linearizable authority (Raft's job in
 //! the product) that grants leases, commits in-sync-set changes and promotes a new
 //! primary from the in-sync set once the old lease has expired.
 //!
@@ -17,7 +25,13 @@
 //! 2. at most one node serves at any instant, and once a newer epoch has served no
 //!    older epoch serves again;
 //! 3. after healing, the replicas converge: same data on every member of the in-sync
-//!    set, which is the whole replica set again.
+//!    set, which is the whole replica set again; every online verify finds the in-sync
+//!    members identical;
+//! 4. power cuts: a write acknowledged before a completed SYNCHRONIZE CACHE is never
+//!    lost (reads and the end state hold at least it; an acknowledged write no flush
+//!    covered may be lost only after a power cut); and every block a power cut takes
+//!    back lies in a region the node's persisted activity log names, so a resync
+//!    repairs it (checked at the cut, before anything else happens).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -53,6 +67,95 @@ pub enum Bug {
     AckBeforeReplicas,
     /// The control plane promotes a new primary without waiting for the old lease.
     EarlyPromotion,
+    /// Regions leave the activity log once written everywhere, before they are durable.
+    ForgetBeforeFlush,
+}
+
+/// A node's disk: what is durable, and what the page cache holds over it.
+#[derive(Clone, Debug, Default)]
+struct Disk {
+    durable: Vec<u64>,
+    /// Block → (value, the write that put it there).
+    cache: BTreeMap<usize, (u64, u64)>,
+}
+
+/// What a power cut did to one disk.
+#[derive(Debug, Default)]
+struct CutOutcome {
+    /// Blocks that went back to older data.
+    lost: Vec<usize>,
+    /// Writes of which some blocks were kept and some lost.
+    torn: u64,
+}
+
+impl Disk {
+    fn new() -> Disk {
+        Disk {
+            durable: vec![0; BLOCKS as usize],
+            cache: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, b: usize) -> u64 {
+        self.cache
+            .get(&b)
+            .map_or_else(|| self.durable.get(b).copied().unwrap_or(0), |(v, _)| *v)
+    }
+
+    /// What a reader sees.
+    fn view(&self) -> Vec<u64> {
+        (0..BLOCKS as usize).map(|b| self.get(b)).collect()
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], write_id: u64) {
+        for (i, chunk) in data.chunks(BLOCK as usize).enumerate() {
+            let b = (offset / BLOCK) as usize + i;
+            if let Ok(bytes) = <[u8; 8]>::try_from(chunk) {
+                if b < BLOCKS as usize {
+                    self.cache.insert(b, (u64::from_le_bytes(bytes), write_id));
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for (b, (v, _)) in std::mem::take(&mut self.cache) {
+            self.durable[b] = v;
+        }
+    }
+
+    /// The page cache writes some blocks back on its own.
+    fn writeback(&mut self, rng: &mut StdRng, p: f64) {
+        let blocks: Vec<usize> = self.cache.keys().copied().collect();
+        for b in blocks {
+            if rng.gen_bool(p) {
+                if let Some((v, _)) = self.cache.remove(&b) {
+                    self.durable[b] = v;
+                }
+            }
+        }
+    }
+
+    /// Power cut: each cached block reaches the disk or not, independently.
+    fn power_cut(&mut self, rng: &mut StdRng) -> CutOutcome {
+        let mut out = CutOutcome::default();
+        let mut fate: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
+        for (b, (v, w)) in std::mem::take(&mut self.cache) {
+            let kept = rng.gen_bool(0.5);
+            let f = fate.entry(w).or_default();
+            if kept {
+                self.durable[b] = v;
+                f.0 = true;
+            } else {
+                f.1 = true;
+                if self.durable[b] != v {
+                    out.lost.push(b);
+                }
+            }
+        }
+        out.torn = fate.values().filter(|(k, l)| *k && *l).count() as u64;
+        out
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -73,8 +176,19 @@ enum CpRep {
 
 #[derive(Clone, Debug)]
 enum ClientReq {
-    Write { id: u64, block: u64, version: u64 },
-    Read { id: u64, block: u64 },
+    Write {
+        id: u64,
+        block: u64,
+        version: u64,
+    },
+    Read {
+        id: u64,
+        block: u64,
+    },
+    /// SYNCHRONIZE CACHE.
+    Flush {
+        id: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -130,8 +244,9 @@ struct Node {
     id: NodeId,
     /// Incarnation: raised at every crash, so messages to a dead process vanish.
     gen: u64,
-    /// Persistent: block versions, epoch, activity log.
-    disk: Vec<u64>,
+    /// Block versions (durable, and cached over that).
+    disk: Disk,
+    /// Persistent: epoch, activity log.
     epoch: Epoch,
     activity_log: RegionSet,
     /// Persistent: the map of what out-of-sync replicas lack (`None`: never had one).
@@ -154,6 +269,8 @@ struct Cp {
 struct Outstanding {
     block: u64,
     version: Option<u64>,
+    /// For flushes: what was acknowledged when it was issued (it covers that).
+    covers: Option<BTreeMap<u64, u64>>,
     /// For reads: the highest version acked before the read was issued.
     floor: u64,
     sent_at: u64,
@@ -164,6 +281,9 @@ struct Client {
     next_id: u64,
     issued: BTreeMap<u64, u64>,
     acked: BTreeMap<u64, u64>,
+    /// Block → the highest version acknowledged before a completed flush was issued:
+    /// never lost, power cuts included.
+    durable: BTreeMap<u64, u64>,
     outstanding: BTreeMap<u64, Outstanding>,
     writes_acked: u64,
     reads_checked: u64,
@@ -177,6 +297,15 @@ pub struct Report {
     pub failovers: u64,
     /// Online verifies that ran to the end (none may find a difference).
     pub verifies: u64,
+    /// Flushes (SYNCHRONIZE CACHE) acknowledged.
+    pub flushes_acked: u64,
+    /// Power cuts by kind: one node, both replicas, the whole cluster.
+    pub power_cuts: [u64; 3],
+    /// Blocks power cuts took back, and writes they tore.
+    pub blocks_lost: u64,
+    pub torn_writes: u64,
+    /// Nodes that came back after a power cut.
+    pub recoveries: u64,
 }
 
 struct Sim {
@@ -200,6 +329,14 @@ struct Sim {
     bug: Bug,
     /// Hung nodes (SIGSTOP, a long GC pause): nothing reaches them until then.
     paused_until: BTreeMap<NodeId, u64>,
+    /// Nodes down after a power cut (their restart counts as a recovery).
+    unpowered: BTreeSet<NodeId>,
+    /// Extra regions the persisted activity logs may carry (the product's lazy
+    /// shrink), chosen per seed.
+    log_slack: usize,
+    next_write_id: u64,
+    /// `BULWARK_SIM_TRACE` set: print what each node does to its disk.
+    trace: bool,
     report: Report,
 }
 
@@ -219,7 +356,7 @@ impl Sim {
                     Node {
                         id: *id,
                         gen: 0,
-                        disk: vec![0; BLOCKS as usize],
+                        disk: Disk::new(),
                         epoch: 0,
                         activity_log: RegionSet::new(),
                         dirty_map: None,
@@ -252,8 +389,16 @@ impl Sim {
             faults: true,
             bug,
             paused_until: BTreeMap::new(),
+            unpowered: BTreeSet::new(),
+            log_slack: 0,
+            next_write_id: 0,
+            trace: std::env::var_os("BULWARK_SIM_TRACE").is_some(),
             report: Report::default(),
         };
+        sim.log_slack = sim.rng.gen_range(0..3);
+        for node in sim.nodes.values_mut() {
+            node.role = Role::Replica(replica_of(node, sim.log_slack, bug));
+        }
         for id in NODES {
             sim.at(1 + id, Ev::NodeTick(id));
         }
@@ -380,12 +525,17 @@ impl Sim {
             }
             Ev::Fault => {
                 if self.faults {
-                    self.inject_fault();
+                    self.inject_fault()?;
                     let next = self.rng.gen_range(30..200);
                     self.at(self.now + next, Ev::Fault);
                 }
             }
-            Ev::Restart(n) => self.restart(n)?,
+            Ev::Restart(n) => {
+                if self.trace {
+                    eprintln!("t={} node {n} restarts", self.now);
+                }
+                self.restart(n)?
+            }
             Ev::HealAll => {
                 self.faults = false;
                 let cuts: Vec<_> = self.cut.iter().copied().collect();
@@ -404,9 +554,22 @@ impl Sim {
         Ok(())
     }
 
-    fn inject_fault(&mut self) {
+    fn inject_fault(&mut self) -> Result<(), String> {
         let n = NODES[self.rng.gen_range(0..NODES.len())];
-        match self.rng.gen_range(0..11) {
+        match self.rng.gen_range(0..13) {
+            11 | 12 => {
+                // Power cut: one node, both replicas, or the whole cluster.
+                let kind = self.rng.gen_range(0..3);
+                let victims: Vec<NodeId> = match kind {
+                    0 => vec![n],
+                    1 => {
+                        let p = self.cp.primary.unwrap_or(n);
+                        NODES.iter().copied().filter(|x| *x != p).collect()
+                    }
+                    _ => NODES.to_vec(),
+                };
+                self.power_cut(kind, &victims)?;
+            }
             0 | 1 => {
                 // Crash (kill -9): volatile state gone, disk kept; back later.
                 if self.alive(n) {
@@ -471,9 +634,52 @@ impl Sim {
             }
         }
         let _ = self.refresh_links();
+        Ok(())
+    }
+
+    /// Cuts the power of `victims`: each loses what its page cache held (a random part
+    /// of it reaches the disk), and whatever it lost must lie in regions its persisted
+    /// activity log names.
+    fn power_cut(&mut self, kind: usize, victims: &[NodeId]) -> Result<(), String> {
+        self.report.power_cuts[kind] += 1;
+        for &v in victims {
+            let was_alive = self.alive(v);
+            let node = self.nodes.get_mut(&v).expect("node");
+            let outcome = node.disk.power_cut(&mut self.rng);
+            self.report.blocks_lost += outcome.lost.len() as u64;
+            self.report.torn_writes += outcome.torn;
+            for b in &outcome.lost {
+                let region = *b as u64 * BLOCK / REGION;
+                if !node.activity_log.contains(region) {
+                    return Err(format!(
+                        "t={}: a power cut took block {b} of node {v} back to older data, but region {region} is not named in its activity log {:?}: nothing would resync it",
+                        self.now, node.activity_log
+                    ));
+                }
+            }
+            if was_alive {
+                self.crash(v);
+                let back = self.rng.gen_range(50..600);
+                self.at(self.now + back, Ev::Restart(v));
+            }
+            self.unpowered.insert(v);
+        }
+        // An acknowledged write no completed flush covers may be gone now.
+        let durable = self.client.durable.clone();
+        let floor = |b: &u64| durable.get(b).copied().unwrap_or(0);
+        for (b, a) in self.client.acked.iter_mut() {
+            *a = (*a).min(floor(b));
+        }
+        for o in self.client.outstanding.values_mut() {
+            o.floor = o.floor.min(floor(&o.block));
+        }
+        Ok(())
     }
 
     fn crash(&mut self, n: NodeId) {
+        if self.trace {
+            eprintln!("t={} node {n} crashes", self.now);
+        }
         if let Some(node) = self.nodes.get_mut(&n) {
             node.role = Role::Down;
             node.gen += 1;
@@ -490,9 +696,13 @@ impl Sim {
     }
 
     fn restart(&mut self, n: NodeId) -> Result<(), String> {
+        let (slack, bug) = (self.log_slack, self.bug);
         if let Some(node) = self.nodes.get_mut(&n) {
             if matches!(node.role, Role::Down) {
-                node.role = Role::Replica(replica_of(node));
+                node.role = Role::Replica(replica_of(node, slack, bug));
+                if self.unpowered.remove(&n) {
+                    self.report.recoveries += 1;
+                }
             }
         }
         self.refresh_links()
@@ -544,7 +754,7 @@ impl Sim {
                 let to_replica = msg.to_replica();
                 if to_replica && msg.epoch() > p.epoch() {
                     // A newer primary exists: step down and take the message as a replica.
-                    node.role = Role::Replica(replica_of(node));
+                    node.role = Role::Replica(replica_of(node, self.log_slack, self.bug));
                     self.told_up.retain(|(p, _)| *p != to);
                     return self.deliver_repl(from, to, msg);
                 }
@@ -577,13 +787,16 @@ impl Sim {
                     node.epoch = e;
                 }
                 ReplicaAction::PersistActivityLog(s) => {
+                    if self.trace {
+                        eprintln!("t={} node {n} replica persists AL {s:?}", self.now);
+                    }
                     self.nodes.get_mut(&n).expect("node").activity_log = s;
                 }
                 ReplicaAction::PersistDirtyMap(m) => {
                     self.nodes.get_mut(&n).expect("node").dirty_map = Some(m);
                 }
                 ReplicaAction::Checksum { to, epoch, region } => {
-                    let crc = disk_crc(&self.nodes[&n].disk, region);
+                    let crc = disk_crc(&self.nodes[&n].disk.view(), region);
                     self.send(n, to, |gen| Ev::Repl {
                         from: n,
                         to,
@@ -592,10 +805,21 @@ impl Sim {
                     });
                 }
                 ReplicaAction::Apply {
-                    seq, offset, data, ..
+                    seq,
+                    offset,
+                    data,
+                    flush,
                 } => {
+                    self.next_write_id += 1;
+                    if self.trace {
+                        eprintln!("t={} node {n} replica applies seq {seq} at {offset} len {} flush {flush}", self.now, data.len());
+                    }
                     let node = self.nodes.get_mut(&n).expect("node");
-                    write_disk(&mut node.disk, offset, &data);
+                    if flush {
+                        node.disk.flush();
+                    } else {
+                        node.disk.write(offset, &data, self.next_write_id);
+                    }
                     let more = match &mut node.role {
                         Role::Replica(r) => r.applied(seq),
                         _ => Vec::new(),
@@ -623,19 +847,47 @@ impl Sim {
                     }
                 }
                 Action::LocalWrite {
-                    id, offset, data, ..
+                    id,
+                    offset,
+                    data,
+                    flush,
                 } => {
+                    self.next_write_id += 1;
+                    if self.trace {
+                        eprintln!(
+                            "t={} node {n} primary writes id {id} at {offset} len {} flush {flush}",
+                            self.now,
+                            data.len()
+                        );
+                    }
                     let node = self.nodes.get_mut(&n).expect("node");
-                    write_disk(&mut node.disk, offset, &data);
+                    if flush {
+                        node.disk.flush();
+                    } else {
+                        node.disk.write(offset, &data, self.next_write_id);
+                    }
                     if let Role::Primary { p, .. } = &mut node.role {
                         queue.extend(p.local_done(now, id));
                     }
                 }
                 Action::PersistActivityLog(s) => {
+                    if self.trace {
+                        eprintln!("t={} node {n} primary persists AL {s:?}", self.now);
+                    }
                     self.nodes.get_mut(&n).expect("node").activity_log = s;
                 }
                 Action::PersistDirtyMap(m) => {
                     self.nodes.get_mut(&n).expect("node").dirty_map = Some(m);
+                }
+                Action::Flush { mark } => {
+                    if self.trace {
+                        eprintln!("t={now} node {n} primary flushes (mark {mark})");
+                    }
+                    let node = self.nodes.get_mut(&n).expect("node");
+                    node.disk.flush();
+                    if let Role::Primary { p, .. } = &mut node.role {
+                        p.flushed(mark);
+                    }
                 }
                 Action::ReadRegion { peer, seq, region } => {
                     let node = self.nodes.get_mut(&n).expect("node");
@@ -643,7 +895,7 @@ impl Sim {
                     let end = (start + REGION as usize).min(SIZE as usize);
                     let mut buf = Vec::new();
                     for b in (start / BLOCK as usize)..(end / BLOCK as usize) {
-                        buf.extend_from_slice(&node.disk[b].to_le_bytes());
+                        buf.extend_from_slice(&node.disk.get(b).to_le_bytes());
                     }
                     if let Role::Primary { p, .. } = &mut node.role {
                         queue.extend(p.region_read(peer, seq, Bytes::from(buf)));
@@ -681,7 +933,7 @@ impl Sim {
                 }
                 Action::Deposed { .. } => {
                     let node = self.nodes.get_mut(&n).expect("node");
-                    node.role = Role::Replica(replica_of(node));
+                    node.role = Role::Replica(replica_of(node, self.log_slack, self.bug));
                     self.told_up.retain(|(p, _)| *p != n);
                     let _ = now;
                     return Ok(());
@@ -689,7 +941,7 @@ impl Sim {
                 Action::Sealed => {}
                 Action::ChecksumRegion { region } => {
                     let node = self.nodes.get_mut(&n).expect("node");
-                    let crc = disk_crc(&node.disk, region);
+                    let crc = disk_crc(&node.disk.view(), region);
                     if let Role::Primary { p, .. } = &mut node.role {
                         queue.extend(p.verify_local(now, region, crc));
                     }
@@ -746,6 +998,20 @@ impl Sim {
         });
         let now = self.now;
         let node = self.nodes.get_mut(&n).expect("node");
+        // The page cache writes back at its own pace; a replica's driver flushes in the
+        // background now and then (the product: every 200 ms while regions wait).
+        node.disk.writeback(&mut self.rng, 0.05);
+        if let Role::Replica(r) = &mut node.role {
+            if let Some(seq) = r.flush_due() {
+                if self.rng.gen_bool(0.3) {
+                    if self.trace {
+                        eprintln!("t={now} node {n} replica flushes through seq {seq}");
+                    }
+                    node.disk.flush();
+                    r.flushed(seq);
+                }
+            }
+        }
         let Role::Primary { p, last_renew } = &mut node.role else {
             return Ok(());
         };
@@ -789,8 +1055,13 @@ impl Sim {
                     resync_window: 2,
                     // Half the seeds throttle resync (a region every 4 ms at most).
                     resync_rate: if epoch % 2 == 0 { REGION * 250 } else { 0 },
+                    activity_log_slack: self.log_slack,
                     bug_ack_before_replicas: self.bug == Bug::AckBeforeReplicas,
+                    bug_forget_before_flush: self.bug == Bug::ForgetBeforeFlush,
                 };
+                if self.trace {
+                    eprintln!("t={now} node {to} promoted at epoch {epoch}: {cfg:?}");
+                }
                 let mut p = Primary::new(cfg, now);
                 // Two terms in three run an online verify from the start: it must find
                 // the in-sync members identical whatever the faults, and the writes it
@@ -824,7 +1095,7 @@ impl Sim {
             }
             CpRep::Deposed => {
                 if let Role::Primary { .. } = node.role {
-                    node.role = Role::Replica(replica_of(node));
+                    node.role = Role::Replica(replica_of(node, self.log_slack, self.bug));
                     self.told_up.retain(|(p, _)| *p != to);
                 }
             }
@@ -975,7 +1246,19 @@ impl Sim {
         self.client.next_id += 1;
         let id = self.client.next_id;
         let floor = self.client.acked.get(&block).copied().unwrap_or(0);
-        let req = if !writing_it && self.rng.gen_bool(0.7) {
+        let req = if self.rng.gen_bool(0.08) {
+            self.client.outstanding.insert(
+                id,
+                Outstanding {
+                    block,
+                    version: None,
+                    covers: Some(self.client.acked.clone()),
+                    floor,
+                    sent_at: now,
+                },
+            );
+            ClientReq::Flush { id }
+        } else if !writing_it && self.rng.gen_bool(0.7) {
             let v = self.client.issued.entry(block).or_insert(0);
             *v += 1;
             let version = *v;
@@ -984,6 +1267,7 @@ impl Sim {
                 Outstanding {
                     block,
                     version: Some(version),
+                    covers: None,
                     floor,
                     sent_at: now,
                 },
@@ -995,6 +1279,7 @@ impl Sim {
                 Outstanding {
                     block,
                     version: None,
+                    covers: None,
                     floor,
                     sent_at: now,
                 },
@@ -1022,10 +1307,17 @@ impl Sim {
                     self.primary_actions(n, actions)?;
                 }
             }
+            ClientReq::Flush { id } => {
+                if let Ok(actions) = p.submit_flush(now, id) {
+                    // Completes as a write does, with no block of its own.
+                    node.tags.insert(id, (0, 0));
+                    self.primary_actions(n, actions)?;
+                }
+            }
             ClientReq::Read { id, block } => {
                 if p.serving(now).is_ok() {
                     let epoch = p.epoch();
-                    let value = node.disk[block as usize];
+                    let value = node.disk.get(block as usize);
                     self.served(n, epoch)?;
                     self.send(n, CLIENT, |gen| Ev::ToClient {
                         from: n,
@@ -1042,6 +1334,14 @@ impl Sim {
         match resp {
             ClientResp::WriteOk { id } => {
                 if let Some(o) = self.client.outstanding.remove(&id) {
+                    if let Some(covers) = o.covers {
+                        for (b, v) in covers {
+                            let d = self.client.durable.entry(b).or_insert(0);
+                            *d = (*d).max(v);
+                        }
+                        self.report.flushes_acked += 1;
+                        return Ok(());
+                    }
                     let v = o.version.unwrap_or(0);
                     let a = self.client.acked.entry(o.block).or_insert(0);
                     *a = (*a).max(v);
@@ -1109,10 +1409,18 @@ impl Sim {
             }
         }
         for (b, acked) in &self.client.acked {
-            let v = primary.disk[*b as usize];
+            let v = primary.disk.get(*b as usize);
             if v < *acked {
                 return Err(format!(
                     "block {b}: version {acked} was acknowledged but the primary holds {v}"
+                ));
+            }
+        }
+        for (b, flushed) in &self.client.durable {
+            let v = primary.disk.get(*b as usize);
+            if v < *flushed {
+                return Err(format!(
+                    "block {b}: version {flushed} was acknowledged and flushed but the primary holds {v}"
                 ));
             }
         }
@@ -1123,10 +1431,11 @@ impl Sim {
             ));
         }
         for n in &self.cp.isr {
-            if self.nodes[n].disk != primary.disk {
+            if self.nodes[n].disk.view() != primary.disk.view() {
                 return Err(format!(
                     "replica {n} differs from primary {p} after healing:\n{:?}\n{:?}",
-                    self.nodes[n].disk, primary.disk
+                    self.nodes[n].disk.view(),
+                    primary.disk.view()
                 ));
             }
         }
@@ -1135,9 +1444,11 @@ impl Sim {
 }
 
 /// A replica process starting on `node`'s persistent state.
-fn replica_of(node: &Node) -> Replica {
+fn replica_of(node: &Node, log_slack: usize, bug: Bug) -> Replica {
     Replica::new(REGION, node.epoch, node.activity_log.clone())
         .with_dirty_map(node.dirty_map.clone().unwrap_or_default())
+        .with_log_slack(log_slack)
+        .with_bug_forget_before_flush(bug == Bug::ForgetBeforeFlush)
 }
 
 fn disk_crc(disk: &[u64], region: u64) -> u32 {
@@ -1148,15 +1459,6 @@ fn disk_crc(disk: &[u64], region: u64) -> u32 {
         bytes.extend_from_slice(&b.to_le_bytes());
     }
     crc32c::crc32c(&bytes)
-}
-
-fn write_disk(disk: &mut [u64], offset: u64, data: &[u8]) {
-    for (i, chunk) in data.chunks(BLOCK as usize).enumerate() {
-        let b = (offset / BLOCK) as usize + i;
-        if let (Some(slot), Ok(bytes)) = (disk.get_mut(b), <[u8; 8]>::try_from(chunk)) {
-            *slot = u64::from_le_bytes(bytes);
-        }
-    }
 }
 
 /// Runs one seed.
@@ -1185,17 +1487,42 @@ mod tests {
                     total.reads_checked += r.reads_checked;
                     total.failovers += r.failovers;
                     total.verifies += r.verifies;
+                    total.flushes_acked += r.flushes_acked;
+                    for k in 0..3 {
+                        total.power_cuts[k] += r.power_cuts[k];
+                    }
+                    total.blocks_lost += r.blocks_lost;
+                    total.torn_writes += r.torn_writes;
+                    total.recoveries += r.recoveries;
                 }
                 Err(e) => panic!("seed {seed}: {e}\n(rerun: BULWARK_SIM_SEED={seed})"),
             }
         }
         eprintln!(
-            "simulation: {} seeds, {} writes acknowledged, {} reads checked, {} promotions, {} online verifies finished clean",
+            "simulation: {} seeds, {} writes acknowledged, {} flushes acknowledged, {} reads checked, {} promotions, {} online verifies finished clean",
             seeds(),
             total.writes_acked,
+            total.flushes_acked,
             total.reads_checked,
             total.failovers,
             total.verifies
+        );
+        eprintln!(
+            "power cuts: {} of one node, {} of both replicas, {} of the whole cluster; {} blocks taken back, {} writes torn, {} nodes recovered",
+            total.power_cuts[0],
+            total.power_cuts[1],
+            total.power_cuts[2],
+            total.blocks_lost,
+            total.torn_writes,
+            total.recoveries
+        );
+        assert!(
+            total.power_cuts.iter().all(|c| *c > seeds() / 4),
+            "every kind of power cut ran"
+        );
+        assert!(
+            total.blocks_lost > seeds() && total.torn_writes > 0,
+            "power cuts took unflushed data back, some of it torn"
         );
         assert!(
             total.verifies > seeds() / 2,
@@ -1216,6 +1543,9 @@ mod tests {
             "after epoch",
             "acknowledged",
             "never written",
+            "not named",
+            "differing",
+            "differs",
         ]
         .iter()
         .any(|m| e.contains(m))
@@ -1250,6 +1580,16 @@ mod tests {
         assert!(
             e.contains("serve at once") || e.contains("after epoch") || e.contains("acknowledged"),
             "caught as two servers or a stale one: {e}"
+        );
+    }
+
+    #[test]
+    fn forgetting_before_the_flush_is_caught() {
+        let (seed, e) = caught(Bug::ForgetBeforeFlush);
+        eprintln!("forget before flush caught at seed {seed}: {e}");
+        assert!(
+            e.contains("not named") || e.contains("differ") || e.contains("flushed"),
+            "caught as data no activity log names, or diverged members: {e}"
         );
     }
 

@@ -128,14 +128,23 @@ impl ReplicaState {
         self.dir.join(format!("{}.{what}", self.name))
     }
 
+    /// Replaces the file `what` with `bytes`, durably: a temporary file of its own
+    /// (two saves at once must not truncate or rename each other's), fsync, rename,
+    /// fsync of the folder.
     fn write_atomic(&self, what: &str, bytes: &[u8]) -> io::Result<()> {
         use std::io::Write;
+        static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = self.path(what);
-        let tmp = self.path(&format!("{what}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.path(&format!("{what}.tmp{n}"));
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -277,6 +286,11 @@ struct PrimaryShared {
     resyncs: Mutex<HashMap<NodeId, ResyncMeter>>,
     /// Why the local copy failed, once it has: the primary serves nothing more.
     failed: Mutex<Option<String>>,
+    /// The activity log last written. Saves run on the threads of the writes that
+    /// need them, so they are serialized here, and each writes the core's newest log
+    /// (a superset of every region still in flight): an older log never lands last,
+    /// and saves that queue up behind one another are written once.
+    saved_log: Mutex<Option<RegionSet>>,
 }
 
 /// An initiator write or flush waiting for every in-sync member.
@@ -313,6 +327,13 @@ impl std::fmt::Debug for PrimaryVolume {
     }
 }
 
+/// How long a replica lets applied writes wait for a background flush of its store
+/// (an initiator's SYNCHRONIZE CACHE flushes at once).
+const BACKGROUND_FLUSH: Duration = Duration::from_millis(200);
+
+/// How often the primary's core hears that time passed.
+const TICK: Duration = Duration::from_millis(20);
+
 /// How long an initiator write may wait for its replicas before the target reports a
 /// transition (the in-sync set change or failover takes over from there).
 const WRITE_WAIT: Duration = Duration::from_secs(10);
@@ -334,6 +355,7 @@ impl PrimaryShared {
                 a @ (Action::LocalWrite { .. }
                 | Action::PersistActivityLog(_)
                 | Action::PersistDirtyMap(_)
+                | Action::Flush { .. }
                 | Action::ReadRegion { .. }
                 | Action::ChecksumRegion { .. })
                     if !may_block =>
@@ -363,18 +385,32 @@ impl PrimaryShared {
                     }
                 }
                 Action::PersistDirtyMap(m) => {
-                    // Without it a later promotion here falls back to a full sync of
-                    // the out-of-sync replicas (a missing file means "no map").
+                    // The writes that follow make regions lacking that only this map
+                    // names: without it on disk this copy must not take them.
                     if let Err(e) = self.state.set_dirty_map(&m) {
-                        tracing::error!(volume = %self.state.name, error = %e, "cannot persist the map of out-of-sync regions");
                         self.state.forget_dirty_map();
+                        self.disk_failed(&io::Error::new(
+                            e.kind(),
+                            format!("cannot persist the map of out-of-sync regions: {e}"),
+                        ));
                     }
                 }
-                Action::PersistActivityLog(s) => {
-                    if let Err(e) = self.state.set_activity_log(&s) {
-                        tracing::error!(volume = %self.state.name, error = %e, "cannot persist the activity log");
+                Action::PersistActivityLog(_) => {
+                    if let Err(e) = self.persist_activity_log() {
+                        self.disk_failed(&io::Error::new(
+                            e.kind(),
+                            format!("cannot persist the activity log: {e}"),
+                        ));
                     }
                 }
+                Action::Flush { mark } => match self.store.flush() {
+                    Ok(()) => {
+                        if let Ok(mut p) = self.core.lock() {
+                            p.flushed(mark);
+                        }
+                    }
+                    Err(e) => self.disk_failed(&e),
+                },
                 Action::ReadRegion { peer, seq, region } => {
                     let offset = region * self.region_size;
                     let len = self
@@ -444,6 +480,26 @@ impl PrimaryShared {
         if !to_driver.is_empty() {
             self.event(PrimaryEvent::Run(to_driver));
         }
+    }
+
+    /// Writes the core's newest activity log unless it is on disk already (see
+    /// [`PrimaryShared::saved_log`]).
+    fn persist_activity_log(&self) -> io::Result<()> {
+        let mut saved = self
+            .saved_log
+            .lock()
+            .map_err(|_| io::Error::other("activity log state poisoned"))?;
+        let log = self
+            .core
+            .lock()
+            .map_err(|_| io::Error::other("primary state poisoned"))?
+            .persisted_log()
+            .clone();
+        if saved.as_ref() != Some(&log) {
+            self.state.set_activity_log(&log)?;
+            *saved = Some(log);
+        }
+        Ok(())
     }
 
     /// The local copy failed: never serve again (the write stays unacknowledged, and
@@ -580,8 +636,9 @@ impl PrimaryShared {
     fn event_loop(self: Arc<Self>, rx: Receiver<PrimaryEvent>) {
         let mut last_expiry = Instant::now();
         let mut last_meter = Instant::now();
+        let mut last_tick = Instant::now();
         loop {
-            let ev = match rx.recv_timeout(Duration::from_millis(20)) {
+            let ev = match rx.recv_timeout(TICK) {
                 Ok(ev) => Some(ev),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -607,7 +664,17 @@ impl PrimaryShared {
             }
             let actions = {
                 let Ok(mut p) = self.core.lock() else { return };
-                match ev {
+                // Time passes for the core even while events keep coming.
+                let tick = ev.is_none() || last_tick.elapsed() >= TICK;
+                if tick {
+                    last_tick = Instant::now();
+                }
+                let mut actions = if tick && ev.is_some() {
+                    p.tick(now)
+                } else {
+                    Vec::new()
+                };
+                actions.extend(match ev {
                     None => p.tick(now),
                     Some(PrimaryEvent::Run(actions)) => actions,
                     Some(PrimaryEvent::LinkUp(n)) => p.link_up(now, n),
@@ -618,7 +685,8 @@ impl PrimaryShared {
                         p.set_lease(now, until)
                     }
                     Some(PrimaryEvent::Stop) => return,
-                }
+                });
+                actions
             };
             self.run(actions, true);
         }
@@ -654,6 +722,7 @@ impl PrimaryVolume {
             writes_completed: Default::default(),
             resyncs: Mutex::default(),
             failed: Mutex::default(),
+            saved_log: Mutex::default(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -1002,6 +1071,7 @@ impl ReplicaVolume {
                 // Acks are cumulative: after a burst of writes only the last one goes
                 // out, which saves a message (and a wake-up of the primary) per write.
                 let mut next = rx.recv().ok();
+                let mut last_flush = Instant::now();
                 while let Some(ReplicaEvent::Message(from, msg)) = next.take() {
                     let mut ack: Option<(NodeId, Message)> = None;
                     let mut queue: std::collections::VecDeque<ReplicaAction> = core.on_message(from, msg).into();
@@ -1085,8 +1155,31 @@ impl ReplicaVolume {
                     if let Some((to, m)) = ack {
                         transport.send(to, m);
                     }
-                    if next.is_none() {
-                        next = rx.recv().ok();
+                    // Between bursts, and while idle, a background flush lets the
+                    // activity log drop regions that are now durable here.
+                    while next.is_none() {
+                        if let Some(seq) = core.flush_due() {
+                            let wait = BACKGROUND_FLUSH.saturating_sub(last_flush.elapsed());
+                            if wait.is_zero() {
+                                last_flush = Instant::now();
+                                if let Err(err) = store.flush() {
+                                    fail(format!("disk flush failed: {err}"));
+                                    return;
+                                }
+                                core.flushed(seq);
+                                continue;
+                            }
+                            match rx.recv_timeout(wait) {
+                                Ok(ev) => next = Some(ev),
+                                Err(RecvTimeoutError::Timeout) => continue,
+                                Err(RecvTimeoutError::Disconnected) => return,
+                            }
+                        } else {
+                            next = rx.recv().ok();
+                            if next.is_none() {
+                                return;
+                            }
+                        }
                     }
                 }
             })?;
@@ -1214,7 +1307,9 @@ mod tests {
             replica_timeout_ms: 500,
             resync_window: 4,
             resync_rate: 0,
+            activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
             bug_ack_before_replicas: false,
+            bug_forget_before_flush: false,
         };
         let cp = Arc::new(Cp {
             isr: Mutex::new(isr.iter().copied().collect()),
