@@ -3,9 +3,13 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use rustix::fs::{FallocateFlags, SeekFrom};
 use scsi::{BlockDevice, Extent, Provisioning};
 
+use crate::volatile::VolatileCache;
 use crate::StoreError;
 
 /// How to open a [`FileStore`].
@@ -20,6 +24,9 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Open read-only.
     pub read_only: bool,
+    /// Test only: hold writes in memory until flushed, so a power cut can take them
+    /// back (see [`crate::volatile`]). Never for data anyone wants to keep.
+    pub volatile_cache: bool,
 }
 
 impl Default for OpenOptions {
@@ -29,6 +36,7 @@ impl Default for OpenOptions {
             block_size: 512,
             direct: false,
             read_only: false,
+            volatile_cache: false,
         }
     }
 }
@@ -43,6 +51,13 @@ pub struct FileStore {
     /// Grows with [`FileStore::grow`]; never shrinks.
     size_bytes: std::sync::atomic::AtomicU64,
     is_block_device: bool,
+    /// Flushes asked for and flushes that cover them (group commit: callers that
+    /// arrive while one fsync runs share the next one).
+    flush_requests: AtomicU64,
+    flushes_done: AtomicU64,
+    flush_lock: Mutex<()>,
+    /// Test only (see [`OpenOptions::volatile_cache`]).
+    volatile: Option<Arc<VolatileCache>>,
 }
 
 impl FileStore {
@@ -97,12 +112,27 @@ impl FileStore {
         } else {
             (plain, None)
         };
+        let volatile = if opts.volatile_cache && !opts.read_only {
+            let handle = buffered
+                .as_ref()
+                .unwrap_or(&file)
+                .try_clone()
+                .map_err(io_err)?;
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            Some(VolatileCache::new(handle, dir))
+        } else {
+            None
+        };
         Ok(FileStore {
             path: path.to_path_buf(),
             file,
             buffered,
             size_bytes: std::sync::atomic::AtomicU64::new(size_bytes),
             is_block_device,
+            flush_requests: AtomicU64::new(0),
+            flushes_done: AtomicU64::new(0),
+            flush_lock: Mutex::new(()),
+            volatile,
         })
     }
 
@@ -160,6 +190,9 @@ impl BlockDevice for FileStore {
         debug_assert!(
             offset + buf.len() as u64 <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
         );
+        if let Some(v) = &self.volatile {
+            return v.read(offset, buf);
+        }
         let f = self.file_for(buf.as_ptr(), buf.len(), offset);
         f.read_exact_at(buf, offset)
     }
@@ -169,6 +202,10 @@ impl BlockDevice for FileStore {
             offset + data.len() as u64
                 <= self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
         );
+        if let Some(v) = &self.volatile {
+            v.write(offset, data)?;
+            return if fua { v.flush() } else { Ok(()) };
+        }
         let f = self.file_for(data.as_ptr(), data.len(), offset);
         f.write_all_at(data, offset)?;
         if fua {
@@ -179,12 +216,31 @@ impl BlockDevice for FileStore {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        if let Some(v) = &self.volatile {
+            return v.flush();
+        }
+        // Group commit: a sync that began after this call began covers every write
+        // completed before it, so a caller that finds one done need not start another.
+        let ticket = self.flush_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let _one_at_a_time = self
+            .flush_lock
+            .lock()
+            .map_err(|_| io::Error::other("flush lock poisoned"))?;
+        if self.flushes_done.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        let covers = self.flush_requests.load(Ordering::SeqCst);
+        self.file.sync_data()?;
+        self.flushes_done.store(covers, Ordering::SeqCst);
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
+        }
+        if let Some(v) = &self.volatile {
+            v.discard(offset, len)?;
         }
         if !self.is_block_device {
             let r = rustix::fs::fallocate(
@@ -221,7 +277,7 @@ impl BlockDevice for FileStore {
     fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
         let end =
             (offset + max_len).min(self.size_bytes.load(std::sync::atomic::Ordering::Acquire));
-        if self.is_block_device || offset >= end {
+        if self.is_block_device || offset >= end || self.volatile.is_some() {
             return Ok(Extent {
                 offset,
                 len: end.saturating_sub(offset),

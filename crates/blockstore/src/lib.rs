@@ -3,12 +3,14 @@
 //! * [`FileStore`]: a sparse file (thin provisioning: discard punches holes, holes are
 //!   reported as deallocated) or a raw block device, optionally with `O_DIRECT`.
 //! * [`NullStore`]: reads zeroes, discards writes (benchmarks of the protocol path).
+//! * Test only: a [`FileStore`] with a [`volatile`] cache that a power cut takes back.
 //!
 //! Every store implements [`scsi::BlockDevice`] and its durability contract.
 #![warn(missing_docs)]
 
 mod file;
 mod null;
+pub mod volatile;
 
 pub use file::{FileStore, OpenOptions};
 pub use null::NullStore;

@@ -872,6 +872,7 @@ async fn serve(cfg: Config) -> Result<()> {
                     block_size: l.block_size,
                     direct: l.direct,
                     read_only: l.read_only,
+                    volatile_cache: false,
                 },
             )
             .with_context(|| format!("target {} LUN {}", t.iqn, l.lun))?;

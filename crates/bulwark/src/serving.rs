@@ -676,6 +676,7 @@ impl Serving {
                 block_size: v.block_size,
                 direct: false,
                 read_only: false,
+                volatile_cache: test_volatile_cache(),
             },
         )
         .with_context(|| format!("volume {}", v.name))?;
@@ -1537,4 +1538,11 @@ fn lu_config(v: &Volume, path: &Path) -> scsi::LuConfig {
         pr_file: Some(path.with_extension("pr")),
         ..Default::default()
     }
+}
+
+/// Test only: `BULWARK_TEST_VOLATILE_CACHE=1` holds the writes of replicated volumes in
+/// memory until flushed, so the power-cut tests can take unflushed writes back (see
+/// `blockstore::volatile`). Never set it for data anyone wants to keep.
+fn test_volatile_cache() -> bool {
+    std::env::var_os("BULWARK_TEST_VOLATILE_CACHE").is_some_and(|v| v == "1")
 }

@@ -6,6 +6,11 @@
 //! version is told apart from a good one. Versions of one LBA only grow; an
 //! acknowledged version `v` means every later read of that LBA must show `v` or a newer
 //! version that was sent (acknowledged or not: an unacknowledged write may have landed).
+//!
+//! Power cuts: a write acknowledged under a volatile write cache survives a power cut
+//! only once a SYNCHRONIZE CACHE issued after its acknowledgement has completed
+//! ([`Checker::flush_mark`], [`Checker::flushed`]); after [`Checker::power_cut`] only
+//! those are required.
 
 use std::collections::BTreeMap;
 
@@ -19,8 +24,14 @@ pub struct Checker {
     sent: BTreeMap<u64, u64>,
     /// LBA → highest version acknowledged.
     acked: BTreeMap<u64, u64>,
+    /// LBA → highest version acknowledged before a completed flush was issued.
+    flushed: BTreeMap<u64, u64>,
     acks: u64,
 }
+
+/// What a flush covers: the acknowledgements before it was issued.
+#[derive(Clone, Debug)]
+pub struct FlushMark(BTreeMap<u64, u64>);
 
 /// A block's decoded header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +65,32 @@ impl Checker {
         let a = self.acked.entry(lba).or_insert(0);
         *a = (*a).max(version);
         self.acks += 1;
+    }
+
+    /// Taken just before issuing SYNCHRONIZE CACHE.
+    pub fn flush_mark(&self) -> FlushMark {
+        FlushMark(self.acked.clone())
+    }
+
+    /// The flush issued after `mark` completed: what it covers survives power cuts.
+    pub fn flushed(&mut self, mark: FlushMark) {
+        for (lba, v) in mark.0 {
+            let f = self.flushed.entry(lba).or_insert(0);
+            *f = (*f).max(v);
+        }
+    }
+
+    /// Power was cut where acknowledged, unflushed writes may have lived: from now on
+    /// only what a completed flush covers (and what is acknowledged later) is owed.
+    pub fn power_cut(&mut self) {
+        for (lba, a) in self.acked.iter_mut() {
+            *a = (*a).min(self.flushed.get(lba).copied().unwrap_or(0));
+        }
+    }
+
+    /// Versions a completed flush covers, summed over LBAs (a figure for reports).
+    pub fn flushed_writes(&self) -> u64 {
+        self.flushed.values().sum()
     }
 
     /// Acknowledged writes so far.
