@@ -32,6 +32,10 @@ pub const SECTOR: u64 = 512;
 /// The name of the file that cuts the power when it appears next to a store.
 pub const POWER_CUT_FILE: &str = "power-cut";
 
+/// The mark a power cut leaves next to the stores: a restarted node reads it as "this
+/// machine lost power" (as a changed boot id says it in real life).
+pub const POWER_WAS_CUT_FILE: &str = "power-was-cut";
+
 /// How often the writeback thread runs, and the share of cached sectors it writes.
 const WRITEBACK_EVERY: Duration = Duration::from_millis(50);
 const WRITEBACK_SHARE: f64 = 0.1;
@@ -238,6 +242,9 @@ fn cut_power(caches: &[Arc<VolatileCache>]) -> ! {
     }
     for c in caches {
         let _ = std::fs::remove_file(&c.trigger);
+        if let Some(dir) = c.trigger.parent() {
+            let _ = std::fs::write(dir.join(POWER_WAS_CUT_FILE), b"");
+        }
     }
     eprintln!(
         "TEST power cut: {kept} of {total} cached sectors reached the disk, {} were lost",

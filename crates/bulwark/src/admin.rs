@@ -1218,6 +1218,16 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         if !parts.is_empty() {
             let _ = writeln!(out, "  {:<12} {}", "", parts.join("; "));
         }
+        if !v.primary_reason.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {:<12} primary {} since epoch {}: {}",
+                "",
+                names(st, &[v.primary]),
+                v.epoch,
+                v.primary_reason
+            );
+        }
         if let Some(asked) = &v.verify {
             let line = match &asked.result {
                 Some(r) => format!("last verify: {}", verify_summary(st, r, asked.repair)),

@@ -302,6 +302,11 @@ pub struct Serving {
     /// re-promoted at a new epoch before serving (this process has no stream state).
     start_epochs: Mutex<Option<HashMap<String, u64>>>,
     repromotion_asked: Mutex<HashSet<(String, u64)>>,
+    /// Why this node may have lost power since it last ran (its page cache, and with
+    /// it writes it acknowledged but no flush covered, may be gone): then it does not
+    /// re-promote itself, and the leader promotes an in-sync member, another node
+    /// first (the cold-start rule, docs/design-notes.md).
+    lost_power: Option<String>,
     /// Planned moves under way here, by (first volume of the group, epoch).
     handovers: Mutex<HashSet<(String, u64)>>,
     /// Virtual IPs of the targets served here.
@@ -508,6 +513,7 @@ impl Serving {
             roles: Mutex::new(HashMap::new()),
             start_epochs: Mutex::new(None),
             repromotion_asked: Mutex::new(HashSet::new()),
+            lost_power: lost_power_since_last_run(data_dir),
             handovers: Mutex::new(HashSet::new()),
             vips: crate::vip::Vips::new(),
             in_sync_seen: Mutex::new(HashMap::new()),
@@ -820,8 +826,13 @@ impl Serving {
                 if start_epochs.get(&v.name) == Some(&v.epoch) {
                     // Primary before this process started: its stream state is gone, so
                     // it comes back at a new epoch (the seal then resyncs what the
-                    // replicas may hold that it lacks).
-                    self.ask_repromotion(st, v);
+                    // replicas may hold that it lacks) -- unless it lost power: then
+                    // the leader promotes another in-sync member, which may still hold
+                    // writes this node lost, or this one if it is the last.
+                    match &self.lost_power {
+                        Some(why) => self.defer_to_failover(v, why),
+                        None => self.ask_repromotion(st, v),
+                    }
                     continue;
                 }
                 let old = roles.remove(&v.name);
@@ -1295,6 +1306,7 @@ impl Serving {
                 cause: Some(cluster::state::FailoverCause {
                     planned: true,
                     io_stopped_unix_ms,
+                    reason: format!("planned move from {from_name}"),
                 }),
             };
             match node.write(cmd).await {
@@ -1316,6 +1328,25 @@ impl Serving {
         });
     }
 
+    /// Says once per volume and epoch why this node, primary before a power loss,
+    /// leaves the choice of the next primary to the leader.
+    fn defer_to_failover(&self, v: &Volume, why: &str) {
+        let fresh = self
+            .repromotion_asked
+            .lock()
+            .map(|mut s| s.insert((v.name.clone(), v.epoch)))
+            .unwrap_or(false);
+        if fresh {
+            self.events.push(
+                "primary",
+                format!(
+                    "{} was primary of {} but {why}: it does not re-promote itself; once its lease has lapsed the leader promotes an in-sync member, another node first",
+                    self.node_name, v.name
+                ),
+            );
+        }
+    }
+
     fn ask_repromotion(&self, st: &ClusterState, v: &Volume) {
         let key = (v.name.clone(), v.epoch);
         let fresh = self
@@ -1329,7 +1360,14 @@ impl Serving {
         let cmd = Command::Promote {
             volumes: Self::group_of(st, v),
             node: self.me,
-            cause: None,
+            cause: Some(cluster::state::FailoverCause {
+                planned: false,
+                io_stopped_unix_ms: cluster::status::unix_ms(),
+                reason: format!(
+                    "{} was primary before its process restarted and did not lose power (same boot), so its page cache holds every write it acknowledged: re-promoted at once",
+                    self.node_name
+                ),
+            }),
         };
         let node = self.node.clone();
         let name = v.name.clone();
@@ -1545,4 +1583,49 @@ fn lu_config(v: &Volume, path: &Path) -> scsi::LuConfig {
 /// `blockstore::volatile`). Never set it for data anyone wants to keep.
 fn test_volatile_cache() -> bool {
     std::env::var_os("BULWARK_TEST_VOLATILE_CACHE").is_some_and(|v| v == "1")
+}
+
+/// Whether this node may have lost power since the last run of `bulwark serve` on
+/// `data_dir`, and why: the kernel's boot id changed (a reboot, a power cut), or the
+/// test-only power cut of `blockstore::volatile` left its mark. The boot id is kept in
+/// `<data_dir>/boot-id` for the next start.
+fn lost_power_since_last_run(data_dir: &Path) -> Option<String> {
+    let marker = data_dir
+        .join("volumes")
+        .join(blockstore::volatile::POWER_WAS_CUT_FILE);
+    let cut = marker.exists();
+    if cut {
+        let _ = std::fs::remove_file(&marker);
+    }
+    let saved_path = data_dir.join("boot-id");
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let saved = std::fs::read_to_string(&saved_path)
+        .map(|s| s.trim().to_string())
+        .ok();
+    if !boot.is_empty() && saved.as_deref() != Some(boot.as_str()) {
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let tmp = saved_path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(boot.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &saved_path)?;
+            std::fs::File::open(data_dir)?.sync_all()
+        };
+        if let Err(e) = write() {
+            warn!(error = %e, "cannot record the boot id; a later restart cannot tell a power loss");
+        }
+    }
+    if cut {
+        Some("its power was cut (test)".into())
+    } else {
+        match saved {
+            Some(s) if !boot.is_empty() && s != boot => {
+                Some("its machine rebooted since it last ran (the boot id changed), so it may have lost power".into())
+            }
+            _ => None,
+        }
+    }
 }

@@ -887,12 +887,29 @@ impl ClusterNode {
                     .and_then(|l| l.last_heard_ms)
                     .filter(|_| primary != me)
                     .unwrap_or(0);
+                let reason = {
+                    let name =
+                        |id: NodeId| st.nodes.get(&id).map_or(id.to_string(), |n| n.name.clone());
+                    if node == primary {
+                        format!(
+                            "{} held no lease and is the only member of the in-sync set that is online",
+                            name(node)
+                        )
+                    } else {
+                        format!(
+                            "{} held no lease; {} is in the in-sync set (it has every write a flush covered) and online, and another node goes before the old primary (which may have lost power and with it writes no flush covered)",
+                            name(primary),
+                            name(node)
+                        )
+                    }
+                };
                 let cmd = Command::Promote {
                     volumes: vols.iter().map(|v| (v.name.clone(), v.epoch)).collect(),
                     node,
                     cause: Some(crate::state::FailoverCause {
                         planned: false,
                         io_stopped_unix_ms: crate::status::unix_ms().saturating_sub(silent_ms),
+                        reason,
                     }),
                 };
                 match self.write(cmd).await {

@@ -126,6 +126,10 @@ pub struct Volume {
     /// The last change of primary, planned or not.
     #[serde(default)]
     pub last_failover: Option<FailoverRecord>,
+    /// Why the primary is the primary, as the node that promoted it said (shown by
+    /// `bulwark status`; see the cold-start rule in docs/design-notes.md).
+    #[serde(default)]
+    pub primary_reason: String,
 }
 
 /// Why a primary changes, as the node that commits [`Command::Promote`] knows it.
@@ -137,6 +141,9 @@ pub struct FailoverCause {
     /// When I/O stopped: the drain's start, or when the old primary was last heard
     /// from (ms since the Unix epoch, by the committing node's clock).
     pub io_stopped_unix_ms: u64,
+    /// Why this node, in words for the administrator.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// A change of primary.
@@ -1198,6 +1205,7 @@ impl ClusterState {
                         verify: None,
                         reservations: None,
                         last_failover: None,
+                        primary_reason: "placed at creation".into(),
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1594,6 +1602,11 @@ impl ClusterState {
                         v.primary = *node;
                         v.epoch += 1;
                         v.moving_to = None;
+                        v.primary_reason = cause
+                            .as_ref()
+                            .map(|c| c.reason.clone())
+                            .filter(|r| !r.is_empty())
+                            .unwrap_or_else(|| "promoted".into());
                         if let Some(c) = cause.as_ref().filter(|_| old != *node) {
                             v.last_failover = Some(FailoverRecord {
                                 planned: c.planned,
