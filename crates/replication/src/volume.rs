@@ -1020,6 +1020,8 @@ impl BlockDevice for PrimaryVolume {
 
 enum ReplicaEvent {
     Message(NodeId, Message),
+    /// The background flush asked for through `seq` is done.
+    Flushed(Seq, Result<(), String>),
     Stop,
 }
 
@@ -1065,6 +1067,22 @@ impl ReplicaVolume {
                 }
             }
         };
+        // Background flushes run beside the stream, so applying writes never waits for
+        // one: a flush asked for after `seq` was applied covers it.
+        let (flush_tx, flush_rx) = mpsc::channel::<Seq>();
+        {
+            let (store, tx) = (store.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name("bulwark-replica-flush".into())
+                .spawn(move || {
+                    for seq in flush_rx {
+                        let done = store.flush().map_err(|e| e.to_string());
+                        if tx.send(ReplicaEvent::Flushed(seq, done)).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+        }
         let thread = std::thread::Builder::new()
             .name("bulwark-replica".into())
             .spawn(move || {
@@ -1072,9 +1090,22 @@ impl ReplicaVolume {
                 // out, which saves a message (and a wake-up of the primary) per write.
                 let mut next = rx.recv().ok();
                 let mut last_flush = Instant::now();
-                while let Some(ReplicaEvent::Message(from, msg)) = next.take() {
+                let mut flushing = false;
+                while let Some(ev) = next.take() {
                     let mut ack: Option<(NodeId, Message)> = None;
-                    let mut queue: std::collections::VecDeque<ReplicaAction> = core.on_message(from, msg).into();
+                    let mut queue: std::collections::VecDeque<ReplicaAction> = match ev {
+                        ReplicaEvent::Message(from, msg) => core.on_message(from, msg).into(),
+                        ReplicaEvent::Flushed(seq, Ok(())) => {
+                            flushing = false;
+                            core.flushed(seq);
+                            Default::default()
+                        }
+                        ReplicaEvent::Flushed(_, Err(err)) => {
+                            fail(format!("disk flush failed: {err}"));
+                            return;
+                        }
+                        ReplicaEvent::Stop => return,
+                    };
                     let mut burst = 0;
                     loop {
                         while let Some(a) = queue.pop_front() {
@@ -1157,28 +1188,34 @@ impl ReplicaVolume {
                     }
                     // Between bursts, and while idle, a background flush lets the
                     // activity log drop regions that are now durable here.
-                    while next.is_none() {
-                        if let Some(seq) = core.flush_due() {
+                    loop {
+                        let due = if flushing { None } else { core.flush_due() };
+                        if let Some(seq) = due {
                             let wait = BACKGROUND_FLUSH.saturating_sub(last_flush.elapsed());
                             if wait.is_zero() {
-                                last_flush = Instant::now();
-                                if let Err(err) = store.flush() {
-                                    fail(format!("disk flush failed: {err}"));
+                                if flush_tx.send(seq).is_err() {
+                                    fail("the background flush thread stopped".into());
                                     return;
                                 }
-                                core.flushed(seq);
+                                flushing = true;
+                                last_flush = Instant::now();
                                 continue;
+                            }
+                            if next.is_some() {
+                                break;
                             }
                             match rx.recv_timeout(wait) {
                                 Ok(ev) => next = Some(ev),
                                 Err(RecvTimeoutError::Timeout) => continue,
                                 Err(RecvTimeoutError::Disconnected) => return,
                             }
-                        } else {
+                        } else if next.is_none() {
                             next = rx.recv().ok();
                             if next.is_none() {
                                 return;
                             }
+                        } else {
+                            break;
                         }
                     }
                 }
@@ -1363,6 +1400,69 @@ mod tests {
         let mut b = vec![0u8; len];
         d.read_at(offset, &mut b).unwrap();
         b
+    }
+
+    #[test]
+    fn concurrent_saves_of_the_small_state_all_succeed() {
+        // One shared temporary name made two saves at once truncate and rename each
+        // other's file (ENOENT under load).
+        let dir = std::env::temp_dir().join(format!("bulwark-saves-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = ReplicaState::new(&dir, "v");
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let state = state.clone();
+                s.spawn(move || {
+                    for i in 0..100u64 {
+                        let mut log = RegionSet::new();
+                        log.insert(t * 1000 + i);
+                        state.set_activity_log(&log).unwrap();
+                        state.set_epoch(i).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(state.activity_log().unwrap().len(), 1);
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary file left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn regions_leave_the_activity_log_only_after_a_background_flush() {
+        use std::sync::atomic::Ordering;
+        let dir = std::env::temp_dir().join(format!("bulwark-bgflush-{}", std::process::id()));
+        let net = Arc::new(Net::default());
+        let stores: Vec<Arc<MemDevice>> =
+            (0..2).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
+        start_replica(&net, 2, stores[1].clone(), &dir);
+        let p = start_primary(&net, 1, 1, stores[0].clone(), &dir, &[2], &[2]);
+        wait_until("sealed and serving", || p.serving());
+        let before: Vec<u64> = stores
+            .iter()
+            .map(|s| s.flushes.load(Ordering::Relaxed))
+            .collect();
+        for i in 0..8u64 {
+            p.write_at(i * (64 << 10), &[7u8; 4096], false).unwrap();
+        }
+        // Applied everywhere, not yet flushed: the replica's log still names them.
+        let replica_log = ReplicaState::new(dir.join("n2"), "v");
+        assert!(replica_log.activity_log().unwrap().len() >= 8);
+        // No SYNCHRONIZE CACHE: both sides flush on their own within a few hundred ms.
+        wait_until("background flushes on both copies", || {
+            stores
+                .iter()
+                .zip(&before)
+                .all(|(s, b)| s.flushes.load(Ordering::Relaxed) > *b)
+        });
+        drop(p);
+        net.primaries.lock().unwrap().clear();
+        net.replicas.lock().unwrap().clear();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
