@@ -17,8 +17,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use initiator::checker::{Checker, FlushMark};
-use initiator::Session;
+use initiator::checker::Checker;
 
 mod common;
 use common::load::*;
@@ -46,65 +45,16 @@ fn cuts() -> usize {
         .unwrap_or(20)
 }
 
-/// What a load burst did.
-#[derive(Default)]
-struct Counts {
-    writes: u64,
-    flushes: u64,
-}
-
-/// Versioned single-block writes with a SYNCHRONIZE CACHE every [`FLUSH_EVERY`]
-/// acknowledgements, to whichever node is primary, until `until`.
-async fn load(c: &Cluster, checker: &mut Checker, until: Instant, counts: &mut Counts) {
-    let all = [0usize, 1, 2];
-    let mut session: Option<Session> = None;
-    let mut n = counts.writes;
-    while Instant::now() < until {
-        if session.is_none() {
-            if let Some((_, portal)) = primary_portal(c, &all).await {
-                session = connect(portal, IQN).await;
-            }
-            if session.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        }
-        let s = session.as_mut().expect("connected");
-        n += 1;
-        let lba = (n * 7919) % VOLUME_LBAS;
-        let (version, block) = checker.next_write(lba);
-        match tokio::time::timeout(
-            Duration::from_secs(3),
-            s.write16(0, lba, &block, BLOCK, false),
-        )
-        .await
-        {
-            Ok(Ok(r)) if r.status == 0 => {
-                checker.acked(lba, version);
-                counts.writes += 1;
-            }
-            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
-            _ => {
-                session = None;
-                continue;
-            }
-        }
-        if counts.writes.is_multiple_of(FLUSH_EVERY) {
-            let mark: FlushMark = checker.flush_mark();
-            let sync = [0x35u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            match tokio::time::timeout(Duration::from_secs(3), s.command(0, &sync, None, 0)).await {
-                Ok(Ok(r)) if r.status == 0 => {
-                    checker.flushed(mark);
-                    counts.flushes += 1;
-                }
-                Ok(Ok(_)) => {}
-                _ => session = None,
-            }
-        }
-        if session.as_ref().is_some_and(|s| s.logout_requested()) {
-            session = None;
-        }
-    }
+/// Versioned single-block writes over the whole volume with a SYNCHRONIZE CACHE every
+/// [`FLUSH_EVERY`] acknowledgements, to whichever node is primary, until `until`.
+async fn load(c: &Cluster, checker: &mut Checker, until: Instant, counts: &mut LoadStats) {
+    let load = Load {
+        lbas: VOLUME_LBAS,
+        flush_every: FLUSH_EVERY,
+    };
+    let s = run_load(c, checker, until, &[0, 1, 2], &load).await;
+    counts.writes += s.writes;
+    counts.flushes += s.flushes;
 }
 
 /// Cuts the power of node `i`: its volatile stores keep a random part of their cache
@@ -177,18 +127,23 @@ async fn read_back(portal: SocketAddr, checker: &Checker) -> Result<(), String> 
     Ok(())
 }
 
-/// `bulwark status` through node 0.
-async fn status_text(c: &Cluster) -> String {
+/// `bulwark ARGS` against node 0: (success, standard output).
+async fn cli(c: &Cluster, args: &[&str]) -> (bool, String) {
     let (node, token) = (
         c.nodes[0].addresses().control.to_string(),
         c.token().to_string(),
     );
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(BIN)
-            .args(["status", "--node", &node, "--token", &token])
+            .args(&args)
+            .args(["--node", &node, "--token", &token])
             .output()
             .expect("bulwark runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     })
     .await
     .unwrap()
@@ -196,23 +151,8 @@ async fn status_text(c: &Cluster) -> String {
 
 /// `bulwark volume verify v`: (every region compared and identical, its output).
 async fn online_verify(c: &Cluster) -> (bool, String) {
-    let (node, token) = (
-        c.nodes[0].addresses().control.to_string(),
-        c.token().to_string(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(BIN)
-            .args(["volume", "verify", "v", "--node", &node, "--token", &token])
-            .output()
-            .expect("bulwark runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (
-            out.status.success() && text.contains("128 of 128 regions identical"),
-            text,
-        )
-    })
-    .await
-    .unwrap()
+    let (ok, out) = cli(c, &["volume", "verify", "v"]).await;
+    (ok && out.contains("128 of 128 regions identical"), out)
 }
 
 async fn power_cuts(block: u8, kind: Kind) {
@@ -223,7 +163,7 @@ async fn power_cuts(block: u8, kind: Kind) {
     let all = [0usize, 1, 2];
     let admin = c.admin(0);
     let mut checker = Checker::new(BLOCK as usize);
-    let mut counts = Counts::default();
+    let mut counts = LoadStats::default();
     load(
         &c,
         &mut checker,
@@ -311,7 +251,7 @@ async fn power_cuts(block: u8, kind: Kind) {
             panic!("{kind:?} round {round}: {e}");
         }
         if kind == Kind::WholeCluster && round == 1 {
-            let status = status_text(&c).await;
+            let status = cli(&c, &["status"]).await.1;
             let line = status
                 .lines()
                 .find(|l| l.contains("since epoch"))

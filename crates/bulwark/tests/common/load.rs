@@ -61,12 +61,52 @@ pub async fn write_load_counting(
     until: Instant,
     via: &[usize],
 ) -> LoadReport {
-    let mut failed = 0;
-    let mut logouts = 0;
+    let s = run_load(c, checker, until, via, &Load::default()).await;
+    (s.longest, s.failed, s.logouts)
+}
+
+/// What a load writes: single blocks spread over the first `lbas` LBAs, and a
+/// SYNCHRONIZE CACHE after every `flush_every` acknowledged writes (none when 0).
+pub struct Load {
+    pub lbas: u64,
+    pub flush_every: u64,
+}
+
+impl Default for Load {
+    fn default() -> Load {
+        Load {
+            lbas: LBAS,
+            flush_every: 0,
+        }
+    }
+}
+
+/// What a load run saw.
+#[derive(Default)]
+pub struct LoadStats {
+    /// The longest gap between two acknowledged writes (the I/O pause).
+    pub longest: Duration,
+    /// Writes failed with a status an initiator would not retry by itself.
+    pub failed: u64,
+    /// Logouts the target asked for.
+    pub logouts: u64,
+    pub writes: u64,
+    pub flushes: u64,
+}
+
+/// Writes until `until` as `load` says, reconnecting to whichever node is primary.
+/// A completed flush marks in `checker` what it covers.
+pub async fn run_load(
+    c: &Cluster,
+    checker: &mut Checker,
+    until: Instant,
+    via: &[usize],
+    load: &Load,
+) -> LoadStats {
+    let mut stats = LoadStats::default();
     let mut session: Option<Session> = None;
     let mut last_ack = Instant::now();
-    let mut longest = Duration::ZERO;
-    let mut n = 0u64;
+    let mut n = checker.acks();
     while Instant::now() < until {
         if session.is_none() {
             if let Some((_, portal)) = primary_portal(c, via).await {
@@ -79,7 +119,7 @@ pub async fn write_load_counting(
         }
         let s = session.as_mut().expect("connected");
         n += 1;
-        let lba = (n * 7919) % LBAS;
+        let lba = (n * 7919) % load.lbas;
         let (version, block) = checker.next_write(lba);
         match tokio::time::timeout(
             Duration::from_secs(3),
@@ -89,14 +129,15 @@ pub async fn write_load_counting(
         {
             Ok(Ok(r)) if r.status == 0 => {
                 checker.acked(lba, version);
+                stats.writes += 1;
                 let now = Instant::now();
-                longest = longest.max(now - last_ack);
+                stats.longest = stats.longest.max(now - last_ack);
                 last_ack = now;
             }
             // CHECK CONDITION (a transition, a unit attention): retry on this session.
             Ok(Ok(r)) => {
                 if !retryable(r.status, &r.sense) {
-                    failed += 1;
+                    stats.failed += 1;
                     eprintln!(
                         "failed write: status {:#x} sense {:02x?}",
                         r.status,
@@ -107,13 +148,28 @@ pub async fn write_load_counting(
             }
             _ => session = None,
         }
+        if let Some(s) = session
+            .as_mut()
+            .filter(|_| load.flush_every > 0 && stats.writes.is_multiple_of(load.flush_every))
+        {
+            let mark = checker.flush_mark();
+            let sync = [0x35u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            match tokio::time::timeout(Duration::from_secs(3), s.command(0, &sync, None, 0)).await {
+                Ok(Ok(r)) if r.status == 0 => {
+                    checker.flushed(mark);
+                    stats.flushes += 1;
+                }
+                Ok(Ok(_)) => {}
+                _ => session = None,
+            }
+        }
         // The target asks us to log out (the volume moved): reconnect, as open-iscsi does.
         if session.as_ref().is_some_and(|s| s.logout_requested()) {
-            logouts += 1;
+            stats.logouts += 1;
             session = None;
         }
     }
-    (longest, failed, logouts)
+    stats
 }
 
 pub async fn verify_all(c: &Cluster, checker: &Checker, via: &[usize]) {
