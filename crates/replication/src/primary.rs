@@ -383,7 +383,7 @@ pub struct Primary {
 /// How often a background flush runs while regions wait for one (milliseconds), and
 /// how many waiting regions start one at once: together they bound the activity log,
 /// and so the resync after a power cut.
-const FLUSH_EVERY_MS: u64 = 200;
+const FLUSH_EVERY_MS: u64 = 1000;
 const FLUSH_AT_REGIONS: usize = 256;
 
 /// Regions compared at once by an online verify.
@@ -683,7 +683,7 @@ impl Primary {
                         seq,
                         offset,
                         data: data.clone(),
-                        committed: committed_of(peer, &self.writes),
+                        committed: committed_of(peer, &self.writes, self.sealing),
                         flush,
                     },
                 });
@@ -813,17 +813,16 @@ impl Primary {
         }
         peer.link = Link::Streaming;
         peer.last_progress = now;
-        if self.in_sync.contains(&from) {
-            // A member keeps the map, from before anything that follows.
-            out.push(Action::Send {
-                to: from,
-                msg: Message::DirtyMap {
-                    epoch: self.cfg.epoch,
-                    full: true,
-                    peers: self.dirty_map.clone(),
-                },
-            });
-        }
+        // Every replica keeps the map, from before anything that follows (see
+        // `publish_dirty_map`).
+        out.push(Action::Send {
+            to: from,
+            msg: Message::DirtyMap {
+                epoch: self.cfg.epoch,
+                full: true,
+                peers: self.dirty_map.clone(),
+            },
+        });
         let Some(peer) = self.peers.get_mut(&from) else {
             return;
         };
@@ -1000,7 +999,7 @@ impl Primary {
         let Some(p) = self.peers.get_mut(&peer) else {
             return out;
         };
-        let committed = committed_of(p, writes);
+        let committed = committed_of(p, writes, self.sealing);
         let streaming = p.link == Link::Streaming;
         if let Some(e) = p
             .stream
@@ -1353,8 +1352,12 @@ impl Primary {
     /// added) to every streaming member.
     fn publish_dirty_map(&self, full: bool, peers: DirtyMap, out: &mut Vec<Action>) {
         out.push(Action::PersistDirtyMap(self.dirty_map.clone()));
-        for m in &self.in_sync {
-            if self.peers.get(m).is_some_and(|p| p.link == Link::Streaming) {
+        // Every streaming replica, members or not: one that joins the in-sync set must
+        // hold the current map from the moment it is added, or a promotion of it
+        // before this primary sends the next full map would resync the others from a
+        // stale one (the simulation found this).
+        for (m, p) in &self.peers {
+            if p.link == Link::Streaming {
                 out.push(Action::Send {
                     to: *m,
                     msg: Message::DirtyMap {
@@ -1566,6 +1569,11 @@ impl Primary {
         self.held = still;
     }
 
+    /// What the replicas outside the in-sync set lack, as it must be on disk now.
+    pub fn dirty_map(&self) -> &DirtyMap {
+        &self.dirty_map
+    }
+
     /// The activity log as it must be on disk now (a superset of every region with a
     /// write in flight or not yet durable here).
     pub fn persisted_log(&self) -> &RegionSet {
@@ -1719,7 +1727,17 @@ fn all_regions(size: u64, region_size: u64) -> RegionSet {
 
 /// The highest seq of `peer`'s stream up to which every entry is on every member: the
 /// replica may drop those regions from its activity log.
-fn committed_of(peer: &Peer, writes: &BTreeMap<u64, Write>) -> Seq {
+///
+/// While sealing, nothing is committed, not even a rewrite of a divergent region this
+/// replica has acknowledged: until every member has it the region differs between
+/// members, and if this primary dies before the seal completes, the next one finds it
+/// only through an activity log that still names it (the simulation found a divergence
+/// this way once regions stayed in the logs until flushed).
+fn committed_of(peer: &Peer, writes: &BTreeMap<u64, Write>, sealing: bool) -> Seq {
+    if sealing {
+        // Only rewrites of divergent regions travel before the seal completes.
+        return 0;
+    }
     let mut committed = peer.stream.front().map_or(peer.next_seq - 1, |e| e.seq - 1);
     for e in &peer.stream {
         if !e.done(peer.acked, writes) {

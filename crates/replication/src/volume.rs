@@ -291,6 +291,8 @@ struct PrimaryShared {
     /// (a superset of every region still in flight): an older log never lands last,
     /// and saves that queue up behind one another are written once.
     saved_log: Mutex<Option<RegionSet>>,
+    /// The same for the map of what out-of-sync replicas lack.
+    saved_map: Mutex<Option<DirtyMap>>,
 }
 
 /// An initiator write or flush waiting for every in-sync member.
@@ -329,7 +331,7 @@ impl std::fmt::Debug for PrimaryVolume {
 
 /// How long a replica lets applied writes wait for a background flush of its store
 /// (an initiator's SYNCHRONIZE CACHE flushes at once).
-const BACKGROUND_FLUSH: Duration = Duration::from_millis(200);
+const BACKGROUND_FLUSH: Duration = Duration::from_secs(1);
 
 /// How often the primary's core hears that time passed.
 const TICK: Duration = Duration::from_millis(20);
@@ -384,10 +386,10 @@ impl PrimaryShared {
                         Err(e) => self.disk_failed(&e),
                     }
                 }
-                Action::PersistDirtyMap(m) => {
+                Action::PersistDirtyMap(_) => {
                     // The writes that follow make regions lacking that only this map
                     // names: without it on disk this copy must not take them.
-                    if let Err(e) = self.state.set_dirty_map(&m) {
+                    if let Err(e) = self.persist_dirty_map() {
                         self.state.forget_dirty_map();
                         self.disk_failed(&io::Error::new(
                             e.kind(),
@@ -498,6 +500,26 @@ impl PrimaryShared {
         if saved.as_ref() != Some(&log) {
             self.state.set_activity_log(&log)?;
             *saved = Some(log);
+        }
+        Ok(())
+    }
+
+    /// Writes the core's newest map of what out-of-sync replicas lack unless it is on
+    /// disk already (as [`PrimaryShared::persist_activity_log`] does for the log).
+    fn persist_dirty_map(&self) -> io::Result<()> {
+        let mut saved = self
+            .saved_map
+            .lock()
+            .map_err(|_| io::Error::other("dirty map state poisoned"))?;
+        let map = self
+            .core
+            .lock()
+            .map_err(|_| io::Error::other("primary state poisoned"))?
+            .dirty_map()
+            .clone();
+        if saved.as_ref() != Some(&map) {
+            self.state.set_dirty_map(&map)?;
+            *saved = Some(map);
         }
         Ok(())
     }
@@ -723,6 +745,7 @@ impl PrimaryVolume {
             resyncs: Mutex::default(),
             failed: Mutex::default(),
             saved_log: Mutex::default(),
+            saved_map: Mutex::default(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
