@@ -847,6 +847,29 @@ impl Primary {
             self.seal_divergent.union_with(&divergent);
             self.maybe_start_seal_resync(now, out);
         } else {
+            if self.in_sync.contains(&from) && !divergent.is_empty() {
+                // A member that comes back with regions from an older epoch restarted,
+                // and what it acknowledged before may be gone: a power cut takes what
+                // it had not flushed. It leaves the in-sync set and returns through
+                // resync like any other replica, and the writes not yet complete wait
+                // for that (they may count on an acknowledgement it no longer backs).
+                // The simulation found an acknowledged write lost through a replica
+                // that had lost it and stayed in the set, then was promoted.
+                for w in self.writes.values_mut() {
+                    w.waiting.insert(from);
+                }
+                if let Some(p) = self.peers.get_mut(&from) {
+                    if !p.remove_requested {
+                        p.remove_requested = true;
+                        p.add_requested = false;
+                        p.requested_at = now;
+                        out.push(Action::RequestIsrRemove {
+                            epoch: self.cfg.epoch,
+                            node: from,
+                        });
+                    }
+                }
+            }
             // A returning replica: what it missed, and what it may hold that we lack.
             if let Some(peer) = self.peers.get_mut(&from) {
                 peer.dirty.union_with(&divergent);

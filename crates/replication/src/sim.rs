@@ -160,18 +160,42 @@ impl Disk {
 
 #[derive(Clone, Debug)]
 enum CpReq {
-    Hello,
-    RenewLease { epoch: Epoch, sent_at: u64 },
-    IsrAdd { epoch: Epoch, node: NodeId },
-    IsrRemove { epoch: Epoch, node: NodeId },
+    /// Liveness; `lost_power` until the control plane has noted that this node came
+    /// back from a power cut (the product: `Command::NodeLostPower`).
+    Hello {
+        lost_power: bool,
+    },
+    RenewLease {
+        epoch: Epoch,
+        sent_at: u64,
+    },
+    IsrAdd {
+        epoch: Epoch,
+        node: NodeId,
+    },
+    IsrRemove {
+        epoch: Epoch,
+        node: NodeId,
+    },
 }
 
 #[derive(Clone, Debug)]
 enum CpRep {
-    LeaseGranted { epoch: Epoch, sent_at: u64 },
-    IsrCommitted { epoch: Epoch, isr: BTreeSet<NodeId> },
-    Promote { epoch: Epoch, isr: BTreeSet<NodeId> },
+    LeaseGranted {
+        epoch: Epoch,
+        sent_at: u64,
+        isr: BTreeSet<NodeId>,
+    },
+    IsrCommitted {
+        epoch: Epoch,
+        isr: BTreeSet<NodeId>,
+    },
+    Promote {
+        epoch: Epoch,
+        isr: BTreeSet<NodeId>,
+    },
     Deposed,
+    LostPowerNoted,
 }
 
 #[derive(Clone, Debug)]
@@ -261,6 +285,8 @@ struct Node {
     role: Role,
     /// Initiator write tag → (block, version).
     tags: BTreeMap<u64, (u64, u64)>,
+    /// Back from a power cut, not yet noted by the control plane.
+    lost_power: bool,
 }
 
 struct Cp {
@@ -271,6 +297,8 @@ struct Cp {
     lease_expiry: u64,
     promoted_at: u64,
     last_heard: BTreeMap<NodeId, u64>,
+    /// Nodes back from a power cut and not in sync since: promoted last.
+    lost_power: BTreeSet<NodeId>,
 }
 
 struct Outstanding {
@@ -371,6 +399,7 @@ impl Sim {
                         dirty_map: None,
                         role: Role::Replica(Replica::new(REGION, 0, RegionSet::new())),
                         tags: BTreeMap::new(),
+                        lost_power: false,
                     },
                 )
             })
@@ -388,6 +417,7 @@ impl Sim {
                 lease_expiry: 0,
                 promoted_at: 0,
                 last_heard: BTreeMap::new(),
+                lost_power: BTreeSet::new(),
             },
             client: Client::default(),
             cut: BTreeSet::new(),
@@ -715,6 +745,7 @@ impl Sim {
                 node.role = Role::Replica(replica_of(node, slack, bug));
                 if self.unpowered.remove(&n) {
                     self.report.recoveries += 1;
+                    node.lost_power = true;
                 }
             }
         }
@@ -1020,10 +1051,11 @@ impl Sim {
         if !self.alive(n) {
             return Ok(());
         }
+        let lost_power = self.nodes[&n].lost_power;
         self.send(n, CP, |gen| Ev::ToCp {
             from: n,
             gen,
-            req: CpReq::Hello,
+            req: CpReq::Hello { lost_power },
         });
         let now = self.now;
         let node = self.nodes.get_mut(&n).expect("node");
@@ -1108,10 +1140,19 @@ impl Sim {
                 self.primary_actions(to, verify)?;
                 self.node_tick_lease(to);
             }
-            CpRep::LeaseGranted { epoch, sent_at } => {
+            CpRep::LeaseGranted {
+                epoch,
+                sent_at,
+                isr,
+            } => {
                 if let Role::Primary { p, .. } = &mut node.role {
                     if p.epoch() == epoch {
-                        let actions = p.set_lease(now, sent_at + LEASE - 10);
+                        let mut actions = p.set_lease(now, sent_at + LEASE - 10);
+                        let others: BTreeSet<NodeId> =
+                            isr.iter().copied().filter(|n| *n != to).collect();
+                        if &others != p.in_sync() {
+                            actions.extend(p.isr_committed(now, epoch, isr));
+                        }
                         self.primary_actions(to, actions)?;
                     }
                 }
@@ -1122,6 +1163,7 @@ impl Sim {
                     self.primary_actions(to, actions)?;
                 }
             }
+            CpRep::LostPowerNoted => node.lost_power = false,
             CpRep::Deposed => {
                 if let Role::Primary { .. } = node.role {
                     node.role = Role::Replica(replica_of(node, self.log_slack, self.bug));
@@ -1156,11 +1198,43 @@ impl Sim {
         let cp = &mut self.cp;
         let current = cp.primary == Some(from);
         let reply = match req {
-            CpReq::Hello => None,
+            CpReq::Hello { lost_power: false } => None,
+            CpReq::Hello { lost_power: true } => {
+                // It may lack writes it acknowledged: out of the in-sync set while
+                // another member remains (a primary stays; it is not promoted again
+                // while another member is reachable), back through resync.
+                cp.lost_power.insert(from);
+                if !current && cp.isr.contains(&from) && cp.isr.len() > 1 {
+                    cp.isr.remove(&from);
+                    if let Some(p) = cp.primary {
+                        let (epoch, isr) = (cp.epoch, cp.isr.clone());
+                        let gen = self.nodes.get(&p).map_or(0, |n| n.gen);
+                        if self.cut.contains(&pair(p, CP)) {
+                            // The primary hears it with its next renewal.
+                        } else {
+                            self.at(
+                                self.now + 1,
+                                Ev::FromCp {
+                                    to: p,
+                                    gen,
+                                    rep: CpRep::IsrCommitted { epoch, isr },
+                                },
+                            );
+                        }
+                    }
+                }
+                Some(CpRep::LostPowerNoted)
+            }
             CpReq::RenewLease { epoch, sent_at } => {
                 if epoch == cp.epoch && current {
                     cp.lease_expiry = cp.lease_expiry.max(self.now + LEASE);
-                    Some(CpRep::LeaseGranted { epoch, sent_at })
+                    // With the committed in-sync set, as the product's primary sees it
+                    // in the replicated state.
+                    Some(CpRep::LeaseGranted {
+                        epoch,
+                        sent_at,
+                        isr: cp.isr.clone(),
+                    })
                 } else {
                     Some(CpRep::Deposed)
                 }
@@ -1173,6 +1247,7 @@ impl Sim {
             }
             CpReq::IsrAdd { epoch, node } => {
                 cp.isr.insert(node);
+                cp.lost_power.remove(&node);
                 Some(CpRep::IsrCommitted {
                     epoch,
                     isr: cp.isr.clone(),
@@ -1220,9 +1295,14 @@ impl Sim {
                 .get(n)
                 .is_some_and(|t| now.saturating_sub(*t) < 100)
         };
-        let candidates: Vec<NodeId> = cp.isr.iter().copied().filter(|n| reachable(n)).collect();
+        let mut candidates: Vec<NodeId> = cp.isr.iter().copied().filter(|n| reachable(n)).collect();
         if candidates.is_empty() {
             return; // offline until an in-sync member is back: never serve stale data
+        }
+        // Members that kept their cache first: one back from a power cut may lack
+        // writes it acknowledged.
+        if candidates.iter().any(|n| !cp.lost_power.contains(n)) {
+            candidates.retain(|n| !cp.lost_power.contains(n));
         }
         let pick = candidates[self.rng.gen_range(0..candidates.len())];
         let cp = &mut self.cp;
@@ -1232,6 +1312,7 @@ impl Sim {
             }
         }
         cp.isr.insert(pick);
+        cp.lost_power.remove(&pick);
         cp.epoch += 1;
         cp.primary = Some(pick);
         cp.promoted_at = now;
@@ -1372,6 +1453,12 @@ impl Sim {
                         return Ok(());
                     }
                     let v = o.version.unwrap_or(0);
+                    if self.trace {
+                        eprintln!(
+                            "t={} client: block {} version {v} acknowledged (completed at {at})",
+                            self.now, o.block
+                        );
+                    }
                     let a = self.client.acked.entry(o.block).or_insert(0);
                     // Acknowledged before a power cut that came since: like every
                     // acknowledged write no flush covered, it may be gone.
@@ -1384,6 +1471,12 @@ impl Sim {
             }
             ClientResp::ReadOk { id, value } => {
                 if let Some(o) = self.client.outstanding.remove(&id) {
+                    if self.trace {
+                        eprintln!(
+                            "t={} client: block {} read as version {value} (floor {})",
+                            self.now, o.block, o.floor
+                        );
+                    }
                     let issued = self.client.issued.get(&o.block).copied().unwrap_or(0);
                     if value < o.floor {
                         return Err(format!(
