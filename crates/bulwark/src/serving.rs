@@ -522,6 +522,9 @@ impl Serving {
 
             events: node.events(),
         });
+        if let Some(why) = serving.lost_power.clone() {
+            serving.report_lost_power(why);
+        }
         let weak = Arc::downgrade(&serving);
         serving
             .net
@@ -1324,6 +1327,36 @@ impl Serving {
                     format!("planned move of {} refused: {r}; the leader promotes an in-sync replica when the lease lapses", names.join(", ")),
                 ),
                 Err(e) => warn!(error = %e, "planned move not committed; failover takes over"),
+            }
+        });
+    }
+
+    /// Tells the cluster that this node lost power (`Command::NodeLostPower`), until it
+    /// is committed: it leaves the in-sync sets it may no longer deserve.
+    fn report_lost_power(&self, why: String) {
+        let (node, me, name, events) = (
+            self.node.clone(),
+            self.me,
+            self.node_name.clone(),
+            self.events.clone(),
+        );
+        self.rt.spawn(async move {
+            loop {
+                match node.write(Command::NodeLostPower { id: me }).await {
+                    Ok(Ok(_)) => {
+                        events.push(
+                            "power",
+                            format!("{name} came back from a power loss ({why}): it leaves the in-sync set of the volumes it does not serve while another member remains, and returns through resync"),
+                        );
+                        return;
+                    }
+                    Ok(Err(r)) => {
+                        warn!(refused = %r, "the power loss was not recorded");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "power loss not recorded yet; retrying"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
     }

@@ -813,8 +813,11 @@ impl ClusterNode {
                     .filter(|n| self.peer_liveness(n.id).is_some_and(|l| l.online))
                     .map(|n| n.id)
                     .collect();
-                // Another node first; the same one only if it is the last in sync.
-                candidates.sort_by_key(|id| (*id == primary, *id));
+                // Members that kept their cache first (one back from a power loss may
+                // lack writes it acknowledged), then another node before the old
+                // primary; the same one only if it is the last in sync.
+                let lost_power = |id: &NodeId| vols.iter().any(|v| v.lost_power.contains(id));
+                candidates.sort_by_key(|id| (lost_power(id), *id == primary, *id));
                 let Some(&node) = candidates.first() else {
                     let key = group.join(",");
                     if offline_reported.insert(key.clone()) {
@@ -890,7 +893,13 @@ impl ClusterNode {
                 let reason = {
                     let name =
                         |id: NodeId| st.nodes.get(&id).map_or(id.to_string(), |n| n.name.clone());
-                    if node == primary {
+                    if lost_power(&node) {
+                        format!(
+                            "{} held no lease; {} is the only member of the in-sync set online, though it came back from a power loss (writes no flush covered may be gone; every flushed write is there)",
+                            name(primary),
+                            name(node)
+                        )
+                    } else if node == primary {
                         format!(
                             "{} held no lease and is the only member of the in-sync set that is online",
                             name(node)

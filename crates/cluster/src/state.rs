@@ -130,6 +130,11 @@ pub struct Volume {
     /// `bulwark status`; see the cold-start rule in docs/design-notes.md).
     #[serde(default)]
     pub primary_reason: String,
+    /// Replicas back from a power loss that have not been in sync since: they may lack
+    /// writes they acknowledged, so they are promoted only when no other in-sync
+    /// member is online.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_power: Vec<NodeId>,
 }
 
 /// Why a primary changes, as the node that commits [`Command::Promote`] knows it.
@@ -501,6 +506,7 @@ impl Command {
             self,
             Command::AddNode { .. }
                 | Command::NodeStarted { .. }
+                | Command::NodeLostPower { .. }
                 | Command::IsrChange { .. }
                 | Command::Promote { .. }
                 | Command::FailoverFinished { .. }
@@ -537,6 +543,14 @@ pub enum Command {
         addresses: NodeAddresses,
         /// Capacity.
         capacity_bytes: u64,
+    },
+    /// A node came back from a power loss (its kernel's boot id changed since it last
+    /// ran): what it had not flushed is gone, writes it acknowledged among them. It
+    /// leaves the in-sync set of every volume it does not serve while another member
+    /// remains, and returns through resync (see docs/design-notes.md, "Power loss").
+    NodeLostPower {
+        /// Id.
+        id: NodeId,
     },
     /// A node leaves or is removed.
     RemoveNode {
@@ -1148,6 +1162,26 @@ impl ClusterState {
                 node.capacity_bytes = *capacity_bytes;
                 Ok(Applied::Done)
             }
+            Command::NodeLostPower { id } => {
+                if !self.nodes.contains_key(id) {
+                    return Err(Refused::NoSuchNodeId(*id));
+                }
+                for v in self.volumes.values_mut() {
+                    if !v.replicas.contains(id) {
+                        continue;
+                    }
+                    if !v.lost_power.contains(id) {
+                        v.lost_power.push(*id);
+                    }
+                    if v.primary != *id && v.in_sync.contains(id) && v.in_sync.len() > 1 {
+                        v.in_sync.retain(|n| n != id);
+                        if v.moving_to == Some(*id) {
+                            v.moving_to = None;
+                        }
+                    }
+                }
+                Ok(Applied::Done)
+            }
             Command::RemoveNode { name } => {
                 let node = self
                     .node_by_name(name)
@@ -1206,6 +1240,7 @@ impl ClusterState {
                         reservations: None,
                         last_failover: None,
                         primary_reason: "placed at creation".into(),
+                        lost_power: Vec::new(),
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1540,6 +1575,7 @@ impl ClusterState {
                     .get_mut(volume)
                     .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
                 v.in_sync.retain(|n| !remove.contains(n));
+                v.lost_power.retain(|n| !add.contains(n));
                 // A move to a replica that fell out of sync is off.
                 if v.moving_to.is_some_and(|m| remove.contains(&m)) {
                     v.moving_to = None;
@@ -1602,6 +1638,7 @@ impl ClusterState {
                         v.primary = *node;
                         v.epoch += 1;
                         v.moving_to = None;
+                        v.lost_power.retain(|n| n != node);
                         v.primary_reason = cause
                             .as_ref()
                             .map(|c| c.reason.clone())

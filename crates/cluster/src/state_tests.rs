@@ -678,6 +678,40 @@ fn in_sync_set_and_promotion_follow_epochs() {
 }
 
 #[test]
+fn a_node_back_from_a_power_loss_leaves_the_in_sync_sets_it_does_not_serve() {
+    let mut st = three();
+    st.apply(&create("v", GIB, 3, &["n1", "n2", "n3"])).unwrap();
+    st.apply(&create("w", GIB, 2, &["n2", "n3"])).unwrap();
+    st.apply(&Command::NodeLostPower { id: 2 }).unwrap();
+    // A replica of v: out, and named until it is back in sync.
+    assert_eq!(st.volumes["v"].in_sync, vec![1, 3]);
+    assert_eq!(st.volumes["v"].lost_power, vec![2]);
+    // The primary of w keeps its place (the failover decides, promoting it last).
+    assert_eq!(st.volumes["w"].primary, 2);
+    assert_eq!(st.volumes["w"].in_sync, vec![2, 3]);
+    // The last in-sync member stays: after a whole-cluster loss someone must serve.
+    st.apply(&Command::NodeLostPower { id: 3 }).unwrap();
+    assert_eq!(st.volumes["v"].in_sync, vec![1]);
+    st.apply(&Command::NodeLostPower { id: 1 }).unwrap();
+    assert_eq!(st.volumes["v"].in_sync, vec![1], "the primary stays");
+    assert_eq!(st.volumes["w"].in_sync, vec![2], "the last member stays");
+    // Back in sync through resync: no longer named.
+    st.apply(&Command::IsrChange {
+        volume: "v".into(),
+        epoch: 1,
+        add: vec![2],
+        remove: vec![],
+    })
+    .unwrap();
+    assert_eq!(st.volumes["v"].lost_power, vec![3, 1]);
+    assert!(matches!(
+        refused(&mut st, Command::NodeLostPower { id: 9 }),
+        Refused::NoSuchNodeId(9)
+    ));
+    assert!(Command::NodeLostPower { id: 1 }.node_only());
+}
+
+#[test]
 fn settings_are_bounded() {
     let mut st = three();
     let set = |hb, ft| Command::SetSettings {
@@ -791,6 +825,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
             capacity_bytes: cap * GIB,
             public_key: None,
         }),
+        (1u64..6).prop_map(|id| Command::NodeLostPower { id }),
         (1u64..6, any::<bool>(), 1u8..6).prop_map(|(id, w, i)| Command::NodeStarted {
             id,
             role: if w {
