@@ -12,7 +12,8 @@
 //! - after a whole-cluster cut, `bulwark status` says which member became primary
 //!   and why.
 //!
-//! `BULWARK_POWER_CUTS` sets the number of cuts of each kind (default 20).
+//! `BULWARK_POWER_CUTS` sets the number of cuts of each kind (default 20);
+//! `BULWARK_POWER_DUMP=DIR` keeps the nodes' folders of a round that finds a difference.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -237,6 +238,17 @@ async fn power_cuts(block: u8, kind: Kind) {
             // Every region compared on both replicas, or a replica not back yet
             // ("not compared": try again); a difference fails at once.
             let (identical, out) = online_verify(&c).await;
+            // BULWARK_POWER_DUMP=DIR keeps the nodes' folders (volumes, activity logs,
+            // dirty maps, logs) of a failed round for a post-mortem.
+            if let Some(dir) =
+                std::env::var_os("BULWARK_POWER_DUMP").filter(|_| out.contains("DIFFER"))
+            {
+                let _ = std::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(c._tmp.path())
+                    .arg(dir)
+                    .status();
+            }
             assert!(
                 !out.contains("DIFFER"),
                 "{kind:?} round {round}: the in-sync replicas differ after the power cut: {out}"

@@ -1302,7 +1302,13 @@ impl Primary {
             }
             p.stream.clear();
             p.resync_outstanding.clear();
-            p.next_seq = p.acked + 1;
+            // The stream goes on from where it was, never back: a region read still
+            // under way for an abandoned position must not land in a new entry that
+            // reuses it (a stale copy of one region written over another; the power-cut
+            // test found replicas differing this way). The abandoned positions count as
+            // acknowledged: what they carried is marked lacking above.
+            p.acked = p.next_seq - 1;
+            self.deferred_reads.retain(|(peer, _, _)| *peer != pid);
             if !matches!(p.link, Link::Down { .. }) {
                 // Still connected (slow or hung): restart its stream with a fresh seal;
                 // it comes back through resync like any returning replica.

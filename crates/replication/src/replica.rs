@@ -81,6 +81,8 @@ pub struct Replica {
     durable: (Epoch, Seq),
     /// Flush barriers handed to the driver and not yet reported applied.
     barriers: std::collections::BTreeSet<Seq>,
+    /// Seals taken so far (see [`FlushTicket`]).
+    seals: u64,
     /// How many regions the persisted log may hold beyond the live ones before it is
     /// rewritten smaller (each rewrite is an fsync on the write path).
     log_slack: usize,
@@ -88,6 +90,15 @@ pub struct Replica {
     /// power cuts must catch this.
     #[cfg(test)]
     bug_forget_before_flush: bool,
+}
+
+/// What a background flush covers: every write applied up to `seq` in the stream as
+/// it was when the flush was asked for (a seal in between restarts the stream, and the
+/// flush then proves nothing about the new one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlushTicket {
+    seals: u64,
+    seq: Seq,
 }
 
 /// Default of [`Replica::with_log_slack`] and `PrimaryConfig::activity_log_slack`.
@@ -112,6 +123,7 @@ impl Replica {
             applied: (0, 0),
             durable: (0, 0),
             barriers: Default::default(),
+            seals: 0,
             log_slack: ACTIVITY_LOG_SLACK,
             #[cfg(test)]
             bug_forget_before_flush: false,
@@ -172,6 +184,7 @@ impl Replica {
                 self.next_seq = next_seq;
                 self.early.clear();
                 self.barriers.clear();
+                self.seals += 1;
                 // The stream restarts at `next_seq`: later positions will carry other
                 // writes, which no earlier flush or commit covers.
                 for mark in [&mut self.applied, &mut self.durable, &mut self.committed] {
@@ -290,7 +303,7 @@ impl Replica {
     pub fn applied(&mut self, seq: Seq) -> Vec<ReplicaAction> {
         self.applied = (self.epoch, seq);
         if self.barriers.remove(&seq) {
-            self.flushed(seq);
+            self.durable_through(seq);
         }
         match self.primary {
             Some(p) => vec![ReplicaAction::Send {
@@ -304,10 +317,10 @@ impl Replica {
         }
     }
 
-    /// The highest seq applied so far, when some region of the activity log waits
-    /// only for a local flush: the driver flushes the store (in the background, at its
+    /// When some region of the activity log waits only for a local flush: what a
+    /// flush begun now covers. The driver flushes the store (in the background, at its
     /// own pace) and then calls [`Replica::flushed`] with it.
-    pub fn flush_due(&self) -> Option<Seq> {
+    pub fn flush_due(&self) -> Option<FlushTicket> {
         let (epoch, applied) = self.applied;
         if epoch != self.epoch || applied <= self.durable.1 && self.durable.0 == epoch {
             return None;
@@ -315,11 +328,20 @@ impl Replica {
         self.activity
             .values()
             .any(|(e, s)| *e == epoch && *s <= applied)
-            .then_some(applied)
+            .then_some(FlushTicket {
+                seals: self.seals,
+                seq: applied,
+            })
     }
 
-    /// A local flush that began after `seq` was applied has completed.
-    pub fn flushed(&mut self, seq: Seq) {
+    /// A local flush asked for with `ticket` has completed.
+    pub fn flushed(&mut self, ticket: FlushTicket) {
+        if ticket.seals == self.seals {
+            self.durable_through(ticket.seq);
+        }
+    }
+
+    fn durable_through(&mut self, seq: Seq) {
         if (self.epoch, seq) > self.durable {
             self.durable = (self.epoch, seq);
         }

@@ -1066,7 +1066,7 @@ impl Sim {
             if let Some(seq) = r.flush_due() {
                 if self.rng.gen_bool(0.3) {
                     if self.trace {
-                        eprintln!("t={now} node {n} replica flushes through seq {seq}");
+                        eprintln!("t={now} node {n} replica flushes ({seq:?})");
                     }
                     node.disk.flush();
                     r.flushed(seq);

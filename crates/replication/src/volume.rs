@@ -1044,7 +1044,7 @@ impl BlockDevice for PrimaryVolume {
 enum ReplicaEvent {
     Message(NodeId, Message),
     /// The background flush asked for through `seq` is done.
-    Flushed(Seq, Result<(), String>),
+    Flushed(crate::replica::FlushTicket, Result<(), String>),
     Stop,
 }
 
@@ -1092,15 +1092,15 @@ impl ReplicaVolume {
         };
         // Background flushes run beside the stream, so applying writes never waits for
         // one: a flush asked for after `seq` was applied covers it.
-        let (flush_tx, flush_rx) = mpsc::channel::<Seq>();
+        let (flush_tx, flush_rx) = mpsc::channel::<crate::replica::FlushTicket>();
         {
             let (store, tx) = (store.clone(), tx.clone());
             std::thread::Builder::new()
                 .name("bulwark-replica-flush".into())
                 .spawn(move || {
-                    for seq in flush_rx {
+                    for ticket in flush_rx {
                         let done = store.flush().map_err(|e| e.to_string());
-                        if tx.send(ReplicaEvent::Flushed(seq, done)).is_err() {
+                        if tx.send(ReplicaEvent::Flushed(ticket, done)).is_err() {
                             return;
                         }
                     }
