@@ -382,6 +382,7 @@ pub const EVENT_KINDS: &[&str] = &[
     "handover",
     "volume_offline",
     "fence",
+    "power",
     "primary",
     "replica_left",
     "replica_rejoined",
