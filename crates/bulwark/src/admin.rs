@@ -1517,7 +1517,7 @@ pub enum AlertCmd {
         /// Only these event kinds (comma-separated; default: all): node_offline,
         /// node_online, network_down, network_up, leader, membership, quorum_lost,
         /// quorum_regained, failover_started, failover_finished, handover,
-        /// volume_offline, fence, primary, replica_left, replica_rejoined,
+        /// volume_offline, fence, power, primary, replica_left, replica_rejoined,
         /// resync_started, resync_finished, verify, disk, reservation_preempted,
         /// login_failures, alua, vip, config, alert_test, auth_refused (at most one
         /// per source address per minute).
