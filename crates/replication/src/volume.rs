@@ -487,39 +487,40 @@ impl PrimaryShared {
     /// Writes the core's newest activity log unless it is on disk already (see
     /// [`PrimaryShared::saved_log`]).
     fn persist_activity_log(&self) -> io::Result<()> {
-        let mut saved = self
-            .saved_log
-            .lock()
-            .map_err(|_| io::Error::other("activity log state poisoned"))?;
-        let log = self
-            .core
-            .lock()
-            .map_err(|_| io::Error::other("primary state poisoned"))?
-            .persisted_log()
-            .clone();
-        if saved.as_ref() != Some(&log) {
-            self.state.set_activity_log(&log)?;
-            *saved = Some(log);
-        }
-        Ok(())
+        self.save_newest(&self.saved_log, Primary::persisted_log, |log| {
+            self.state.set_activity_log(log)
+        })
     }
 
-    /// Writes the core's newest map of what out-of-sync replicas lack unless it is on
-    /// disk already (as [`PrimaryShared::persist_activity_log`] does for the log).
+    /// The same for the map of what out-of-sync replicas lack.
     fn persist_dirty_map(&self) -> io::Result<()> {
-        let mut saved = self
-            .saved_map
+        self.save_newest(&self.saved_map, Primary::dirty_map, |map| {
+            self.state.set_dirty_map(map)
+        })
+    }
+
+    /// Under `saved`'s lock, takes the core's current state with `current` and writes
+    /// it with `write` unless it equals what was written last: concurrent saves are
+    /// serialized, the newest always lands last, and queued ones are written once.
+    fn save_newest<T: Clone + PartialEq>(
+        &self,
+        saved: &Mutex<Option<T>>,
+        current: impl FnOnce(&Primary) -> &T,
+        write: impl FnOnce(&T) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut saved = saved
             .lock()
-            .map_err(|_| io::Error::other("dirty map state poisoned"))?;
-        let map = self
-            .core
-            .lock()
-            .map_err(|_| io::Error::other("primary state poisoned"))?
-            .dirty_map()
-            .clone();
-        if saved.as_ref() != Some(&map) {
-            self.state.set_dirty_map(&map)?;
-            *saved = Some(map);
+            .map_err(|_| io::Error::other("saved state poisoned"))?;
+        let newest = current(
+            &*self
+                .core
+                .lock()
+                .map_err(|_| io::Error::other("primary state poisoned"))?,
+        )
+        .clone();
+        if saved.as_ref() != Some(&newest) {
+            write(&newest)?;
+            *saved = Some(newest);
         }
         Ok(())
     }
