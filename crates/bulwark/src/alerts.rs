@@ -52,7 +52,7 @@ pub struct Alerts {
 impl Alerts {
     /// Starts delivering this node's events; `server` is watched for repeated login
     /// failures.
-    pub fn start(node: ClusterNode, server: target::Server) -> Arc<Alerts> {
+    pub fn start(node: ClusterNode, server: iscsi_target::Server) -> Arc<Alerts> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("bulwark/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -74,7 +74,7 @@ impl Alerts {
             .unwrap_or_default()
     }
 
-    async fn run(self: Arc<Self>, server: target::Server) {
+    async fn run(self: Arc<Self>, server: iscsi_target::Server) {
         let events = self.node.events();
         let mut rx = events.subscribe();
         let mut state = self.node.state();

@@ -324,7 +324,7 @@ pub struct ForwardServer {
     /// The targets this node executes.
     pub lookup: Box<DeviceLookup>,
     /// The iSCSI server (to abort the tasks of preempted nexuses).
-    pub server: target::Server,
+    pub server: iscsi_target::Server,
 }
 
 impl ForwardHandler for ForwardServer {

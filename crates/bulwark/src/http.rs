@@ -52,7 +52,7 @@ const CONSOLE_CSS: &str = include_str!("console/console.css");
 pub struct AdminHttp {
     node: ClusterNode,
     serving: Option<Arc<Serving>>,
-    server: target::Server,
+    server: iscsi_target::Server,
     alerts: Arc<crate::alerts::Alerts>,
     /// The fingerprint of the cluster CA: a token must name it.
     ca_fingerprint: String,
@@ -79,7 +79,7 @@ impl AdminHttp {
         options: HttpOptions,
         node: ClusterNode,
         serving: Option<Arc<Serving>>,
-        server: target::Server,
+        server: iscsi_target::Server,
         alerts: Arc<crate::alerts::Alerts>,
     ) -> Result<Arc<AdminHttp>> {
         let identity = node.identity().clone();

@@ -622,10 +622,11 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
     options.hooks_dir = hooks_dir;
     let node = cluster::ClusterNode::start(options).await?;
     let identity = node.identity().clone();
-    // A replicated write holds its I/O thread until every in-sync replica has it: the
-    // pool bounds the writes in flight, so it is sized for the queue depths initiators
-    // use rather than for the CPUs.
-    let server = target::Server::new(target::ServerSettings {
+    // Replicated writes hand their completion to the replication driver and free their
+    // I/O thread at once, but FUA writes, flushes and reads still wait on it (a flush
+    // waits for every in-sync replica's disk): the pool is sized for the queue depths
+    // initiators use rather than for the CPUs.
+    let server = iscsi_target::Server::new(iscsi_target::ServerSettings {
         io_threads: 64,
         nop_timeout: Duration::from_millis(nop_timeout_ms),
         ..Default::default()
@@ -635,11 +636,11 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
         None
     } else {
         let group_tag = u16::try_from(identity.node_id).unwrap_or(u16::MAX);
-        let portals: Vec<target::Portal> = identity
+        let portals: Vec<iscsi_target::Portal> = identity
             .addresses
             .portals
             .iter()
-            .map(|a| target::Portal {
+            .map(|a| iscsi_target::Portal {
                 addr: *a,
                 group_tag,
             })
@@ -850,7 +851,7 @@ async fn serve(cfg: Config) -> Result<()> {
             .map(chap_account)
             .collect()
     };
-    let settings = target::ServerSettings {
+    let settings = iscsi_target::ServerSettings {
         queue_depth: cfg.server.queue_depth,
         nop_interval: Duration::from_millis(cfg.server.nop_interval_ms),
         nop_timeout: Duration::from_millis(cfg.server.nop_timeout_ms),
@@ -859,7 +860,7 @@ async fn serve(cfg: Config) -> Result<()> {
         discovery_chap: accounts(&cfg.server.discovery_chap),
         ..Default::default()
     };
-    let server = target::Server::new(settings);
+    let server = iscsi_target::Server::new(settings);
     let mut banner = Vec::new();
     for t in &cfg.target {
         let device = Arc::new(scsi::TargetDevice::new());
@@ -894,7 +895,7 @@ async fn serve(cfg: Config) -> Result<()> {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                Ok(target::Portal {
+                Ok(iscsi_target::Portal {
                     addr: parse_portal(p)?,
                     group_tag: (i + 1) as u16,
                 })
@@ -918,7 +919,7 @@ async fn serve(cfg: Config) -> Result<()> {
                 t.iqn
             );
         }
-        server.set_target(target::TargetConfig {
+        server.set_target(iscsi_target::TargetConfig {
             name: t.iqn.clone(),
             alias: t.alias.clone(),
             device,

@@ -98,7 +98,7 @@ pub struct Sources<'a> {
     /// The committed cluster state.
     pub state: &'a ClusterState,
     /// The iSCSI server.
-    pub server: &'a target::Server,
+    pub server: &'a iscsi_target::Server,
     /// The storage side (`None` on a witness).
     pub serving: Option<&'a Arc<Serving>>,
     /// Alert deliveries by (alert, result).

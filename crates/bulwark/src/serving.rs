@@ -52,7 +52,7 @@ struct Served {
     config: Target,
     chap: Vec<ChapAccount>,
     /// The portals (this node's, then the other nodes') last given to the server.
-    portals: (Vec<target::Portal>, Vec<target::Portal>),
+    portals: (Vec<iscsi_target::Portal>, Vec<iscsi_target::Portal>),
 }
 
 /// The storage nodes that serve target `t`: those that hold a replica of every one of
@@ -292,8 +292,8 @@ pub struct Serving {
     node_name: String,
     node: ClusterNode,
     volumes_dir: PathBuf,
-    server: target::Server,
-    portals: Vec<target::Portal>,
+    server: iscsi_target::Server,
+    portals: Vec<iscsi_target::Portal>,
     net: Arc<ReplicationNet>,
     rt: tokio::runtime::Handle,
     served: Mutex<HashMap<String, Served>>,
@@ -495,9 +495,9 @@ impl Serving {
     /// `<data_dir>/volumes`; replication through `net`.
     pub fn new(
         node: &ClusterNode,
-        server: target::Server,
+        server: iscsi_target::Server,
         data_dir: &Path,
-        portals: Vec<target::Portal>,
+        portals: Vec<iscsi_target::Portal>,
         net: Arc<ReplicationNet>,
     ) -> Arc<Serving> {
         let serving = Arc::new(Serving {
@@ -975,17 +975,17 @@ impl Serving {
             if here {
                 // Virtual IPs are portals of the primary.
                 let group_tag = port_group_of(self.me);
-                portals.extend(t.vips.keys().map(|a| target::Portal {
+                portals.extend(t.vips.keys().map(|a| iscsi_target::Portal {
                     addr: SocketAddr::new(*a, crate::vip::VIP_PORT),
                     group_tag,
                 }));
             }
-            let remote: Vec<target::Portal> = nodes
+            let remote: Vec<iscsi_target::Portal> = nodes
                 .iter()
                 .filter(|n| **n != self.me)
                 .filter_map(|n| st.nodes.get(n))
                 .flat_map(|n| {
-                    n.addresses.portals.iter().map(|a| target::Portal {
+                    n.addresses.portals.iter().map(|a| iscsi_target::Portal {
                         addr: *a,
                         group_tag: port_group_of(n.id),
                     })
@@ -993,7 +993,7 @@ impl Serving {
                 .collect();
             let portals = (portals, remote);
             if is_new || s.config != *t || s.chap != chap || s.portals != portals {
-                self.server.set_target(target::TargetConfig {
+                self.server.set_target(iscsi_target::TargetConfig {
                     name: t.iqn.clone(),
                     alias: t.alias.clone(),
                     device: s.device.clone(),

@@ -21,7 +21,7 @@ pub const VIP_PORT: u16 = 3260;
 
 struct Held {
     vip: VirtualIp,
-    listener: target::PortalListener,
+    listener: iscsi_target::PortalListener,
 }
 
 /// The virtual IPs this node holds.
@@ -41,7 +41,7 @@ impl Vips {
     pub fn reconcile(
         &self,
         want: &BTreeMap<IpAddr, VirtualIp>,
-        server: &target::Server,
+        server: &iscsi_target::Server,
         rt: &tokio::runtime::Handle,
         events: &cluster::status::EventLog,
     ) {

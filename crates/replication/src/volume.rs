@@ -1,8 +1,10 @@
 //! The threaded driver around the sans-IO state machines: a [`PrimaryVolume`] is the
 //! [`scsi::BlockDevice`] the target serves, a [`ReplicaVolume`] applies a primary's
 //! stream to a local store. Each runs one driver thread for protocol events (acks,
-//! links, time, resync reads); initiator writes run on the caller's (I/O pool) thread
-//! and wait for their completion. No lock is held across disk I/O.
+//! links, time, resync reads). An initiator's write is submitted on the caller's (I/O
+//! pool) thread and completes through a callback when every in-sync member has it
+//! ([`scsi::BlockDevice::write_then`]), so it holds no thread while it waits; FUA
+//! writes and flushes wait on the caller's thread. No lock is held across disk I/O.
 //!
 //! The network and the control plane are behind [`Transport`] and [`ControlPlane`], so
 //! the same driver runs over TCP in the product and over channels in tests.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use initiator::{InitiatorError, LoginOptions, Session};
 use iscsi_proto::pdu::{Bhs, DataOut, Lun, Nop, Pdu, ScsiCommand, StatusSeq, RESERVED_TAG};
+use iscsi_target::{Portal, Server, ServerSettings, TargetConfig};
 use scsi::testing::MemDevice;
-use target::{Portal, Server, ServerSettings, TargetConfig};
 
 const IQN: &str = "iqn.2026-11.io.bulwark:test";
 const INITIATOR: &str = "iqn.2026-11.io.example:tester";

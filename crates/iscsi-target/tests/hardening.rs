@@ -14,8 +14,8 @@ use initiator::{InitiatorError, LoginOptions, Session};
 use iscsi_proto::pdu::{
     reject, tmf, DataOut, Lun, Nop, Pdu, ScsiCommand, StatusSeq, TaskMgmtRequest, RESERVED_TAG,
 };
+use iscsi_target::{Portal, Server, ServerSettings, TargetConfig};
 use scsi::testing::MemDevice;
-use target::{Portal, Server, ServerSettings, TargetConfig};
 
 const IQN: &str = "iqn.2026-11.io.bulwark:test";
 const INITIATOR: &str = "iqn.2026-11.io.example:tester";

@@ -243,7 +243,7 @@ async fn login_phase(
 ) -> Result<Option<Established>, ReadError> {
     let mut neg = LoginNegotiator::new(shared.settings.limits.clone());
     let policy = Policy { shared, local };
-    let mut stat_sn: u32 = rand_u32();
+    let mut stat_sn: u32 = initial_stat_sn();
     let mut first = true;
     loop {
         let bhs = wire::read_header(rd, Digests::default()).await?;
@@ -389,11 +389,11 @@ async fn send_login_failure(
     Ok(())
 }
 
-fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(16)) & 0x00ff_ffff
+/// The first StatSN of a connection: random (RFC 7143 §4.2.2.2 leaves it to the target),
+/// so a stale response from an earlier connection cannot pass for a current one. The top
+/// byte stays clear, as it always has here: numbers read more easily in traces.
+fn initial_stat_sn() -> u32 {
+    rand::random::<u32>() & 0x00ff_ffff
 }
 
 /// One sequence of Data-Out PDUs: the unsolicited burst or the answer to one R2T.
