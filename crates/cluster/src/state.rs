@@ -1107,7 +1107,50 @@ impl ClusterState {
 
     /// Applies one command: the state machine. Deterministic; a refused command leaves
     /// the state unchanged.
+    ///
+    /// Routes each command to the method of its family. This match is exhaustive, so a
+    /// new variant must be routed here; each family method matches only the variants
+    /// routed to it, and its `unreachable!` arm holds by this routing.
     pub fn apply(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
+            Command::AddNode { .. }
+            | Command::NodeStarted { .. }
+            | Command::NodeLostPower { .. }
+            | Command::RemoveNode { .. } => self.apply_node(cmd),
+            Command::CreateVolume { .. }
+            | Command::ResizeVolume { .. }
+            | Command::DeleteVolume { .. } => self.apply_volume(cmd),
+            Command::CreateTarget { .. }
+            | Command::DeleteTarget { .. }
+            | Command::SetTargetPaths { .. }
+            | Command::SetTargetAccess { .. } => self.apply_target(cmd),
+            Command::AddLun { .. } | Command::RemoveLun { .. } => self.apply_lun(cmd),
+            Command::AddAcl { .. } | Command::RemoveAcl { .. } => self.apply_acl(cmd),
+            Command::AddVip { .. } | Command::RemoveVip { .. } => self.apply_vip(cmd),
+            Command::AddChap { .. }
+            | Command::RemoveChap { .. }
+            | Command::BindChap { .. }
+            | Command::UnbindChap { .. } => self.apply_chap(cmd),
+            Command::IsrChange { .. } | Command::SetReservations { .. } => {
+                self.apply_primary_report(cmd)
+            }
+            Command::Promote { .. }
+            | Command::FailoverFinished { .. }
+            | Command::MoveVolume { .. } => self.apply_failover(cmd),
+            Command::StartVerify { .. } | Command::FinishVerify { .. } => self.apply_verify(cmd),
+            Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::UseToken { .. } => self.apply_token(cmd),
+            Command::SetAlert { .. } | Command::RemoveAlert { .. } | Command::TestAlert { .. } => {
+                self.apply_alert(cmd)
+            }
+            Command::SetSettings { settings } => self.apply_settings(settings),
+        }
+    }
+
+    /// Membership and the state of nodes: [`Command::AddNode`], [`Command::NodeStarted`],
+    /// [`Command::NodeLostPower`] and [`Command::RemoveNode`].
+    fn apply_node(&mut self, cmd: &Command) -> Result<Applied, Refused> {
         match cmd {
             Command::AddNode {
                 name,
@@ -1201,6 +1244,14 @@ impl ClusterState {
                 self.nodes.remove(&id);
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only node commands here"),
+        }
+    }
+
+    /// Volumes and their placement: [`Command::CreateVolume`], [`Command::ResizeVolume`]
+    /// and [`Command::DeleteVolume`].
+    fn apply_volume(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::CreateVolume {
                 name,
                 size_bytes,
@@ -1293,6 +1344,15 @@ impl ClusterState {
                 self.volumes.remove(name);
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only volume commands here"),
+        }
+    }
+
+    /// Targets and how they are reached: [`Command::CreateTarget`],
+    /// [`Command::DeleteTarget`], [`Command::SetTargetPaths`] and
+    /// [`Command::SetTargetAccess`].
+    fn apply_target(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::CreateTarget { iqn, alias } => {
                 check_iscsi_name(iqn)?;
                 if self.targets.contains_key(iqn) {
@@ -1314,6 +1374,31 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            Command::SetTargetPaths { iqn, standby } => {
+                self.target_mut(iqn)?.standby_paths = *standby;
+                Ok(Applied::Done)
+            }
+            Command::SetTargetAccess {
+                iqn,
+                allow_any,
+                allow_target_reset,
+            } => {
+                let t = self.target_mut(iqn)?;
+                if let Some(a) = allow_any {
+                    t.allow_any_initiator = *a;
+                }
+                if let Some(r) = allow_target_reset {
+                    t.allow_target_reset = *r;
+                }
+                Ok(Applied::Done)
+            }
+            _ => unreachable!("apply routes only target commands here"),
+        }
+    }
+
+    /// LUN maps: [`Command::AddLun`] and [`Command::RemoveLun`].
+    fn apply_lun(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::AddLun { iqn, lun, volume } => {
                 let target = self
                     .targets
@@ -1369,6 +1454,13 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only LUN commands here"),
+        }
+    }
+
+    /// Target ACLs: [`Command::AddAcl`] and [`Command::RemoveAcl`].
+    fn apply_acl(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::AddAcl { iqn, initiator } => {
                 check_iscsi_name(initiator)?;
                 let t = self.target_mut(iqn)?;
@@ -1390,6 +1482,13 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only ACL commands here"),
+        }
+    }
+
+    /// Virtual IPs of targets: [`Command::AddVip`] and [`Command::RemoveVip`].
+    fn apply_vip(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::AddVip { iqn, vip } => {
                 let max = if vip.address.is_ipv4() { 32 } else { 128 };
                 if vip.prefix == 0 || vip.prefix > max {
@@ -1440,24 +1539,6 @@ impl ClusterState {
                 self.target_mut(iqn)?.vips.insert(vip.address, vip.clone());
                 Ok(Applied::Done)
             }
-            Command::SetTargetPaths { iqn, standby } => {
-                self.target_mut(iqn)?.standby_paths = *standby;
-                Ok(Applied::Done)
-            }
-            Command::SetTargetAccess {
-                iqn,
-                allow_any,
-                allow_target_reset,
-            } => {
-                let t = self.target_mut(iqn)?;
-                if let Some(a) = allow_any {
-                    t.allow_any_initiator = *a;
-                }
-                if let Some(r) = allow_target_reset {
-                    t.allow_target_reset = *r;
-                }
-                Ok(Applied::Done)
-            }
             Command::RemoveVip { iqn, address } => {
                 if self.target_mut(iqn)?.vips.remove(address).is_none() {
                     return Err(Refused::NoSuchVip {
@@ -1467,6 +1548,14 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only virtual IP commands here"),
+        }
+    }
+
+    /// CHAP accounts and their binding to targets: [`Command::AddChap`],
+    /// [`Command::RemoveChap`], [`Command::BindChap`] and [`Command::UnbindChap`].
+    fn apply_chap(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::AddChap { account } => {
                 if account.user.is_empty() || account.user.len() > 255 {
                     return Err(Refused::BadName(
@@ -1543,6 +1632,14 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only CHAP commands here"),
+        }
+    }
+
+    /// What a volume's primary commits at its epoch, refused once a newer primary took
+    /// over: [`Command::IsrChange`] and [`Command::SetReservations`].
+    fn apply_primary_report(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::IsrChange {
                 volume,
                 epoch,
@@ -1589,6 +1686,33 @@ impl ClusterState {
                 v.in_sync.sort_unstable();
                 Ok(Applied::Done)
             }
+            Command::SetReservations {
+                volume,
+                epoch,
+                state,
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                if v.epoch != *epoch {
+                    return Err(Refused::StaleEpoch {
+                        volume: volume.clone(),
+                        epoch: *epoch,
+                        current: v.epoch,
+                    });
+                }
+                v.reservations = Some(state.clone());
+                Ok(Applied::Done)
+            }
+            _ => unreachable!("apply routes only primary report commands here"),
+        }
+    }
+
+    /// Changes of primary, planned or not: [`Command::Promote`],
+    /// [`Command::FailoverFinished`] and [`Command::MoveVolume`].
+    fn apply_failover(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::Promote {
                 volumes,
                 node,
@@ -1714,6 +1838,13 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only failover commands here"),
+        }
+    }
+
+    /// Online verify: [`Command::StartVerify`] and [`Command::FinishVerify`].
+    fn apply_verify(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::StartVerify { volume, repair } => {
                 let v = self
                     .volumes
@@ -1737,44 +1868,14 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
-            Command::SetReservations {
-                volume,
-                epoch,
-                state,
-            } => {
-                let v = self
-                    .volumes
-                    .get_mut(volume)
-                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
-                if v.epoch != *epoch {
-                    return Err(Refused::StaleEpoch {
-                        volume: volume.clone(),
-                        epoch: *epoch,
-                        current: v.epoch,
-                    });
-                }
-                v.reservations = Some(state.clone());
-                Ok(Applied::Done)
-            }
-            Command::SetAlert { alert } => {
-                alert.check().map_err(Refused::BadAlert)?;
-                let tests = self.alerts.get(&alert.name).map_or(0, |a| a.tests);
-                self.alerts.insert(
-                    alert.name.clone(),
-                    Alert {
-                        tests,
-                        ..alert.clone()
-                    },
-                );
-                Ok(Applied::Done)
-            }
-            Command::TestAlert { name } => match self.alerts.get_mut(name) {
-                Some(a) => {
-                    a.tests += 1;
-                    Ok(Applied::Done)
-                }
-                None => Err(Refused::NoSuchAlert(name.clone())),
-            },
+            _ => unreachable!("apply routes only verify commands here"),
+        }
+    }
+
+    /// API tokens: [`Command::CreateToken`], [`Command::RevokeToken`] and
+    /// [`Command::UseToken`].
+    fn apply_token(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
             Command::CreateToken { token } => {
                 token.check().map_err(Refused::BadToken)?;
                 if self.tokens.contains_key(&token.id) {
@@ -1813,46 +1914,74 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            _ => unreachable!("apply routes only token commands here"),
+        }
+    }
+
+    /// Alerts: [`Command::SetAlert`], [`Command::RemoveAlert`] and [`Command::TestAlert`].
+    fn apply_alert(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
+            Command::SetAlert { alert } => {
+                alert.check().map_err(Refused::BadAlert)?;
+                let tests = self.alerts.get(&alert.name).map_or(0, |a| a.tests);
+                self.alerts.insert(
+                    alert.name.clone(),
+                    Alert {
+                        tests,
+                        ..alert.clone()
+                    },
+                );
+                Ok(Applied::Done)
+            }
             Command::RemoveAlert { name } => match self.alerts.remove(name) {
                 Some(_) => Ok(Applied::Done),
                 None => Err(Refused::NoSuchAlert(name.clone())),
             },
-            Command::SetSettings { settings } => {
-                if !(20..=5000).contains(&settings.heartbeat_interval_ms) {
-                    return Err(Refused::BadSettings(
-                        "heartbeat interval must be 20 to 5000 ms".into(),
-                    ));
+            Command::TestAlert { name } => match self.alerts.get_mut(name) {
+                Some(a) => {
+                    a.tests += 1;
+                    Ok(Applied::Done)
                 }
-                if settings.failure_timeout_ms < 2 * settings.heartbeat_interval_ms
-                    || settings.failure_timeout_ms > 60_000
-                {
-                    return Err(Refused::BadSettings(
-                        "failure timeout must be at least two heartbeat intervals and at most 60 s"
-                            .into(),
-                    ));
-                }
-                if let Some(cmd) = &settings.fence_command {
-                    if !cmd.starts_with('/') || cmd.contains(char::is_whitespace) {
-                        return Err(Refused::BadSettings(format!(
-                            "the fence command {cmd:?} must be the absolute path of a program (no arguments; it gets the node to fence in its environment)"
-                        )));
-                    }
-                }
-                if !(1000..=600_000).contains(&settings.fence_timeout_ms) {
-                    return Err(Refused::BadSettings(
-                        "the fence timeout must be 1 to 600 s".into(),
-                    ));
-                }
-                let rate = settings.resync_rate_bytes_per_s;
-                if rate != 0 && rate < MIN_RESYNC_RATE {
-                    return Err(Refused::BadSettings(
-                        "resync rate must be at least 1 MiB/s, or 0 for unlimited".into(),
-                    ));
-                }
-                self.settings = settings.clone();
-                Ok(Applied::Done)
+                None => Err(Refused::NoSuchAlert(name.clone())),
+            },
+            _ => unreachable!("apply routes only alert commands here"),
+        }
+    }
+
+    /// The settings: [`Command::SetSettings`].
+    fn apply_settings(&mut self, settings: &Settings) -> Result<Applied, Refused> {
+        if !(20..=5000).contains(&settings.heartbeat_interval_ms) {
+            return Err(Refused::BadSettings(
+                "heartbeat interval must be 20 to 5000 ms".into(),
+            ));
+        }
+        if settings.failure_timeout_ms < 2 * settings.heartbeat_interval_ms
+            || settings.failure_timeout_ms > 60_000
+        {
+            return Err(Refused::BadSettings(
+                "failure timeout must be at least two heartbeat intervals and at most 60 s".into(),
+            ));
+        }
+        if let Some(cmd) = &settings.fence_command {
+            if !cmd.starts_with('/') || cmd.contains(char::is_whitespace) {
+                return Err(Refused::BadSettings(format!(
+                    "the fence command {cmd:?} must be the absolute path of a program (no arguments; it gets the node to fence in its environment)"
+                )));
             }
         }
+        if !(1000..=600_000).contains(&settings.fence_timeout_ms) {
+            return Err(Refused::BadSettings(
+                "the fence timeout must be 1 to 600 s".into(),
+            ));
+        }
+        let rate = settings.resync_rate_bytes_per_s;
+        if rate != 0 && rate < MIN_RESYNC_RATE {
+            return Err(Refused::BadSettings(
+                "resync rate must be at least 1 MiB/s, or 0 for unlimited".into(),
+            ));
+        }
+        self.settings = settings.clone();
+        Ok(Applied::Done)
     }
 
     fn volumes_on(&self, id: NodeId) -> Vec<String> {
