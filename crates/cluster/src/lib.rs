@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod failover;
 pub mod heartbeat;
 pub mod hooks;
 pub mod identity;

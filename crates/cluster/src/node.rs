@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::failover::{FailoverTiming, LeaseBook, Member};
 use crate::heartbeat::{self, Liveness};
 use crate::identity::{ClusterCert, Identity, IdentityError, NodeCert, NodeKey, NodeTls, Token};
 use crate::rpc::{read_frame, write_frame, Caller, Client, Hello, Request, Response, RpcError};
@@ -97,14 +98,21 @@ pub enum NodeError {
     Remote(String),
 }
 
-/// How long a primary's lease lasts from the moment the Raft leader confirmed its own
-/// leadership. A primary counts it from before it asked, minus a margin for clock rate
-/// differences, so it stops serving before the leader could promote anyone else.
 /// How long a node may see no leader before it reports the quorum lost: longer than
 /// an election takes.
 const QUORUM_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a primary's lease lasts from the moment the Raft leader confirmed its own
+/// leadership. A primary counts it from before it asked, minus a margin for clock rate
+/// differences, so it stops serving before the leader could promote anyone else.
 pub const LEASE: Duration = Duration::from_millis(800);
+
+/// The leader's failover timing: a lease, and a margin for message delay and clock
+/// rates before it believes one over.
+pub const FAILOVER_TIMING: FailoverTiming = FailoverTiming {
+    lease: LEASE,
+    margin: Duration::from_millis(200),
+};
 
 /// What the serving layer tells the cluster about this node's iSCSI side.
 pub type LocalInfo = Arc<dyn Fn() -> crate::status::LocalReport + Send + Sync>;
@@ -121,13 +129,8 @@ struct Inner {
     local_info: Mutex<Option<LocalInfo>>,
     /// Set when the cluster no longer knows this node (removed while it was down).
     removed: watch::Sender<bool>,
-    /// Leader only: leases granted, by volume: (epoch, expiry).
-    leases: Mutex<HashMap<String, (u64, Instant)>>,
-    /// Leader only: since when this node leads (leases granted by a predecessor may
-    /// last until this plus [`LEASE`]).
-    leader_since: Mutex<Option<Instant>>,
-    /// Leader only: when each (volume, epoch) was first seen, for its first lease.
-    first_seen: Mutex<HashMap<(String, u64), Instant>>,
+    /// Leader only: leases granted, since when it leads, epochs first seen.
+    leases: Mutex<LeaseBook<Instant>>,
 }
 
 /// A running cluster member. Cheap to clone.
@@ -452,9 +455,7 @@ impl ClusterNode {
                 peers,
                 local_info: Mutex::new(None),
                 removed: watch::channel(false).0,
-                leases: Mutex::default(),
-                leader_since: Mutex::default(),
-                first_seen: Mutex::default(),
+                leases: Mutex::new(LeaseBook::new(FAILOVER_TIMING)),
                 identity: identity.clone(),
             }),
         };
@@ -710,7 +711,7 @@ impl ClusterNode {
         match current {
             Some((p, e)) if p == node && e == epoch => {
                 if let Ok(mut l) = self.inner.leases.lock() {
-                    l.insert(volume.to_string(), (epoch, checked + LEASE));
+                    l.grant(volume, epoch, checked);
                 }
                 Response::LeaseGranted
             }
@@ -757,16 +758,14 @@ impl ClusterNode {
         let mut fence_retry: HashMap<(NodeId, u64), Instant> = HashMap::new();
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let since = self.inner.leader_since.lock().ok().and_then(|s| *s);
-            let Some(since) = since else { continue };
-            if self.inner.raft.metrics().borrow().current_leader != Some(me) {
+            let leading = self.inner.leases.lock().is_ok_and(|l| l.leading());
+            if !leading || self.inner.raft.metrics().borrow().current_leader != Some(me) {
                 continue;
             }
             let st = self.inner.state.borrow().clone();
             let now = Instant::now();
-            // Forget the first sightings of epochs that are over.
-            if let Ok(mut f) = self.inner.first_seen.lock() {
-                f.retain(|(v, e), _| st.volumes.get(v).is_some_and(|x| x.epoch == *e));
+            if let Ok(mut l) = self.inner.leases.lock() {
+                l.retain_current(|v| st.volumes.get(v).map(|x| x.epoch));
             }
             // Groups that move together: a target's volumes, or one unmapped volume.
             let mut groups: Vec<Vec<String>> = st
@@ -785,40 +784,25 @@ impl ClusterNode {
                     group.iter().filter_map(|n| st.volumes.get(n)).collect();
                 let Some(first) = vols.first() else { continue };
                 let primary = first.primary;
-                let expired = vols.iter().any(|v| {
-                    let seen = *self
-                        .inner
-                        .first_seen
-                        .lock()
-                        .map(|mut f| *f.entry((v.name.clone(), v.epoch)).or_insert(now))
-                        .as_ref()
-                        .unwrap_or(&now);
-                    let leased = self
-                        .inner
-                        .leases
-                        .lock()
-                        .ok()
-                        .and_then(|l| l.get(&v.name).copied())
-                        .is_some_and(|(e, exp)| e == v.epoch && exp > now);
-                    !leased && now > since.max(seen) + LEASE + Duration::from_millis(200)
-                });
+                let expired =
+                    self.inner.leases.lock().is_ok_and(|mut l| {
+                        vols.iter().any(|v| l.lease_over(now, &v.name, v.epoch))
+                    });
                 if !expired {
                     continue;
                 }
-                let mut candidates: Vec<NodeId> = st
+                let members: Vec<Member> = st
                     .nodes
                     .values()
                     .filter(|n| n.role == NodeRole::Storage)
                     .filter(|n| vols.iter().all(|v| v.in_sync.contains(&n.id)))
-                    .filter(|n| self.peer_liveness(n.id).is_some_and(|l| l.online))
-                    .map(|n| n.id)
+                    .map(|n| Member {
+                        id: n.id,
+                        online: self.peer_liveness(n.id).is_some_and(|l| l.online),
+                        lost_power: vols.iter().any(|v| v.lost_power.contains(&n.id)),
+                    })
                     .collect();
-                // Members that kept their cache first (one back from a power loss may
-                // lack writes it acknowledged), then another node before the old
-                // primary; the same one only if it is the last in sync.
-                let lost_power = |id: &NodeId| vols.iter().any(|v| v.lost_power.contains(id));
-                candidates.sort_by_key(|id| (lost_power(id), *id == primary, *id));
-                let Some(&node) = candidates.first() else {
+                let Some(successor) = crate::failover::successor(primary, &members) else {
                     let key = group.join(",");
                     if offline_reported.insert(key.clone()) {
                         self.inner.events.push(
@@ -829,6 +813,7 @@ impl ClusterNode {
                     continue;
                 };
                 offline_reported.remove(&group.join(","));
+                let node = successor.node();
                 let fence_key = (primary, first.epoch);
                 if let Some(program) =
                     st.settings.fence_command.as_ref().filter(|_| {
@@ -890,28 +875,9 @@ impl ClusterNode {
                     .and_then(|l| l.last_heard_ms)
                     .filter(|_| primary != me)
                     .unwrap_or(0);
-                let reason = {
-                    let name =
-                        |id: NodeId| st.nodes.get(&id).map_or(id.to_string(), |n| n.name.clone());
-                    if lost_power(&node) {
-                        format!(
-                            "{} held no lease; {} is the only member of the in-sync set online, though it came back from a power loss (writes no flush covered may be gone; every flushed write is there)",
-                            name(primary),
-                            name(node)
-                        )
-                    } else if node == primary {
-                        format!(
-                            "{} held no lease and is the only member of the in-sync set that is online",
-                            name(node)
-                        )
-                    } else {
-                        format!(
-                            "{} held no lease; {} is in the in-sync set (it has every write a flush covered) and online, and another node goes before the old primary (which may have lost power and with it writes no flush covered)",
-                            name(primary),
-                            name(node)
-                        )
-                    }
-                };
+                let reason = successor.reason(primary, |id| {
+                    st.nodes.get(&id).map_or(id.to_string(), |n| n.name.clone())
+                });
                 let cmd = Command::Promote {
                     volumes: vols.iter().map(|v| (v.name.clone(), v.epoch)).collect(),
                     node,
@@ -1256,11 +1222,8 @@ impl ClusterNode {
                 }
             }
             if leader != last {
-                if let Ok(mut since) = self.inner.leader_since.lock() {
-                    *since = (leader == Some(self.id())).then(Instant::now);
-                }
                 if let Ok(mut l) = self.inner.leases.lock() {
-                    l.clear();
+                    l.leader_changed((leader == Some(self.id())).then(Instant::now));
                 }
                 let name = |id: NodeId| {
                     self.inner
