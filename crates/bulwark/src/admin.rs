@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use cluster::state::{ChapAccount, ClusterState, Command, NodeId, NodeRole};
-use cluster::status::NodeStatus;
+use cluster::status::{EventKind, NodeStatus};
 use cluster::{AdminClient, Applied, Token};
 use serde::Serialize;
 
@@ -1514,15 +1514,9 @@ pub enum AlertCmd {
         /// http:// or https:// URL.
         #[arg(long)]
         url: Option<String>,
-        /// Only these event kinds (comma-separated; default: all): node_offline,
-        /// node_online, network_down, network_up, leader, membership, quorum_lost,
-        /// quorum_regained, failover_started, failover_finished, handover,
-        /// volume_offline, fence, power, primary, replica_left, replica_rejoined,
-        /// resync_started, resync_finished, verify, disk, reservation_preempted,
-        /// login_failures, alua, vip, config, alert_test, auth_refused (at most one
-        /// per source address per minute).
-        #[arg(long, value_delimiter = ',')]
-        events: Vec<String>,
+        /// Only these event kinds (comma-separated; default: all; --help lists them).
+        #[arg(long, value_delimiter = ',', value_parser = parse_event_kind, long_help = event_kinds_help())]
+        events: Vec<EventKind>,
         /// A delivery that takes longer is killed (program) or abandoned (URL).
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
@@ -1584,7 +1578,7 @@ pub async fn alert(conn: &Conn, cmd: AlertCmd) -> Result<()> {
                 name: name.clone(),
                 program,
                 url,
-                events,
+                events: events.iter().map(|k| k.as_str().to_string()).collect(),
                 tests: 0,
                 timeout_ms,
                 retries,
@@ -1634,7 +1628,7 @@ async fn alert_test(conn: &Conn, name: &str) -> Result<()> {
             .filter_map(|s| s.as_ref().ok())
             .flat_map(|s| s.events.iter())
             .find(|e| {
-                e.kind == "alert"
+                e.is(EventKind::Alert)
                     && e.details.get("alert").and_then(|a| a.as_str()) == Some(name)
                     && e.details.get("test").and_then(|t| t.as_u64()) == Some(test)
             })
@@ -1652,4 +1646,20 @@ async fn alert_test(conn: &Conn, name: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `--events` of `alert add`: a kind an alert may ask for ([`EventKind`]).
+fn parse_event_kind(s: &str) -> Result<EventKind, String> {
+    s.parse()
+}
+
+/// The long help of `alert add --events`: every kind an alert may ask for, with its
+/// meaning, from [`EventKind`] itself.
+fn event_kinds_help() -> String {
+    let mut help =
+        String::from("Only these event kinds (comma-separated; default: all of them). Kinds:\n");
+    for kind in EventKind::ALL.into_iter().filter(|k| k.subscribable()) {
+        help.push_str(&format!("  {:<22} {}\n", kind.as_str(), kind.meaning()));
+    }
+    help
 }

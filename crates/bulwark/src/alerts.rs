@@ -20,22 +20,10 @@ use std::time::{Duration, Instant};
 
 use cluster::state::Alert;
 use cluster::status::Event;
+use cluster::status::EventKind;
 use cluster::ClusterNode;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
-
-/// Kinds every node records for the same happening: the leader alone delivers them.
-const CLUSTER_WIDE: &[&str] = &[
-    "node_offline",
-    "node_online",
-    "network_down",
-    "network_up",
-    "leader",
-    "membership",
-];
-
-/// Events about alert deliveries: recorded, never delivered (no loops).
-const ALERT_KIND: &str = "alert";
 
 /// Repeated failed logins: this many within [`LOGIN_WINDOW`] raise `login_failures`.
 const LOGIN_FAILURES: u64 = 5;
@@ -108,7 +96,7 @@ impl Alerts {
                         let seen = tests.insert(a.name.clone(), a.tests).unwrap_or(0);
                         if seen < a.tests && self.is_leader() {
                             events.push_with(
-                                "alert_test",
+                                EventKind::AlertTest,
                                 format!("test of alert {} (bulwark alert test)", a.name),
                                 details(&[("alert", a.name.clone().into()), ("test", a.tests.into())]),
                             );
@@ -129,7 +117,7 @@ impl Alerts {
                         let reasons: Vec<String> =
                             reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
                         events.push_with(
-                            "login_failures",
+                            EventKind::LoginFailures,
                             format!(
                                 "{} failed iSCSI logins on {} within {} s (since start: {})",
                                 total - first,
@@ -151,12 +139,15 @@ impl Alerts {
 
     /// Sends `ev` to the alerts that want it, if this node is the one to.
     fn route(self: &Arc<Self>, ev: Event) {
-        if ev.kind == ALERT_KIND {
+        let Some(kind) = EventKind::ALL.into_iter().find(|k| ev.is(*k)) else {
+            return; // a kind a newer node added: no alert of this version asks for it
+        };
+        if !kind.subscribable() {
             return;
         }
         let me = self.clone();
         tokio::spawn(async move {
-            if CLUSTER_WIDE.contains(&ev.kind.as_str()) {
+            if kind.cluster_wide() {
                 // The leader may be the node that just went away: wait for the next.
                 let deadline = Instant::now() + Duration::from_secs(15);
                 while me.node.current_leader().is_none() && Instant::now() < deadline {
@@ -166,7 +157,7 @@ impl Alerts {
                     return;
                 }
                 // Each node records the new leader; the leader reports itself.
-                if ev.kind == "leader"
+                if kind == EventKind::Leader
                     && ev.details.get("leader").and_then(|l| l.as_str())
                         != Some(me.node.identity().name.as_str())
                 {
@@ -177,8 +168,8 @@ impl Alerts {
                 let st = me.node.state().borrow().clone();
                 st.alerts
                     .values()
-                    .filter(|a| match ev.kind.as_str() {
-                        "alert_test" => {
+                    .filter(|a| match kind {
+                        EventKind::AlertTest => {
                             ev.details.get("alert").and_then(|n| n.as_str()) == Some(&a.name)
                         }
                         k => a.wants(k),
@@ -220,9 +211,9 @@ impl Alerts {
                 Ok(()) => {
                     self.count(&alert.name, "delivered");
                     debug!(alert = %alert.name, event = %ev.id, "alert delivered");
-                    if ev.kind == "alert_test" {
+                    if ev.is(EventKind::AlertTest) {
                         self.node.events().push_with(
-                            ALERT_KIND,
+                            EventKind::Alert,
                             format!(
                                 "alert {}: test event delivered in {} ms",
                                 alert.name,
@@ -245,7 +236,7 @@ impl Alerts {
         }
         self.count(&alert.name, "failed");
         self.node.events().push_with(
-            ALERT_KIND,
+            EventKind::Alert,
             format!(
                 "alert {}: event {} ({}) undelivered after {} attempt(s): {why}",
                 alert.name,

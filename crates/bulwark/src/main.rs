@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use iscsi_proto::login::ChapAccount;
 
+use cluster::status::EventKind;
 use config::{parse_portal, parse_size, Config, LunSection, TargetSection};
 
 /// Default target served by `bulwark serve` without a configuration file.
@@ -748,7 +749,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
     }
     if removed_flag.load(std::sync::atomic::Ordering::SeqCst) {
         node.events().push(
-            "membership",
+            EventKind::Membership,
             format!(
                 "node {} was removed from the cluster; stopping",
                 identity.name
@@ -1003,11 +1004,21 @@ mod cli_tests {
             Err(h) => h.replace(['\n', ' '], ""),
             Ok(_) => panic!("--help parsed"),
         };
-        for kind in cluster::state::EVENT_KINDS {
+        for kind in EventKind::ALL.into_iter().filter(|k| k.subscribable()) {
             assert!(
-                help.contains(kind),
+                help.contains(kind.as_str()),
                 "`bulwark alert add --help` lacks {kind}"
             );
+        }
+    }
+
+    /// The README's list of events is the one `EventKind` gives.
+    #[test]
+    fn the_readme_lists_every_event_kind_with_its_meaning() {
+        let readme = include_str!("../../../README.md");
+        for kind in EventKind::ALL.into_iter().filter(|k| k.subscribable()) {
+            let row = format!("| `{}` | {} |", kind.as_str(), kind.meaning());
+            assert!(readme.contains(&row), "README lacks the row {row}");
         }
     }
 

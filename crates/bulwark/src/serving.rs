@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use cluster::state::{ClusterState, Command, NodeId, NodeRole, Target, Volume};
+use cluster::status::EventKind;
 use cluster::ClusterNode;
 use iscsi_proto::login::ChapAccount;
 use replication::net::ReplicationNet;
@@ -210,7 +211,7 @@ impl scsi::RemotePaths for ClusterPaths {
         details.insert("by".into(), by.initiator_port_name().into());
         details.insert("preempted".into(), losers.clone().into());
         self.node.events().push_with(
-            "reservation_preempted",
+            EventKind::ReservationPreempted,
             format!(
                 "{} preempted the persistent reservation registration(s) of {} on {volume} (LUN {lun} of {})",
                 by.initiator_port_name(),
@@ -360,9 +361,9 @@ impl IsrRequests {
                             .collect()
                     };
                     let (kind, what) = if add.is_empty() {
-                        ("replica_left", "left")
+                        (EventKind::ReplicaLeft, "left")
                     } else {
-                        ("replica_rejoined", "rejoined")
+                        (EventKind::ReplicaRejoined, "rejoined")
                     };
                     let mut details = serde_json::Map::new();
                     details.insert("volume".into(), volume.clone().into());
@@ -404,7 +405,7 @@ impl ControlPlane for IsrRequests {
         }
         let (kind, what) = match notice {
             replication::Notice::ResyncStarted { peer, regions } => (
-                "resync_started",
+                EventKind::ResyncStarted,
                 format!(
                     "resync of {volume} to {} started: {} to send",
                     name(peer),
@@ -412,7 +413,7 @@ impl ControlPlane for IsrRequests {
                 ),
             ),
             replication::Notice::DiskFailed { error } => (
-                "disk",
+                EventKind::Disk,
                 format!(
                     "{}'s copy of {volume} failed ({error}): it gives the primary role up; an in-sync replica takes over",
                     self.node.identity().name
@@ -423,7 +424,7 @@ impl ControlPlane for IsrRequests {
                 regions,
                 took,
             } => (
-                "resync_finished",
+                EventKind::ResyncFinished,
                 format!(
                     "resync of {volume} to {} finished: {} in {:.1} s",
                     name(peer),
@@ -473,7 +474,7 @@ impl ControlPlane for IsrRequests {
                 crate::admin::verify_summary(&st, &result, report.repair)
             )
         };
-        self.node.events().push("verify", what);
+        self.node.events().push(EventKind::Verify, what);
         let (node, volume, id) = (self.node.clone(), self.volume.clone(), report.id);
         self.rt.spawn(async move {
             let cmd = Command::FinishVerify {
@@ -755,7 +756,7 @@ impl Serving {
             }
             served.remove(&iqn);
             self.events.push(
-                "config",
+                EventKind::Config,
                 format!("{} stopped serving {iqn}", self.node_name),
             );
         }
@@ -812,7 +813,7 @@ impl Serving {
                                 *verify = Some(asked.id);
                                 volume.start_verify(asked.id, asked.repair);
                                 self.events.push(
-                                    "verify",
+                                    EventKind::Verify,
                                     format!(
                                         "verify of {} started on {}{}",
                                         v.name,
@@ -859,7 +860,7 @@ impl Serving {
                     // Its disk failed: try again now and then (space may have been
                     // freed); the primary resyncs what it missed.
                     self.events.push(
-                        "disk",
+                        EventKind::Disk,
                         format!(
                             "restarting the replica of {} on {} (it stopped: {why})",
                             v.name, self.node_name
@@ -1004,8 +1005,10 @@ impl Serving {
                     allow_target_reset: t.allow_target_reset,
                 });
                 if is_new {
-                    self.events
-                        .push("config", format!("{} serves {}", self.node_name, t.iqn));
+                    self.events.push(
+                        EventKind::Config,
+                        format!("{} serves {}", self.node_name, t.iqn),
+                    );
                 }
                 s.config = t.clone();
                 s.chap = chap;
@@ -1073,7 +1076,7 @@ impl Serving {
                 continue;
             }
             self.events.push(
-                "alua",
+                EventKind::Alua,
                 format!(
                     "{} asked for {} to be active/optimized for {}: moving it there",
                     req.by.initiator_port_name(),
@@ -1092,7 +1095,9 @@ impl Serving {
             self.rt.spawn(async move {
                 match node.write(cmd).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(r)) => events.push("alua", format!("the move was refused: {r}")),
+                    Ok(Err(r)) => {
+                        events.push(EventKind::Alua, format!("the move was refused: {r}"))
+                    }
                     Err(e) => {
                         warn!(error = %e, "move asked by SET TARGET PORT GROUPS not committed")
                     }
@@ -1133,7 +1138,7 @@ impl Serving {
         if was_primary {
             self.server.ask_to_log_out(&t.iqn, Duration::from_secs(2));
             self.events.push(
-                "config",
+                EventKind::Config,
                 format!(
                     "{} forwards {} to node {primary} (active/non-optimized)",
                     self.node_name, t.iqn
@@ -1285,7 +1290,7 @@ impl Serving {
         details.insert("epoch".into(), (group[0].1 + 1).into());
         details.insert("planned".into(), true.into());
         self.events.push_with(
-            "failover_started",
+            EventKind::FailoverStarted,
             format!(
                 "planned move of {} from {from_name} to {to_name}: draining",
                 names.join(", ")
@@ -1314,7 +1319,7 @@ impl Serving {
             };
             match node.write(cmd).await {
                 Ok(Ok(_)) => events.push(
-                    "handover",
+                    EventKind::Handover,
                     format!(
                         "planned move of {} from {from_name} to {to_name}: drained{} and handed over in {} ms",
                         names.join(", "),
@@ -1323,7 +1328,7 @@ impl Serving {
                     ),
                 ),
                 Ok(Err(r)) => events.push(
-                    "handover",
+                    EventKind::Handover,
                     format!("planned move of {} refused: {r}; the leader promotes an in-sync replica when the lease lapses", names.join(", ")),
                 ),
                 Err(e) => warn!(error = %e, "planned move not committed; failover takes over"),
@@ -1345,7 +1350,7 @@ impl Serving {
                 match node.write(Command::NodeLostPower { id: me }).await {
                     Ok(Ok(_)) => {
                         events.push(
-                            "power",
+                            EventKind::Power,
                             format!("{name} came back from a power loss ({why}): it leaves the in-sync set of the volumes it does not serve while another member remains, and returns through resync"),
                         );
                         return;
@@ -1371,7 +1376,7 @@ impl Serving {
             .unwrap_or(false);
         if fresh {
             self.events.push(
-                "primary",
+                EventKind::Primary,
                 format!(
                     "{} was primary of {} but {why}: it does not re-promote itself; once its lease has lapsed the leader promotes an in-sync member, another node first",
                     self.node_name, v.name
@@ -1478,7 +1483,7 @@ impl Serving {
             })
         };
         self.events.push(
-            "primary",
+            EventKind::Primary,
             format!(
                 "{} is primary of {} (epoch {})",
                 self.node_name, v.name, v.epoch
@@ -1534,7 +1539,7 @@ impl Serving {
             details.insert("planned".into(), f.planned.into());
             details.insert("pause_ms".into(), pause_ms.into());
             events.push_with(
-                "failover_finished",
+                EventKind::FailoverFinished,
                 format!(
                     "{} of {name} from {from} to {me} finished: I/O paused {pause_ms} ms",
                     if f.planned {
@@ -1582,7 +1587,7 @@ impl Serving {
                 lease.abort();
                 self.net.remove_primary(name);
                 self.events.push(
-                    "primary",
+                    EventKind::Primary,
                     format!(
                         "{} is no longer primary of {name} (was epoch {epoch})",
                         self.node_name

@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use cluster::state::VirtualIp;
+use cluster::status::EventKind;
 use tracing::{info, warn};
 
 /// The iSCSI port of a virtual IP's portal.
@@ -55,7 +56,7 @@ impl Vips {
             if let Some(h) = held.remove(&a) {
                 drop(h.listener);
                 remove_address(&h.vip);
-                events.push("vip", format!("virtual IP {a} released"));
+                events.push(EventKind::Vip, format!("virtual IP {a} released"));
             }
         }
         for (a, vip) in want {
@@ -79,7 +80,7 @@ impl Vips {
                 Ok(l) => {
                     info!(address = %a, interface = %vip.interface, "virtual IP up");
                     events.push(
-                        "vip",
+                        EventKind::Vip,
                         format!("virtual IP {a}/{} up on {}", vip.prefix, vip.interface),
                     );
                     held.insert(

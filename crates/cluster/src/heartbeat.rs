@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use crate::state::{ClusterState, NodeId};
+use crate::status::EventKind;
 use crate::status::{EventLog, PeerLiveness};
 
 const MAGIC: &[u8; 4] = b"BWHB";
@@ -191,7 +192,7 @@ pub async fn run(
         match UdpSocket::bind(SocketAddr::new(*ip, port)).await {
             Ok(s) => sockets.push((ring as u8, Arc::new(s))),
             Err(e) => events.push(
-                "network_down",
+                EventKind::NetworkDown,
                 format!("cannot send heartbeats on network {ring} ({ip}:{port}/udp): {e}"),
             ),
         }
@@ -287,26 +288,26 @@ fn report_changes(
 ) {
     if prev.online && !cur.online {
         events.push(
-            "node_offline",
+            EventKind::NodeOffline,
             format!(
                 "node {name} is offline: no heartbeat on any network for {} ms",
                 timeout.as_millis()
             ),
         );
     } else if !prev.online && cur.online {
-        events.push("node_online", format!("node {name} is online"));
+        events.push(EventKind::NodeOnline, format!("node {name} is online"));
     }
     for (i, (p, c)) in prev.networks.iter().zip(&cur.networks).enumerate() {
         let ip = nets.get(i).map(|ip| ip.to_string()).unwrap_or_default();
         // A whole node going down is one event, not one per network.
         if *p && !*c && cur.online {
             events.push(
-                "network_down",
+                EventKind::NetworkDown,
                 format!("node {name}: network {i} ({ip}) lost its heartbeat; still reachable on another network"),
             );
         } else if !*p && *c && prev.online {
             events.push(
-                "network_up",
+                EventKind::NetworkUp,
                 format!("node {name}: network {i} ({ip}) is back"),
             );
         }

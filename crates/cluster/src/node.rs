@@ -30,6 +30,7 @@ use crate::heartbeat::{self, Liveness};
 use crate::identity::{ClusterCert, Identity, IdentityError, NodeCert, NodeKey, NodeTls, Token};
 use crate::rpc::{read_frame, write_frame, Caller, Client, Hello, Request, Response, RpcError};
 use crate::state::{Applied, ClusterState, Command, NodeAddresses, NodeId, NodeRole, Refused};
+use crate::status::EventKind;
 use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView};
 use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
 
@@ -531,7 +532,7 @@ impl ClusterNode {
             identity.bootstrap = false;
             identity.save(&options.data_dir)?;
             node.inner.events.push(
-                "membership",
+                EventKind::Membership,
                 format!(
                     "cluster {} created by node {}",
                     identity.cluster_id, identity.name
@@ -806,7 +807,7 @@ impl ClusterNode {
                     let key = group.join(",");
                     if offline_reported.insert(key.clone()) {
                         self.inner.events.push(
-                            "volume_offline",
+                            EventKind::VolumeOffline,
                             format!("volume(s) {key} offline: the primary holds no lease and no in-sync replica is reachable; waiting for one to return (never serving stale data)"),
                         );
                     }
@@ -851,14 +852,14 @@ impl ClusterNode {
                             fenced.insert(fence_key);
                             fence_retry.remove(&fence_key);
                             self.inner.events.push(
-                                "fence",
+                                EventKind::Fence,
                                 format!("fenced {name} with {program} in {} ms", took.as_millis()),
                             );
                         }
                         Err(why) => {
                             fence_retry.insert(fence_key, Instant::now() + FENCE_RETRY);
                             self.inner.events.push(
-                                "fence",
+                                EventKind::Fence,
                                 format!(
                                     "fencing {name} failed: {why}; {} stay(s) offline until it succeeds (next try in {} s)",
                                     group.join(", "),
@@ -902,7 +903,7 @@ impl ClusterNode {
                         details.insert("epoch".into(), (first.epoch + 1).into());
                         details.insert("planned".into(), false.into());
                         self.inner.events.push_with(
-                            "failover_started",
+                            EventKind::FailoverStarted,
                             format!(
                                 "failover: {} from {} to {} (epoch {}): {} silent for {} ms",
                                 group.join(", "),
@@ -1105,9 +1106,10 @@ impl ClusterNode {
                                 Ok(c) => c,
                                 Err(e) => return Response::Error(e.to_string()),
                             };
-                        self.inner
-                            .events
-                            .push("membership", format!("node {name} joined as id {node_id}"));
+                        self.inner.events.push(
+                            EventKind::Membership,
+                            format!("node {name} joined as id {node_id}"),
+                        );
                         let seeds = self
                             .inner
                             .state
@@ -1157,7 +1159,7 @@ impl ClusterNode {
                 Ok(Ok(_)) => return,
                 Ok(Err(Refused::NoSuchNodeId(_))) => {
                     self.inner.events.push(
-                        "membership",
+                        EventKind::Membership,
                         format!(
                             "node {} is no longer a member of the cluster (removed while it was down)",
                             self.inner.identity.name
@@ -1169,7 +1171,7 @@ impl ClusterNode {
                 Ok(Err(refused)) => {
                     warn!(%refused, "the cluster refused this node's start-up announcement");
                     self.inner.events.push(
-                        "config",
+                        EventKind::Config,
                         format!(
                             "node {} could not register its role and addresses: {refused}",
                             self.inner.identity.name
@@ -1201,7 +1203,7 @@ impl ClusterNode {
                     if !quorum_lost && since.elapsed() >= QUORUM_GRACE {
                         quorum_lost = true;
                         self.inner.events.push(
-                            "quorum_lost",
+                            EventKind::QuorumLost,
                             format!(
                                 "node {} has had no leader for {} s: it cannot reach a majority of the voters; volumes it is primary of stop when their lease lapses",
                                 self.inner.identity.name,
@@ -1215,7 +1217,7 @@ impl ClusterNode {
                     if quorum_lost {
                         quorum_lost = false;
                         self.inner.events.push(
-                            "quorum_regained",
+                            EventKind::QuorumRegained,
                             format!("node {} reaches a majority again", self.inner.identity.name),
                         );
                     }
@@ -1240,13 +1242,13 @@ impl ClusterNode {
                         details.insert("leader".into(), name(l).into());
                         details.insert("term".into(), term.into());
                         self.inner.events.push_with(
-                            "leader",
+                            EventKind::Leader,
                             format!("leader is node {} (term {term})", name(l)),
                             details,
                         )
                     }
                     None => self.inner.events.push(
-                        "leader",
+                        EventKind::Leader,
                         format!("no leader (term {term}): election under way"),
                     ),
                 }
@@ -1298,7 +1300,7 @@ impl ClusterNode {
                 };
                 match tokio::time::timeout(step, raft.change_membership(change, false)).await {
                     Ok(Ok(_)) => self.inner.events.push(
-                        "membership",
+                        EventKind::Membership,
                         format!("node ids {gone:?} left the Raft membership"),
                     ),
                     Ok(Err(e)) => debug!(error = %e, "membership removal not done yet"),
@@ -1362,7 +1364,7 @@ impl ClusterNode {
                         .filter_map(|id| st.nodes.get(id).map(|n| n.name.clone()))
                         .collect();
                     self.inner.events.push(
-                        "membership",
+                        EventKind::Membership,
                         format!(
                             "{} now vote{} in Raft",
                             names.join(", "),

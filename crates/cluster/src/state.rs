@@ -366,38 +366,6 @@ pub struct ClusterState {
     pub tokens: BTreeMap<String, crate::auth::ApiToken>,
 }
 
-/// Event kinds an alert may ask for (`events`); see `status::Event::kind`.
-pub const EVENT_KINDS: &[&str] = &[
-    "auth_refused",
-    "node_offline",
-    "node_online",
-    "network_down",
-    "network_up",
-    "leader",
-    "membership",
-    "quorum_lost",
-    "quorum_regained",
-    "failover_started",
-    "failover_finished",
-    "handover",
-    "volume_offline",
-    "fence",
-    "power",
-    "primary",
-    "replica_left",
-    "replica_rejoined",
-    "resync_started",
-    "resync_finished",
-    "verify",
-    "disk",
-    "reservation_preempted",
-    "login_failures",
-    "alua",
-    "vip",
-    "config",
-    "alert_test",
-];
-
 /// Where the cluster sends its events (the job of Pacemaker's alert agents): a
 /// program that reads the event as JSON on stdin, or an HTTP(S) URL that gets it
 /// POSTed. Each event reaches each alert from one node.
@@ -409,7 +377,8 @@ pub struct Alert {
     pub program: Option<String>,
     /// http:// or https:// URL.
     pub url: Option<String>,
-    /// Event kinds to send ([`EVENT_KINDS`]); empty: all of them.
+    /// Event kinds to send ([`crate::status::EventKind`] names, kept as strings so a
+    /// state written by a newer version still reads); empty: all of them.
     pub events: Vec<String>,
     /// Raised by [`Command::TestAlert`]: the leader then sends this alert a test event.
     #[serde(default)]
@@ -457,15 +426,8 @@ impl Alert {
             }
             _ => return Err("give either a program or a URL (one of them)".into()),
         }
-        if let Some(bad) = self
-            .events
-            .iter()
-            .find(|e| !EVENT_KINDS.contains(&e.as_str()))
-        {
-            return Err(format!(
-                "unknown event kind {bad:?}; known kinds: {}",
-                EVENT_KINDS.join(", ")
-            ));
+        for kind in &self.events {
+            kind.parse::<crate::status::EventKind>()?;
         }
         if !(100..=600_000).contains(&self.timeout_ms) {
             return Err("the timeout must be 0.1 to 600 s".into());
@@ -477,8 +439,9 @@ impl Alert {
     }
 
     /// Whether events of `kind` go to this alert.
-    pub fn wants(&self, kind: &str) -> bool {
-        self.events.is_empty() || self.events.iter().any(|e| e == kind)
+    pub fn wants(&self, kind: crate::status::EventKind) -> bool {
+        kind.subscribable()
+            && (self.events.is_empty() || self.events.iter().any(|e| e == kind.as_str()))
     }
 }
 

@@ -1082,8 +1082,8 @@ fn alerts_are_checked_added_tested_and_removed() {
         alert: good.clone(),
     })
     .unwrap();
-    assert!(st.alerts["mail"].wants("failover_started"));
-    assert!(!st.alerts["mail"].wants("node_offline"));
+    assert!(st.alerts["mail"].wants(crate::status::EventKind::FailoverStarted));
+    assert!(!st.alerts["mail"].wants(crate::status::EventKind::NodeOffline));
     st.apply(&Command::TestAlert {
         name: "mail".into(),
     })

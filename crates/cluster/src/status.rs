@@ -11,6 +11,205 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::NodeId;
 
+/// What an event is about: the one list that producers, the alert filter, `bulwark
+/// alert add --help` and the README's list of events all read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    AuthRefused,
+    NodeOffline,
+    NodeOnline,
+    NetworkDown,
+    NetworkUp,
+    Leader,
+    Membership,
+    QuorumLost,
+    QuorumRegained,
+    FailoverStarted,
+    FailoverFinished,
+    Handover,
+    VolumeOffline,
+    Fence,
+    Power,
+    Primary,
+    ReplicaLeft,
+    ReplicaRejoined,
+    ResyncStarted,
+    ResyncFinished,
+    Verify,
+    Disk,
+    ReservationPreempted,
+    LoginFailures,
+    Alua,
+    Vip,
+    Config,
+    AlertTest,
+    /// About alert deliveries: recorded, never delivered (no loops).
+    Alert,
+}
+
+impl EventKind {
+    /// Every kind, in the order documentation lists them.
+    pub const ALL: [EventKind; 29] = [
+        EventKind::AuthRefused,
+        EventKind::NodeOffline,
+        EventKind::NodeOnline,
+        EventKind::NetworkDown,
+        EventKind::NetworkUp,
+        EventKind::Leader,
+        EventKind::Membership,
+        EventKind::QuorumLost,
+        EventKind::QuorumRegained,
+        EventKind::FailoverStarted,
+        EventKind::FailoverFinished,
+        EventKind::Handover,
+        EventKind::VolumeOffline,
+        EventKind::Fence,
+        EventKind::Power,
+        EventKind::Primary,
+        EventKind::ReplicaLeft,
+        EventKind::ReplicaRejoined,
+        EventKind::ResyncStarted,
+        EventKind::ResyncFinished,
+        EventKind::Verify,
+        EventKind::Disk,
+        EventKind::ReservationPreempted,
+        EventKind::LoginFailures,
+        EventKind::Alua,
+        EventKind::Vip,
+        EventKind::Config,
+        EventKind::AlertTest,
+        EventKind::Alert,
+    ];
+
+    /// The name in events (`kind`), alerts (`--events`) and `BULWARK_EVENT_KIND`.
+    pub fn as_str(self) -> &'static str {
+        self.describe().0
+    }
+
+    /// What it means, in a few words.
+    pub fn meaning(self) -> &'static str {
+        self.describe().1
+    }
+
+    /// Whether an alert may ask for it ([`EventKind::Alert`] is never delivered).
+    pub fn subscribable(self) -> bool {
+        self != EventKind::Alert
+    }
+
+    /// Kinds every node records for the same happening: the leader alone delivers them.
+    pub fn cluster_wide(self) -> bool {
+        matches!(
+            self,
+            EventKind::NodeOffline
+                | EventKind::NodeOnline
+                | EventKind::NetworkDown
+                | EventKind::NetworkUp
+                | EventKind::Leader
+                | EventKind::Membership
+        )
+    }
+
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            EventKind::AuthRefused => (
+                "auth_refused",
+                "a peer or client failed authentication (one event per source a minute)",
+            ),
+            EventKind::NodeOffline => ("node_offline", "a node stopped answering heartbeats"),
+            EventKind::NodeOnline => ("node_online", "a node answers heartbeats again"),
+            EventKind::NetworkDown => ("network_down", "one network path to a node failed"),
+            EventKind::NetworkUp => ("network_up", "a network path to a node works again"),
+            EventKind::Leader => (
+                "leader",
+                "the Raft leader changed, or an election is under way",
+            ),
+            EventKind::Membership => ("membership", "a node joined, left or changed its role"),
+            EventKind::QuorumLost => (
+                "quorum_lost",
+                "a node cannot reach a majority of the voters",
+            ),
+            EventKind::QuorumRegained => ("quorum_regained", "the node reaches a majority again"),
+            EventKind::FailoverStarted => {
+                ("failover_started", "a primary is replaced after a failure")
+            }
+            EventKind::FailoverFinished => (
+                "failover_finished",
+                "the new primary serves (details.pause_ms)",
+            ),
+            EventKind::Handover => ("handover", "a planned move of a primary"),
+            EventKind::VolumeOffline => (
+                "volume_offline",
+                "no in-sync member of a volume is reachable",
+            ),
+            EventKind::Fence => ("fence", "the fence command ran, or failed"),
+            EventKind::Power => ("power", "a node came back from a power loss"),
+            EventKind::Primary => ("primary", "a node took up or gave up the primary role"),
+            EventKind::ReplicaLeft => ("replica_left", "a replica left the in-sync set"),
+            EventKind::ReplicaRejoined => {
+                ("replica_rejoined", "a replica is back in the in-sync set")
+            }
+            EventKind::ResyncStarted => ("resync_started", "a replica started catching up"),
+            EventKind::ResyncFinished => ("resync_finished", "a replica caught up"),
+            EventKind::Verify => (
+                "verify",
+                "an online verify started, found differences or finished",
+            ),
+            EventKind::Disk => (
+                "disk",
+                "a node's copy of a volume failed (I/O error, full disk)",
+            ),
+            EventKind::ReservationPreempted => (
+                "reservation_preempted",
+                "a persistent reservation was preempted",
+            ),
+            EventKind::LoginFailures => (
+                "login_failures",
+                "5 or more failed iSCSI logins within a minute",
+            ),
+            EventKind::Alua => (
+                "alua",
+                "an initiator asked for another active/optimized path",
+            ),
+            EventKind::Vip => ("vip", "a virtual IP was taken up or released"),
+            EventKind::Config => ("config", "a node started or stopped serving a target"),
+            EventKind::AlertTest => ("alert_test", "sent by `bulwark alert test`"),
+            EventKind::Alert => (
+                "alert",
+                "about alert deliveries: failures and test results (recorded, never delivered)",
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EventKind {
+    type Err = String;
+
+    /// Parses a kind an alert may ask for.
+    fn from_str(s: &str) -> Result<Self, String> {
+        EventKind::ALL
+            .into_iter()
+            .filter(|k| k.subscribable())
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = EventKind::ALL
+                    .iter()
+                    .filter(|k| k.subscribable())
+                    .map(|k| k.as_str())
+                    .collect();
+                format!(
+                    "unknown event kind {s:?}; known kinds: {}",
+                    known.join(", ")
+                )
+            })
+    }
+}
+
 /// One entry of the event log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -23,8 +222,8 @@ pub struct Event {
     pub unix_ms: u64,
     /// The node that saw it.
     pub observer: String,
-    /// Kind, for filtering and alerts: one of [`crate::state::EVENT_KINDS`] (or
-    /// `alert`, about alert deliveries).
+    /// Kind, for filtering and alerts: an [`EventKind`] by name. A string on the wire
+    /// and on disk, so a node reads events of kinds a newer version added.
     pub kind: String,
     /// What happened, for people.
     pub message: String,
@@ -32,6 +231,13 @@ pub struct Event {
     /// empty when there is nothing to add to the message).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Event {
+    /// Whether it is of `kind`.
+    pub fn is(&self, kind: EventKind) -> bool {
+        self.kind == kind.as_str()
+    }
 }
 
 /// Events this node saw: the last few in memory, all of them appended to a file as JSON
@@ -161,17 +367,18 @@ impl EventLog {
     }
 
     /// Records an event.
-    pub fn push(&self, kind: &str, message: String) {
+    pub fn push(&self, kind: EventKind, message: String) {
         self.push_with(kind, message, serde_json::Map::new());
     }
 
     /// Records an event with details for programs.
     pub fn push_with(
         &self,
-        kind: &str,
+        kind: EventKind,
         message: String,
         details: serde_json::Map<String, serde_json::Value>,
     ) {
+        let kind = kind.as_str();
         tracing::info!(event = kind, "{message}");
         let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
         let ev = Event {
@@ -250,7 +457,7 @@ impl EventLog {
                 String::new()
             };
             self.push_with(
-                "auth_refused",
+                EventKind::AuthRefused,
                 format!("refused {source}: {}{more}", sanitize(why, 200)),
                 details,
             );
@@ -487,7 +694,7 @@ mod tests {
         let log = EventLog::new("n1", Some(path.clone())).unwrap();
         let big = "x".repeat(1 << 20);
         for _ in 0..(EVENT_FILE_MAX >> 20) * u64::from(EVENT_FILES_KEPT + 2) {
-            log.push("config", big.clone());
+            log.push(EventKind::Config, big.clone());
         }
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
