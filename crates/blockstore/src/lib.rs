@@ -5,7 +5,7 @@
 //! * [`NullStore`]: reads zeroes, discards writes (benchmarks of the protocol path).
 //! * Test only: a [`FileStore`] with a [`volatile`] cache that a power cut takes back.
 //!
-//! Every store implements [`scsi::BlockDevice`] and its durability contract.
+//! Every store implements [`block_device::BlockDevice`] and its durability contract.
 #![warn(missing_docs)]
 
 mod file;

@@ -1,6 +1,6 @@
 use std::io;
 
-use scsi::BlockDevice;
+use block_device::BlockDevice;
 
 /// A device that reads zeroes and drops writes: the protocol path without a disk.
 #[derive(Debug)]

@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn writes_stay_in_memory_until_flushed_and_read_back_through_the_cache() {
-        use scsi::BlockDevice;
+        use block_device::BlockDevice;
         let (s, path) = store("flush");
         // Unaligned on both ends: the partial sectors are completed from the file.
         let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8 + 1).collect();

@@ -1,9 +1,9 @@
 //! The threaded driver around the sans-IO state machines: a [`PrimaryVolume`] is the
-//! [`scsi::BlockDevice`] the target serves, a [`ReplicaVolume`] applies a primary's
+//! [`block_device::BlockDevice`] the target serves, a [`ReplicaVolume`] applies a primary's
 //! stream to a local store. Each runs one driver thread for protocol events (acks,
 //! links, time, resync reads). An initiator's write is submitted on the caller's (I/O
 //! pool) thread and completes through a callback when every in-sync member has it
-//! ([`scsi::BlockDevice::write_then`]), so it holds no thread while it waits; FUA
+//! ([`block_device::BlockDevice::write_then`]), so it holds no thread while it waits; FUA
 //! writes and flushes wait on the caller's thread. No lock is held across disk I/O.
 //!
 //! The network and the control plane are behind [`Transport`] and [`ControlPlane`], so
@@ -16,8 +16,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use block_device::BlockDevice;
 use bytes::Bytes;
-use scsi::BlockDevice;
 
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::message::{Epoch, Message, NodeId, Seq};
@@ -301,7 +301,7 @@ struct PrimaryShared {
 struct Waiter {
     /// Past this the write fails as a transition (see [`WRITE_WAIT`]).
     deadline: Instant,
-    done: scsi::WriteDone,
+    done: block_device::WriteDone,
 }
 
 /// Counters of a primary volume since it started.
@@ -575,7 +575,7 @@ impl PrimaryShared {
             Err(_) => Vec::new(),
         };
         for w in failed {
-            (w.done)(Err(scsi::device::unavailable(why)));
+            (w.done)(Err(block_device::unavailable(why)));
         }
     }
 
@@ -922,7 +922,7 @@ impl PrimaryVolume {
     fn submit_then(
         &self,
         submit: impl FnOnce(&mut Primary, u64, u64) -> Result<Vec<Action>, crate::primary::NotServing>,
-        done: scsi::WriteDone,
+        done: block_device::WriteDone,
     ) {
         let sh = &self.shared;
         let tag = sh
@@ -941,7 +941,7 @@ impl PrimaryVolume {
             let now = sh.now();
             match sh.core.lock() {
                 Ok(mut p) => {
-                    submit(&mut p, now, tag).map_err(|e| scsi::device::unavailable(e.to_string()))
+                    submit(&mut p, now, tag).map_err(|e| block_device::unavailable(e.to_string()))
                 }
                 Err(_) => Err(io::Error::other("primary state poisoned")),
             }
@@ -972,7 +972,7 @@ impl PrimaryVolume {
         // The driver fails a write at its deadline; this bound is only a backstop.
         rx.recv_timeout(WRITE_WAIT + Duration::from_secs(5))
             .unwrap_or_else(|_| {
-                Err(scsi::device::unavailable(
+                Err(block_device::unavailable(
                     "the write did not complete in time",
                 ))
             })
@@ -995,7 +995,7 @@ impl BlockDevice for PrimaryVolume {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if !self.serving() {
-            return Err(scsi::device::unavailable(
+            return Err(block_device::unavailable(
                 "not serving (sealing, no lease or deposed)",
             ));
         }
@@ -1013,7 +1013,7 @@ impl BlockDevice for PrimaryVolume {
         Ok(())
     }
 
-    fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: scsi::WriteDone) {
+    fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: block_device::WriteDone) {
         if fua {
             // The flush that follows must not run where the completion lands (a
             // network task); FUA writes take the blocking path.
@@ -1276,7 +1276,7 @@ impl Drop for ReplicaVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use scsi::testing::MemDevice;
+    use block_device::mem::MemDevice;
 
     /// Channels between in-process nodes, routed by node id.
     #[derive(Default)]
@@ -1488,6 +1488,31 @@ mod tests {
         drop(p);
         net.primaries.lock().unwrap().clear();
         net.replicas.lock().unwrap().clear();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The replicated volume keeps the contract of every `BlockDevice`, and each
+    /// in-sync replica ends up with the primary's bytes.
+    #[test]
+    fn a_replicated_volume_passes_the_conformance_suite() {
+        let dir = std::env::temp_dir().join(format!("bulwark-conform-{}", std::process::id()));
+        let net = Arc::new(Net::default());
+        let stores: Vec<Arc<MemDevice>> =
+            (0..3).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
+        start_replica(&net, 2, stores[1].clone(), &dir);
+        start_replica(&net, 3, stores[2].clone(), &dir);
+        let p = start_primary(&net, 1, 1, stores[0].clone(), &dir, &[2, 3], &[2, 3]);
+        wait_until("sealed and serving", || p.serving());
+        block_device::conformance::check(p.as_ref(), block_device::conformance::Keeps::Data);
+        let whole = |s: &MemDevice| read(s, 0, 4 << 20);
+        for s in &stores[1..] {
+            assert!(
+                whole(s) == whole(&stores[0]),
+                "a replica holds the primary's bytes"
+            );
+        }
+        net.primaries.lock().unwrap().clear();
+        drop(p);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -16,7 +16,6 @@
 pub mod alua;
 pub mod cdb;
 mod commands;
-pub mod device;
 mod lu;
 mod mode;
 mod pr;
@@ -26,13 +25,23 @@ pub mod sense;
 mod spc;
 pub mod stats;
 mod target_device;
-pub mod testing;
 #[cfg(test)]
 mod tests;
 mod vpd;
 mod xcopy;
 
-pub use device::{BlockDevice, Extent, Provisioning, WriteDone};
+pub use block_device::{BlockDevice, Extent, Provisioning, WriteDone};
+
+/// The storage seam, re-exported: the trait lives in its own crate so the stores
+/// implement it without depending on SCSI.
+pub mod device {
+    pub use block_device::*;
+}
+
+/// The in-memory device for tests, re-exported from `block-device`.
+pub mod testing {
+    pub use block_device::mem::*;
+}
 pub use sense::{check_condition, Sense, SenseKey};
 pub use spc::encode_lun;
 pub use target_device::{

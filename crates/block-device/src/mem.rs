@@ -4,7 +4,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::device::{BlockDevice, Extent, Provisioning};
+use crate::{BlockDevice, Extent, Provisioning};
 
 /// Granularity (bytes) at which [`MemDevice`] tracks deallocated ranges.
 pub const MEM_DEVICE_GRANULE: u64 = 512;
@@ -27,7 +27,7 @@ pub struct MemDevice {
     /// When set, `write_at` fails with an I/O error.
     pub fail_writes: AtomicBool,
     /// This many next `write_at` calls fail as transitioning (a replicated volume
-    /// changing primary or resealing), as [`crate::device::unavailable`] says.
+    /// changing primary or resealing), as [`crate::unavailable`] says.
     pub transitioning_writes: AtomicU64,
     /// Number of `flush` calls.
     pub flushes: AtomicU64,
@@ -125,7 +125,7 @@ impl BlockDevice for MemDevice {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok()
         {
-            return Err(crate::device::unavailable("injected transition"));
+            return Err(crate::unavailable("injected transition"));
         }
         if fua {
             self.fua_writes.fetch_add(1, Ordering::Relaxed);

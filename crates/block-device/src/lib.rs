@@ -1,7 +1,16 @@
 //! The storage seam: a logical unit executes SCSI commands over a [`BlockDevice`].
 //!
-//! The SCSI layer knows nothing about where blocks live (a local file today, a replicated
-//! volume later). Every method is blocking; callers run them off async runtime threads.
+//! This crate sits below both sides of the seam: the SCSI layer (`scsi`) executes
+//! commands over the trait and knows nothing about where blocks live; the stores
+//! (`blockstore`'s file and null stores, `replication`'s replicated volume) implement
+//! it and know nothing about SCSI. Every method is blocking; callers run them off async
+//! runtime threads.
+//!
+//! [`conformance::check`] is the one suite every implementation runs in its own tests;
+//! [`mem::MemDevice`] is the in-memory device for tests of the crates above.
+
+pub mod conformance;
+pub mod mem;
 
 use std::io;
 
