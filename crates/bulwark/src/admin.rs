@@ -359,53 +359,6 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
     })
 }
 
-/// "identical on n2, n3 (1024 regions)", "3 regions DIFFER on n3 (repaired): 4, 9, 10".
-pub(crate) fn verify_summary(
-    st: &ClusterState,
-    r: &cluster::state::VerifyResult,
-    repair: bool,
-) -> String {
-    let mut parts = Vec::new();
-    for x in r.replicas.iter().filter(|x| x.differing > 0) {
-        let sample: Vec<String> = x.sample.iter().map(|r| r.to_string()).collect();
-        parts.push(format!(
-            "{} region(s) DIFFER on {}{} (regions {}{})",
-            x.differing,
-            names(st, &[x.node]),
-            if repair {
-                ", repaired from the primary"
-            } else {
-                ""
-            },
-            sample.join(", "),
-            if x.differing as usize > sample.len() {
-                ", ..."
-            } else {
-                ""
-            }
-        ));
-    }
-    for x in r.replicas.iter().filter(|x| x.not_compared > 0) {
-        parts.push(format!(
-            "{} region(s) not compared on {} (it was down or out of sync)",
-            x.not_compared,
-            names(st, &[x.node])
-        ));
-    }
-    if !r.differs() {
-        parts.insert(
-            0,
-            format!(
-                "{} of {} regions identical on the primary {} and the in-sync replicas",
-                r.compared,
-                r.regions,
-                names(st, &[r.primary]),
-            ),
-        );
-    }
-    parts.join("; ")
-}
-
 async fn commit(conn: &Conn, cmd: Command) -> Result<Applied> {
     let client = conn.client()?;
     match client.write(cmd).await? {
@@ -947,7 +900,7 @@ async fn verify_wait(conn: &Conn, name: &str, repair: bool, no_wait: bool) -> Re
             if conn.json {
                 print_json(r)?;
             } else {
-                println!("verify of {name}: {}", verify_summary(&st, r, repair));
+                println!("verify of {name}: {}", r.summary(&st, repair));
             }
             if r.differs() && !repair {
                 bail!("replicas of {name} differ; `bulwark volume verify {name} --repair` resyncs those regions from the primary");
@@ -996,7 +949,7 @@ pub async fn status(conn: &Conn, watch: bool, interval: Duration) -> Result<()> 
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = crate::shutdown_signal() => return Ok(()),
+            _ = crate::signals::shutdown_signal() => return Ok(()),
         }
     }
 }
@@ -1230,7 +1183,7 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         }
         if let Some(asked) = &v.verify {
             let line = match &asked.result {
-                Some(r) => format!("last verify: {}", verify_summary(st, r, asked.repair)),
+                Some(r) => format!("last verify: {}", r.summary(st, asked.repair)),
                 None => {
                     let live = live_verify(statuses, v, asked.id);
                     match live {
@@ -1252,7 +1205,7 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
 
 /// "RESYNC to n3 45% (460 MiB of 1.0 GiB), 98 MiB/s, 6 s left" (1 MiB regions).
 fn resync_line(st: &ClusterState, r: &cluster::status::ResyncView) -> String {
-    const REGION: u64 = crate::serving::REGION_SIZE;
+    const REGION: u64 = serving::REGION_SIZE;
     let total = (r.done_regions + r.pending_regions) * REGION;
     let head = format!(
         "RESYNC to {} {:.0}% ({} of {})",
@@ -1302,7 +1255,7 @@ fn render_targets(out: &mut String, st: &ClusterState, statuses: &Statuses) {
             .unwrap_or_else(|| "no LUNs, not served".into());
         let _ = writeln!(out, "  {}  {served_by}", t.iqn);
         // Every node holding the volumes is a path (one target port group each).
-        let paths: Vec<String> = crate::serving::port_groups(st, t)
+        let paths: Vec<String> = serving::port_groups(st, t)
             .iter()
             .map(|g| {
                 let node = st.nodes.get(&u64::from(g.id));

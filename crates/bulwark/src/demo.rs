@@ -266,7 +266,7 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
     println!("  iscsiadm -m discovery -t st -p {ip} && iscsiadm -m node -T {IQN} -p {ip} --login");
     // The other replica's node serves the target too (active/non-optimized).
     if let Some(t) = st.targets.get(IQN) {
-        for g in crate::serving::port_groups(&st, t) {
+        for g in serving::port_groups(&st, t) {
             let node = st.nodes.get(&u64::from(g.id));
             if let Some((n, p)) = node.and_then(|n| Some((n, n.addresses.portals.first()?))) {
                 println!(
@@ -315,7 +315,7 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
         admin::status(&conn, true, Duration::from_secs(1)).await?;
     } else {
         admin::status(&conn, false, Duration::from_secs(1)).await?;
-        crate::shutdown_signal().await;
+        crate::signals::shutdown_signal().await;
     }
     Ok(())
 }

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
-use crate::serving::Serving;
+use serving::Serving;
 
 /// Default port of the admin HTTPS listener (next to iSCSI 3260, control 3261,
 /// replication 3262).
@@ -540,7 +540,7 @@ fn view(
         .targets
         .values()
         .map(|t| {
-            let groups: Vec<serde_json::Value> = crate::serving::port_groups(state, t)
+            let groups: Vec<serde_json::Value> = serving::port_groups(state, t)
                 .iter()
                 .map(|g| {
                     let node = state.nodes.get(&u64::from(g.id));

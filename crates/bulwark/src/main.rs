@@ -1,18 +1,15 @@
 //! `bulwark`: highly available iSCSI block storage in one binary.
 
 mod admin;
-mod admission;
 mod alerts;
 mod config;
 mod datadir;
 mod demo;
-mod forward;
 mod http;
 mod metrics;
 mod service;
-mod serving;
+mod signals;
 mod tokens;
-mod vip;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -653,7 +650,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
                     .with_context(|| format!("cannot listen on portal {}", p.addr))?,
             );
         }
-        let net = admission::start_replication(&node, replication_plaintext).await?;
+        let net = serving::admission::start_replication(&node, replication_plaintext).await?;
         let serving = serving::Serving::new(&node, server.clone(), &data_dir, portals, net);
         tokio::spawn(serving.clone().run(node.state()));
         Some(serving)
@@ -735,7 +732,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
     server
         .serve(listeners, async move {
             tokio::select! {
-                _ = shutdown_signal() => {}
+                _ = signals::shutdown_signal() => {}
                 _ = removed => {
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -790,42 +787,17 @@ fn default_config(data_dir: &Path, listen: &str) -> Config {
     }
 }
 
-/// A stable 64-bit FNV-1a hash, for serial numbers and NAA identifiers that must not
-/// change across restarts.
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.iter() {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// A 16-byte NAA 6 (IEEE registered extended) identifier from two hashes. The company
-/// id field carries a hash since Bulwark has no OUI of its own: the identifier is unique
-/// and stable, not registered.
-pub(crate) fn naa_identifier(h1: u64, h2: u64) -> [u8; 16] {
-    let mut naa = [0u8; 16];
-    naa[..8].copy_from_slice(&h1.to_be_bytes());
-    naa[8..].copy_from_slice(&h2.to_be_bytes());
-    naa[0] = 0x60 | (naa[0] & 0x0f);
-    naa
-}
-
 fn lu_config(target: &TargetSection, lun: &LunSection) -> scsi::LuConfig {
     let lun_bytes = lun.lun.to_be_bytes();
-    let h1 = fnv1a(&[target.iqn.as_bytes(), &lun_bytes]);
-    let h2 = fnv1a(&[&h1.to_be_bytes(), lun.path.as_os_str().as_encoded_bytes()]);
+    let h1 = serving::lu_identity::fnv1a(&[target.iqn.as_bytes(), &lun_bytes]);
+    let h2 =
+        serving::lu_identity::fnv1a(&[&h1.to_be_bytes(), lun.path.as_os_str().as_encoded_bytes()]);
     scsi::LuConfig {
         block_size: lun.block_size,
         read_only: lun.read_only,
         write_cache: lun.write_cache,
         serial: lun.serial.clone().unwrap_or_else(|| format!("{h1:016x}")),
-        naa: naa_identifier(h1, h2),
+        naa: serving::lu_identity::naa_identifier(h1, h2),
         pr_file: Some(lun.path.with_extension("pr")),
         physical_block_size: lun.physical_block_size,
         sanitize_bytes_per_s: lun.sanitize_bytes_per_s,
@@ -936,33 +908,11 @@ async fn serve(cfg: Config) -> Result<()> {
     service::ready(&tokio::runtime::Handle::current());
     server
         .serve(listeners, async {
-            shutdown_signal().await;
+            signals::shutdown_signal().await;
         })
         .await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    let _ = service::notify("STOPPING=1");
 }
 
 #[cfg(test)]

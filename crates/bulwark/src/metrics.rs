@@ -22,7 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::serving::Serving;
+use serving::Serving;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -348,7 +348,7 @@ fn volume_metrics(out: &mut Snapshot, src: &Sources<'_>, me: u64, name_of: &dyn 
             let labels = vec![("volume", v.name.clone()), ("peer", name_of(r.node))];
             resync_left.push((
                 labels.clone(),
-                (r.pending_regions * crate::serving::REGION_SIZE) as f64,
+                (r.pending_regions * serving::REGION_SIZE) as f64,
             ));
             resync_rate.push((labels, r.rate_bytes_per_s as f64));
         }

@@ -201,6 +201,49 @@ pub struct VerifyResult {
 }
 
 impl VerifyResult {
+    /// "identical on n2, n3 (1024 regions)", "3 regions DIFFER on n3 (repaired): 4, 9, 10".
+    pub fn summary(&self, st: &ClusterState, repair: bool) -> String {
+        let mut parts = Vec::new();
+        for x in self.replicas.iter().filter(|x| x.differing > 0) {
+            let sample: Vec<String> = x.sample.iter().map(|r| r.to_string()).collect();
+            parts.push(format!(
+                "{} region(s) DIFFER on {}{} (regions {}{})",
+                x.differing,
+                st.node_name(x.node),
+                if repair {
+                    ", repaired from the primary"
+                } else {
+                    ""
+                },
+                sample.join(", "),
+                if x.differing as usize > sample.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ));
+        }
+        for x in self.replicas.iter().filter(|x| x.not_compared > 0) {
+            parts.push(format!(
+                "{} region(s) not compared on {} (it was down or out of sync)",
+                x.not_compared,
+                st.node_name(x.node)
+            ));
+        }
+        if !self.differs() {
+            parts.insert(
+                0,
+                format!(
+                    "{} of {} regions identical on the primary {} and the in-sync replicas",
+                    self.compared,
+                    self.regions,
+                    st.node_name(self.primary),
+                ),
+            );
+        }
+        parts.join("; ")
+    }
+
     /// Whether some replica differs from the primary.
     pub fn differs(&self) -> bool {
         self.replicas.iter().any(|r| r.differing > 0)

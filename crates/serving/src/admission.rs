@@ -17,7 +17,7 @@ use cluster::state::{ClusterState, NodeId};
 use replication::net::{Admission, Claim, Verdict};
 use tokio::sync::watch;
 
-use crate::serving::target_nodes;
+use crate::reconcile::target_nodes;
 
 /// Replication connections held at once: few from strangers (nobody but nodes has
 /// business there), slots of their own for members (a link per peer, and reconnects).
@@ -33,7 +33,7 @@ const REPLICATION_LIMITS: cluster::limits::Limits = cluster::limits::Limits {
 pub async fn start_replication(
     node: &cluster::ClusterNode,
     plaintext: bool,
-) -> anyhow::Result<Arc<replication::net::ReplicationNet>> {
+) -> Result<Arc<replication::net::ReplicationNet>, crate::ServingError> {
     let identity = node.identity();
     let tls = identity.tls()?;
     let state = node.state();
@@ -65,7 +65,14 @@ pub async fn start_replication(
         security,
         identity.addresses.replication,
     )
-    .await?;
+    .await
+    .map_err(|source| crate::ServingError::Io {
+        what: format!(
+            "starting the replication listener on {}",
+            identity.addresses.replication
+        ),
+        source,
+    })?;
     net.set_admission(Arc::new(StateAdmission::new(
         identity.node_id,
         node.state(),

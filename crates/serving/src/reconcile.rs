@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use cluster::state::{ClusterState, Command, NodeId, NodeRole, Target, Volume};
 use cluster::status::EventKind;
 use cluster::ClusterNode;
@@ -25,8 +24,17 @@ use replication::{ControlPlane, PrimaryConfig, PrimaryVolume, ReplicaState, Repl
 use scsi::BlockDevice;
 use tracing::{error, info, warn};
 
+use crate::ServingError;
+
+type Result<T> = std::result::Result<T, ServingError>;
+
+/// Maps an I/O error to [`ServingError::Io`] saying what was being done.
+fn io_error(what: String) -> impl FnOnce(std::io::Error) -> ServingError {
+    move |source| ServingError::Io { what, source }
+}
+
 /// Resync and activity-log granularity.
-pub(crate) const REGION_SIZE: u64 = 1 << 20;
+pub const REGION_SIZE: u64 = 1 << 20;
 /// How often a primary renews its lease (well inside [`cluster::node::LEASE`]).
 const RENEW_EVERY: Duration = Duration::from_millis(200);
 /// Margin for clock rate differences between this node and the Raft leader.
@@ -58,7 +66,7 @@ struct Served {
 
 /// The storage nodes that serve target `t`: those that hold a replica of every one of
 /// its volumes, primary first.
-pub(crate) fn target_nodes(st: &ClusterState, t: &Target) -> Vec<NodeId> {
+pub fn target_nodes(st: &ClusterState, t: &Target) -> Vec<NodeId> {
     let mut nodes: Vec<NodeId> = Vec::new();
     for (i, vol) in t.luns.values().enumerate() {
         let Some(v) = st.volumes.get(vol) else {
@@ -78,7 +86,7 @@ pub(crate) fn target_nodes(st: &ClusterState, t: &Target) -> Vec<NodeId> {
 
 /// The target port group of a node: its node id (also its portal group tag and
 /// relative target port identifier).
-pub(crate) fn port_group_of(node: NodeId) -> u16 {
+pub fn port_group_of(node: NodeId) -> u16 {
     u16::try_from(node).unwrap_or(u16::MAX)
 }
 
@@ -86,7 +94,7 @@ pub(crate) fn port_group_of(node: NodeId) -> u16 {
 /// serving node; the primary's active/optimized, other nodes in sync for every volume
 /// active/non-optimized (their commands are forwarded) or, as the target says, standby;
 /// the rest unavailable.
-pub(crate) fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::TargetPortGroup> {
+pub fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::TargetPortGroup> {
     port_groups_with(st, t, &|_| false)
 }
 
@@ -471,7 +479,7 @@ impl ControlPlane for IsrRequests {
             format!(
                 "verify of {} finished: {}",
                 self.volume,
-                crate::admin::verify_summary(&st, &result, report.repair)
+                result.summary(&st, report.repair)
             )
         };
         self.node.events().push(EventKind::Verify, what);
@@ -689,10 +697,16 @@ impl Serving {
                 volatile_cache: test_volatile_cache(),
             },
         )
-        .with_context(|| format!("volume {}", v.name))?;
+        .map_err(|source| ServingError::Store {
+            volume: v.name.clone(),
+            source,
+        })?;
         store
             .grow(v.size_bytes)
-            .with_context(|| format!("growing volume {}", v.name))?;
+            .map_err(|source| ServingError::Store {
+                volume: format!("{} (growing it)", v.name),
+                source,
+            })?;
         Ok(Arc::new(store))
     }
 
@@ -710,7 +724,7 @@ impl Serving {
 
     fn reconcile(&self, st: &ClusterState) -> Result<()> {
         std::fs::create_dir_all(&self.volumes_dir)
-            .with_context(|| format!("creating {}", self.volumes_dir.display()))?;
+            .map_err(io_error(format!("creating {}", self.volumes_dir.display())))?;
         for n in st.nodes.values().filter(|n| n.role == NodeRole::Storage) {
             self.net.set_peer(n.id, n.addresses.replication);
         }
@@ -718,7 +732,7 @@ impl Serving {
             let mut s = self
                 .start_epochs
                 .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                .map_err(|_| ServingError::Poisoned("start epochs"))?;
             s.get_or_insert_with(|| {
                 st.volumes
                     .values()
@@ -731,8 +745,11 @@ impl Serving {
         let mut served = self
             .served
             .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let mut roles = self.roles.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            .map_err(|_| ServingError::Poisoned("served targets"))?;
+        let mut roles = self
+            .roles
+            .lock()
+            .map_err(|_| ServingError::Poisoned("roles"))?;
 
         // 1. Targets that are no longer served here go first: their sessions end
         //    before the volumes under them stop. Targets whose primary moved away
@@ -1019,7 +1036,7 @@ impl Serving {
                 let mut seen = self
                     .in_sync_seen
                     .lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                    .map_err(|_| ServingError::Poisoned("in-sync sightings"))?;
                 for n in nodes.iter().filter(|n| in_sync_for(st, t, **n)) {
                     seen.insert((t.iqn.clone(), *n), now);
                 }
@@ -1202,7 +1219,11 @@ impl Serving {
                     device,
                     Some(reservations),
                 )
-                .with_context(|| format!("{} LUN {lun}", t.iqn))?;
+                .map_err(|e| ServingError::Lun {
+                    target: t.iqn.clone(),
+                    lun: *lun,
+                    reason: e.to_string(),
+                })?;
             s.luns.insert(*lun, (vol_name.clone(), v.epoch));
         }
         Ok(())
@@ -1439,7 +1460,9 @@ impl Serving {
                 .copied()
                 .filter(|n| *n != self.me)
                 .collect(),
-            own_activity_log: state.activity_log()?,
+            own_activity_log: state
+                .activity_log()
+                .map_err(io_error(format!("volume {}: reading its activity log", v.name)))?,
             dirty_hint: state.dirty_map().unwrap_or_else(|e| {
                 warn!(volume = %v.name, error = %e, "ignoring the map of out-of-sync regions; out-of-sync replicas get a full sync");
                 None
@@ -1455,13 +1478,10 @@ impl Serving {
             epoch: v.epoch,
             rt: self.rt.clone(),
         });
-        let volume = Arc::new(PrimaryVolume::start(
-            cfg,
-            store,
-            state,
-            self.net.transport(&v.name),
-            control,
-        )?);
+        let volume = Arc::new(
+            PrimaryVolume::start(cfg, store, state, self.net.transport(&v.name), control)
+                .map_err(io_error(format!("volume {}: starting as primary", v.name)))?,
+        );
         self.net.add_primary(&v.name, volume.clone());
         let lease = {
             let (node, pv, name, epoch) =
@@ -1566,13 +1586,16 @@ impl Serving {
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
         let grow_store = store.clone();
         let grow = Box::new(move |n: u64| grow_store.grow(n).map_err(std::io::Error::other));
-        let r = Arc::new(ReplicaVolume::start(
-            REGION_SIZE,
-            store.clone(),
-            grow,
-            state,
-            self.net.transport(&v.name),
-        )?);
+        let r = Arc::new(
+            ReplicaVolume::start(
+                REGION_SIZE,
+                store.clone(),
+                grow,
+                state,
+                self.net.transport(&v.name),
+            )
+            .map_err(io_error(format!("volume {}: starting as replica", v.name)))?,
+        );
         self.net.add_replica(&v.name, r.clone());
         Ok(Role::Replica {
             volume: r,
@@ -1605,12 +1628,12 @@ impl Serving {
 /// SCSI identity of a volume's logical unit: derived from the volume name so that it
 /// stays the same on every node and across restarts (multipath relies on it).
 fn lu_config(v: &Volume, path: &Path) -> scsi::LuConfig {
-    let h1 = crate::fnv1a(&[b"volume", v.name.as_bytes()]);
-    let h2 = crate::fnv1a(&[&h1.to_be_bytes(), v.name.as_bytes()]);
+    let h1 = crate::lu_identity::fnv1a(&[b"volume", v.name.as_bytes()]);
+    let h2 = crate::lu_identity::fnv1a(&[&h1.to_be_bytes(), v.name.as_bytes()]);
     scsi::LuConfig {
         block_size: v.block_size,
         serial: format!("{h1:016x}"),
-        naa: crate::naa_identifier(h1, h2),
+        naa: crate::lu_identity::naa_identifier(h1, h2),
         pr_file: Some(path.with_extension("pr")),
         ..Default::default()
     }

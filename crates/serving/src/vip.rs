@@ -26,15 +26,15 @@ struct Held {
 }
 
 /// The virtual IPs this node holds.
+#[derive(Default)]
 pub struct Vips {
     held: Mutex<HashMap<IpAddr, Held>>,
 }
 
 impl Vips {
+    /// None held yet.
     pub fn new() -> Vips {
-        Vips {
-            held: Mutex::new(HashMap::new()),
-        }
+        Vips::default()
     }
 
     /// Holds exactly `want`: adds the missing ones (address, ARP, portal) and removes
