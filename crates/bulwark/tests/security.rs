@@ -120,23 +120,23 @@ async fn forge_as_member(c: &Cluster, forger: usize, primary: usize, replica: us
         .expect("a member's certificate opens a link");
     for msg in [
         Message::Seal {
-            epoch: u64::MAX,
-            next_seq: 1,
+            epoch: replication::Epoch(u64::MAX),
+            next_seq: replication::Seq(1),
         },
         Message::Write {
-            epoch,
-            seq: 1,
+            epoch: replication::Epoch(epoch),
+            seq: replication::Seq(1),
             offset: v.size_bytes + (1 << 30),
             data: Bytes::from(vec![0xEE; 4096]),
-            committed: 0,
+            committed: replication::Seq(0),
             flush: false,
         },
         Message::Write {
-            epoch,
-            seq: 1,
+            epoch: replication::Epoch(epoch),
+            seq: replication::Seq(1),
             offset: 0,
             data: Bytes::from(vec![0xEE; 4096]),
-            committed: 0,
+            committed: replication::Seq(0),
             flush: true,
         },
     ] {
@@ -153,13 +153,15 @@ async fn forge_as_member(c: &Cluster, forger: usize, primary: usize, replica: us
         .await
         .expect("a member's certificate opens a link");
     for msg in [
-        Message::Fenced { epoch: u64::MAX },
+        Message::Fenced {
+            epoch: replication::Epoch(u64::MAX),
+        },
         Message::Ack {
-            epoch,
-            seq: 1_000_000,
+            epoch: replication::Epoch(epoch),
+            seq: replication::Seq(1_000_000),
         },
         Message::VerifyResult {
-            epoch,
+            epoch: replication::Epoch(epoch),
             region: 0,
             crc: 0,
         },
@@ -196,8 +198,8 @@ async fn strangers_on_the_replication_port(c: &Cluster, other_cluster: &std::pat
     replay.extend_from_slice(&volume_frame(
         "v",
         &Message::Seal {
-            epoch: u64::MAX,
-            next_seq: 1,
+            epoch: replication::Epoch(u64::MAX),
+            next_seq: replication::Seq(1),
         },
     ));
     s.write_all(&replay).await.unwrap();

@@ -6,10 +6,55 @@ use crate::bitmap::RegionSet;
 
 /// A node's id in the cluster.
 pub type NodeId = u64;
-/// A primary term; raised by the control plane at every promotion.
-pub type Epoch = u64;
+/// A primary term; raised by the control plane at every promotion. A message from an
+/// older epoch is refused (docs/design-notes.md, "Epochs").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
 /// Position in one primary→replica stream (per epoch, per replica; starts at 1).
-pub type Seq = u64;
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq(pub u64);
+
+impl Epoch {
+    /// The epoch a promotion raises this one to.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// `n` positions further along the stream.
+impl std::ops::Add<u64> for Seq {
+    type Output = Seq;
+    fn add(self, n: u64) -> Seq {
+        Seq(self.0 + n)
+    }
+}
+
+impl std::ops::AddAssign<u64> for Seq {
+    fn add_assign(&mut self, n: u64) {
+        self.0 += n;
+    }
+}
+
+/// `n` positions back (saturating at 0, "nothing yet").
+impl std::ops::Sub<u64> for Seq {
+    type Output = Seq;
+    fn sub(self, n: u64) -> Seq {
+        Seq(self.0.saturating_sub(n))
+    }
+}
 
 /// A replication message. Every message carries the sender's epoch; a replica refuses
 /// anything older than the highest epoch it has persisted. (The wire encoding is the

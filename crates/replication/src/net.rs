@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::bitmap::RegionSet;
-use crate::message::{Message, NodeId};
+use crate::message::{Epoch, Message, NodeId, Seq};
 use crate::volume::{PrimaryVolume, ReplicaVolume, Transport};
 
 /// What the connecting side sends first: this, then the mode it asks for.
@@ -208,12 +208,12 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
     match msg {
         Message::Seal { epoch, next_seq } => {
             h.put_u8(1);
-            h.put_u64(*epoch);
-            h.put_u64(*next_seq);
+            h.put_u64(epoch.0);
+            h.put_u64(next_seq.0);
         }
         Message::SealAck { epoch, divergent } => {
             h.put_u8(2);
-            h.put_u64(*epoch);
+            h.put_u64(epoch.0);
             h.put_u32(divergent.len() as u32);
             for r in divergent.iter() {
                 h.put_u64(r);
@@ -228,37 +228,37 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             flush,
         } => {
             h.put_u8(3);
-            h.put_u64(*epoch);
-            h.put_u64(*seq);
+            h.put_u64(epoch.0);
+            h.put_u64(seq.0);
             h.put_u64(*offset);
-            h.put_u64(*committed);
+            h.put_u64(committed.0);
             h.put_u8(u8::from(*flush));
             h.put_u32(d.len() as u32);
             data = Some(d.clone());
         }
         Message::Ack { epoch, seq } => {
             h.put_u8(4);
-            h.put_u64(*epoch);
-            h.put_u64(*seq);
+            h.put_u64(epoch.0);
+            h.put_u64(seq.0);
         }
         Message::Fenced { epoch } => {
             h.put_u8(5);
-            h.put_u64(*epoch);
+            h.put_u64(epoch.0);
         }
         Message::VerifyRequest { epoch, region } => {
             h.put_u8(6);
-            h.put_u64(*epoch);
+            h.put_u64(epoch.0);
             h.put_u64(*region);
         }
         Message::VerifyResult { epoch, region, crc } => {
             h.put_u8(7);
-            h.put_u64(*epoch);
+            h.put_u64(epoch.0);
             h.put_u64(*region);
             h.put_u32(*crc);
         }
         Message::DirtyMap { epoch, full, peers } => {
             h.put_u8(8);
-            h.put_u64(*epoch);
+            h.put_u64(epoch.0);
             h.put_u8(u8::from(*full));
             h.put_u32(peers.len() as u32);
             for (node, regions) in peers {
@@ -300,8 +300,8 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
         1 => {
             need(&b, 16)?;
             Message::Seal {
-                epoch: b.get_u64(),
-                next_seq: b.get_u64(),
+                epoch: Epoch(b.get_u64()),
+                next_seq: Seq(b.get_u64()),
             }
         }
         2 => {
@@ -313,7 +313,10 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
             for _ in 0..n {
                 divergent.insert(b.get_u64());
             }
-            Message::SealAck { epoch, divergent }
+            Message::SealAck {
+                epoch: Epoch(epoch),
+                divergent,
+            }
         }
         3 => {
             need(&b, 37)?;
@@ -325,10 +328,10 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
             let n = b.get_u32() as usize;
             need(&b, n)?;
             Message::Write {
-                epoch,
-                seq,
+                epoch: Epoch(epoch),
+                seq: Seq(seq),
                 offset,
-                committed,
+                committed: Seq(committed),
                 flush,
                 data: b.split_to(n),
             }
@@ -336,18 +339,20 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
         4 => {
             need(&b, 16)?;
             Message::Ack {
-                epoch: b.get_u64(),
-                seq: b.get_u64(),
+                epoch: Epoch(b.get_u64()),
+                seq: Seq(b.get_u64()),
             }
         }
         5 => {
             need(&b, 8)?;
-            Message::Fenced { epoch: b.get_u64() }
+            Message::Fenced {
+                epoch: Epoch(b.get_u64()),
+            }
         }
         6 => {
             need(&b, 16)?;
             Message::VerifyRequest {
-                epoch: b.get_u64(),
+                epoch: Epoch(b.get_u64()),
                 region: b.get_u64(),
             }
         }
@@ -367,12 +372,16 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
                     set.insert(b.get_u64());
                 }
             }
-            Message::DirtyMap { epoch, full, peers }
+            Message::DirtyMap {
+                epoch: Epoch(epoch),
+                full,
+                peers,
+            }
         }
         7 => {
             need(&b, 20)?;
             Message::VerifyResult {
-                epoch: b.get_u64(),
+                epoch: Epoch(b.get_u64()),
                 region: b.get_u64(),
                 crc: b.get_u32(),
             }
@@ -408,14 +417,44 @@ enum Incoming {
 }
 
 /// A forwarding frame: `kind`, the target's name, the request id; `body` follows as is.
-fn encode_forward(kind: u8, target: &str, id: u64, body: Bytes) -> Frame {
-    let mut h = BytesMut::with_capacity(20 + target.len());
-    h.put_u32((2 + target.len() + 1 + 8 + body.len()) as u32);
+/// The body of a forwarded request or reply: a small head the caller encoded and the
+/// data (Data-Out or Data-In) as it came, sent after it without being copied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForwardBody {
+    /// Encoded by the caller (command, status, sense).
+    pub head: Bytes,
+    /// Sent as it is, after the head; the receiver sees one body, head then data.
+    pub data: Bytes,
+}
+
+impl ForwardBody {
+    /// The body as the receiver sees it (tests, small bodies).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.head.len() + self.data.len());
+        b.put_slice(&self.head);
+        b.put_slice(&self.data);
+        b.freeze()
+    }
+}
+
+impl From<Bytes> for ForwardBody {
+    fn from(head: Bytes) -> ForwardBody {
+        ForwardBody {
+            head,
+            data: Bytes::new(),
+        }
+    }
+}
+
+fn encode_forward(kind: u8, target: &str, id: u64, body: ForwardBody) -> Frame {
+    let mut h = BytesMut::with_capacity(20 + target.len() + body.head.len());
+    h.put_u32((2 + target.len() + 1 + 8 + body.head.len() + body.data.len()) as u32);
     h.put_u16(target.len() as u16);
     h.put_slice(target.as_bytes());
     h.put_u8(kind);
     h.put_u64(id);
-    (h, Some(body))
+    h.put_slice(&body.head);
+    (h, (!body.data.is_empty()).then_some(body.data))
 }
 
 fn decode_incoming(b: Bytes) -> io::Result<Incoming> {
@@ -464,9 +503,14 @@ pub struct ForwardReply {
 impl ForwardReply {
     /// Sends the answer; it is lost if the link went down meanwhile (the sender then
     /// fails the request itself).
-    pub fn send(self, body: Bytes) {
+    pub fn send(self, body: impl Into<ForwardBody>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(encode_forward(FORWARD_REPLY, &self.target, self.id, body));
+            let _ = tx.send(encode_forward(
+                FORWARD_REPLY,
+                &self.target,
+                self.id,
+                body.into(),
+            ));
         }
     }
 }
@@ -679,7 +723,13 @@ impl ReplicationNet {
     /// Forwards `body` for `target` to `node` over the link to it; `done` gets the
     /// answer, or `None` at once when there is no link, later when it breaks or the
     /// answer takes longer than [`FORWARD_TIMEOUT`].
-    pub fn forward(&self, node: NodeId, target: &str, body: Bytes, done: ForwardDone) {
+    pub fn forward(
+        &self,
+        node: NodeId,
+        target: &str,
+        body: impl Into<ForwardBody>,
+        done: ForwardDone,
+    ) {
         let tx = self
             .outgoing
             .lock()
@@ -703,7 +753,7 @@ impl ReplicationNet {
                 },
             );
         if tx
-            .send(encode_forward(FORWARD_REQUEST, target, id, body))
+            .send(encode_forward(FORWARD_REQUEST, target, id, body.into()))
             .is_err()
         {
             self.fail_forwards(|p| p.node == node);
@@ -1089,11 +1139,18 @@ mod tests {
 
     #[test]
     fn forwarding_frames_round_trip_and_leave_volume_frames_alone() {
-        let body = Bytes::from_static(b"a forwarded command");
+        // The head travels in the frame header, the data after it uncopied.
+        let parts = ForwardBody {
+            head: Bytes::from_static(b"a forwarded "),
+            data: Bytes::from_static(b"command"),
+        };
+        let body = parts.to_bytes();
         for kind in [FORWARD_REQUEST, FORWARD_REPLY] {
-            let (h, d) = encode_forward(kind, "iqn.t", 77, body.clone());
+            let (h, d) = encode_forward(kind, "iqn.t", 77, parts.clone());
+            let d = d.unwrap();
+            assert_eq!(d.as_ptr(), parts.data.as_ptr(), "the data is not copied");
             let mut frame = h.to_vec();
-            frame.extend_from_slice(&d.unwrap());
+            frame.extend_from_slice(&d);
             assert_eq!(
                 u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
                 frame.len() - 4
@@ -1115,10 +1172,16 @@ mod tests {
                 Incoming::Volume(..) => panic!("decoded as a volume message"),
             }
         }
-        let (h, _) = encode("v", &Message::Ack { epoch: 1, seq: 2 });
+        let (h, _) = encode(
+            "v",
+            &Message::Ack {
+                epoch: Epoch(1),
+                seq: Seq(2),
+            },
+        );
         assert!(matches!(
             decode_incoming(Bytes::from(h[4..].to_vec())).unwrap(),
-            Incoming::Volume(v, Message::Ack { epoch: 1, seq: 2 }) if v == "v"
+            Incoming::Volume(v, Message::Ack { epoch: Epoch(1), seq: Seq(2) }) if v == "v"
         ));
     }
 
@@ -1129,31 +1192,34 @@ mod tests {
         d.insert(99);
         for msg in [
             Message::Seal {
-                epoch: 3,
-                next_seq: 9,
+                epoch: Epoch(3),
+                next_seq: Seq(9),
             },
             Message::SealAck {
-                epoch: 3,
+                epoch: Epoch(3),
                 divergent: d,
             },
             Message::Write {
-                epoch: 3,
-                seq: 10,
+                epoch: Epoch(3),
+                seq: Seq(10),
                 offset: 4096,
                 data: Bytes::from_static(b"hello"),
-                committed: 7,
+                committed: Seq(7),
                 flush: false,
             },
             Message::Write {
-                epoch: 3,
-                seq: 11,
+                epoch: Epoch(3),
+                seq: Seq(11),
                 offset: 0,
                 data: Bytes::new(),
-                committed: 7,
+                committed: Seq(7),
                 flush: true,
             },
-            Message::Ack { epoch: 3, seq: 10 },
-            Message::Fenced { epoch: 4 },
+            Message::Ack {
+                epoch: Epoch(3),
+                seq: Seq(10),
+            },
+            Message::Fenced { epoch: Epoch(4) },
         ] {
             let (h, data) = encode("vol-1", &msg);
             let mut all = h.to_vec();

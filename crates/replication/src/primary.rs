@@ -9,8 +9,10 @@ use bytes::Bytes;
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::message::{Epoch, Message, NodeId, Seq};
 
-/// The driver's name for an initiator write, returned in [`Action::Complete`].
-pub type WriteTag = u64;
+/// The driver's name for an initiator write (or flush), returned in
+/// [`Action::Complete`]; the engine never interprets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WriteTag(pub u64);
 
 /// How a primary runs.
 #[derive(Clone, Debug)]
@@ -432,8 +434,8 @@ impl Primary {
                     *r,
                     Peer {
                         link: Link::Down { since: now },
-                        next_seq: 1,
-                        acked: 0,
+                        next_seq: Seq(1),
+                        acked: Seq(0),
                         stream: VecDeque::new(),
                         dirty: lacking(r),
                         resync_outstanding: BTreeSet::new(),
@@ -445,8 +447,8 @@ impl Primary {
                         add_requested: false,
                         remove_requested: false,
                         requested_at: 0,
-                        last_resync_seq: 0,
-                        flushed_through: 0,
+                        last_resync_seq: Seq(0),
+                        flushed_through: Seq(0),
                     },
                 )
             })
@@ -837,7 +839,7 @@ impl Primary {
                         seq: e.seq,
                         offset: e.offset,
                         data: data.clone(),
-                        committed: 0,
+                        committed: Seq(0),
                         flush: e.flush,
                     },
                 });
@@ -1140,7 +1142,7 @@ impl Primary {
                     seq,
                     offset: 0,
                     data: Bytes::new(),
-                    committed: 0,
+                    committed: Seq(0),
                     flush: true,
                 },
             });
@@ -1765,7 +1767,7 @@ fn all_regions(size: u64, region_size: u64) -> RegionSet {
 fn committed_of(peer: &Peer, writes: &BTreeMap<u64, Write>, sealing: bool) -> Seq {
     if sealing {
         // Only rewrites of divergent regions travel before the seal completes.
-        return 0;
+        return Seq(0);
     }
     let mut committed = peer.stream.front().map_or(peer.next_seq - 1, |e| e.seq - 1);
     for e in &peer.stream {
@@ -1787,7 +1789,7 @@ mod tests {
     fn resyncing(rate: u64) -> (Primary, Vec<Action>) {
         let cfg = PrimaryConfig {
             me: 1,
-            epoch: 3,
+            epoch: Epoch(3),
             region_size: MIB,
             size_bytes: 64 * MIB,
             replicas: [2].into(),
@@ -1808,7 +1810,7 @@ mod tests {
             0,
             2,
             Message::SealAck {
-                epoch: 3,
+                epoch: Epoch(3),
                 divergent: RegionSet::new(),
             },
         ));
@@ -1842,7 +1844,7 @@ mod tests {
                     now,
                     2,
                     Message::Ack {
-                        epoch: 3,
+                        epoch: Epoch(3),
                         seq: last,
                     },
                 ));
@@ -1880,7 +1882,7 @@ mod tests {
     fn in_sync_pair() -> Primary {
         let cfg = PrimaryConfig {
             me: 1,
-            epoch: 3,
+            epoch: Epoch(3),
             region_size: MIB,
             size_bytes: 4 * MIB,
             replicas: [2].into(),
@@ -1900,7 +1902,7 @@ mod tests {
             0,
             2,
             Message::SealAck {
-                epoch: 3,
+                epoch: Epoch(3),
                 divergent: RegionSet::new(),
             },
         );
@@ -1915,7 +1917,7 @@ mod tests {
         let mut p = in_sync_pair();
         // A write in flight to region 0: the verify waits for it before comparing.
         let w = p
-            .submit_write(2, 7, 0, Bytes::from(vec![1u8; 512]))
+            .submit_write(2, WriteTag(7), 0, Bytes::from(vec![1u8; 512]))
             .unwrap();
         let mut out = p.start_verify(3, 42, true);
         let asked = |out: &[Action]| -> Vec<u64> {
@@ -1929,7 +1931,7 @@ mod tests {
         assert_eq!(asked(&out), vec![1, 2, 3], "region 0 waits for its write");
         // A new write to region 1 (under comparison) is held, not placed.
         let held = p
-            .submit_write(4, 8, MIB, Bytes::from(vec![2u8; 512]))
+            .submit_write(4, WriteTag(8), MIB, Bytes::from(vec![2u8; 512]))
             .unwrap();
         assert!(held.is_empty(), "held while region 1 is compared");
         assert_eq!(p.in_flight(), 2);
@@ -1942,8 +1944,15 @@ mod tests {
             })
             .unwrap();
         out = p.local_done(5, id);
-        out.extend(p.on_message(5, 2, Message::Ack { epoch: 3, seq: 1 }));
-        assert!(out.contains(&Action::Complete(7)));
+        out.extend(p.on_message(
+            5,
+            2,
+            Message::Ack {
+                epoch: Epoch(3),
+                seq: Seq(1),
+            },
+        ));
+        assert!(out.contains(&Action::Complete(WriteTag(7))));
         assert_eq!(asked(&out), vec![0]);
         // Every region's checksums arrive; region 2 differs on the replica.
         let mut out = Vec::new();
@@ -1954,7 +1963,7 @@ mod tests {
                 6,
                 2,
                 Message::VerifyResult {
-                    epoch: 3,
+                    epoch: Epoch(3),
                     region: r,
                     crc,
                 },
@@ -1983,16 +1992,23 @@ mod tests {
         let mut acted = Vec::new();
         for i in 0..(APP_BACKLOG_BEFORE_RESYNC_WAITS as u64 + 1) {
             acted.extend(
-                p.submit_write(2, i, i * 4096, Bytes::from(vec![1u8; 4096]))
+                p.submit_write(2, WriteTag(i), i * 4096, Bytes::from(vec![1u8; 4096]))
                     .unwrap(),
             );
         }
-        let resync_seqs: Vec<Seq> = (1..=16).collect();
+        let resync_seqs: Vec<Seq> = (1..=16).map(Seq).collect();
         let mut out = Vec::new();
         for seq in &resync_seqs {
             out.extend(p.region_read(2, *seq, Bytes::from(vec![0u8; 16])));
         }
-        out.extend(p.on_message(3, 2, Message::Ack { epoch: 3, seq: 16 }));
+        out.extend(p.on_message(
+            3,
+            2,
+            Message::Ack {
+                epoch: Epoch(3),
+                seq: Seq(16),
+            },
+        ));
         out.extend(p.tick(500));
         assert!(
             reads(&out).is_empty(),
@@ -2003,8 +2019,8 @@ mod tests {
             600,
             2,
             Message::Ack {
-                epoch: 3,
-                seq: last,
+                epoch: Epoch(3),
+                seq: Seq(last),
             },
         );
         assert_eq!(

@@ -109,19 +109,22 @@ impl Replica {
     pub fn new(region_size: u64, epoch: Epoch, activity_log: RegionSet) -> Replica {
         // Regions from before a restart count as divergent from an older epoch: they
         // are reported at the next seal, whatever epoch it is.
-        let activity = activity_log.iter().map(|r| (r, (0, 0))).collect();
+        let activity = activity_log
+            .iter()
+            .map(|r| (r, (Epoch(0), Seq(0))))
+            .collect();
         Replica {
             region_size,
             epoch,
             primary: None,
-            next_seq: 1,
+            next_seq: Seq(1),
             early: BTreeMap::new(),
             activity,
             persisted_log: activity_log,
             dirty_map: Default::default(),
-            committed: (0, 0),
-            applied: (0, 0),
-            durable: (0, 0),
+            committed: (Epoch(0), Seq(0)),
+            applied: (Epoch(0), Seq(0)),
+            durable: (Epoch(0), Seq(0)),
             barriers: Default::default(),
             seals: 0,
             log_slack: ACTIVITY_LOG_SLACK,
@@ -189,7 +192,7 @@ impl Replica {
                 // writes, which no earlier flush or commit covers.
                 for mark in [&mut self.applied, &mut self.durable, &mut self.committed] {
                     if mark.0 == epoch {
-                        mark.1 = mark.1.min(next_seq.saturating_sub(1));
+                        mark.1 = mark.1.min(next_seq - 1);
                     }
                 }
                 // Only regions from older epochs are divergent: this epoch's stream is
@@ -261,7 +264,7 @@ impl Replica {
                         flush,
                     });
                 }
-                if committed > 0 && (epoch, committed) > self.committed {
+                if committed > Seq(0) && (epoch, committed) > self.committed {
                     self.committed = (epoch, committed);
                 }
                 self.forget_committed();
@@ -352,14 +355,14 @@ impl Replica {
     /// activity log.
     fn forget_committed(&mut self) {
         let (epoch, committed) = self.committed;
-        if epoch == 0 || epoch != self.epoch {
+        if epoch == Epoch(0) || epoch != self.epoch {
             // Nothing of this epoch's stream is known committed yet; regions from
             // before a restart are kept until a seal rewrites them.
             return;
         }
         #[cfg(test)]
         let durable = if self.bug_forget_before_flush {
-            Seq::MAX
+            Seq(u64::MAX)
         } else {
             self.durable_in(epoch)
         };
@@ -379,7 +382,7 @@ impl Replica {
         if self.durable.0 == epoch {
             self.durable.1
         } else {
-            0
+            Seq(0)
         }
     }
 }

@@ -44,7 +44,7 @@ use cluster::failover::{self, FailoverTiming, LeaseBook, Member, PlantedBug, Suc
 
 use crate::bitmap::RegionSet;
 use crate::message::{Epoch, Message, NodeId};
-use crate::primary::{Action, Primary, PrimaryConfig};
+use crate::primary::{Action, Primary, PrimaryConfig, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
 
 const BLOCK: u64 = 8;
@@ -401,10 +401,10 @@ impl Sim {
                         id: *id,
                         gen: 0,
                         disk: Disk::new(),
-                        epoch: 0,
+                        epoch: Epoch(0),
                         activity_log: RegionSet::new(),
                         dirty_map: None,
-                        role: Role::Replica(Replica::new(REGION, 0, RegionSet::new())),
+                        role: Role::Replica(Replica::new(REGION, Epoch(0), RegionSet::new())),
                         tags: BTreeMap::new(),
                         lost_power: false,
                     },
@@ -418,7 +418,7 @@ impl Sim {
             events: BTreeMap::new(),
             nodes,
             cp: Cp {
-                epoch: 0,
+                epoch: Epoch(0),
                 primary: None,
                 isr: NODES.iter().copied().collect(),
                 leases: {
@@ -439,7 +439,7 @@ impl Sim {
             link_gen: BTreeMap::new(),
             last_delivery: BTreeMap::new(),
             told_up: BTreeSet::new(),
-            max_epoch_served: 0,
+            max_epoch_served: Epoch(0),
             faults: true,
             bug,
             paused_until: BTreeMap::new(),
@@ -984,11 +984,11 @@ impl Sim {
                     };
                     self.served(n, epoch)?;
                     let node = self.nodes.get_mut(&n).expect("node");
-                    if let Some((_, _)) = node.tags.remove(&tag) {
+                    if let Some((_, _)) = node.tags.remove(&tag.0) {
                         self.send(n, CLIENT, |gen| Ev::ToClient {
                             from: n,
                             gen,
-                            resp: ClientResp::WriteOk { id: tag, at: now },
+                            resp: ClientResp::WriteOk { id: tag.0, at: now },
                         });
                     }
                 }
@@ -1130,7 +1130,7 @@ impl Sim {
                     replica_timeout_ms: REPLICA_TIMEOUT,
                     resync_window: 2,
                     // Half the seeds throttle resync (a region every 4 ms at most).
-                    resync_rate: if epoch % 2 == 0 { REGION * 250 } else { 0 },
+                    resync_rate: if epoch.0 % 2 == 0 { REGION * 250 } else { 0 },
                     activity_log_slack: self.log_slack,
                     bug_ack_before_replicas: self.bug == Bug::AckBeforeReplicas,
                     bug_forget_before_flush: self.bug == Bug::ForgetBeforeFlush,
@@ -1142,8 +1142,8 @@ impl Sim {
                 // Two terms in three run an online verify from the start: it must find
                 // the in-sync members identical whatever the faults, and the writes it
                 // holds back must still complete.
-                let verify = if epoch % 3 != 1 {
-                    p.start_verify(now, epoch, false)
+                let verify = if epoch.0 % 3 != 1 {
+                    p.start_verify(now, epoch.0, false)
                 } else {
                     Vec::new()
                 };
@@ -1243,7 +1243,7 @@ impl Sim {
             CpReq::RenewLease { epoch, sent_at } => {
                 if epoch == cp.epoch && current {
                     cp.leases
-                        .grant(VOLUME, epoch, Duration::from_millis(self.now));
+                        .grant(VOLUME, epoch.0, Duration::from_millis(self.now));
                     // With the committed in-sync set, as the product's primary sees it
                     // in the replicated state.
                     Some(CpRep::LeaseGranted {
@@ -1296,10 +1296,10 @@ impl Sim {
         let now = self.now;
         let cp = &mut self.cp;
         let at = Duration::from_millis(now);
-        cp.leases.retain_current(|_| Some(cp.epoch));
+        cp.leases.retain_current(|_| Some(cp.epoch.0));
         if cp
             .primary
-            .is_some_and(|_| !cp.leases.lease_over(at, VOLUME, cp.epoch))
+            .is_some_and(|_| !cp.leases.lease_over(at, VOLUME, cp.epoch.0))
         {
             return;
         }
@@ -1332,7 +1332,7 @@ impl Sim {
         }
         cp.isr.insert(pick);
         cp.lost_power.remove(&pick);
-        cp.epoch += 1;
+        cp.epoch = cp.epoch.next();
         cp.primary = Some(pick);
         let (epoch, isr) = (cp.epoch, cp.isr.clone());
         let gen = self.node_gen(pick);
@@ -1430,13 +1430,13 @@ impl Sim {
         match req {
             ClientReq::Write { id, block, version } => {
                 let data = Bytes::copy_from_slice(&version.to_le_bytes());
-                if let Ok(actions) = p.submit_write(now, id, block * BLOCK, data) {
+                if let Ok(actions) = p.submit_write(now, WriteTag(id), block * BLOCK, data) {
                     node.tags.insert(id, (block, version));
                     self.primary_actions(n, actions)?;
                 }
             }
             ClientReq::Flush { id } => {
-                if let Ok(actions) = p.submit_flush(now, id) {
+                if let Ok(actions) = p.submit_flush(now, WriteTag(id)) {
                     // Completes as a write does, with no block of its own.
                     node.tags.insert(id, (0, 0));
                     self.primary_actions(n, actions)?;

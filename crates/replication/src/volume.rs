@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::message::{Epoch, Message, NodeId, Seq};
-use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport};
+use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
 
 /// Sends replication messages. Never blocks; messages to one node arrive in order or
@@ -163,16 +163,16 @@ impl ReplicaState {
                         format!("{} is damaged", self.path("epoch").display()),
                     )
                 })?;
-                Ok(u64::from_le_bytes(arr))
+                Ok(Epoch(u64::from_le_bytes(arr)))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Epoch(0)),
             Err(e) => Err(e),
         }
     }
 
     /// Persists `epoch`.
     pub fn set_epoch(&self, epoch: Epoch) -> io::Result<()> {
-        self.write_atomic("epoch", &epoch.to_le_bytes())
+        self.write_atomic("epoch", &epoch.0.to_le_bytes())
     }
 
     /// The persisted activity log (empty if none).
@@ -273,7 +273,7 @@ struct PrimaryShared {
     core: Mutex<Primary>,
     /// Initiator writes waiting for their completion, by tag. Apart from the core so a
     /// completion does not contend with the writes being submitted.
-    waiters: Mutex<HashMap<u64, Waiter>>,
+    waiters: Mutex<HashMap<WriteTag, Waiter>>,
     next_tag: std::sync::atomic::AtomicU64,
     store: Arc<dyn BlockDevice>,
     state: ReplicaState,
@@ -465,7 +465,7 @@ impl PrimaryShared {
                     self.control.request_isr_remove(epoch, node)
                 }
                 Action::Deposed { epoch } => {
-                    tracing::warn!(volume = %self.state.name, epoch, "deposed by a newer primary");
+                    tracing::warn!(volume = %self.state.name, epoch = epoch.0, "deposed by a newer primary");
                 }
                 Action::Sealed => tracing::info!(volume = %self.state.name, "in-sync set sealed"),
             }
@@ -565,7 +565,7 @@ impl PrimaryShared {
     fn fail_waiters(&self, which: impl Fn(&Waiter) -> bool, why: &str) {
         let failed: Vec<Waiter> = match self.waiters.lock() {
             Ok(mut w) => {
-                let tags: Vec<u64> = w
+                let tags: Vec<WriteTag> = w
                     .iter()
                     .filter(|(_, w)| which(w))
                     .map(|(t, _)| *t)
@@ -921,13 +921,18 @@ impl PrimaryVolume {
     /// Submits through the core; `done` hears when every in-sync member has it.
     fn submit_then(
         &self,
-        submit: impl FnOnce(&mut Primary, u64, u64) -> Result<Vec<Action>, crate::primary::NotServing>,
+        submit: impl FnOnce(
+            &mut Primary,
+            u64,
+            WriteTag,
+        ) -> Result<Vec<Action>, crate::primary::NotServing>,
         done: block_device::WriteDone,
     ) {
         let sh = &self.shared;
-        let tag = sh
-            .next_tag
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = WriteTag(
+            sh.next_tag
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
         let waiter = Waiter {
             deadline: Instant::now() + WRITE_WAIT,
             done,
@@ -960,7 +965,11 @@ impl PrimaryVolume {
     /// Submits through the core and waits for the completion (every in-sync member).
     fn submit_and_wait(
         &self,
-        submit: impl FnOnce(&mut Primary, u64, u64) -> Result<Vec<Action>, crate::primary::NotServing>,
+        submit: impl FnOnce(
+            &mut Primary,
+            u64,
+            WriteTag,
+        ) -> Result<Vec<Action>, crate::primary::NotServing>,
     ) -> io::Result<()> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit_then(
@@ -1443,7 +1452,7 @@ mod tests {
                         let mut log = RegionSet::new();
                         log.insert(t * 1000 + i);
                         state.set_activity_log(&log).unwrap();
-                        state.set_epoch(i).unwrap();
+                        state.set_epoch(Epoch(i)).unwrap();
                     }
                 });
             }
@@ -1466,7 +1475,7 @@ mod tests {
         let stores: Vec<Arc<MemDevice>> =
             (0..2).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
         start_replica(&net, 2, stores[1].clone(), &dir);
-        let p = start_primary(&net, 1, 1, stores[0].clone(), &dir, &[2], &[2]);
+        let p = start_primary(&net, 1, Epoch(1), stores[0].clone(), &dir, &[2], &[2]);
         wait_until("sealed and serving", || p.serving());
         let before: Vec<u64> = stores
             .iter()
@@ -1501,7 +1510,7 @@ mod tests {
             (0..3).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
         start_replica(&net, 2, stores[1].clone(), &dir);
         start_replica(&net, 3, stores[2].clone(), &dir);
-        let p = start_primary(&net, 1, 1, stores[0].clone(), &dir, &[2, 3], &[2, 3]);
+        let p = start_primary(&net, 1, Epoch(1), stores[0].clone(), &dir, &[2, 3], &[2, 3]);
         wait_until("sealed and serving", || p.serving());
         block_device::conformance::check(p.as_ref(), block_device::conformance::Keeps::Data);
         let whole = |s: &MemDevice| read(s, 0, 4 << 20);
@@ -1524,7 +1533,7 @@ mod tests {
             (0..3).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
         start_replica(&net, 2, stores[1].clone(), &dir);
         start_replica(&net, 3, stores[2].clone(), &dir);
-        let p = start_primary(&net, 1, 1, stores[0].clone(), &dir, &[2, 3], &[2, 3]);
+        let p = start_primary(&net, 1, Epoch(1), stores[0].clone(), &dir, &[2, 3], &[2, 3]);
         wait_until("sealed and serving", || p.serving());
 
         for i in 0..64u64 {
@@ -1551,7 +1560,7 @@ mod tests {
         net.primaries.lock().unwrap().clear();
         drop(p);
         net.replicas.lock().unwrap().remove(&2);
-        let p2 = start_primary(&net, 2, 2, stores[1].clone(), &dir, &[3], &[1, 3]);
+        let p2 = start_primary(&net, 2, Epoch(2), stores[1].clone(), &dir, &[3], &[1, 3]);
         wait_until("the new primary serves", || p2.serving());
         for i in 0..64u64 {
             assert_eq!(read(p2.as_ref(), i * 4096, 4096), vec![i as u8 + 1; 4096]);

@@ -126,7 +126,7 @@ pub fn judge(st: &ClusterState, me: NodeId, from: NodeId, claim: &Claim<'_>) -> 
             if !v.replicas.contains(&from) {
                 return Verdict::Refuse(format!("node {from} holds no replica of volume {volume}"));
             }
-            if epoch > v.epoch {
+            if epoch > replication::Epoch(v.epoch) {
                 // Committed elsewhere but not applied here yet, or forged: waited
                 // for, then refused.
                 return Verdict::Ahead;
@@ -134,7 +134,7 @@ pub fn judge(st: &ClusterState, me: NodeId, from: NodeId, claim: &Claim<'_>) -> 
             if to_replica {
                 // An older primary's message goes through: the replica answers it
                 // with Fenced, which is how a deposed primary learns it.
-                if epoch == v.epoch && from != v.primary {
+                if epoch == replication::Epoch(v.epoch) && from != v.primary {
                     return Verdict::Refuse(format!(
                         "node {from} is not the primary of volume {volume} at epoch {epoch} (node {} is)",
                         v.primary
@@ -144,7 +144,7 @@ pub fn judge(st: &ClusterState, me: NodeId, from: NodeId, claim: &Claim<'_>) -> 
                     // A resize may not have been applied here yet.
                     return Verdict::Ahead;
                 }
-            } else if from == v.primary && epoch == v.epoch && !fenced {
+            } else if from == v.primary && epoch == replication::Epoch(v.epoch) && !fenced {
                 return Verdict::Refuse(format!(
                     "node {from} is the primary of volume {volume}; it sends no replica answers"
                 ));
@@ -218,7 +218,7 @@ mod tests {
         Claim::Volume {
             volume: "v",
             to_replica,
-            epoch,
+            epoch: replication::Epoch(epoch),
             fenced: false,
             write_end,
         }
@@ -278,13 +278,19 @@ mod tests {
             fenced: true,
             write_end: None,
         };
-        assert_eq!(judge(&st, p, r, &fenced(e)), Verdict::Accept);
-        assert_eq!(judge(&st, p, r, &fenced(e + 1)), Verdict::Ahead);
+        assert_eq!(
+            judge(&st, p, r, &fenced(replication::Epoch(e))),
+            Verdict::Accept
+        );
+        assert_eq!(
+            judge(&st, p, r, &fenced(replication::Epoch(e + 1))),
+            Verdict::Ahead
+        );
         // Unknown volume: maybe being created.
         let other = Claim::Volume {
             volume: "w",
             to_replica: true,
-            epoch: 1,
+            epoch: replication::Epoch(1),
             fenced: false,
             write_end: None,
         };

@@ -13,7 +13,9 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use replication::net::{ForwardHandler, ForwardReply, ReplicationNet, FORWARD_TIMEOUT};
+use replication::net::{
+    ForwardBody, ForwardHandler, ForwardReply, ReplicationNet, FORWARD_TIMEOUT,
+};
 use replication::NodeId;
 use scsi::{
     ForwardedCommand, ForwardedTaskManagement, ItNexus, ResetKind, ScsiResponse, ScsiStatus, Sense,
@@ -111,9 +113,9 @@ fn attr_of(c: u8) -> TaskAttribute {
     }
 }
 
-/// Encodes a command; the Data-Out is appended as is.
-pub fn encode_command(c: &ForwardedCommand) -> Bytes {
-    let mut b = BytesMut::with_capacity(96 + c.cdb.len() + c.data_out.len());
+/// Encodes a command; the Data-Out follows the head uncopied.
+pub fn encode_command(c: &ForwardedCommand) -> ForwardBody {
+    let mut b = BytesMut::with_capacity(96 + c.cdb.len());
     b.put_u8(COMMAND);
     put_nexus(&mut b, &c.nexus);
     b.put_u64(c.lun);
@@ -122,8 +124,10 @@ pub fn encode_command(c: &ForwardedCommand) -> Bytes {
     let cdb = c.cdb.get(..usize::from(u8::MAX)).unwrap_or(&c.cdb);
     b.put_u8(u8::try_from(cdb.len()).unwrap_or(u8::MAX));
     b.put_slice(cdb);
-    b.put_slice(&c.data_out);
-    b.freeze()
+    ForwardBody {
+        head: b.freeze(),
+        data: c.data_out.clone(),
+    }
 }
 
 /// Encodes task management.
@@ -220,17 +224,19 @@ pub fn decode_request(mut b: Bytes) -> io::Result<Request> {
     }
 }
 
-/// Encodes a command's response.
-pub fn encode_response(r: &ScsiResponse) -> Bytes {
+/// Encodes a command's response; the Data-In follows the head uncopied.
+pub fn encode_response(r: &ScsiResponse) -> ForwardBody {
     let sense = r.sense.as_deref().unwrap_or(&[]);
-    let mut b = BytesMut::with_capacity(8 + sense.len() + r.data_in.len());
+    let mut b = BytesMut::with_capacity(8 + sense.len());
     b.put_u8(r.status as u8);
     b.put_u8(u8::from(r.sense.is_some()));
     let sense = sense.get(..usize::from(u16::MAX)).unwrap_or(sense);
     b.put_u16(u16::try_from(sense.len()).unwrap_or(u16::MAX));
     b.put_slice(sense);
-    b.put_slice(&r.data_in);
-    b.freeze()
+    ForwardBody {
+        head: b.freeze(),
+        data: r.data_in.clone(),
+    }
 }
 
 /// Decodes a command's response.
@@ -418,8 +424,10 @@ mod tests {
             attr: TaskAttribute::Ordered,
             arrived: std::time::Instant::now(),
         };
+        // The Data-Out is sent as it came, not copied into the head.
+        assert_eq!(encode_command(&c).data.as_ptr(), c.data_out.as_ptr());
         // The arrival time is the receiver's own: it does not travel.
-        let Request::Command(mut d) = decode_request(encode_command(&c)).unwrap() else {
+        let Request::Command(mut d) = decode_request(encode_command(&c).to_bytes()).unwrap() else {
             panic!("not a command");
         };
         assert!(d.arrived >= c.arrived);
@@ -448,13 +456,13 @@ mod tests {
             );
         }
         let r = scsi::check_condition(Sense::NOT_READY_ASYMMETRIC_ACCESS_STATE_TRANSITION);
-        assert_eq!(decode_response(encode_response(&r)).unwrap(), r);
+        assert_eq!(decode_response(encode_response(&r).to_bytes()).unwrap(), r);
         let r = ScsiResponse {
             status: ScsiStatus::Good,
             sense: None,
             data_in: Bytes::from_static(b"data"),
         };
-        assert_eq!(decode_response(encode_response(&r)).unwrap(), r);
+        assert_eq!(decode_response(encode_response(&r).to_bytes()).unwrap(), r);
     }
 
     proptest::proptest! {

@@ -69,11 +69,11 @@ impl IsrRequests {
 }
 
 impl ControlPlane for IsrRequests {
-    fn request_isr_add(&self, epoch: u64, node: NodeId) {
-        self.request(epoch, vec![node], Vec::new());
+    fn request_isr_add(&self, epoch: replication::Epoch, node: NodeId) {
+        self.request(epoch.0, vec![node], Vec::new());
     }
-    fn request_isr_remove(&self, epoch: u64, node: NodeId) {
-        self.request(epoch, Vec::new(), vec![node]);
+    fn request_isr_remove(&self, epoch: replication::Epoch, node: NodeId) {
+        self.request(epoch.0, Vec::new(), vec![node]);
     }
     fn notice(&self, notice: replication::Notice) {
         let volume = &self.volume;
@@ -446,7 +446,7 @@ impl Serving {
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
         let cfg = PrimaryConfig {
             me: self.me,
-            epoch: v.epoch,
+            epoch: replication::Epoch(v.epoch),
             region_size: REGION_SIZE,
             size_bytes: v.size_bytes,
             replicas: v
@@ -668,7 +668,7 @@ impl Serving {
                             .copied()
                             .filter(|n| *n != self.me)
                             .collect();
-                        volume.isr_committed(v.epoch, isr);
+                        volume.isr_committed(replication::Epoch(v.epoch), isr);
                         volume.set_resync_rate(st.settings.resync_rate_bytes_per_s);
                         if let Some(asked) = v.verify.as_ref().filter(|x| x.result.is_none()) {
                             if *verify != Some(asked.id) {
