@@ -337,6 +337,36 @@ pub struct ReplicaLag {
     pub streaming: bool,
 }
 
+/// Where a primary is in its life, for its one epoch. It starts sealing and ends
+/// released (a planned move) or deposed (a newer epoch exists); neither end serves
+/// again. See docs/design-notes.md, "The primary's life".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Sealing the in-sync set: members still to answer Seal, then (`resync_started`)
+    /// the divergent regions being rewritten. Nothing is served or committed.
+    /// `then_drain`: a planned move asked to drain meanwhile.
+    Sealing {
+        resync_started: bool,
+        then_drain: bool,
+    },
+    /// Serving reads and writes while its lease lasts.
+    Serving,
+    /// A planned move: reads are served and writes in flight finish; new writes are
+    /// refused (the initiator retries on the next primary).
+    Draining,
+    /// The lease was given up for a handover: never serves again.
+    Released,
+    /// A newer epoch exists: never serves again.
+    Deposed,
+}
+
+impl Stage {
+    /// Whether the seal of the in-sync set is still under way.
+    fn sealing(self) -> bool {
+        matches!(self, Stage::Sealing { .. })
+    }
+}
+
 /// The primary of one volume for one epoch.
 #[derive(Debug)]
 pub struct Primary {
@@ -345,18 +375,13 @@ pub struct Primary {
     peers: BTreeMap<NodeId, Peer>,
     writes: BTreeMap<u64, Write>,
     next_id: u64,
-    /// Sealing: members still to answer Seal / to acknowledge the rewrite of the
-    /// divergent regions.
-    sealing: bool,
+    /// Where it is in its life: sealing, serving, draining, released or deposed.
+    stage: Stage,
+    /// While sealing: the divergent regions, and members still to answer Seal / to
+    /// acknowledge the rewrite of the divergent regions.
     seal_divergent: RegionSet,
     seal_pending_acks: BTreeSet<NodeId>,
-    seal_resync_started: bool,
     lease_until: Option<u64>,
-    deposed: bool,
-    /// A planned move: no new writes; in-flight ones finish.
-    draining: bool,
-    /// The lease was given up for a handover: never serve again.
-    released: bool,
     /// This node's activity log: region → writes in flight there.
     activity: BTreeMap<u64, u32>,
     /// Regions written here that no completed local flush covers yet → the
@@ -470,12 +495,11 @@ impl Primary {
             peers,
             writes: BTreeMap::new(),
             next_id: 1,
-            sealing: true,
-            seal_resync_started: false,
+            stage: Stage::Sealing {
+                resync_started: false,
+                then_drain: false,
+            },
             lease_until: None,
-            deposed: false,
-            draining: false,
-            released: false,
             activity: BTreeMap::new(),
             unflushed,
             done_count: 0,
@@ -516,14 +540,11 @@ impl Primary {
 
     /// Whether reads and writes may be served at `now`.
     pub fn serving(&self, now: u64) -> Result<(), NotServing> {
-        if self.deposed {
-            return Err(NotServing::Deposed);
-        }
-        if self.released {
-            return Err(NotServing::Moving);
-        }
-        if self.sealing {
-            return Err(NotServing::Sealing);
+        match self.stage {
+            Stage::Deposed => return Err(NotServing::Deposed),
+            Stage::Released => return Err(NotServing::Moving),
+            Stage::Sealing { .. } => return Err(NotServing::Sealing),
+            Stage::Serving | Stage::Draining => {}
         }
         match self.lease_until {
             Some(t) if now < t => Ok(()),
@@ -538,8 +559,7 @@ impl Primary {
     /// a new primary before that one has sealed, and leaves one cut off from the
     /// cluster when its lease lapses.
     pub fn claims_service(&self, now: u64, grace: u64) -> bool {
-        !self.deposed
-            && !self.released
+        !matches!(self.stage, Stage::Deposed | Stage::Released)
             && match self.lease_until {
                 Some(t) => now < t,
                 None => now < grace,
@@ -550,7 +570,8 @@ impl Primary {
     /// (the driver measures from before it asked).
     /// Writes that became complete while the lease had lapsed complete now.
     pub fn set_lease(&mut self, now: u64, until: u64) -> Vec<Action> {
-        if self.released {
+        // Deposed: nothing completes any more (`serving` refuses), so the lease is moot.
+        if matches!(self.stage, Stage::Released | Stage::Deposed) {
             return Vec::new();
         }
         self.lease_until = Some(self.lease_until.map_or(until, |t| t.max(until)));
@@ -587,7 +608,7 @@ impl Primary {
         flush: bool,
     ) -> Result<Vec<Action>, NotServing> {
         self.serving(now)?;
-        if self.draining {
+        if self.stage == Stage::Draining {
             return Err(NotServing::Moving);
         }
         if self.writes.len() + self.held.len() >= MAX_IN_FLIGHT {
@@ -685,7 +706,7 @@ impl Primary {
                         seq,
                         offset,
                         data: data.clone(),
-                        committed: committed_of(peer, &self.writes, self.sealing),
+                        committed: committed_of(peer, &self.writes, self.stage.sealing()),
                         flush,
                     },
                 });
@@ -777,8 +798,8 @@ impl Primary {
     pub fn on_message(&mut self, now: u64, from: NodeId, msg: Message) -> Vec<Action> {
         let mut out = Vec::new();
         if let Message::Fenced { epoch } = msg {
-            if epoch > self.cfg.epoch && !self.deposed {
-                self.deposed = true;
+            if epoch > self.cfg.epoch && self.stage != Stage::Deposed {
+                self.stage = Stage::Deposed;
                 out.push(Action::Deposed { epoch });
             }
             return out;
@@ -845,7 +866,7 @@ impl Primary {
                 });
             }
         }
-        if self.sealing && self.seal_pending_acks.remove(&from) {
+        if self.stage.sealing() && self.seal_pending_acks.remove(&from) {
             self.seal_divergent.union_with(&divergent);
             self.maybe_start_seal_resync(now, out);
         } else {
@@ -882,10 +903,17 @@ impl Primary {
     }
 
     fn maybe_start_seal_resync(&mut self, now: u64, out: &mut Vec<Action>) {
-        if !self.sealing || self.seal_resync_started || !self.seal_pending_acks.is_empty() {
+        let Stage::Sealing {
+            resync_started: resync_started @ false,
+            ..
+        } = &mut self.stage
+        else {
+            return;
+        };
+        if !self.seal_pending_acks.is_empty() {
             return;
         }
-        self.seal_resync_started = true;
+        *resync_started = true;
         // Rewrite the union of every member's divergent regions on every member, from
         // this node's copy; the members are identical once they have acknowledged.
         // Replicas outside the in-sync set get them too: a member dropped before this
@@ -913,16 +941,24 @@ impl Primary {
     }
 
     fn check_sealed(&mut self, out: &mut Vec<Action>) {
-        if !self.sealing || !self.seal_resync_started {
+        let Stage::Sealing {
+            resync_started: true,
+            then_drain,
+        } = self.stage
+        else {
             return;
-        }
+        };
         let done = self.in_sync.iter().all(|m| {
             self.peers.get(m).is_some_and(|p| {
                 p.link == Link::Streaming && p.resync_outstanding.is_empty() && p.dirty.is_empty()
             })
         });
         if done {
-            self.sealing = false;
+            self.stage = if then_drain {
+                Stage::Draining
+            } else {
+                Stage::Serving
+            };
             // Our own divergent regions are now the same everywhere (those not yet
             // durable here stay until a flush covers them).
             self.persisted_log = self.live_log();
@@ -957,7 +993,8 @@ impl Primary {
             room = 0;
         }
         // The seal's rewrite of divergent regions holds I/O back: never throttled.
-        let throttled = self.cfg.resync_rate > 0 && !(self.sealing && self.in_sync.contains(&pid));
+        let throttled =
+            self.cfg.resync_rate > 0 && !(self.stage.sealing() && self.in_sync.contains(&pid));
         if throttled && room > 0 {
             // Token bucket: bursts of at most a tenth of a second's worth.
             let rs = self.cfg.region_size as i64;
@@ -1024,7 +1061,7 @@ impl Primary {
         let Some(p) = self.peers.get_mut(&peer) else {
             return out;
         };
-        let committed = committed_of(p, writes, self.sealing);
+        let committed = committed_of(p, writes, self.stage.sealing());
         let streaming = p.link == Link::Streaming;
         if let Some(e) = p
             .stream
@@ -1112,7 +1149,7 @@ impl Primary {
     /// A replica that has everything (no dirty regions, nothing unacknowledged) and is
     /// not in the in-sync set is proposed for it.
     fn maybe_request_add(&mut self, pid: NodeId, out: &mut Vec<Action>) {
-        if self.sealing || self.in_sync.contains(&pid) {
+        if self.stage.sealing() || self.in_sync.contains(&pid) {
             return;
         }
         let Some(p) = self.peers.get_mut(&pid) else {
@@ -1341,7 +1378,7 @@ impl Primary {
             }
         }
         self.in_sync = isr;
-        if changed && !self.sealing {
+        if changed && !self.stage.sealing() {
             self.broadcast_dirty_map(&mut out);
         }
         let ids: Vec<u64> = self.writes.keys().copied().collect();
@@ -1466,7 +1503,7 @@ impl Primary {
     /// Moves the verify on: compares regions whose answers are in, asks for the
     /// checksums of regions whose writes have drained, takes up new regions.
     fn pump_verify(&mut self, now: u64, out: &mut Vec<Action>) {
-        if self.sealing || self.deposed || self.released {
+        if !matches!(self.stage, Stage::Serving | Stage::Draining) {
             return;
         }
         let epoch = self.cfg.epoch;
@@ -1614,7 +1651,11 @@ impl Primary {
     /// Starts a planned handover: new writes are refused (the initiator retries on the
     /// next primary); those in flight finish. See [`Primary::in_flight`].
     pub fn drain(&mut self) {
-        self.draining = true;
+        match &mut self.stage {
+            Stage::Sealing { then_drain, .. } => *then_drain = true,
+            Stage::Serving => self.stage = Stage::Draining,
+            Stage::Draining | Stage::Released | Stage::Deposed => {}
+        }
     }
 
     /// Regions that must stay in the persisted activity log: writes in flight, and
@@ -1728,13 +1769,15 @@ impl Primary {
     /// Gives the lease up for good, before the control plane promotes the next primary:
     /// from now on this primary serves nothing, whatever renewal still arrives.
     pub fn release(&mut self) {
-        self.released = true;
+        if self.stage != Stage::Deposed {
+            self.stage = Stage::Released;
+        }
         self.lease_until = None;
     }
 
     /// The control plane refused a request (the epoch moved on): this primary is done.
     pub fn deposed(&mut self) -> bool {
-        self.deposed
+        self.stage == Stage::Deposed
     }
 }
 
