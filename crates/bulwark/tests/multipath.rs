@@ -411,8 +411,27 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
     );
 
     // A target whose other paths are standby: B's group says so, and B's writes are
-    // refused with the standby sense until the paths are non-optimized again.
-    let b_group = group(&st, &q);
+    // refused with the standby sense until the paths are non-optimized again. B's path
+    // must go through the surviving node that is not the primary: through q unless the
+    // move above made q the primary (the failover may have picked r), else through r.
+    let standby_node = if target == q { r.clone() } else { q.clone() };
+    let mut through_r = if standby_node == q {
+        None
+    } else {
+        Some(
+            wait(
+                "host B through the node that is not the primary",
+                Duration::from_secs(20),
+                async || Path::open(HOST_B, portal(&c, &standby_node)).await,
+            )
+            .await,
+        )
+    };
+    let path: &mut Path = match through_r.as_mut() {
+        Some(p) => p,
+        None => &mut b,
+    };
+    let b_group = group(&st, &standby_node);
     let admin = c.admin(c.index(&q));
     for (standby, want) in [(true, 0x2u8), (false, ANO)] {
         commit(
@@ -426,10 +445,10 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
         wait(
             "the paths' new state",
             Duration::from_secs(10),
-            async || (b.port_groups().await.ok()?.get(&b_group) == Some(&want)).then_some(()),
+            async || (path.port_groups().await.ok()?.get(&b_group) == Some(&want)).then_some(()),
         )
         .await;
-        let r = b
+        let r = path
             .run(&[0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0], Some(&[0x5A; 512]), 0)
             .await;
         if standby {
@@ -450,6 +469,7 @@ async fn reservations_and_port_groups_hold_on_every_path_through_a_failover() {
 
     // APTPL: B registers again with APTPL set; the whole cluster loses power (kill -9
     // of every node) and comes back: the registrations are there.
+    drop(through_r);
     let (cdb, p) = prout(0x06, 0, 0, KEY_B, 0x01);
     b.good("REGISTER AND IGNORE EXISTING KEY, APTPL", &cdb, Some(&p), 0)
         .await;

@@ -27,6 +27,7 @@
 //!   writes in that stream, then the primary asks the control plane to add it back.
 
 mod bitmap;
+mod execute;
 mod message;
 pub mod net;
 mod primary;

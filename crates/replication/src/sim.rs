@@ -42,9 +42,11 @@ use rand::{Rng, SeedableRng};
 
 use cluster::failover::{self, FailoverTiming, LeaseBook, Member, PlantedBug, Successor};
 
+use crate::bitmap::DirtyMap;
 use crate::bitmap::RegionSet;
+use crate::execute::{run_primary_actions, PrimaryEffects};
 use crate::message::{Epoch, Message, NodeId};
-use crate::primary::{Action, Primary, PrimaryConfig, WriteTag};
+use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
 
 const BLOCK: u64 = 8;
@@ -906,135 +908,20 @@ impl Sim {
         Ok(())
     }
 
+    /// Carries out node `n`'s primary actions with the loop the product runs
+    /// ([`run_primary_actions`]), over the simulated disk and network.
     fn primary_actions(&mut self, n: NodeId, actions: Vec<Action>) -> Result<(), String> {
-        let mut queue: std::collections::VecDeque<Action> = actions.into();
-        while let Some(a) = queue.pop_front() {
-            let now = self.now;
-            match a {
-                Action::Send { to, msg } => {
-                    if self.told_up.contains(&(n, to)) {
-                        self.send(n, to, |gen| Ev::Repl {
-                            from: n,
-                            to,
-                            gen,
-                            msg,
-                        });
-                    }
-                }
-                Action::LocalWrite {
-                    id,
-                    offset,
-                    data,
-                    flush,
-                } => {
-                    self.next_write_id += 1;
-                    if self.trace {
-                        eprintln!(
-                            "t={} node {n} primary writes id {id} at {offset} len {} flush {flush}",
-                            self.now,
-                            data.len()
-                        );
-                    }
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    if flush {
-                        node.disk.flush();
-                    } else {
-                        node.disk.write(offset, &data, self.next_write_id);
-                    }
-                    if let Role::Primary { p, .. } = &mut node.role {
-                        queue.extend(p.local_done(now, id));
-                    }
-                }
-                Action::PersistActivityLog(s) => {
-                    if self.trace {
-                        eprintln!("t={} node {n} primary persists AL {s:?}", self.now);
-                    }
-                    self.nodes.get_mut(&n).expect("node").activity_log = s;
-                }
-                Action::PersistDirtyMap(m) => {
-                    self.nodes.get_mut(&n).expect("node").dirty_map = Some(m);
-                }
-                Action::Flush { mark } => {
-                    if self.trace {
-                        eprintln!("t={now} node {n} primary flushes (mark {mark})");
-                    }
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    node.disk.flush();
-                    if let Role::Primary { p, .. } = &mut node.role {
-                        p.flushed(mark);
-                    }
-                }
-                Action::ReadRegion { peer, seq, region } => {
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    let start = (region * REGION) as usize;
-                    let end = (start + REGION as usize).min(SIZE as usize);
-                    let mut buf = Vec::new();
-                    for b in (start / BLOCK as usize)..(end / BLOCK as usize) {
-                        buf.extend_from_slice(&node.disk.get(b).to_le_bytes());
-                    }
-                    if let Role::Primary { p, .. } = &mut node.role {
-                        queue.extend(p.region_read(peer, seq, Bytes::from(buf)));
-                    }
-                }
-                Action::Complete(tag) => {
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    let epoch = match &node.role {
-                        Role::Primary { p, .. } => p.epoch(),
-                        _ => return Err("completion from a non-primary".into()),
-                    };
-                    self.served(n, epoch)?;
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    if let Some((_, _)) = node.tags.remove(&tag.0) {
-                        self.send(n, CLIENT, |gen| Ev::ToClient {
-                            from: n,
-                            gen,
-                            resp: ClientResp::WriteOk { id: tag.0, at: now },
-                        });
-                    }
-                }
-                Action::RequestIsrAdd { epoch, node } => {
-                    self.send(n, CP, |gen| Ev::ToCp {
-                        from: n,
-                        gen,
-                        req: CpReq::IsrAdd { epoch, node },
-                    });
-                }
-                Action::RequestIsrRemove { epoch, node } => {
-                    self.send(n, CP, |gen| Ev::ToCp {
-                        from: n,
-                        gen,
-                        req: CpReq::IsrRemove { epoch, node },
-                    });
-                }
-                Action::Deposed { .. } => {
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    node.role = Role::Replica(replica_of(node, self.log_slack, self.bug));
-                    self.told_up.retain(|(p, _)| *p != n);
-                    let _ = now;
-                    return Ok(());
-                }
-                Action::Sealed => {}
-                Action::ChecksumRegion { region } => {
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    let crc = disk_crc(&node.disk.view(), region);
-                    if let Role::Primary { p, .. } = &mut node.role {
-                        queue.extend(p.verify_local(now, region, crc));
-                    }
-                }
-                Action::VerifyDone(report) => {
-                    if !report.differing.is_empty() {
-                        return Err(format!(
-                            "t={now}: node {n}'s verify found in-sync members differing: {:?}",
-                            report.differing
-                        ));
-                    }
-                    if report.compared == report.regions {
-                        self.report.verifies += 1;
-                    }
-                }
-            }
+        let mut fx = SimPrimary {
+            sim: self,
+            n,
+            broken: None,
+            stepped_down: false,
+        };
+        run_primary_actions(&mut fx, actions);
+        match fx.broken {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Records that node `n` served I/O in `epoch` now: checks invariant 2.
@@ -1588,6 +1475,164 @@ impl Sim {
 }
 
 /// A replica process starting on `node`'s persistent state.
+/// The simulation's effects of a primary's actions: node `n`'s disk model, the
+/// simulated links, and the checks of the invariants on the way.
+struct SimPrimary<'a> {
+    sim: &'a mut Sim,
+    n: NodeId,
+    /// A broken invariant: the run stops with it.
+    broken: Option<String>,
+    /// Deposed: the node became a replica; its remaining actions are void.
+    stepped_down: bool,
+}
+
+impl SimPrimary<'_> {
+    fn node(&mut self) -> &mut Node {
+        self.sim.nodes.get_mut(&self.n).expect("node")
+    }
+}
+
+impl PrimaryEffects for SimPrimary<'_> {
+    fn engine<R>(&mut self, f: impl FnOnce(&mut Primary, u64) -> R) -> Option<R> {
+        let now = self.sim.now;
+        match &mut self.node().role {
+            Role::Primary { p, .. } => Some(f(p, now)),
+            _ => None,
+        }
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        let n = self.n;
+        if self.sim.told_up.contains(&(n, to)) {
+            self.sim.send(n, to, |gen| Ev::Repl {
+                from: n,
+                to,
+                gen,
+                msg,
+            });
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &Bytes) -> Option<()> {
+        self.sim.next_write_id += 1;
+        let id = self.sim.next_write_id;
+        if self.sim.trace {
+            eprintln!(
+                "t={} node {} primary writes at {offset} len {} (write id {id})",
+                self.sim.now,
+                self.n,
+                data.len()
+            );
+        }
+        self.node().disk.write(offset, data, id);
+        Some(())
+    }
+
+    fn flush(&mut self) -> Option<()> {
+        if self.sim.trace {
+            eprintln!("t={} node {} primary flushes", self.sim.now, self.n);
+        }
+        self.node().disk.flush();
+        Some(())
+    }
+
+    fn persist_activity_log(&mut self, log: RegionSet) -> Option<()> {
+        if self.sim.trace {
+            eprintln!(
+                "t={} node {} primary persists AL {log:?}",
+                self.sim.now, self.n
+            );
+        }
+        self.node().activity_log = log;
+        Some(())
+    }
+
+    fn persist_dirty_map(&mut self, map: DirtyMap) -> Option<()> {
+        self.node().dirty_map = Some(map);
+        Some(())
+    }
+
+    fn read_region(&mut self, region: u64) -> Option<Bytes> {
+        let node = self.node();
+        let start = (region * REGION) as usize;
+        let end = (start + REGION as usize).min(SIZE as usize);
+        let mut buf = Vec::new();
+        for b in (start / BLOCK as usize)..(end / BLOCK as usize) {
+            buf.extend_from_slice(&node.disk.get(b).to_le_bytes());
+        }
+        Some(Bytes::from(buf))
+    }
+
+    fn checksum_region(&mut self, region: u64) -> Option<u32> {
+        Some(disk_crc(&self.node().disk.view(), region))
+    }
+
+    fn complete(&mut self, tag: WriteTag) {
+        let (n, now) = (self.n, self.sim.now);
+        let epoch = match &self.node().role {
+            Role::Primary { p, .. } => p.epoch(),
+            _ => {
+                self.broken = Some("completion from a non-primary".into());
+                return;
+            }
+        };
+        if let Err(e) = self.sim.served(n, epoch) {
+            self.broken = Some(e);
+            return;
+        }
+        if self.node().tags.remove(&tag.0).is_some() {
+            self.sim.send(n, CLIENT, |gen| Ev::ToClient {
+                from: n,
+                gen,
+                resp: ClientResp::WriteOk { id: tag.0, at: now },
+            });
+        }
+    }
+
+    fn request_isr_add(&mut self, epoch: Epoch, node: NodeId) {
+        let n = self.n;
+        self.sim.send(n, CP, |gen| Ev::ToCp {
+            from: n,
+            gen,
+            req: CpReq::IsrAdd { epoch, node },
+        });
+    }
+
+    fn request_isr_remove(&mut self, epoch: Epoch, node: NodeId) {
+        let n = self.n;
+        self.sim.send(n, CP, |gen| Ev::ToCp {
+            from: n,
+            gen,
+            req: CpReq::IsrRemove { epoch, node },
+        });
+    }
+
+    fn verify_done(&mut self, report: VerifyReport) {
+        if !report.differing.is_empty() {
+            self.broken = Some(format!(
+                "t={}: node {}'s verify found in-sync members differing: {:?}",
+                self.sim.now, self.n, report.differing
+            ));
+            return;
+        }
+        if report.compared == report.regions {
+            self.sim.report.verifies += 1;
+        }
+    }
+
+    fn deposed(&mut self, _epoch: Epoch) {
+        let (log_slack, bug, n) = (self.sim.log_slack, self.sim.bug, self.n);
+        let node = self.node();
+        node.role = Role::Replica(replica_of(node, log_slack, bug));
+        self.sim.told_up.retain(|(p, _)| *p != n);
+        self.stepped_down = true;
+    }
+
+    fn stopped(&self) -> bool {
+        self.broken.is_some() || self.stepped_down
+    }
+}
+
 fn replica_of(node: &Node, log_slack: usize, bug: Bug) -> Replica {
     Replica::new(REGION, node.epoch, node.activity_log.clone())
         .with_dirty_map(node.dirty_map.clone().unwrap_or_default())

@@ -20,6 +20,7 @@ use block_device::BlockDevice;
 use bytes::Bytes;
 
 use crate::bitmap::{DirtyMap, RegionSet};
+use crate::execute::{run_primary_actions, PrimaryEffects};
 use crate::message::{Epoch, Message, NodeId, Seq};
 use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
@@ -351,125 +352,18 @@ impl PrimaryShared {
     /// With `may_block` false (a network task) the actions that touch the disk go to the
     /// driver thread instead. Completions are delivered together at the end.
     fn run(&self, actions: Vec<Action>, may_block: bool) {
-        let mut queue: std::collections::VecDeque<Action> = actions.into();
-        let mut completed = Vec::new();
-        let mut to_driver = Vec::new();
-        while let Some(a) = queue.pop_front() {
-            match a {
-                a @ (Action::LocalWrite { .. }
-                | Action::PersistActivityLog(_)
-                | Action::PersistDirtyMap(_)
-                | Action::Flush { .. }
-                | Action::ReadRegion { .. }
-                | Action::ChecksumRegion { .. })
-                    if !may_block =>
-                {
-                    to_driver.push(a)
-                }
-                Action::Send { to, msg } => self.transport.send(to, msg),
-                Action::LocalWrite {
-                    id,
-                    offset,
-                    data,
-                    flush,
-                } => {
-                    let done = if flush {
-                        self.store.flush()
-                    } else {
-                        self.store.write_at(offset, &data, false)
-                    };
-                    match done {
-                        Ok(()) => {
-                            let now = self.now();
-                            if let Ok(mut p) = self.core.lock() {
-                                queue.extend(p.local_done(now, id));
-                            }
-                        }
-                        Err(e) => self.disk_failed(&e),
-                    }
-                }
-                Action::PersistDirtyMap(_) => {
-                    // The writes that follow make regions lacking that only this map
-                    // names: without it on disk this copy must not take them.
-                    if let Err(e) = self.persist_dirty_map() {
-                        self.state.forget_dirty_map();
-                        self.disk_failed(&io::Error::new(
-                            e.kind(),
-                            format!("cannot persist the map of out-of-sync regions: {e}"),
-                        ));
-                    }
-                }
-                Action::PersistActivityLog(_) => {
-                    if let Err(e) = self.persist_activity_log() {
-                        self.disk_failed(&io::Error::new(
-                            e.kind(),
-                            format!("cannot persist the activity log: {e}"),
-                        ));
-                    }
-                }
-                Action::Flush { mark } => match self.store.flush() {
-                    Ok(()) => {
-                        if let Ok(mut p) = self.core.lock() {
-                            p.flushed(mark);
-                        }
-                    }
-                    Err(e) => self.disk_failed(&e),
-                },
-                Action::ReadRegion { peer, seq, region } => {
-                    let offset = region * self.region_size;
-                    let len = self
-                        .region_size
-                        .min(self.store.size_bytes().saturating_sub(offset));
-                    let mut buf = vec![0u8; len as usize];
-                    // A region past the end (activity logs run ahead of the writes)
-                    // resyncs as nothing.
-                    let read = if len == 0 {
-                        Ok(())
-                    } else {
-                        self.store.read_at(offset, &mut buf)
-                    };
-                    match read {
-                        Ok(()) => {
-                            if len > 0 {
-                                self.resync_regions_sent
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                            if let Ok(mut p) = self.core.lock() {
-                                queue.extend(p.region_read(peer, seq, Bytes::from(buf)));
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(volume = %self.state.name, error = %e, "resync read failed")
-                        }
-                    }
-                }
-                Action::ChecksumRegion { region } => {
-                    match region_crc(self.store.as_ref(), region, self.region_size) {
-                        Ok(crc) => {
-                            let now = self.now();
-                            if let Ok(mut p) = self.core.lock() {
-                                queue.extend(p.verify_local(now, region, crc));
-                            }
-                        }
-                        // The region stays under comparison and is reported as not
-                        // compared when the verify gives up on it.
-                        Err(e) => {
-                            tracing::error!(volume = %self.state.name, region, error = %e, "verify read failed")
-                        }
-                    }
-                }
-                Action::VerifyDone(report) => self.control.verify_finished(report),
-                Action::Complete(tag) => completed.push(tag),
-                Action::RequestIsrAdd { epoch, node } => self.control.request_isr_add(epoch, node),
-                Action::RequestIsrRemove { epoch, node } => {
-                    self.control.request_isr_remove(epoch, node)
-                }
-                Action::Deposed { epoch } => {
-                    tracing::warn!(volume = %self.state.name, epoch = epoch.0, "deposed by a newer primary");
-                }
-                Action::Sealed => tracing::info!(volume = %self.state.name, "in-sync set sealed"),
-            }
-        }
+        let mut fx = DriverEffects {
+            sh: self,
+            may_block,
+            completed: Vec::new(),
+            to_driver: Vec::new(),
+        };
+        run_primary_actions(&mut fx, actions);
+        let DriverEffects {
+            completed,
+            to_driver,
+            ..
+        } = fx;
         if !completed.is_empty() {
             self.writes_completed
                 .fetch_add(completed.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -715,6 +609,134 @@ impl PrimaryShared {
             };
             self.run(actions, true);
         }
+    }
+}
+
+/// The product's effects of a primary's actions (see [`run_primary_actions`]): the
+/// store, the small state files, the transport and the control plane; the engine
+/// behind its lock, taken only between disk operations.
+struct DriverEffects<'a> {
+    sh: &'a PrimaryShared,
+    may_block: bool,
+    completed: Vec<WriteTag>,
+    to_driver: Vec<Action>,
+}
+
+impl PrimaryEffects for DriverEffects<'_> {
+    fn engine<R>(&mut self, f: impl FnOnce(&mut Primary, u64) -> R) -> Option<R> {
+        let now = self.sh.now();
+        self.sh.core.lock().ok().map(|mut p| f(&mut p, now))
+    }
+
+    fn may_touch_disk(&self) -> bool {
+        self.may_block
+    }
+
+    fn defer(&mut self, action: Action) {
+        self.to_driver.push(action);
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        self.sh.transport.send(to, msg);
+    }
+
+    fn write(&mut self, offset: u64, data: &Bytes) -> Option<()> {
+        self.sh
+            .store
+            .write_at(offset, data, false)
+            .map_err(|e| self.sh.disk_failed(&e))
+            .ok()
+    }
+
+    fn flush(&mut self) -> Option<()> {
+        self.sh
+            .store
+            .flush()
+            .map_err(|e| self.sh.disk_failed(&e))
+            .ok()
+    }
+
+    fn persist_activity_log(&mut self, _log: RegionSet) -> Option<()> {
+        // Saves the core's newest, which covers `_log`.
+        self.sh
+            .persist_activity_log()
+            .map_err(|e| {
+                self.sh.disk_failed(&io::Error::new(
+                    e.kind(),
+                    format!("cannot persist the activity log: {e}"),
+                ))
+            })
+            .ok()
+    }
+
+    fn persist_dirty_map(&mut self, _map: DirtyMap) -> Option<()> {
+        // The writes that follow make regions lacking that only this map names:
+        // without it on disk this copy must not take them.
+        self.sh
+            .persist_dirty_map()
+            .map_err(|e| {
+                self.sh.state.forget_dirty_map();
+                self.sh.disk_failed(&io::Error::new(
+                    e.kind(),
+                    format!("cannot persist the map of out-of-sync regions: {e}"),
+                ))
+            })
+            .ok()
+    }
+
+    fn read_region(&mut self, region: u64) -> Option<Bytes> {
+        let sh = self.sh;
+        let offset = region * sh.region_size;
+        let len = sh
+            .region_size
+            .min(sh.store.size_bytes().saturating_sub(offset));
+        let mut buf = vec![0u8; len as usize];
+        // A region past the end (activity logs run ahead of the writes) resyncs as
+        // nothing.
+        if len > 0 {
+            if let Err(e) = sh.store.read_at(offset, &mut buf) {
+                tracing::error!(volume = %sh.state.name, error = %e, "resync read failed");
+                return None;
+            }
+            sh.resync_regions_sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(Bytes::from(buf))
+    }
+
+    fn checksum_region(&mut self, region: u64) -> Option<u32> {
+        let sh = self.sh;
+        // On failure the region stays under comparison and is reported as not compared
+        // when the verify gives up on it.
+        region_crc(sh.store.as_ref(), region, sh.region_size)
+            .map_err(|e| {
+                tracing::error!(volume = %sh.state.name, region, error = %e, "verify read failed")
+            })
+            .ok()
+    }
+
+    fn complete(&mut self, tag: WriteTag) {
+        self.completed.push(tag);
+    }
+
+    fn request_isr_add(&mut self, epoch: Epoch, node: NodeId) {
+        self.sh.control.request_isr_add(epoch, node);
+    }
+
+    fn request_isr_remove(&mut self, epoch: Epoch, node: NodeId) {
+        self.sh.control.request_isr_remove(epoch, node);
+    }
+
+    fn verify_done(&mut self, report: VerifyReport) {
+        self.sh.control.verify_finished(report);
+    }
+
+    fn deposed(&mut self, epoch: Epoch) {
+        tracing::warn!(volume = %self.sh.state.name, epoch = epoch.0, "deposed by a newer primary");
+    }
+
+    fn sealed(&mut self) {
+        tracing::info!(volume = %self.sh.state.name, "in-sync set sealed");
     }
 }
 

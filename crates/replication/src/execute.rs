@@ -1,0 +1,155 @@
+//! Carrying out a primary's actions: the one loop the threaded driver (`volume.rs`) and
+//! the simulation (`sim.rs`) share.
+//!
+//! The engine ([`Primary`]) says what to do; a [`PrimaryEffects`] does it — a store,
+//! files, a transport and a control plane in the product; a disk model and an event
+//! queue in the simulation (with its power-loss model). What comes back from the disk
+//! (a local write done, a flush done, a region read, a checksum) goes back into the
+//! engine here, in the order the engine relies on: the follow-up actions run before any
+//! action queued after them.
+
+use bytes::Bytes;
+
+use crate::bitmap::{DirtyMap, RegionSet};
+use crate::message::{Epoch, Message, NodeId};
+use crate::primary::{Action, Primary, VerifyReport, WriteTag};
+
+/// What a primary's actions do, where they run. Disk methods report their own
+/// failures (a failed disk, a log line) and return `None` then; the loop goes on with
+/// the next action.
+pub(crate) trait PrimaryEffects {
+    /// Runs `f` on the engine at the current time (the driver locks it; the simulation
+    /// owns it). `None`: the engine is gone (this node is no longer primary).
+    fn engine<R>(&mut self, f: impl FnOnce(&mut Primary, u64) -> R) -> Option<R>;
+
+    /// Whether actions that touch the disk may run here. When not (the driver on a
+    /// network task), they are handed to [`PrimaryEffects::defer`] in order.
+    fn may_touch_disk(&self) -> bool {
+        true
+    }
+
+    /// Takes a disk action to be carried out elsewhere (see `may_touch_disk`).
+    fn defer(&mut self, _action: Action) {}
+
+    /// Queues `msg` to replica `to`.
+    fn send(&mut self, to: NodeId, msg: Message);
+
+    /// Writes `data` at `offset` to the local store (not yet durable).
+    fn write(&mut self, offset: u64, data: &Bytes) -> Option<()>;
+
+    /// Makes every local write so far durable.
+    fn flush(&mut self) -> Option<()>;
+
+    /// Saves the activity log (at least `log`; the driver saves the newest).
+    fn persist_activity_log(&mut self, log: RegionSet) -> Option<()>;
+
+    /// Saves the map of what out-of-sync replicas lack.
+    fn persist_dirty_map(&mut self, map: DirtyMap) -> Option<()>;
+
+    /// Reads one region for a resync.
+    fn read_region(&mut self, region: u64) -> Option<Bytes>;
+
+    /// Checksums one local region for a verify.
+    fn checksum_region(&mut self, region: u64) -> Option<u32>;
+
+    /// An initiator write (or flush) is on every in-sync member: it may be acknowledged.
+    fn complete(&mut self, tag: WriteTag);
+
+    /// Asks the control plane to add `node` to the in-sync set at `epoch`.
+    fn request_isr_add(&mut self, epoch: Epoch, node: NodeId);
+
+    /// Asks the control plane to drop `node` from the in-sync set at `epoch`.
+    fn request_isr_remove(&mut self, epoch: Epoch, node: NodeId);
+
+    /// An online verify finished.
+    fn verify_done(&mut self, report: VerifyReport);
+
+    /// A newer primary exists.
+    fn deposed(&mut self, epoch: Epoch);
+
+    /// The in-sync set is sealed: this primary serves.
+    fn sealed(&mut self) {}
+
+    /// Whether to stop carrying out the rest (the simulation stops at a broken
+    /// invariant, or when a deposed primary stepped down).
+    fn stopped(&self) -> bool {
+        false
+    }
+}
+
+/// Carries out `actions` and everything they lead to.
+pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Action>) {
+    let mut queue: std::collections::VecDeque<Action> = actions.into();
+    while let Some(a) = queue.pop_front() {
+        if fx.stopped() {
+            return;
+        }
+        let touches_disk = matches!(
+            a,
+            Action::LocalWrite { .. }
+                | Action::PersistActivityLog(_)
+                | Action::PersistDirtyMap(_)
+                | Action::Flush { .. }
+                | Action::ReadRegion { .. }
+                | Action::ChecksumRegion { .. }
+        );
+        if touches_disk && !fx.may_touch_disk() {
+            fx.defer(a);
+            continue;
+        }
+        match a {
+            Action::Send { to, msg } => fx.send(to, msg),
+            Action::LocalWrite {
+                id,
+                offset,
+                data,
+                flush,
+            } => {
+                let done = if flush {
+                    fx.flush()
+                } else {
+                    fx.write(offset, &data)
+                };
+                if done.is_some() {
+                    queue.extend(
+                        fx.engine(|p, now| p.local_done(now, id))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            Action::PersistActivityLog(log) => {
+                let _ = fx.persist_activity_log(log);
+            }
+            Action::PersistDirtyMap(map) => {
+                let _ = fx.persist_dirty_map(map);
+            }
+            Action::Flush { mark } => {
+                if fx.flush().is_some() {
+                    fx.engine(|p, _| p.flushed(mark));
+                }
+            }
+            Action::ReadRegion { peer, seq, region } => {
+                if let Some(data) = fx.read_region(region) {
+                    queue.extend(
+                        fx.engine(|p, _| p.region_read(peer, seq, data))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            Action::ChecksumRegion { region } => {
+                if let Some(crc) = fx.checksum_region(region) {
+                    queue.extend(
+                        fx.engine(|p, now| p.verify_local(now, region, crc))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            Action::Complete(tag) => fx.complete(tag),
+            Action::RequestIsrAdd { epoch, node } => fx.request_isr_add(epoch, node),
+            Action::RequestIsrRemove { epoch, node } => fx.request_isr_remove(epoch, node),
+            Action::VerifyDone(report) => fx.verify_done(report),
+            Action::Deposed { epoch } => fx.deposed(epoch),
+            Action::Sealed => fx.sealed(),
+        }
+    }
+}
