@@ -1,7 +1,8 @@
-//! Carrying out a primary's actions: the one loop the threaded driver (`volume.rs`) and
-//! the simulation (`sim.rs`) share.
+//! Carrying out the engines' actions: one loop per engine (primary, replica) that the
+//! threaded driver (`volume.rs`) and the simulation (`sim.rs`) share.
 //!
-//! The engine ([`Primary`]) says what to do; a [`PrimaryEffects`] does it — a store,
+//! The engine ([`Primary`], [`Replica`]) says what to do; a [`PrimaryEffects`] or
+//! [`ReplicaEffects`] does it — a store,
 //! files, a transport and a control plane in the product; a disk model and an event
 //! queue in the simulation (with its power-loss model). What comes back from the disk
 //! (a local write done, a flush done, a region read, a checksum) goes back into the
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::message::{Epoch, Message, NodeId};
 use crate::primary::{Action, Primary, VerifyReport, WriteTag};
+use crate::replica::{Replica, ReplicaAction};
 
 /// What a primary's actions do, where they run. Disk methods report their own
 /// failures (a failed disk, a log line) and return `None` then; the loop goes on with
@@ -150,6 +152,73 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
             Action::VerifyDone(report) => fx.verify_done(report),
             Action::Deposed { epoch } => fx.deposed(epoch),
             Action::Sealed => fx.sealed(),
+        }
+    }
+}
+
+/// What a replica's actions do, where they run (see [`PrimaryEffects`]). A failure
+/// that must stop the replica (no ack may follow it) makes [`ReplicaEffects::stopped`]
+/// true; the loop then carries out nothing more.
+pub(crate) trait ReplicaEffects {
+    /// Runs `f` on the replica engine (`None`: this node is no longer a replica).
+    fn engine<R>(&mut self, f: impl FnOnce(&mut Replica) -> R) -> Option<R>;
+
+    /// Queues `msg` to the primary `to`.
+    fn send(&mut self, to: NodeId, msg: Message);
+
+    /// Saves the epoch (before anything that follows is acknowledged).
+    fn persist_epoch(&mut self, epoch: Epoch) -> Option<()>;
+
+    /// Saves the activity log (before the write that follows).
+    fn persist_activity_log(&mut self, log: RegionSet) -> Option<()>;
+
+    /// Saves the map of what out-of-sync replicas lack.
+    fn persist_dirty_map(&mut self, map: DirtyMap) -> Option<()>;
+
+    /// Applies one write of the stream locally (or, for a flush barrier, flushes).
+    fn apply(&mut self, offset: u64, data: &Bytes, flush: bool) -> Option<()>;
+
+    /// Checksums one local region for a verify (`None`: not answered; the primary
+    /// reports the region as not compared).
+    fn checksum_region(&mut self, region: u64) -> Option<u32>;
+
+    /// Whether to carry out nothing more.
+    fn stopped(&self) -> bool;
+}
+
+/// Carries out a replica's `actions` and everything they lead to.
+pub(crate) fn run_replica_actions(fx: &mut impl ReplicaEffects, actions: Vec<ReplicaAction>) {
+    let mut queue: std::collections::VecDeque<ReplicaAction> = actions.into();
+    while let Some(a) = queue.pop_front() {
+        if fx.stopped() {
+            return;
+        }
+        match a {
+            ReplicaAction::Send { to, msg } => fx.send(to, msg),
+            ReplicaAction::PersistEpoch(e) => {
+                let _ = fx.persist_epoch(e);
+            }
+            ReplicaAction::PersistActivityLog(log) => {
+                let _ = fx.persist_activity_log(log);
+            }
+            ReplicaAction::PersistDirtyMap(map) => {
+                let _ = fx.persist_dirty_map(map);
+            }
+            ReplicaAction::Apply {
+                seq,
+                offset,
+                data,
+                flush,
+            } => {
+                if fx.apply(offset, &data, flush).is_some() {
+                    queue.extend(fx.engine(|r| r.applied(seq)).unwrap_or_default());
+                }
+            }
+            ReplicaAction::Checksum { to, epoch, region } => {
+                if let Some(crc) = fx.checksum_region(region) {
+                    fx.send(to, Message::VerifyResult { epoch, region, crc });
+                }
+            }
         }
     }
 }

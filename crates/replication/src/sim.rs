@@ -44,7 +44,7 @@ use cluster::failover::{self, FailoverTiming, LeaseBook, Member, PlantedBug, Suc
 
 use crate::bitmap::DirtyMap;
 use crate::bitmap::RegionSet;
-use crate::execute::{run_primary_actions, PrimaryEffects};
+use crate::execute::{run_primary_actions, run_replica_actions, PrimaryEffects, ReplicaEffects};
 use crate::message::{Epoch, Message, NodeId};
 use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
@@ -845,67 +845,19 @@ impl Sim {
         }
     }
 
+    /// Carries out node `n`'s replica actions with the loop the product runs
+    /// ([`run_replica_actions`]).
     fn replica_actions(&mut self, n: NodeId, actions: Vec<ReplicaAction>) -> Result<(), String> {
-        for a in actions {
-            match a {
-                ReplicaAction::Send { to, msg } => {
-                    self.send(n, to, |gen| Ev::Repl {
-                        from: n,
-                        to,
-                        gen,
-                        msg,
-                    });
-                }
-                ReplicaAction::PersistEpoch(e) => {
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    if e < node.epoch {
-                        return Err(format!("node {n} persisted epoch {e} below {}", node.epoch));
-                    }
-                    node.epoch = e;
-                }
-                ReplicaAction::PersistActivityLog(s) => {
-                    if self.trace {
-                        eprintln!("t={} node {n} replica persists AL {s:?}", self.now);
-                    }
-                    self.nodes.get_mut(&n).expect("node").activity_log = s;
-                }
-                ReplicaAction::PersistDirtyMap(m) => {
-                    self.nodes.get_mut(&n).expect("node").dirty_map = Some(m);
-                }
-                ReplicaAction::Checksum { to, epoch, region } => {
-                    let crc = disk_crc(&self.nodes[&n].disk.view(), region);
-                    self.send(n, to, |gen| Ev::Repl {
-                        from: n,
-                        to,
-                        gen,
-                        msg: Message::VerifyResult { epoch, region, crc },
-                    });
-                }
-                ReplicaAction::Apply {
-                    seq,
-                    offset,
-                    data,
-                    flush,
-                } => {
-                    self.next_write_id += 1;
-                    if self.trace {
-                        eprintln!("t={} node {n} replica applies seq {seq} at {offset} len {} flush {flush}", self.now, data.len());
-                    }
-                    let node = self.nodes.get_mut(&n).expect("node");
-                    if flush {
-                        node.disk.flush();
-                    } else {
-                        node.disk.write(offset, &data, self.next_write_id);
-                    }
-                    let more = match &mut node.role {
-                        Role::Replica(r) => r.applied(seq),
-                        _ => Vec::new(),
-                    };
-                    self.replica_actions(n, more)?;
-                }
-            }
+        let mut fx = SimReplica {
+            sim: self,
+            n,
+            broken: None,
+        };
+        run_replica_actions(&mut fx, actions);
+        match fx.broken {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Carries out node `n`'s primary actions with the loop the product runs
@@ -1630,6 +1582,96 @@ impl PrimaryEffects for SimPrimary<'_> {
 
     fn stopped(&self) -> bool {
         self.broken.is_some() || self.stepped_down
+    }
+}
+
+/// The simulation's effects of a replica's actions (see [`SimPrimary`]).
+struct SimReplica<'a> {
+    sim: &'a mut Sim,
+    n: NodeId,
+    broken: Option<String>,
+}
+
+impl SimReplica<'_> {
+    fn node(&mut self) -> &mut Node {
+        self.sim.nodes.get_mut(&self.n).expect("node")
+    }
+}
+
+impl ReplicaEffects for SimReplica<'_> {
+    fn engine<R>(&mut self, f: impl FnOnce(&mut Replica) -> R) -> Option<R> {
+        match &mut self.node().role {
+            Role::Replica(r) => Some(f(r)),
+            _ => None,
+        }
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        let n = self.n;
+        self.sim.send(n, to, |gen| Ev::Repl {
+            from: n,
+            to,
+            gen,
+            msg,
+        });
+    }
+
+    fn persist_epoch(&mut self, epoch: Epoch) -> Option<()> {
+        let n = self.n;
+        let node = self.node();
+        if epoch < node.epoch {
+            self.broken = Some(format!(
+                "node {n} persisted epoch {epoch} below {}",
+                node.epoch
+            ));
+            return None;
+        }
+        node.epoch = epoch;
+        Some(())
+    }
+
+    fn persist_activity_log(&mut self, log: RegionSet) -> Option<()> {
+        if self.sim.trace {
+            eprintln!(
+                "t={} node {} replica persists AL {log:?}",
+                self.sim.now, self.n
+            );
+        }
+        self.node().activity_log = log;
+        Some(())
+    }
+
+    fn persist_dirty_map(&mut self, map: DirtyMap) -> Option<()> {
+        self.node().dirty_map = Some(map);
+        Some(())
+    }
+
+    fn apply(&mut self, offset: u64, data: &Bytes, flush: bool) -> Option<()> {
+        self.sim.next_write_id += 1;
+        let id = self.sim.next_write_id;
+        if self.sim.trace {
+            eprintln!(
+                "t={} node {} replica applies at {offset} len {} flush {flush}",
+                self.sim.now,
+                self.n,
+                data.len()
+            );
+        }
+        let node = self.node();
+        if flush {
+            node.disk.flush();
+        } else {
+            node.disk.write(offset, data, id);
+        }
+        Some(())
+    }
+
+    fn checksum_region(&mut self, region: u64) -> Option<u32> {
+        Some(disk_crc(&self.node().disk.view(), region))
+    }
+
+    fn stopped(&self) -> bool {
+        self.broken.is_some()
     }
 }
 

@@ -20,8 +20,8 @@ use block_device::BlockDevice;
 use bytes::Bytes;
 
 use crate::bitmap::{DirtyMap, RegionSet};
-use crate::execute::{run_primary_actions, PrimaryEffects};
-use crate::message::{Epoch, Message, NodeId, Seq};
+use crate::execute::{run_primary_actions, run_replica_actions, PrimaryEffects, ReplicaEffects};
+use crate::message::{Epoch, Message, NodeId};
 use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
 
@@ -740,6 +740,101 @@ impl PrimaryEffects for DriverEffects<'_> {
     }
 }
 
+/// The product's effects of a replica's actions (see [`run_replica_actions`]): the
+/// store, the small state files and the transport, on the replica's thread. Acks are
+/// cumulative: only the last one of a burst goes out (`ack`), which saves a message
+/// and a wake-up of the primary per write.
+struct ReplicaDriver<'a, F: Fn(String)> {
+    core: &'a mut Replica,
+    transport: &'a dyn Transport,
+    state: &'a ReplicaState,
+    store: &'a dyn BlockDevice,
+    grow: &'a (dyn Fn(u64) -> io::Result<()> + Send),
+    fail: &'a F,
+    region_size: u64,
+    ack: &'a mut Option<(NodeId, Message)>,
+    /// A failure stopped the replica: nothing more is carried out, no ack goes out.
+    stopped: bool,
+}
+
+impl<F: Fn(String)> ReplicaDriver<'_, F> {
+    fn stop(&mut self, why: String) -> Option<()> {
+        (self.fail)(why);
+        self.stopped = true;
+        None
+    }
+}
+
+impl<F: Fn(String)> ReplicaEffects for ReplicaDriver<'_, F> {
+    fn engine<R>(&mut self, f: impl FnOnce(&mut Replica) -> R) -> Option<R> {
+        Some(f(self.core))
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        match msg {
+            m @ Message::Ack { .. } => *self.ack = Some((to, m)),
+            m => self.transport.send(to, m),
+        }
+    }
+
+    fn persist_epoch(&mut self, epoch: Epoch) -> Option<()> {
+        match self.state.set_epoch(epoch) {
+            Ok(()) => Some(()),
+            // Without the epoch on disk this replica must not ack.
+            Err(err) => self.stop(format!("cannot persist the epoch: {err}")),
+        }
+    }
+
+    fn persist_activity_log(&mut self, log: RegionSet) -> Option<()> {
+        match self.state.set_activity_log(&log) {
+            Ok(()) => Some(()),
+            Err(err) => self.stop(format!("cannot persist the activity log: {err}")),
+        }
+    }
+
+    fn persist_dirty_map(&mut self, map: DirtyMap) -> Option<()> {
+        match self.state.set_dirty_map(&map) {
+            Ok(()) => Some(()),
+            // Without it this replica must not ack what follows.
+            Err(err) => self.stop(format!(
+                "cannot persist the map of out-of-sync regions: {err}"
+            )),
+        }
+    }
+
+    fn apply(&mut self, offset: u64, data: &Bytes, flush: bool) -> Option<()> {
+        let end = offset + data.len() as u64;
+        let done = if flush {
+            self.store.flush()
+        } else if data.is_empty() {
+            // A resynced region past the end (the activity log runs ahead of the
+            // writes): nothing to do.
+            Ok(())
+        } else if end > self.store.size_bytes() {
+            (self.grow)(end).and_then(|()| self.store.write_at(offset, data, false))
+        } else {
+            self.store.write_at(offset, data, false)
+        };
+        match done {
+            Ok(()) => Some(()),
+            // No ack: the primary drops this replica from the in-sync set through the
+            // control plane.
+            Err(err) => self.stop(format!("disk write failed: {err}")),
+        }
+    }
+
+    fn checksum_region(&mut self, region: u64) -> Option<u32> {
+        // A failed read sends nothing: the primary reports the region as not compared.
+        region_crc(self.store, region, self.region_size)
+            .map_err(|err| tracing::error!(error = %err, region, "verify read failed"))
+            .ok()
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+}
+
 impl PrimaryVolume {
     /// Starts the primary of volume `name` at `cfg.epoch` over `store`. It seals the
     /// in-sync set once links come up and serves once sealed and leased.
@@ -1150,12 +1245,12 @@ impl ReplicaVolume {
                 let mut flushing = false;
                 while let Some(ev) = next.take() {
                     let mut ack: Option<(NodeId, Message)> = None;
-                    let mut queue: std::collections::VecDeque<ReplicaAction> = match ev {
-                        ReplicaEvent::Message(from, msg) => core.on_message(from, msg).into(),
+                    let mut actions: Vec<ReplicaAction> = match ev {
+                        ReplicaEvent::Message(from, msg) => core.on_message(from, msg),
                         ReplicaEvent::Flushed(seq, Ok(())) => {
                             flushing = false;
                             core.flushed(seq);
-                            Default::default()
+                            Vec::new()
                         }
                         ReplicaEvent::Flushed(_, Err(err)) => {
                             fail(format!("disk flush failed: {err}"));
@@ -1165,73 +1260,25 @@ impl ReplicaVolume {
                     };
                     let mut burst = 0;
                     loop {
-                        while let Some(a) = queue.pop_front() {
-                            match a {
-                                ReplicaAction::Send { to, msg: m @ Message::Ack { .. } } => ack = Some((to, m)),
-                                ReplicaAction::Send { to, msg } => transport.send(to, msg),
-                                ReplicaAction::PersistEpoch(e) => {
-                                    if let Err(err) = state.set_epoch(e) {
-                                        // Without the epoch on disk this replica must not ack.
-                                        fail(format!("cannot persist the epoch: {err}"));
-                                        return;
-                                    }
-                                }
-                                ReplicaAction::PersistDirtyMap(m) => {
-                                    if let Err(err) = state.set_dirty_map(&m) {
-                                        // Without it this replica must not ack what follows.
-                                        fail(format!("cannot persist the map of out-of-sync regions: {err}"));
-                                        return;
-                                    }
-                                }
-                                ReplicaAction::PersistActivityLog(s) => {
-                                    if let Err(err) = state.set_activity_log(&s) {
-                                        fail(format!("cannot persist the activity log: {err}"));
-                                        return;
-                                    }
-                                }
-                                ReplicaAction::Apply {
-                                    seq,
-                                    offset,
-                                    data,
-                                    flush,
-                                } => {
-                                    let end = offset + data.len() as u64;
-                                    let done = if flush {
-                                        store.flush()
-                                    } else if data.is_empty() {
-                                        // A resynced region past the end (the activity
-                                        // log runs ahead of the writes): nothing to do.
-                                        Ok(())
-                                    } else if end > store.size_bytes() {
-                                        grow(end).and_then(|()| store.write_at(offset, &data, false))
-                                    } else {
-                                        store.write_at(offset, &data, false)
-                                    };
-                                    if let Err(err) = done {
-                                        // No ack: the primary drops this replica from the
-                                        // in-sync set through the control plane.
-                                        fail(format!("disk write failed: {err}"));
-                                        return;
-                                    }
-                                    queue.extend(core.applied(seq as Seq));
-                                }
-                                ReplicaAction::Checksum { to, epoch, region } => {
-                                    // A failed read sends nothing: the primary reports
-                                    // the region as not compared.
-                                    match region_crc(store.as_ref(), region, region_size) {
-                                        Ok(crc) => transport.send(
-                                            to,
-                                            Message::VerifyResult { epoch, region, crc },
-                                        ),
-                                        Err(err) => tracing::error!(error = %err, region, "verify read failed"),
-                                    }
-                                }
-                            }
+                        let mut fx = ReplicaDriver {
+                            core: &mut core,
+                            transport: transport.as_ref(),
+                            state: &state,
+                            store: store.as_ref(),
+                            grow: &grow,
+                            fail: &fail,
+                            region_size,
+                            ack: &mut ack,
+                            stopped: false,
+                        };
+                        run_replica_actions(&mut fx, std::mem::take(&mut actions));
+                        if fx.stopped {
+                            return;
                         }
                         burst += 1;
                         match rx.try_recv() {
                             Ok(ReplicaEvent::Message(from, msg)) if burst < 256 => {
-                                queue.extend(core.on_message(from, msg));
+                                actions = core.on_message(from, msg);
                             }
                             Ok(other) => {
                                 next = Some(other);
