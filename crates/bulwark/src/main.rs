@@ -633,7 +633,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
     let serving = if witness {
         None
     } else {
-        let group_tag = u16::try_from(identity.node_id).unwrap_or(u16::MAX);
+        let group_tag = serving::port_group_of(identity.node_id);
         let portals: Vec<iscsi_target::Portal> = identity
             .addresses
             .portals

@@ -17,7 +17,9 @@ pub mod lu_identity;
 pub mod reconcile;
 pub mod vip;
 
-pub use reconcile::{port_groups, target_nodes, FailoverCounts, Serving, REGION_SIZE};
+pub use reconcile::{
+    port_group_of, port_groups, target_nodes, FailoverCounts, Serving, REGION_SIZE,
+};
 
 /// Why serving could not start or keep up with the cluster state. Each says what failed
 /// and where; the reconcile loop logs it and tries again at the next state change.
