@@ -118,7 +118,11 @@ async fn read_back(portal: SocketAddr, checker: &Checker) -> Result<(), String> 
             .await
             .map_err(|e| format!("read at {lba}: {e}"))?;
         if r.status != 0 {
-            return Err(format!("read at {lba}: status {:#x}", r.status));
+            return Err(format!(
+                "read at {lba}: status {:#x}, sense {:02x?}",
+                r.status,
+                &r.sense[..r.sense.len().min(18)]
+            ));
         }
         for (i, block) in r.data.chunks(BLOCK as usize).enumerate() {
             checker.verify(lba + i as u64, block)?;

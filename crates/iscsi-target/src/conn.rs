@@ -1,14 +1,23 @@
 //! One iSCSI connection: the login phase, then the full feature phase of its session.
 //!
-//! Sessions have one connection (MaxConnections=1, ErrorRecoveryLevel=0), so the
-//! connection task owns the session state. The reader loop decodes PDUs and dispatches
-//! SCSI commands to the blocking pool; completions queue their Data-In and SCSI Response
-//! PDUs to the writer task, which stamps StatSN/ExpCmdSN/MaxCmdSN at send time.
+//! The full feature phase is the sans-IO state machine [`iscsi_proto::session::Session`];
+//! this module is its driver, as the `quinn` crate drives `quinn-proto`. Sessions have
+//! one connection (MaxConnections=1, ErrorRecoveryLevel=0). The session sits behind a
+//! mutex in a [`Link`] shared by four parties, none of which holds the lock across an
+//! `.await`:
+//! - the reader (the connection task) reads PDUs from the socket into the session and
+//!   carries out its events: admission against the buffer budget, SCSI execution on the
+//!   I/O pool, the device's part of task management, SendTargets;
+//! - the I/O threads hand completions back ([`Session::complete_command`]);
+//! - the writer task takes what the session queued ([`Session::poll_transmit`], which
+//!   stamps StatSN/ExpCmdSN/MaxCmdSN as PDUs leave) and writes it;
+//! - the timer task calls [`Session::handle_timeout`] (NOP-In pings and their timeout,
+//!   the Data-Out timeout, waits for aborted commands) and asks for a logout at shutdown.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -17,123 +26,51 @@ use iscsi_proto::login::{
     SessionType, TargetAdmission,
 };
 use iscsi_proto::name::Loggable;
-use iscsi_proto::pdu::{
-    reject, tmf, AsyncMessage, Bhs, DataIn, DataOut, Login, LogoutRequest, LogoutResponse, Lun,
-    Nop, Opcode, R2t, Reject, ScsiCommand, ScsiResponse as ScsiResponsePdu, StatusSeq,
-    TaskMgmtRequest, TaskMgmtResponse, Text, RESERVED_TAG,
+use iscsi_proto::pdu::{Login, Lun, Opcode, Pdu, StatusSeq};
+use iscsi_proto::session::{
+    CloseReason, CmdSn, Command, CommandResult, Counters, Event, FramingError, Itt, ResetKind,
+    Session, SessionConfig, StatSn, Transmit,
 };
-use iscsi_proto::text::TextPairs;
-use iscsi_proto::SerialNumber;
-use scsi::{ItNexus, ResetKind, ScsiRequest, ScsiStatus, TargetPort, TaskAttribute};
+use scsi::{ItNexus, ScsiRequest, ScsiStatus, TargetPort, TaskAttribute};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::budget::BufferPermit;
 use crate::discovery;
 use crate::iopool::JobSlot;
 use crate::registry::{ConnectionGuard, SessionEntry, SessionKey, Shared};
-use crate::wire::{self, Digests, Out, OutPdu, ReadError, StatSn, Window};
+use crate::wire::{self, Digests, ReadError};
 use crate::{SessionInfo, TargetConfig};
 
 /// Largest write a single command may carry; larger ones fail with INVALID FIELD IN CDB
 /// before any buffer is allocated.
-const WRITE_BYTES_MAX: u32 = 64 << 20;
-/// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h): how RFC 7143 §7.8 ends a task
-/// whose data was lost at ErrorRecoveryLevel 0.
-const PROTOCOL_SERVICE_CRC_ERROR: scsi::Sense =
-    scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05);
+const WRITE_BYTES_MAX: u32 = iscsi_proto::session::WRITE_BYTES_MAX_DEFAULT;
 /// How long a login waits for the session it reinstates to end.
 const REINSTATEMENT_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How long task management and logout wait for aborted commands to leave the device.
-const TASK_WAIT_MAX: Duration = Duration::from_secs(30);
+const TASK_WAIT_MAX: Duration = iscsi_proto::session::TASK_WAIT_MAX_DEFAULT;
 /// Write buffers one session may hold while their data arrives.
-const PENDING_WRITE_BYTES_MAX: u64 = 256 << 20;
+const PENDING_WRITE_BYTES_MAX: u64 = iscsi_proto::session::PENDING_WRITE_BYTES_MAX_DEFAULT;
 /// SANITIZE operation code (SBC-3 §5.30).
 const SANITIZE: u8 = 0x48;
 /// PERSISTENT RESERVE OUT operation code (SPC-4 §6.16).
 const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
 /// Largest data segment accepted during login.
 const LOGIN_TEXT_MAX: usize = 64 * 1024;
-/// Immediate SCSI commands a session may have outstanding. Immediate commands bypass the
-/// CmdSN window (RFC 7143 §4.2.2.1, RFC 3720 §3.2.2.1), so without a limit an initiator
-/// could queue any number of them; past it they get Reject "Immediate command reject -
-/// too many immediate commands" (0x06, RFC 7143 §11.17.1; the initiator may resend).
-/// Initiators send no immediate SCSI commands in normal operation (Linux, libiscsi and
-/// QEMU send only task management, NOP-Out, Text and Logout as immediate, which this
-/// connection answers one at a time before it reads the next PDU and so never counts),
-/// and the RFC asks a target to take at least one immediate task management and one
-/// other immediate request per connection at any time: four leaves room for both.
-const IMMEDIATE_COMMANDS_MAX: u32 = 4;
+/// Immediate SCSI commands a session may have outstanding (why four: see
+/// [`iscsi_proto::session::IMMEDIATE_COMMANDS_MAX_DEFAULT`]).
+const IMMEDIATE_COMMANDS_MAX: u32 = iscsi_proto::session::IMMEDIATE_COMMANDS_MAX_DEFAULT;
 /// While the reader waits for the I/O queue or the buffer budget (our back-pressure, not
-/// the initiator's silence), it tells the keepalive it is alive this often.
+/// the initiator's silence), it tells the session it is alive this often.
 const STALL_TICK: Duration = Duration::from_millis(500);
-/// [`Clocks::data_wait`] when no write waits for data.
-const NO_DATA_WAIT: u64 = u64::MAX;
-
-/// What the reader tells the keepalive, in milliseconds since `epoch`: when the
-/// initiator was last heard from, and since when the writes waiting for data have had
-/// none (the Data-Out timeout, [`crate::ServerSettings::data_out_timeout`]).
-struct Clocks {
-    epoch: Instant,
-    /// When the last PDU header arrived (or the reader last waited for our own
-    /// resources, see [`Session::stalled`]).
-    last_rx: AtomicU64,
-    /// When a write started waiting for data or a Data-Out last delivered some;
-    /// [`NO_DATA_WAIT`] while no write waits. Only the reader stores it.
-    data_wait: AtomicU64,
-}
-
-impl Clocks {
-    fn new() -> Clocks {
-        Clocks {
-            epoch: Instant::now(),
-            last_rx: AtomicU64::new(0),
-            data_wait: AtomicU64::new(NO_DATA_WAIT),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// A PDU arrived.
-    fn heard(&self) {
-        self.last_rx.store(self.now(), Ordering::Relaxed);
-    }
-
-    /// A Data-Out delivered data to a waiting write: the Data-Out timeout starts over.
-    fn data_progress(&self) {
-        self.data_wait.store(self.now(), Ordering::Relaxed);
-    }
-
-    /// After a PDU was handled: no clock while nothing waits for data; one starting now
-    /// if a write has just begun waiting.
-    fn data_waiting(&self, waiting: bool) {
-        if !waiting {
-            self.data_wait.store(NO_DATA_WAIT, Ordering::Relaxed);
-        } else if self.data_wait.load(Ordering::Relaxed) == NO_DATA_WAIT {
-            self.data_progress();
-        }
-    }
-
-    /// The reader waited for the server's own resources and read nothing meanwhile:
-    /// that time is not the initiator's, so the keepalive and the Data-Out timeout do
-    /// not count it.
-    fn stalled(&self) {
-        self.heard();
-        self.data_paused();
-    }
-
-    /// The Data-Out timeout starts over if it runs: the reader was not reading.
-    fn data_paused(&self) {
-        if self.data_wait.load(Ordering::Relaxed) != NO_DATA_WAIT {
-            self.data_progress();
-        }
-    }
-}
+/// PDUs the session may have queued for the writer before the reader stops reading: an
+/// initiator that does not read its answers (pings, rejects) cannot make them pile up.
+const TRANSMIT_PDUS_MAX: usize = 4096;
+/// How long ending a connection waits for what is queued to be written.
+const FLUSH_WAIT_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -396,74 +333,179 @@ fn initial_stat_sn() -> u32 {
     rand::random::<u32>() & 0x00ff_ffff
 }
 
-/// One sequence of Data-Out PDUs: the unsolicited burst or the answer to one R2T.
-#[derive(Debug)]
-struct DataSequence {
-    next_offset: u32,
-    next_data_sn: u32,
-    end: u32,
+/// The state of one connection in the full feature phase, shared by its reader, its
+/// writer, its timer and the I/O threads that complete its commands.
+pub(crate) struct Link {
+    session: Mutex<Session>,
+    /// Buffer budget held by admitted commands: given back once their response is
+    /// written ([`Transmit::ends_task`]), or when they end without one.
+    permits: Mutex<HashMap<Itt, BufferPermit>>,
+    /// Wakes the writer: the session queued PDUs (or the connection is closing).
+    transmit_ready: Notify,
+    /// Wakes the reader: the session may take input again, or has events.
+    state_changed: Notify,
+    /// Wakes the reader out of a socket read: the session closed.
+    closed: Notify,
+    /// The writer wrote a batch.
+    written: Notify,
+    /// PDUs the writer took and has not written yet.
+    writing: AtomicUsize,
+    /// The writer writes what is queued and stops.
+    closing: AtomicBool,
 }
 
-/// A write command whose data is still arriving.
-struct WriteTask {
-    cmd: ScsiCommand,
-    buf: BytesMut,
-    received: u32,
-    unsolicited: Option<DataSequence>,
-    r2ts: HashMap<u32, DataSequence>,
-    next_r2t_offset: u32,
-    r2t_sn: u32,
-    /// A data sequence or digest error happened; the task fails at the end of its data.
-    failed: bool,
-    /// When its SCSI Command PDU arrived (latency is counted from there).
-    arrived: Instant,
-    /// Its share of the server's buffer budget.
-    buffers: BufferPermit,
+impl Link {
+    fn new(session: Session) -> Link {
+        Link {
+            session: Mutex::new(session),
+            permits: Mutex::new(HashMap::new()),
+            transmit_ready: Notify::new(),
+            state_changed: Notify::new(),
+            closed: Notify::new(),
+            written: Notify::new(),
+            writing: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn permits(&self) -> MutexGuard<'_, HashMap<Itt, BufferPermit>> {
+        self.permits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the session, then passes on what it changed: counters to the
+    /// server's statistics, and wake-ups to the writer and the reader.
+    fn with<R>(&self, shared: &Shared, f: impl FnOnce(&mut Session) -> R) -> R {
+        let (r, counters, transmit, closed) = {
+            let mut s = self.lock();
+            let r = f(&mut s);
+            (
+                r,
+                s.take_counters(),
+                s.pending_transmit() > 0,
+                s.is_closed(),
+            )
+        };
+        record(shared, counters);
+        if transmit {
+            self.transmit_ready.notify_one();
+        }
+        self.state_changed.notify_one();
+        if closed {
+            self.closed.notify_one();
+        }
+        r
+    }
+
+    /// Aborts this session's commands running on `lun` (PERSISTENT RESERVE OUT with
+    /// PREEMPT AND ABORT executed for another nexus); returns how many.
+    pub fn abort_running_on(&self, lun: u64) -> usize {
+        let n = self.lock().abort_running_on(Lun(lun));
+        self.state_changed.notify_one();
+        n
+    }
+
+    /// For the writer: up to `max` PDUs to write, with the budget their tasks held.
+    pub(crate) fn take_batch(&self, max: usize) -> (Vec<Transmit>, Vec<BufferPermit>) {
+        let mut batch = Vec::new();
+        let mut held = Vec::new();
+        let mut s = self.lock();
+        while batch.len() < max {
+            let Some(t) = s.poll_transmit() else {
+                break;
+            };
+            if let Some(itt) = t.ends_task {
+                if let Some(p) = self.permits().remove(&itt) {
+                    held.push(p);
+                }
+            }
+            batch.push(t);
+        }
+        self.writing.store(batch.len(), Ordering::Release);
+        (batch, held)
+    }
+
+    /// For the writer: the batch is on the socket.
+    pub(crate) fn batch_written(&self) {
+        self.writing.store(0, Ordering::Release);
+        self.written.notify_waiters();
+    }
+
+    /// For the writer: whether to stop once nothing is queued.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// For the writer: waits until PDUs are queued (or the connection closes).
+    pub(crate) async fn transmit_ready(&self) {
+        self.transmit_ready.notified().await;
+    }
+
+    /// Whether everything queued has been written.
+    fn drained(&self) -> bool {
+        self.lock().pending_transmit() == 0 && self.writing.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until everything queued has been written (at most `max`).
+    async fn flush(&self, max: Duration) {
+        let wait = async {
+            loop {
+                let written = self.written.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                if self.drained() {
+                    return;
+                }
+                self.transmit_ready.notify_one();
+                written.await;
+            }
+        };
+        let _ = tokio::time::timeout(max, wait).await;
+    }
+
+    /// Waits while the writer has too much queued.
+    async fn room_to_read(&self) {
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if self.lock().pending_transmit() < TRANSMIT_PDUS_MAX {
+                return;
+            }
+            written.await;
+        }
+    }
 }
 
-/// A command handed to the SCSI layer.
-#[derive(Debug)]
-pub(crate) struct Running {
-    pub lun: u64,
-    pub aborted: bool,
+/// The session's counters, added to the server's.
+fn record(shared: &Shared, c: Counters) {
+    let s = &shared.stats;
+    for (counter, n) in [
+        (&s.rejects, c.rejects),
+        (&s.immediate_rejects, c.immediate_rejects),
+        (&s.digest_errors, c.digest_errors),
+        (&s.aborted_tasks, c.aborted_tasks),
+        (&s.target_resets_refused, c.target_resets_refused),
+        (&s.data_out_timeouts, c.data_out_timeouts),
+    ] {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
 }
-
-pub(crate) type Executing = Arc<Mutex<HashMap<u32, Running>>>;
 
 /// Why the full feature phase ended.
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+enum End {
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error("protocol error: {0}")]
-    Protocol(&'static str),
-    #[error("data digest error")]
-    DataDigest,
-    #[error("writer stopped")]
-    WriterGone,
-    #[error("logged out")]
-    LoggedOut,
-}
-
-struct Session {
-    shared: Arc<Shared>,
-    /// Shared with every command completion (cloning it is one atomic increment).
-    params: Arc<SessionParams>,
-    digests: Digests,
-    target: Option<Arc<TargetConfig>>,
-    nexus: Option<Arc<ItNexus>>,
-    window: Arc<Window>,
-    out: mpsc::Sender<Out>,
-    receiving: HashMap<u32, WriteTask>,
-    executing: Executing,
-    /// Woken when a command completes (logout and abort wait on it).
-    completed: Arc<Notify>,
-    next_ttt: u32,
-    /// Shared with the keepalive, which drops the connection when they run out.
-    clocks: Arc<Clocks>,
-    local: Option<SocketAddr>,
-    text_continuation: Option<(u32, Bytes)>,
-    cid: Option<u16>,
+    #[error(transparent)]
+    Closed(CloseReason),
+    #[error("ended by the target")]
+    Killed,
 }
 
 async fn full_feature(
@@ -479,17 +521,29 @@ async fn full_feature(
         header: params.header_digest,
         data: params.data_digest,
     };
-    let window = Arc::new(Window::new(est.exp_cmd_sn, shared.settings.queue_depth));
-    let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
+    let settings = &shared.settings;
+    let config = SessionConfig {
+        queue_depth: settings.queue_depth,
+        immediate_commands_max: IMMEDIATE_COMMANDS_MAX,
+        write_bytes_max: WRITE_BYTES_MAX,
+        pending_write_bytes_max: PENDING_WRITE_BYTES_MAX,
+        nop_interval: settings.nop_interval.max(Duration::from_millis(100)),
+        nop_timeout: settings.nop_timeout,
+        data_out_timeout: settings.data_out_timeout.max(Duration::from_millis(100)),
+        task_wait_max: TASK_WAIT_MAX,
+        target_reset_allowed: est.target.as_ref().is_some_and(|t| t.allow_target_reset),
+        cid: None,
+        ..SessionConfig::new(params.clone(), CmdSn(est.exp_cmd_sn), StatSn(est.stat_sn))
+    };
+    let link = Arc::new(Link::new(Session::new(config, Instant::now())));
+    let kill = Arc::new(Notify::new());
     let writer = tokio::spawn(wire::writer(
         wr,
-        out_rx,
-        window.clone(),
-        est.stat_sn,
+        link.clone(),
         digests,
         shared.settings.nop_timeout,
+        kill.clone(),
     ));
-    let kill = Arc::new(Notify::new());
     let logout = Arc::new(Notify::new());
     let (ended_tx, ended_rx) = watch::channel(false);
     let target_name = est.target.as_ref().map(|t| t.name.clone());
@@ -521,7 +575,6 @@ async fn full_feature(
         portal: local,
     };
     let normal = params.session_type == SessionType::Normal;
-    let executing: Executing = Arc::new(Mutex::new(HashMap::new()));
     if normal {
         shared.register_session(
             key.clone(),
@@ -531,7 +584,7 @@ async fn full_feature(
                 logout: logout.clone(),
                 ended: ended_rx,
                 nexus: nexus.clone(),
-                executing: executing.clone(),
+                session: link.clone(),
             },
         );
     }
@@ -543,119 +596,64 @@ async fn full_feature(
         data_digest = params.data_digest,
         "session established"
     );
-    let clocks = Arc::new(Clocks::new());
-    let keepalive = tokio::spawn(keepalive(
-        shared.clone(),
-        out_tx.clone(),
-        kill.clone(),
-        logout,
-        clocks.clone(),
-        params.initiator_name.clone(),
-    ));
-    let mut s = Session {
+    let timer = tokio::spawn(timer(shared.clone(), link.clone(), logout));
+    let driver = Driver {
         shared: shared.clone(),
+        link: link.clone(),
         params: Arc::new(params),
         digests,
         target: est.target,
         nexus,
-        window,
-        out: out_tx,
-        receiving: HashMap::new(),
-        executing,
-        completed: Arc::new(Notify::new()),
-        next_ttt: 1,
-        clocks,
         local,
-        text_continuation: None,
-        cid: None,
+        kill,
+        undispatched: Mutex::new(Vec::new()),
+        prereserved: Mutex::new(None),
     };
-    let result = loop {
-        let bhs = tokio::select! {
-            r = wire::read_header(&mut rd, digests) => r,
-            _ = kill.notified() => break Ok(()),
-        };
-        let bhs = match bhs {
-            Ok(b) => b,
-            Err(ReadError::HeaderDigest) => {
-                shared.stats.digest_errors.fetch_add(1, Ordering::Relaxed);
-                break Err(ConnError::Read(ReadError::HeaderDigest));
-            }
-            Err(e) => break Err(e.into()),
-        };
-        s.clocks.heard();
-        // A PDU whose data never arrives must not pin the session past a kill.
-        let handled = tokio::select! {
-            r = s.handle(&mut rd, bhs) => r,
-            _ = kill.notified() => break Ok(()),
-        };
-        if let Err(e) = handled {
-            break Err(e);
-        }
-        s.clocks.data_waiting(!s.receiving.is_empty());
-    };
-    match &result {
-        Ok(()) => info!("session ended by the target"),
-        Err(ConnError::LoggedOut) => info!("initiator logged out"),
-        Err(ConnError::Read(ReadError::Closed)) => info!("initiator closed the connection"),
-        Err(e) => warn!(error = %e, "connection dropped"),
+    let end = driver.run(&mut rd).await;
+    match &end {
+        End::Killed => info!("session ended by the target"),
+        End::Closed(CloseReason::LoggedOut) => info!("initiator logged out"),
+        End::Read(ReadError::Closed) => info!("initiator closed the connection"),
+        End::Closed(CloseReason::NopTimeout) => warn!(
+            "no answer to NOP-In within {:?}; dropping the connection",
+            shared.settings.nop_timeout
+        ),
+        End::Closed(CloseReason::DataOutTimeout) => warn!(
+            initiator = %Loggable(&driver.params.initiator_name),
+            "no Data-Out for the writes waiting for data within {:?}; dropping the connection",
+            shared.settings.data_out_timeout
+        ),
+        e => warn!(error = %e, "connection dropped"),
     }
-    keepalive.abort();
-    s.end().await;
-    drop(s);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    timer.abort();
+    driver.end().await;
+    link.closing.store(true, Ordering::Release);
+    link.transmit_ready.notify_one();
+    let _ = tokio::time::timeout(FLUSH_WAIT_MAX, writer).await;
+    // Whatever budget is left belongs to tasks that will never be answered now.
+    link.permits().clear();
     if normal {
         shared.unregister_session(&key, est.tsih);
     }
     let _ = ended_tx.send(true);
 }
 
-/// Target-initiated NOP-In pings (RFC 7143 §11.19), the Data-Out timeout and the logout
-/// request at shutdown.
-///
-/// The Data-Out timeout: while writes wait for their data, some Data-Out must deliver
-/// part of it every [`crate::ServerSettings::data_out_timeout`], or the connection is
-/// dropped. Any in-sequence Data-Out with data for any waiting write counts (a healthy
-/// initiator serves R2Ts one task after another, so a single task may wait for the
-/// others' data), and nothing else does: an initiator that answers pings and sends other
-/// commands but never the data would otherwise hold its writes' buffers forever. A
-/// target at ErrorRecoveryLevel 0 cannot ask for the data again (no recovery R2T, RFC
-/// 7143 §7.1.4.1); its recovery is to end the connection and with it the session's tasks
-/// (§7.1.5), which gives their share of the buffer budget back.
-async fn keepalive(
-    shared: Arc<Shared>,
-    out: mpsc::Sender<Out>,
-    kill: Arc<Notify>,
-    logout: Arc<Notify>,
-    clocks: Arc<Clocks>,
-    initiator: String,
-) {
-    let interval = shared.settings.nop_interval.max(Duration::from_millis(100));
-    let timeout = shared.settings.nop_timeout;
-    let data_out_timeout = shared
-        .settings
-        .data_out_timeout
-        .max(Duration::from_millis(100));
+/// Time for the session: target-initiated NOP-In pings (RFC 7143 §11.19) and their
+/// timeout, the Data-Out timeout, the deadlines of waits for aborted commands — all
+/// decided by [`Session::handle_timeout`] — and the logout request at shutdown or when
+/// the target moves (Async Message, RFC 7143 §11.9.1).
+async fn timer(shared: Arc<Shared>, link: Arc<Link>, logout: Arc<Notify>) {
+    let settings = &shared.settings;
+    let interval = settings.nop_interval.max(Duration::from_millis(100));
+    let data_out_timeout = settings.data_out_timeout.max(Duration::from_millis(100));
     // Checked four times per Data-Out timeout: a connection is dropped at most a quarter
     // of it late.
     let tick = interval
-        .min(timeout)
+        .min(settings.nop_timeout)
         .min(data_out_timeout / 4)
         .max(Duration::from_millis(50));
     let mut shutdown = shared.shutting_down.subscribe();
-    let mut ttt: u32 = 0x4000_0000;
-    let mut ping_sent_at: Option<u64> = None;
     let mut logout_requested = false;
-    // A full send queue means the initiator stopped reading: give up on it rather than
-    // wait forever (the writer has the same bound on the socket).
-    let send = |pdu: OutPdu| {
-        let out = out.clone();
-        async move {
-            matches!(
-                tokio::time::timeout(timeout, out.send(Out::Pdus(vec![pdu]))).await,
-                Ok(Ok(()))
-            )
-        }
-    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
@@ -668,60 +666,20 @@ async fn keepalive(
             }, if !logout_requested => {
                 logout_requested = true;
                 if r {
-                    // RFC 7143 §11.9.1 AsyncEvent 1: the target requests a logout within
-                    // Parameter3 seconds.
-                    let msg = AsyncMessage { event: 1, parameters: [0, 0, 2], ..Default::default() };
-                    if !send(OutPdu::new(msg.to_bhs(), Bytes::new(), StatSn::Advance)).await {
-                        kill.notify_one();
-                        return;
-                    }
+                    link.with(&shared, |s| s.request_logout());
                 }
                 continue;
             }
         }
-        let now = clocks.now();
-        let data_wait = clocks.data_wait.load(Ordering::Relaxed);
-        if data_wait != NO_DATA_WAIT
-            && now.saturating_sub(data_wait) >= data_out_timeout.as_millis() as u64
-        {
-            shared
-                .stats
-                .data_out_timeouts
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(
-                initiator = %Loggable(&initiator),
-                "no Data-Out for the writes waiting for data within {data_out_timeout:?}; dropping the connection"
-            );
-            kill.notify_one();
+        let now = Instant::now();
+        let closed = link.with(&shared, |s| {
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(now);
+            }
+            s.is_closed()
+        });
+        if closed {
             return;
-        }
-        let last = clocks.last_rx.load(Ordering::Relaxed);
-        match ping_sent_at {
-            Some(sent) if last < sent => {
-                if now.saturating_sub(sent) >= timeout.as_millis() as u64 {
-                    warn!("no answer to NOP-In within {timeout:?}; dropping the connection");
-                    kill.notify_one();
-                    return;
-                }
-            }
-            _ => {
-                ping_sent_at = None;
-                if now.saturating_sub(last) >= interval.as_millis() as u64 {
-                    ttt = ttt.wrapping_add(1) | 0x4000_0000;
-                    let nop = Nop {
-                        itt: RESERVED_TAG,
-                        ttt,
-                        ..Default::default()
-                    };
-                    let pdu = OutPdu::new(nop.to_nop_in(), Bytes::new(), StatSn::Peek);
-                    if !send(pdu).await {
-                        warn!("the initiator does not read what the target sends; dropping the connection");
-                        kill.notify_one();
-                        return;
-                    }
-                    ping_sent_at = Some(now);
-                }
-            }
         }
     }
 }
@@ -736,304 +694,301 @@ fn task_attribute(attr: u8) -> TaskAttribute {
     }
 }
 
-impl Session {
-    async fn send(&self, pdus: Vec<OutPdu>) -> Result<(), ConnError> {
-        self.out
-            .send(Out::Pdus(pdus))
-            .await
-            .map_err(|_| ConnError::WriterGone)
+/// Reads one PDU and hands it to the session. A Data-Out that is the next of its
+/// sequence is read straight into its command's buffer (the session lends the place),
+/// so write data is never copied on its way from the socket to the device.
+///
+/// So is the immediate data of a write that also needs Data-Out, when the budget has
+/// room for the whole write now: it is read into a buffer that will become the write
+/// buffer, whose budget waits in `prereserved` for the session's
+/// [`Event::AdmitCommand`]. Without room it is read into a buffer of its own and
+/// copied once admitted (the budget is then waited for as usual, before the write
+/// buffer exists).
+async fn read_pdu(
+    shared: &Shared,
+    link: &Link,
+    rd: &mut BufReader<OwnedReadHalf>,
+    digests: Digests,
+    max_recv: usize,
+    prereserved: &Mutex<Option<(Itt, BufferPermit)>>,
+) -> Result<(), ReadError> {
+    let bhs = match wire::read_header(rd, digests).await {
+        Err(ReadError::HeaderDigest) => {
+            shared.stats.digest_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(ReadError::HeaderDigest);
+        }
+        r => r?,
+    };
+    let len = bhs.data_len();
+    if len > max_recv {
+        link.with(shared, |s| {
+            s.handle_framing_error(Instant::now(), &bhs, FramingError::SegmentTooLong)
+        });
+        return Ok(());
     }
-
-    /// Queues one status-bearing PDU (it advances StatSN).
-    async fn send_status(&self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
-        self.send(vec![OutPdu::new(bhs, data, StatSn::Advance)])
-            .await
-    }
-
-    async fn reject(&self, reason: u8, bhs: &Bhs) -> Result<(), ConnError> {
-        self.shared.stats.rejects.fetch_add(1, Ordering::Relaxed);
-        debug!(reason, opcode = bhs.opcode_raw(), "rejecting PDU");
-        let r = Reject {
-            reason,
-            ..Default::default()
-        };
-        self.send_status(r.to_bhs(), Bytes::copy_from_slice(&bhs.0))
-            .await
-    }
-
-    /// Rejects with a protocol error, lets the writer flush it and ends the connection
-    /// (ErrorRecoveryLevel 0 recovers by session reinstatement).
-    async fn protocol_error(&self, bhs: &Bhs, what: &'static str) -> ConnError {
-        let _ = self.reject(reject::PROTOCOL_ERROR, bhs).await;
-        self.flush().await;
-        ConnError::Protocol(what)
-    }
-
-    async fn flush(&self) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.out.send(Out::Barrier(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+    if bhs.opcode() == Ok(Opcode::DataOut) {
+        if let Some(mut chunk) = link.with(shared, |s| s.lend_data_out_buffer(&bhs)) {
+            let ok = wire::read_data_into(rd, &mut chunk, digests).await?;
+            link.with(shared, |s| {
+                s.handle_lent_data_out(Instant::now(), &bhs, chunk, ok)
+            });
+            return Ok(());
         }
     }
-
-    /// Reads and drops a PDU's data segment (with the same checks as `read_segment`).
-    async fn skip_data(
-        &self,
-        rd: &mut BufReader<OwnedReadHalf>,
-        bhs: &Bhs,
-    ) -> Result<(), ConnError> {
-        self.read_segment(rd, bhs).await.map(drop)
-    }
-
-    async fn read_segment(
-        &self,
-        rd: &mut BufReader<OwnedReadHalf>,
-        bhs: &Bhs,
-    ) -> Result<Bytes, ConnError> {
-        let len = bhs.data_len();
-        let max = self.params.max_recv_data_segment_length as usize;
-        if len > max {
-            return Err(self
-                .protocol_error(bhs, "data segment longer than MaxRecvDataSegmentLength")
-                .await);
+    let (data, ok) = match write_buffer_for(shared, &bhs, prereserved) {
+        Some(mut buf) => {
+            let ok = wire::read_data_into(rd, &mut buf, digests).await?;
+            (buf.freeze(), ok)
         }
-        let (data, ok) = wire::read_data(rd, len, max, self.digests).await?;
-        if !ok {
-            return Err(self.data_digest_error(bhs).await);
-        }
-        Ok(data)
+        None => wire::read_data(rd, len, max_recv, digests).await?,
+    };
+    let now = Instant::now();
+    match (ok, Pdu::decode(&bhs, data)) {
+        (false, _) => link.with(shared, |s| {
+            s.handle_framing_error(now, &bhs, FramingError::DataDigest)
+        }),
+        (true, Ok(pdu)) => link.with(shared, |s| s.handle_received(now, bhs, pdu)),
+        (true, Err(_)) => link.with(shared, |s| {
+            s.handle_framing_error(now, &bhs, FramingError::UnknownOpcode)
+        }),
     }
+    Ok(())
+}
 
-    async fn data_digest_error(&self, bhs: &Bhs) -> ConnError {
-        self.shared
-            .stats
-            .digest_errors
-            .fetch_add(1, Ordering::Relaxed);
-        let _ = self.reject(reject::DATA_DIGEST_ERROR, bhs).await;
-        self.flush().await;
-        ConnError::DataDigest
+/// For a SCSI Command whose immediate data is only the start of its write: a buffer of
+/// the immediate data's length with room for the whole write, if the budget has room
+/// for it now (the permit goes to `prereserved`).
+fn write_buffer_for(
+    shared: &Shared,
+    bhs: &iscsi_proto::pdu::Bhs,
+    prereserved: &Mutex<Option<(Itt, BufferPermit)>>,
+) -> Option<BytesMut> {
+    if bhs.opcode() != Ok(Opcode::ScsiCommand) {
+        return None;
     }
-
-    /// Checks a non-immediate CmdSN against the window and advances ExpCmdSN. Returns
-    /// false if the PDU is outside the window and must be ignored (RFC 7143 §4.2.2.1).
-    fn accept_cmd_sn(&self, cmd_sn: u32, immediate: bool) -> bool {
-        if immediate {
-            return true;
-        }
-        let exp = SerialNumber(self.window.exp_cmd_sn.load(Ordering::Acquire));
-        let max = SerialNumber(self.window.max_cmd_sn.load(Ordering::Acquire));
-        let sn = SerialNumber(cmd_sn);
-        if !sn.in_window(exp, max) {
-            debug!(
-                cmd_sn,
-                exp = exp.0,
-                max = max.0,
-                "CmdSN outside the window; ignoring the PDU"
-            );
-            return false;
-        }
-        // One connection delivers in order; a gap means the initiator skipped numbers,
-        // which we accept rather than stall the session.
-        self.window.exp_cmd_sn.store(sn.next().0, Ordering::Release);
-        true
+    let cmd = iscsi_proto::pdu::ScsiCommand::parse(bhs);
+    let (len, edtl) = (bhs.data_len(), cmd.expected_data_transfer_length);
+    if !cmd.write || len == 0 || len >= edtl as usize || edtl > WRITE_BYTES_MAX {
+        return None;
     }
+    let permit = shared.buffers.try_reserve(edtl)?;
+    *prereserved.lock().unwrap_or_else(|e| e.into_inner()) = Some((Itt(cmd.itt), permit));
+    let mut buf = BytesMut::with_capacity(edtl as usize);
+    buf.resize(len, 0);
+    Some(buf)
+}
 
-    async fn handle(
-        &mut self,
-        rd: &mut BufReader<OwnedReadHalf>,
-        bhs: Bhs,
-    ) -> Result<(), ConnError> {
-        let op = match bhs.opcode() {
-            Ok(op) => op,
-            Err(_) => {
-                self.skip_data(rd, &bhs).await?;
-                return self.reject(reject::COMMAND_NOT_SUPPORTED, &bhs).await;
+/// The reader's side of a connection: the socket into the session, the session's
+/// events out to the SCSI layer.
+struct Driver {
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+    params: Arc<SessionParams>,
+    digests: Digests,
+    target: Option<Arc<TargetConfig>>,
+    nexus: Option<Arc<ItNexus>>,
+    local: Option<SocketAddr>,
+    kill: Arc<Notify>,
+    /// Commands the session handed out ([`Event::Execute`]) that have not reached the
+    /// I/O pool yet: if the connection is killed meanwhile they are never run, and the
+    /// session must hear that at its end.
+    undispatched: Mutex<Vec<Itt>>,
+    /// Budget taken for the write buffer of the command just read (see [`read_pdu`]),
+    /// until the session asks for its admission; dropped if it does not.
+    prereserved: Mutex<Option<(Itt, BufferPermit)>>,
+}
+
+impl Driver {
+    async fn run(&self, rd: &mut BufReader<OwnedReadHalf>) -> End {
+        let max_recv = self.params.max_recv_data_segment_length as usize;
+        loop {
+            let events = tokio::select! {
+                r = self.process_events() => r,
+                _ = self.kill.notified() => return End::Killed,
+            };
+            if let Some(end) = events {
+                return end;
             }
-        };
-        let discovery = self.params.session_type == SessionType::Discovery;
-        match op {
-            Opcode::ScsiCommand if !discovery => self.scsi_command(rd, bhs).await,
-            Opcode::DataOut if !discovery => self.data_out(rd, bhs).await,
-            Opcode::TaskMgmtRequest if !discovery => {
-                self.skip_data(rd, &bhs).await?;
-                self.task_mgmt(bhs).await
+            if !self.link.lock().wants_input() {
+                tokio::select! {
+                    _ = self.link.state_changed.notified() => continue,
+                    _ = self.kill.notified() => return End::Killed,
+                }
             }
-            Opcode::NopOut => {
-                let data = self.read_segment(rd, &bhs).await?;
-                self.nop_out(bhs, data).await
+            tokio::select! {
+                _ = self.link.room_to_read() => {}
+                _ = self.kill.notified() => return End::Killed,
             }
-            Opcode::TextRequest => {
-                let data = self.read_segment(rd, &bhs).await?;
-                self.text(bhs, data).await
-            }
-            Opcode::LogoutRequest => {
-                self.skip_data(rd, &bhs).await?;
-                self.logout(bhs).await
-            }
-            Opcode::SnackRequest => {
-                // SNACK needs ErrorRecoveryLevel > 0, which we never negotiate.
-                self.skip_data(rd, &bhs).await?;
-                self.reject(reject::PROTOCOL_ERROR, &bhs).await
-            }
-            Opcode::LoginRequest => {
-                self.skip_data(rd, &bhs).await?;
-                Err(self
-                    .protocol_error(&bhs, "Login Request in full feature phase")
-                    .await)
-            }
-            _ => {
-                self.skip_data(rd, &bhs).await?;
-                self.reject(reject::PROTOCOL_ERROR, &bhs).await
+            tokio::select! {
+                r = read_pdu(&self.shared, &self.link, rd, self.digests, max_recv, &self.prereserved) => {
+                    if let Err(e) = r {
+                        return End::Read(e);
+                    }
+                }
+                _ = self.kill.notified() => return End::Killed,
+                // The timer closed the session: no reason to finish the read.
+                _ = self.link.closed.notified() => {}
             }
         }
     }
 
-    /// Whether this session's target lets initiators reset it. When it does not, TARGET
-    /// WARM RESET and TARGET COLD RESET are answered "Function authorization failed" (6,
-    /// RFC 7143 §11.6.1), not "Task management function not supported" (5): the
-    /// functions are implemented and other targets allow them, so what fails is this
-    /// initiator's authority over this target. RFC 7143 §11.5.1 subjects TARGET WARM
-    /// RESET to access controls with exactly this answer, and leaves TARGET COLD RESET's
-    /// privileges to "iSCSI mechanisms" such as this setting; LIO answers the same for
-    /// both. Both codes map to the SCSI service response FUNCTION REJECTED.
-    fn target_reset_allowed(&self) -> bool {
-        self.target.as_ref().is_some_and(|t| t.allow_target_reset)
+    /// Carries out the session's events until it has none; returns why the connection
+    /// ends, if it does.
+    async fn process_events(&self) -> Option<End> {
+        loop {
+            let events: Vec<Event> = self.link.with(&self.shared, |s| {
+                std::iter::from_fn(|| s.poll_event()).collect()
+            });
+            if events.is_empty() {
+                // A command the session did not offer for admission (outside the
+                // window, refused, ...) gives its budget back.
+                self.prereserved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                return None;
+            }
+            self.undispatched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(events.iter().filter_map(|e| match e {
+                    Event::Execute(c) => Some(c.itt),
+                    _ => None,
+                }));
+            for e in events {
+                if let Some(end) = self.on_event(e).await {
+                    return Some(end);
+                }
+            }
+        }
     }
 
     fn nexus_and_device(&self) -> Option<(Arc<ItNexus>, Arc<scsi::TargetDevice>)> {
         Some((self.nexus.clone()?, self.target.as_ref()?.device.clone()))
     }
 
-    async fn scsi_command(
-        &mut self,
-        rd: &mut BufReader<OwnedReadHalf>,
-        bhs: Bhs,
-    ) -> Result<(), ConnError> {
-        let arrived = Instant::now();
-        let cmd = ScsiCommand::parse(&bhs);
-        let dlen = bhs.data_len();
-        let mrdsl = self.params.max_recv_data_segment_length as usize;
-        if dlen > mrdsl {
-            return Err(self
-                .protocol_error(&bhs, "immediate data longer than MaxRecvDataSegmentLength")
-                .await);
-        }
-        if !self.accept_cmd_sn(cmd.cmd_sn, cmd.immediate) {
-            return self.skip_data(rd, &bhs).await;
-        }
-        if cmd.immediate && self.window.immediate_in_flight() >= IMMEDIATE_COMMANDS_MAX {
-            self.shared
-                .stats
-                .immediate_rejects
-                .fetch_add(1, Ordering::Relaxed);
-            debug!(
-                itt = cmd.itt,
-                limit = IMMEDIATE_COMMANDS_MAX,
-                "too many immediate commands; rejecting"
-            );
-            self.skip_data(rd, &bhs).await?;
-            return self.reject(reject::IMMEDIATE_COMMAND_REJECT, &bhs).await;
-        }
-        if dlen > 0
-            && (!cmd.write
-                || !self.params.immediate_data
-                || dlen as u32 > cmd.expected_data_transfer_length)
-        {
-            self.skip_data(rd, &bhs).await?;
-            self.window.task_started(cmd.immediate);
-            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB)
-                .await;
-            return self.reject(reject::PROTOCOL_ERROR, &bhs).await;
-        }
-        if self.receiving.contains_key(&cmd.itt) || self.executing_contains(cmd.itt) {
-            self.skip_data(rd, &bhs).await?;
-            return self.reject(reject::TASK_IN_PROGRESS, &bhs).await;
-        }
-        self.window.task_started(cmd.immediate);
-        let edtl = cmd.expected_data_transfer_length;
-        let write = cmd.write && edtl > 0;
-        if write && edtl > WRITE_BYTES_MAX {
-            self.skip_data(rd, &bhs).await?;
-            self.respond_check_condition(&cmd, scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB)
-                .await;
-            return Ok(());
-        }
-        // Bound the memory one session can pin with writes whose data has not arrived
-        // (queue depth × the largest EDTL would be gigabytes): past the bound the
-        // initiator gets TASK SET FULL and retries later (SAM-5 §5.3.1).
-        let pending: u64 = self.receiving.values().map(|t| t.buf.len() as u64).sum();
-        if write && pending + u64::from(edtl) > PENDING_WRITE_BYTES_MAX {
-            self.skip_data(rd, &bhs).await?;
-            return self.task_set_full(&cmd).await;
-        }
-        // The data buffer (write data to collect, or read data to send) comes out of the
-        // server-wide budget before it exists.
-        let Some(buffers) = self.reserve_buffers(edtl).await else {
-            self.skip_data(rd, &bhs).await?;
-            return self.task_set_full(&cmd).await;
-        };
-        if !write {
-            self.dispatch(cmd, Bytes::new(), arrived, buffers).await;
-            return Ok(());
-        }
-        let mut buf = BytesMut::zeroed(edtl as usize);
-        if dlen > 0 {
-            let ok = wire::read_data_into(rd, &mut buf[..dlen], self.digests).await?;
-            if !ok {
-                return Err(self.data_digest_error(&bhs).await);
+    async fn on_event(&self, e: Event) -> Option<End> {
+        let shared = &self.shared;
+        match e {
+            Event::AdmitCommand {
+                itt,
+                buffer_bytes,
+                writes_waiting,
+            } => {
+                let early = self
+                    .prereserved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .filter(|(i, _)| *i == itt)
+                    .map(|(_, p)| p);
+                let permit = match early {
+                    Some(p) => Some(p),
+                    None => self.reserve_buffers(buffer_bytes, writes_waiting).await,
+                };
+                let now = Instant::now();
+                let r = match permit {
+                    Some(p) => {
+                        self.link.permits().insert(itt, p);
+                        self.link.with(shared, |s| s.admit_command(now, itt))
+                    }
+                    None => self.link.with(shared, |s| s.refuse_command(now, itt)),
+                };
+                debug_assert!(r.is_ok(), "{r:?}");
             }
+            Event::Execute(cmd) => self.dispatch(cmd).await,
+            Event::TaskDropped { itt } => {
+                self.link.permits().remove(&itt);
+            }
+            Event::TaskManagement(req) => {
+                let lun_exists = self
+                    .nexus_and_device()
+                    .is_some_and(|(_, d)| d.luns().contains(&req.lun.0));
+                if matches!(
+                    req.function,
+                    iscsi_proto::pdu::tmf::TARGET_WARM_RESET
+                        | iscsi_proto::pdu::tmf::TARGET_COLD_RESET
+                ) && !self.target.as_ref().is_some_and(|t| t.allow_target_reset)
+                {
+                    warn!(
+                        function = req.function,
+                        "target reset refused: not allowed on this target (allow_target_reset)"
+                    );
+                }
+                if req.function == iscsi_proto::pdu::tmf::ABORT_TASK {
+                    debug!(itt = %req.referenced_task_tag, "ABORT TASK");
+                }
+                let r = self.link.with(shared, |s| {
+                    s.carry_out_task_management(Instant::now(), req.itt, lun_exists)
+                });
+                debug_assert!(r.is_ok(), "{r:?}");
+            }
+            Event::AbortInDevice { luns } => {
+                // A command blocked on a background operation of its logical unit
+                // (SANITIZE with IMMED=0) must return now, or the task management
+                // response would wait for the whole operation.
+                if let Some((nexus, device)) = self.nexus_and_device() {
+                    for lun in luns {
+                        device.abort_tasks(lun.0, Some(&nexus));
+                    }
+                }
+            }
+            Event::AbortAllNexuses { lun } => {
+                if let Some((_, device)) = self.nexus_and_device() {
+                    match lun {
+                        Some(l) => device.abort_tasks(l.0, None),
+                        None => {
+                            for l in device.luns() {
+                                device.abort_tasks(l, None);
+                            }
+                        }
+                    }
+                }
+            }
+            Event::Reset { itt, kind } => {
+                if let Some((nexus, device)) = self.nexus_and_device() {
+                    let (k, lun) = match kind {
+                        ResetKind::LogicalUnit(l) => (scsi::ResetKind::LogicalUnit, Some(l.0)),
+                        ResetKind::TargetWarm => (scsi::ResetKind::TargetWarm, None),
+                        _ => (scsi::ResetKind::TargetCold, None),
+                    };
+                    info!(?kind, "reset");
+                    let _ = tokio::task::spawn_blocking(move || device.reset(k, lun, &nexus)).await;
+                }
+                let r = self
+                    .link
+                    .with(shared, |s| s.reset_done(Instant::now(), itt));
+                debug_assert!(r.is_ok(), "{r:?}");
+            }
+            Event::EndTargetSessions => {
+                // RFC 7143 §11.5.1: after a cold reset the target drops all its sessions.
+                self.link.flush(FLUSH_WAIT_MAX).await;
+                if let Some(t) = &self.target {
+                    shared.kill_target_sessions(&t.name);
+                }
+                return Some(End::Killed);
+            }
+            Event::SendTargets { itt, value } => {
+                let target = self.target.as_ref().map(|t| t.name.as_str());
+                let pairs = discovery::send_targets(
+                    shared,
+                    &value,
+                    &self.params.initiator_name,
+                    target,
+                    self.local,
+                );
+                let r = self.link.with(shared, |s| {
+                    s.answer_send_targets(Instant::now(), itt, pairs)
+                });
+                debug_assert!(r.is_ok(), "{r:?}");
+            }
+            Event::Close(reason) => return Some(End::Closed(reason)),
+            other => debug!(event = ?other, "event not handled"),
         }
-        let first_burst = self.params.first_burst_length.min(edtl);
-        let unsolicited_end = if cmd.final_bit || self.params.initial_r2t {
-            dlen as u32
-        } else {
-            first_burst.max(dlen as u32)
-        };
-        let unsolicited = (unsolicited_end > dlen as u32).then_some(DataSequence {
-            next_offset: dlen as u32,
-            next_data_sn: 0,
-            end: unsolicited_end,
-        });
-        let mut task = WriteTask {
-            cmd,
-            buf,
-            received: dlen as u32,
-            unsolicited,
-            r2ts: HashMap::new(),
-            next_r2t_offset: unsolicited_end,
-            r2t_sn: 0,
-            failed: false,
-            arrived,
-            buffers,
-        };
-        if task.received == edtl {
-            let data = task.buf.freeze();
-            self.dispatch(task.cmd, data, task.arrived, task.buffers)
-                .await;
-            return Ok(());
-        }
-        let r2ts = self.issue_r2ts(&mut task);
-        let itt = task.cmd.itt;
-        self.receiving.insert(itt, task);
-        if !r2ts.is_empty() {
-            self.send(r2ts).await?;
-        }
-        Ok(())
+        None
     }
 
-    /// Answers a command TASK SET FULL (SAM-5 §5.3.1): the initiator retries it later.
-    async fn task_set_full(&self, cmd: &ScsiCommand) -> Result<(), ConnError> {
-        let full = scsi::ScsiResponse {
-            status: ScsiStatus::TaskSetFull,
-            sense: None,
-            data_in: Bytes::new(),
-        };
-        let pdus = build_response(cmd, None, full, &self.params);
-        self.window.task_ended(cmd.immediate);
-        self.send(pdus).await
-    }
-
-    /// `bytes` of the server-wide buffer budget for one command: at once if free, else
+    /// The share of the server-wide buffer budget for one command: at once if free, else
     /// after waiting for other commands to give theirs back. `None` means answer TASK SET
     /// FULL instead of waiting: this session has writes waiting for Data-Out, which only
     /// this reader can receive, so if it stopped here to wait for budget those writes
@@ -1041,11 +996,11 @@ impl Session {
     /// same state nothing would. A reader that waits therefore holds no budget that
     /// depends on its own progress: every byte it waits for belongs to a command that is
     /// executing, to Data-In on its way out, or to another session that is still reading.
-    async fn reserve_buffers(&self, bytes: u32) -> Option<BufferPermit> {
+    async fn reserve_buffers(&self, bytes: u32, writes_waiting: bool) -> Option<BufferPermit> {
         if let Some(p) = self.shared.buffers.try_reserve(bytes) {
             return Some(p);
         }
-        if !self.receiving.is_empty() {
+        if writes_waiting {
             self.shared
                 .stats
                 .buffer_refusals
@@ -1071,7 +1026,7 @@ impl Session {
         self.stalled(self.shared.io.slot()).await
     }
 
-    /// Runs `f`, which waits for the server's resources, telling the keepalive every
+    /// Runs `f`, which waits for the server's resources, telling the session every
     /// [`STALL_TICK`] that the connection is alive: it is this target that is not reading
     /// the socket, and an initiator must not be dropped for the answer to a ping, or the
     /// Data-Out of a waiting write, that sits unread in it.
@@ -1080,233 +1035,68 @@ impl Session {
         loop {
             tokio::select! {
                 v = &mut f => {
-                    self.clocks.data_paused();
+                    self.link.with(&self.shared, |s| s.note_local_stall(Instant::now()));
                     return v;
                 }
-                _ = tokio::time::sleep(STALL_TICK) => self.clocks.stalled(),
+                _ = tokio::time::sleep(STALL_TICK) => {
+                    self.link.with(&self.shared, |s| s.note_local_stall(Instant::now()));
+                }
             }
         }
     }
 
-    fn executing_contains(&self, itt: u32) -> bool {
-        self.executing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&itt)
+    /// Whether this session's target lets initiators reset it. When it does not, TARGET
+    /// WARM RESET and TARGET COLD RESET are answered "Function authorization failed" (6,
+    /// RFC 7143 §11.6.1), not "Task management function not supported" (5): the
+    /// functions are implemented and other targets allow them, so what fails is this
+    /// initiator's authority over this target. RFC 7143 §11.5.1 subjects TARGET WARM
+    /// RESET to access controls with exactly this answer, and leaves TARGET COLD RESET's
+    /// privileges to "iSCSI mechanisms" such as this setting; LIO answers the same for
+    /// both. Both codes map to the SCSI service response FUNCTION REJECTED.
+    fn target_reset_allowed(&self) -> bool {
+        self.target.as_ref().is_some_and(|t| t.allow_target_reset)
     }
 
-    /// R2Ts for the not yet solicited part of a write, up to MaxOutstandingR2T at once,
-    /// each at most MaxBurstLength (RFC 7143 §11.8).
-    fn issue_r2ts(&mut self, task: &mut WriteTask) -> Vec<OutPdu> {
-        let edtl = task.cmd.expected_data_transfer_length;
-        let mut out = Vec::new();
-        while task.next_r2t_offset < edtl
-            && (task.r2ts.len() as u32) < self.params.max_outstanding_r2t
-        {
-            let len = (edtl - task.next_r2t_offset).min(self.params.max_burst_length);
-            let ttt = self.next_ttt;
-            self.next_ttt = self.next_ttt.wrapping_add(1);
-            if self.next_ttt == RESERVED_TAG {
-                self.next_ttt = 1;
-            }
-            let r2t = R2t {
-                lun: task.cmd.lun,
-                itt: task.cmd.itt,
-                ttt,
-                r2t_sn: task.r2t_sn,
-                buffer_offset: task.next_r2t_offset,
-                desired_data_transfer_length: len,
-                ..Default::default()
-            };
-            task.r2ts.insert(
-                ttt,
-                DataSequence {
-                    next_offset: task.next_r2t_offset,
-                    next_data_sn: 0,
-                    end: task.next_r2t_offset + len,
-                },
-            );
-            task.r2t_sn = task.r2t_sn.wrapping_add(1);
-            task.next_r2t_offset += len;
-            out.push(OutPdu::new(r2t.to_bhs(), Bytes::new(), StatSn::Peek));
-        }
-        out
-    }
-
-    async fn data_out(
-        &mut self,
-        rd: &mut BufReader<OwnedReadHalf>,
-        bhs: Bhs,
-    ) -> Result<(), ConnError> {
-        let d = DataOut::parse(&bhs);
-        let len = bhs.data_len();
-        if len > self.params.max_recv_data_segment_length as usize {
-            return Err(self
-                .protocol_error(&bhs, "Data-Out longer than MaxRecvDataSegmentLength")
-                .await);
-        }
-        let Some(task) = self.receiving.get_mut(&d.itt) else {
-            // Data for a task we no longer hold (aborted, or already failed because of an
-            // earlier sequence error): drop it.
-            debug!(itt = d.itt, "Data-Out for no pending task; discarding");
-            return self.skip_data(rd, &bhs).await;
-        };
-        let seq = if d.ttt == RESERVED_TAG {
-            task.unsolicited.as_mut()
-        } else {
-            task.r2ts.get_mut(&d.ttt)
-        };
-        let end = d.buffer_offset as u64 + len as u64;
-        let in_sequence = seq.as_ref().is_some_and(|seq| {
-            d.data_sn == seq.next_data_sn
-                && d.buffer_offset == seq.next_offset
-                && end <= seq.end as u64
-        });
-        let Some(seq) = seq.filter(|_| in_sequence) else {
-            // RFC 7143 §7.8: an out-of-order DataSN implies a lost PDU; without recovery
-            // R2Ts (ErrorRecoveryLevel 0) the task ends with CHECK CONDITION "protocol
-            // service CRC error" once the initiator has sent the rest of the sequence.
-            debug!(
-                itt = d.itt,
-                data_sn = d.data_sn,
-                offset = d.buffer_offset,
-                "Data-Out out of sequence"
-            );
-            self.skip_data(rd, &bhs).await?;
-            return self.fail_write_on_final(d.itt, d.final_bit).await;
-        };
-        let start = d.buffer_offset as usize;
-        let ok = wire::read_data_into(rd, &mut task.buf[start..start + len], self.digests).await?;
-        if !ok {
-            self.shared
-                .stats
-                .digest_errors
-                .fetch_add(1, Ordering::Relaxed);
-            self.reject(reject::DATA_DIGEST_ERROR, &bhs).await?;
-            return self.fail_write_on_final(d.itt, d.final_bit).await;
-        }
-        seq.next_data_sn = seq.next_data_sn.wrapping_add(1);
-        seq.next_offset += len as u32;
-        if len > 0 {
-            self.clocks.data_progress();
-        }
-        let seq_done = seq.next_offset == seq.end;
-        if d.final_bit && !seq_done {
-            return self.fail_write_on_final(d.itt, true).await;
-        }
-        task.received += len as u32;
-        let mut r2ts = Vec::new();
-        if seq_done {
-            if d.ttt == RESERVED_TAG {
-                task.unsolicited = None;
-            } else {
-                task.r2ts.remove(&d.ttt);
-                let mut t = self
-                    .receiving
-                    .remove(&d.itt)
-                    .ok_or(ConnError::Protocol("task vanished"))?;
-                r2ts = self.issue_r2ts(&mut t);
-                self.receiving.insert(d.itt, t);
-            }
-        }
-        let complete = self
-            .receiving
-            .get(&d.itt)
-            .is_some_and(|t| t.received == t.cmd.expected_data_transfer_length && !t.failed);
-        if complete {
-            if let Some(t) = self.receiving.remove(&d.itt) {
-                let data = t.buf.freeze();
-                self.dispatch(t.cmd, data, t.arrived, t.buffers).await;
-            }
-        }
-        // A task failed earlier in its data ends when a sequence of it ends or all its
-        // data is in, rather than waiting for a data PDU that will never come.
-        let failed_and_over = self.receiving.get(&d.itt).is_some_and(|t| {
-            t.failed && (d.final_bit || t.received == t.cmd.expected_data_transfer_length)
-        });
-        if failed_and_over {
-            return self.fail_write_on_final(d.itt, true).await;
-        }
-        if !r2ts.is_empty() {
-            self.send(r2ts).await?;
-        }
-        Ok(())
-    }
-
-    /// Marks a write as failed by a data sequence or digest error; once the initiator
-    /// ends the sequence (F bit) the task completes with ABORTED COMMAND.
-    async fn fail_write_on_final(&mut self, itt: u32, final_bit: bool) -> Result<(), ConnError> {
-        if let Some(t) = self.receiving.get_mut(&itt) {
-            t.failed = true;
-        }
-        if !final_bit {
-            return Ok(());
-        }
-        if let Some(t) = self.receiving.remove(&itt) {
-            self.respond_check_condition(&t.cmd, PROTOCOL_SERVICE_CRC_ERROR)
-                .await;
-        }
-        Ok(())
-    }
-
-    async fn respond_check_condition(&self, cmd: &ScsiCommand, sense: scsi::Sense) {
-        let resp = scsi::check_condition(sense);
-        let pdus = build_response(cmd, None, resp, &self.params);
-        self.window.task_ended(cmd.immediate);
-        let _ = self.send(pdus).await;
-    }
-
-    /// Hands a command with all its data to the SCSI layer on the blocking pool; the
-    /// completion queues the response, which carries `buffers` to the writer. Waits for a
-    /// place in the pool's queue if it is full.
-    async fn dispatch(
-        &mut self,
-        cmd: ScsiCommand,
-        data: Bytes,
-        arrived: Instant,
-        buffers: BufferPermit,
-    ) {
+    /// Hands a command with all its data to the SCSI layer on the I/O pool; the
+    /// completion goes back to the session from whichever thread it happens on. Waits
+    /// for a place in the pool's queue if it is full.
+    async fn dispatch(&self, cmd: Command) {
+        let itt = cmd.itt;
         let Some((nexus, device)) = self.nexus_and_device() else {
             // Discovery sessions never get here (SCSI commands are rejected there).
             debug_assert!(false, "dispatch without a target");
-            self.window.task_ended(cmd.immediate);
+            self.forget_undispatched(itt);
+            let _ = self.link.with(&self.shared, |s| {
+                s.complete_command(
+                    Instant::now(),
+                    itt,
+                    CommandResult {
+                        status: ScsiStatus::Busy as u8,
+                        ..Default::default()
+                    },
+                )
+            });
             return;
         };
         // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
         // not take one of the few I/O threads every other command needs, so it runs on
-        // tokio's blocking threads (rare, and bounded by the sessions' windows). Taken
-        // before the task is registered, so a wait cancelled by a kill leaves nothing.
-        let slot = if cmd.cdb[0] == SANITIZE {
+        // tokio's blocking threads (rare, and bounded by the sessions' windows).
+        let slot = if cmd.header.cdb[0] == SANITIZE {
             None
         } else {
             self.job_slot().await
         };
-        let lun = Lun::from_field(cmd.lun).0;
-        self.executing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                cmd.itt,
-                Running {
-                    lun,
-                    aborted: false,
-                },
-            );
-        let executing = self.executing.clone();
+        let link = self.link.clone();
         let shared = self.shared.clone();
         let hide_target_reset = !self.target_reset_allowed();
         let target = self.target.clone();
-        let runtime = tokio::runtime::Handle::current();
-        let window = self.window.clone();
-        let out = self.out.clone();
-        let params = self.params.clone();
-        let completed = self.completed.clone();
         // The command runs, and its response is queued, on an I/O pool thread: one
         // hand-off per command, and disk I/O never blocks a runtime thread.
         let job = move || {
-            let cdb_bytes = cmd.cdb;
+            let lun = cmd.lun.0;
+            let cdb_bytes = cmd.header.cdb;
             let cdb = &cdb_bytes[..];
-            let needed = if cmd.write {
+            let needed = if cmd.header.write {
                 device.data_out_len(lun, cdb)
             } else {
                 None
@@ -1317,57 +1107,36 @@ impl Session {
                 cdb,
                 // All the data the initiator sent: the command decides what a surplus
                 // means (ignored by WRITE, refused by WRITE SAME and COMPARE AND WRITE).
-                data_out: &data,
-                expected_data_in_len: cmd.expected_data_transfer_length,
-                attr: task_attribute(cmd.attr),
-                arrived,
+                data_out: &cmd.data_out,
+                expected_data_in_len: cmd.header.expected_data_transfer_length,
+                attr: task_attribute(cmd.header.attr),
+                arrived: cmd.arrived,
             };
             // The response goes out from wherever the command completes: here, or the
             // thread that hears the replicas acknowledge a write.
             let respond_device = device.clone();
             let respond = scsi::Responder::new(move |resp: scsi::ScsiResponse| {
                 let device = respond_device;
-                if cmd.cdb[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
+                if cdb_bytes[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
                     let target_name = target.as_ref().map_or("", |t| t.name.as_str());
                     shared.abort_preempted_tasks(target_name, &device);
                 }
-                let itt = cmd.itt;
-                let immediate = cmd.immediate;
-                // The task leaves `executing` only once its response is queued, so a logout
-                // or task management response waiting for it can never overtake it.
-                let aborted = executing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&itt)
-                    .is_none_or(|r| r.aborted);
-                let finish = move || {
-                    executing
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&itt);
-                    window.task_ended(immediate);
-                    completed.notify_waiters();
-                };
-                if aborted {
-                    finish();
-                    return;
-                }
                 let resp = if hide_target_reset {
-                    without_target_reset(&cmd.cdb, resp)
+                    without_target_reset(&cdb_bytes, resp)
                 } else {
                     resp
                 };
-                let pdus = build_response(&cmd, needed, resp, &params);
-                // Never block an I/O thread on one slow initiator's full send queue: the
-                // other sessions share these threads (DESIGN.md invariant 4).
-                match out.try_send(Out::Response(pdus, buffers)) {
-                    Err(mpsc::error::TrySendError::Full(msg)) => {
-                        runtime.spawn(async move {
-                            let _ = out.send(msg).await;
-                            finish();
-                        });
-                    }
-                    _ => finish(),
+                let result = CommandResult {
+                    status: resp.status as u8,
+                    sense: resp.sense,
+                    data_in: resp.data_in,
+                    data_out_needed: needed,
+                };
+                // The session drops the response of a task aborted meanwhile; its
+                // budget goes now rather than with a response that is never written.
+                let sent = link.with(&shared, |s| s.complete_command(Instant::now(), itt, result));
+                if sent != Ok(true) {
+                    link.permits().remove(&itt);
                 }
             });
             // A bug in a command handler must cost one command, not the process
@@ -1380,6 +1149,7 @@ impl Session {
                 tracing::error!(cdb = ?cdb, "SCSI command handler panicked");
             }
         };
+        self.forget_undispatched(itt);
         match slot {
             Some(slot) => self.shared.io.spawn(slot, job),
             // SANITIZE (the pool never shuts its queue while a session runs).
@@ -1387,395 +1157,66 @@ impl Session {
         }
     }
 
-    async fn nop_out(&mut self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
-        let nop = Nop::parse(&bhs);
-        if nop.itt == RESERVED_TAG {
-            // An answer to our ping (or a bare ping needing no answer).
-            return Ok(());
+    fn forget_undispatched(&self, itt: Itt) {
+        let mut u = self.undispatched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = u.iter().position(|i| *i == itt) {
+            u.swap_remove(pos);
         }
-        // A NOP-Out's CmdSN travels in the StatSN slot of the shared layout.
-        if !self.accept_cmd_sn(nop.seq.stat_sn, nop.immediate) {
-            return Ok(());
-        }
-        let mut max_ping = self.params.max_xmit_data_segment_length as usize;
-        max_ping = max_ping.min(data.len());
-        let reply = Nop {
-            itt: nop.itt,
-            ttt: RESERVED_TAG,
-            lun: nop.lun,
-            ..Default::default()
-        };
-        self.send_status(reply.to_nop_in(), data.slice(..max_ping))
-            .await
-    }
-
-    async fn text(&mut self, bhs: Bhs, data: Bytes) -> Result<(), ConnError> {
-        let req = Text::parse(&bhs);
-        if !self.accept_cmd_sn(req.seq.stat_sn, req.immediate) {
-            return Ok(());
-        }
-        let body = if req.ttt != RESERVED_TAG {
-            match self.text_continuation.take() {
-                Some((ttt, rest)) if ttt == req.ttt => rest,
-                _ => return self.reject(reject::INVALID_PDU_FIELD, &bhs).await,
-            }
-        } else {
-            let pairs = match TextPairs::parse(&data) {
-                Ok(p) => p,
-                Err(_) => return self.reject(reject::PROTOCOL_ERROR, &bhs).await,
-            };
-            let mut out = TextPairs::default();
-            for (k, v) in &pairs.0 {
-                if k == "SendTargets" {
-                    let target = self.target.as_ref().map(|t| t.name.as_str());
-                    let st = discovery::send_targets(
-                        &self.shared,
-                        v,
-                        &self.params.initiator_name,
-                        target,
-                        self.local,
-                    );
-                    out.0.extend(st.0);
-                } else {
-                    out.push(k.clone(), "NotUnderstood");
-                }
-            }
-            Bytes::from(out.encode())
-        };
-        let max = self.params.max_xmit_data_segment_length as usize;
-        let (chunk, rest) = if body.len() > max {
-            (body.slice(..max), Some(body.slice(max..)))
-        } else {
-            (body, None)
-        };
-        let ttt = if let Some(rest) = rest {
-            let ttt = self.next_ttt;
-            self.next_ttt = match self.next_ttt.wrapping_add(1) {
-                0 | RESERVED_TAG => 1,
-                t => t,
-            };
-            self.text_continuation = Some((ttt, rest));
-            ttt
-        } else {
-            RESERVED_TAG
-        };
-        let resp = Text {
-            final_bit: ttt == RESERVED_TAG,
-            continue_bit: ttt != RESERVED_TAG,
-            lun: req.lun,
-            itt: req.itt,
-            ttt,
-            ..Default::default()
-        };
-        self.send_status(resp.to_bhs(false), chunk).await
-    }
-
-    async fn logout(&mut self, bhs: Bhs) -> Result<(), ConnError> {
-        let req = LogoutRequest::parse(&bhs);
-        if !self.accept_cmd_sn(req.cmd_sn, req.immediate) {
-            return Ok(());
-        }
-        let response = match req.reason {
-            0 => 0,
-            1 if self.cid.is_none_or(|c| c == req.cid) => 0,
-            1 => 1,
-            // Connection recovery needs ErrorRecoveryLevel 2.
-            _ => 2,
-        };
-        let response = if response == 0 {
-            // Commands in flight finish before the session goes (RFC 7143 §11.14); if
-            // they cannot, say "cleanup failed" rather than pretend they are gone.
-            for (_, t) in self.receiving.drain() {
-                self.window.task_ended(t.cmd.immediate);
-            }
-            if self.wait_idle(TASK_WAIT_MAX).await {
-                0
-            } else {
-                3
-            }
-        } else {
-            response
-        };
-        let resp = LogoutResponse {
-            response,
-            itt: req.itt,
-            ..Default::default()
-        };
-        self.send_status(resp.to_bhs(), Bytes::new()).await?;
-        if response == 0 {
-            self.flush().await;
-            return Err(ConnError::LoggedOut);
-        }
-        Ok(())
-    }
-
-    /// Waits until no command of this session is in the SCSI layer (or `max` passed).
-    async fn wait_idle(&self, max: Duration) -> bool {
-        self.wait_until(|running| running.is_empty(), max).await
-    }
-
-    /// Waits until the command `itt` has left the SCSI layer (or `max` passed).
-    async fn wait_idle_of(&self, itt: u32, max: Duration) -> bool {
-        self.wait_until(|running| !running.contains_key(&itt), max)
-            .await
-    }
-
-    /// Whether `done` became true within `max`.
-    async fn wait_until(
-        &self,
-        done: impl Fn(&HashMap<u32, Running>) -> bool,
-        max: Duration,
-    ) -> bool {
-        let deadline = tokio::time::Instant::now() + max;
-        loop {
-            // Created before the check, so a completion in between still wakes it.
-            let notified = self.completed.notified();
-            if done(&self.executing.lock().unwrap_or_else(|e| e.into_inner())) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return false;
-            }
-        }
-    }
-
-    /// Aborts the tasks matching `pred`: data still arriving is dropped, running commands
-    /// lose their response. Returns how many were aborted.
-    fn abort_where(&mut self, pred: impl Fn(u32, u64) -> bool) -> usize {
-        let mut n = 0;
-        let doomed: Vec<u32> = self
-            .receiving
-            .iter()
-            .filter(|(itt, t)| pred(**itt, Lun::from_field(t.cmd.lun).0))
-            .map(|(itt, _)| *itt)
-            .collect();
-        for itt in doomed {
-            if let Some(t) = self.receiving.remove(&itt) {
-                self.window.task_ended(t.cmd.immediate);
-                n += 1;
-            }
-        }
-        let mut luns = Vec::new();
-        for (itt, r) in self
-            .executing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter_mut()
-        {
-            if pred(*itt, r.lun) && !r.aborted {
-                r.aborted = true;
-                luns.push(r.lun);
-                n += 1;
-            }
-        }
-        // A command blocked on a background operation of its logical unit (SANITIZE with
-        // IMMED=0) must return now, or the task management response would wait for the
-        // whole operation.
-        luns.sort_unstable();
-        luns.dedup();
-        if let Some((nexus, device)) = self.nexus_and_device() {
-            for lun in luns {
-                device.abort_tasks(lun, Some(&nexus));
-            }
-        }
-        self.shared
-            .stats
-            .aborted_tasks
-            .fetch_add(n as u64, Ordering::Relaxed);
-        n
-    }
-
-    async fn task_mgmt(&mut self, bhs: Bhs) -> Result<(), ConnError> {
-        let req = TaskMgmtRequest::parse(&bhs);
-        if !self.accept_cmd_sn(req.cmd_sn, req.immediate) {
-            return Ok(());
-        }
-        let lun = Lun::from_field(req.lun).0;
-        let Some((nexus, device)) = self.nexus_and_device() else {
-            return self.reject(reject::PROTOCOL_ERROR, &bhs).await;
-        };
-        let lun_exists = device.luns().contains(&lun);
-        let mut cold_reset = false;
-        let response = match req.function {
-            tmf::ABORT_TASK => {
-                let rtt = req.referenced_task_tag;
-                if self.abort_where(|itt, _| itt == rtt) > 0 {
-                    info!(itt = rtt, "task aborted");
-                    complete_or_rejected(self.wait_idle_of(rtt, TASK_WAIT_MAX).await)
-                } else {
-                    tmf::RESP_NO_TASK
-                }
-            }
-            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
-                if !lun_exists {
-                    tmf::RESP_NO_LUN
-                } else {
-                    self.abort_where(|_, l| l == lun);
-                    complete_or_rejected(self.wait_idle(TASK_WAIT_MAX).await)
-                }
-            }
-            tmf::LOGICAL_UNIT_RESET => {
-                if !lun_exists {
-                    tmf::RESP_NO_LUN
-                } else {
-                    let n = self.abort_where(|_, l| l == lun);
-                    device.abort_tasks(lun, None);
-                    let idle = self.wait_idle(TASK_WAIT_MAX).await;
-                    info!(lun, aborted = n, "logical unit reset");
-                    let (d, nx) = (device.clone(), nexus.clone());
-                    let _ = tokio::task::spawn_blocking(move || {
-                        d.reset(ResetKind::LogicalUnit, Some(lun), &nx)
-                    })
-                    .await;
-                    complete_or_rejected(idle)
-                }
-            }
-            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET if !self.target_reset_allowed() => {
-                self.shared
-                    .stats
-                    .target_resets_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    function = req.function,
-                    "target reset refused: not allowed on this target (allow_target_reset)"
-                );
-                tmf::RESP_AUTH_FAILED
-            }
-            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
-                let cold = req.function == tmf::TARGET_COLD_RESET;
-                let n = self.abort_where(|_, _| true);
-                for l in device.luns() {
-                    device.abort_tasks(l, None);
-                }
-                let idle = self.wait_idle(TASK_WAIT_MAX).await;
-                info!(aborted = n, cold, "target reset");
-                let kind = if cold {
-                    ResetKind::TargetCold
-                } else {
-                    ResetKind::TargetWarm
-                };
-                let (d, nx) = (device.clone(), nexus.clone());
-                let _ = tokio::task::spawn_blocking(move || d.reset(kind, None, &nx)).await;
-                cold_reset = cold;
-                complete_or_rejected(idle)
-            }
-            tmf::TASK_REASSIGN => tmf::RESP_REASSIGN_UNSUPPORTED,
-            _ => tmf::RESP_NOT_SUPPORTED,
-        };
-        let resp = TaskMgmtResponse {
-            response,
-            itt: req.itt,
-            ..Default::default()
-        };
-        self.send_status(resp.to_bhs(), Bytes::new()).await?;
-        if cold_reset {
-            // RFC 7143 §11.5.1: after a cold reset the target drops all its sessions.
-            self.flush().await;
-            if let Some(t) = &self.target {
-                self.shared.kill_target_sessions(&t.name);
-            }
-        }
-        Ok(())
     }
 
     /// The session is over: drop pending data, let running commands finish without a
     /// response, and tell the logical units the I_T nexus is gone.
-    async fn end(&mut self) {
-        self.abort_where(|_, _| true);
-        self.wait_idle(TASK_WAIT_MAX).await;
+    async fn end(&self) {
+        let shared = &self.shared;
+        let now = Instant::now();
+        let undispatched: Vec<Itt> =
+            std::mem::take(&mut *self.undispatched.lock().unwrap_or_else(|e| e.into_inner()));
+        let events: Vec<Event> = self.link.with(shared, |s| {
+            s.abort_all();
+            // Commands handed out but never run will not complete by themselves.
+            for itt in undispatched {
+                let _ = s.complete_command(now, itt, CommandResult::default());
+            }
+            std::iter::from_fn(|| s.poll_event()).collect()
+        });
+        for e in events {
+            match e {
+                Event::AbortInDevice { luns } => {
+                    if let Some((nexus, device)) = self.nexus_and_device() {
+                        for lun in luns {
+                            device.abort_tasks(lun.0, Some(&nexus));
+                        }
+                    }
+                }
+                Event::TaskDropped { itt } => {
+                    self.link.permits().remove(&itt);
+                }
+                Event::Execute(c) => {
+                    let _ = self.link.with(shared, |s| {
+                        s.complete_command(now, c.itt, CommandResult::default())
+                    });
+                }
+                _ => {}
+            }
+        }
+        let idle = async {
+            loop {
+                let changed = self.link.state_changed.notified();
+                if self.link.lock().executing_count() == 0 {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        let _ = tokio::time::timeout(TASK_WAIT_MAX, idle).await;
         if let Some((nexus, device)) = self.nexus_and_device() {
             let _ = tokio::task::spawn_blocking(move || device.nexus_loss(&nexus)).await;
         }
     }
 }
 
-/// Builds the Data-In PDUs and the status of a completed command (RFC 7143 §11.4, §11.7):
-/// data cut to the expected length, residuals, status in the last Data-In when there is
-/// no sense data.
-fn build_response(
-    cmd: &ScsiCommand,
-    write_needed: Option<u32>,
-    resp: scsi::ScsiResponse,
-    params: &SessionParams,
-) -> Vec<OutPdu> {
-    let edtl = cmd.expected_data_transfer_length;
-    let data = resp.data_in;
-    let (overflow, underflow, residual) = if let Some(needed) = write_needed {
-        residual(needed, edtl)
-    } else if cmd.read || !data.is_empty() {
-        residual(data.len() as u32, edtl)
-    } else {
-        (false, false, 0)
-    };
-    let data = data.slice(..(data.len().min(edtl as usize)));
-    let status = resp.status as u8;
-    let phase_collapse = resp.sense.is_none()
-        && matches!(resp.status, ScsiStatus::Good | ScsiStatus::ConditionMet)
-        && !data.is_empty();
-    let mut pdus = Vec::new();
-    let max_seg = params.max_xmit_data_segment_length.max(512) as usize;
-    let burst = params.max_burst_length.max(512) as usize;
-    let mut offset = 0usize;
-    let mut data_sn = 0u32;
-    while offset < data.len() {
-        let burst_end = ((offset / burst) + 1) * burst;
-        let len = max_seg.min(data.len() - offset).min(burst_end - offset);
-        let last = offset + len == data.len();
-        let d = DataIn {
-            final_bit: last || offset + len == burst_end,
-            status_present: last && phase_collapse,
-            status: if last && phase_collapse { status } else { 0 },
-            overflow: last && phase_collapse && overflow,
-            underflow: last && phase_collapse && underflow,
-            residual_count: if last && phase_collapse { residual } else { 0 },
-            lun: cmd.lun,
-            itt: cmd.itt,
-            ttt: RESERVED_TAG,
-            data_sn,
-            buffer_offset: offset as u32,
-            ..Default::default()
-        };
-        let stat = if last && phase_collapse {
-            StatSn::Advance
-        } else {
-            StatSn::Peek
-        };
-        let mut bhs = d.to_bhs();
-        if !(last && phase_collapse) {
-            // StatSN is reserved in Data-In without status; the writer fills it anyway.
-            bhs.0[24..28].fill(0);
-        }
-        pdus.push(OutPdu::new(bhs, data.slice(offset..offset + len), stat));
-        offset += len;
-        data_sn += 1;
-    }
-    if !phase_collapse {
-        let sense_data = match &resp.sense {
-            Some(s) => {
-                let mut v = Vec::with_capacity(2 + s.len());
-                v.extend_from_slice(&(s.len() as u16).to_be_bytes());
-                v.extend_from_slice(s);
-                Bytes::from(v)
-            }
-            None => Bytes::new(),
-        };
-        let r = ScsiResponsePdu {
-            overflow,
-            underflow,
-            response: 0,
-            status,
-            itt: cmd.itt,
-            exp_data_sn: data_sn,
-            residual_count: residual,
-            ..Default::default()
-        };
-        pdus.push(OutPdu::new(r.to_bhs(), sense_data, StatSn::Advance));
-    }
-    pdus
-}
-
 /// REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-4 §6.39) for a target that refuses
-/// target resets (see [`Session::target_reset_allowed`]): the SCSI layer reports what the
+/// target resets (see [`Driver::target_reset_allowed`]): the SCSI layer reports what the
 /// iSCSI transport offers, TARGET RESET included (TRS, bit 1 of byte 0; iSCSI's TARGET
 /// WARM RESET), but an initiator told so would only learn otherwise from a refusal.
 /// Other answers pass unchanged.
@@ -1797,23 +1238,27 @@ fn without_target_reset(cdb: &[u8; 16], mut resp: scsi::ScsiResponse) -> scsi::S
     resp
 }
 
-/// "Function complete" promises the aborted tasks no longer exist (SAM-5 §7.1); when a
-/// command is still inside the device after the wait, the function is rejected instead
-/// so the initiator does not retry over a write that may still land.
-fn complete_or_rejected(tasks_gone: bool) -> u8 {
-    if tasks_gone {
-        tmf::RESP_COMPLETE
-    } else {
-        tmf::RESP_REJECTED
-    }
-}
-
-fn residual(actual: u32, expected: u32) -> (bool, bool, u32) {
-    if actual > expected {
-        (true, false, actual - expected)
-    } else if actual < expected {
-        (false, true, expected - actual)
-    } else {
-        (false, false, 0)
+#[cfg(test)]
+mod tests {
+    /// The sense data the session builds itself (for data lost at ErrorRecoveryLevel 0,
+    /// and for commands refused before they reach a logical unit) is byte for byte what
+    /// the SCSI layer builds for the same sense (pinned in `iscsi-proto` too).
+    #[test]
+    fn session_sense_matches_the_scsi_layer() {
+        let scsi_bytes =
+            scsi::check_condition(scsi::Sense::new(scsi::SenseKey::AbortedCommand, 0x47, 0x05))
+                .sense
+                .unwrap_or_default();
+        assert_eq!(
+            &scsi_bytes[..],
+            &[0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x47, 0x05, 0, 0, 0, 0]
+        );
+        let invalid = scsi::check_condition(scsi::Sense::ILLEGAL_REQUEST_INVALID_FIELD_IN_CDB)
+            .sense
+            .unwrap_or_default();
+        assert_eq!(
+            &invalid[..],
+            &[0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0]
+        );
     }
 }

@@ -91,8 +91,8 @@ pub(crate) struct SessionEntry {
     pub ended: watch::Receiver<bool>,
     /// The session's I_T nexus (None for discovery sessions).
     pub nexus: Option<Arc<scsi::ItNexus>>,
-    /// Its commands in the SCSI layer, for aborts ordered by another session.
-    pub executing: crate::conn::Executing,
+    /// The session, for aborts ordered by another session.
+    pub session: Arc<crate::conn::Link>,
 }
 
 /// (initiator name, ISID, target name): the identity of a session for reinstatement
@@ -347,17 +347,7 @@ impl Shared {
             if key.2 != target || entry.nexus.as_deref() != Some(nexus) {
                 continue;
             }
-            for r in entry
-                .executing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values_mut()
-            {
-                if r.lun == lun && !r.aborted {
-                    r.aborted = true;
-                    n += 1;
-                }
-            }
+            n += entry.session.abort_running_on(lun);
         }
         self.stats
             .aborted_tasks

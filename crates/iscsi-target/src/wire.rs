@@ -1,21 +1,27 @@
 //! Reading PDUs from and writing PDUs to a TCP connection.
 //!
-//! Reads are split so that a data segment can land straight in its final buffer (the
-//! write buffer of a SCSI command) and writes are gathered with vectored I/O, so a block
-//! is never copied in user space on its way between socket and device.
+//! Reads are split so that a Data-Out's data segment can land straight in its final
+//! buffer (the write buffer of a SCSI command, lent by the session) and writes are
+//! gathered with vectored I/O, so a block is not copied in user space on its way between
+//! socket and device. (Immediate data is read before the command is admitted; when the
+//! write needs Data-Out as well, the session copies that first part into the write
+//! buffer once. A write carried whole as immediate data is not copied.)
+//!
+//! Header and data digests (RFC 7143 §13.1) are checked and computed here, not in the
+//! session: a failed data digest is reported to it as
+//! [`iscsi_proto::session::FramingError::DataDigest`].
 
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use iscsi_proto::digest::{crc32c, pad_len};
 use iscsi_proto::pdu::{Bhs, BHS_LEN};
-use iscsi_proto::SerialNumber;
+use iscsi_proto::session::Transmit;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
-use crate::budget::BufferPermit;
+use crate::conn::Link;
 
 /// Why reading a PDU failed; each ends the connection.
 #[derive(Debug, thiserror::Error)]
@@ -101,165 +107,51 @@ pub(crate) async fn read_data<R: AsyncRead + Unpin>(
     Ok((buf.freeze(), ok))
 }
 
-/// How a PDU's StatSN field is filled in when it is sent (RFC 7143 §4.2.2.2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StatSn {
-    /// Carries StatSN and advances it (responses).
-    Advance,
-    /// Carries the next StatSN without advancing (R2T, unsolicited NOP-In, Data-In
-    /// without status).
-    Peek,
-}
-
-/// One PDU queued for sending.
-#[derive(Debug)]
-pub(crate) struct OutPdu {
-    pub bhs: Bhs,
-    pub data: Bytes,
-    pub stat: StatSn,
-}
-
-impl OutPdu {
-    pub fn new(bhs: Bhs, data: Bytes, stat: StatSn) -> OutPdu {
-        let mut bhs = bhs;
-        bhs.set_data_len(data.len());
-        OutPdu { bhs, data, stat }
-    }
-}
-
-/// Messages to the writer task.
-#[derive(Debug)]
-pub(crate) enum Out {
-    /// PDUs sent back to back.
-    Pdus(Vec<OutPdu>),
-    /// A command's Data-In and status, with the share of the buffer budget its data
-    /// holds: given back once the PDUs are on the socket (or dropped with the queue).
-    Response(Vec<OutPdu>, BufferPermit),
-    /// Flush and signal when everything before this was written.
-    Barrier(tokio::sync::oneshot::Sender<()>),
-}
-
-/// The command window and StatSN shared by the reader, the completions and the writer.
-#[derive(Debug)]
-pub(crate) struct Window {
-    pub exp_cmd_sn: AtomicU32,
-    /// Highest MaxCmdSN announced so far; commands up to it must be accepted.
-    pub max_cmd_sn: AtomicU32,
-    /// Non-immediate commands received and not yet answered.
-    pub in_flight: AtomicU32,
-    /// Immediate SCSI commands received and not yet answered (outside the window).
-    pub immediate_in_flight: AtomicU32,
-    pub queue_depth: u32,
-}
-
-impl Window {
-    pub fn new(exp_cmd_sn: u32, queue_depth: u32) -> Window {
-        Window {
-            exp_cmd_sn: AtomicU32::new(exp_cmd_sn),
-            max_cmd_sn: AtomicU32::new(exp_cmd_sn.wrapping_add(queue_depth.max(1) - 1)),
-            in_flight: AtomicU32::new(0),
-            immediate_in_flight: AtomicU32::new(0),
-            queue_depth: queue_depth.max(1),
-        }
-    }
-
-    /// A SCSI command was received: it counts until it is answered or dropped.
-    pub fn task_started(&self, immediate: bool) {
-        self.counter(immediate).fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// A SCSI command counted by [`Window::task_started`] was answered or dropped.
-    pub fn task_ended(&self, immediate: bool) {
-        self.counter(immediate).fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Immediate SCSI commands outstanding now.
-    pub fn immediate_in_flight(&self) -> u32 {
-        self.immediate_in_flight.load(Ordering::Acquire)
-    }
-
-    fn counter(&self, immediate: bool) -> &AtomicU32 {
-        if immediate {
-            &self.immediate_in_flight
-        } else {
-            &self.in_flight
-        }
-    }
-
-    /// ExpCmdSN and the MaxCmdSN to announce now; MaxCmdSN never moves backwards.
-    pub fn announce(&self) -> (u32, u32) {
-        let exp = self.exp_cmd_sn.load(Ordering::Acquire);
-        let busy = self.in_flight.load(Ordering::Acquire).min(self.queue_depth);
-        let want = exp.wrapping_add(self.queue_depth - busy).wrapping_sub(1);
-        let prev = self.max_cmd_sn.load(Ordering::Acquire);
-        let max = if SerialNumber(want).gt(SerialNumber(prev)) {
-            want
-        } else {
-            prev
-        };
-        self.max_cmd_sn.store(max, Ordering::Release);
-        (exp, max)
-    }
-}
-
-/// The writer task: takes queued PDUs, fills in sequence numbers and digests, and writes
-/// them with as few system calls as the queue allows.
+/// The writer task: takes the PDUs the session queued (their sequence numbers are
+/// stamped as they are taken) and writes them with as few system calls as the queue
+/// allows, until the connection closes and everything queued is written. The buffer
+/// budget of a command's data goes back once its response is on the socket.
 pub(crate) async fn writer<W: AsyncWrite + Unpin>(
     mut w: W,
-    mut rx: mpsc::Receiver<Out>,
-    window: Arc<Window>,
-    mut stat_sn: u32,
+    link: Arc<Link>,
     digests: Digests,
     write_timeout: std::time::Duration,
+    kill: Arc<Notify>,
 ) -> std::io::Result<()> {
     const BATCH_PDUS_MAX: usize = 64;
-    let mut batch: Vec<OutPdu> = Vec::with_capacity(BATCH_PDUS_MAX);
-    let mut barriers = Vec::new();
-    let mut held: Vec<BufferPermit> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(m) = next.take() {
-            match m {
-                Out::Pdus(p) => batch.extend(p),
-                Out::Response(p, permit) => {
-                    batch.extend(p);
-                    held.push(permit);
-                }
-                Out::Barrier(tx) => barriers.push(tx),
+    loop {
+        let (batch, held) = link.take_batch(BATCH_PDUS_MAX);
+        if batch.is_empty() {
+            link.batch_written();
+            if link.is_closing() {
+                break;
             }
-            if batch.len() < BATCH_PDUS_MAX {
-                next = rx.try_recv().ok();
-            }
-        }
-        let (exp, max) = window.announce();
-        for p in batch.iter_mut() {
-            p.bhs.0[24..28].copy_from_slice(&stat_sn.to_be_bytes());
-            if p.stat == StatSn::Advance {
-                stat_sn = stat_sn.wrapping_add(1);
-            }
-            p.bhs.0[28..32].copy_from_slice(&exp.to_be_bytes());
-            p.bhs.0[32..36].copy_from_slice(&max.to_be_bytes());
+            link.transmit_ready().await;
+            continue;
         }
         // An initiator that stops reading (zero window) must not hold the session, its
         // buffers and its tasks forever: past the timeout the connection is dropped.
-        tokio::time::timeout(write_timeout, write_batch(&mut w, &batch, digests))
+        let written = tokio::time::timeout(write_timeout, write_batch(&mut w, &batch, digests))
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "initiator stopped reading")
-            })??;
-        batch.clear();
-        // The data is on the socket: its buffers may be reused.
-        held.clear();
-        for b in barriers.drain(..) {
-            let _ = b.send(());
+            })
+            .and_then(|r| r);
+        if let Err(e) = written {
+            link.batch_written();
+            kill.notify_one();
+            return Err(e);
         }
+        // The data is on the socket: its buffers may be reused.
+        drop(held);
+        link.batch_written();
     }
     w.flush().await
 }
 
 async fn write_batch<W: AsyncWrite + Unpin>(
     w: &mut W,
-    batch: &[OutPdu],
+    batch: &[Transmit],
     digests: Digests,
 ) -> std::io::Result<()> {
     const PAD: [u8; 4] = [0; 4];

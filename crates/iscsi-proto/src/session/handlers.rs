@@ -124,7 +124,7 @@ impl Session {
         }
         let dlen = data.len();
         let edtl = cmd.expected_data_transfer_length;
-        // RFC 7143 §11.3.4: immediate data only with W, when ImmediateData=Yes, and no
+        // RFC 7143 §11.3.6, §13.11: immediate data only with W, when ImmediateData=Yes, and no
         // more than the expected data transfer length.
         if dlen > 0
             && (!cmd.write || !self.config.params.immediate_data || dlen as u64 > u64::from(edtl))
@@ -503,7 +503,7 @@ impl Session {
     }
 
     /// A Text Response carrying `body`, or as much of it as one PDU may carry with a
-    /// TTT to ask for the rest (RFC 7143 §11.11.2).
+    /// TTT to ask for the rest (RFC 7143 §11.11.2, §11.11.4).
     pub(super) fn text_response(&mut self, req: &Text, body: Bytes) {
         let max = self.config.params.max_xmit_data_segment_length as usize;
         let (chunk, rest) = if body.len() > max {

@@ -81,7 +81,7 @@ tag_newtype!(
     Itt
 );
 tag_newtype!(
-    /// Target transfer tag (RFC 7143 §11.7.4, §11.8.3).
+    /// Target transfer tag (RFC 7143 §11.7, §11.8).
     Ttt
 );
 serial_newtype!(
@@ -434,6 +434,11 @@ impl Session {
     }
 
     /// Handles a PDU decoded from `bhs` (carried in a Reject as received).
+    ///
+    /// A SCSI Command's immediate data that is only the start of the write's data may
+    /// come in a buffer with capacity for the whole expected data transfer length (read
+    /// into a `BytesMut`, then frozen): the session then grows that buffer in place into
+    /// the write buffer instead of copying the immediate data into a new one.
     pub fn handle_received(&mut self, now: Instant, bhs: Bhs, pdu: Pdu) {
         if self.closed {
             return;
@@ -551,10 +556,7 @@ impl Session {
             self.execute(cmd, data, arrived);
         } else {
             let dlen = u32::try_from(data.len()).unwrap_or(u32::MAX);
-            let mut buf = BytesMut::zeroed(edtl as usize);
-            if let Some(dst) = buf.get_mut(..data.len()) {
-                dst.copy_from_slice(&data);
-            }
+            let buf = write_buffer(data, edtl as usize);
             let p = &self.config.params;
             let first_burst = p.first_burst_length.min(edtl);
             // RFC 7143 §13.10/§13.11: with InitialR2T=No the initiator may send up to
@@ -933,5 +935,29 @@ impl Session {
     /// The counters since the last call.
     pub fn take_counters(&mut self) -> Counters {
         std::mem::take(&mut self.counters)
+    }
+}
+
+/// The write buffer of a command, `edtl` bytes, starting with its immediate data. When
+/// the transport read the immediate data into a buffer with room for the whole write
+/// (see [`Session::handle_received`]), that buffer is used as it is: the immediate data
+/// is not copied.
+fn write_buffer(immediate: Bytes, edtl: usize) -> BytesMut {
+    match immediate.try_into_mut() {
+        Ok(mut buf) if buf.capacity() >= edtl => {
+            buf.resize(edtl, 0);
+            buf
+        }
+        other => {
+            let data = match &other {
+                Ok(b) => &b[..],
+                Err(b) => &b[..],
+            };
+            let mut buf = BytesMut::zeroed(edtl);
+            if let Some(dst) = buf.get_mut(..data.len()) {
+                dst.copy_from_slice(data);
+            }
+            buf
+        }
     }
 }

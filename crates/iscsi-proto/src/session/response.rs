@@ -54,7 +54,7 @@ fn residual(actual: u32, expected: u32) -> (bool, bool, u32) {
 /// Builds the Data-In PDUs and the status of a completed command: data cut to the
 /// expected length, Data-In sequences no longer than MaxBurstLength and PDUs no longer
 /// than the initiator's MaxRecvDataSegmentLength, residuals, and the status in the last
-/// Data-In ("phase collapse", RFC 7143 §11.7.4) when there is no sense data.
+/// Data-In ("phase collapse", RFC 7143 §11.7) when there is no sense data.
 ///
 /// For a write, `data_out_needed` (what the command wanted, when the device knows it)
 /// gives the residual; for a read, the length of the data the command produced.

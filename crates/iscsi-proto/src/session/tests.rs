@@ -1730,3 +1730,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn immediate_data_in_a_roomy_buffer_becomes_the_write_buffer() {
+    let mut c = params();
+    c.immediate_data = true;
+    let mut p = Pair::new(config(c));
+    p.auto_execute = false;
+    let data = pattern(16384, 21);
+    let (itt, cmd) = p.i.command(WRITE10, 0, data.len(), Bytes::new(), true);
+    let Pdu::ScsiCommand(header, _) = cmd else {
+        unreachable!()
+    };
+    // What a transport does: room for the whole write, the immediate data read into it.
+    let mut imm = bytes::BytesMut::with_capacity(data.len());
+    imm.extend_from_slice(&data[..4096]);
+    let imm = imm.freeze();
+    let at = imm.as_ptr();
+    p.t.handle_pdu(p.now, Pdu::ScsiCommand(header, imm));
+    p.drive();
+    p.serve_r2ts(itt, &data);
+    assert_eq!(p.executing.len(), 1);
+    assert_eq!(p.executing[0].data_out, data);
+    assert_eq!(
+        p.executing[0].data_out.as_ptr(),
+        at,
+        "the same buffer, not a copy"
+    );
+}
