@@ -194,6 +194,35 @@ impl Server {
         self.shared.abort_preempted_tasks(target, device);
     }
 
+    /// Runs `job` (SCSI execution: blocking disk I/O) on the server's I/O pool, the
+    /// one every command of this server's sessions runs on, inside its bound: when
+    /// every slot is taken, the job waits for one (without holding a thread). For
+    /// commands that reach this node another way (forwarded from another node).
+    pub async fn execute_on_io_pool(&self, job: impl FnOnce() + Send + 'static) {
+        let pool = &self.shared.io;
+        let slot = match pool.try_slot() {
+            Some(s) => s,
+            None => match pool.slot().await {
+                Some(s) => s,
+                // The pool's semaphore is never closed; run the job rather than drop it.
+                None => return job(),
+            },
+        };
+        pool.spawn(slot, job);
+    }
+
+    /// [`Server::execute_on_io_pool`] without waiting: runs `job` if a slot is free now,
+    /// else gives it back.
+    pub fn try_execute_on_io_pool<F: FnOnce() + Send + 'static>(&self, job: F) -> Result<(), F> {
+        match self.shared.io.try_slot() {
+            Some(slot) => {
+                self.shared.io.spawn(slot, job);
+                Ok(())
+            }
+            None => Err(job),
+        }
+    }
+
     /// The sessions logged in now.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         self.shared.sessions()

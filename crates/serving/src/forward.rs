@@ -379,11 +379,14 @@ impl ForwardHandler for ForwardServer {
             }
             Request::Command(cmd) => cmd,
         };
-        // Commands block on the disk: never on the link's task.
-        tokio::task::spawn_blocking(move || {
-            let Some(device) = device else {
-                return reply.send(encode_response(&transitioning()));
-            };
+        let Some(device) = device else {
+            return reply.send(encode_response(&transitioning()));
+        };
+        // Commands block on the disk: never on the link's task. They run on the I/O pool
+        // of the local sessions' commands, inside its bound and its panic guard (a
+        // dropped `Responder` answers HARDWARE ERROR).
+        let pool = server.clone();
+        let job = move || {
             let prout = cmd.cdb.first() == Some(&0x5F);
             let d = device.clone();
             let respond = scsi::Responder::new(move |r: ScsiResponse| {
@@ -393,7 +396,11 @@ impl ForwardHandler for ForwardServer {
                 reply.send(encode_response(&r));
             });
             device.execute_then(&cmd.request(), respond);
-        });
+        };
+        if let Err(job) = pool.try_execute_on_io_pool(job) {
+            // Every slot taken: wait for one on a task, not on the link's.
+            tokio::spawn(async move { pool.execute_on_io_pool(job).await });
+        }
     }
 }
 
