@@ -4,8 +4,23 @@ use bytes::Bytes;
 
 use crate::bitmap::RegionSet;
 
-/// A node's id in the cluster.
-pub type NodeId = u64;
+/// A node of the replication protocol: the cluster's node id (`cluster::state::NodeId`),
+/// converted at the serving layer, so a node id is never mistaken for an epoch, a
+/// sequence number or an offset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u64);
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<u64> for NodeId {
+    fn from(id: u64) -> NodeId {
+        NodeId(id)
+    }
+}
 /// A primary term; raised by the control plane at every promotion. A message from an
 /// older epoch is refused (docs/design-notes.md, "Epochs").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -262,7 +262,7 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             h.put_u8(u8::from(*full));
             h.put_u32(peers.len() as u32);
             for (node, regions) in peers {
-                h.put_u64(*node);
+                h.put_u64(node.0);
                 h.put_u32(regions.len() as u32);
                 for r in regions.iter() {
                     h.put_u64(r);
@@ -367,7 +367,7 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
                 let node = b.get_u64();
                 let count = b.get_u32() as usize;
                 need(&b, count.checked_mul(8).ok_or_else(|| bad("count"))?)?;
-                let set = peers.entry(node).or_default();
+                let set = peers.entry(NodeId(node)).or_default();
                 for _ in 0..count {
                     set.insert(b.get_u64());
                 }
@@ -707,7 +707,7 @@ impl ReplicationNet {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.refusal_logged.due(peer);
         if log {
-            tracing::warn!(node = peer, %why, "refused a replication frame that contradicts the cluster state (logged once a minute per node)");
+            tracing::warn!(node = peer.0, %why, "refused a replication frame that contradicts the cluster state (logged once a minute per node)");
         }
         false
     }
@@ -815,7 +815,7 @@ impl ReplicationNet {
                         self.refused
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::debug!(
-                            node = peer,
+                            node = peer.0,
                             id,
                             "dropped a forwarding reply to no request sent there"
                         );
@@ -1056,7 +1056,7 @@ impl ReplicationNet {
             match tokio::time::timeout(Duration::from_secs(1), self.connect(addr)).await {
                 Ok(Ok(s)) => {
                     if let Err(e) = self.run_link(node, s).await {
-                        tracing::debug!(node, error = %e, "replication link down");
+                        tracing::debug!(node = node.0, error = %e, "replication link down");
                     }
                     self.link_changed(node, false);
                 }
@@ -1072,7 +1072,7 @@ impl ReplicationNet {
             .await
             .map_err(|_| bad("no handshake in time"))?
             .inspect_err(|e| {
-                tracing::warn!(node, error = %e, "cannot open the replication link");
+                tracing::warn!(node = node.0, error = %e, "cannot open the replication link");
             })?;
         let (tx, rx) = mpsc::unbounded_channel::<Frame>();
         if let Ok(mut m) = self.outgoing.lock() {

@@ -1831,11 +1831,11 @@ mod tests {
     /// A primary of a 64-region volume whose replica 2 is out of sync and connected.
     fn resyncing(rate: u64) -> (Primary, Vec<Action>) {
         let cfg = PrimaryConfig {
-            me: 1,
+            me: NodeId(1),
             epoch: Epoch(3),
             region_size: MIB,
             size_bytes: 64 * MIB,
-            replicas: [2].into(),
+            replicas: [NodeId(2)].into(),
             in_sync: BTreeSet::new(),
             own_activity_log: RegionSet::new(),
             dirty_hint: None,
@@ -1848,10 +1848,10 @@ mod tests {
         };
         let mut p = Primary::new(cfg, 0);
         let mut out = p.tick(0);
-        out.extend(p.link_up(0, 2));
+        out.extend(p.link_up(0, NodeId(2)));
         out.extend(p.on_message(
             0,
-            2,
+            NodeId(2),
             Message::SealAck {
                 epoch: Epoch(3),
                 divergent: RegionSet::new(),
@@ -1881,11 +1881,11 @@ mod tests {
             let mut out = Vec::new();
             if let Some(last) = pending.iter().max().copied() {
                 for seq in &pending {
-                    out.extend(p.region_read(2, *seq, Bytes::from(vec![0u8; 16])));
+                    out.extend(p.region_read(NodeId(2), *seq, Bytes::from(vec![0u8; 16])));
                 }
                 out.extend(p.on_message(
                     now,
-                    2,
+                    NodeId(2),
                     Message::Ack {
                         epoch: Epoch(3),
                         seq: last,
@@ -1924,12 +1924,12 @@ mod tests {
     /// A sealed, leased primary with replica 2 in sync and streaming.
     fn in_sync_pair() -> Primary {
         let cfg = PrimaryConfig {
-            me: 1,
+            me: NodeId(1),
             epoch: Epoch(3),
             region_size: MIB,
             size_bytes: 4 * MIB,
-            replicas: [2].into(),
-            in_sync: [2].into(),
+            replicas: [NodeId(2)].into(),
+            in_sync: [NodeId(2)].into(),
             own_activity_log: RegionSet::new(),
             dirty_hint: None,
             replica_timeout_ms: 1000,
@@ -1940,10 +1940,10 @@ mod tests {
             bug_forget_before_flush: false,
         };
         let mut p = Primary::new(cfg, 0);
-        let _ = p.link_up(0, 2);
+        let _ = p.link_up(0, NodeId(2));
         let _ = p.on_message(
             0,
-            2,
+            NodeId(2),
             Message::SealAck {
                 epoch: Epoch(3),
                 divergent: RegionSet::new(),
@@ -1989,7 +1989,7 @@ mod tests {
         out = p.local_done(5, id);
         out.extend(p.on_message(
             5,
-            2,
+            NodeId(2),
             Message::Ack {
                 epoch: Epoch(3),
                 seq: Seq(1),
@@ -2004,7 +2004,7 @@ mod tests {
             let crc = if r == 2 { 999 } else { 100 + r as u32 };
             out.extend(p.on_message(
                 6,
-                2,
+                NodeId(2),
                 Message::VerifyResult {
                     epoch: Epoch(3),
                     region: r,
@@ -2015,7 +2015,10 @@ mod tests {
         let report = p.verify_report().unwrap();
         assert!(report.finished);
         assert_eq!(report.compared, 4);
-        assert_eq!(report.differing[&2].iter().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            report.differing[&NodeId(2)].iter().collect::<Vec<_>>(),
+            vec![2]
+        );
         assert!(out.contains(&Action::VerifyDone(report)));
         // The held write is placed once region 1 is compared, and region 2 is resynced.
         assert!(out
@@ -2042,11 +2045,11 @@ mod tests {
         let resync_seqs: Vec<Seq> = (1..=16).map(Seq).collect();
         let mut out = Vec::new();
         for seq in &resync_seqs {
-            out.extend(p.region_read(2, *seq, Bytes::from(vec![0u8; 16])));
+            out.extend(p.region_read(NodeId(2), *seq, Bytes::from(vec![0u8; 16])));
         }
         out.extend(p.on_message(
             3,
-            2,
+            NodeId(2),
             Message::Ack {
                 epoch: Epoch(3),
                 seq: Seq(16),
@@ -2060,7 +2063,7 @@ mod tests {
         let last = 16 + APP_BACKLOG_BEFORE_RESYNC_WAITS as u64 + 1;
         let out = p.on_message(
             600,
-            2,
+            NodeId(2),
             Message::Ack {
                 epoch: Epoch(3),
                 seq: Seq(last),

@@ -53,7 +53,7 @@ const BLOCK: u64 = 8;
 const BLOCKS: u64 = 24;
 const REGION: u64 = 4 * BLOCK;
 const SIZE: u64 = BLOCKS * BLOCK;
-const NODES: [NodeId; 3] = [1, 2, 3];
+const NODES: [NodeId; 3] = [NodeId(1), NodeId(2), NodeId(3)];
 const LEASE: u64 = 300;
 const RENEW_EVERY: u64 = 80;
 const REPLICA_TIMEOUT: u64 = 150;
@@ -61,7 +61,7 @@ const CLIENT_TIMEOUT: u64 = 400;
 const RUN_MS: u64 = 2_000;
 const HEAL_MS: u64 = 4_000;
 /// The client's end of links: it is not a node.
-const CLIENT: NodeId = 0;
+const CLIENT: NodeId = NodeId(0);
 /// The one volume; the cluster's failover rules key leases by volume name.
 const VOLUME: &str = "sim";
 
@@ -386,7 +386,7 @@ struct Sim {
     report: Report,
 }
 
-const CP: NodeId = u64::MAX;
+const CP: NodeId = NodeId(u64::MAX);
 
 fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     (a.min(b), a.max(b))
@@ -456,7 +456,7 @@ impl Sim {
             node.role = Role::Replica(replica_of(node, sim.log_slack, bug));
         }
         for id in NODES {
-            sim.at(1 + id, Ev::NodeTick(id));
+            sim.at(1 + id.0, Ev::NodeTick(id));
         }
         sim.at(5, Ev::CpTick);
         sim.at(50, Ev::ClientTick);
@@ -1146,7 +1146,7 @@ impl Sim {
             .isr
             .iter()
             .map(|&id| Member {
-                id,
+                id: id.0,
                 online: cp
                     .last_heard
                     .get(&id)
@@ -1156,13 +1156,13 @@ impl Sim {
             .collect();
         // No primary yet: any member (the cluster's rule prefers another node to the
         // old primary; there is none).
-        let Some(successor) = failover::successor(cp.primary.unwrap_or(0), &members) else {
+        let Some(successor) = failover::successor(cp.primary.map_or(0, |p| p.0), &members) else {
             return; // offline until an in-sync member is back: never serve stale data
         };
         if matches!(successor, Successor::LostPower(_)) {
             self.report.lost_power_promotions += 1;
         }
-        let pick = successor.node();
+        let pick = NodeId(successor.node());
         let cp = &mut self.cp;
         if let Some(old) = cp.primary {
             if old != pick {

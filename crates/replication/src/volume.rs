@@ -221,7 +221,7 @@ impl ReplicaState {
         let mut map = DirtyMap::new();
         for _ in 0..next()? {
             let node = next()?;
-            let set = map.entry(node).or_default();
+            let set = map.entry(NodeId(node)).or_default();
             for _ in 0..next()? {
                 set.insert(next()?);
             }
@@ -239,7 +239,7 @@ impl ReplicaState {
         let mut b = Vec::new();
         b.extend_from_slice(&(map.len() as u64).to_le_bytes());
         for (node, set) in map {
-            b.extend_from_slice(&node.to_le_bytes());
+            b.extend_from_slice(&node.0.to_le_bytes());
             b.extend_from_slice(&(set.len() as u64).to_le_bytes());
             for r in set.iter() {
                 b.extend_from_slice(&r.to_le_bytes());
@@ -1543,8 +1543,16 @@ mod tests {
         let net = Arc::new(Net::default());
         let stores: Vec<Arc<MemDevice>> =
             (0..2).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
-        start_replica(&net, 2, stores[1].clone(), &dir);
-        let p = start_primary(&net, 1, Epoch(1), stores[0].clone(), &dir, &[2], &[2]);
+        start_replica(&net, NodeId(2), stores[1].clone(), &dir);
+        let p = start_primary(
+            &net,
+            NodeId(1),
+            Epoch(1),
+            stores[0].clone(),
+            &dir,
+            &[NodeId(2)],
+            &[NodeId(2)],
+        );
         wait_until("sealed and serving", || p.serving());
         let before: Vec<u64> = stores
             .iter()
@@ -1577,9 +1585,17 @@ mod tests {
         let net = Arc::new(Net::default());
         let stores: Vec<Arc<MemDevice>> =
             (0..3).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
-        start_replica(&net, 2, stores[1].clone(), &dir);
-        start_replica(&net, 3, stores[2].clone(), &dir);
-        let p = start_primary(&net, 1, Epoch(1), stores[0].clone(), &dir, &[2, 3], &[2, 3]);
+        start_replica(&net, NodeId(2), stores[1].clone(), &dir);
+        start_replica(&net, NodeId(3), stores[2].clone(), &dir);
+        let p = start_primary(
+            &net,
+            NodeId(1),
+            Epoch(1),
+            stores[0].clone(),
+            &dir,
+            &[NodeId(2), NodeId(3)],
+            &[NodeId(2), NodeId(3)],
+        );
         wait_until("sealed and serving", || p.serving());
         block_device::conformance::check(p.as_ref(), block_device::conformance::Keeps::Data);
         let whole = |s: &MemDevice| read(s, 0, 4 << 20);
@@ -1600,9 +1616,17 @@ mod tests {
         let net = Arc::new(Net::default());
         let stores: Vec<Arc<MemDevice>> =
             (0..3).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
-        start_replica(&net, 2, stores[1].clone(), &dir);
-        start_replica(&net, 3, stores[2].clone(), &dir);
-        let p = start_primary(&net, 1, Epoch(1), stores[0].clone(), &dir, &[2, 3], &[2, 3]);
+        start_replica(&net, NodeId(2), stores[1].clone(), &dir);
+        start_replica(&net, NodeId(3), stores[2].clone(), &dir);
+        let p = start_primary(
+            &net,
+            NodeId(1),
+            Epoch(1),
+            stores[0].clone(),
+            &dir,
+            &[NodeId(2), NodeId(3)],
+            &[NodeId(2), NodeId(3)],
+        );
         wait_until("sealed and serving", || p.serving());
 
         for i in 0..64u64 {
@@ -1628,8 +1652,16 @@ mod tests {
         // The primary dies; node 2 is promoted at epoch 2 with node 3 in sync.
         net.primaries.lock().unwrap().clear();
         drop(p);
-        net.replicas.lock().unwrap().remove(&2);
-        let p2 = start_primary(&net, 2, Epoch(2), stores[1].clone(), &dir, &[3], &[1, 3]);
+        net.replicas.lock().unwrap().remove(&NodeId(2));
+        let p2 = start_primary(
+            &net,
+            NodeId(2),
+            Epoch(2),
+            stores[1].clone(),
+            &dir,
+            &[NodeId(3)],
+            &[NodeId(1), NodeId(3)],
+        );
         wait_until("the new primary serves", || p2.serving());
         for i in 0..64u64 {
             assert_eq!(read(p2.as_ref(), i * 4096, 4096), vec![i as u8 + 1; 4096]);
@@ -1638,9 +1670,9 @@ mod tests {
         assert_eq!(read(stores[2].as_ref(), 0, 4096), vec![9u8; 4096]);
 
         // The old primary returns as a replica: it is resynced and joins the in-sync set.
-        start_replica(&net, 1, stores[0].clone(), &dir);
-        p2.link_up(1);
-        wait_until("node 1 back in sync", || p2.in_sync().contains(&1));
+        start_replica(&net, NodeId(1), stores[0].clone(), &dir);
+        p2.link_up(NodeId(1));
+        wait_until("node 1 back in sync", || p2.in_sync().contains(&NodeId(1)));
         for s in &stores {
             assert_eq!(
                 read(s.as_ref(), 0, 4 << 20),

@@ -46,7 +46,7 @@ pub async fn start_replication(
             let peer = cluster::identity::peer_cert(Some(certs))
                 .ok_or("the peer showed no certificate")??;
             cluster::identity::check_member(&state.borrow(), &peer)?;
-            Ok(peer.node)
+            Ok(replication::NodeId(peer.node))
         }),
         plaintext,
         admit_connection: Some(Arc::new(move |ip| {
@@ -61,7 +61,7 @@ pub async fn start_replication(
         tracing::warn!("replication traffic goes in the clear to nodes that also run with --replication-tls off (keep it on a dedicated network)");
     }
     let net = replication::net::ReplicationNet::start(
-        identity.node_id,
+        replication::NodeId(identity.node_id),
         security,
         identity.addresses.replication,
     )
@@ -94,8 +94,8 @@ impl StateAdmission {
 }
 
 impl Admission for StateAdmission {
-    fn check(&self, from: NodeId, claim: &Claim<'_>) -> Verdict {
-        judge(&self.state.borrow(), self.me, from, claim)
+    fn check(&self, from: replication::NodeId, claim: &Claim<'_>) -> Verdict {
+        judge(&self.state.borrow(), self.me, from.0, claim)
     }
 
     fn state_changed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {

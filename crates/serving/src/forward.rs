@@ -338,7 +338,7 @@ impl ForwardHandler for ForwardServer {
         let request = match decode_request(body) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(from, %target, error = %e, "undecodable forwarded command");
+                tracing::warn!(from = from.0, %target, error = %e, "undecodable forwarded command");
                 return reply.send(encode_response(&transitioning()));
             }
         };

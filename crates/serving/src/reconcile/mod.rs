@@ -251,7 +251,7 @@ impl Serving {
                             .resyncs
                             .iter()
                             .map(|r| cluster::status::ResyncView {
-                                node: r.peer,
+                                node: r.peer.0,
                                 done_regions: r.done_regions,
                                 pending_regions: r.pending_regions,
                                 rate_bytes_per_s: r.rate_bytes_per_s,
@@ -263,7 +263,7 @@ impl Serving {
                             .lag
                             .iter()
                             .map(|l| cluster::status::LagView {
-                                node: l.peer,
+                                node: l.peer.0,
                                 writes: l.writes,
                                 bytes: l.bytes,
                             })
@@ -328,7 +328,8 @@ impl Serving {
         std::fs::create_dir_all(&self.volumes_dir)
             .map_err(io_error(format!("creating {}", self.volumes_dir.display())))?;
         for n in st.nodes.values().filter(|n| n.role == NodeRole::Storage) {
-            self.net.set_peer(n.id, n.addresses.replication);
+            self.net
+                .set_peer(replication::NodeId(n.id), n.addresses.replication);
         }
         let start_epochs = {
             let mut s = self

@@ -114,8 +114,12 @@ impl ClusterPaths {
         };
         let body = crate::forward::encode_task_management(tmf);
         for n in others {
-            self.net
-                .forward(n, &self.iqn, body.clone(), Box::new(|_| {}));
+            self.net.forward(
+                replication::NodeId(n),
+                &self.iqn,
+                body.clone(),
+                Box::new(|_| {}),
+            );
         }
     }
 }

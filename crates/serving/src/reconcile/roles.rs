@@ -69,11 +69,11 @@ impl IsrRequests {
 }
 
 impl ControlPlane for IsrRequests {
-    fn request_isr_add(&self, epoch: replication::Epoch, node: NodeId) {
-        self.request(epoch.0, vec![node], Vec::new());
+    fn request_isr_add(&self, epoch: replication::Epoch, node: replication::NodeId) {
+        self.request(epoch.0, vec![node.0], Vec::new());
     }
-    fn request_isr_remove(&self, epoch: replication::Epoch, node: NodeId) {
-        self.request(epoch.0, Vec::new(), vec![node]);
+    fn request_isr_remove(&self, epoch: replication::Epoch, node: replication::NodeId) {
+        self.request(epoch.0, Vec::new(), vec![node.0]);
     }
     fn notice(&self, notice: replication::Notice) {
         let volume = &self.volume;
@@ -83,7 +83,7 @@ impl ControlPlane for IsrRequests {
         match &notice {
             replication::Notice::ResyncStarted { peer, regions }
             | replication::Notice::ResyncFinished { peer, regions, .. } => {
-                details.insert("peer".into(), name(*peer).into());
+                details.insert("peer".into(), name(peer.0).into());
                 details.insert("bytes".into(), (regions * REGION_SIZE).into());
             }
             replication::Notice::DiskFailed { .. } => {
@@ -95,7 +95,7 @@ impl ControlPlane for IsrRequests {
                 EventKind::ResyncStarted,
                 format!(
                     "resync of {volume} to {} started: {} to send",
-                    name(peer),
+                    name(peer.0),
                     cluster::state::human(regions * REGION_SIZE)
                 ),
             ),
@@ -114,7 +114,7 @@ impl ControlPlane for IsrRequests {
                 EventKind::ResyncFinished,
                 format!(
                     "resync of {volume} to {} finished: {} in {:.1} s",
-                    name(peer),
+                    name(peer.0),
                     cluster::state::human(regions * REGION_SIZE),
                     took.as_secs_f64()
                 ),
@@ -136,7 +136,7 @@ impl ControlPlane for IsrRequests {
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .map(|n| cluster::state::ReplicaVerify {
-                    node: *n,
+                    node: n.0,
                     differing: report.differing.get(n).map_or(0, |r| r.len() as u64),
                     sample: report.differing.get(n).map_or_else(Vec::new, |r| {
                         r.iter().take(cluster::state::VERIFY_SAMPLE).collect()
@@ -445,7 +445,7 @@ impl Serving {
         let store_kept = store.clone();
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
         let cfg = PrimaryConfig {
-            me: self.me,
+            me: replication::NodeId(self.me),
             epoch: replication::Epoch(v.epoch),
             region_size: REGION_SIZE,
             size_bytes: v.size_bytes,
@@ -454,12 +454,14 @@ impl Serving {
                 .iter()
                 .copied()
                 .filter(|n| *n != self.me)
+                .map(replication::NodeId)
                 .collect(),
             in_sync: v
                 .in_sync
                 .iter()
                 .copied()
                 .filter(|n| *n != self.me)
+                .map(replication::NodeId)
                 .collect(),
             own_activity_log: state
                 .activity_log()
@@ -662,11 +664,12 @@ impl Serving {
                         verify,
                         ..
                     }) if *epoch == v.epoch => {
-                        let isr: BTreeSet<NodeId> = v
+                        let isr: BTreeSet<replication::NodeId> = v
                             .in_sync
                             .iter()
                             .copied()
                             .filter(|n| *n != self.me)
+                            .map(replication::NodeId)
                             .collect();
                         volume.isr_committed(replication::Epoch(v.epoch), isr);
                         volume.set_resync_rate(st.settings.resync_rate_bytes_per_s);

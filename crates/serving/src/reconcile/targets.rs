@@ -41,7 +41,7 @@ impl Serving {
         s.device.forward_to(
             Arc::new(crate::forward::NetForwarder {
                 net: self.net.clone(),
-                primary,
+                primary: replication::NodeId(primary),
                 target: t.iqn.clone(),
             }),
             luns,
