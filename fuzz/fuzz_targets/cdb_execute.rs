@@ -31,11 +31,12 @@ fuzz_target!(|data: &[u8]| {
         isid: [head[1] & 3, 0, 0, 0, 0, 0],
         target_port: TargetPort { name: "iqn.t,t,0x0001".into(), relative_id: 1, group: 1 },
     };
+    let data_out = bytes::Bytes::copy_from_slice(data_out);
     let req = ScsiRequest {
         nexus: &nexus,
         lun: u64::from(head[1] >> 6),
         cdb,
-        data_out,
+        data_out: &data_out,
         expected_data_in_len: 65536,
         attr: TaskAttribute::Simple,
         arrived: std::time::Instant::now(),

@@ -135,7 +135,8 @@ pub struct ScsiRequest<'a> {
     pub cdb: &'a [u8],
     /// Data-Out buffer: all data the initiator sent for this command (may be shorter than
     /// the CDB asks for if the initiator sent less; the command then fails as SBC says).
-    pub data_out: &'a [u8],
+    /// `Bytes`, so a command forwarded to another node takes it without a copy.
+    pub data_out: &'a Bytes,
     /// Expected data transfer length from the transport, in bytes (Data-In direction for
     /// reads). Data-In longer than this is truncated by the transport, which reports the
     /// residual.

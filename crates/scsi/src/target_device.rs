@@ -419,7 +419,7 @@ impl TargetDevice {
                 nexus: req.nexus.clone(),
                 lun: req.lun,
                 cdb: Bytes::copy_from_slice(req.cdb),
-                data_out: Bytes::copy_from_slice(req.data_out),
+                data_out: req.data_out.clone(),
                 expected_data_in_len: req.expected_data_in_len,
                 attr: req.attr,
                 arrived: req.arrived,

@@ -46,11 +46,12 @@ impl Kit {
     fn exec_lun(&self, n: &ItNexus, lun: u64, cdb: &[u8], data: &[u8]) -> ScsiResponse {
         let mut c = [0u8; 16];
         c[..cdb.len()].copy_from_slice(cdb);
+        let data = Bytes::copy_from_slice(data);
         let req = ScsiRequest {
             nexus: n,
             lun,
             cdb: &c,
-            data_out: data,
+            data_out: &data,
             expected_data_in_len: 1 << 20,
             attr: TaskAttribute::Simple,
             arrived: std::time::Instant::now(),
@@ -1399,6 +1400,7 @@ proptest! {
             cdb[0] = opcode;
         }
         for _ in 0..2 {
+            let data = Bytes::from(data.clone());
             let req = ScsiRequest { nexus: &n, lun, cdb: &cdb, data_out: &data, expected_data_in_len: 4096, attr: TaskAttribute::Simple, arrived: std::time::Instant::now() };
             let r = target.execute(&req);
             if r.status == ScsiStatus::CheckCondition {
@@ -1556,7 +1558,7 @@ fn a_forwarding_device_shares_reservations_and_reports_its_own_port() {
             nexus: &a,
             lun: 0,
             cdb: &c,
-            data_out: data,
+            data_out: &Bytes::copy_from_slice(data),
             expected_data_in_len: 1 << 20,
             attr: TaskAttribute::Simple,
             arrived: std::time::Instant::now(),
