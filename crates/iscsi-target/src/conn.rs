@@ -810,10 +810,27 @@ impl Driver {
                 return end;
             }
             if !self.link.lock().wants_input() {
-                tokio::select! {
-                    _ = self.link.state_changed.notified() => continue,
-                    _ = self.kill.notified() => return End::Killed,
+                // Wait for another task (an I/O completion, the timer) to give the session
+                // events or make it want input. Checked without `Link::with`: that wakes
+                // `state_changed` itself, so the reader's own calls (the events it just
+                // carried out) leave a stale wake-up that must not send it round again,
+                // or it spins at full CPU until the wait ends.
+                loop {
+                    let changed = self.link.state_changed.notified();
+                    tokio::pin!(changed);
+                    changed.as_mut().enable();
+                    {
+                        let s = self.link.lock();
+                        if s.wants_input() || s.has_events() {
+                            break;
+                        }
+                    }
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = self.kill.notified() => return End::Killed,
+                    }
                 }
+                continue;
             }
             tokio::select! {
                 _ = self.link.room_to_read() => {}

@@ -321,6 +321,9 @@ impl scsi::Forwarder for NetForwarder {
     }
 }
 
+/// SANITIZE (SBC-4 §5.30): runs as long as the whole operation when IMMED=0.
+const SANITIZE: u8 = 0x48;
+
 /// Looks up the target device that executes a target's commands here (this node is
 /// its primary), or `None`.
 pub type DeviceLookup = dyn Fn(&str) -> Option<Arc<scsi::TargetDevice>> + Send + Sync;
@@ -386,6 +389,7 @@ impl ForwardHandler for ForwardServer {
         // of the local sessions' commands, inside its bound and its panic guard (a
         // dropped `Responder` answers HARDWARE ERROR).
         let pool = server.clone();
+        let sanitize = cmd.cdb.first() == Some(&SANITIZE);
         let job = move || {
             let prout = cmd.cdb.first() == Some(&0x5F);
             let d = device.clone();
@@ -397,7 +401,12 @@ impl ForwardHandler for ForwardServer {
             });
             device.execute_then(&cmd.request(), respond);
         };
-        if let Err(job) = pool.try_execute_on_io_pool(job) {
+        if sanitize {
+            // SANITIZE with IMMED=0 holds its thread until the whole operation ends; as
+            // for local commands (iscsi-target's dispatch), it must not take one of the
+            // I/O threads every other command needs.
+            drop(tokio::task::spawn_blocking(job));
+        } else if let Err(job) = pool.try_execute_on_io_pool(job) {
             // Every slot taken: wait for one on a task, not on the link's.
             tokio::spawn(async move { pool.execute_on_io_pool(job).await });
         }

@@ -835,6 +835,11 @@ impl Session {
         self.events.pop_front()
     }
 
+    /// Whether [`Session::poll_event`] has something, without taking it.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// When [`Session::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.closed {
