@@ -1427,6 +1427,41 @@ impl Sim {
 }
 
 /// A replica process starting on `node`'s persistent state.
+/// What both kinds of node do to their disk and small files, for [`SimPrimary`] and
+/// [`SimReplica`].
+impl Sim {
+    /// Writes (or, with `flush`, flushes) node `n`'s disk model; every write gets a new
+    /// id, so the power-loss model can tell them apart.
+    fn disk_write(&mut self, n: NodeId, role: &str, offset: u64, data: &[u8], flush: bool) {
+        self.next_write_id += 1;
+        let id = self.next_write_id;
+        if self.trace {
+            eprintln!(
+                "t={} node {n} {role} writes at {offset} len {} flush {flush} (write id {id})",
+                self.now,
+                data.len()
+            );
+        }
+        let node = self.nodes.get_mut(&n).expect("node");
+        if flush {
+            node.disk.flush();
+        } else {
+            node.disk.write(offset, data, id);
+        }
+    }
+
+    fn persist_activity_log(&mut self, n: NodeId, role: &str, log: RegionSet) {
+        if self.trace {
+            eprintln!("t={} node {n} {role} persists AL {log:?}", self.now);
+        }
+        self.nodes.get_mut(&n).expect("node").activity_log = log;
+    }
+
+    fn checksum(&self, n: NodeId, region: u64) -> u32 {
+        disk_crc(&self.nodes[&n].disk.view(), region)
+    }
+}
+
 /// The simulation's effects of a primary's actions: node `n`'s disk model, the
 /// simulated links, and the checks of the invariants on the way.
 struct SimPrimary<'a> {
@@ -1466,36 +1501,18 @@ impl PrimaryEffects for SimPrimary<'_> {
     }
 
     fn write(&mut self, offset: u64, data: &Bytes) -> Option<()> {
-        self.sim.next_write_id += 1;
-        let id = self.sim.next_write_id;
-        if self.sim.trace {
-            eprintln!(
-                "t={} node {} primary writes at {offset} len {} (write id {id})",
-                self.sim.now,
-                self.n,
-                data.len()
-            );
-        }
-        self.node().disk.write(offset, data, id);
+        self.sim.disk_write(self.n, "primary", offset, data, false);
         Some(())
     }
 
     fn flush(&mut self) -> Option<()> {
-        if self.sim.trace {
-            eprintln!("t={} node {} primary flushes", self.sim.now, self.n);
-        }
-        self.node().disk.flush();
+        self.sim
+            .disk_write(self.n, "primary", 0, &Bytes::new(), true);
         Some(())
     }
 
     fn persist_activity_log(&mut self, log: RegionSet) -> Option<()> {
-        if self.sim.trace {
-            eprintln!(
-                "t={} node {} primary persists AL {log:?}",
-                self.sim.now, self.n
-            );
-        }
-        self.node().activity_log = log;
+        self.sim.persist_activity_log(self.n, "primary", log);
         Some(())
     }
 
@@ -1516,7 +1533,7 @@ impl PrimaryEffects for SimPrimary<'_> {
     }
 
     fn checksum_region(&mut self, region: u64) -> Option<u32> {
-        Some(disk_crc(&self.node().disk.view(), region))
+        Some(self.sim.checksum(self.n, region))
     }
 
     fn complete(&mut self, tag: WriteTag) {
@@ -1631,13 +1648,7 @@ impl ReplicaEffects for SimReplica<'_> {
     }
 
     fn persist_activity_log(&mut self, log: RegionSet) -> Option<()> {
-        if self.sim.trace {
-            eprintln!(
-                "t={} node {} replica persists AL {log:?}",
-                self.sim.now, self.n
-            );
-        }
-        self.node().activity_log = log;
+        self.sim.persist_activity_log(self.n, "replica", log);
         Some(())
     }
 
@@ -1647,27 +1658,12 @@ impl ReplicaEffects for SimReplica<'_> {
     }
 
     fn apply(&mut self, offset: u64, data: &Bytes, flush: bool) -> Option<()> {
-        self.sim.next_write_id += 1;
-        let id = self.sim.next_write_id;
-        if self.sim.trace {
-            eprintln!(
-                "t={} node {} replica applies at {offset} len {} flush {flush}",
-                self.sim.now,
-                self.n,
-                data.len()
-            );
-        }
-        let node = self.node();
-        if flush {
-            node.disk.flush();
-        } else {
-            node.disk.write(offset, data, id);
-        }
+        self.sim.disk_write(self.n, "replica", offset, data, flush);
         Some(())
     }
 
     fn checksum_region(&mut self, region: u64) -> Option<u32> {
-        Some(disk_crc(&self.node().disk.view(), region))
+        Some(self.sim.checksum(self.n, region))
     }
 
     fn stopped(&self) -> bool {
