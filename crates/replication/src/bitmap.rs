@@ -69,6 +69,11 @@ impl RegionSet {
         self.0.iter().copied()
     }
 
+    /// Keeps only the regions that are also in `other`.
+    pub fn intersect_with(&mut self, other: &RegionSet) {
+        self.0.retain(|r| other.0.contains(r));
+    }
+
     /// Removes every region.
     pub fn clear(&mut self) {
         self.0.clear();

@@ -51,6 +51,12 @@ pub(crate) trait PrimaryEffects {
     /// Reads one region for a resync.
     fn read_region(&mut self, region: u64) -> Option<Bytes>;
 
+    /// The regions of the local copy that hold data (the rest reads as zeroes); `None`
+    /// when the store cannot tell (a new replica then gets every region).
+    fn allocated_regions(&mut self) -> Option<RegionSet> {
+        None
+    }
+
     /// Checksums one local region for a verify.
     fn checksum_region(&mut self, region: u64) -> Option<u32>;
 
@@ -94,6 +100,7 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
                 | Action::Flush { .. }
                 | Action::ReadRegion { .. }
                 | Action::ChecksumRegion { .. }
+                | Action::ScanAllocation { .. }
         );
         if touches_disk && !fx.may_touch_disk() {
             fx.defer(a);
@@ -145,6 +152,13 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
                             .unwrap_or_default(),
                     );
                 }
+            }
+            Action::ScanAllocation { peer } => {
+                let allocated = fx.allocated_regions();
+                queue.extend(
+                    fx.engine(|p, now| p.allocation_scanned(now, peer, allocated.as_ref()))
+                        .unwrap_or_default(),
+                );
             }
             Action::Complete(tag) => fx.complete(tag),
             Action::RequestIsrAdd { epoch, node } => fx.request_isr_add(epoch, node),

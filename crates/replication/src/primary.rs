@@ -29,6 +29,9 @@ pub struct PrimaryConfig {
     pub replicas: BTreeSet<NodeId>,
     /// The committed in-sync set, without this node.
     pub in_sync: BTreeSet<NodeId>,
+    /// Replicas added to the volume that have never been in sync since: they are
+    /// rebuilt from scratch, at `rebuild_rate` rather than `resync_rate`.
+    pub rebuilding: BTreeSet<NodeId>,
     /// This node's own activity log at promotion (regions it may hold writes the others
     /// lack).
     pub own_activity_log: RegionSet,
@@ -45,6 +48,9 @@ pub struct PrimaryConfig {
     /// Resync bandwidth per replica, in bytes per second; 0 is unlimited. Sealing (the
     /// divergent regions of a failover, which hold I/O back) is never throttled.
     pub resync_rate: u64,
+    /// Rebuild bandwidth per new replica (a full copy), in bytes per second; 0 is
+    /// unlimited (application writes still go first).
+    pub rebuild_rate: u64,
     /// How many regions the persisted activity log may carry beyond the live ones
     /// before it is rewritten smaller ([`crate::replica::ACTIVITY_LOG_SLACK`]).
     pub activity_log_slack: usize,
@@ -111,6 +117,13 @@ pub enum Action {
         seq: Seq,
         /// Region number.
         region: u64,
+    },
+    /// Find which regions of the local copy hold data (the rest reads as zeroes), and
+    /// call [`Primary::allocation_scanned`] with `peer` and them: a replica added to
+    /// the volume gets only those. Its rebuild waits for the answer.
+    ScanAllocation {
+        /// The new replica.
+        peer: NodeId,
     },
     /// The initiator's write is on every in-sync member: send it its status.
     Complete(WriteTag),
@@ -322,7 +335,89 @@ struct Peer {
     /// its copies, so every member holds every flushed write durably.
     last_resync_seq: Seq,
     flushed_through: Seq,
+    /// Added to the volume and never in sync since: a full copy, at the rebuild rate.
+    rebuilding: bool,
+    /// Added while this primary serves, until the driver has said which regions hold
+    /// data ([`Action::ScanAllocation`]): the regions written meanwhile, which it gets
+    /// whatever the scan says. Nothing is copied to it before.
+    awaiting_scan: Option<RegionSet>,
+    /// A flush barrier in its stream that, once acknowledged, lets the persisted map
+    /// forget the regions copied before it (see [`Checkpoint`]).
+    checkpoint: Option<Checkpoint>,
+    /// `resync_done` when the last checkpoint was placed.
+    checkpoint_done: u64,
 }
+
+impl Peer {
+    fn new(now: u64, dirty: RegionSet, rebuilding: bool) -> Peer {
+        Peer {
+            link: Link::Down { since: now },
+            next_seq: Seq(1),
+            acked: Seq(0),
+            stream: VecDeque::new(),
+            dirty,
+            resync_outstanding: BTreeSet::new(),
+            resync_done: 0,
+            resync_base: 0,
+            resync_tokens: 0,
+            tokens_at: now,
+            last_progress: now,
+            add_requested: false,
+            remove_requested: false,
+            requested_at: 0,
+            last_resync_seq: Seq(0),
+            flushed_through: Seq(0),
+            rebuilding,
+            awaiting_scan: None,
+            checkpoint: None,
+            checkpoint_done: 0,
+        }
+    }
+}
+
+impl Peer {
+    /// Puts a flush barrier at the end of the stream (to send at once: the caller
+    /// checked the link streams): the replica acknowledges it once everything before it
+    /// is durable there.
+    fn push_barrier(&mut self, epoch: Epoch) -> (Seq, Message) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.stream.push_back(Entry {
+            seq,
+            offset: 0,
+            data: Some(Bytes::new()),
+            write: None,
+            flush: true,
+            waits_for: Vec::new(),
+        });
+        let msg = Message::Write {
+            epoch,
+            seq,
+            offset: 0,
+            data: Bytes::new(),
+            committed: Seq(0),
+            flush: true,
+        };
+        (seq, msg)
+    }
+}
+
+/// Progress of a resync kept across restarts: a flush barrier placed after some
+/// copies. Once the replica acknowledges it, those copies are durable there, and the
+/// map of what it lacks (persisted on every member) shrinks to `lacking`: a new primary,
+/// or this one after a restart, goes on from there instead of starting over.
+#[derive(Debug)]
+struct Checkpoint {
+    /// The barrier's position in the stream.
+    seq: Seq,
+    /// What the replica still lacked when the barrier was placed, and every region
+    /// written since (the barrier does not cover those).
+    lacking: RegionSet,
+}
+
+/// Resync copies between two checkpoints (regions): each costs the replica a flush,
+/// and a restart re-copies at most this many.
+const CHECKPOINT_REGIONS: u64 = 128;
 
 /// How far one replica is behind its primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -454,29 +549,7 @@ impl Primary {
         let peers = cfg
             .replicas
             .iter()
-            .map(|r| {
-                (
-                    *r,
-                    Peer {
-                        link: Link::Down { since: now },
-                        next_seq: Seq(1),
-                        acked: Seq(0),
-                        stream: VecDeque::new(),
-                        dirty: lacking(r),
-                        resync_outstanding: BTreeSet::new(),
-                        resync_done: 0,
-                        resync_base: 0,
-                        resync_tokens: 0,
-                        tokens_at: now,
-                        last_progress: now,
-                        add_requested: false,
-                        remove_requested: false,
-                        requested_at: 0,
-                        last_resync_seq: Seq(0),
-                        flushed_through: Seq(0),
-                    },
-                )
-            })
+            .map(|r| (*r, Peer::new(now, lacking(r), cfg.rebuilding.contains(r))))
             .collect();
         let persisted_log = cfg.own_activity_log.clone();
         // What this node may hold that others lack is not known to be durable either:
@@ -677,6 +750,15 @@ impl Primary {
             }
         }
         for (pid, peer) in self.peers.iter_mut() {
+            if len > 0 {
+                for seen in peer
+                    .awaiting_scan
+                    .iter_mut()
+                    .chain(peer.checkpoint.as_mut().map(|c| &mut c.lacking))
+                {
+                    seen.mark(offset, len, self.cfg.region_size);
+                }
+            }
             // Members get every write in their stream, sent now or retransmitted after
             // the next seal; others get it only while streaming, and otherwise as a
             // dirty region when they return.
@@ -972,7 +1054,7 @@ impl Primary {
         let Some(peer) = self.peers.get_mut(&pid) else {
             return;
         };
-        if peer.link != Link::Streaming {
+        if peer.link != Link::Streaming || peer.awaiting_scan.is_some() {
             return;
         }
         // A bounded window of regions in flight: memory stays at most `resync_window`
@@ -993,16 +1075,19 @@ impl Primary {
             room = 0;
         }
         // The seal's rewrite of divergent regions holds I/O back: never throttled.
-        let throttled =
-            self.cfg.resync_rate > 0 && !(self.stage.sealing() && self.in_sync.contains(&pid));
+        let rate = if peer.rebuilding {
+            self.cfg.rebuild_rate
+        } else {
+            self.cfg.resync_rate
+        };
+        let throttled = rate > 0 && !(self.stage.sealing() && self.in_sync.contains(&pid));
         if throttled && room > 0 {
             // Token bucket: bursts of at most a tenth of a second's worth.
             let rs = self.cfg.region_size as i64;
-            let burst = ((self.cfg.resync_rate / 10) as i64)
-                .clamp(rs, rs * self.cfg.resync_window.max(1) as i64);
+            let burst = ((rate / 10) as i64).clamp(rs, rs * self.cfg.resync_window.max(1) as i64);
             let elapsed = now.saturating_sub(peer.tokens_at);
             peer.tokens_at = now;
-            let earned = (self.cfg.resync_rate as u128 * elapsed as u128 / 1000) as i64;
+            let earned = (rate as u128 * elapsed as u128 / 1000) as i64;
             peer.resync_tokens = peer.resync_tokens.saturating_add(earned).min(burst);
             let affordable = if peer.resync_tokens > 0 {
                 ((peer.resync_tokens + rs - 1) / rs) as usize
@@ -1119,6 +1204,7 @@ impl Primary {
             }
             self.try_complete(now, w, out);
         }
+        self.checkpoint_resync(from, out);
         if let Some(p) = self.peers.get_mut(&from) {
             if p.dirty.is_empty() && p.resync_outstanding.is_empty() {
                 p.resync_base = p.resync_done;
@@ -1131,6 +1217,161 @@ impl Primary {
         }
         self.maybe_request_add(from, out);
         self.check_sealed(out);
+    }
+
+    /// Keeps the progress of `pid`'s resync across restarts: when its checkpoint
+    /// barrier is acknowledged, the persisted map forgets what the copies before it
+    /// covered; after enough further copies, places the next barrier.
+    fn checkpoint_resync(&mut self, pid: NodeId, out: &mut Vec<Action>) {
+        if self.in_sync.contains(&pid) || self.stage.sealing() {
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if p.checkpoint.as_ref().is_some_and(|c| c.seq <= p.acked) {
+            let Some(mut c) = p.checkpoint.take() else {
+                return;
+            };
+            // Still lacking: what it lacked at the barrier, what was written since, and
+            // whatever has been marked since (a seal's divergent regions).
+            c.lacking.union_with(&p.dirty);
+            for e in p
+                .stream
+                .iter()
+                .filter(|e| e.seq > c.seq && e.write.is_none())
+            {
+                c.lacking.insert(e.offset / self.cfg.region_size);
+            }
+            if let Some(m) = self.dirty_map.get_mut(&pid) {
+                let before = m.len();
+                m.intersect_with(&c.lacking);
+                if m.len() != before {
+                    self.broadcast_dirty_map(out);
+                }
+            }
+            return;
+        }
+        let copied = p.resync_done - p.checkpoint_done;
+        if p.checkpoint.is_none() && copied >= CHECKPOINT_REGIONS && p.link == Link::Streaming {
+            p.checkpoint_done = p.resync_done;
+            let (seq, msg) = p.push_barrier(self.cfg.epoch);
+            p.checkpoint = Some(Checkpoint {
+                seq,
+                lacking: p.dirty.clone(),
+            });
+            out.push(Action::Send { to: pid, msg });
+        }
+    }
+
+    /// The control plane changed the volume's replicas while this primary serves. A new
+    /// one is rebuilt with a full copy of the regions that hold data (the driver finds
+    /// them, [`Action::ScanAllocation`]; no copy starts before); a removed one is no
+    /// longer sent anything nor waited for. The caller reports links to new replicas
+    /// that are up ([`Primary::link_up`]).
+    #[must_use = "the actions must be run"]
+    pub fn set_replicas(
+        &mut self,
+        now: u64,
+        replicas: BTreeSet<NodeId>,
+        rebuilding: &BTreeSet<NodeId>,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if matches!(self.stage, Stage::Released | Stage::Deposed) {
+            return out;
+        }
+        let replicas: BTreeSet<NodeId> =
+            replicas.into_iter().filter(|n| *n != self.cfg.me).collect();
+        let gone: Vec<NodeId> = self
+            .peers
+            .keys()
+            .filter(|p| !replicas.contains(p))
+            .copied()
+            .collect();
+        let added: Vec<NodeId> = replicas
+            .iter()
+            .filter(|r| !self.peers.contains_key(r))
+            .copied()
+            .collect();
+        for pid in &gone {
+            self.peers.remove(pid);
+            self.in_sync.remove(pid);
+            self.dirty_map.remove(pid);
+            self.seal_pending_acks.remove(pid);
+            self.deferred_reads.retain(|(peer, _, _)| peer != pid);
+            self.forget_verify_answers(*pid);
+            for w in self.writes.values_mut() {
+                w.waiting.remove(pid);
+            }
+        }
+        let everything = all_regions(self.cfg.size_bytes, self.cfg.region_size);
+        for pid in &added {
+            let mut peer = Peer::new(now, everything.clone(), true);
+            // Writes in flight may not show in the scan yet: they are copied whatever
+            // it says.
+            peer.awaiting_scan = Some(self.activity.keys().copied().fold(
+                RegionSet::new(),
+                |mut s, r| {
+                    s.insert(r);
+                    s
+                },
+            ));
+            self.peers.insert(*pid, peer);
+            self.dirty_map.insert(*pid, everything.clone());
+            out.push(Action::ScanAllocation { peer: *pid });
+        }
+        for (pid, p) in self.peers.iter_mut() {
+            p.rebuilding = rebuilding.contains(pid) && !self.in_sync.contains(pid);
+        }
+        self.cfg.replicas = replicas;
+        if gone.is_empty() && added.is_empty() {
+            return out;
+        }
+        // The new map, on disk here and on every member before anything that follows.
+        self.broadcast_dirty_map(&mut out);
+        for id in self.writes.keys().copied().collect::<Vec<_>>() {
+            self.try_complete(now, id, &mut out);
+        }
+        self.maybe_start_seal_resync(now, &mut out);
+        self.check_sealed(&mut out);
+        self.pump_verify(now, &mut out);
+        out
+    }
+
+    /// The regions of the local copy that hold data, for the new replica `peer` (see
+    /// [`Primary::set_replicas`]): it is rebuilt with those and the ones written since
+    /// it was added; the others read as zeroes on its fresh copy too.
+    #[must_use = "the actions must be run"]
+    /// `None`: the store cannot tell, so every region is copied.
+    pub fn allocation_scanned(
+        &mut self,
+        now: u64,
+        peer: NodeId,
+        allocated: Option<&RegionSet>,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(allocated) = allocated else {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.awaiting_scan = None;
+            }
+            self.resync_dirty(now, peer, &mut out);
+            return out;
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return out;
+        };
+        let Some(mut keep) = p.awaiting_scan.take() else {
+            return out;
+        };
+        keep.union_with(allocated);
+        p.dirty.intersect_with(&keep);
+        if let Some(m) = self.dirty_map.get_mut(&peer) {
+            m.intersect_with(&keep);
+            self.broadcast_dirty_map(&mut out);
+        }
+        self.resync_dirty(now, peer, &mut out);
+        self.maybe_request_add(peer, &mut out);
+        out
     }
 
     /// Drops stream entries that are acknowledged and whose write has completed.
@@ -1162,27 +1403,8 @@ impl Primary {
         if caught_up && p.flushed_through < p.last_resync_seq {
             // Its copies are applied, perhaps not durable: a flush barrier first, so a
             // power cut of every member cannot take a flushed write back.
-            let seq = p.next_seq;
-            p.next_seq += 1;
-            p.stream.push_back(Entry {
-                seq,
-                offset: 0,
-                data: Some(Bytes::new()),
-                write: None,
-                flush: true,
-                waits_for: Vec::new(),
-            });
-            out.push(Action::Send {
-                to: pid,
-                msg: Message::Write {
-                    epoch: self.cfg.epoch,
-                    seq,
-                    offset: 0,
-                    data: Bytes::new(),
-                    committed: Seq(0),
-                    flush: true,
-                },
-            });
+            let msg = p.push_barrier(self.cfg.epoch).1;
+            out.push(Action::Send { to: pid, msg });
             return;
         }
         if caught_up && !p.add_requested && !p.remove_requested {
@@ -1573,12 +1795,20 @@ impl Primary {
         }
         // 4. Ask for checksums where no write is in flight any more (new ones wait).
         for (r, vr) in v.active.iter_mut().filter(|(_, vr)| !vr.comparing) {
-            let repairing = self.peers.values().any(|p| {
-                p.dirty.contains(*r)
-                    || p.stream
-                        .iter()
-                        .any(|e| e.write.is_none() && e.offset / rs == *r && e.seq > p.acked)
-            });
+            // Only repairs to members count: a replica outside the in-sync set (down,
+            // or still being rebuilt) is not compared, and waiting for its copies would
+            // hold the verify until it returns (a verify of a volume whose old primary
+            // was dead hung this way).
+            let repairing = self
+                .in_sync
+                .iter()
+                .filter_map(|m| self.peers.get(m))
+                .any(|p| {
+                    p.dirty.contains(*r)
+                        || p.stream
+                            .iter()
+                            .any(|e| e.write.is_none() && e.offset / rs == *r && e.seq > p.acked)
+                });
             if self.activity.contains_key(r) || repairing {
                 continue;
             }
@@ -1761,6 +1991,11 @@ impl Primary {
         self.cfg.resync_rate = rate;
     }
 
+    /// Changes the rebuild bandwidth per new replica (bytes per second, 0 = unlimited).
+    pub fn set_rebuild_rate(&mut self, rate: u64) {
+        self.cfg.rebuild_rate = rate;
+    }
+
     /// Writes taken and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.writes.len() + self.held.len()
@@ -1837,11 +2072,13 @@ mod tests {
             size_bytes: 64 * MIB,
             replicas: [NodeId(2)].into(),
             in_sync: BTreeSet::new(),
+            rebuilding: BTreeSet::new(),
             own_activity_log: RegionSet::new(),
             dirty_hint: None,
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate: rate,
+            rebuild_rate: 0,
             activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
             bug_ack_before_replicas: false,
             bug_forget_before_flush: false,
@@ -1930,11 +2167,13 @@ mod tests {
             size_bytes: 4 * MIB,
             replicas: [NodeId(2)].into(),
             in_sync: [NodeId(2)].into(),
+            rebuilding: BTreeSet::new(),
             own_activity_log: RegionSet::new(),
             dirty_hint: None,
             replica_timeout_ms: 1000,
             resync_window: 16,
             resync_rate: 0,
+            rebuild_rate: 0,
             activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
             bug_ack_before_replicas: false,
             bug_forget_before_flush: false,
@@ -2074,5 +2313,241 @@ mod tests {
             16,
             "and resumes once they are acknowledged"
         );
+    }
+
+    /// Plays replica `peer` perfectly for `steps` rounds: every region read at once,
+    /// every write sent to it acknowledged. Returns what the primary did.
+    fn serve_peer(p: &mut Primary, peer: NodeId, first: Vec<Action>, steps: u64) -> Vec<Action> {
+        let mut all = Vec::new();
+        let mut out = first;
+        for now in 10..10 + steps {
+            let mut next = Vec::new();
+            let mut last = None;
+            for a in &out {
+                match a {
+                    Action::ReadRegion { peer: to, seq, .. } if *to == peer => {
+                        next.extend(p.region_read(peer, *seq, Bytes::from(vec![7u8; 16])));
+                    }
+                    Action::Send {
+                        to,
+                        msg: Message::Write { seq, .. },
+                    } if *to == peer => last = last.max(Some(*seq)),
+                    Action::Send {
+                        to,
+                        msg: Message::Seal { epoch, .. },
+                    } if *to == peer => next.extend(p.on_message(
+                        now,
+                        peer,
+                        Message::SealAck {
+                            epoch: *epoch,
+                            divergent: RegionSet::new(),
+                        },
+                    )),
+                    _ => {}
+                }
+            }
+            all.append(&mut out);
+            // Writes sent by the reads above are acknowledged in the next round.
+            if let Some(seq) = last {
+                next.extend(p.on_message(
+                    now,
+                    peer,
+                    Message::Ack {
+                        epoch: p.epoch(),
+                        seq,
+                    },
+                ));
+            }
+            next.extend(p.tick(now));
+            out = next;
+        }
+        all.extend(out);
+        all
+    }
+
+    fn isr_adds(actions: &[Action]) -> Vec<NodeId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::RequestIsrAdd { node, .. } => Some(*node),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replica_added_while_serving_gets_the_regions_holding_data_then_joins() {
+        let mut p = in_sync_pair();
+        // A write in flight when the replica is added: copied whatever the scan says.
+        let w = p
+            .submit_write(2, WriteTag(1), 3 * MIB, Bytes::from(vec![1u8; 512]))
+            .unwrap();
+        let out = p.set_replicas(3, [NodeId(2), NodeId(3)].into(), &[NodeId(3)].into());
+        assert!(out.contains(&Action::ScanAllocation { peer: NodeId(3) }));
+        let full = out.iter().find_map(|a| match a {
+            Action::PersistDirtyMap(m) => m.get(&NodeId(3)).map(RegionSet::len),
+            _ => None,
+        });
+        assert_eq!(full, Some(4), "until the scan answers, it lacks everything");
+        // Nothing is copied before the scan, even once connected.
+        let mut out = p.link_up(4, NodeId(3));
+        out.extend(p.on_message(
+            4,
+            NodeId(3),
+            Message::SealAck {
+                epoch: Epoch(3),
+                divergent: RegionSet::new(),
+            },
+        ));
+        assert!(reads(&out).is_empty());
+        // Region 0 holds data; region 3 is being written; 1 and 2 are holes.
+        let mut allocated = RegionSet::new();
+        allocated.insert(0);
+        let out = p.allocation_scanned(5, NodeId(3), Some(&allocated));
+        let copied: Vec<u64> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::ReadRegion { region, .. } => Some(*region),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(copied, vec![0], "region 3 waits for its local write");
+        let mut first = out;
+        let id = w
+            .iter()
+            .find_map(|a| match a {
+                Action::LocalWrite { id, .. } => Some(*id),
+                _ => None,
+            })
+            .unwrap();
+        let out = p.local_done(6, id);
+        let copied: BTreeSet<u64> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::ReadRegion { region, .. } => Some(*region),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(copied, [3].into(), "only regions that hold data");
+        first.extend(out);
+        first.extend(p.on_message(
+            6,
+            NodeId(2),
+            Message::Ack {
+                epoch: Epoch(3),
+                seq: Seq(1),
+            },
+        ));
+        let all = serve_peer(&mut p, NodeId(3), first, 20);
+        assert_eq!(
+            isr_adds(&all),
+            vec![NodeId(3)],
+            "caught up: proposed for the set"
+        );
+        // The flush barrier came before the request.
+        assert!(all.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                to: NodeId(3),
+                msg: Message::Write { flush: true, .. }
+            }
+        )));
+    }
+
+    #[test]
+    fn a_removed_replica_is_no_longer_waited_for() {
+        let mut p = in_sync_pair();
+        let w = p
+            .submit_write(2, WriteTag(1), 0, Bytes::from(vec![1u8; 512]))
+            .unwrap();
+        let id = w
+            .iter()
+            .find_map(|a| match a {
+                Action::LocalWrite { id, .. } => Some(*id),
+                _ => None,
+            })
+            .unwrap();
+        let out = p.local_done(3, id);
+        assert!(!out.contains(&Action::Complete(WriteTag(1))), "waits for 2");
+        let out = p.set_replicas(4, BTreeSet::new(), &BTreeSet::new());
+        assert!(out.contains(&Action::Complete(WriteTag(1))));
+        assert!(p.in_sync().is_empty());
+        assert!(p.dirty_map().get(&NodeId(2)).is_none());
+        // Its late acknowledgement changes nothing.
+        let out = p.on_message(
+            5,
+            NodeId(2),
+            Message::Ack {
+                epoch: Epoch(3),
+                seq: Seq(1),
+            },
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_rebuild_keeps_its_progress_in_the_persisted_map() {
+        // 512 regions, replica 2 rebuilding from scratch, every region holding data.
+        let (mut p, first) = resyncing(0);
+        let mut cfg = p.cfg.clone();
+        cfg.size_bytes = 512 * MIB;
+        cfg.rebuilding = [NodeId(2)].into();
+        p = Primary::new(cfg, 0);
+        let mut out = p.tick(0);
+        out.extend(p.link_up(0, NodeId(2)));
+        drop(first);
+        // About 200 regions copied, part of the way.
+        let all = serve_peer(&mut p, NodeId(2), out, 30);
+        let maps: Vec<usize> = all
+            .iter()
+            .filter_map(|a| match a {
+                Action::PersistDirtyMap(m) => m.get(&NodeId(2)).map(RegionSet::len),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            maps.iter().any(|n| *n < 512 - 100),
+            "the map shrank as copies became durable: {maps:?}"
+        );
+        // What the map still lists covers what is left to copy.
+        let left = p.resync_progress()[0].pending_regions as usize;
+        let listed = p.dirty_map()[&NodeId(2)].len();
+        assert!(listed >= left, "{listed} listed, {left} left");
+        assert!(listed <= left + 2 * CHECKPOINT_REGIONS as usize);
+    }
+
+    #[test]
+    fn a_verify_does_not_wait_for_a_replica_outside_the_set() {
+        // Replica 2 is out of sync and down for good: it lacks every region.
+        let cfg = PrimaryConfig {
+            me: NodeId(1),
+            epoch: Epoch(3),
+            region_size: MIB,
+            size_bytes: 4 * MIB,
+            replicas: [NodeId(2)].into(),
+            in_sync: BTreeSet::new(),
+            rebuilding: BTreeSet::new(),
+            own_activity_log: RegionSet::new(),
+            dirty_hint: None,
+            replica_timeout_ms: 1000,
+            resync_window: 16,
+            resync_rate: 0,
+            rebuild_rate: 0,
+            activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
+            bug_ack_before_replicas: false,
+            bug_forget_before_flush: false,
+        };
+        let mut p = Primary::new(cfg, 0);
+        let _ = p.tick(1);
+        let _ = p.set_lease(1, 100_000);
+        assert!(p.serving(1).is_ok());
+        let out = p.start_verify(2, 1, false);
+        let mut out: Vec<Action> = out;
+        for r in 0..4u64 {
+            out.extend(p.verify_local(3, r, 5));
+        }
+        let report = p.verify_report().unwrap();
+        assert!(report.finished, "{report:?}");
+        assert_eq!(report.compared, 4);
     }
 }

@@ -704,6 +704,15 @@ impl PrimaryEffects for DriverEffects<'_> {
         Some(Bytes::from(buf))
     }
 
+    fn allocated_regions(&mut self) -> Option<RegionSet> {
+        let sh = self.sh;
+        allocated_regions(sh.store.as_ref(), sh.region_size)
+            .map_err(|e| {
+                tracing::warn!(volume = %sh.state.name, error = %e, "cannot tell which regions hold data; the new replica gets them all")
+            })
+            .ok()
+    }
+
     fn checksum_region(&mut self, region: u64) -> Option<u32> {
         let sh = self.sh;
         // On failure the region stays under comparison and is reported as not compared
@@ -833,6 +842,25 @@ impl<F: Fn(String)> ReplicaEffects for ReplicaDriver<'_, F> {
     fn stopped(&self) -> bool {
         self.stopped
     }
+}
+
+/// The regions of `store` that hold data, from its provisioning (SEEK_DATA on a
+/// file): a thin 100 GiB volume holding 1 GiB has about a thousand.
+fn allocated_regions(store: &dyn BlockDevice, region_size: u64) -> io::Result<RegionSet> {
+    let size = store.size_bytes();
+    let mut out = RegionSet::new();
+    let mut offset = 0;
+    while offset < size {
+        let e = store.provisioning(offset, size - offset)?;
+        if e.len == 0 {
+            return Err(io::Error::other("the store reported an empty extent"));
+        }
+        if e.status == block_device::Provisioning::Mapped {
+            out.mark(e.offset, e.len, region_size);
+        }
+        offset = e.offset + e.len;
+    }
+    Ok(out)
 }
 
 impl PrimaryVolume {
@@ -998,11 +1026,36 @@ impl PrimaryVolume {
         self.shared.core.lock().ok().and_then(|p| p.verify_report())
     }
 
-    /// Changes the resync bandwidth per replica (bytes per second, 0 = unlimited).
-    pub fn set_resync_rate(&self, rate: u64) {
+    /// Changes the resync bandwidth per replica and the rebuild bandwidth per new
+    /// replica (bytes per second, 0 = unlimited).
+    pub fn set_rates(&self, resync: u64, rebuild: u64) {
         if let Ok(mut p) = self.shared.core.lock() {
-            p.set_resync_rate(rate);
+            p.set_resync_rate(resync);
+            p.set_rebuild_rate(rebuild);
         }
+    }
+
+    /// The volume's replicas changed (see [`Primary::set_replicas`]); `up` are the
+    /// nodes whose links are up now.
+    pub fn set_replicas(
+        &self,
+        replicas: BTreeSet<NodeId>,
+        rebuilding: BTreeSet<NodeId>,
+        up: &BTreeSet<NodeId>,
+    ) {
+        let now = self.shared.now();
+        let actions = match self.shared.core.lock() {
+            Ok(mut p) => {
+                let mut a = p.set_replicas(now, replicas.clone(), &rebuilding);
+                for n in replicas.intersection(up) {
+                    a.extend(p.link_up(now, *n));
+                }
+                a
+            }
+            Err(_) => return,
+        };
+        // The allocation scan reads the disk: on the driver thread.
+        self.shared.event(PrimaryEvent::Run(actions));
     }
 
     /// Whether this primary serves or is about to (see [`Primary::claims_service`]):
@@ -1443,11 +1496,13 @@ mod tests {
             size_bytes: store.size_bytes(),
             replicas: others.iter().copied().collect(),
             in_sync: isr.iter().copied().collect(),
+            rebuilding: BTreeSet::new(),
             own_activity_log: state.activity_log().unwrap(),
             dirty_hint: state.dirty_map().unwrap(),
             replica_timeout_ms: 500,
             resync_window: 4,
             resync_rate: 0,
+            rebuild_rate: 0,
             activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
             bug_ack_before_replicas: false,
             bug_forget_before_flush: false,
