@@ -88,10 +88,47 @@ impl Conn {
 pub enum NodeCmd {
     /// Lists the members with their role, addresses, liveness and Raft role.
     List,
-    /// Removes a node from the cluster (it must hold no volumes).
+    /// Removes a node from the cluster. A node that holds replicas must be evacuated
+    /// first (`node drain NAME --evacuate`), or be gone for good: then --dead removes
+    /// its replicas from the volumes and rebuilds each on a node with room.
     Remove {
         /// Node name.
         name: String,
+        /// The node will never return (its disk or machine is lost): its replicas are
+        /// given up. Refused while it is online, or offline for less than the failure
+        /// timeout plus a lease.
+        #[arg(long)]
+        dead: bool,
+        /// Confirms --dead.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Drains a node for maintenance: its primaries move to other in-sync replicas by
+    /// planned moves (no failed I/O), it gets no new primary or replica, and being
+    /// offline does not make the cluster replace its replicas. Waits for the moves.
+    Drain {
+        /// Node name.
+        name: String,
+        /// Also rebuild its replicas on other nodes, then remove them from it (before
+        /// replacing its hardware, or removing it). Waits for the rebuilds too.
+        #[arg(long)]
+        evacuate: bool,
+        /// Return at once; `bulwark status` shows the progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Puts a drained node back in service (its primaries stay where they are).
+    Undrain {
+        /// Node name.
+        name: String,
+    },
+    /// Sets the node's failure domain (rack, room): replicas of a volume are placed in
+    /// different zones where the nodes allow. "" removes it.
+    Zone {
+        /// Node name.
+        name: String,
+        /// Zone name.
+        zone: String,
     },
 }
 
@@ -135,6 +172,14 @@ pub enum VolumeCmd {
     Delete {
         /// Volume name.
         name: String,
+    },
+    /// Adds, removes or replaces a replica of the volume (and of every other volume of
+    /// its target: a target's volumes share their nodes).
+    Replicas {
+        /// Volume name.
+        name: String,
+        #[command(subcommand)]
+        change: crate::maintenance::ReplicaChange,
     },
     /// Compares the volume's replicas online, region by region (CRC32C of each 1 MiB
     /// region on the primary and on every in-sync replica; writes to a region wait the
@@ -355,15 +400,48 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
             volume: name.clone(),
             repair: *repair,
         }),
-        VolumeCmd::List => None,
+        VolumeCmd::List | VolumeCmd::Replicas { .. } => None,
     })
 }
 
-async fn commit(conn: &Conn, cmd: Command) -> Result<Applied> {
+pub(crate) async fn commit(conn: &Conn, cmd: Command) -> Result<Applied> {
     let client = conn.client()?;
     match client.write(cmd).await? {
         Ok(a) => Ok(a),
         Err(refused) => Err(anyhow!("refused: {refused}")),
+    }
+}
+
+/// "10m", "90s", "1h", "500ms", or "off" (0).
+pub fn parse_duration_ms(s: &str) -> Result<u64> {
+    let t = s.trim();
+    if t == "off" || t == "0" {
+        return Ok(0);
+    }
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| anyhow!("{t:?} has no unit: write it like 90s, 10m or 1h, or off"))?;
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| anyhow!("{t:?} must start with a number, like 10m"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("unknown unit {unit:?} in {t:?}: use ms, s, m, h or d"),
+    };
+    n.checked_mul(ms)
+        .ok_or_else(|| anyhow!("{t:?} is too long"))
+}
+
+fn human_ms(ms: u64) -> String {
+    match ms {
+        ms if ms % 3_600_000 == 0 => format!("{} h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{} min", ms / 60_000),
+        ms => format!("{} s", ms / 1000),
     }
 }
 
@@ -372,7 +450,7 @@ pub(crate) fn print_json<T: Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-fn done(conn: &Conn, applied: &Applied, text: String) -> Result<()> {
+pub(crate) fn done(conn: &Conn, applied: &Applied, text: String) -> Result<()> {
     if conn.json {
         print_json(applied)
     } else {
@@ -383,7 +461,7 @@ fn done(conn: &Conn, applied: &Applied, text: String) -> Result<()> {
 
 pub use cluster::state::human;
 
-fn names(st: &ClusterState, ids: &[NodeId]) -> String {
+pub(crate) fn names(st: &ClusterState, ids: &[NodeId]) -> String {
     ids.iter()
         .map(|id| {
             st.nodes
@@ -407,18 +485,53 @@ pub async fn node(conn: &Conn, cmd: NodeCmd) -> Result<()> {
             print!("{out}");
             Ok(())
         }
-        NodeCmd::Remove { name } => {
-            let a = commit(conn, Command::RemoveNode { name: name.clone() }).await?;
+        NodeCmd::Remove { name, dead, yes } => {
+            if dead {
+                return crate::maintenance::remove_dead(conn, &name, yes).await;
+            }
+            let a = commit(
+                conn,
+                Command::RemoveNode {
+                    name: name.clone(),
+                    dead: false,
+                },
+            )
+            .await?;
             done(
                 conn,
                 &a,
                 format!("node {name} removed; it leaves the Raft membership and stops serving"),
             )
         }
+        NodeCmd::Drain {
+            name,
+            evacuate,
+            no_wait,
+        } => crate::maintenance::drain(conn, &name, evacuate, no_wait).await,
+        NodeCmd::Undrain { name } => crate::maintenance::undrain(conn, &name).await,
+        NodeCmd::Zone { name, zone } => {
+            let a = commit(
+                conn,
+                Command::SetNodeZone {
+                    name: name.clone(),
+                    zone: (!zone.is_empty()).then(|| zone.clone()),
+                },
+            )
+            .await?;
+            let text = if zone.is_empty() {
+                format!("node {name} is in no zone")
+            } else {
+                format!("node {name} is in zone {zone}; new replicas of a volume go to different zones where the nodes allow")
+            };
+            done(conn, &a, text)
+        }
     }
 }
 
 pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
+    if let VolumeCmd::Replicas { name, change } = cmd {
+        return crate::maintenance::replicas(conn, &name, change).await;
+    }
     let Some(c) = volume_command(&cmd)? else {
         let (st, statuses) = conn.client()?.cluster_status().await?;
         if conn.json {
@@ -732,6 +845,9 @@ pub struct SettingsChange {
     pub heartbeat_interval_ms: Option<u64>,
     pub failure_timeout_ms: Option<u64>,
     pub resync_rate: Option<u64>,
+    pub rebuild_rate: Option<u64>,
+    /// 0 turns automatic replacement off.
+    pub replace_after_ms: Option<u64>,
     /// "" removes the fence command.
     pub fence_command: Option<String>,
     pub fence_timeout_ms: Option<u64>,
@@ -749,6 +865,12 @@ pub async fn settings(conn: &Conn, change: SettingsChange) -> Result<()> {
     }
     if let Some(v) = change.resync_rate {
         settings.resync_rate_bytes_per_s = v;
+    }
+    if let Some(v) = change.rebuild_rate {
+        settings.rebuild_rate_bytes_per_s = v;
+    }
+    if let Some(v) = change.replace_after_ms {
+        settings.replace_after_ms = v;
     }
     if let Some(v) = change.fence_command {
         settings.fence_command = (!v.is_empty()).then_some(v);
@@ -772,6 +894,17 @@ pub async fn settings(conn: &Conn, change: SettingsChange) -> Result<()> {
     match settings.resync_rate_bytes_per_s {
         0 => println!("resync rate:        unlimited (per replica)"),
         r => println!("resync rate:        {}/s per replica", human(r)),
+    }
+    match settings.rebuild_rate_bytes_per_s {
+        0 => println!("rebuild rate:       unlimited (per new replica; application I/O first)"),
+        r => println!("rebuild rate:       {}/s per new replica", human(r)),
+    }
+    match settings.replace_after_ms {
+        0 => println!("replace after:      off (replicas of an offline node are never rebuilt elsewhere on their own)"),
+        ms => println!(
+            "replace after:      {} (replicas of a node offline that long are rebuilt on other nodes)",
+            human_ms(ms)
+        ),
     }
     match &settings.fence_command {
         Some(c) => println!(
@@ -954,7 +1087,7 @@ pub async fn status(conn: &Conn, watch: bool, interval: Duration) -> Result<()> 
     }
 }
 
-type Statuses = BTreeMap<NodeId, Result<NodeStatus, String>>;
+pub(crate) type Statuses = BTreeMap<NodeId, Result<NodeStatus, String>>;
 
 /// The answering node's view: the first status that answered, the local one first.
 fn leader_of(statuses: &Statuses) -> Option<(NodeId, u64)> {
@@ -1072,8 +1205,22 @@ fn render_nodes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         };
         let _ = writeln!(
             out,
-            "  {:<12} {:<8} {:<10} {}  control {}  {}",
-            n.name, n.role, raft_role, liveness, n.addresses.control, space
+            "  {:<12} {:<8} {:<10} {}  control {}  {}{}{}",
+            n.name,
+            n.role,
+            raft_role,
+            liveness,
+            n.addresses.control,
+            space,
+            n.zone
+                .as_ref()
+                .map(|z| format!("  zone {z}"))
+                .unwrap_or_default(),
+            match (n.drained, n.evacuate) {
+                (true, true) => "  DRAINED, EVACUATING",
+                (true, false) => "  DRAINED",
+                _ => "",
+            }
         );
         if let Some(Ok(s)) = status {
             let _ = writeln!(
@@ -1108,16 +1255,36 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
             .mapping_of(&v.name)
             .map(|(t, l)| format!("LUN {l} of {}", t.iqn))
             .unwrap_or_else(|| "not mapped".into());
-        let health = if v.in_sync.len() == v.replicas.len() {
+        let joining: Vec<NodeId> = v
+            .joining
+            .iter()
+            .map(|j| j.node)
+            .filter(|n| !v.in_sync.contains(n))
+            .collect();
+        let behind: Vec<NodeId> = v
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| !v.in_sync.contains(r) && !joining.contains(r))
+            .collect();
+        let mut health = Vec::new();
+        if !behind.is_empty() {
+            health.push(format!("DEGRADED: {} out of sync", names(st, &behind)));
+        }
+        if !joining.is_empty() {
+            health.push(format!("REBUILDING on {}", names(st, &joining)));
+        }
+        if v.lasting_replicas().count() < v.wanted() {
+            health.push(format!(
+                "SHORT of replicas: {} of {} wanted",
+                v.lasting_replicas().count(),
+                v.wanted()
+            ));
+        }
+        let health = if health.is_empty() {
             "in sync".to_string()
         } else {
-            let behind: Vec<NodeId> = v
-                .replicas
-                .iter()
-                .copied()
-                .filter(|r| !v.in_sync.contains(r))
-                .collect();
-            format!("DEGRADED: {} out of sync", names(st, &behind))
+            health.join(", ")
         };
         let _ = writeln!(
             out,
@@ -1144,8 +1311,14 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
                     } else if x.resyncs.is_empty() {
                         format!(", {} MiB resynced", x.resync_regions_sent)
                     } else {
-                        let each: Vec<String> =
-                            x.resyncs.iter().map(|r| resync_line(st, r)).collect();
+                        let each: Vec<String> = x
+                            .resyncs
+                            .iter()
+                            .map(|r| {
+                                let rebuild = v.joining.iter().any(|j| j.node == r.node);
+                                resync_line(st, r, rebuild)
+                            })
+                            .collect();
                         format!(", {}", each.join(", "))
                     };
                     let state = match (&x.error, x.serving) {
@@ -1204,11 +1377,12 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
 }
 
 /// "RESYNC to n3 45% (460 MiB of 1.0 GiB), 98 MiB/s, 6 s left" (1 MiB regions).
-fn resync_line(st: &ClusterState, r: &cluster::status::ResyncView) -> String {
+fn resync_line(st: &ClusterState, r: &cluster::status::ResyncView, rebuild: bool) -> String {
     const REGION: u64 = serving::REGION_SIZE;
     let total = (r.done_regions + r.pending_regions) * REGION;
     let head = format!(
-        "RESYNC to {} {:.0}% ({} of {})",
+        "{} to {} {:.0}% ({} of {})",
+        if rebuild { "REBUILD" } else { "RESYNC" },
         names(st, &[r.node]),
         r.percent(),
         human(r.done_regions * REGION),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cluster::state::{Command, NodeAddresses};
-use cluster::{AdminClient, Applied, Identity, Refused};
+use cluster::{AdminClient, Identity, Refused};
 
 use crate::admin::{self, CONTROL_PORT};
 
@@ -327,12 +327,7 @@ fn first_dir(dir: &Path) -> PathBuf {
 /// Commits `cmd`, accepting "already exists" so the demo can restart on its own data.
 async fn ensure(client: &AdminClient, cmd: Command) -> Result<()> {
     match client.write(cmd).await? {
-        Ok(
-            Applied::Done
-            | Applied::LunAdded(_)
-            | Applied::VolumeCreated(_)
-            | Applied::NodeAdded(_),
-        ) => Ok(()),
+        Ok(_) => Ok(()),
         Err(
             Refused::VolumeExists(_)
             | Refused::TargetExists(_)

@@ -6,6 +6,7 @@ mod config;
 mod datadir;
 mod demo;
 mod http;
+mod maintenance;
 mod metrics;
 mod service;
 mod signals;
@@ -238,6 +239,14 @@ enum ClusterCmd {
         /// Application I/O goes first whatever the rate.
         #[arg(long)]
         resync_rate: Option<String>,
+        /// Rebuild bandwidth per new replica (a full copy), e.g. 500MiB (per second);
+        /// 0 is unlimited (the default). Application I/O goes first whatever the rate.
+        #[arg(long)]
+        rebuild_rate: Option<String>,
+        /// Rebuild the replicas of a storage node offline this long on other nodes,
+        /// e.g. 10m, 1h, or "off" (default 10m; drained nodes are never replaced).
+        #[arg(long)]
+        replace_after: Option<String>,
         /// Program the leader runs to fence a primary that lost its lease before it
         /// promotes another node (a STONITH agent; absolute path, must exist on every
         /// node; "" removes it). It gets BULWARK_FENCE_NODE, BULWARK_FENCE_NODE_ID,
@@ -524,6 +533,8 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
             heartbeat_interval_ms,
             failure_timeout_ms,
             resync_rate,
+            rebuild_rate,
+            replace_after,
             fence_command,
             fence_timeout_ms,
         } => {
@@ -532,12 +543,24 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
                 .map(parse_size)
                 .transpose()
                 .context("--resync-rate")?;
+            let rebuild_rate = rebuild_rate
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .context("--rebuild-rate")?;
+            let replace_after_ms = replace_after
+                .as_deref()
+                .map(admin::parse_duration_ms)
+                .transpose()
+                .context("--replace-after")?;
             admin::settings(
                 &conn,
                 admin::SettingsChange {
                     heartbeat_interval_ms,
                     failure_timeout_ms,
                     resync_rate,
+                    rebuild_rate,
+                    replace_after_ms,
                     fence_command,
                     fence_timeout_ms,
                 },
@@ -558,6 +581,7 @@ async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
             match client
                 .write(cluster::Command::RemoveNode {
                     name: me.name.clone(),
+                    dead: false,
                 })
                 .await?
             {

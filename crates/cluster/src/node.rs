@@ -34,6 +34,8 @@ use crate::status::EventKind;
 use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView};
 use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
 
+mod upkeep;
+
 /// How a node runs.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -482,6 +484,7 @@ impl ClusterNode {
         tokio::spawn(node.clone().watch_leadership());
         tokio::spawn(node.clone().reconcile_membership());
         tokio::spawn(node.clone().watch_primaries());
+        tokio::spawn(node.clone().watch_redundancy());
 
         if identity.bootstrap {
             // The founding node adds itself as the first member, once it leads.
@@ -768,19 +771,7 @@ impl ClusterNode {
             if let Ok(mut l) = self.inner.leases.lock() {
                 l.retain_current(|v| st.volumes.get(v).map(|x| x.epoch));
             }
-            // Groups that move together: a target's volumes, or one unmapped volume.
-            let mut groups: Vec<Vec<String>> = st
-                .targets
-                .values()
-                .filter(|t| !t.luns.is_empty())
-                .map(|t| t.luns.values().cloned().collect())
-                .collect();
-            for v in st.volumes.keys() {
-                if st.mapping_of(v).is_none() {
-                    groups.push(vec![v.clone()]);
-                }
-            }
-            for group in groups {
+            for group in st.groups() {
                 let vols: Vec<&crate::state::Volume> =
                     group.iter().filter_map(|n| st.volumes.get(n)).collect();
                 let Some(first) = vols.first() else { continue };

@@ -89,6 +89,26 @@ pub struct Node {
     /// that joined before nodes had their own keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// Drained for maintenance (`bulwark node drain`): it hands its primaries over by
+    /// planned moves, gets no new primary and no new replica, and being offline does
+    /// not make the cluster replace its replicas.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
+    /// Drained with `--evacuate`: its replicas are also rebuilt on other nodes, then
+    /// removed from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evacuate: bool,
+    /// Failure domain (rack, room): replicas of a volume go to different zones where
+    /// the nodes allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+impl Node {
+    /// Whether new primaries and replicas may be placed here.
+    pub fn schedulable(&self) -> bool {
+        self.role == NodeRole::Storage && !self.drained
+    }
 }
 
 /// A replicated block volume.
@@ -135,6 +155,43 @@ pub struct Volume {
     /// member is online.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_power: Vec<NodeId>,
+    /// Replicas added since creation that have not been in sync yet: each receives a
+    /// full copy while the volume serves, and joins the in-sync set when caught up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joining: Vec<Joining>,
+    /// How many replicas the volume should have (0 in states from before it was kept:
+    /// as many as it has). Re-replication restores this count.
+    #[serde(default)]
+    pub wanted_replicas: u8,
+}
+
+/// A replica being rebuilt (see [`Volume::joining`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joining {
+    /// The new replica.
+    pub node: NodeId,
+    /// The replica it replaces: removed from the volume once the new one is in sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<NodeId>,
+}
+
+impl Volume {
+    /// The replica count the volume should have.
+    pub fn wanted(&self) -> usize {
+        if self.wanted_replicas == 0 {
+            self.replicas.len()
+        } else {
+            usize::from(self.wanted_replicas)
+        }
+    }
+
+    /// Replicas that stay once the replacements under way are done.
+    pub fn lasting_replicas(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|n| !self.joining.iter().any(|j| j.replaces == Some(*n)))
+    }
 }
 
 /// Why a primary changes, as the node that commits [`Command::Promote`] knows it.
@@ -357,6 +414,23 @@ pub struct Settings {
     /// How long the fence program may run.
     #[serde(default = "default_fence_timeout")]
     pub fence_timeout_ms: u64,
+    /// Rebuild bandwidth per new replica in bytes per second (0: unlimited). Application
+    /// I/O goes first whatever the rate.
+    #[serde(default)]
+    pub rebuild_rate_bytes_per_s: u64,
+    /// A storage node offline this long (and not drained) has its replicas rebuilt on
+    /// other nodes; 0: never (`bulwark node remove --dead` or `volume replicas` only).
+    #[serde(default = "default_replace_after")]
+    pub replace_after_ms: u64,
+}
+
+/// Ten minutes, as Ceph marks a down OSD out: long enough for a reboot or a short
+/// outage (the node then resyncs only what changed), short enough that a dead disk does
+/// not leave volumes with one copy for a night.
+pub const DEFAULT_REPLACE_AFTER_MS: u64 = 10 * 60 * 1000;
+
+fn default_replace_after() -> u64 {
+    DEFAULT_REPLACE_AFTER_MS
 }
 
 fn default_fence_timeout() -> u64 {
@@ -371,6 +445,10 @@ fn default_resync_rate() -> u64 {
     DEFAULT_RESYNC_RATE
 }
 
+/// The shortest replace-after accepted: a node is not replaced for an outage a
+/// failover rides through.
+pub const MIN_REPLACE_AFTER_MS: u64 = 10_000;
+
 /// The slowest resync rate accepted (other than 0, unlimited).
 pub const MIN_RESYNC_RATE: u64 = 1 << 20;
 
@@ -382,6 +460,8 @@ impl Default for Settings {
             resync_rate_bytes_per_s: DEFAULT_RESYNC_RATE,
             fence_command: None,
             fence_timeout_ms: default_fence_timeout(),
+            rebuild_rate_bytes_per_s: 0,
+            replace_after_ms: DEFAULT_REPLACE_AFTER_MS,
         }
     }
 }
@@ -559,10 +639,45 @@ pub enum Command {
         /// Id.
         id: NodeId,
     },
-    /// A node leaves or is removed.
+    /// A node leaves or is removed. A node holding replicas can be removed only as
+    /// `dead`: one that will never return. Its replicas leave the volumes (each
+    /// replaced on a node with room, where there is one), and its id is never reused.
     RemoveNode {
         /// Name.
         name: String,
+        /// The node is gone for good.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dead: bool,
+    },
+    /// Drains a node for maintenance, or ends that (see [`Node::drained`]).
+    DrainNode {
+        /// Name.
+        name: String,
+        /// Drained or back in service.
+        drained: bool,
+        /// Also rebuild its replicas elsewhere and remove them from it.
+        evacuate: bool,
+    },
+    /// Sets a node's failure domain (`None`: no zone).
+    SetNodeZone {
+        /// Name.
+        name: String,
+        /// The zone.
+        zone: Option<String>,
+    },
+    /// Adds a replica to a volume, removes one, or replaces one by another (added
+    /// first, removed once the new one is in sync). Acts on every volume of the
+    /// volume's target together, since a target's volumes share their nodes.
+    ChangeReplicas {
+        /// A volume (of the target, for a mapped volume).
+        volume: String,
+        /// Node to add a replica on.
+        add: Option<String>,
+        /// Node to remove the replica from.
+        remove: Option<String>,
+        /// Remove even if that leaves fewer than two in-sync copies.
+        #[serde(default)]
+        force: bool,
     },
     /// Creates a volume.
     CreateVolume {
@@ -804,6 +919,11 @@ pub enum Applied {
     VolumeCreated(Vec<NodeId>),
     /// A LUN was mapped with this number.
     LunAdded(u64),
+    /// The replicas of these volumes changed (a target's volumes change together).
+    ReplicasChanged(Vec<String>),
+    /// A dead node was removed: each volume that held a replica there, with the node
+    /// that rebuilds it (`None`: no node had room; the volume has a replica less).
+    DeadNodeRemoved(Vec<(String, Option<NodeId>)>),
 }
 
 /// Why a command was refused. Each message says what is wrong and what to do.
@@ -825,7 +945,7 @@ pub enum Refused {
     NodeExists(String),
     #[error("no node named {0:?}; `bulwark node list` shows the members")]
     NoSuchNode(String),
-    #[error("node {node:?} holds replicas of {volumes:?}; delete those volumes (or move them, once replication lands) before removing it")]
+    #[error("node {node:?} holds replicas of {volumes:?}: drain and evacuate it first (`bulwark node drain {node} --evacuate`), or, if it is gone for good, `bulwark node remove {node} --dead`")]
     NodeHasVolumes { node: String, volumes: Vec<String> },
     #[error("node {0:?} is the last member; a cluster cannot remove its only node")]
     LastNode(String),
@@ -954,6 +1074,26 @@ pub enum Refused {
     AlreadyThere { volume: String, node: String },
     #[error("address {addr} is already used by node {node:?}")]
     AddressInUse { addr: SocketAddr, node: String },
+    #[error("node {node:?} already holds a replica of {volume:?}; pick another node")]
+    AlreadyReplica { volume: String, node: String },
+    #[error("node {node:?} holds no replica of {volume:?}; `bulwark volume list` shows where its replicas are")]
+    NotHeldBy { volume: String, node: String },
+    #[error("node {0:?} is drained for maintenance; `bulwark node undrain {0}` first, or pick another node")]
+    NodeDrained(String),
+    #[error("{volume:?} already has {have} replicas, the most a volume can have; use `replace` to move one")]
+    TooManyReplicas { volume: String, have: usize },
+    #[error("{node:?} holds the last replica of {volume:?}; delete the volume instead")]
+    LastReplica { volume: String, node: String },
+    #[error("{node:?} is the primary of {volume:?}; move the volume first (`bulwark volume move {volume} NODE`), or drain the node, which moves it")]
+    ReplicaIsPrimary { volume: String, node: String },
+    #[error("removing {node:?} would leave {volume:?} with {left} in-sync cop{}; wait until another replica is in sync (`bulwark status`), or add --force", if *left == 1 { "y" } else { "ies" })]
+    WouldLeaveFewCopies { volume: String, node: String, left: usize },
+    #[error("{node:?} holds the only in-sync copy of {volume:?}; removing it would lose the volume's data. Bring the node back, or delete the volume first")]
+    OnlyCopy { volume: String, node: String },
+    #[error("{node:?} is still the primary of {volumes:?}: a failover moves them once its lease lapsed (about a second); if none happens, no other in-sync replica exists")]
+    StillPrimary { node: String, volumes: Vec<String> },
+    #[error("{volume:?} is already being rebuilt on {node:?}; wait until it is in sync (`bulwark status`)")]
+    AlreadyJoining { volume: String, node: String },
 }
 
 /// A size for people: `512 B`, `1.5 GiB`.
@@ -1123,6 +1263,9 @@ impl ClusterState {
             | Command::NodeStarted { .. }
             | Command::NodeLostPower { .. }
             | Command::RemoveNode { .. } => self.apply_node(cmd),
+            Command::DrainNode { .. }
+            | Command::SetNodeZone { .. }
+            | Command::ChangeReplicas { .. } => self.apply_replicas(cmd),
             Command::CreateVolume { .. }
             | Command::ResizeVolume { .. }
             | Command::DeleteVolume { .. } => self.apply_volume(cmd),
@@ -1180,6 +1323,9 @@ impl ClusterState {
                         addresses: addresses.clone(),
                         capacity_bytes: *capacity_bytes,
                         public_key: public_key.clone(),
+                        drained: false,
+                        evacuate: false,
+                        zone: None,
                     },
                 );
                 Ok(Applied::NodeAdded(id))
@@ -1232,23 +1378,26 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
-            Command::RemoveNode { name } => {
+            Command::RemoveNode { name, dead } => {
                 let node = self
                     .node_by_name(name)
                     .ok_or_else(|| Refused::NoSuchNode(name.clone()))?;
                 let id = node.id;
                 let volumes = self.volumes_on(id);
-                if !volumes.is_empty() {
+                if self.nodes.len() == 1 {
+                    return Err(Refused::LastNode(name.clone()));
+                }
+                if volumes.is_empty() {
+                    self.nodes.remove(&id);
+                    return Ok(Applied::Done);
+                }
+                if !*dead {
                     return Err(Refused::NodeHasVolumes {
                         node: name.clone(),
                         volumes,
                     });
                 }
-                if self.nodes.len() == 1 {
-                    return Err(Refused::LastNode(name.clone()));
-                }
-                self.nodes.remove(&id);
-                Ok(Applied::Done)
+                self.remove_dead_node(id)
             }
             _ => unreachable!("apply routes only node commands here"),
         }
@@ -1299,6 +1448,8 @@ impl ClusterState {
                         last_failover: None,
                         primary_reason: "placed at creation".into(),
                         lost_power: Vec::new(),
+                        joining: Vec::new(),
+                        wanted_replicas: *replicas,
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1690,6 +1841,7 @@ impl ClusterState {
                     }
                 }
                 v.in_sync.sort_unstable();
+                self.settle_joining(volume);
                 Ok(Applied::Done)
             }
             Command::SetReservations {
@@ -1986,6 +2138,18 @@ impl ClusterState {
                 "resync rate must be at least 1 MiB/s, or 0 for unlimited".into(),
             ));
         }
+        let rate = settings.rebuild_rate_bytes_per_s;
+        if rate != 0 && rate < MIN_RESYNC_RATE {
+            return Err(Refused::BadSettings(
+                "rebuild rate must be at least 1 MiB/s, or 0 for unlimited".into(),
+            ));
+        }
+        let after = settings.replace_after_ms;
+        if after != 0 && !(MIN_REPLACE_AFTER_MS..=7 * 24 * 3600 * 1000).contains(&after) {
+            return Err(Refused::BadSettings(
+                "replace-after must be 10 s to 7 days, or off".into(),
+            ));
+        }
         self.settings = settings.clone();
         Ok(Applied::Done)
     }
@@ -2009,6 +2173,9 @@ impl ClusterState {
             if n.role == NodeRole::Witness {
                 return Err(Refused::WitnessCannotHold(name.clone()));
             }
+            if n.drained {
+                return Err(Refused::NodeDrained(name.clone()));
+            }
             if chosen.contains(&n.id) {
                 return Err(Refused::DuplicatePlacement(name.clone()));
             }
@@ -2022,15 +2189,8 @@ impl ClusterState {
             }
             chosen.push(n.id);
         }
-        let mut candidates: Vec<(u64, NodeId)> = self
-            .nodes
-            .values()
-            .filter(|n| n.role == NodeRole::Storage && !chosen.contains(&n.id))
-            .map(|n| (self.free_bytes(n.id), n.id))
-            .filter(|(free, _)| *free >= size)
-            .collect();
-        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let need = usize::from(replicas).saturating_sub(chosen.len());
+        let candidates = self.pick_nodes(size, need, &chosen, &[]);
         if candidates.len() < need {
             let detail = self
                 .nodes
@@ -2049,7 +2209,7 @@ impl ClusterState {
                 detail,
             });
         }
-        chosen.extend(candidates.into_iter().take(need).map(|(_, id)| id));
+        chosen.extend(candidates);
         chosen.truncate(usize::from(replicas));
         Ok(chosen)
     }
@@ -2058,3 +2218,7 @@ impl ClusterState {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+#[path = "replicas.rs"]
+mod replicas;
+pub use replicas::Upkeep;

@@ -35,6 +35,9 @@ pub enum EventKind {
     ReplicaRejoined,
     ResyncStarted,
     ResyncFinished,
+    Rebuild,
+    Drain,
+    SpaceLow,
     Verify,
     Disk,
     ReservationPreempted,
@@ -49,7 +52,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in the order documentation lists them.
-    pub const ALL: [EventKind; 29] = [
+    pub const ALL: [EventKind; 32] = [
         EventKind::AuthRefused,
         EventKind::NodeOffline,
         EventKind::NodeOnline,
@@ -70,6 +73,9 @@ impl EventKind {
         EventKind::ReplicaRejoined,
         EventKind::ResyncStarted,
         EventKind::ResyncFinished,
+        EventKind::Rebuild,
+        EventKind::Drain,
+        EventKind::SpaceLow,
         EventKind::Verify,
         EventKind::Disk,
         EventKind::ReservationPreempted,
@@ -150,6 +156,18 @@ impl EventKind {
             }
             EventKind::ResyncStarted => ("resync_started", "a replica started catching up"),
             EventKind::ResyncFinished => ("resync_finished", "a replica caught up"),
+            EventKind::Rebuild => (
+                "rebuild",
+                "a replica is added, replaced or removed, or a new replica's full copy starts or finishes",
+            ),
+            EventKind::Drain => (
+                "drain",
+                "a node is drained for maintenance, evacuated, or back in service",
+            ),
+            EventKind::SpaceLow => (
+                "space_low",
+                "a node's data file system is nearly full (details.free_bytes)",
+            ),
             EventKind::Verify => (
                 "verify",
                 "an online verify started, found differences or finished",

@@ -825,6 +825,11 @@ impl ReplicationNet {
         }
     }
 
+    /// The nodes whose replication links are up now.
+    pub fn up_nodes(&self) -> std::collections::BTreeSet<NodeId> {
+        self.up.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
     /// Registers a primary volume: it hears about links to its replicas.
     pub fn add_primary(&self, name: &str, p: Arc<PrimaryVolume>) {
         let up: Vec<NodeId> = self

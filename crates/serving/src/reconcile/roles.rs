@@ -12,6 +12,9 @@ pub(super) enum Role {
         lease: tokio::task::JoinHandle<()>,
         /// The online verify started here.
         verify: Option<u64>,
+        /// The other replicas and the ones among them being rebuilt, as the primary
+        /// was last told ([`PrimaryVolume::set_replicas`]).
+        replicas: (BTreeSet<NodeId>, BTreeSet<NodeId>),
     },
     Replica {
         volume: Arc<ReplicaVolume>,
@@ -440,22 +443,18 @@ impl Serving {
         });
     }
 
-    pub(super) fn start_primary(&self, v: &Volume, resync_rate: u64) -> Result<Role> {
+    pub(super) fn start_primary(&self, v: &Volume, settings: &cluster::state::Settings) -> Result<Role> {
         let store = self.open_volume(v)?;
         let store_kept = store.clone();
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
+        let replicas = self.other_replicas(v);
         let cfg = PrimaryConfig {
             me: replication::NodeId(self.me),
             epoch: replication::Epoch(v.epoch),
             region_size: REGION_SIZE,
             size_bytes: v.size_bytes,
-            replicas: v
-                .replicas
-                .iter()
-                .copied()
-                .filter(|n| *n != self.me)
-                .map(replication::NodeId)
-                .collect(),
+            replicas: replicas.0.iter().copied().map(replication::NodeId).collect(),
+            rebuilding: replicas.1.iter().copied().map(replication::NodeId).collect(),
             in_sync: v
                 .in_sync
                 .iter()
@@ -472,7 +471,8 @@ impl Serving {
             }),
             replica_timeout_ms: 1000,
             resync_window: 16,
-            resync_rate,
+            resync_rate: settings.resync_rate_bytes_per_s,
+            rebuild_rate: settings.rebuild_rate_bytes_per_s,
             activity_log_slack: replication::ACTIVITY_LOG_SLACK,
         };
         let control = Arc::new(IsrRequests {
@@ -525,7 +525,21 @@ impl Serving {
             store: store_kept,
             lease,
             verify: None,
+            replicas,
         })
+    }
+
+    /// The volume's replicas other than this node, and those among them being rebuilt
+    /// (joining, not yet in sync).
+    fn other_replicas(&self, v: &Volume) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let others = v.replicas.iter().copied().filter(|n| *n != self.me).collect();
+        let rebuilding = v
+            .joining
+            .iter()
+            .map(|j| j.node)
+            .filter(|n| !v.in_sync.contains(n))
+            .collect();
+        (others, rebuilding)
     }
 
     /// Once the new primary `volume` serves, tells the cluster how long I/O paused
@@ -585,8 +599,22 @@ impl Serving {
     }
 
     pub(super) fn start_replica(&self, v: &Volume) -> Result<Role> {
-        let store = self.open_volume(v)?;
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
+        if state.epoch().is_ok_and(|e| e.0 == 0) {
+            // Never sealed by a primary, so it never took a write: whatever a file of
+            // that name holds (a replica of an earlier volume of the same name) goes.
+            // A rebuild copies only the regions that hold data, and relies on the
+            // others reading as zeroes here.
+            let path = self.volume_path(&v.name);
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+                info!(volume = %v.name, "starting from an empty copy (this node never held the volume's data)");
+                std::fs::remove_file(&path).map_err(io_error(format!(
+                    "volume {}: removing a stale copy",
+                    v.name
+                )))?;
+            }
+        }
+        let store = self.open_volume(v)?;
         let grow_store = store.clone();
         let grow = Box::new(move |n: u64| grow_store.grow(n).map_err(std::io::Error::other));
         let r = Arc::new(
@@ -662,8 +690,32 @@ impl Serving {
                         epoch,
                         volume,
                         verify,
+                        replicas,
                         ..
                     }) if *epoch == v.epoch => {
+                        let now = self.other_replicas(v);
+                        if *replicas != now {
+                            let to_set = |s: &BTreeSet<NodeId>| -> BTreeSet<replication::NodeId> {
+                                s.iter().copied().map(replication::NodeId).collect()
+                            };
+                            volume.set_replicas(
+                                to_set(&now.0),
+                                to_set(&now.1),
+                                &self.net.up_nodes(),
+                            );
+                            for n in now.0.difference(&replicas.0) {
+                                self.events.push(
+                                    EventKind::Rebuild,
+                                    format!(
+                                        "rebuild of {} on {} started from {}",
+                                        v.name,
+                                        st.node_name(*n),
+                                        self.node_name
+                                    ),
+                                );
+                            }
+                            *replicas = now;
+                        }
                         let isr: BTreeSet<replication::NodeId> = v
                             .in_sync
                             .iter()
@@ -672,7 +724,10 @@ impl Serving {
                             .map(replication::NodeId)
                             .collect();
                         volume.isr_committed(replication::Epoch(v.epoch), isr);
-                        volume.set_resync_rate(st.settings.resync_rate_bytes_per_s);
+                        volume.set_rates(
+                            st.settings.resync_rate_bytes_per_s,
+                            st.settings.rebuild_rate_bytes_per_s,
+                        );
                         if let Some(asked) = v.verify.as_ref().filter(|x| x.result.is_none()) {
                             if *verify != Some(asked.id) {
                                 *verify = Some(asked.id);
@@ -706,7 +761,7 @@ impl Serving {
                 }
                 let old = roles.remove(&v.name);
                 self.stop_role(&v.name, old);
-                match self.start_primary(v, st.settings.resync_rate_bytes_per_s) {
+                match self.start_primary(v, &st.settings) {
                     Ok(role) => {
                         roles.insert(v.name.clone(), role);
                     }

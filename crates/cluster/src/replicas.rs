@@ -1,0 +1,464 @@
+//! Where replicas live, and how that changes while volumes serve: placement over nodes
+//! and zones, adding, removing and replacing replicas, draining nodes and removing dead
+//! ones. Part of the state machine ([`ClusterState::apply`]).
+//!
+//! A new replica joins outside the in-sync set ([`Volume::joining`]): the primary
+//! rebuilds it with a full copy and asks for it to join the set once caught up
+//! ([`Command::IsrChange`]); a replica it replaces leaves only then. A target's
+//! volumes share their nodes (a target moves as one unit), so every change here acts on
+//! all of them, and a replacement completes only when the new node is in sync for
+//! every one of them: until then the old node remains a possible successor for all.
+
+use super::*;
+
+impl ClusterState {
+    /// Node service and replica placement: [`Command::DrainNode`],
+    /// [`Command::SetNodeZone`] and [`Command::ChangeReplicas`].
+    pub(super) fn apply_replicas(&mut self, cmd: &Command) -> Result<Applied, Refused> {
+        match cmd {
+            Command::DrainNode {
+                name,
+                drained,
+                evacuate,
+            } => {
+                let node = self
+                    .node_by_name(name)
+                    .ok_or_else(|| Refused::NoSuchNode(name.clone()))?;
+                if node.role == NodeRole::Witness {
+                    return Err(Refused::WitnessCannotHold(name.clone()));
+                }
+                let id = node.id;
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.drained = *drained;
+                    n.evacuate = *drained && *evacuate;
+                }
+                Ok(Applied::Done)
+            }
+            Command::SetNodeZone { name, zone } => {
+                if let Some(z) = zone {
+                    check_name("zone", z)?;
+                }
+                let id = self
+                    .node_by_name(name)
+                    .ok_or_else(|| Refused::NoSuchNode(name.clone()))?
+                    .id;
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.zone = zone.clone();
+                }
+                Ok(Applied::Done)
+            }
+            Command::ChangeReplicas {
+                volume,
+                add,
+                remove,
+                force,
+            } => self.change_replicas(volume, add.as_deref(), remove.as_deref(), *force),
+            _ => unreachable!("apply routes only replica placement commands here"),
+        }
+    }
+
+    /// The volumes that move and change together with `volume`: its target's, or itself.
+    pub fn group_of(&self, volume: &str) -> Vec<String> {
+        match self.mapping_of(volume) {
+            Some((t, _)) => t.luns.values().cloned().collect(),
+            None => vec![volume.to_string()],
+        }
+    }
+
+    fn change_replicas(
+        &mut self,
+        volume: &str,
+        add: Option<&str>,
+        remove: Option<&str>,
+        force: bool,
+    ) -> Result<Applied, Refused> {
+        if !self.volumes.contains_key(volume) {
+            return Err(Refused::NoSuchVolume(volume.to_string()));
+        }
+        let resolve = |name: &str| {
+            self.node_by_name(name)
+                .map(|n| n.id)
+                .ok_or_else(|| Refused::NoSuchNode(name.to_string()))
+        };
+        let add_id = add.map(resolve).transpose()?;
+        let rm_id = remove.map(resolve).transpose()?;
+        if add_id.is_none() && rm_id.is_none() {
+            return Err(Refused::BadName(
+                "nothing to change: name a node to add, to remove, or both (replace)".into(),
+            ));
+        }
+        if let (Some(a), Some(name)) = (add_id, add) {
+            let n = &self.nodes[&a];
+            if n.role == NodeRole::Witness {
+                return Err(Refused::WitnessCannotHold(name.to_string()));
+            }
+            if n.drained {
+                return Err(Refused::NodeDrained(name.to_string()));
+            }
+        }
+        let group = self.group_of(volume);
+        let mut total = 0u64;
+        for g in &group {
+            let v = self
+                .volumes
+                .get(g)
+                .ok_or_else(|| Refused::NoSuchVolume(g.clone()))?;
+            total += v.size_bytes;
+            if let (Some(a), Some(name)) = (add_id, add) {
+                if v.joining.iter().any(|j| j.node == a) {
+                    return Err(Refused::AlreadyJoining {
+                        volume: g.clone(),
+                        node: name.to_string(),
+                    });
+                }
+                if v.replicas.contains(&a) {
+                    return Err(Refused::AlreadyReplica {
+                        volume: g.clone(),
+                        node: name.to_string(),
+                    });
+                }
+                let lasting = v
+                    .lasting_replicas()
+                    .filter(|n| Some(*n) != rm_id)
+                    .count();
+                if lasting >= 3 {
+                    return Err(Refused::TooManyReplicas {
+                        volume: g.clone(),
+                        have: lasting,
+                    });
+                }
+            }
+            if let (Some(r), Some(name)) = (rm_id, remove) {
+                if !v.replicas.contains(&r) {
+                    return Err(Refused::NotHeldBy {
+                        volume: g.clone(),
+                        node: name.to_string(),
+                    });
+                }
+                if v.primary == r {
+                    return Err(Refused::ReplicaIsPrimary {
+                        volume: g.clone(),
+                        node: name.to_string(),
+                    });
+                }
+                if add_id.is_none() {
+                    if v.replicas.len() == 1 {
+                        return Err(Refused::LastReplica {
+                            volume: g.clone(),
+                            node: name.to_string(),
+                        });
+                    }
+                    let left = v.in_sync.len().saturating_sub(1);
+                    if v.in_sync.contains(&r) && left < 2 && !force {
+                        return Err(Refused::WouldLeaveFewCopies {
+                            volume: g.clone(),
+                            node: name.to_string(),
+                            left,
+                        });
+                    }
+                }
+            }
+        }
+        if let (Some(a), Some(name)) = (add_id, add) {
+            let free = self.free_bytes(a);
+            if free < total {
+                return Err(Refused::NoSpace {
+                    node: name.to_string(),
+                    free,
+                    needed: total,
+                });
+            }
+        }
+        for g in &group {
+            let Some(v) = self.volumes.get_mut(g) else {
+                continue;
+            };
+            if let Some(a) = add_id {
+                v.replicas.push(a);
+                v.joining.push(Joining {
+                    node: a,
+                    // One out of sync (down) holds nothing the volume needs: it leaves
+                    // at once.
+                    replaces: rm_id.filter(|r| v.in_sync.contains(r)),
+                });
+            }
+            if let Some(r) = rm_id {
+                if add_id.is_none() || !v.in_sync.contains(&r) {
+                    remove_replica(v, r);
+                }
+            }
+            v.wanted_replicas = v.lasting_replicas().count() as u8;
+        }
+        Ok(Applied::ReplicasChanged(group))
+    }
+
+    /// Removes node `id`, gone for good, from every volume: each volume (with its
+    /// target's) gets a new replica on a node with room, where there is one.
+    pub(super) fn remove_dead_node(&mut self, id: NodeId) -> Result<Applied, Refused> {
+        let name = self.node_name(id);
+        let held = self.volumes_on(id);
+        let primary_of: Vec<String> = held
+            .iter()
+            .filter(|v| self.volumes[*v].primary == id)
+            .cloned()
+            .collect();
+        if !primary_of.is_empty() {
+            return Err(Refused::StillPrimary {
+                node: name,
+                volumes: primary_of,
+            });
+        }
+        if let Some(v) = held.iter().find(|v| self.volumes[*v].in_sync == [id]) {
+            return Err(Refused::OnlyCopy {
+                volume: v.clone(),
+                node: name,
+            });
+        }
+        let groups: BTreeSet<Vec<String>> = held.iter().map(|v| self.group_of(v)).collect();
+        let mut out = Vec::new();
+        for group in groups {
+            let mut exclude = vec![id];
+            let mut total = 0;
+            let mut short = false;
+            for g in &group {
+                if let Some(v) = self.volumes.get_mut(g) {
+                    remove_replica(v, id);
+                    exclude.extend(v.replicas.iter().copied());
+                    total += v.size_bytes;
+                    short |= v.lasting_replicas().count() < v.wanted();
+                }
+            }
+            let new = if short {
+                self.pick_nodes(total, 1, &[], &exclude).first().copied()
+            } else {
+                None
+            };
+            for g in &group {
+                if let (Some(v), Some(n)) = (self.volumes.get_mut(g), new) {
+                    v.replicas.push(n);
+                    v.joining.push(Joining {
+                        node: n,
+                        replaces: None,
+                    });
+                }
+                if held.contains(g) {
+                    out.push((g.clone(), new));
+                }
+            }
+        }
+        self.nodes.remove(&id);
+        Ok(Applied::DeadNodeRemoved(out))
+    }
+
+    /// After `volume`'s in-sync set grew: replicas that joined are no longer joining,
+    /// and a replica they replace leaves once the new one is in sync for every volume
+    /// of the target (until then it remains a possible successor for all of them).
+    pub(super) fn settle_joining(&mut self, volume: &str) {
+        let group = self.group_of(volume);
+        let Some(v) = self.volumes.get(volume) else {
+            return;
+        };
+        let synced: Vec<Joining> = v
+            .joining
+            .iter()
+            .filter(|j| v.in_sync.contains(&j.node))
+            .copied()
+            .collect();
+        for j in synced {
+            let everywhere = group.iter().all(|g| {
+                self.volumes
+                    .get(g)
+                    .is_none_or(|gv| gv.in_sync.contains(&j.node) || !gv.replicas.contains(&j.node))
+            });
+            if !everywhere {
+                continue;
+            }
+            for g in &group {
+                let Some(gv) = self.volumes.get_mut(g) else {
+                    continue;
+                };
+                gv.joining.retain(|x| x.node != j.node);
+                if let Some(old) = j.replaces.filter(|o| *o != gv.primary) {
+                    remove_replica(gv, old);
+                }
+            }
+        }
+    }
+
+    /// Up to `need` storage nodes for `size` more bytes, not in `chosen` or `exclude`:
+    /// schedulable ones with room, the most free space first (ties: lowest id), each
+    /// pick in a zone none of the nodes already chosen is in where one is left.
+    pub fn pick_nodes(
+        &self,
+        size: u64,
+        need: usize,
+        chosen: &[NodeId],
+        exclude: &[NodeId],
+    ) -> Vec<NodeId> {
+        let mut candidates: Vec<(u64, NodeId)> = self
+            .nodes
+            .values()
+            .filter(|n| n.schedulable() && !n.evacuate)
+            .filter(|n| !chosen.contains(&n.id) && !exclude.contains(&n.id))
+            .map(|n| (self.free_bytes(n.id), n.id))
+            .filter(|(free, _)| *free >= size)
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let zone = |id: &NodeId| self.nodes.get(id).and_then(|n| n.zone.as_ref());
+        let mut picked: Vec<NodeId> = Vec::new();
+        while picked.len() < need && !candidates.is_empty() {
+            let used: Vec<&String> = chosen
+                .iter()
+                .chain(exclude)
+                .chain(&picked)
+                .filter_map(zone)
+                .collect();
+            let i = candidates
+                .iter()
+                .position(|(_, id)| zone(id).is_none_or(|z| !used.contains(&z)))
+                .unwrap_or(0);
+            picked.push(candidates.remove(i).1);
+        }
+        picked
+    }
+}
+
+/// Takes `node` out of `v` altogether.
+fn remove_replica(v: &mut Volume, node: NodeId) {
+    v.replicas.retain(|n| *n != node);
+    v.in_sync.retain(|n| *n != node);
+    v.lost_power.retain(|n| *n != node);
+    v.joining.retain(|j| j.node != node);
+    for j in &mut v.joining {
+        if j.replaces == Some(node) {
+            j.replaces = None;
+        }
+    }
+    if v.moving_to == Some(node) {
+        v.moving_to = None;
+    }
+}
+
+/// One step the leader takes to keep a group's redundancy (see
+/// [`ClusterState::upkeep`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upkeep {
+    /// The primary is on a drained node: a planned move to `to`.
+    Move {
+        /// A volume of the group.
+        volume: String,
+        /// The drained node.
+        from: NodeId,
+        /// An in-sync member of every volume of the group, online and not drained.
+        to: NodeId,
+    },
+    /// Rebuild `old`'s replicas on `new`, then remove them from `old`.
+    Replace {
+        /// A volume of the group.
+        volume: String,
+        /// The node being evacuated, or offline too long.
+        old: NodeId,
+        /// The node with room chosen for the new replicas.
+        new: NodeId,
+        /// Why, in words for the event.
+        why: String,
+    },
+    /// The group has fewer replicas than it should: a new one on `new`.
+    Add {
+        /// A volume of the group.
+        volume: String,
+        /// The node with room chosen.
+        new: NodeId,
+    },
+}
+
+impl ClusterState {
+    /// The groups of volumes that move together: each target's volumes, and each
+    /// unmapped volume alone.
+    pub fn groups(&self) -> Vec<Vec<String>> {
+        let mut groups: Vec<Vec<String>> = self
+            .targets
+            .values()
+            .filter(|t| !t.luns.is_empty())
+            .map(|t| t.luns.values().cloned().collect())
+            .collect();
+        for v in self.volumes.keys() {
+            if self.mapping_of(v).is_none() {
+                groups.push(vec![v.clone()]);
+            }
+        }
+        groups
+    }
+
+    /// What the leader does next for `group`, if anything: move its primary off a
+    /// drained node; else, one change at a time, replace the replicas of a node being
+    /// evacuated or offline for longer than the replace-after setting (`offline_for`:
+    /// nodes not heard from, and for how long), or add a replica to a group that has
+    /// fewer than it should. `None` also when no node can take the change (it is
+    /// looked at again later).
+    pub fn upkeep(
+        &self,
+        group: &[String],
+        offline_for: &std::collections::HashMap<NodeId, std::time::Duration>,
+    ) -> Option<Upkeep> {
+        let vols: Vec<&Volume> = group.iter().filter_map(|n| self.volumes.get(n)).collect();
+        let first = vols.first()?;
+        let primary = first.primary;
+        if vols.iter().any(|v| v.moving_to.is_some()) {
+            return None;
+        }
+        let drained = |id: NodeId| self.nodes.get(&id).is_none_or(|n| n.drained);
+        if drained(primary) {
+            let to = self
+                .nodes
+                .values()
+                .filter(|n| n.schedulable() && !offline_for.contains_key(&n.id))
+                .find(|n| n.id != primary && vols.iter().all(|v| v.in_sync.contains(&n.id)))?;
+            return Some(Upkeep::Move {
+                volume: first.name.clone(),
+                from: primary,
+                to: to.id,
+            });
+        }
+        if vols.iter().any(|v| !v.joining.is_empty()) {
+            return None;
+        }
+        let mut exclude: Vec<NodeId> = vols.iter().flat_map(|v| v.replicas.clone()).collect();
+        exclude.extend(offline_for.keys().copied());
+        let total: u64 = vols.iter().map(|v| v.size_bytes).sum();
+        let after = std::time::Duration::from_millis(self.settings.replace_after_ms);
+        for old in first.replicas.iter().copied().filter(|n| *n != primary) {
+            let Some(node) = self.nodes.get(&old) else {
+                continue;
+            };
+            let why = if node.evacuate {
+                format!("{} is being evacuated", node.name)
+            } else {
+                match offline_for.get(&old) {
+                    Some(d) if !after.is_zero() && *d >= after && !node.drained => format!(
+                        "{} has been offline for {} s (replace-after {} s)",
+                        node.name,
+                        d.as_secs(),
+                        after.as_secs()
+                    ),
+                    _ => continue,
+                }
+            };
+            let new = *self.pick_nodes(total, 1, &[], &exclude).first()?;
+            return Some(Upkeep::Replace {
+                volume: first.name.clone(),
+                old,
+                new,
+                why,
+            });
+        }
+        if vols.iter().any(|v| v.replicas.len() < v.wanted()) {
+            let new = *self.pick_nodes(total, 1, &[], &exclude).first()?;
+            return Some(Upkeep::Add {
+                volume: first.name.clone(),
+                new,
+            });
+        }
+        None
+    }
+}
