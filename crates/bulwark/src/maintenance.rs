@@ -141,7 +141,11 @@ async fn wait_rebuilt(conn: &Conn, group: &[String], node: &str) -> Result<()> {
 }
 
 /// "REBUILD to n3 45% (460 MiB of 1.0 GiB), 98 MiB/s, 6 s left", as the primary reports.
-fn progress_of(statuses: &crate::admin::Statuses, v: &cluster::state::Volume, id: NodeId) -> Option<String> {
+fn progress_of(
+    statuses: &crate::admin::Statuses,
+    v: &cluster::state::Volume,
+    id: NodeId,
+) -> Option<String> {
     let s = statuses.get(&v.primary)?.as_ref().ok()?;
     let x = s.volumes.iter().find(|x| x.name == v.name)?;
     let r = x.resyncs.iter().find(|r| r.node == id)?;
@@ -281,7 +285,10 @@ pub async fn remove_dead(conn: &Conn, name: &str, yes: bool) -> Result<()> {
     if answered || live.as_ref().is_some_and(|l| l.online) {
         bail!("{name} is online (it answers heartbeats): a node that is alive is drained and evacuated instead (`bulwark node drain {name} --evacuate`), then removed (`bulwark node remove {name}`)");
     }
-    if let Some(ms) = live.and_then(|l| l.last_heard_ms).filter(|ms| *ms < quiet_ms) {
+    if let Some(ms) = live
+        .and_then(|l| l.last_heard_ms)
+        .filter(|ms| *ms < quiet_ms)
+    {
         bail!(
             "{name} was heard from {:.1} s ago; a node is given up only after {:.1} s of silence (the failure timeout and a lease), once its primaries have failed over",
             ms as f64 / 1000.0,

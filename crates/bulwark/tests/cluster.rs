@@ -223,7 +223,14 @@ async fn three_nodes_agree_and_serve_live_configuration() {
     s.logout().await.unwrap();
 
     // The witness leaves: its process stops by itself and the membership shrinks.
-    commit(&c.admin(0), Command::RemoveNode { name: "n3".into() }).await;
+    commit(
+        &c.admin(0),
+        Command::RemoveNode {
+            name: "n3".into(),
+            dead: false,
+        },
+    )
+    .await;
     let child = c.nodes[2].child.as_mut().unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     while child.try_wait().unwrap().is_none() {
@@ -294,7 +301,11 @@ async fn leader_kill_then_new_leader_commits_and_restarted_node_catches_up() {
     // Removed while down: at its next start the node learns it and stops by itself.
     c.nodes[leader].stop();
     let name = c.nodes[leader].name.clone();
-    commit(&c.admin(new_leader), Command::RemoveNode { name }).await;
+    commit(
+        &c.admin(new_leader),
+        Command::RemoveNode { name, dead: false },
+    )
+    .await;
     c.wait_voters(new_leader, 2).await;
     c.nodes[leader].start();
     let child = c.nodes[leader].child.as_mut().unwrap();

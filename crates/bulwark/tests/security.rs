@@ -397,6 +397,7 @@ async fn token_holders(c: &Cluster, spare: &Node, spare2: &Node) {
         &admin,
         Command::RemoveNode {
             name: spare.name.clone(),
+            dead: false,
         },
     )
     .await;
@@ -548,7 +549,10 @@ async fn hostile_peers_are_refused_while_the_cluster_serves() {
         Duration::from_secs(20),
         async || {
             c.admin(alive[0])
-                .write(Command::RemoveNode { name: name.clone() })
+                .write(Command::RemoveNode {
+                    name: name.clone(),
+                    dead: false,
+                })
                 .await
                 .ok()
                 .and_then(|r| r.ok())

@@ -117,10 +117,7 @@ impl ClusterState {
                         node: name.to_string(),
                     });
                 }
-                let lasting = v
-                    .lasting_replicas()
-                    .filter(|n| Some(*n) != rm_id)
-                    .count();
+                let lasting = v.lasting_replicas().filter(|n| Some(*n) != rm_id).count();
                 if lasting >= 3 {
                     return Err(Refused::TooManyReplicas {
                         volume: g.clone(),

@@ -1087,7 +1087,11 @@ pub enum Refused {
     #[error("{node:?} is the primary of {volume:?}; move the volume first (`bulwark volume move {volume} NODE`), or drain the node, which moves it")]
     ReplicaIsPrimary { volume: String, node: String },
     #[error("removing {node:?} would leave {volume:?} with {left} in-sync cop{}; wait until another replica is in sync (`bulwark status`), or add --force", if *left == 1 { "y" } else { "ies" })]
-    WouldLeaveFewCopies { volume: String, node: String, left: usize },
+    WouldLeaveFewCopies {
+        volume: String,
+        node: String,
+        left: usize,
+    },
     #[error("{node:?} holds the only in-sync copy of {volume:?}; removing it would lose the volume's data. Bring the node back, or delete the volume first")]
     OnlyCopy { volume: String, node: String },
     #[error("{node:?} is still the primary of {volumes:?}: a failover moves them once its lease lapsed (about a second); if none happens, no other in-sync replica exists")]
@@ -2221,4 +2225,7 @@ mod tests;
 
 #[path = "replicas.rs"]
 mod replicas;
+#[cfg(test)]
+#[path = "replicas_tests.rs"]
+mod replicas_tests;
 pub use replicas::Upkeep;

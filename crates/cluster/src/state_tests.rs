@@ -6,10 +6,10 @@ use proptest::prelude::*;
 
 use super::*;
 
-const GIB: u64 = 1 << 30;
-const IQN: &str = "iqn.2026-11.io.bulwark:t1";
+pub(super) const GIB: u64 = 1 << 30;
+pub(super) const IQN: &str = "iqn.2026-11.io.bulwark:t1";
 
-fn addrs(i: u8) -> NodeAddresses {
+pub(super) fn addrs(i: u8) -> NodeAddresses {
     let a = |port| SocketAddr::from(([127, 0, 0, i], port));
     NodeAddresses {
         control: a(3261),
@@ -18,7 +18,7 @@ fn addrs(i: u8) -> NodeAddresses {
     }
 }
 
-fn add_node(st: &mut ClusterState, name: &str, i: u8, cap: u64) -> NodeId {
+pub(super) fn add_node(st: &mut ClusterState, name: &str, i: u8, cap: u64) -> NodeId {
     match st.apply(&Command::AddNode {
         name: name.into(),
         addresses: addrs(i),
@@ -30,7 +30,7 @@ fn add_node(st: &mut ClusterState, name: &str, i: u8, cap: u64) -> NodeId {
     }
 }
 
-fn create(name: &str, size: u64, replicas: u8, nodes: &[&str]) -> Command {
+pub(super) fn create(name: &str, size: u64, replicas: u8, nodes: &[&str]) -> Command {
     Command::CreateVolume {
         name: name.into(),
         size_bytes: size,
@@ -41,7 +41,7 @@ fn create(name: &str, size: u64, replicas: u8, nodes: &[&str]) -> Command {
 }
 
 /// Three storage nodes of 10 GiB (n1, n2, n3).
-fn three() -> ClusterState {
+pub(super) fn three() -> ClusterState {
     let mut st = ClusterState::new();
     for (i, n) in ["n1", "n2", "n3"].iter().enumerate() {
         add_node(&mut st, n, i as u8 + 1, 10 * GIB);
@@ -49,7 +49,7 @@ fn three() -> ClusterState {
     st
 }
 
-fn refused(st: &mut ClusterState, cmd: Command) -> Refused {
+pub(super) fn refused(st: &mut ClusterState, cmd: Command) -> Refused {
     let before = st.clone();
     let r = st.apply(&cmd).expect_err("must be refused");
     assert_eq!(*st, before, "a refused command changes nothing");
@@ -96,8 +96,11 @@ fn nodes_get_fresh_ids_and_unique_names_and_addresses() {
         ),
         Refused::BadName(_)
     ));
-    st.apply(&Command::RemoveNode { name: "n3".into() })
-        .unwrap();
+    st.apply(&Command::RemoveNode {
+        name: "n3".into(),
+        dead: false,
+    })
+    .unwrap();
     // Ids are never reused.
     assert_eq!(add_node(&mut st, "n4", 4, GIB), 4);
 }
@@ -142,10 +145,22 @@ fn node_started_updates_role_and_refuses_witness_with_volumes() {
 fn remove_node_refuses_holders_of_volumes_and_the_last_node() {
     let mut st = three();
     st.apply(&create("v", GIB, 1, &["n2"])).unwrap();
-    let r = refused(&mut st, Command::RemoveNode { name: "n2".into() });
+    let r = refused(
+        &mut st,
+        Command::RemoveNode {
+            name: "n2".into(),
+            dead: false,
+        },
+    );
     assert!(r.to_string().contains("holds replicas of [\"v\"]"), "{r}");
     assert!(matches!(
-        refused(&mut st, Command::RemoveNode { name: "zz".into() }),
+        refused(
+            &mut st,
+            Command::RemoveNode {
+                name: "zz".into(),
+                dead: false
+            }
+        ),
         Refused::NoSuchNode(_)
     ));
     let mut one = ClusterState::new();
@@ -154,7 +169,8 @@ fn remove_node_refuses_holders_of_volumes_and_the_last_node() {
         refused(
             &mut one,
             Command::RemoveNode {
-                name: "solo".into()
+                name: "solo".into(),
+                dead: false,
             }
         ),
         Refused::LastNode(_)
@@ -766,7 +782,7 @@ fn settings_are_bounded() {
 }
 
 /// The invariants every reachable state keeps.
-fn check_invariants(st: &ClusterState) {
+pub(super) fn check_invariants(st: &ClusterState) {
     for v in st.volumes.values() {
         assert!(v.replicas.contains(&v.primary), "primary is a replica");
         assert!(v.in_sync.contains(&v.primary), "the primary is in sync");
@@ -789,6 +805,23 @@ fn check_invariants(st: &ClusterState) {
             assert_eq!(n.role, NodeRole::Storage, "no data on witnesses");
         }
         assert_eq!(v.size_bytes % u64::from(v.block_size), 0);
+        for j in &v.joining {
+            assert!(
+                v.replicas.contains(&j.node),
+                "a joining replica is a replica"
+            );
+            if let Some(old) = j.replaces {
+                assert!(
+                    v.replicas.contains(&old),
+                    "a replaced replica stays until then"
+                );
+                assert_ne!(old, j.node);
+            }
+        }
+        assert!(
+            v.lasting_replicas().count() <= 3,
+            "at most 3 replicas for good"
+        );
     }
     for t in st.targets.values() {
         let primaries: std::collections::BTreeSet<NodeId> = t
@@ -836,7 +869,26 @@ fn arb_command() -> impl Strategy<Value = Command> {
             addresses: addrs(i),
             capacity_bytes: 4 * GIB,
         }),
-        node.clone().prop_map(|name| Command::RemoveNode { name }),
+        (node.clone(), any::<bool>()).prop_map(|(name, dead)| Command::RemoveNode { name, dead }),
+        (node.clone(), any::<bool>(), any::<bool>()).prop_map(|(name, drained, evacuate)| {
+            Command::DrainNode {
+                name,
+                drained,
+                evacuate,
+            }
+        }),
+        (
+            vol.clone(),
+            prop::option::of(node.clone()),
+            prop::option::of(node.clone()),
+            any::<bool>()
+        )
+            .prop_map(|(volume, add, remove, force)| Command::ChangeReplicas {
+                volume,
+                add,
+                remove,
+                force
+            }),
         (
             vol.clone(),
             1u64..4,

@@ -443,7 +443,11 @@ impl Serving {
         });
     }
 
-    pub(super) fn start_primary(&self, v: &Volume, settings: &cluster::state::Settings) -> Result<Role> {
+    pub(super) fn start_primary(
+        &self,
+        v: &Volume,
+        settings: &cluster::state::Settings,
+    ) -> Result<Role> {
         let store = self.open_volume(v)?;
         let store_kept = store.clone();
         let state = ReplicaState::new(&self.volumes_dir, &v.name);
@@ -532,7 +536,12 @@ impl Serving {
     /// The volume's replicas other than this node, and those among them being rebuilt
     /// (joining, not yet in sync).
     fn other_replicas(&self, v: &Volume) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
-        let others = v.replicas.iter().copied().filter(|n| *n != self.me).collect();
+        let others = v
+            .replicas
+            .iter()
+            .copied()
+            .filter(|n| *n != self.me)
+            .collect();
         let rebuilding = v
             .joining
             .iter()
