@@ -949,6 +949,40 @@ mod cli_tests {
     }
 
     #[test]
+    fn node_and_replica_commands_parse_with_the_global_node_address() {
+        for args in [
+            &["volume", "replicas", "v", "add", "n3", "--wait"][..],
+            &["volume", "replicas", "v", "remove", "n3", "--force"],
+            &["volume", "replicas", "v", "replace", "n2", "n3"],
+            &["node", "drain", "n1", "--evacuate", "--no-wait"],
+            &["node", "undrain", "n1"],
+            &["node", "zone", "n1", "rack1"],
+            &["node", "remove", "n1", "--dead", "--yes"],
+            &[
+                "cluster",
+                "settings",
+                "--rebuild-rate",
+                "1GiB",
+                "--replace-after",
+                "off",
+            ],
+        ] {
+            let with_node: Vec<&str> = args
+                .iter()
+                .copied()
+                .chain(["--node", "127.0.0.1:3261"])
+                .collect();
+            parse(&with_node).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        assert!(admin::parse_duration_ms("10m").unwrap() == 600_000);
+        assert!(admin::parse_duration_ms("off").unwrap() == 0);
+        let e = admin::parse_duration_ms("10").unwrap_err().to_string();
+        assert!(e.contains("no unit"), "{e}");
+        let e = admin::parse_duration_ms("5 weeks").unwrap_err().to_string();
+        assert!(e.contains("unknown unit"), "{e}");
+    }
+
+    #[test]
     fn alert_commands_parse_and_the_help_lists_every_event_kind() {
         for args in [
             &["alert", "add", "mail", "--program", "/usr/local/bin/a"][..],

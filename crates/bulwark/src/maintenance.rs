@@ -19,8 +19,9 @@ pub enum ReplicaChange {
     /// Adds a replica on NODE: it receives a full copy of the data while the volume
     /// serves (only the regions that hold data), then joins the in-sync set.
     Add {
-        /// Node name.
-        node: String,
+        /// Node name. (Not `node`: that is the global --node.)
+        #[arg(value_name = "NODE")]
+        to: String,
         /// Wait until it is in sync, showing progress.
         #[arg(long)]
         wait: bool,
@@ -29,7 +30,8 @@ pub enum ReplicaChange {
     /// refused when it would leave fewer than two in-sync copies, unless --force.
     Remove {
         /// Node name.
-        node: String,
+        #[arg(value_name = "NODE")]
+        from: String,
         /// Remove it even if that leaves a single in-sync copy.
         #[arg(long)]
         force: bool,
@@ -49,8 +51,8 @@ pub enum ReplicaChange {
 
 pub async fn replicas(conn: &Conn, volume: &str, change: ReplicaChange) -> Result<()> {
     let (add, remove, force, wait) = match &change {
-        ReplicaChange::Add { node, wait } => (Some(node.clone()), None, false, *wait),
-        ReplicaChange::Remove { node, force } => (None, Some(node.clone()), *force, false),
+        ReplicaChange::Add { to, wait } => (Some(to.clone()), None, false, *wait),
+        ReplicaChange::Remove { from, force } => (None, Some(from.clone()), *force, false),
         ReplicaChange::Replace { old, new, wait } => {
             (Some(new.clone()), Some(old.clone()), false, *wait)
         }

@@ -52,6 +52,7 @@ async fn load(c: &Cluster, checker: &mut Checker, until: Instant, counts: &mut L
     let load = Load {
         lbas: VOLUME_LBAS,
         flush_every: FLUSH_EVERY,
+        ..Default::default()
     };
     let s = run_load(c, checker, until, &[0, 1, 2], &load).await;
     counts.writes += s.writes;

@@ -255,6 +255,7 @@ impl ClusterState {
         let Some(v) = self.volumes.get(volume) else {
             return;
         };
+        let primary = v.primary;
         let synced: Vec<Joining> = v
             .joining
             .iter()
@@ -270,12 +271,17 @@ impl ClusterState {
             if !everywhere {
                 continue;
             }
+            if j.replaces.is_some_and(|old| old == primary) {
+                // The replaced node is the primary now (a failover picked it): it
+                // leaves after a planned move to the new replica ([`Self::upkeep`]).
+                continue;
+            }
             for g in &group {
                 let Some(gv) = self.volumes.get_mut(g) else {
                     continue;
                 };
                 gv.joining.retain(|x| x.node != j.node);
-                if let Some(old) = j.replaces.filter(|o| *o != gv.primary) {
+                if let Some(old) = j.replaces {
                     remove_replica(gv, old);
                 }
             }
@@ -403,6 +409,20 @@ impl ClusterState {
         let primary = first.primary;
         if vols.iter().any(|v| v.moving_to.is_some()) {
             return None;
+        }
+        // A replacement in sync everywhere whose old node is the primary (a failover
+        // picked it meanwhile): hand over to the new replica, which then completes it.
+        let handover = first.joining.iter().find(|j| {
+            j.replaces == Some(primary)
+                && !offline_for.contains_key(&j.node)
+                && vols.iter().all(|v| v.in_sync.contains(&j.node))
+        });
+        if let Some(j) = handover {
+            return Some(Upkeep::Move {
+                volume: first.name.clone(),
+                from: primary,
+                to: j.node,
+            });
         }
         let drained = |id: NodeId| self.nodes.get(&id).is_none_or(|n| n.drained);
         if drained(primary) {

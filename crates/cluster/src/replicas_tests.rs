@@ -334,3 +334,49 @@ fn placement_spreads_replicas_over_zones() {
     );
     assert!(matches!(r, Refused::BadName(_)), "{r:?}");
 }
+
+#[test]
+fn a_replaced_node_that_became_primary_hands_over_before_it_leaves() {
+    let mut st = target_on_n1_n2();
+    st.apply(&change("a", Some("n3"), Some("n2"))).unwrap();
+    // A failover picks n2, the node being replaced.
+    st.apply(&Command::Promote {
+        volumes: ["a", "b"]
+            .iter()
+            .map(|v| (v.to_string(), st.volumes[*v].epoch))
+            .collect(),
+        node: 2,
+        cause: None,
+    })
+    .unwrap();
+    isr_add(&mut st, "a", 3);
+    isr_add(&mut st, "b", 3);
+    assert_eq!(
+        st.volumes["a"].replicas,
+        vec![1, 2, 3],
+        "n2 serves: it stays"
+    );
+    let group = vec!["a".to_string(), "b".to_string()];
+    assert_eq!(
+        st.upkeep(&group, &HashMap::new()),
+        Some(Upkeep::Move {
+            volume: "a".into(),
+            from: 2,
+            to: 3
+        })
+    );
+    st.apply(&Command::Promote {
+        volumes: ["a", "b"]
+            .iter()
+            .map(|v| (v.to_string(), st.volumes[*v].epoch))
+            .collect(),
+        node: 3,
+        cause: None,
+    })
+    .unwrap();
+    check_invariants(&st);
+    for v in ["a", "b"] {
+        assert!(!st.volumes[v].replicas.contains(&2), "{:?}", st.volumes[v]);
+        assert!(st.volumes[v].joining.is_empty());
+    }
+}

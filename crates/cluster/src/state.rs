@@ -1943,6 +1943,9 @@ impl ClusterState {
                         }
                     }
                 }
+                for (name, _) in volumes {
+                    self.settle_joining(name);
+                }
                 Ok(Applied::Done)
             }
             Command::FailoverFinished {

@@ -417,7 +417,7 @@ struct Checkpoint {
 
 /// Resync copies between two checkpoints (regions): each costs the replica a flush,
 /// and a restart re-copies at most this many.
-const CHECKPOINT_REGIONS: u64 = 128;
+const CHECKPOINT_REGIONS: u64 = 64;
 
 /// How far one replica is behind its primary.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,8 +16,34 @@ pub const IQN: &str = "iqn.2026-11.io.bulwark:failover";
 pub const BLOCK: u32 = 512;
 pub const LBAS: u64 = 4096;
 
+/// How to reach a cluster's nodes without borrowing it: a load can run in a task of
+/// its own while the test stops and starts nodes.
+#[derive(Clone)]
+pub struct Reach {
+    controls: Vec<SocketAddr>,
+    token: cluster::Token,
+}
+
+impl Reach {
+    pub fn of(c: &Cluster) -> Reach {
+        Reach {
+            controls: c.nodes.iter().map(|n| n.addresses().control).collect(),
+            token: c.token(),
+        }
+    }
+
+    async fn state(&self, i: usize) -> Option<cluster::state::ClusterState> {
+        let admin = cluster::AdminClient::new(self.controls[i], &self.token).ok()?;
+        admin.state().await.ok()
+    }
+}
+
 /// The portal of the volume's primary, as the cluster says now.
 pub async fn primary_portal(c: &Cluster, via: &[usize]) -> Option<(u64, SocketAddr)> {
+    primary_portal_via(&Reach::of(c), via).await
+}
+
+async fn primary_portal_via(c: &Reach, via: &[usize]) -> Option<(u64, SocketAddr)> {
     for &i in via {
         if let Some(st) = c.state(i).await {
             let v = st.volumes.get("v")?;
@@ -70,6 +96,8 @@ pub async fn write_load_counting(
 pub struct Load {
     pub lbas: u64,
     pub flush_every: u64,
+    /// Stops the load before its deadline once set.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for Load {
@@ -77,6 +105,7 @@ impl Default for Load {
         Load {
             lbas: LBAS,
             flush_every: 0,
+            stop: None,
         }
     }
 }
@@ -103,13 +132,29 @@ pub async fn run_load(
     via: &[usize],
     load: &Load,
 ) -> LoadStats {
+    run_load_via(&Reach::of(c), checker, until, via, load).await
+}
+
+/// [`run_load`] through a [`Reach`] (in a task of its own).
+pub async fn run_load_via(
+    c: &Reach,
+    checker: &mut Checker,
+    until: Instant,
+    via: &[usize],
+    load: &Load,
+) -> LoadStats {
     let mut stats = LoadStats::default();
     let mut session: Option<Session> = None;
     let mut last_ack = Instant::now();
     let mut n = checker.acks();
-    while Instant::now() < until {
+    let stopped = || {
+        load.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    while Instant::now() < until && !stopped() {
         if session.is_none() {
-            if let Some((_, portal)) = primary_portal(c, via).await {
+            if let Some((_, portal)) = primary_portal_via(c, via).await {
                 session = connect(portal, IQN).await;
             }
             if session.is_none() {

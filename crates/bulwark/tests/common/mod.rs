@@ -308,3 +308,27 @@ pub async fn connect(portal: SocketAddr, iqn: &str) -> Option<Session> {
     let _ = s.command(0, &[0u8; 6], None, 0).await;
     Some(s)
 }
+
+/// `bulwark ARGS` against node `i` of `c`, off the runtime: (success, standard output,
+/// standard error).
+pub async fn run_cli(c: &Cluster, i: usize, args: &[&str]) -> (bool, String, String) {
+    let (node, token) = (
+        c.nodes[i].addresses().control.to_string(),
+        c.token().to_string(),
+    );
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .args(["--node", &node, "--token", &token])
+            .output()
+            .expect("bulwark runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}

@@ -11,17 +11,24 @@ use crate::state::Upkeep;
 /// How often the leader looks.
 const EVERY: Duration = Duration::from_secs(1);
 
-/// A change proposed for a group is not proposed again sooner: a planned move takes a
-/// moment to show in the state.
+/// The same change is not proposed again sooner: a planned move takes a moment to
+/// show in the state. (A different one, the next step of a rolling restart, goes at
+/// once.)
 const RETRY: Duration = Duration::from_secs(5);
 
 impl ClusterNode {
     pub(super) async fn watch_redundancy(self) {
         let me = self.id();
         let mut offline_since: HashMap<NodeId, Instant> = HashMap::new();
-        let mut proposed: HashMap<Vec<String>, Instant> = HashMap::new();
+        let mut proposed: HashMap<String, Instant> = HashMap::new();
+        let mut changes = self.inner.state.clone();
         loop {
-            tokio::time::sleep(EVERY).await;
+            // At every change (a drain asked for, a rebuild done), else now and then
+            // (liveness changes are not state changes).
+            if let Ok(Err(_)) = tokio::time::timeout(EVERY, changes.changed()).await {
+                // The state is gone: the node is shutting down.
+                return;
+            }
             if self.inner.raft.metrics().borrow().current_leader != Some(me) {
                 // A new leader starts counting offline time afresh: it cannot know
                 // how long a node was gone before (it errs towards waiting longer).
@@ -47,72 +54,79 @@ impl ClusterNode {
             offline_since.retain(|id, _| st.nodes.contains_key(id));
             proposed.retain(|_, at| now.duration_since(*at) < RETRY);
             for group in st.groups() {
-                if proposed.contains_key(&group) {
-                    continue;
-                }
                 let Some(step) = st.upkeep(&group, &offline_for) else {
                     continue;
                 };
-                proposed.insert(group.clone(), now);
-                self.carry_out(&st, &group, step).await;
+                let (cmd, kind, text) = describe(&st, &group, step);
+                let key = serde_json::to_string(&cmd).unwrap_or_default();
+                if proposed.contains_key(&key) {
+                    continue;
+                }
+                proposed.insert(key, now);
+                match self.write(cmd).await {
+                    Ok(Ok(_)) => self.inner.events.push(kind, text),
+                    Ok(Err(r)) => debug!(refused = %r, "{text}: refused"),
+                    Err(e) => debug!(error = %e, "{text}: not committed"),
+                }
             }
         }
     }
+}
 
-    async fn carry_out(&self, st: &ClusterState, group: &[String], step: Upkeep) {
-        let name = |id: NodeId| st.node_name(id);
-        let (cmd, kind, text) = match step {
-            Upkeep::Move { volume, from, to } => (
-                Command::MoveVolume {
-                    volume,
-                    node: name(to),
-                },
-                EventKind::Drain,
-                format!(
-                    "{} is drained: moving {} to {} (planned move)",
-                    name(from),
-                    group.join(", "),
-                    name(to)
-                ),
-            ),
-            Upkeep::Replace {
+/// The command that carries `step` out, and the event that says so.
+fn describe(st: &ClusterState, group: &[String], step: Upkeep) -> (Command, EventKind, String) {
+    let name = |id: NodeId| st.node_name(id);
+    match step {
+        Upkeep::Move { volume, from, to } => (
+            Command::MoveVolume {
                 volume,
-                old,
-                new,
-                why,
-            } => (
-                Command::ChangeReplicas {
-                    volume,
-                    add: Some(name(new)),
-                    remove: Some(name(old)),
-                    force: false,
-                },
-                EventKind::Rebuild,
-                format!(
-                    "{why}: replacing its replicas of {} by new ones on {}",
-                    group.join(", "),
-                    name(new)
-                ),
+                node: name(to),
+            },
+            EventKind::Drain,
+            format!(
+                "moving {} from {} to {} (planned move): {}",
+                group.join(", "),
+                name(from),
+                name(to),
+                if st.nodes.get(&from).is_some_and(|n| n.drained) {
+                    "the node is drained"
+                } else {
+                    "the node is being replaced"
+                }
             ),
-            Upkeep::Add { volume, new } => (
-                Command::ChangeReplicas {
-                    volume,
-                    add: Some(name(new)),
-                    remove: None,
-                    force: false,
-                },
-                EventKind::Rebuild,
-                format!(
-                    "{} had fewer replicas than wanted: adding one on {}",
-                    group.join(", "),
-                    name(new)
-                ),
+        ),
+        Upkeep::Replace {
+            volume,
+            old,
+            new,
+            why,
+        } => (
+            Command::ChangeReplicas {
+                volume,
+                add: Some(name(new)),
+                remove: Some(name(old)),
+                force: false,
+            },
+            EventKind::Rebuild,
+            format!(
+                "{why}: replacing its replicas of {} by new ones on {}",
+                group.join(", "),
+                name(new)
             ),
-        };
-        match self.write(cmd).await {
-            Ok(Ok(_)) => self.inner.events.push(kind, text),
-            Ok(Err(r)) => debug!(refused = %r, "{text}: refused"),
-            Err(e) => debug!(error = %e, "{text}: not committed"),
-        }
+        ),
+        Upkeep::Add { volume, new } => (
+            Command::ChangeReplicas {
+                volume,
+                add: Some(name(new)),
+                remove: None,
+                force: false,
+            },
+            EventKind::Rebuild,
+            format!(
+                "{} had fewer replicas than wanted: adding one on {}",
+                group.join(", "),
+                name(new)
+            ),
+        ),
     }
 }
