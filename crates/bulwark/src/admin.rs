@@ -1195,12 +1195,28 @@ fn render_nodes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
             },
             _ => "OFFLINE".into(),
         };
+        let disk = match status {
+            Some(Ok(s)) => s.disk.map(|d| {
+                format!(
+                    "; disk {} free of {}{}",
+                    human(d.free_bytes),
+                    human(d.total_bytes),
+                    if serving::space::is_low(&d) {
+                        " (LOW)"
+                    } else {
+                        ""
+                    }
+                )
+            }),
+            _ => None,
+        };
         let space = match n.role {
             NodeRole::Witness => "no data".to_string(),
             NodeRole::Storage => format!(
-                "{} free of {}",
-                human(st.free_bytes(n.id)),
-                human(n.capacity_bytes)
+                "{} of {} placed{}",
+                human(st.allocated_bytes(n.id)),
+                human(n.capacity_bytes),
+                disk.unwrap_or_default()
             ),
         };
         let _ = writeln!(
@@ -1327,8 +1343,11 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
                         (None, false) => "NOT SERVING".into(),
                     };
                     format!(
-                        "{}: primary epoch {} {state} ({} writes{resync})",
-                        s.name, x.epoch, x.writes_completed,
+                        "{}: primary epoch {} {state} ({} writes, {} on disk{resync})",
+                        s.name,
+                        x.epoch,
+                        x.writes_completed,
+                        human(x.allocated_bytes),
                     )
                 } else {
                     match &x.error {
@@ -1336,7 +1355,9 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
                             "{}: replica STOPPED ({e}); it returns when its node restarts",
                             s.name
                         ),
-                        None => format!("{}: replica", s.name),
+                        None => {
+                            format!("{}: replica ({} on disk)", s.name, human(x.allocated_bytes))
+                        }
                     }
                 });
             }

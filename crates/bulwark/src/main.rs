@@ -702,6 +702,7 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
                     .map(|s| s.volume_views())
                     .unwrap_or_default(),
                 replication_plaintext,
+                disk: serving.as_ref().and_then(|s| s.disk()),
             }
         }));
     }

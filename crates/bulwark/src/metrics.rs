@@ -325,6 +325,31 @@ fn volume_metrics(out: &mut Snapshot, src: &Sources<'_>, me: u64, name_of: &dyn 
     );
     let views = &src.status.volumes;
     out.gauge(
+        "volume_allocated_bytes",
+        "Bytes this node's copy of the volume takes on disk",
+        views
+            .iter()
+            .map(|v| (vol(&v.name), v.allocated_bytes as f64))
+            .collect(),
+    );
+    if let Some(d) = src.status.disk {
+        out.gauge(
+            "disk_free_bytes",
+            "Bytes free on this node's data file system",
+            vec![(Vec::new(), d.free_bytes as f64)],
+        );
+        out.gauge(
+            "disk_size_bytes",
+            "Size of this node's data file system",
+            vec![(Vec::new(), d.total_bytes as f64)],
+        );
+        out.gauge(
+            "disk_low",
+            "1 while the data file system has less than 10% free (the space_low event)",
+            vec![(Vec::new(), flag(serving::space::is_low(&d)))],
+        );
+    }
+    out.gauge(
         "volume_primary",
         "1 while this node is the volume's primary and serves I/O",
         views

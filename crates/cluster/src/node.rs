@@ -982,6 +982,7 @@ impl ClusterNode {
             serving: local.serving,
             volumes: local.volumes,
             replication_plaintext: local.replication_plaintext,
+            disk: local.disk,
             events: self.inner.events.recent(30),
         }
     }

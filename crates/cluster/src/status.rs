@@ -564,6 +564,9 @@ pub struct VolumeView {
     /// Regions (1 MiB) still to resync to replicas.
     #[serde(default)]
     pub resync_pending_regions: u64,
+    /// Bytes the local copy takes on disk (a thin file holds only what was written).
+    #[serde(default)]
+    pub allocated_bytes: u64,
     /// Each replica being resynced (primaries).
     #[serde(default)]
     pub resyncs: Vec<ResyncView>,
@@ -651,6 +654,17 @@ pub struct LocalReport {
     pub volumes: Vec<VolumeView>,
     /// Replication traffic leaves this node in the clear (`--replication-tls off`).
     pub replication_plaintext: bool,
+    /// The data file system (`None` on a witness).
+    pub disk: Option<DiskView>,
+}
+
+/// A node's data file system.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskView {
+    /// Bytes available to the node.
+    pub free_bytes: u64,
+    /// Size of the file system.
+    pub total_bytes: u64,
 }
 
 /// What `Request::Status` returns.
@@ -674,6 +688,9 @@ pub struct NodeStatus {
     /// Replication traffic leaves this node in the clear (`--replication-tls off`).
     #[serde(default)]
     pub replication_plaintext: bool,
+    /// The data file system (`None` on a witness).
+    #[serde(default)]
+    pub disk: Option<DiskView>,
     /// Recent events seen here.
     pub events: Vec<Event>,
 }

@@ -186,6 +186,7 @@ impl Serving {
                 self.0.abort();
             }
         }
+        let _space_watch = AbortOnDrop(tokio::spawn(self.clone().watch_space()));
         let _vip_watch = AbortOnDrop({
             let (me, st) = (self.clone(), state.clone());
             tokio::spawn(async move {
@@ -247,6 +248,7 @@ impl Serving {
                         resync_regions_sent: s.resync_regions_sent,
                         writes_completed: s.writes_completed,
                         resync_pending_regions: s.resync_pending,
+                        allocated_bytes: crate::space::allocated_bytes(&self.volume_path(name)),
                         resyncs: s
                             .resyncs
                             .iter()
@@ -281,6 +283,7 @@ impl Serving {
                     name: name.clone(),
                     role: "replica".into(),
                     error: volume.failure(),
+                    allocated_bytes: crate::space::allocated_bytes(&self.volume_path(name)),
                     ..Default::default()
                 },
             })
@@ -306,6 +309,21 @@ impl Serving {
             .read()
             .map(|d| d.clone())
             .unwrap_or_default()
+    }
+
+    /// Where the volumes' files are.
+    pub(crate) fn volumes_dir(&self) -> &std::path::Path {
+        &self.volumes_dir
+    }
+
+    /// This node's event log.
+    pub(crate) fn events(&self) -> &cluster::status::EventLog {
+        &self.events
+    }
+
+    /// This node's name.
+    pub(crate) fn node_name(&self) -> &str {
+        &self.node_name
     }
 
     fn volume_path(&self, name: &str) -> PathBuf {
