@@ -171,12 +171,19 @@ impl ClusterState {
                 continue;
             };
             if let Some(a) = add_id {
+                // A new replica that replaces one still being rebuilt takes over what
+                // that one was to replace.
+                let inherited = v
+                    .joining
+                    .iter()
+                    .find(|j| Some(j.node) == rm_id)
+                    .and_then(|j| j.replaces);
                 v.replicas.push(a);
                 v.joining.push(Joining {
                     node: a,
                     // One out of sync (down) holds nothing the volume needs: it leaves
                     // at once.
-                    replaces: rm_id.filter(|r| v.in_sync.contains(r)),
+                    replaces: rm_id.filter(|r| v.in_sync.contains(r)).or(inherited),
                 });
             }
             if let Some(r) = rm_id {
@@ -437,13 +444,37 @@ impl ClusterState {
                 to: to.id,
             });
         }
-        if vols.iter().any(|v| !v.joining.is_empty()) {
-            return None;
-        }
         let mut exclude: Vec<NodeId> = vols.iter().flat_map(|v| v.replicas.clone()).collect();
         exclude.extend(offline_for.keys().copied());
         let total: u64 = vols.iter().map(|v| v.size_bytes).sum();
         let after = std::time::Duration::from_millis(self.settings.replace_after_ms);
+        let gone_for = |id: &NodeId| {
+            offline_for
+                .get(id)
+                .filter(|d| !after.is_zero() && **d >= after)
+        };
+        // A new replica that went away while being rebuilt: rebuild on another node.
+        if let Some((j, d)) = first
+            .joining
+            .iter()
+            .find_map(|j| gone_for(&j.node).map(|d| (j, d)))
+        {
+            let new = *self.pick_nodes(total, 1, &[], &exclude).first()?;
+            return Some(Upkeep::Replace {
+                volume: first.name.clone(),
+                old: j.node,
+                new,
+                why: format!(
+                    "{}, being rebuilt, has been offline for {} s",
+                    self.node_name(j.node),
+                    d.as_secs()
+                ),
+            });
+        }
+        // One change at a time: the next waits for the rebuild under way.
+        if vols.iter().any(|v| !v.joining.is_empty()) {
+            return None;
+        }
         for old in first.replicas.iter().copied().filter(|n| *n != primary) {
             let Some(node) = self.nodes.get(&old) else {
                 continue;

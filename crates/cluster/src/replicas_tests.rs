@@ -298,6 +298,32 @@ fn upkeep_moves_off_drained_nodes_then_replaces_evacuated_and_long_offline_ones(
         None,
         "drained: maintenance, not replaced"
     );
+    // The new replica dies during its rebuild: rebuilt elsewhere, and it takes over
+    // what the dead one was to replace.
+    let mut st = three();
+    add_node(&mut st, "n4", 4, 10 * GIB);
+    st.apply(&create("v", GIB, 2, &["n1", "n2"])).unwrap();
+    st.apply(&change("v", Some("n3"), Some("n2"))).unwrap();
+    let one = vec!["v".to_string()];
+    assert_eq!(
+        st.upkeep(&one, &HashMap::new()),
+        None,
+        "a rebuild is under way"
+    );
+    let n3_gone: HashMap<NodeId, Duration> = [(3, Duration::from_secs(601))].into();
+    let Some(Upkeep::Replace { old: 3, new: 4, .. }) = st.upkeep(&one, &n3_gone) else {
+        panic!("{:?}", st.upkeep(&one, &n3_gone));
+    };
+    st.apply(&change("v", Some("n4"), Some("n3"))).unwrap();
+    check_invariants(&st);
+    assert_eq!(st.volumes["v"].replicas, vec![1, 2, 4]);
+    assert_eq!(
+        st.volumes["v"].joining,
+        vec![Joining {
+            node: 4,
+            replaces: Some(2)
+        }]
+    );
     // Off when replace-after is 0.
     let mut st = target_on_n1_n2();
     st.settings.replace_after_ms = 0;

@@ -94,7 +94,9 @@ function renderNodes() {
       nets.appendChild(el("span", st ? "up" : "down", st ? "ok" : "bad"));
     }
     const addrs = [n.addresses.control].concat(n.addresses.portals).join(", ");
-    const tr = row([n.name, n.role, raft, nets, addrs], { "data-node": n.name });
+    const role = n.role + (n.drained ? (n.evacuate ? ", drained, evacuating" : ", drained") : "") +
+      (n.zone ? ", zone " + n.zone : "");
+    const tr = row([n.name, role, raft, nets, addrs], { "data-node": n.name });
     if (!st) tr.cells[2].className = "bad";
     if (n.id === leader) tr.cells[2].className = "ok";
     rows.push(tr);
@@ -127,7 +129,8 @@ function renderVolumes() {
         : (r.connected ? "" : ", waiting for the replica");
       const line = el("div");
       line.className = "resync";
-      line.appendChild(el("span", nodeName(r.node) + " "));
+      const rebuild = (v.joining || []).some((j) => j.node === r.node);
+      line.appendChild(el("span", (rebuild ? "rebuild to " : "resync to ") + nodeName(r.node) + " "));
       line.appendChild(bar);
       line.appendChild(el("span", " " + pct.toFixed(0) + "% at " + human(r.rate_bytes_per_s) + "/s" + left));
       resync.appendChild(line);
