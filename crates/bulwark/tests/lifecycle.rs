@@ -189,7 +189,12 @@ async fn a_node_offline_past_replace_after_is_replaced_on_its_own() {
 /// Fills volume `name` (LUN 0 of `iqn`) with data through node `slot`, 1 MiB at a time.
 async fn fill(c: &Cluster, slot: usize, iqn: &str, bytes: u64) {
     let portal = c.nodes[slot].addresses().portals[0];
-    let mut s = connect(portal, iqn).await.expect("a session");
+    let mut s = wait(
+        "a session on the new target",
+        Duration::from_secs(10),
+        async || connect(portal, iqn).await,
+    )
+    .await;
     let chunk = 1u64 << 20;
     for i in 0..bytes / chunk {
         let data: Vec<u8> = (0..chunk).map(|b| (b as u8) ^ (i as u8) ^ 0x5a).collect();
