@@ -1,6 +1,8 @@
 //! The administration commands: each talks to one node's admin API over TLS with the
 //! cluster token, prints a table for people or JSON with `--json`.
 
+pub(crate) mod maintenance;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -179,7 +181,7 @@ pub enum VolumeCmd {
         /// Volume name.
         name: String,
         #[command(subcommand)]
-        change: crate::maintenance::ReplicaChange,
+        change: maintenance::ReplicaChange,
     },
     /// Compares the volume's replicas online, region by region (CRC32C of each 1 MiB
     /// region on the primary and on every in-sync replica; writes to a region wait the
@@ -487,7 +489,7 @@ pub async fn node(conn: &Conn, cmd: NodeCmd) -> Result<()> {
         }
         NodeCmd::Remove { name, dead, yes } => {
             if dead {
-                return crate::maintenance::remove_dead(conn, &name, yes).await;
+                return maintenance::remove_dead(conn, &name, yes).await;
             }
             let a = commit(
                 conn,
@@ -507,8 +509,8 @@ pub async fn node(conn: &Conn, cmd: NodeCmd) -> Result<()> {
             name,
             evacuate,
             no_wait,
-        } => crate::maintenance::drain(conn, &name, evacuate, no_wait).await,
-        NodeCmd::Undrain { name } => crate::maintenance::undrain(conn, &name).await,
+        } => maintenance::drain(conn, &name, evacuate, no_wait).await,
+        NodeCmd::Undrain { name } => maintenance::undrain(conn, &name).await,
         NodeCmd::Zone { name, zone } => {
             let a = commit(
                 conn,
@@ -530,7 +532,7 @@ pub async fn node(conn: &Conn, cmd: NodeCmd) -> Result<()> {
 
 pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
     if let VolumeCmd::Replicas { name, change } = cmd {
-        return crate::maintenance::replicas(conn, &name, change).await;
+        return maintenance::replicas(conn, &name, change).await;
     }
     let Some(c) = volume_command(&cmd)? else {
         let (st, statuses) = conn.client()?.cluster_status().await?;

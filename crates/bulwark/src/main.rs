@@ -6,7 +6,6 @@ mod config;
 mod datadir;
 mod demo;
 mod http;
-mod maintenance;
 mod metrics;
 mod service;
 mod signals;

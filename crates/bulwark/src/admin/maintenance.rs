@@ -11,7 +11,7 @@ use clap::Subcommand;
 use cluster::state::{Applied, NodeId};
 use cluster::{ClusterState, Command};
 
-use crate::admin::{commit, done, human, names, Conn};
+use super::{commit, done, human, names, Conn};
 
 /// A change to a volume's replicas (`bulwark volume replicas NAME ...`).
 #[derive(Subcommand, Debug)]
@@ -144,7 +144,7 @@ async fn wait_rebuilt(conn: &Conn, group: &[String], node: &str) -> Result<()> {
 
 /// "REBUILD to n3 45% (460 MiB of 1.0 GiB), 98 MiB/s, 6 s left", as the primary reports.
 fn progress_of(
-    statuses: &crate::admin::Statuses,
+    statuses: &super::Statuses,
     v: &cluster::state::Volume,
     id: NodeId,
 ) -> Option<String> {
