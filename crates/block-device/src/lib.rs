@@ -42,6 +42,19 @@ pub struct Extent {
 #[error("the volume is changing primary: {0}")]
 pub struct Transitioning(pub String);
 
+/// Alignment `O_DIRECT` needs of offsets, lengths and buffers (the largest logical
+/// block size of common devices).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed buffer with room for `len` bytes starting at an `O_DIRECT`-aligned offset:
+/// `(buffer, start)`; the caller uses `buffer[start..start + len]` (and can hand that
+/// on as `Bytes` without a copy).
+pub fn aligned_vec(len: usize) -> (Vec<u8>, usize) {
+    let v = vec![0u8; len + DIRECT_ALIGN];
+    let start = v.as_ptr().align_offset(DIRECT_ALIGN);
+    (v, start)
+}
+
 /// An `io::Error` that the SCSI layer reports as a transition (see [`Transitioning`]).
 pub fn unavailable(why: impl Into<String>) -> io::Error {
     io::Error::other(Transitioning(why.into()))

@@ -869,6 +869,8 @@ async fn serve(cfg: Config) -> Result<()> {
                     create_size_bytes: create,
                     block_size: l.block_size,
                     direct: l.direct,
+                    // Single-node mode keeps its configured choice for every write.
+                    bulk_direct: false,
                     read_only: l.read_only,
                     volatile_cache: false,
                 },

@@ -51,6 +51,13 @@ pub(crate) trait PrimaryEffects {
     /// Reads one region for a resync.
     fn read_region(&mut self, region: u64) -> Option<Bytes>;
 
+    /// Takes a resync read to carry out elsewhere, several at once (the driver's
+    /// readers), which then hand the data to [`Primary::region_read`]; false to read
+    /// it here, in order.
+    fn read_region_elsewhere(&mut self, _peer: NodeId, _seq: crate::Seq, _region: u64) -> bool {
+        false
+    }
+
     /// The regions of the local copy that hold data (the rest reads as zeroes); `None`
     /// when the store cannot tell (a new replica then gets every region).
     fn allocated_regions(&mut self) -> Option<RegionSet> {
@@ -91,6 +98,11 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
     while let Some(a) = queue.pop_front() {
         if fx.stopped() {
             return;
+        }
+        if let Action::ReadRegion { peer, seq, region } = a {
+            if fx.read_region_elsewhere(peer, seq, region) {
+                continue;
+            }
         }
         let touches_disk = matches!(
             a,

@@ -344,8 +344,9 @@ struct Peer {
     /// A flush barrier in its stream that, once acknowledged, lets the persisted map
     /// forget the regions copied before it (see [`Checkpoint`]).
     checkpoint: Option<Checkpoint>,
-    /// `resync_done` when the last checkpoint was placed.
+    /// `resync_done` when the last checkpoint was placed, and when.
     checkpoint_done: u64,
+    checkpoint_at: u64,
 }
 
 impl Peer {
@@ -371,6 +372,7 @@ impl Peer {
             awaiting_scan: None,
             checkpoint: None,
             checkpoint_done: 0,
+            checkpoint_at: now,
         }
     }
 }
@@ -415,9 +417,11 @@ struct Checkpoint {
     lacking: RegionSet,
 }
 
-/// Resync copies between two checkpoints (regions): each costs the replica a flush,
-/// and a restart re-copies at most this many.
+/// A checkpoint is placed once this many regions were copied since the last one and
+/// [`CHECKPOINT_EVERY_MS`] passed: each costs the replica a flush (which holds its
+/// stream), and a restart re-copies at most what was copied since.
 const CHECKPOINT_REGIONS: u64 = 64;
+const CHECKPOINT_EVERY_MS: u64 = 1000;
 
 /// How far one replica is behind its primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1204,7 +1208,7 @@ impl Primary {
             }
             self.try_complete(now, w, out);
         }
-        self.checkpoint_resync(from, out);
+        self.checkpoint_resync(now, from, out);
         if let Some(p) = self.peers.get_mut(&from) {
             if p.dirty.is_empty() && p.resync_outstanding.is_empty() {
                 p.resync_base = p.resync_done;
@@ -1222,7 +1226,7 @@ impl Primary {
     /// Keeps the progress of `pid`'s resync across restarts: when its checkpoint
     /// barrier is acknowledged, the persisted map forgets what the copies before it
     /// covered; after enough further copies, places the next barrier.
-    fn checkpoint_resync(&mut self, pid: NodeId, out: &mut Vec<Action>) {
+    fn checkpoint_resync(&mut self, now: u64, pid: NodeId, out: &mut Vec<Action>) {
         if self.in_sync.contains(&pid) || self.stage.sealing() {
             return;
         }
@@ -1253,8 +1257,14 @@ impl Primary {
             return;
         }
         let copied = p.resync_done - p.checkpoint_done;
-        if p.checkpoint.is_none() && copied >= CHECKPOINT_REGIONS && p.link == Link::Streaming {
+        let due = now.saturating_sub(p.checkpoint_at) >= CHECKPOINT_EVERY_MS;
+        if p.checkpoint.is_none()
+            && copied >= CHECKPOINT_REGIONS
+            && due
+            && p.link == Link::Streaming
+        {
             p.checkpoint_done = p.resync_done;
+            p.checkpoint_at = now;
             let (seq, msg) = p.push_barrier(self.cfg.epoch);
             p.checkpoint = Some(Checkpoint {
                 seq,
@@ -2320,7 +2330,9 @@ mod tests {
     fn serve_peer(p: &mut Primary, peer: NodeId, first: Vec<Action>, steps: u64) -> Vec<Action> {
         let mut all = Vec::new();
         let mut out = first;
-        for now in 10..10 + steps {
+        for step in 0..steps {
+            // 50 ms a round: checkpoints are due every second.
+            let now = 10 + step * 50;
             let mut next = Vec::new();
             let mut last = None;
             for a in &out {

@@ -104,6 +104,10 @@ pub struct FlushTicket {
 /// Default of [`Replica::with_log_slack`] and `PrimaryConfig::activity_log_slack`.
 pub const ACTIVITY_LOG_SLACK: usize = 64;
 
+/// Regions logged ahead of a whole-region write (see [`Replica::on_message`]). Below
+/// the slack, so the log is not rewritten smaller at every run.
+const LOG_AHEAD: u64 = 32;
+
 impl Replica {
     /// A replica that has persisted `epoch` and `activity_log` (empty for a new one).
     pub fn new(region_size: u64, epoch: Epoch, activity_log: RegionSet) -> Replica {
@@ -243,6 +247,17 @@ impl Replica {
                         for r in first..=last {
                             self.activity.insert(r, (epoch, seq));
                             grew |= self.persisted_log.insert(r);
+                        }
+                        if grew && len == self.region_size && offset % self.region_size == 0 {
+                            // Whole regions in a row are a resync or a rebuild (or a
+                            // large sequential write): log the regions that come next
+                            // too, so the log is written once per run rather than once
+                            // a region. A region logged ahead costs at most a region
+                            // resynced for nothing after a crash; past the volume's
+                            // end, nothing.
+                            for r in last + 1..=last + LOG_AHEAD {
+                                self.persisted_log.insert(r);
+                            }
                         }
                         if grew {
                             // What goes to disk is the set that decides `grew`: writing

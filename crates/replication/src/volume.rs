@@ -296,7 +296,17 @@ struct PrimaryShared {
     saved_log: Mutex<Option<RegionSet>>,
     /// The same for the map of what out-of-sync replicas lack.
     saved_map: Mutex<Option<DirtyMap>>,
+    /// Resync reads for the readers ([`RESYNC_READERS`]).
+    reads: Mutex<Sender<ResyncRead>>,
 }
+
+/// A region to read for a replica's resync: (replica, stream position, region).
+type ResyncRead = (NodeId, crate::Seq, u64);
+
+/// Threads reading regions for resyncs and rebuilds: a disk reads faster with several
+/// requests in flight than with one (on the reference machine, one 1 MiB read at a
+/// time held a rebuild to a third of the disk's speed).
+const RESYNC_READERS: usize = 4;
 
 /// An initiator write or flush waiting for every in-sync member.
 struct Waiter {
@@ -344,6 +354,49 @@ const TICK: Duration = Duration::from_millis(20);
 const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 impl PrimaryShared {
+    /// Reads `region` of the local copy for a resync.
+    fn read_region(&self, region: u64) -> Option<Bytes> {
+        let offset = region * self.region_size;
+        let len = self
+            .region_size
+            .min(self.store.size_bytes().saturating_sub(offset));
+        let len = len as usize;
+        // Aligned, so a store that can reads it around the page cache.
+        let (mut buf, start) = block_device::aligned_vec(len);
+        // A region past the end (activity logs run ahead of the writes) resyncs as
+        // nothing.
+        if len > 0 {
+            if let Err(e) = self.store.read_at(offset, &mut buf[start..start + len]) {
+                tracing::error!(volume = %self.state.name, error = %e, "resync read failed");
+                return None;
+            }
+            self.resync_regions_sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(Bytes::from(buf).slice(start..start + len))
+    }
+
+    /// A reader: takes resync reads until the primary is gone, hands each region to
+    /// the core and sends what it says.
+    fn resync_reader(weak: std::sync::Weak<PrimaryShared>, jobs: Arc<Mutex<Receiver<ResyncRead>>>) {
+        loop {
+            let job = match jobs.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
+            };
+            let Ok((peer, seq, region)) = job else { return };
+            let Some(sh) = weak.upgrade() else { return };
+            let Some(data) = sh.read_region(region) else {
+                continue;
+            };
+            let actions = match sh.core.lock() {
+                Ok(mut p) => p.region_read(peer, seq, data),
+                Err(_) => return,
+            };
+            sh.run(actions, true);
+        }
+    }
+
     fn now(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
@@ -684,24 +737,15 @@ impl PrimaryEffects for DriverEffects<'_> {
             .ok()
     }
 
+    fn read_region_elsewhere(&mut self, peer: NodeId, seq: crate::Seq, region: u64) -> bool {
+        self.sh
+            .reads
+            .lock()
+            .is_ok_and(|r| r.send((peer, seq, region)).is_ok())
+    }
+
     fn read_region(&mut self, region: u64) -> Option<Bytes> {
-        let sh = self.sh;
-        let offset = region * sh.region_size;
-        let len = sh
-            .region_size
-            .min(sh.store.size_bytes().saturating_sub(offset));
-        let mut buf = vec![0u8; len as usize];
-        // A region past the end (activity logs run ahead of the writes) resyncs as
-        // nothing.
-        if len > 0 {
-            if let Err(e) = sh.store.read_at(offset, &mut buf) {
-                tracing::error!(volume = %sh.state.name, error = %e, "resync read failed");
-                return None;
-            }
-            sh.resync_regions_sent
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Some(Bytes::from(buf))
+        self.sh.read_region(region)
     }
 
     fn allocated_regions(&mut self) -> Option<RegionSet> {
@@ -875,6 +919,7 @@ impl PrimaryVolume {
     ) -> io::Result<PrimaryVolume> {
         state.set_epoch(cfg.epoch)?;
         let (tx, rx) = mpsc::channel();
+        let (reads, read_jobs) = mpsc::channel();
         let start = Instant::now();
         let region_size = cfg.region_size;
         let shared = Arc::new(PrimaryShared {
@@ -894,7 +939,15 @@ impl PrimaryVolume {
             failed: Mutex::default(),
             saved_log: Mutex::default(),
             saved_map: Mutex::default(),
+            reads: Mutex::new(reads),
         });
+        let read_jobs = Arc::new(Mutex::new(read_jobs));
+        for i in 0..RESYNC_READERS {
+            let (weak, jobs) = (Arc::downgrade(&shared), read_jobs.clone());
+            std::thread::Builder::new()
+                .name(format!("bulwark-read{i}"))
+                .spawn(move || PrimaryShared::resync_reader(weak, jobs))?;
+        }
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("bulwark-primary".into())

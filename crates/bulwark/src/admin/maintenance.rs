@@ -105,6 +105,9 @@ async fn wait_rebuilt(conn: &Conn, group: &[String], node: &str) -> Result<()> {
     let client = conn.client()?;
     let started = Instant::now();
     let mut last_print = Instant::now();
+    // The node asked may apply the change a moment after the leader did: until every
+    // volume shows the new replica once, its absence means "not applied here yet".
+    let mut seen = false;
     loop {
         let (st, statuses) = client.cluster_status().await?;
         let id = st
@@ -112,6 +115,19 @@ async fn wait_rebuilt(conn: &Conn, group: &[String], node: &str) -> Result<()> {
             .ok_or_else(|| anyhow!("node {node} left the cluster"))?
             .id;
         let mut pending = Vec::new();
+        let placed = group
+            .iter()
+            .all(|g| st.volumes.get(g).is_some_and(|v| v.replicas.contains(&id)));
+        if !seen && !placed {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "the change is not visible on the node asked after 10 s (see `bulwark status`)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        seen = true;
         for g in group {
             let v = st
                 .volumes
