@@ -166,30 +166,34 @@ impl ClusterState {
                 });
             }
         }
+        // One decision for the whole target, so its volumes keep sharing their nodes.
+        // A replaced replica still being rebuilt somewhere, or out of sync everywhere
+        // (down, dead), holds nothing the target needs: it leaves at once, and the new
+        // one takes over what it was to replace. Otherwise it stays until the new one is
+        // in sync for every volume.
+        let vols = || group.iter().filter_map(|g| self.volumes.get(g));
+        let rm_joining = rm_id.and_then(|r| {
+            vols()
+                .flat_map(|v| v.joining.iter())
+                .find(|j| j.node == r)
+                .copied()
+        });
+        let rm_in_sync = rm_id.is_some_and(|r| vols().any(|v| v.in_sync.contains(&r)));
+        let keep_old = add_id.is_some() && rm_joining.is_none() && rm_in_sync;
+        let replaces = match rm_joining {
+            Some(j) => j.replaces,
+            None => rm_id.filter(|_| keep_old),
+        };
         for g in &group {
             let Some(v) = self.volumes.get_mut(g) else {
                 continue;
             };
             if let Some(a) = add_id {
-                // A new replica that replaces one still being rebuilt takes over what
-                // that one was to replace.
-                let inherited = v
-                    .joining
-                    .iter()
-                    .find(|j| Some(j.node) == rm_id)
-                    .and_then(|j| j.replaces);
                 v.replicas.push(a);
-                v.joining.push(Joining {
-                    node: a,
-                    // One out of sync (down) holds nothing the volume needs: it leaves
-                    // at once.
-                    replaces: rm_id.filter(|r| v.in_sync.contains(r)).or(inherited),
-                });
+                v.joining.push(Joining { node: a, replaces });
             }
-            if let Some(r) = rm_id {
-                if add_id.is_none() || !v.in_sync.contains(&r) {
-                    remove_replica(v, r);
-                }
+            if let Some(r) = rm_id.filter(|_| !keep_old) {
+                remove_replica(v, r);
             }
             v.wanted_replicas = v.lasting_replicas().count() as u8;
         }
@@ -219,6 +223,12 @@ impl ClusterState {
             });
         }
         let groups: BTreeSet<Vec<String>> = held.iter().map(|v| self.group_of(v)).collect();
+        for v in self.volumes.values_mut() {
+            // States from before the wanted count was kept: the count before the loss.
+            if v.wanted_replicas == 0 {
+                v.wanted_replicas = v.replicas.len() as u8;
+            }
+        }
         let mut out = Vec::new();
         for group in groups {
             let mut exclude = vec![id];

@@ -406,3 +406,48 @@ fn a_replaced_node_that_became_primary_hands_over_before_it_leaves() {
         assert!(st.volumes[v].joining.is_empty());
     }
 }
+
+#[test]
+fn replacing_a_replica_still_being_rebuilt_decides_once_for_the_whole_target() {
+    let mut st = target_on_n1_n2();
+    add_node(&mut st, "n4", 4, 10 * GIB);
+    // n3 replaces n2; it is in sync for "a" only when it goes away.
+    st.apply(&change("a", Some("n3"), Some("n2"))).unwrap();
+    isr_add(&mut st, "a", 3);
+    st.apply(&change("a", Some("n4"), Some("n3"))).unwrap();
+    check_invariants(&st);
+    for v in ["a", "b"] {
+        let v = &st.volumes[v];
+        assert_eq!(v.replicas, vec![1, 2, 4], "{}: n3 gone, n2 kept", v.name);
+        assert_eq!(
+            v.joining,
+            vec![Joining {
+                node: 4,
+                replaces: Some(2)
+            }]
+        );
+    }
+    isr_add(&mut st, "a", 4);
+    isr_add(&mut st, "b", 4);
+    for v in ["a", "b"] {
+        assert_eq!(st.volumes[v].replicas, vec![1, 4]);
+    }
+}
+
+#[test]
+fn a_volume_from_before_the_wanted_count_still_gets_a_new_replica() {
+    let mut st = target_on_n1_n2();
+    for v in st.volumes.values_mut() {
+        v.wanted_replicas = 0;
+    }
+    let a = st
+        .apply(&Command::RemoveNode {
+            name: "n2".into(),
+            dead: true,
+        })
+        .unwrap();
+    assert_eq!(
+        a,
+        Applied::DeadNodeRemoved(vec![("a".into(), Some(3)), ("b".into(), Some(3))])
+    );
+}

@@ -74,6 +74,11 @@ impl RegionSet {
         self.0.retain(|r| other.0.contains(r));
     }
 
+    /// Removes every region from `end` on.
+    pub fn truncate(&mut self, end: u64) {
+        let _ = self.0.split_off(&end);
+    }
+
     /// Removes every region.
     pub fn clear(&mut self) {
         self.0.clear();

@@ -126,6 +126,11 @@ pub enum Message {
         epoch: Epoch,
         /// Replaces rather than adds.
         full: bool,
+        /// Which of this term's maps it is (counted by the primary). Maps are built
+        /// under the primary's lock but sent from several threads, so a full map can
+        /// arrive after a later addition: a replica replaces its map only with a full
+        /// map at least as new as what it holds, and otherwise merges it in.
+        generation: u64,
         /// Replica → regions it may lack. The primary itself is listed with none.
         peers: crate::bitmap::DirtyMap,
     },

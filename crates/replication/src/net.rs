@@ -256,10 +256,16 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             h.put_u64(*region);
             h.put_u32(*crc);
         }
-        Message::DirtyMap { epoch, full, peers } => {
+        Message::DirtyMap {
+            epoch,
+            full,
+            generation,
+            peers,
+        } => {
             h.put_u8(8);
             h.put_u64(epoch.0);
             h.put_u8(u8::from(*full));
+            h.put_u64(*generation);
             h.put_u32(peers.len() as u32);
             for (node, regions) in peers {
                 h.put_u64(node.0);
@@ -357,9 +363,10 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
             }
         }
         8 => {
-            need(&b, 13)?;
+            need(&b, 21)?;
             let epoch = b.get_u64();
             let full = b.get_u8() != 0;
+            let generation = b.get_u64();
             let n = b.get_u32();
             let mut peers = crate::bitmap::DirtyMap::new();
             for _ in 0..n {
@@ -375,6 +382,7 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
             Message::DirtyMap {
                 epoch: Epoch(epoch),
                 full,
+                generation,
                 peers,
             }
         }

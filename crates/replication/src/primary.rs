@@ -481,6 +481,9 @@ pub struct Primary {
     seal_divergent: RegionSet,
     seal_pending_acks: BTreeSet<NodeId>,
     lease_until: Option<u64>,
+    /// Where the streams of replicas removed in this term stopped: one added again
+    /// goes on from there, never back (see [`Primary::set_replicas`]).
+    retired_seq: BTreeMap<NodeId, Seq>,
     /// This node's activity log: region → writes in flight there.
     activity: BTreeMap<u64, u32>,
     /// Regions written here that no completed local flush covers yet → the
@@ -504,6 +507,8 @@ pub struct Primary {
     /// written since it left, and what it lacked then); this node → none. Persisted
     /// here and on every member ([`Message::DirtyMap`]).
     dirty_map: DirtyMap,
+    /// Maps published in this term ([`Message::DirtyMap`]'s `generation`).
+    map_generation: u64,
 }
 
 /// How often a background flush runs while regions wait for one (milliseconds), and
@@ -584,9 +589,11 @@ impl Primary {
             last_flush_at: now,
             persisted_log,
             deferred_reads: Vec::new(),
+            retired_seq: BTreeMap::new(),
             verify: None,
             held: VecDeque::new(),
             dirty_map,
+            map_generation: 0,
             cfg,
         }
     }
@@ -929,6 +936,7 @@ impl Primary {
             msg: Message::DirtyMap {
                 epoch: self.cfg.epoch,
                 full: true,
+                generation: self.map_generation,
                 peers: self.dirty_map.clone(),
             },
         });
@@ -1100,6 +1108,11 @@ impl Primary {
             };
             room = room.min(affordable);
         }
+        // Regions past the end hold nothing (a replica logs regions ahead of its
+        // writes): nothing to copy, and a copy there would be refused as a write past
+        // the volume's end.
+        peer.dirty
+            .truncate(self.cfg.size_bytes.div_ceil(self.cfg.region_size));
         let regions: Vec<u64> = peer.dirty.iter().take(room).collect();
         if throttled {
             peer.resync_tokens -= regions.len() as i64 * self.cfg.region_size as i64;
@@ -1280,27 +1293,43 @@ impl Primary {
     /// longer sent anything nor waited for. The caller reports links to new replicas
     /// that are up ([`Primary::link_up`]).
     #[must_use = "the actions must be run"]
+    /// `size_bytes` is the volume's size now (a resize grows it under a running primary).
+    /// A replica that newly appears in `rebuilding` while outside the in-sync set was
+    /// removed and added again (its node may have started over from an empty copy): it
+    /// is rebuilt from scratch too.
     pub fn set_replicas(
         &mut self,
         now: u64,
         replicas: BTreeSet<NodeId>,
         rebuilding: &BTreeSet<NodeId>,
+        size_bytes: u64,
     ) -> Vec<Action> {
         let mut out = Vec::new();
         if matches!(self.stage, Stage::Released | Stage::Deposed) {
             return out;
         }
+        self.set_size(size_bytes);
         let replicas: BTreeSet<NodeId> =
             replicas.into_iter().filter(|n| *n != self.cfg.me).collect();
+        let rejoined = |pid: &NodeId, p: &Peer| {
+            rebuilding.contains(pid) && !p.rebuilding && !self.in_sync.contains(pid)
+        };
         let gone: Vec<NodeId> = self
             .peers
-            .keys()
-            .filter(|p| !replicas.contains(p))
-            .copied()
+            .iter()
+            .filter(|(pid, p)| !replicas.contains(pid) || rejoined(pid, p))
+            .map(|(pid, _)| *pid)
             .collect();
+        for pid in &gone {
+            // Its stream positions are never used again: a region read still under way
+            // for an old position must not land in a new entry that reuses it.
+            if let Some(p) = self.peers.get(pid) {
+                self.retired_seq.insert(*pid, p.next_seq);
+            }
+        }
         let added: Vec<NodeId> = replicas
             .iter()
-            .filter(|r| !self.peers.contains_key(r))
+            .filter(|r| !self.peers.contains_key(r) || gone.contains(r))
             .copied()
             .collect();
         for pid in &gone {
@@ -1317,6 +1346,12 @@ impl Primary {
         let everything = all_regions(self.cfg.size_bytes, self.cfg.region_size);
         for pid in &added {
             let mut peer = Peer::new(now, everything.clone(), true);
+            if let Some(seq) = self.retired_seq.get(pid) {
+                peer.next_seq = *seq;
+                peer.acked = *seq - 1;
+                peer.flushed_through = *seq - 1;
+                peer.last_resync_seq = *seq - 1;
+            }
             // Writes in flight may not show in the scan yet: they are copied whatever
             // it says.
             peer.awaiting_scan = Some(self.activity.keys().copied().fold(
@@ -1337,8 +1372,11 @@ impl Primary {
         if gone.is_empty() && added.is_empty() {
             return out;
         }
-        // The new map, on disk here and on every member before anything that follows.
-        self.broadcast_dirty_map(&mut out);
+        // The new map, on disk here and on every member before anything that follows
+        // (a seal that has not sent its map yet sends this one).
+        if !self.seal_map_pending() {
+            self.broadcast_dirty_map(&mut out);
+        }
         for id in self.writes.keys().copied().collect::<Vec<_>>() {
             self.try_complete(now, id, &mut out);
         }
@@ -1377,7 +1415,9 @@ impl Primary {
         p.dirty.intersect_with(&keep);
         if let Some(m) = self.dirty_map.get_mut(&peer) {
             m.intersect_with(&keep);
-            self.broadcast_dirty_map(&mut out);
+            if !self.seal_map_pending() {
+                self.broadcast_dirty_map(&mut out);
+            }
         }
         self.resync_dirty(now, peer, &mut out);
         self.maybe_request_add(peer, &mut out);
@@ -1644,13 +1684,14 @@ impl Primary {
     }
 
     /// Persists the whole map and sends it to every streaming member.
-    fn broadcast_dirty_map(&self, out: &mut Vec<Action>) {
+    fn broadcast_dirty_map(&mut self, out: &mut Vec<Action>) {
         self.publish_dirty_map(true, self.dirty_map.clone(), out);
     }
 
     /// Persists the map, and sends `peers` (all of it when `full`, else what was
     /// added) to every streaming member.
-    fn publish_dirty_map(&self, full: bool, peers: DirtyMap, out: &mut Vec<Action>) {
+    fn publish_dirty_map(&mut self, full: bool, peers: DirtyMap, out: &mut Vec<Action>) {
+        self.map_generation += 1;
         out.push(Action::PersistDirtyMap(self.dirty_map.clone()));
         // Every streaming replica, members or not: one that joins the in-sync set must
         // hold the current map from the moment it is added, or a promotion of it
@@ -1663,6 +1704,7 @@ impl Primary {
                     msg: Message::DirtyMap {
                         epoch: self.cfg.epoch,
                         full,
+                        generation: self.map_generation,
                         peers: peers.clone(),
                     },
                 });
@@ -1999,6 +2041,23 @@ impl Primary {
     /// Changes the resync bandwidth per replica (bytes per second, 0 = unlimited).
     pub fn set_resync_rate(&mut self, rate: u64) {
         self.cfg.resync_rate = rate;
+    }
+
+    /// The volume grew to `size_bytes` (a resize under this primary): a full copy and a
+    /// verify cover the new regions too.
+    pub fn set_size(&mut self, size_bytes: u64) {
+        self.cfg.size_bytes = self.cfg.size_bytes.max(size_bytes);
+    }
+
+    /// Sealing has not yet sent this term's map (it sends the map as it is then).
+    fn seal_map_pending(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::Sealing {
+                resync_started: false,
+                ..
+            }
+        )
     }
 
     /// Changes the rebuild bandwidth per new replica (bytes per second, 0 = unlimited).
@@ -2394,7 +2453,12 @@ mod tests {
         let w = p
             .submit_write(2, WriteTag(1), 3 * MIB, Bytes::from(vec![1u8; 512]))
             .unwrap();
-        let out = p.set_replicas(3, [NodeId(2), NodeId(3)].into(), &[NodeId(3)].into());
+        let out = p.set_replicas(
+            3,
+            [NodeId(2), NodeId(3)].into(),
+            &[NodeId(3)].into(),
+            4 * MIB,
+        );
         assert!(out.contains(&Action::ScanAllocation { peer: NodeId(3) }));
         let full = out.iter().find_map(|a| match a {
             Action::PersistDirtyMap(m) => m.get(&NodeId(3)).map(RegionSet::len),
@@ -2481,7 +2545,7 @@ mod tests {
             .unwrap();
         let out = p.local_done(3, id);
         assert!(!out.contains(&Action::Complete(WriteTag(1))), "waits for 2");
-        let out = p.set_replicas(4, BTreeSet::new(), &BTreeSet::new());
+        let out = p.set_replicas(4, BTreeSet::new(), &BTreeSet::new(), 4 * MIB);
         assert!(out.contains(&Action::Complete(WriteTag(1))));
         assert!(p.in_sync().is_empty());
         assert!(p.dirty_map().get(&NodeId(2)).is_none());
@@ -2561,5 +2625,80 @@ mod tests {
         let report = p.verify_report().unwrap();
         assert!(report.finished, "{report:?}");
         assert_eq!(report.compared, 4);
+    }
+
+    #[test]
+    fn a_replica_removed_and_added_again_starts_over_past_its_old_stream() {
+        let mut p = in_sync_pair();
+        // The volume grew to 8 MiB under this primary; replica 3 is added, then
+        // removed while its first copies are being read, then added again.
+        let _ = p.set_replicas(
+            3,
+            [NodeId(2), NodeId(3)].into(),
+            &[NodeId(3)].into(),
+            8 * MIB,
+        );
+        assert_eq!(
+            p.dirty_map()[&NodeId(3)].len(),
+            8,
+            "the grown volume, whole"
+        );
+        let _ = p.allocation_scanned(4, NodeId(3), None);
+        let mut out = p.link_up(5, NodeId(3));
+        out.extend(p.on_message(
+            5,
+            NodeId(3),
+            Message::SealAck {
+                epoch: Epoch(3),
+                divergent: RegionSet::new(),
+            },
+        ));
+        let old_reads: Vec<(Seq, u64)> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::ReadRegion { seq, region, .. } => Some((*seq, *region)),
+                _ => None,
+            })
+            .collect();
+        assert!(!old_reads.is_empty());
+        let _ = p.set_replicas(6, [NodeId(2)].into(), &BTreeSet::new(), 8 * MIB);
+        let _ = p.set_replicas(
+            7,
+            [NodeId(2), NodeId(3)].into(),
+            &[NodeId(3)].into(),
+            8 * MIB,
+        );
+        let _ = p.allocation_scanned(8, NodeId(3), None);
+        let mut out = p.link_up(9, NodeId(3));
+        let seal_from = out.iter().find_map(|a| match a {
+            Action::Send {
+                msg: Message::Seal { next_seq, .. },
+                ..
+            } => Some(*next_seq),
+            _ => None,
+        });
+        let past = old_reads.iter().map(|(s, _)| *s).max().unwrap();
+        assert!(seal_from > Some(past), "{seal_from:?} after {past:?}");
+        out.extend(p.on_message(
+            9,
+            NodeId(3),
+            Message::SealAck {
+                epoch: Epoch(3),
+                divergent: RegionSet::new(),
+            },
+        ));
+        // A read of the old stream finishing now sends nothing.
+        let (seq, _) = old_reads[0];
+        assert!(p
+            .region_read(NodeId(3), seq, Bytes::from(vec![1u8; 16]))
+            .is_empty());
+        // Marked rebuilding again (removed and added in between, unseen): from scratch.
+        let mut q = in_sync_pair();
+        let _ = q.set_replicas(3, [NodeId(2)].into(), &[NodeId(2)].into(), 4 * MIB);
+        assert_eq!(q.in_sync().len(), 1, "an in-sync replica is not reset");
+        let _ = q.isr_committed(4, Epoch(3), BTreeSet::new());
+        let out = q.set_replicas(5, [NodeId(2)].into(), &[NodeId(2)].into(), 4 * MIB);
+        assert!(out.contains(&Action::ScanAllocation { peer: NodeId(2) }));
+        assert_eq!(q.dirty_map()[&NodeId(2)].len(), 4);
     }
 }

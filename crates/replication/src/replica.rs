@@ -70,6 +70,8 @@ pub struct Replica {
     persisted_log: RegionSet,
     /// What the replicas outside the in-sync set lack, as the primary told; persisted.
     dirty_map: crate::bitmap::DirtyMap,
+    /// The newest map generation of this epoch applied (see [`Message::DirtyMap`]).
+    map_generation: u64,
     /// The highest seq of the current epoch's stream known to be on every in-sync
     /// member (the primary's `committed`).
     committed: (Epoch, Seq),
@@ -126,6 +128,7 @@ impl Replica {
             activity,
             persisted_log: activity_log,
             dirty_map: Default::default(),
+            map_generation: 0,
             committed: (Epoch(0), Seq(0)),
             applied: (Epoch(0), Seq(0)),
             durable: (Epoch(0), Seq(0)),
@@ -185,6 +188,7 @@ impl Replica {
             Message::Seal { epoch, next_seq } => {
                 if epoch > self.epoch {
                     self.epoch = epoch;
+                    self.map_generation = 0;
                     out.push(ReplicaAction::PersistEpoch(epoch));
                 }
                 self.primary = Some(from);
@@ -284,14 +288,24 @@ impl Replica {
                 }
                 self.forget_committed();
             }
-            Message::DirtyMap { epoch, full, peers } => {
+            Message::DirtyMap {
+                epoch,
+                full,
+                generation,
+                peers,
+            } => {
                 if epoch != self.epoch || self.primary != Some(from) {
                     // Not sealed into this stream: the next seal brings a full map.
                     return out;
                 }
-                if full {
+                if full && generation >= self.map_generation {
                     self.dirty_map = peers;
+                    self.map_generation = generation;
                 } else {
+                    // An addition, or a full map older than one already merged in (sent
+                    // by another thread of the primary): what it says is lacking is
+                    // lacking at least, never less.
+                    self.map_generation = self.map_generation.max(generation);
                     for (node, regions) in &peers {
                         self.dirty_map.entry(*node).or_default().union_with(regions);
                     }
@@ -399,5 +413,70 @@ impl Replica {
         } else {
             Seq(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn persisted_map(actions: &[ReplicaAction]) -> Option<crate::bitmap::DirtyMap> {
+        actions.iter().rev().find_map(|a| match a {
+            ReplicaAction::PersistDirtyMap(m) => Some(m.clone()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn an_older_full_map_never_takes_back_a_newer_addition() {
+        let mut r = Replica::new(1 << 20, Epoch(0), RegionSet::new());
+        let _ = r.on_message(
+            NodeId(1),
+            Message::Seal {
+                epoch: Epoch(2),
+                next_seq: Seq(1),
+            },
+        );
+        let set = |regions: &[u64]| {
+            let mut s = RegionSet::new();
+            for r in regions {
+                s.insert(*r);
+            }
+            s
+        };
+        let map =
+            |regions: &[u64]| -> crate::bitmap::DirtyMap { [(NodeId(3), set(regions))].into() };
+        // Generation 5 adds region 9 for replica 3; the full map of generation 4 (built
+        // before, sent by another thread) arrives after it.
+        let _ = r.on_message(
+            NodeId(1),
+            Message::DirtyMap {
+                epoch: Epoch(2),
+                full: false,
+                generation: 5,
+                peers: map(&[9]),
+            },
+        );
+        let out = r.on_message(
+            NodeId(1),
+            Message::DirtyMap {
+                epoch: Epoch(2),
+                full: true,
+                generation: 4,
+                peers: map(&[1, 2]),
+            },
+        );
+        assert_eq!(persisted_map(&out), Some(map(&[1, 2, 9])), "merged");
+        // A newer full map replaces it (the primary may have shrunk it).
+        let out = r.on_message(
+            NodeId(1),
+            Message::DirtyMap {
+                epoch: Epoch(2),
+                full: true,
+                generation: 6,
+                peers: map(&[2]),
+            },
+        );
+        assert_eq!(persisted_map(&out), Some(map(&[2])));
     }
 }

@@ -367,7 +367,11 @@ impl PrimaryShared {
         // nothing.
         if len > 0 {
             if let Err(e) = self.store.read_at(offset, &mut buf[start..start + len]) {
+                // A copy that cannot read its own data cannot bring a replica up to
+                // date either (the resync would stall there): hand over, as for a
+                // failed write.
                 tracing::error!(volume = %self.state.name, error = %e, "resync read failed");
+                self.disk_failed(&e);
                 return None;
             }
             self.resync_regions_sent
@@ -488,7 +492,7 @@ impl PrimaryShared {
         if !first {
             return;
         }
-        tracing::error!(volume = %self.state.name, error = %e, "local write failed; giving the primary role up");
+        tracing::error!(volume = %self.state.name, error = %e, "local disk I/O failed; giving the primary role up");
         if let Ok(mut p) = self.core.lock() {
             p.release();
         }
@@ -1088,6 +1092,13 @@ impl PrimaryVolume {
         }
     }
 
+    /// The volume grew (see [`Primary::set_size`]).
+    pub fn set_size(&self, size_bytes: u64) {
+        if let Ok(mut p) = self.shared.core.lock() {
+            p.set_size(size_bytes);
+        }
+    }
+
     /// The volume's replicas changed (see [`Primary::set_replicas`]); `up` are the
     /// nodes whose links are up now.
     pub fn set_replicas(
@@ -1099,7 +1110,8 @@ impl PrimaryVolume {
         let now = self.shared.now();
         let actions = match self.shared.core.lock() {
             Ok(mut p) => {
-                let mut a = p.set_replicas(now, replicas.clone(), &rebuilding);
+                let size = self.shared.store.size_bytes();
+                let mut a = p.set_replicas(now, replicas.clone(), &rebuilding, size);
                 for n in replicas.intersection(up) {
                     a.extend(p.link_up(now, *n));
                 }

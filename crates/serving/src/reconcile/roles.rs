@@ -708,6 +708,7 @@ impl Serving {
                         replicas,
                         ..
                     }) if *epoch == v.epoch => {
+                        volume.set_size(v.size_bytes);
                         let now = self.other_replicas(v);
                         if *replicas != now {
                             let to_set = |s: &BTreeSet<NodeId>| -> BTreeSet<replication::NodeId> {
