@@ -318,6 +318,8 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped() {
     assert_identical(&c, &[0, 1, 2], "v");
 }
 
+/// Every node drained, restarted and undrained in turn under writes; then the
+/// primary's node evacuated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_with_drains_fails_no_io() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -379,8 +381,47 @@ async fn a_rolling_restart_with_drains_fails_no_io() {
         longest.as_millis()
     );
     assert_eq!(failed, 0, "no write failed");
+
+    // Then the primary's node is evacuated under the same load: its primary moves
+    // away, its replica is rebuilt on the node that held none, and it ends up empty.
+    let st = admin.state().await.unwrap();
+    let evacuee = st.nodes[&st.volumes["v"].primary].name.clone();
+    let spare = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| !holders(&st).contains(&n.to_string()))
+        .unwrap();
+    let via = (c.index(&evacuee) + 1) % 3;
+    let load = Background::resume(&c, checker);
+    let step = Instant::now();
+    let (ok, out, err) = run_cli(&c, via, &["node", "drain", &evacuee, "--evacuate"]).await;
+    assert!(ok, "drain --evacuate {evacuee}: {err}");
+    assert!(out.contains("holds no replica"), "{out}");
+    let (checker, stats) = load.finish().await;
+    let st = admin_of(&c, via).state().await.unwrap();
+    assert!(!holders(&st).contains(&evacuee), "{:?}", holders(&st));
+    assert!(holders(&st).contains(&spare.to_string()));
+    assert_eq!(st.volumes["v"].in_sync.len(), 2);
+    eprintln!(
+        "{evacuee} evacuated in {:.1} s (its replica rebuilt on {spare}): I/O pause {} ms, {} writes, {} failed",
+        step.elapsed().as_secs_f64(),
+        stats.longest.as_millis(),
+        stats.writes,
+        stats.failed
+    );
+    assert_eq!(stats.failed, 0, "no write failed during the evacuation");
     verify_all(&c, &checker, &[0, 1, 2]).await;
     drop(admin);
+}
+
+/// The names of the nodes holding "v".
+fn holders(st: &ClusterState) -> Vec<String> {
+    let mut names: Vec<String> = st.volumes["v"]
+        .replicas
+        .iter()
+        .map(|id| st.nodes[id].name.clone())
+        .collect();
+    names.sort();
+    names
 }
 
 fn admin_of(c: &Cluster, i: usize) -> cluster::AdminClient {

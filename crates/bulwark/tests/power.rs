@@ -135,24 +135,8 @@ async fn read_back(portal: SocketAddr, checker: &Checker) -> Result<(), String> 
 
 /// `bulwark ARGS` against node 0: (success, standard output).
 async fn cli(c: &Cluster, args: &[&str]) -> (bool, String) {
-    let (node, token) = (
-        c.nodes[0].addresses().control.to_string(),
-        c.token().to_string(),
-    );
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(BIN)
-            .args(&args)
-            .args(["--node", &node, "--token", &token])
-            .output()
-            .expect("bulwark runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
+    let (ok, out, _) = run_cli(c, 0, args).await;
+    (ok, out)
 }
 
 /// `bulwark volume verify v`: (every region compared and identical, its output).

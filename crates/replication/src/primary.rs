@@ -2132,26 +2132,35 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    /// A primary of a 64-region volume whose replica 2 is out of sync and connected.
-    fn resyncing(rate: u64) -> (Primary, Vec<Action>) {
-        let cfg = PrimaryConfig {
+    /// Primary 1 at epoch 3 of a volume of `size_bytes` with replica 2, in sync or not.
+    fn test_config(size_bytes: u64, in_sync: bool, resync_rate: u64) -> PrimaryConfig {
+        PrimaryConfig {
             me: NodeId(1),
             epoch: Epoch(3),
             region_size: MIB,
-            size_bytes: 64 * MIB,
+            size_bytes,
             replicas: [NodeId(2)].into(),
-            in_sync: BTreeSet::new(),
+            in_sync: if in_sync {
+                [NodeId(2)].into()
+            } else {
+                BTreeSet::new()
+            },
             rebuilding: BTreeSet::new(),
             own_activity_log: RegionSet::new(),
             dirty_hint: None,
             replica_timeout_ms: 1000,
             resync_window: 16,
-            resync_rate: rate,
+            resync_rate,
             rebuild_rate: 0,
             activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
             bug_ack_before_replicas: false,
             bug_forget_before_flush: false,
-        };
+        }
+    }
+
+    /// A primary of a 64-region volume whose replica 2 is out of sync and connected.
+    fn resyncing(rate: u64) -> (Primary, Vec<Action>) {
+        let cfg = test_config(64 * MIB, false, rate);
         let mut p = Primary::new(cfg, 0);
         let mut out = p.tick(0);
         out.extend(p.link_up(0, NodeId(2)));
@@ -2229,24 +2238,7 @@ mod tests {
 
     /// A sealed, leased primary with replica 2 in sync and streaming.
     fn in_sync_pair() -> Primary {
-        let cfg = PrimaryConfig {
-            me: NodeId(1),
-            epoch: Epoch(3),
-            region_size: MIB,
-            size_bytes: 4 * MIB,
-            replicas: [NodeId(2)].into(),
-            in_sync: [NodeId(2)].into(),
-            rebuilding: BTreeSet::new(),
-            own_activity_log: RegionSet::new(),
-            dirty_hint: None,
-            replica_timeout_ms: 1000,
-            resync_window: 16,
-            resync_rate: 0,
-            rebuild_rate: 0,
-            activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
-            bug_ack_before_replicas: false,
-            bug_forget_before_flush: false,
-        };
+        let cfg = test_config(4 * MIB, true, 0);
         let mut p = Primary::new(cfg, 0);
         let _ = p.link_up(0, NodeId(2));
         let _ = p.on_message(
@@ -2595,24 +2587,7 @@ mod tests {
     #[test]
     fn a_verify_does_not_wait_for_a_replica_outside_the_set() {
         // Replica 2 is out of sync and down for good: it lacks every region.
-        let cfg = PrimaryConfig {
-            me: NodeId(1),
-            epoch: Epoch(3),
-            region_size: MIB,
-            size_bytes: 4 * MIB,
-            replicas: [NodeId(2)].into(),
-            in_sync: BTreeSet::new(),
-            rebuilding: BTreeSet::new(),
-            own_activity_log: RegionSet::new(),
-            dirty_hint: None,
-            replica_timeout_ms: 1000,
-            resync_window: 16,
-            resync_rate: 0,
-            rebuild_rate: 0,
-            activity_log_slack: crate::replica::ACTIVITY_LOG_SLACK,
-            bug_ack_before_replicas: false,
-            bug_forget_before_flush: false,
-        };
+        let cfg = test_config(4 * MIB, false, 0);
         let mut p = Primary::new(cfg, 0);
         let _ = p.tick(1);
         let _ = p.set_lease(1, 100_000);
