@@ -243,7 +243,7 @@ pub async fn drain(conn: &Conn, name: &str, evacuate: bool, no_wait: bool) -> Re
         // in-sync replica online (a rebuild shows progress in `bulwark status`).
         if !primaries.is_empty() && stuck_since.elapsed() > Duration::from_secs(30) {
             bail!(
-                "{} cannot move off {name}: no other in-sync replica is online and not drained (see `bulwark status`); the drain stays in effect",
+                "{} cannot move off {name}: no other in-sync replica is online and not drained (see `bulwark status`; a volume with one copy needs another first: `bulwark volume replicas VOLUME add NODE`); the drain stays in effect",
                 list(&primaries)
             );
         }
