@@ -490,6 +490,13 @@ impl ClusterState {
                 continue;
             };
             let why = if node.evacuate {
+                // Rebuild first, then remove: an evacuated node still online keeps its
+                // replica until the new one is in sync, which needs it in sync itself
+                // (it is not, for a moment, after its primary moved away).
+                let online = !offline_for.contains_key(&old);
+                if online && !vols.iter().all(|v| v.in_sync.contains(&old)) {
+                    continue;
+                }
                 format!("{} is being evacuated", node.name)
             } else {
                 match offline_for.get(&old) {

@@ -272,11 +272,22 @@ fn upkeep_moves_off_drained_nodes_then_replaces_evacuated_and_long_offline_ones(
         cause: None,
     })
     .unwrap();
+    // The move took n1 out of the in-sync sets: it is evacuated once back in sync,
+    // so its replica stays until the new one has everything.
+    assert_eq!(st.upkeep(&group, &none), None, "n1 resyncs first");
+    isr_add(&mut st, "a", 1);
+    isr_add(&mut st, "b", 1);
     let Some(Upkeep::Replace { old, new, why, .. }) = st.upkeep(&group, &none) else {
         panic!("{:?}", st.upkeep(&group, &none));
     };
     assert_eq!((old, new), (1, 3));
     assert!(why.contains("evacuated"), "{why}");
+    st.apply(&change("a", Some("n3"), Some("n1"))).unwrap();
+    assert_eq!(
+        st.volumes["b"].in_sync,
+        vec![1, 2],
+        "n1 stays until n3 is in sync"
+    );
 
     // Offline past replace-after (and not drained): replaced; before: not.
     let mut st = target_on_n1_n2();
