@@ -130,3 +130,18 @@ stop_demo() {
     done
     DEMO_PID=""
 }
+
+# Installs the Debian packages the kernel-initiator harness (scripts/e2e/kernel-initiator.sh)
+# needs on the host when they are missing: QEMU with KVM/TCG and virtio-9p, mmdebstrap to
+# build the guest image, e2fsprogs (mkfs.ext4 -d) and qemu-img for the image, iproute2
+# for the network namespace, python3 for the JSON and latency figures.
+ensure_vm_packages() {
+    command -v qemu-system-x86_64 >/dev/null || apt_install qemu-system-x86
+    command -v mmdebstrap >/dev/null || apt_install mmdebstrap
+    command -v mkfs.ext4 >/dev/null || apt_install e2fsprogs
+    command -v qemu-img >/dev/null || apt_install qemu-utils
+    command -v ip >/dev/null || apt_install iproute2
+    command -v python3 >/dev/null || apt_install python3
+    # mmdebstrap checks the archive's signatures with these keys.
+    [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || apt_install debian-archive-keyring
+}

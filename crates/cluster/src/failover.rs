@@ -87,7 +87,14 @@ impl<T: Copy + Ord + Add<Duration, Output = T>> LeaseBook<T> {
     /// Whether the primary of `volume` at `epoch` surely holds no lease any more, so a
     /// successor may be promoted without two writers. Not leading: never. Records the
     /// first sighting of the epoch.
-    pub fn lease_over(&mut self, now: T, volume: &str, epoch: u64) -> bool {
+    ///
+    /// `primary_online` says whether the primary still answers heartbeats. A primary
+    /// that does is given a whole lease from this leader's start (or from the epoch's
+    /// first sighting) to renew with it, so a change of leader never deposes a healthy
+    /// primary. One that does not is deposed as soon as no lease of this leader's own
+    /// covers it: every lease a predecessor granted ran out before this leader was
+    /// elected, because voters wait [`election_silence`] before they vote.
+    pub fn lease_over(&mut self, now: T, volume: &str, epoch: u64, primary_online: bool) -> bool {
         let Some(since) = self.leading_since else {
             return false;
         };
@@ -101,10 +108,36 @@ impl<T: Copy + Ord + Add<Duration, Output = T>> LeaseBook<T> {
             .is_some_and(|&(e, expiry)| e == epoch && expiry > now);
         #[cfg(feature = "planted-bugs")]
         let live = live && !planted::is(PlantedBug::IgnoreGrantedLease);
+        if live {
+            return false;
+        }
+        if !primary_online {
+            return true;
+        }
         // A lease granted by a predecessor, or the first lease of this epoch, may run
         // until a whole lease after this leader started or first saw the epoch.
-        !live && now > since.max(seen) + self.timing.lease + self.timing.margin
+        now > since.max(seen) + self.timing.lease + self.timing.margin
     }
+}
+
+/// How long a Raft voter must have heard nothing from any leader before it votes for
+/// a new one (openraft's leader lease on followers: `election_timeout_max`), and how
+/// long a node that just started withholds its vote and its candidacy (it may have
+/// acknowledged a leader just before it stopped).
+///
+/// At least one primary lease: a lease is granted only after a quorum acknowledged the
+/// leader (`ensure_linearizable`), any quorum that elects a successor shares a voter
+/// with it, and that voter acknowledged the grant no earlier than the grant was
+/// counted from. So by the time a successor is elected every lease its predecessors
+/// granted has expired, and the successor need not wait one out for a primary that
+/// stopped answering ([`LeaseBook::lease_over`]). The node configures openraft with
+/// this (`node.rs`), and the simulation elects with it.
+pub fn election_silence(timing: FailoverTiming) -> Duration {
+    #[cfg(feature = "planted-bugs")]
+    if planted::is(PlantedBug::ElectWithinLease) {
+        return timing.lease / 4;
+    }
+    timing.lease
 }
 
 /// A member of a group's in-sync set, as the leader sees it when choosing a successor.
@@ -185,6 +218,9 @@ pub fn successor(primary: NodeId, members: &[Member]) -> Option<Successor> {
 pub enum PlantedBug {
     /// [`LeaseBook::lease_over`] ignores the leases this leader granted.
     IgnoreGrantedLease,
+    /// [`election_silence`] is shorter than a lease: a voter may elect a successor
+    /// while a lease the deposed leader granted still runs.
+    ElectWithinLease,
 }
 
 /// Plants `bug` in this thread's failover rules (`None`: the rules as written). The
@@ -224,33 +260,64 @@ mod tests {
     #[test]
     fn a_lease_is_over_only_after_lease_and_margin_from_leadership_sighting_and_grant() {
         let mut book = LeaseBook::new(TIMING);
-        assert!(!book.lease_over(ms(5_000), "v", 1), "not leading: never");
+        assert!(
+            !book.lease_over(ms(5_000), "v", 1, true),
+            "not leading: never"
+        );
         book.leader_changed(Some(ms(1_000)));
         // First seen at 1 100: a predecessor's grant may last until 1 100 + 800.
-        assert!(!book.lease_over(ms(1_100), "v", 1));
-        assert!(!book.lease_over(ms(2_100), "v", 1));
-        assert!(book.lease_over(ms(2_101), "v", 1));
+        assert!(!book.lease_over(ms(1_100), "v", 1, true));
+        assert!(!book.lease_over(ms(2_100), "v", 1, true));
+        assert!(book.lease_over(ms(2_101), "v", 1, true));
         // A grant of its own keeps it live until the grant expires.
         book.grant("v", 1, ms(2_000));
-        assert!(!book.lease_over(ms(2_799), "v", 1));
-        assert!(book.lease_over(ms(2_801), "v", 1));
+        assert!(!book.lease_over(ms(2_799), "v", 1, true));
+        assert!(book.lease_over(ms(2_801), "v", 1, true));
         // A grant at another epoch does not count for this one.
         book.grant("v", 0, ms(3_000));
-        assert!(book.lease_over(ms(3_001), "v", 1));
+        assert!(book.lease_over(ms(3_001), "v", 1, true));
         // A new leader forgets grants and counts from its own start.
         book.leader_changed(Some(ms(4_000)));
-        assert!(!book.lease_over(ms(4_500), "v", 1));
-        assert!(book.lease_over(ms(5_001), "v", 1));
+        assert!(!book.lease_over(ms(4_500), "v", 1, true));
+        assert!(book.lease_over(ms(5_001), "v", 1, true));
+    }
+
+    #[test]
+    fn a_silent_primary_is_deposed_once_no_grant_of_this_leader_covers_it() {
+        let mut book = LeaseBook::new(TIMING);
+        assert!(
+            !book.lease_over(ms(5_000), "v", 1, false),
+            "not leading: never"
+        );
+        // A new leader: its predecessors' leases ended before its election.
+        book.leader_changed(Some(ms(1_000)));
+        assert!(book.lease_over(ms(1_000), "v", 1, false));
+        assert!(
+            !book.lease_over(ms(1_000), "v", 1, true),
+            "an online primary may renew"
+        );
+        // Its own grant holds until it expires, online or not.
+        book.grant("v", 1, ms(1_100));
+        assert!(!book.lease_over(ms(1_899), "v", 1, false));
+        assert!(book.lease_over(ms(1_901), "v", 1, false));
+        // A new epoch promoted by this leader needs no grace once its primary is gone.
+        assert!(book.lease_over(ms(1_950), "v", 2, false));
+        assert!(!book.lease_over(ms(1_950), "v", 2, true));
+    }
+
+    #[test]
+    fn voters_wait_at_least_a_lease_before_they_elect() {
+        assert!(election_silence(TIMING) >= TIMING.lease);
     }
 
     #[test]
     fn a_new_epoch_gets_a_whole_lease_from_its_first_sighting() {
         let mut book = LeaseBook::new(TIMING);
         book.leader_changed(Some(ms(0)));
-        assert!(!book.lease_over(ms(3_000), "v", 2));
-        assert!(book.lease_over(ms(4_001), "v", 2));
+        assert!(!book.lease_over(ms(3_000), "v", 2, true));
+        assert!(book.lease_over(ms(4_001), "v", 2, true));
         book.retain_current(|_| Some(3));
-        assert!(!book.lease_over(ms(4_500), "v", 3));
+        assert!(!book.lease_over(ms(4_500), "v", 3, true));
     }
 
     #[test]

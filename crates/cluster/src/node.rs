@@ -34,6 +34,7 @@ use crate::status::EventKind;
 use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView};
 use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
 
+mod election;
 mod upkeep;
 
 /// How a node runs.
@@ -134,6 +135,8 @@ struct Inner {
     removed: watch::Sender<bool>,
     /// Leader only: leases granted, since when it leads, epochs first seen.
     leases: Mutex<LeaseBook<Instant>>,
+    /// When this node last heard a Raft leader, and when it started.
+    contact: election::LeaderContact,
 }
 
 /// A running cluster member. Cheap to clone.
@@ -403,7 +406,10 @@ impl ClusterNode {
             cluster_name: format!("bulwark-{}", identity.cluster_id),
             heartbeat_interval: options.raft_heartbeat.as_millis() as u64,
             election_timeout_min: et,
-            election_timeout_max: et * 2,
+            // openraft's followers refuse votes for this long after they last heard a
+            // leader: at least the election silence, which makes leases safe across
+            // elections (`failover::election_silence`).
+            election_timeout_max: (et * 2).max(election::silence().as_millis() as u64 + 1),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_every),
             max_in_snapshot_log_to_keep: options.snapshot_every.min(100),
             // Chunks travel as JSON (a byte is up to 4 characters): stay well inside
@@ -430,6 +436,8 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+        // No candidacy until one election silence after the start (see `election`).
+        raft.runtime_config().elect(false);
 
         if identity.bootstrap {
             let initialized = raft
@@ -459,6 +467,7 @@ impl ClusterNode {
                 local_info: Mutex::new(None),
                 removed: watch::channel(false).0,
                 leases: Mutex::new(LeaseBook::new(FAILOVER_TIMING)),
+                contact: election::LeaderContact::new(),
                 identity: identity.clone(),
             }),
         };
@@ -484,6 +493,7 @@ impl ClusterNode {
         tokio::spawn(node.clone().watch_leadership());
         tokio::spawn(node.clone().reconcile_membership());
         tokio::spawn(node.clone().watch_primaries());
+        tokio::spawn(node.clone().hasten_elections());
         tokio::spawn(node.clone().watch_redundancy());
 
         if identity.bootstrap {
@@ -761,7 +771,7 @@ impl ClusterNode {
         let mut fenced: std::collections::HashSet<(NodeId, u64)> = Default::default();
         let mut fence_retry: HashMap<(NodeId, u64), Instant> = HashMap::new();
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             let leading = self.inner.leases.lock().is_ok_and(|l| l.leading());
             if !leading || self.inner.raft.metrics().borrow().current_leader != Some(me) {
                 continue;
@@ -776,10 +786,11 @@ impl ClusterNode {
                     group.iter().filter_map(|n| st.volumes.get(n)).collect();
                 let Some(first) = vols.first() else { continue };
                 let primary = first.primary;
-                let expired =
-                    self.inner.leases.lock().is_ok_and(|mut l| {
-                        vols.iter().any(|v| l.lease_over(now, &v.name, v.epoch))
-                    });
+                let online = primary == me || self.peer_liveness(primary).is_some_and(|l| l.online);
+                let expired = self.inner.leases.lock().is_ok_and(|mut l| {
+                    vols.iter()
+                        .any(|v| l.lease_over(now, &v.name, v.epoch, online))
+                });
                 if !expired {
                     continue;
                 }
@@ -1051,10 +1062,28 @@ impl ClusterNode {
         }
         let raft = &self.inner.raft;
         match req {
-            Request::AppendEntries(r) => Response::AppendEntries(raft.append_entries(r).await),
+            Request::AppendEntries(r) => {
+                let resp = raft.append_entries(r).await;
+                if resp
+                    .as_ref()
+                    .is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_)))
+                {
+                    self.inner.contact.heard();
+                }
+                Response::AppendEntries(resp)
+            }
+            Request::Vote(_) if !self.inner.contact.may_vote() => Response::Error(format!(
+                "node {} started less than {} ms ago and may have heard a leader just before; it votes once that has passed",
+                self.inner.identity.name,
+                election::silence().as_millis()
+            )),
             Request::Vote(r) => Response::Vote(raft.vote(r).await),
             Request::InstallSnapshot(r) => {
-                Response::InstallSnapshot(raft.install_snapshot(r).await)
+                let resp = raft.install_snapshot(r).await;
+                if resp.as_ref().is_ok_and(|r| r.vote.is_committed()) {
+                    self.inner.contact.heard();
+                }
+                Response::InstallSnapshot(resp)
             }
             Request::Write(cmd) => match self.write_via(cmd, false).await {
                 Ok(r) => Response::Written(r),

@@ -269,6 +269,8 @@ enum Ev {
     Fault,
     Restart(NodeId),
     HealAll,
+    /// The control plane has a leader again, after an election.
+    CpElected,
 }
 
 #[allow(clippy::large_enum_variant)] // three nodes: size does not matter
@@ -306,6 +308,11 @@ struct Cp {
     last_heard: BTreeMap<NodeId, u64>,
     /// Nodes back from a power cut and not in sync since: promoted last.
     lost_power: BTreeSet<NodeId>,
+    /// The leader is lost and its successor is elected at this time: until then no
+    /// request is answered and nobody is promoted.
+    leaderless_until: Option<u64>,
+    /// When the current leader was elected.
+    leading_since: u64,
 }
 
 struct Outstanding {
@@ -352,6 +359,11 @@ pub struct Report {
     pub recoveries: u64,
     /// Promotions of a member back from a power loss (no other member was online).
     pub lost_power_promotions: u64,
+    /// Control-plane leaders lost (and successors elected).
+    pub leader_changes: u64,
+    /// Promotions over a silent primary by a leader elected less than a lease before:
+    /// the election silence, not a wait, made them safe.
+    pub prompt_promotions: u64,
 }
 
 struct Sim {
@@ -424,8 +436,9 @@ impl Sim {
                 primary: None,
                 isr: NODES.iter().copied().collect(),
                 leases: {
-                    // The sim's control plane leads from the start and for good; its
-                    // leases carry no margin (the sim's clocks run at one rate).
+                    // The sim's control plane leads from the start; leaders are lost
+                    // and elected by faults. Its leases carry no margin (the sim's
+                    // clocks run at one rate).
                     let mut book = LeaseBook::new(FailoverTiming {
                         lease: Duration::from_millis(LEASE),
                         margin: Duration::ZERO,
@@ -435,6 +448,8 @@ impl Sim {
                 },
                 last_heard: BTreeMap::new(),
                 lost_power: BTreeSet::new(),
+                leaderless_until: None,
+                leading_since: 0,
             },
             client: Client::default(),
             cut: BTreeSet::new(),
@@ -592,6 +607,17 @@ impl Sim {
                 }
                 self.restart(n)?
             }
+            Ev::CpElected => {
+                self.cp.leaderless_until = None;
+                self.cp.leading_since = self.now;
+                self.cp
+                    .leases
+                    .leader_changed(Some(Duration::from_millis(self.now)));
+                self.report.leader_changes += 1;
+                if self.trace {
+                    eprintln!("t={} control plane: new leader", self.now);
+                }
+            }
             Ev::HealAll => {
                 self.faults = false;
                 let cuts: Vec<_> = self.cut.iter().copied().collect();
@@ -610,9 +636,33 @@ impl Sim {
         Ok(())
     }
 
+    /// The control plane's leader is lost (crash, partition) at once or after `delay`
+    /// ms. Its successor is elected once the voters heard nothing from it for the
+    /// election silence the nodes run with, plus the time an election takes.
+    fn lose_leader(&mut self, delay: u64) {
+        if self.cp.leaderless_until.is_some() {
+            return;
+        }
+        let lost = self.now + delay;
+        let silence = failover::election_silence(self.cp.leases.timing()).as_millis() as u64;
+        let elected = lost + silence + self.rng.gen_range(1..=40);
+        self.cp.leaderless_until = Some(elected);
+        if self.trace {
+            eprintln!(
+                "t={} control plane: leader lost at {lost}, successor at {elected}",
+                self.now
+            );
+        }
+        self.at(elected, Ev::CpElected);
+    }
+
     fn inject_fault(&mut self) -> Result<(), String> {
         let n = NODES[self.rng.gen_range(0..NODES.len())];
-        match self.rng.gen_range(0..13) {
+        match self.rng.gen_range(0..14) {
+            13 => {
+                // The control plane's leader is lost on its own.
+                self.lose_leader(0);
+            }
             11 | 12 => {
                 // Power cut: one node, both replicas, or the whole cluster.
                 let kind = self.rng.gen_range(0..3);
@@ -627,8 +677,12 @@ impl Sim {
                 self.power_cut(kind, &victims)?;
             }
             0 | 1 => {
-                // Crash (kill -9): volatile state gone, disk kept; back later.
+                // Crash (kill -9): volatile state gone, disk kept; back later. Half the
+                // time a primary's node was also the control plane's leader.
                 if self.alive(n) {
+                    if self.cp.primary == Some(n) && self.rng.gen_bool(0.5) {
+                        self.lose_leader(0);
+                    }
                     self.crash(n);
                     let back = self.rng.gen_range(50..600);
                     self.at(self.now + back, Ev::Restart(n));
@@ -643,9 +697,15 @@ impl Sim {
                 }
             }
             4 => {
-                // Cut from the control plane: its lease cannot be renewed.
+                // Cut from the control plane: its lease cannot be renewed. Half the
+                // time the leader is lost soon after, so its successor must not
+                // promote while the cut node's lease still runs.
                 self.cut.insert(pair(n, CP));
                 self.break_link(n, CP);
+                if self.rng.gen_bool(0.5) {
+                    let delay = self.rng.gen_range(0..200);
+                    self.lose_leader(delay);
+                }
             }
             9 => {
                 // Hang (SIGSTOP, a long pause): everything waits, then arrives at once.
@@ -1050,7 +1110,11 @@ impl Sim {
     }
 
     fn cp_request(&mut self, from: NodeId, req: CpReq) {
+        // Liveness comes from heartbeats every node exchanges, leader or not.
         self.cp.last_heard.insert(from, self.now);
+        if self.cp.leaderless_until.is_some() {
+            return; // no leader: requests go unanswered
+        }
         let cp = &mut self.cp;
         let current = cp.primary == Some(from);
         let reply = match req {
@@ -1136,14 +1200,24 @@ impl Sim {
     fn cp_tick(&mut self) {
         let now = self.now;
         let cp = &mut self.cp;
-        let at = Duration::from_millis(now);
-        cp.leases.retain_current(|_| Some(cp.epoch.0));
-        if cp
-            .primary
-            .is_some_and(|_| !cp.leases.lease_over(at, VOLUME, cp.epoch.0))
-        {
+        if cp.leaderless_until.is_some() {
             return;
         }
+        let at = Duration::from_millis(now);
+        let online = |cp: &Cp, id: &NodeId| {
+            cp.last_heard
+                .get(id)
+                .is_some_and(|t| now.saturating_sub(*t) < 100)
+        };
+        cp.leases.retain_current(|_| Some(cp.epoch.0));
+        if let Some(p) = cp.primary {
+            let primary_online = online(cp, &p);
+            if !cp.leases.lease_over(at, VOLUME, cp.epoch.0, primary_online) {
+                return;
+            }
+        }
+        let prompt = cp.primary.is_some() && now < cp.leading_since + LEASE;
+        let cp = &mut self.cp;
         let members: Vec<Member> = cp
             .isr
             .iter()
@@ -1175,6 +1249,9 @@ impl Sim {
         cp.lost_power.remove(&pick);
         cp.epoch = cp.epoch.next();
         cp.primary = Some(pick);
+        if prompt {
+            self.report.prompt_promotions += 1;
+        }
         let (epoch, isr) = (cp.epoch, cp.isr.clone());
         let gen = self.node_gen(pick);
         if self.connected(pick, CP) {
@@ -1729,6 +1806,8 @@ mod tests {
                     total.torn_writes += r.torn_writes;
                     total.recoveries += r.recoveries;
                     total.lost_power_promotions += r.lost_power_promotions;
+                    total.leader_changes += r.leader_changes;
+                    total.prompt_promotions += r.prompt_promotions;
                 }
                 Err(e) => panic!("seed {seed}: {e}\n(rerun: BULWARK_SIM_SEED={seed})"),
             }
@@ -1769,6 +1848,14 @@ mod tests {
             "the client made progress"
         );
         assert!(total.failovers > seeds(), "faults caused failovers");
+        eprintln!(
+            "control-plane leaders lost: {}; promotions over a silent primary by a leader elected less than a lease before: {}",
+            total.leader_changes, total.prompt_promotions
+        );
+        assert!(
+            total.leader_changes > seeds() && total.prompt_promotions > seeds() / 10,
+            "leaders were lost, and their successors promoted without waiting a lease"
+        );
     }
 
     /// True for a broken safety invariant (as opposed to a run that did not converge,
@@ -1817,6 +1904,23 @@ mod tests {
     fn promoting_before_the_lease_expires_is_caught() {
         let (seed, e) = caught(Bug::Failover(PlantedBug::IgnoreGrantedLease));
         eprintln!("early promotion (planted in cluster::failover) caught at seed {seed}: {e}");
+        assert!(
+            e.contains("serve at once")
+                || e.contains("after epoch")
+                || e.contains("acknowledged")
+                || e.contains("differ"),
+            "caught as two servers, a stale one or diverged members: {e}"
+        );
+    }
+
+    /// Voters that elect a new leader before a lease has passed since they last heard
+    /// the old one: the new leader promotes over a silent primary whose lease runs.
+    #[test]
+    fn electing_within_a_lease_is_caught() {
+        let (seed, e) = caught(Bug::Failover(PlantedBug::ElectWithinLease));
+        eprintln!(
+            "election within a lease (planted in cluster::failover) caught at seed {seed}: {e}"
+        );
         assert!(
             e.contains("serve at once")
                 || e.contains("after epoch")

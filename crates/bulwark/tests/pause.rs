@@ -1,0 +1,180 @@
+//! The pause an initiator sees through an unplanned failover, in the two cases that
+//! differ inside the cluster: the primary's node is also the Raft leader (an election
+//! comes first), or it is not. Rounds of kill -9 under the integrity checker's writes;
+//! the pause is the longest gap between two acknowledged writes, as the initiator
+//! measures it. Prints the median and the worst of each case.
+
+use std::time::{Duration, Instant};
+
+use cluster::state::Command;
+use initiator::checker::Checker;
+
+mod common;
+use common::load::*;
+use common::*;
+
+/// Rounds per case: `BULWARK_PAUSE_ROUNDS`, 20 by default (issue 19's measure).
+fn rounds() -> usize {
+    std::env::var("BULWARK_PAUSE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Case {
+    LeaderPrimary,
+    OtherPrimary,
+}
+
+/// Makes `node` the primary of "v" by a planned move, and waits until it serves with
+/// every replica in sync.
+async fn make_primary(c: &Cluster, via: usize, node: usize) {
+    let admin = c.admin(via);
+    let name = c.nodes[node].name.clone();
+    let st = admin.state().await.unwrap();
+    if st.nodes[&st.volumes["v"].primary].name != name {
+        commit(
+            &admin,
+            Command::MoveVolume {
+                volume: "v".into(),
+                node: name.clone(),
+            },
+        )
+        .await;
+    }
+    wait(
+        &format!("{name} serving v with 3 in sync"),
+        Duration::from_secs(30),
+        async || {
+            let st = admin.state().await.ok()?;
+            let v = &st.volumes["v"];
+            (st.nodes[&v.primary].name == name && v.in_sync.len() == 3).then_some(())
+        },
+    )
+    .await;
+}
+
+fn summary(case: Case, pauses: &mut [Duration]) -> (Duration, Duration) {
+    pauses.sort();
+    let median = pauses[pauses.len() / 2];
+    // p99 of 20 is the worst.
+    let p99 = pauses[(pauses.len() * 99).div_ceil(100) - 1];
+    eprintln!(
+        "{case:?}: {} kills, I/O pause at the initiator median {} ms, p99 {} ms, all {:?}",
+        pauses.len(),
+        median.as_millis(),
+        p99.as_millis(),
+        pauses.iter().map(|p| p.as_millis()).collect::<Vec<_>>()
+    );
+    (median, p99)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pause_is_the_same_whether_or_not_the_primary_leads() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = Cluster::three_voters(64).await;
+    let admin = c.admin(0);
+    commit(
+        &admin,
+        Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 16 << 20,
+            replicas: 3,
+            block_size: BLOCK,
+            nodes: vec!["n1".into(), "n2".into(), "n3".into()],
+        },
+    )
+    .await;
+    target_with_lun(&admin, IQN, "v").await;
+    let mut checker = Checker::new(BLOCK as usize);
+    let all = [0usize, 1, 2];
+    write_load(
+        &c,
+        &mut checker,
+        Instant::now() + Duration::from_secs(1),
+        &all,
+    )
+    .await;
+
+    let mut pauses = [Vec::new(), Vec::new()];
+    for round in 0..2 * rounds() {
+        let case = if round % 2 == 0 {
+            Case::LeaderPrimary
+        } else {
+            Case::OtherPrimary
+        };
+        let leader = c.leader(0).await;
+        let victim = match case {
+            Case::LeaderPrimary => leader,
+            Case::OtherPrimary => (leader + 1 + round % 2) % 3,
+        };
+        let via = (victim + 1) % 3;
+        make_primary(&c, via, victim).await;
+        let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+        let st = {
+            let a = c.admin(via);
+            a.state().await.unwrap()
+        };
+        let (epoch, leads) = (st.volumes["v"].epoch, c.leader(via).await == victim);
+        assert_eq!(
+            leads,
+            case == Case::LeaderPrimary,
+            "round {round}: the case holds"
+        );
+        let reach = Reach::of(&c);
+        let plain = Load::default();
+        let load = run_load_via(
+            &reach,
+            &mut checker,
+            Instant::now() + Duration::from_millis(3_500),
+            &survivors,
+            &plain,
+        );
+        let node = &mut c.nodes[victim];
+        let kill = async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            node.kill9();
+        };
+        let (stats, ()) = tokio::join!(load, kill);
+        assert_eq!(stats.failed, 0, "round {round}: no write failed");
+        let st = {
+            let a = c.admin(via);
+            a.state().await.unwrap()
+        };
+        assert!(
+            st.volumes["v"].epoch > epoch,
+            "round {round}: a new primary was promoted"
+        );
+        eprintln!(
+            "round {round} {case:?}: killed {}, I/O pause {} ms",
+            c.nodes[victim].name,
+            stats.longest.as_millis()
+        );
+        pauses[round % 2].push(stats.longest);
+        c.nodes[victim].start();
+        wait_in_sync(
+            &c.admin(via),
+            3,
+            Duration::from_secs(30),
+            "the killed node back in sync",
+        )
+        .await;
+    }
+    verify_all(&c, &checker, &all).await;
+    let (lead_median, lead_p99) = summary(Case::LeaderPrimary, &mut pauses[0]);
+    let (other_median, other_p99) = summary(Case::OtherPrimary, &mut pauses[1]);
+    for (case, median, p99) in [
+        (Case::LeaderPrimary, lead_median, lead_p99),
+        (Case::OtherPrimary, other_median, other_p99),
+    ] {
+        assert!(
+            median <= Duration::from_millis(1_000),
+            "{case:?}: median pause {median:?} over 1 s"
+        );
+        assert!(
+            p99 <= Duration::from_millis(1_500),
+            "{case:?}: p99 pause {p99:?} over 1.5 s"
+        );
+    }
+}
