@@ -217,9 +217,12 @@ async fn planned_moves_under_writes_fail_no_io() {
         pauses.last().unwrap().as_millis()
     );
     assert_eq!(failed_total, 0, "no write fails during a planned move");
-    assert!(
-        logouts_total >= rounds as u64,
-        "the old primary asks its initiators to log out ({logouts_total} in {rounds} moves)"
+    // Issue 19: a move is an ALUA transition on the node's own portals. The session
+    // stays and forwards (a multipath initiator then prefers the new primary's path);
+    // only sessions that came through a virtual IP are asked to log in again.
+    assert_eq!(
+        logouts_total, 0,
+        "the old primary asked initiators on its own portal to log out"
     );
     // Under 0.5 s is the goal (issue 4); allow slack for a loaded CI machine.
     assert!(

@@ -175,10 +175,11 @@ impl Server {
         self.shared.kill_target_sessions(name);
     }
 
-    /// Asks the initiators logged in to `name` to log out and log in again; ends the
-    /// sessions still there after `grace`. The target stays.
-    pub fn ask_to_log_out(&self, name: &str, grace: Duration) {
-        self.shared.ask_to_log_out(name, grace);
+    /// Asks the initiators logged in to `name` through one of `addresses` to log out
+    /// and log in again; ends those sessions if still there after `grace`. The target
+    /// and its other sessions stay.
+    pub fn ask_to_log_out(&self, name: &str, addresses: &[std::net::IpAddr], grace: Duration) {
+        self.shared.ask_to_log_out(name, addresses, grace);
     }
 
     /// Aborts the tasks of `nexus` on `lun` in the sessions of `target` (PERSISTENT

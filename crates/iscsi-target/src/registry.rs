@@ -383,13 +383,19 @@ impl Shared {
         });
     }
 
-    /// Asks the initiators of `name`'s sessions to log out (RFC 7143 §11.9.1, AsyncEvent
-    /// one) and ends those still there after `grace`; the target stays, so they log in
-    /// again (the primary moved away: on this path they now reach it forwarded, or
-    /// through a virtual IP on the new primary). Must be called within a tokio runtime.
-    pub fn ask_to_log_out(&self, name: &str, grace: Duration) {
+    /// Asks the initiators of `name`'s sessions that logged in through one of
+    /// `addresses` to log out (RFC 7143 §11.9.1, AsyncEvent one) and ends those still
+    /// there after `grace`; the target stays. Must be called within a tokio runtime.
+    pub fn ask_to_log_out(&self, name: &str, addresses: &[std::net::IpAddr], grace: Duration) {
         let kills = std::sync::Mutex::new(Vec::new());
         self.each_session_of(name, |e| {
+            if !e
+                .info
+                .portal
+                .is_some_and(|p| addresses.contains(&p.ip()))
+            {
+                return;
+            }
             e.logout.notify_one();
             kills
                 .lock()

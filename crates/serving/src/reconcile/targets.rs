@@ -19,8 +19,13 @@ pub(super) fn lu_config(v: &Volume, path: &Path) -> scsi::LuConfig {
 }
 
 impl Serving {
-    /// From now on `t`'s commands arriving here go to `primary`. Sessions that were
-    /// served here as primary are asked to log in again.
+    /// From now on `t`'s commands arriving here go to `primary`. Sessions on this
+    /// node's own portals stay: their path turns active/non-optimized and forwards, and
+    /// the first command each sends to the new primary there carries a unit attention
+    /// (ASYMMETRIC ACCESS STATE CHANGED for a known I_T nexus) that makes a multipath
+    /// initiator look at the access states again, with no pause and no path lost.
+    /// Sessions that came in through one of the target's virtual IPs are asked to log
+    /// in again: the address moved to the new primary.
     pub(super) fn forward_target(&self, t: &Target, s: &mut Served, primary: NodeId) {
         let luns: BTreeMap<u64, u32> = t
             .luns
@@ -49,7 +54,9 @@ impl Serving {
         s.luns.clear();
         s.forwarding_to = Some(primary);
         if was_primary {
-            self.server.ask_to_log_out(&t.iqn, Duration::from_secs(2));
+            let vips: Vec<std::net::IpAddr> = t.vips.keys().copied().collect();
+            self.server
+                .ask_to_log_out(&t.iqn, &vips, Duration::from_secs(2));
             self.events.push(
                 EventKind::Config,
                 format!(
