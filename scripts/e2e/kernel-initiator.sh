@@ -110,7 +110,8 @@ node_start() { # i
     local i=$1 log=$work/n$1.log n
     n=$(grep -c '^Ready' "$log" 2>/dev/null || true)
     echo "--- start $(date -u +%T.%N)" >>"$log"
-    nsx "$BULWARK_BIN" serve --data-dir "$work/n$i" >>"$log" 2>&1 &
+    # ip netns exec execs the program: $! is the node's own pid.
+    ip netns exec "$NS" "$BULWARK_BIN" serve --data-dir "$work/n$i" >>"$log" 2>&1 &
     NPID[$i]=$!
     for _ in $(seq 1 300); do
         [ "$(grep -c '^Ready' "$log" || true)" -gt "${n:-0}" ] && return 0
@@ -140,7 +141,9 @@ cli() {
     done
     die "no node runs"
 }
-# One line about the volume: primary=nN leader=nN in_sync=0|1 paths=IP,IP ...
+# One line about the volume: primary=nN leader=nN in_sync=0|1 replicas=nN,nN epoch=N.
+# In sync: every replica in the in-sync set, no resync pending, no move under way, and
+# the primary serving the target (the other nodes' ports forward and are not listed).
 vol_state() {
     cli status --json 2>/dev/null | python3 -c '
 import json, sys
@@ -153,7 +156,7 @@ resyncing = any(x["resyncs"] or x.get("resync_pending_regions") for n in d["node
                 for x in n["Ok"]["volumes"] if x["name"] == sys.argv[1])
 serving = [int(k) for k, n in d["nodes"].items() if "Ok" in n and sys.argv[2] in n["Ok"]["serving"]]
 in_sync = (sorted(v["in_sync"]) == sorted(v["replicas"]) and not resyncing and v["moving_to"] is None
-           and all(r in serving for r in v["replicas"]))
+           and v["primary"] in serving)
 print("primary=%s leader=%s in_sync=%d replicas=%s epoch=%s" % (names.get(v["primary"]), names.get(leader),
       int(in_sync), ",".join(names[r] for r in v["replicas"]), v["epoch"]))
 ' "$VOL" "$IQN"
@@ -195,27 +198,62 @@ cli initiator-config >"$share/initiator-config.txt"
 step "kernel-initiator: guest"
 cp scripts/vm/guest-agent.sh "$share/agent.sh"
 cp scripts/vm/guest-lib.sh "$share/guest-lib.sh"
-qemu-img create -q -f qcow2 -F qcow2 -b "$IMAGE/base.qcow2" "$work/overlay.qcow2"
-if qemu-system-x86_64 -accel kvm -M none -nodefaults -display none -monitor stdio <<<quit >/dev/null 2>&1; then
-    ACCEL=(-accel kvm -cpu host)
-    ACCEL_NAME=KVM
-    BOOT_TIMEOUT=120
-else
-    ACCEL=(-accel tcg -cpu max)
-    ACCEL_NAME="TCG (no usable /dev/kvm: slow)"
-    BOOT_TIMEOUT=600
-fi
-echo "QEMU accelerator: $ACCEL_NAME"
-nsx qemu-system-x86_64 -name bwvm -M q35 "${ACCEL[@]}" -smp 2 -m 1024 -nodefaults -display none \
-    -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img" \
-    -append "console=ttyS0 root=/dev/vda rw net.ifnames=0 panic=-1 systemd.show_status=1" \
-    -drive "file=$work/overlay.qcow2,if=virtio,format=qcow2,cache=unsafe" \
-    -netdev tap,id=n0,ifname=tap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,mac=52:54:00:42:00:10 \
-    -virtfs "local,path=$share,mount_tag=bwshare,security_model=none,id=bwshare" \
-    -serial "file:$work/serial.log" -monitor none -no-reboot \
-    >"$work/qemu.log" 2>&1 &
-QPID=$!
+# KVM when it works for a stock kernel. A nested host whose KVM is the paravirtual
+# kvm-pvm module only runs guests built for PVM (a Debian kernel hangs at boot there),
+# and some nested hosts refuse -cpu host's MSRs: then TCG, which is slow.
+kvm_usable() {
+    [ -e /sys/module/kvm_pvm ] && { KVM_WHY="/dev/kvm is kvm-pvm (runs PVM-built guest kernels only)"; return 1; }
+    [ -r /dev/kvm ] && [ -w /dev/kvm ] || { KVM_WHY="no usable /dev/kvm"; return 1; }
+    qemu-system-x86_64 -accel kvm -M none -nodefaults -display none -monitor stdio <<<quit >/dev/null 2>&1 \
+        || { KVM_WHY="QEMU cannot open KVM"; return 1; }
+}
+boot_guest() { # kvm|tcg
+    if [ "$1" = kvm ]; then
+        ACCEL=(-accel kvm -cpu host,-arch-capabilities)
+        ACCEL_NAME=KVM
+        BOOT_TIMEOUT=120
+    else
+        ACCEL=(-accel tcg,thread=multi -cpu max)
+        ACCEL_NAME="TCG ($KVM_WHY)"
+        BOOT_TIMEOUT=600
+    fi
+    echo "QEMU accelerator: $ACCEL_NAME"
+    rm -f "$work/overlay.qcow2" "$share/ready"
+    qemu-img create -q -f qcow2 -F qcow2 -b "$IMAGE/base.qcow2" "$work/overlay.qcow2"
+    : >"$work/serial.log"
+    # ip netns exec execs QEMU: $! is QEMU's pid.
+    ip netns exec "$NS" qemu-system-x86_64 -name bwvm -M q35 "${ACCEL[@]}" -smp 2 -m 1024 -nodefaults -display none \
+        -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img" \
+        -append "console=ttyS0 root=/dev/vda rw net.ifnames=0 panic=-1 systemd.show_status=1" \
+        -drive "file=$work/overlay.qcow2,if=virtio,format=qcow2,cache=unsafe" \
+        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,mac=52:54:00:42:00:10 \
+        -virtfs "local,path=$share,mount_tag=bwshare,security_model=none,id=bwshare" \
+        -serial "file:$work/serial.log" -monitor none -no-reboot \
+        >"$work/qemu.log" 2>&1 &
+    QPID=$!
+}
+stop_qemu() {
+    kill -KILL "$QPID" 2>/dev/null
+    wait "$QPID" 2>/dev/null || true
+    QPID=""
+}
 t0=$(date +%s)
+if kvm_usable; then
+    boot_guest kvm
+    # A kernel that KVM cannot run says nothing: fall back to TCG after 30 s of silence.
+    for _ in $(seq 1 150); do
+        grep -q 'Linux version' "$work/serial.log" 2>/dev/null && break
+        kill -0 "$QPID" 2>/dev/null || break
+        sleep 0.2
+    done
+    if ! grep -q 'Linux version' "$work/serial.log" 2>/dev/null; then
+        KVM_WHY="the kernel did not start under KVM: $(tail -c 300 "$work/qemu.log" | tr '\n' ' ')"
+        stop_qemu
+        boot_guest tcg
+    fi
+else
+    boot_guest tcg
+fi
 for _ in $(seq 1 $((BOOT_TIMEOUT * 5))); do
     [ -e "$share/ready" ] && break
     kill -0 "$QPID" 2>/dev/null || { cat "$work/qemu.log"; tail -30 "$work/serial.log"; die "QEMU exited"; }

@@ -753,10 +753,11 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
     };
     let removed_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = removed_flag.clone();
+    let stopping = node.clone();
     server
         .serve(listeners, async move {
             tokio::select! {
-                _ = signals::shutdown_signal() => {}
+                _ = signals::shutdown_signal() => hand_over(&stopping).await,
                 _ = removed => {
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -782,6 +783,31 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long a stopping node waits for its targets to move.
+const HANDOVER_LIMIT: Duration = Duration::from_millis(1500);
+
+/// How long a stopping node keeps forwarding after its targets moved, so multipath
+/// initiators move their I/O to the new primary's path (on the ASYMMETRIC ACCESS STATE
+/// CHANGED they get, or at their next path check: `initiator-config` sets
+/// `polling_interval 1`) before this path goes away.
+const LINGER: Duration = Duration::from_millis(1500);
+
+/// A graceful stop is a planned move: the targets this node is primary of move to
+/// another in-sync node first, then the node stays a forwarding path for a moment.
+async fn hand_over(node: &cluster::ClusterNode) {
+    println!("Stopping: handing over the targets this node serves...");
+    let h = node.hand_over_primaries(HANDOVER_LIMIT).await;
+    for (v, to) in &h.moved {
+        println!("  {v} (with the rest of its target) moved to {to}");
+    }
+    for (v, why) in &h.left {
+        println!("  {v} stays until this node stops, then fails over: {why}");
+    }
+    if !h.moved.is_empty() {
+        tokio::time::sleep(LINGER).await;
+    }
 }
 
 fn default_config(data_dir: &Path, listen: &str) -> Config {

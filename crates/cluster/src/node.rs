@@ -35,7 +35,10 @@ use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView};
 use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
 
 mod election;
+mod handover;
 mod upkeep;
+
+pub use handover::HandOver;
 
 /// How a node runs.
 #[derive(Clone, Debug)]

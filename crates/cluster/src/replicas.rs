@@ -410,6 +410,46 @@ impl ClusterState {
         groups
     }
 
+    /// Where a planned move of the group `vols` (one target's volumes) would go: a
+    /// schedulable node other than the primary, in sync for every volume and not
+    /// `offline`.
+    fn move_destination(
+        &self,
+        vols: &[&Volume],
+        offline: impl Fn(NodeId) -> bool,
+    ) -> Option<NodeId> {
+        let primary = vols.first()?.primary;
+        self.nodes
+            .values()
+            .filter(|n| n.schedulable() && !offline(n.id))
+            .find(|n| n.id != primary && vols.iter().all(|v| v.in_sync.contains(&n.id)))
+            .map(|n| n.id)
+    }
+
+    /// The planned moves that take every group whose primary is `node` elsewhere (the
+    /// node stops): a volume of the group and where it goes. Groups already moving, or
+    /// with nowhere to go (no other in-sync member online), are left out; they are
+    /// returned second, as volume names.
+    pub fn hand_over_from(
+        &self,
+        node: NodeId,
+        offline: impl Fn(NodeId) -> bool,
+    ) -> (Vec<(String, NodeId)>, Vec<String>) {
+        let (mut moves, mut stuck) = (Vec::new(), Vec::new());
+        for group in self.groups() {
+            let vols: Vec<&Volume> = group.iter().filter_map(|n| self.volumes.get(n)).collect();
+            let Some(first) = vols.first() else { continue };
+            if first.primary != node || vols.iter().any(|v| v.moving_to.is_some()) {
+                continue;
+            }
+            match self.move_destination(&vols, &offline) {
+                Some(to) => moves.push((first.name.clone(), to)),
+                None => stuck.push(first.name.clone()),
+            }
+        }
+        (moves, stuck)
+    }
+
     /// What the leader does next for `group`, if anything: move its primary off a
     /// drained node; else, one change at a time, replace the replicas of a node being
     /// evacuated or offline for longer than the replace-after setting (`offline_for`:
@@ -443,15 +483,11 @@ impl ClusterState {
         }
         let drained = |id: NodeId| self.nodes.get(&id).is_none_or(|n| n.drained);
         if drained(primary) {
-            let to = self
-                .nodes
-                .values()
-                .filter(|n| n.schedulable() && !offline_for.contains_key(&n.id))
-                .find(|n| n.id != primary && vols.iter().all(|v| v.in_sync.contains(&n.id)))?;
+            let to = self.move_destination(&vols, |id| offline_for.contains_key(&id))?;
             return Some(Upkeep::Move {
                 volume: first.name.clone(),
                 from: primary,
-                to: to.id,
+                to,
             });
         }
         let mut exclude: Vec<NodeId> = vols.iter().flat_map(|v| v.replicas.clone()).collect();

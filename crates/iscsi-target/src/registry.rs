@@ -389,11 +389,7 @@ impl Shared {
     pub fn ask_to_log_out(&self, name: &str, addresses: &[std::net::IpAddr], grace: Duration) {
         let kills = std::sync::Mutex::new(Vec::new());
         self.each_session_of(name, |e| {
-            if !e
-                .info
-                .portal
-                .is_some_and(|p| addresses.contains(&p.ip()))
-            {
+            if !e.info.portal.is_some_and(|p| addresses.contains(&p.ip())) {
                 return;
             }
             e.logout.notify_one();

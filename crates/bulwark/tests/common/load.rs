@@ -121,6 +121,8 @@ pub struct LoadStats {
     pub logouts: u64,
     pub writes: u64,
     pub flushes: u64,
+    /// When the longest gap ended (wall clock, to match the nodes' logs).
+    pub longest_ended: Option<std::time::SystemTime>,
 }
 
 /// Writes until `until` as `load` says, reconnecting to whichever node is primary.
@@ -176,7 +178,10 @@ pub async fn run_load_via(
                 checker.acked(lba, version);
                 stats.writes += 1;
                 let now = Instant::now();
-                stats.longest = stats.longest.max(now - last_ack);
+                if now - last_ack > stats.longest {
+                    stats.longest = now - last_ack;
+                    stats.longest_ended = Some(std::time::SystemTime::now());
+                }
                 last_ack = now;
             }
             // CHECK CONDITION (a transition, a unit attention): retry on this session.

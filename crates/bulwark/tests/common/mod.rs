@@ -69,6 +69,26 @@ impl Node {
         }
     }
 
+    /// SIGTERM, then waits (without blocking the runtime) for the process to exit;
+    /// returns how long it took. Panics after 10 s (the process is then killed).
+    pub async fn terminate(&mut self) -> Duration {
+        let Some(mut c) = self.child.take() else {
+            return Duration::ZERO;
+        };
+        let pid = rustix::process::Pid::from_raw(c.id() as i32).unwrap();
+        let start = Instant::now();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Term);
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        panic!("{} did not stop within 10 s of SIGTERM", self.name);
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let pid = rustix::process::Pid::from_raw(c.id() as i32).unwrap();

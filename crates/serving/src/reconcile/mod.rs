@@ -49,6 +49,10 @@ pub const REGION_SIZE: u64 = 1 << 20;
 /// How often a primary renews its lease (well inside [`cluster::node::LEASE`]).
 const RENEW_EVERY: Duration = Duration::from_millis(200);
 
+/// How soon a primary tries again after a renewal failed (while a new Raft leader is
+/// elected, its lease is running out).
+const RENEW_RETRY: Duration = Duration::from_millis(25);
+
 /// Margin for clock rate differences between this node and the Raft leader.
 const LEASE_MARGIN: Duration = Duration::from_millis(150);
 

@@ -507,11 +507,18 @@ impl Serving {
                         return;
                     }
                     let sent = Instant::now();
-                    match node.renew_lease(&name, epoch).await {
-                        Ok(()) => pv.lease(sent + cluster::node::LEASE - LEASE_MARGIN),
-                        Err(e) => tracing::debug!(volume = %name, error = %e, "lease not renewed"),
-                    }
-                    tokio::time::sleep(RENEW_EVERY).await;
+                    let next = match node.renew_lease(&name, epoch).await {
+                        Ok(()) => {
+                            pv.lease(sent + cluster::node::LEASE - LEASE_MARGIN);
+                            RENEW_EVERY
+                        }
+                        Err(e) => {
+                            tracing::debug!(volume = %name, error = %e, "lease not renewed");
+                            // No leader, or a new one: renew as soon as one answers.
+                            RENEW_RETRY
+                        }
+                    };
+                    tokio::time::sleep(next).await;
                 }
             })
         };
