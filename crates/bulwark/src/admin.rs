@@ -919,17 +919,22 @@ pub async fn settings(conn: &Conn, change: SettingsChange) -> Result<()> {
 }
 
 /// Initiator settings for a cluster with `settings`: iscsid.conf and multipath.conf,
-/// each value with the reason for it. Pure, so it is tested without a cluster.
+/// each value with the reason for it. Pure, so it is tested without a cluster; the
+/// kernel-initiator harness (`scripts/e2e/kernel-initiator.sh`) loads it into a real
+/// open-iscsi and multipathd and fails on any line they reject.
 pub fn initiator_config(settings: &cluster::state::Settings) -> String {
     // The longest an unplanned failover keeps I/O waiting: the primary is declared
     // failed, its lease runs out, the successor seals. Planned moves take ~40 ms.
     let failover_ms = settings.failure_timeout_ms + cluster::node::LEASE.as_millis() as u64 + 1000;
     let failover_s = failover_ms.div_ceil(1000);
-    // iSCSI-level recovery must outlast a failover several times over, so a single
-    // path (or a virtual IP) never fails I/O during one.
+    // Without multipath (one session, or a virtual IP), iSCSI recovery must outlast a
+    // failover several times over, so a failover never fails I/O.
     let replacement = (4 * failover_s).max(15);
-    // dm-multipath queues while no path is up for this many checker intervals.
-    const POLLING: u64 = 5;
+    // multipathd checks every path this often (seconds).
+    const POLLING: u64 = 1;
+    // With multipath, a path whose session is down fails over to another path group
+    // after this long; the new primary's group is ready by then.
+    const FAST_IO_FAIL: u64 = 1;
     let no_path_retry = (2 * replacement).div_ceil(POLLING).max(6);
     format!(
         r#"# Initiator settings for this Bulwark cluster (bulwark initiator-config).
@@ -939,11 +944,13 @@ pub fn initiator_config(settings: &cluster::state::Settings) -> String {
 # --- open-iscsi: /etc/iscsi/iscsid.conf (new sessions), or for existing ones:
 #     iscsiadm -m node -T IQN -o update -n NAME -v VALUE
 # Session recovery waits this long for the target to come back before failing I/O up
-# to the SCSI layer (or to dm-multipath): {replacement} s outlasts a failover several times.
+# to the SCSI layer: {replacement} s outlasts a failover several times, for initiators
+# without multipath (with multipath, multipathd's fast_io_fail_tmo below replaces it).
 node.session.timeo.replacement_timeout = {replacement}
-# A NOP-Out every 2 s, answered within 2 s, finds a connection to a node that hung or
-# vanished without closing it (a node that steps down closes its sessions itself).
-node.conn[0].timeo.noop_out_interval = 2
+# A NOP-Out every second, answered within 2 s, finds a connection to a node that hung
+# or vanished without closing it (a node that stops or steps down closes its sessions
+# itself, and a killed node's kernel resets them).
+node.conn[0].timeo.noop_out_interval = 1
 node.conn[0].timeo.noop_out_timeout = 2
 # Logins to a node that is just taking over are answered within a second; 5 s leaves
 # room for a busy network without stalling reconnects.
@@ -952,7 +959,12 @@ node.session.initial_login_retry_max = 8
 # Log in again at boot.
 node.startup = automatic
 
-# --- dm-multipath: a device section for /etc/multipath.conf
+# --- dm-multipath: /etc/multipath.conf
+defaults {{
+    # Check every path each second (the default is 5): a path back, or an access
+    # state changed by a move, is taken into use within a second.
+    polling_interval {POLLING}
+}}
 devices {{
     device {{
         # As Bulwark reports itself in INQUIRY.
@@ -967,15 +979,19 @@ devices {{
         failback immediate
         # TEST UNIT READY tells a standby or transitioning path from a dead one.
         path_checker tur
-        polling_interval {POLLING}
+        # multipathd sets this as the iSCSI session's recovery timeout (its default, 5,
+        # would hold I/O on a dead node's path for 5 s): after {FAST_IO_FAIL} s the I/O goes to
+        # the other path group, whose node is primary by then, or queues below.
+        fast_io_fail_tmo {FAST_IO_FAIL}
         # With no path up, queue for {no_path_retry} checks ({queue_s} s, twice the
         # replacement timeout) before failing I/O: a failover never fails a write, and a
         # cluster that is really gone does not hang applications forever.
         no_path_retry {no_path_retry}
     }}
 }}
-# Volumes are told apart by the NAA identifier of VPD page 0x83 (the same on every
-# node and after every failover), so the default uid settings need no change.
+# dev_loss_tmo is left alone: it applies to FC and SAS remote ports, not to iSCSI
+# sessions. Volumes are told apart by the NAA identifier of VPD page 0x83 (the same on
+# every node and after every failover), so the default uid settings need no change.
 "#,
         ft = settings.failure_timeout_ms,
         lease = cluster::node::LEASE.as_millis(),
@@ -1606,7 +1622,12 @@ mod initiator_config_tests {
         let text = initiator_config(&default);
         // 800 ms detection + 800 ms lease + seal: about 3 s; recovery outlasts it.
         assert_eq!(value(&text, "node.session.timeo.replacement_timeout"), 15);
-        assert_eq!(value(&text, "no_path_retry"), 6);
+        assert_eq!(value(&text, "no_path_retry"), 30);
+        assert_eq!(value(&text, "fast_io_fail_tmo"), 1);
+        // multipathd accepts polling_interval only in the defaults section.
+        let defaults = text.split("devices {").next().unwrap();
+        assert!(defaults.contains("defaults {") && defaults.contains("polling_interval 1"));
+        assert!(!text.split("devices {").nth(1).unwrap().contains("polling_interval"));
         for want in [
             "hardware_handler \"1 alua\"",
             "prio alua",
@@ -1627,7 +1648,7 @@ mod initiator_config_tests {
         };
         let text = initiator_config(&slow);
         assert_eq!(value(&text, "node.session.timeo.replacement_timeout"), 48);
-        assert_eq!(value(&text, "no_path_retry"), 20);
+        assert_eq!(value(&text, "no_path_retry"), 96);
         // Every setting has its reason on the lines above it.
         let lines: Vec<&str> = text.lines().collect();
         for (i, l) in lines.iter().enumerate() {
