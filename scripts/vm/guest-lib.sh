@@ -206,3 +206,13 @@ ki_finish() {
     journalctl -b -o short-precise >"$S/res/journal-all.txt" 2>&1 || true
     [ "$rc" -eq 0 ] || gfail "fsck.ext4 -fn found problems (exit $rc)"
 }
+
+# Each iSCSI session's portal and its recovery timeout as the kernel holds it (dm-multipath
+# sets it from fast_io_fail_tmo, over iscsid.conf's replacement_timeout).
+ki_sessions() {
+    local s
+    for s in /sys/class/iscsi_session/session*; do
+        echo "$(basename "$s"): $(cat "$s"/device/connection*/iscsi_connection/connection*/persistent_address 2>/dev/null):$(cat "$s"/device/connection*/iscsi_connection/connection*/persistent_port 2>/dev/null) recovery_tmo=$(cat "$s/recovery_tmo") s"
+    done
+    echo "multipathd: $(multipathd show config 2>/dev/null | awk '/^defaults/{d=1} d && /fast_io_fail_tmo|dev_loss_tmo/{printf "%s %s; ", $1, $2} /^}/{d=0}')"
+}

@@ -1627,7 +1627,11 @@ mod initiator_config_tests {
         // multipathd accepts polling_interval only in the defaults section.
         let defaults = text.split("devices {").next().unwrap();
         assert!(defaults.contains("defaults {") && defaults.contains("polling_interval 1"));
-        assert!(!text.split("devices {").nth(1).unwrap().contains("polling_interval"));
+        assert!(!text
+            .split("devices {")
+            .nth(1)
+            .unwrap()
+            .contains("polling_interval"));
         for want in [
             "hardware_handler \"1 alua\"",
             "prio alua",

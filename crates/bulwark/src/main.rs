@@ -753,11 +753,11 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
     };
     let removed_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = removed_flag.clone();
-    let stopping = node.clone();
+    let stopping = (node.clone(), serving.clone());
     server
         .serve(listeners, async move {
             tokio::select! {
-                _ = signals::shutdown_signal() => hand_over(&stopping).await,
+                _ = signals::shutdown_signal() => hand_over(&stopping.0, stopping.1.as_deref()).await,
                 _ = removed => {
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -788,6 +788,9 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
 /// How long a stopping node waits for its targets to move.
 const HANDOVER_LIMIT: Duration = Duration::from_millis(1500);
 
+/// How long a stopping node waits for its replicas to leave the in-sync sets.
+const LEAVE_LIMIT: Duration = Duration::from_millis(1500);
+
 /// How long a stopping node keeps forwarding after its targets moved, so multipath
 /// initiators move their I/O to the new primary's path (on the ASYMMETRIC ACCESS STATE
 /// CHANGED they get, or at their next path check: `initiator-config` sets
@@ -795,8 +798,13 @@ const HANDOVER_LIMIT: Duration = Duration::from_millis(1500);
 const LINGER: Duration = Duration::from_millis(1500);
 
 /// A graceful stop is a planned move: the targets this node is primary of move to
-/// another in-sync node first, then the node stays a forwarding path for a moment.
-async fn hand_over(node: &cluster::ClusterNode) {
+/// another in-sync node first; its replicas leave their in-sync sets (so primaries do
+/// not wait out the replica timeout for them); then the node stays a forwarding path
+/// for a moment.
+async fn hand_over(node: &cluster::ClusterNode, serving: Option<&serving::Serving>) {
+    let Some(serving) = serving else {
+        return; // a witness serves nothing
+    };
     println!("Stopping: handing over the targets this node serves...");
     let h = node.hand_over_primaries(HANDOVER_LIMIT).await;
     for (v, to) in &h.moved {
@@ -805,8 +813,31 @@ async fn hand_over(node: &cluster::ClusterNode) {
     for (v, why) in &h.left {
         println!("  {v} stays until this node stops, then fails over: {why}");
     }
-    if !h.moved.is_empty() {
-        tokio::time::sleep(LINGER).await;
+    // Its replicas leave their in-sync sets, and keep leaving while it lingers: the
+    // moved volumes' new primaries seal this node as a replica first.
+    let start = std::time::Instant::now();
+    let linger = if h.moved.is_empty() {
+        Duration::ZERO
+    } else {
+        LINGER
+    };
+    loop {
+        let still = node.in_sync_sets_joined();
+        if !still.is_empty() {
+            serving.leave_in_sync_sets();
+        }
+        let elapsed = start.elapsed();
+        if still.is_empty() && elapsed >= linger {
+            break;
+        }
+        if elapsed >= linger.max(LEAVE_LIMIT) {
+            println!(
+                "  still in the in-sync set of {}: their primaries wait for this node's replica timeout",
+                still.join(", ")
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

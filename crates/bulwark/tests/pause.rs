@@ -56,6 +56,12 @@ async fn make_primary(c: &Cluster, via: usize, node: usize) {
     .await;
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn summary(case: Case, pauses: &mut [Duration]) -> (Duration, Duration) {
     pauses.sort();
     let median = pauses[pauses.len() / 2];
@@ -233,6 +239,7 @@ async fn a_graceful_stop_of_the_primary_is_a_planned_move() {
         let node = &mut c.nodes[victim];
         let stop = async {
             tokio::time::sleep(Duration::from_millis(700)).await;
+            eprintln!("SIGTERM at {}", unix_now());
             node.terminate().await
         };
         let (stats, took) = tokio::join!(load, stop);
@@ -249,6 +256,28 @@ async fn a_graceful_stop_of_the_primary_is_a_planned_move() {
             stats.writes,
             stats.failed
         );
+        eprintln!(
+            "the longest pause ended at {}",
+            stats
+                .longest_ended
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs_f64())
+        );
+        if std::env::var("BULWARK_PAUSE_DEBUG").is_ok() {
+            for n in &c.nodes {
+                let log = std::fs::read_to_string(n.log()).unwrap_or_default();
+                for l in log
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
+                    eprintln!("{}: {l}", n.name);
+                }
+            }
+        }
         assert_eq!(stats.failed, 0, "round {round}: no write failed");
         assert!(
             took <= Duration::from_secs(5),
@@ -266,15 +295,12 @@ async fn a_graceful_stop_of_the_primary_is_a_planned_move() {
             "round {round}: a planned move, not a failover: {:?}",
             v.last_failover
         );
-        // Issue 19 asks for at most 0.5 s here. Not yet: the stopping node is also an
-        // in-sync replica, and the primary waits for it until the replica timeout and
-        // an in-sync-set change (after an election, when it led) take it out: ~1 s.
-        // Printed, and bounded by what a failover may take, until a stopping replica
-        // leaves the in-sync sets before it goes (see docs/design-notes.md).
+        // Issue 19: at most 0.5 s. A stopping leader leaves an election behind it
+        // (~0.85 s of silence), which the primaries' leases bridge but for ~0.3 s.
         pauses.push(stats.longest);
         assert!(
-            stats.longest <= Duration::from_millis(1_500),
-            "round {round}: pause {:?} longer than a failover",
+            stats.longest <= Duration::from_millis(500),
+            "round {round}: pause {:?} over 0.5 s",
             stats.longest
         );
         c.nodes[victim].start();

@@ -156,6 +156,13 @@ pub enum Message {
         /// The replica's epoch.
         epoch: Epoch,
     },
+    /// Replica → primary: this node is stopping; take me out of the in-sync set now
+    /// rather than after the replica timeout (a graceful stop, issue 19). Exactly what
+    /// a link down for that long does, sooner.
+    Leaving {
+        /// The epoch of the stream it leaves.
+        epoch: Epoch,
+    },
 }
 
 impl Message {
@@ -180,7 +187,8 @@ impl Message {
             | Message::VerifyRequest { epoch, .. }
             | Message::VerifyResult { epoch, .. }
             | Message::DirtyMap { epoch, .. }
-            | Message::Fenced { epoch } => *epoch,
+            | Message::Fenced { epoch }
+            | Message::Leaving { epoch } => *epoch,
         }
     }
 }

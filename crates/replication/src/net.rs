@@ -256,6 +256,10 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             h.put_u64(*region);
             h.put_u32(*crc);
         }
+        Message::Leaving { epoch } => {
+            h.put_u8(9);
+            h.put_u64(epoch.0);
+        }
         Message::DirtyMap {
             epoch,
             full,
@@ -392,6 +396,12 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
                 epoch: Epoch(b.get_u64()),
                 region: b.get_u64(),
                 crc: b.get_u32(),
+            }
+        }
+        9 => {
+            need(&b, 8)?;
+            Message::Leaving {
+                epoch: Epoch(b.get_u64()),
             }
         }
         _ => return Err(bad("kind")),
@@ -1233,6 +1243,7 @@ mod tests {
                 seq: Seq(10),
             },
             Message::Fenced { epoch: Epoch(4) },
+            Message::Leaving { epoch: Epoch(4) },
         ] {
             let (h, data) = encode("vol-1", &msg);
             let mut all = h.to_vec();

@@ -327,6 +327,9 @@ struct Peer {
     /// Asked the control plane to add / remove it and waiting for the answer.
     add_requested: bool,
     remove_requested: bool,
+    /// Its node said it stops ([`Message::Leaving`]): out of the in-sync set at once,
+    /// and nothing more is sent to it until its link comes up again.
+    leaving: bool,
     /// When the pending request was last sent (it is repeated until answered: the
     /// control plane may be unreachable for a while).
     requested_at: u64,
@@ -365,6 +368,7 @@ impl Peer {
             last_progress: now,
             add_requested: false,
             remove_requested: false,
+            leaving: false,
             requested_at: 0,
             last_resync_seq: Seq(0),
             flushed_through: Seq(0),
@@ -903,6 +907,20 @@ impl Primary {
         match msg {
             Message::SealAck { divergent, .. } => self.on_seal_ack(now, from, divergent, &mut out),
             Message::Ack { seq, .. } => self.on_ack(now, from, seq, &mut out),
+            Message::Leaving { .. } => {
+                // As if its link had been down for the replica timeout: the removal
+                // is requested now, and writes wait only for that commit.
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.leaving = true;
+                    if !matches!(p.link, Link::Down { .. }) {
+                        p.link = Link::Down { since: now };
+                    }
+                }
+                if self.forget_verify_answers(from) {
+                    self.pump_verify(now, &mut out);
+                }
+                out.extend(self.tick(now));
+            }
             Message::VerifyResult { region, crc, .. } => {
                 let answered = self
                     .verify
@@ -1477,6 +1495,7 @@ impl Primary {
         if !matches!(p.link, Link::Down { .. }) {
             return out;
         }
+        p.leaving = false;
         p.link = Link::Sealing;
         p.last_progress = now;
         out.push(Action::Send {
@@ -1528,13 +1547,14 @@ impl Primary {
             if !members.contains(pid) || p.remove_requested {
                 continue;
             }
-            let stalled = match p.link {
-                Link::Down { since } => now.saturating_sub(since) >= timeout,
-                Link::Sealing | Link::Streaming => {
-                    let outstanding = p.acked + 1 < p.next_seq || p.link == Link::Sealing;
-                    outstanding && now.saturating_sub(p.last_progress) >= timeout
-                }
-            };
+            let stalled = p.leaving
+                || match p.link {
+                    Link::Down { since } => now.saturating_sub(since) >= timeout,
+                    Link::Sealing | Link::Streaming => {
+                        let outstanding = p.acked + 1 < p.next_seq || p.link == Link::Sealing;
+                        outstanding && now.saturating_sub(p.last_progress) >= timeout
+                    }
+                };
             if stalled {
                 p.remove_requested = true;
                 p.requested_at = now;
@@ -2253,6 +2273,44 @@ mod tests {
         let _ = p.set_lease(1, 100_000);
         assert!(p.serving(1).is_ok());
         p
+    }
+
+    /// A replica whose node stops says so: its removal is requested at once, not after
+    /// the replica timeout, and the write waiting for it completes on the commit.
+    #[test]
+    fn a_leaving_replica_is_dropped_without_waiting_for_the_timeout() {
+        let mut p = in_sync_pair();
+        let out = p
+            .submit_write(10, WriteTag(7), 0, Bytes::from(vec![1u8; 512]))
+            .unwrap();
+        let id = out
+            .iter()
+            .find_map(|a| match a {
+                Action::LocalWrite { id, .. } => Some(*id),
+                _ => None,
+            })
+            .unwrap();
+        let _ = p.local_done(11, id);
+        let out = p.on_message(12, NodeId(2), Message::Leaving { epoch: Epoch(3) });
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::RequestIsrRemove {
+                    node: NodeId(2),
+                    ..
+                }
+            )),
+            "removal requested at once: {out:?}"
+        );
+        let out = p.isr_committed(20, Epoch(3), [NodeId(1)].into());
+        assert!(
+            out.contains(&Action::Complete(WriteTag(7))),
+            "the write completes once the removal commits: {out:?}"
+        );
+        // A Leaving from another epoch changes nothing.
+        let mut p = in_sync_pair();
+        let out = p.on_message(12, NodeId(2), Message::Leaving { epoch: Epoch(2) });
+        assert!(out.is_empty());
     }
 
     #[test]

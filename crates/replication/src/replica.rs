@@ -173,6 +173,18 @@ impl Replica {
         s
     }
 
+    /// This node stops: tells the primary of the stream it follows, which takes it out
+    /// of the in-sync set without waiting for the replica timeout.
+    pub fn leave(&self) -> Vec<ReplicaAction> {
+        self.primary
+            .map(|to| ReplicaAction::Send {
+                to,
+                msg: Message::Leaving { epoch: self.epoch },
+            })
+            .into_iter()
+            .collect()
+    }
+
     /// Handles a message from `from`.
     pub fn on_message(&mut self, from: NodeId, msg: Message) -> Vec<ReplicaAction> {
         let mut out = Vec::new();
@@ -325,7 +337,8 @@ impl Replica {
             Message::SealAck { .. }
             | Message::Ack { .. }
             | Message::VerifyResult { .. }
-            | Message::Fenced { .. } => {}
+            | Message::Fenced { .. }
+            | Message::Leaving { .. } => {}
         }
         out
     }

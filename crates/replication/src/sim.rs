@@ -271,6 +271,8 @@ enum Ev {
     HealAll,
     /// The control plane has a leader again, after an election.
     CpElected,
+    /// A node stops (after a graceful leave, whose message is on its way).
+    Crash(NodeId),
 }
 
 #[allow(clippy::large_enum_variant)] // three nodes: size does not matter
@@ -361,6 +363,8 @@ pub struct Report {
     pub lost_power_promotions: u64,
     /// Control-plane leaders lost (and successors elected).
     pub leader_changes: u64,
+    /// Replicas that stopped gracefully (told their primary they leave).
+    pub graceful_leaves: u64,
     /// Promotions over a silent primary by a leader elected less than a lease before:
     /// the election silence, not a wait, made them safe.
     pub prompt_promotions: u64,
@@ -607,6 +611,11 @@ impl Sim {
                 }
                 self.restart(n)?
             }
+            Ev::Crash(n) => {
+                if self.alive(n) {
+                    self.crash(n);
+                }
+            }
             Ev::CpElected => {
                 self.cp.leaderless_until = None;
                 self.cp.leading_since = self.now;
@@ -683,9 +692,26 @@ impl Sim {
                     if self.cp.primary == Some(n) && self.rng.gen_bool(0.5) {
                         self.lose_leader(0);
                     }
-                    self.crash(n);
+                    // A third of the time a replica stops gracefully: it tells its
+                    // primary it leaves, and stops a moment later.
+                    let leave = match self.nodes.get(&n).map(|x| &x.role) {
+                        Some(Role::Replica(r)) if self.rng.gen_bool(0.33) => Some(r.leave()),
+                        _ => None,
+                    };
                     let back = self.rng.gen_range(50..600);
-                    self.at(self.now + back, Ev::Restart(n));
+                    match leave {
+                        Some(actions) => {
+                            self.report.graceful_leaves += 1;
+                            self.replica_actions(n, actions)?;
+                            let stop = self.rng.gen_range(1..40);
+                            self.at(self.now + stop, Ev::Crash(n));
+                            self.at(self.now + stop + back, Ev::Restart(n));
+                        }
+                        None => {
+                            self.crash(n);
+                            self.at(self.now + back, Ev::Restart(n));
+                        }
+                    }
                 }
             }
             2 | 3 => {
@@ -1807,6 +1833,7 @@ mod tests {
                     total.recoveries += r.recoveries;
                     total.lost_power_promotions += r.lost_power_promotions;
                     total.leader_changes += r.leader_changes;
+                    total.graceful_leaves += r.graceful_leaves;
                     total.prompt_promotions += r.prompt_promotions;
                 }
                 Err(e) => panic!("seed {seed}: {e}\n(rerun: BULWARK_SIM_SEED={seed})"),
@@ -1849,8 +1876,12 @@ mod tests {
         );
         assert!(total.failovers > seeds(), "faults caused failovers");
         eprintln!(
-            "control-plane leaders lost: {}; promotions over a silent primary by a leader elected less than a lease before: {}",
-            total.leader_changes, total.prompt_promotions
+            "control-plane leaders lost: {}; promotions over a silent primary by a leader elected less than a lease before: {}; replicas that left gracefully: {}",
+            total.leader_changes, total.prompt_promotions, total.graceful_leaves
+        );
+        assert!(
+            total.graceful_leaves > seeds() / 4,
+            "replicas left gracefully"
         );
         assert!(
             total.leader_changes > seeds() && total.prompt_promotions > seeds() / 10,

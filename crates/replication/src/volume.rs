@@ -1292,6 +1292,8 @@ enum ReplicaEvent {
     Message(NodeId, Message),
     /// The background flush asked for through `seq` is done.
     Flushed(crate::replica::FlushTicket, Result<(), String>),
+    /// The node stops: tell the primary (see [`ReplicaVolume::leave`]).
+    Leave,
     Stop,
 }
 
@@ -1365,6 +1367,7 @@ impl ReplicaVolume {
                     let mut ack: Option<(NodeId, Message)> = None;
                     let mut actions: Vec<ReplicaAction> = match ev {
                         ReplicaEvent::Message(from, msg) => core.on_message(from, msg),
+                        ReplicaEvent::Leave => core.leave(),
                         ReplicaEvent::Flushed(seq, Ok(())) => {
                             flushing = false;
                             core.flushed(seq);
@@ -1457,6 +1460,12 @@ impl ReplicaVolume {
     /// A message from the primary `from`.
     pub fn deliver(&self, from: NodeId, msg: Message) {
         let _ = self.tx.send(ReplicaEvent::Message(from, msg));
+    }
+
+    /// This node is stopping: the primary is told to take it out of the in-sync set
+    /// at once, so writes do not wait out the replica timeout for it.
+    pub fn leave(&self) {
+        let _ = self.tx.send(ReplicaEvent::Leave);
     }
 }
 

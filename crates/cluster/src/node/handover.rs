@@ -15,6 +15,19 @@ pub struct HandOver {
 }
 
 impl ClusterNode {
+    /// The volumes whose in-sync set this node is in as a replica (not as primary).
+    pub fn in_sync_sets_joined(&self) -> Vec<String> {
+        let me = self.id();
+        self.inner
+            .state
+            .borrow()
+            .volumes
+            .values()
+            .filter(|v| v.primary != me && v.in_sync.contains(&me))
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
     /// Moves every target this node is primary of to another in-sync node, and waits
     /// (at most `limit`) until they are served there.
     pub async fn hand_over_primaries(&self, limit: Duration) -> HandOver {

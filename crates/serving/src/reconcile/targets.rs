@@ -157,6 +157,23 @@ impl Serving {
             .reconcile(&want, &self.server, &self.rt, &self.events);
     }
 
+    /// The node stops: every replica here tells its primary that it leaves the
+    /// in-sync set, so writes stop waiting for it at once instead of after the
+    /// replica timeout. Returns how many replicas left.
+    pub fn leave_in_sync_sets(&self) -> usize {
+        let Ok(roles) = self.roles.lock() else {
+            return 0;
+        };
+        roles
+            .values()
+            .filter_map(|r| match r {
+                Role::Replica { volume, .. } => Some(volume),
+                Role::Primary { .. } => None,
+            })
+            .map(|v| v.leave())
+            .count()
+    }
+
     /// Gives up every virtual IP held here (the node stops).
     pub fn release_vips(&self) {
         self.vips.release_all();
