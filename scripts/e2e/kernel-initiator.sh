@@ -365,18 +365,26 @@ step "kernel-initiator: ALUA through both paths"
 settle || true
 g 30 "ki_rtpg $IQN ${ADDR[1]} ${ADDR[2]}" >"$work/rtpg.txt" 2>&1 || true
 cat "$work/rtpg.txt"
-# Every path reports n1's group (id 1) active/optimized and n2's (id 2) active/non-optimized.
-python3 - "$work/rtpg.txt" <<'EOF' || fail "REPORT TARGET PORT GROUPS does not show n1 active/optimized and n2 active/non-optimized on both paths"
+# Every path reports the primary's group (its id is the node id) active/optimized and the
+# other replica's active/non-optimized: n1 and n2 as set up, unless the cluster already
+# failed over on its own (said so above and here).
+[ "$PRIMARY" = n1 ] || echo "NOTE: the primary is $PRIMARY, not n1, before any fault (a failover on its own; see the node logs)"
+OTHER=n1
+[ "$PRIMARY" = n1 ] && OTHER=n2
+python3 - "$work/rtpg.txt" "$(idx "$PRIMARY")" "$(idx "$OTHER")" <<'EOF' \
+    || fail "REPORT TARGET PORT GROUPS does not show $PRIMARY active/optimized and $OTHER active/non-optimized on both paths"
 import re, sys
-text = open(sys.argv[1]).read()
+text, prim, other = open(sys.argv[1]).read(), int(sys.argv[2]), int(sys.argv[3])
+names = {0: "active/optimized", 1: "active/non-optimized"}
 ok = True
 for block in text.split("--- rtpg ")[1:]:
     states = {}
     for m in re.finditer(r"target port group id\s*:\s*(0x[0-9a-f]+).*?asymmetric access state\s*:\s*(0x[0-9a-f]+)", block, re.S | re.I):
         states[int(m.group(1), 16)] = int(m.group(2), 16)
     name = block.split("\n", 1)[0]
-    good = states.get(1) == 0 and states.get(2) == 1
-    print("rtpg via %s: %s -> %s" % (name, states, "ok" if good else "WRONG"))
+    good = states.get(prim) == 0 and states.get(other) == 1
+    print("rtpg via %s: group %d %s, group %d %s -> %s" % (name, prim, names.get(states.get(prim), states.get(prim)),
+          other, names.get(states.get(other), states.get(other)), "ok" if good else "WRONG"))
     ok &= good
 sys.exit(0 if ok and text.count("--- rtpg ") == 2 else 1)
 EOF
@@ -430,11 +438,15 @@ case_log() {
     grep -hiE 'recovery timed out|conn error|requests logout|logout|Failing path|reinstat|remaining active paths|alua|switching|offlin|reset|Kernel reported|connection.*(closed|error|fail)|I/O error|queue_if_no_path|state change|transition' \
         "$d/dmesg.txt" "$d/journal.txt" 2>/dev/null | cut -c1-200 | head -${KI_LOG_LINES:-14} | sed 's/^/    /'
 }
+# How many planned moves initiators asked for with SET TARGET PORT GROUPS, so far.
+stpg_count() { cat "$work"/n*.log | grep -c 'to be active/optimized for .*: moving it there' || true; }
 run_case() { # letter label limit inject-function after-function
     local c=$1 io_to=$((KI_RUNTIME + 200))
     LABEL[$c]=$2
     LIMIT[$c]=$3
     step "kernel-initiator: case ($c) ${LABEL[$c]}"
+    local stpg0
+    stpg0=$(stpg_count)
     g 120 "ki_start_io $c $KI_RUNTIME" || { fail "case ($c): I/O did not start"; return; }
     sleep "$KI_FAULT_AT"
     echo "fault at $(date -u +%T.%3N):"
@@ -446,10 +458,15 @@ run_case() { # letter label limit inject-function after-function
     d=$(cat "$share/res/$c/dsync.rc" 2>/dev/null || echo missing)
     [ "$v" = 0 ] || { grep -iE 'verify|err' "$share/res/$c/verify.txt" | head -5; fail "case ($c): fio verify job exit $v"; }
     [ "$d" = 0 ] || { grep -iE 'err' "$share/res/$c/dsync.txt" | head -5; fail "case ($c): O_DSYNC writer exit $d"; }
+    # The verifying job read back what it wrote (verify_backlog, then the final pass).
+    grep -qE '^ +read: IOPS=.*\(([1-9][0-9.]*[KMG]i?B)/' "$share/res/$c/verify.txt" 2>/dev/null \
+        || fail "case ($c): the fio verify job read nothing back"
     read -r GAP[$c] LAT[$c] writes < <(gap_of "$c")
     echo "case ($c): $writes O_DSYNC writes; largest gap ${GAP[$c]} ms, max write latency ${LAT[$c]} ms (limit ${LIMIT[$c]} ms)"
+    echo "  moves asked by the initiator (SET TARGET PORT GROUPS from Linux's scsi_dh_alua) during the case: $(($(stpg_count) - stpg0))"
     echo "  guest log:"
     case_log "$c"
+    g 60 "ki_verify_again $c" >/dev/null || fail "case ($c): the verify file read back wrong after the cluster settled"
     g 60 "ki_canary check" >/dev/null || fail "case ($c): canary file damaged"
 }
 
@@ -529,6 +546,8 @@ for c in a b c d; do
     fi
     echo "case ($c) ${LABEL[$c]}: largest application I/O gap ${GAP[$c]} ms (max write latency ${LAT[$c]} ms; limit ${LIMIT[$c]} ms: $verdict)"
 done
+echo "cluster: $(cat "$work"/n*.log | grep -c 'INFO failover: ' || true) unplanned failovers, $(cat "$work"/n*.log | grep -c 'planned move of .*: draining' || true) planned moves (the cases make 2 or 3 and 1 to 3; more are failovers on their own), $(cat "$work"/n*.log | grep -c 're-promotion refused' || true) re-promotions refused"
+echo "host load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on this machine slows the TCG guest and the nodes; gaps are noisier under load)"
 echo "run took $(($(date +%s) - START)) s"
 if [ "${#FAILS[@]}" -gt 0 ]; then
     printf 'FAILED: %s\n' "${FAILS[@]}"

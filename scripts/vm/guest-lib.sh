@@ -157,22 +157,27 @@ ki_canary() {
     grep -E 'err=|verify' "$R/canary-$mode.txt" | head -3
 }
 
-# Starts the two I/O jobs of a case in the background: a verifying random writer
-# (crc32c, verify_backlog: written blocks are read back and checked as it goes, and
-# all at the end) and an O_DSYNC 4 KiB writer at depth 1 whose every completion is
-# logged (write_lat_log, log_avg_msec=0) for the gap. ki_start_io CASE RUNTIME_S
+# The verifying job of a case: 4 MiB of random 4 KiB writes at 100 a second (about 10 s,
+# plus whatever the fault stalls), each block with a crc32c header, then every block
+# read back and checked. (Not time_based and no verify_backlog: fio 3.33 skips the
+# final verify of a time_based job, and --verify_only ignores a verify_backlog job's blocks.)
+VERIFY_JOB="--name=verify --size=4M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=4 --direct=1"
+VERIFY_JOB+=" --verify=crc32c --do_verify=1 --verify_fatal=1 --rate_iops=100"
+
+# Starts the two I/O jobs of a case in the background: the verifying writer above and
+# an O_DSYNC 4 KiB writer at depth 1 whose every completion is logged (write_lat_log,
+# log_avg_msec=0) for the gap. ki_start_io CASE RUNTIME_S
 ki_start_io() {
     local c=$1 rt=$2 d=$R/$1
     rm -rf "$d"; mkdir -p "$d"
     rm -f "$MNT"/verify-*.dat "$MNT"/dsync-*.dat
     # Lay the files out first, so the fault window is all steady-state writes.
-    fio --name=layout --filename="$MNT/verify-$c.dat" --size=8M --rw=write --bs=1M --direct=1 --output=/dev/null || gfail "layout"
+    fio --name=layout --filename="$MNT/verify-$c.dat" --size=4M --rw=write --bs=1M --direct=1 --output=/dev/null || gfail "layout"
     fio --name=layout --filename="$MNT/dsync-$c.dat" --size=4M --rw=write --bs=1M --direct=1 --output=/dev/null || gfail "layout"
     dmesg | wc -l >"$d/dmesg-start"
     date +%s >"$d/start"
-    setsid bash -c "fio --name=verify --filename=$MNT/verify-$c.dat --size=8M --rw=randwrite --bs=4k \
-        --ioengine=libaio --iodepth=4 --direct=1 --verify=crc32c --verify_backlog=64 --do_verify=1 \
-        --verify_fatal=1 --time_based --runtime=$rt --rate_iops=100 --output=$d/verify.txt; echo \$? >$d/verify.rc" \
+    # shellcheck disable=SC2086
+    setsid bash -c "fio $VERIFY_JOB --filename=$MNT/verify-$c.dat --output=$d/verify.txt; echo \$? >$d/verify.rc" \
         </dev/null >/dev/null 2>&1 &
     setsid bash -c "fio --name=dsync --filename=$MNT/dsync-$c.dat --size=4M --rw=write --bs=4k \
         --ioengine=psync --iodepth=1 --direct=1 --sync=1 --time_based --runtime=$rt \
@@ -180,6 +185,17 @@ ki_start_io() {
         </dev/null >/dev/null 2>&1 &
     sleep 1
     echo "case $c: I/O started for ${rt} s"
+}
+
+# Reads a case's verify file back once more, after the cluster settled (same job, same
+# seed: the same blocks with the same expected contents).
+ki_verify_again() {
+    local c=$1
+    # shellcheck disable=SC2086
+    fio $VERIFY_JOB --filename="$MNT/verify-$c.dat" --verify_only --output="$R/$c/verify-again.txt" \
+        || { grep -iE 'bad|verify|err' "$R/$c/verify-again.txt" | head -5; gfail "case $c: verify after settling failed"; }
+    cp "$R/$c/verify-again.txt" "$S/res/$c/"
+    grep -E 'read:' "$R/$c/verify-again.txt"
 }
 
 # Waits for both jobs of a case, then copies the results to /share/res/CASE (with the
@@ -214,5 +230,7 @@ ki_sessions() {
     for s in /sys/class/iscsi_session/session*; do
         echo "$(basename "$s"): $(cat "$s"/device/connection*/iscsi_connection/connection*/persistent_address 2>/dev/null):$(cat "$s"/device/connection*/iscsi_connection/connection*/persistent_port 2>/dev/null) recovery_tmo=$(cat "$s/recovery_tmo") s"
     done
+    echo "node records: $(grep -h -e 'DefaultTime2Wait' -e 'replacement_timeout' "$R"/node-*.txt 2>/dev/null | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+    cp "$R"/node-*.txt "$S/res/" 2>/dev/null || true
     echo "multipathd: $(multipathd show config 2>/dev/null | awk '/^defaults/{d=1} d && /fast_io_fail_tmo|dev_loss_tmo/{printf "%s %s; ", $1, $2} /^}/{d=0}')"
 }

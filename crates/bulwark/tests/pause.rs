@@ -318,3 +318,181 @@ async fn a_graceful_stop_of_the_primary_is_a_planned_move() {
         pauses.iter().map(|p| p.as_millis()).collect::<Vec<_>>()
     );
 }
+
+/// What a fault did to the LUNs under load: the longest pause any of them saw.
+async fn fault_round(
+    c: &mut Cluster,
+    checkers: &mut [Checker],
+    loads: &[Load],
+    graceful: bool,
+) -> Duration {
+    let st = c.state(0).await.unwrap();
+    let primary = &st.nodes[&st.volumes["v"].primary].name;
+    let victim = c.index(primary);
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let reach = Reach::of(c);
+    let until = Instant::now() + Duration::from_millis(4_000);
+    let runs = checkers
+        .iter_mut()
+        .zip(loads)
+        .map(|(checker, load)| run_load_via(&reach, checker, until, &survivors, load));
+    let all = futures_util::future::join_all(runs);
+    let node = &mut c.nodes[victim];
+    let fault = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        if graceful {
+            node.terminate().await;
+        } else {
+            node.kill9();
+        }
+    };
+    let (stats, ()) = tokio::join!(all, fault);
+    for s in &stats {
+        assert_eq!(s.failed, 0, "no write failed");
+        assert!(s.writes > 50, "writes went on");
+    }
+    let st = c.state(survivors[0]).await.unwrap();
+    assert!(
+        st.volumes.values().all(|v| v.primary
+            != st
+                .nodes
+                .values()
+                .find(|n| n.name == c.nodes[victim].name)
+                .unwrap()
+                .id),
+        "every volume left {}",
+        c.nodes[victim].name
+    );
+    c.nodes[victim].start();
+    let admin = c.admin(survivors[0]);
+    wait(
+        "every volume back in sync",
+        Duration::from_secs(60),
+        async || {
+            let st = admin.state().await.ok()?;
+            st.volumes
+                .values()
+                .all(|v| v.in_sync.len() == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    stats.iter().map(|s| s.longest).max().unwrap_or_default()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A node with 256 LUNs over 64 targets fails over, and hands over on SIGTERM, with
+/// the pause of a node with one LUN: the cluster's work per failover does not grow
+/// with the LUNs (issue 19).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pause_is_the_same_for_one_lun_and_for_256() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut c = replicated_volume(66, 4 << 20).await;
+    let rounds: usize = std::env::var("BULWARK_MANY_LUN_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let measure = async |c: &mut Cluster, loads: &[Load]| {
+        let mut checkers: Vec<Checker> =
+            loads.iter().map(|_| Checker::new(BLOCK as usize)).collect();
+        let (mut kills, mut stops) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            kills.push(fault_round(c, &mut checkers, loads, false).await);
+            stops.push(fault_round(c, &mut checkers, loads, true).await);
+        }
+        (kills, stops)
+    };
+    let (one_kills, one_stops) = measure(&mut c, &[Load::default()]).await;
+
+    // 255 more volumes: 3 more LUNs of this target, and 63 targets of 4 LUNs.
+    let admin = c.admin(0);
+    let iqn = |t: usize| format!("iqn.2026-11.io.bulwark:many-{t}");
+    for t in 0..64 {
+        if t > 0 {
+            open_target(&admin, &iqn(t)).await;
+        }
+        for lun in 0..4u64 {
+            if t == 0 && lun == 0 {
+                continue;
+            }
+            let name = format!("m{t}-{lun}");
+            commit(
+                &admin,
+                Command::CreateVolume {
+                    name: name.clone(),
+                    size_bytes: 4 << 20,
+                    replicas: 2,
+                    block_size: BLOCK,
+                    nodes: vec!["n2".into(), "n3".into()],
+                },
+            )
+            .await;
+            commit(
+                &admin,
+                Command::AddLun {
+                    iqn: if t == 0 { IQN.into() } else { iqn(t) },
+                    lun: Some(lun),
+                    volume: name,
+                },
+            )
+            .await;
+        }
+    }
+    wait(
+        "256 volumes in sync",
+        Duration::from_secs(120),
+        async || {
+            let st = admin.state().await.ok()?;
+            (st.volumes.len() == 256 && st.volumes.values().all(|v| v.in_sync.len() == 2))
+                .then_some(())
+        },
+    )
+    .await;
+    // The pause is measured on a LUN of the first, a middle and the last target.
+    let loads = [
+        Load::default(),
+        Load {
+            target: iqn(31),
+            lun: 2,
+            volume: "m31-2".into(),
+            ..Load::default()
+        },
+        Load {
+            target: iqn(63),
+            lun: 3,
+            volume: "m63-3".into(),
+            ..Load::default()
+        },
+    ];
+    let (many_kills, many_stops) = measure(&mut c, &loads).await;
+    let ms = |v: &[Duration]| v.iter().map(|d| d.as_millis()).collect::<Vec<_>>();
+    eprintln!(
+        "1 LUN: kill -9 pauses {:?} ms, SIGTERM pauses {:?} ms; 256 LUNs over 64 targets: kill -9 {:?} ms, SIGTERM {:?} ms",
+        ms(&one_kills),
+        ms(&one_stops),
+        ms(&many_kills),
+        ms(&many_stops)
+    );
+    let (k1, k256) = (median(one_kills), median(many_kills));
+    let (s1, s256) = (median(one_stops), median(many_stops));
+    eprintln!(
+        "median failover pause: 1 LUN {} ms, 256 LUNs {} ms ({:.2}x); median graceful-stop pause: 1 LUN {} ms, 256 LUNs {} ms",
+        k1.as_millis(),
+        k256.as_millis(),
+        k256.as_secs_f64() / k1.as_secs_f64(),
+        s1.as_millis(),
+        s256.as_millis()
+    );
+    assert!(
+        k256.as_secs_f64() <= 1.2 * k1.as_secs_f64(),
+        "the 256-LUN failover pause {k256:?} is more than 20% over the 1-LUN pause {k1:?}"
+    );
+    assert!(
+        s256 <= Duration::from_millis(500),
+        "the 256-LUN graceful-stop pause {s256:?} is over 0.5 s"
+    );
+}

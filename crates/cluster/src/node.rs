@@ -707,8 +707,9 @@ impl ClusterNode {
     }
 
     /// Leader side of a lease renewal: granted only after confirming leadership with a
-    /// quorum, so a deposed leader cut off from the others never grants one.
-    async fn grant_lease(&self, volume: &str, epoch: u64, node: NodeId) -> Response {
+    /// quorum, so a deposed leader cut off from the others never grants one. One
+    /// confirmation serves every volume of the request.
+    async fn grant_leases(&self, volumes: &[(String, u64)], node: NodeId) -> Response {
         let me = self.id();
         let m = self.inner.raft.metrics().borrow().clone();
         if m.current_leader != Some(me) {
@@ -718,47 +719,50 @@ impl ClusterNode {
         if self.inner.raft.ensure_linearizable().await.is_err() {
             return Response::NotLeader(None);
         }
-        let current = self
-            .inner
-            .state
-            .borrow()
-            .volumes
-            .get(volume)
-            .map(|v| (v.primary, v.epoch));
-        match current {
-            Some((p, e)) if p == node && e == epoch => {
-                if let Ok(mut l) = self.inner.leases.lock() {
-                    l.grant(volume, epoch, checked);
+        let st = self.inner.state.borrow().clone();
+        let Ok(mut book) = self.inner.leases.lock() else {
+            return Response::Error("the lease book is poisoned".into());
+        };
+        let answers = volumes
+            .iter()
+            .map(|(volume, epoch)| match st.volumes.get(volume) {
+                Some(v) if v.primary == node && v.epoch == *epoch => {
+                    book.grant(volume, *epoch, checked);
+                    Ok(())
                 }
-                Response::LeaseGranted
-            }
-            Some((p, e)) => Response::Error(format!(
-                "volume {volume} is at epoch {e} with primary {p}; node {node} at epoch {epoch} is deposed"
-            )),
-            None => Response::Error(format!("no volume {volume}")),
-        }
+                Some(v) => Err(format!(
+                    "volume {volume} is at epoch {} with primary {}; node {node} at epoch {epoch} is deposed",
+                    v.epoch, v.primary
+                )),
+                None => Err(format!("no volume {volume}")),
+            })
+            .collect();
+        Response::Leases(answers)
     }
 
-    /// Renews this node's lease on `volume` at `epoch` with the Raft leader.
-    pub async fn renew_lease(&self, volume: &str, epoch: u64) -> Result<(), NodeError> {
+    /// Renews this node's leases on `volumes` (name, epoch) with the Raft leader, in one
+    /// round; for each, in order, whether it was granted.
+    pub async fn renew_leases(
+        &self,
+        volumes: &[(String, u64)],
+    ) -> Result<Vec<Result<(), String>>, NodeError> {
         let me = self.id();
         let leader = self.inner.raft.metrics().borrow().current_leader;
         let resp = if leader == Some(me) {
-            self.grant_lease(volume, epoch, me).await
+            self.grant_leases(volumes, me).await
         } else {
             let addr = self
                 .leader_addr()
                 .ok_or_else(|| NodeError::NoLeader("no leader known".into()))?;
             let client = self.inner.peers.client(addr)?;
-            let req = Request::RenewLease {
-                volume: volume.to_string(),
-                epoch,
+            let req = Request::RenewLeases {
                 node: me,
+                volumes: volumes.to_vec(),
             };
             client.call(&req, Duration::from_millis(500)).await?
         };
         match resp {
-            Response::LeaseGranted => Ok(()),
+            Response::Leases(answers) if answers.len() == volumes.len() => Ok(answers),
             Response::NotLeader(_) => Err(NodeError::NoLeader("leadership is changing".into())),
             Response::Error(e) => Err(NodeError::Remote(e)),
             other => Err(NodeError::Remote(format!("unexpected answer: {other:?}"))),
@@ -1158,11 +1162,12 @@ impl ClusterNode {
             Request::StateWithSecrets => Response::State((**self.inner.state.borrow()).clone()),
             Request::Status => Response::Status(self.status().await),
             Request::ClusterStatus => self.cluster_status().await,
-            Request::RenewLease {
-                volume,
-                epoch,
-                node,
-            } => self.grant_lease(&volume, epoch, node).await,
+            Request::RenewLeases { node, volumes } => match caller {
+                Caller::Node(id) if *id != node => Response::Error(format!(
+                    "node {id} asked for the leases of node {node}; a node renews only its own"
+                )),
+                _ => self.grant_leases(&volumes, node).await,
+            },
         }
     }
 

@@ -75,14 +75,14 @@ pub enum Request {
     Status,
     /// Every reachable node's status plus the cluster state, gathered by this node.
     ClusterStatus,
-    /// The primary `node` of `volume` at `epoch` asks the Raft leader for its lease.
-    RenewLease {
-        /// Volume.
-        volume: String,
-        /// The primary's epoch.
-        epoch: u64,
+    /// The primary `node` asks the Raft leader for the leases of `volumes` (name,
+    /// epoch), all in one round: one leadership check for every volume a node is
+    /// primary of, however many.
+    RenewLeases {
         /// The primary.
         node: NodeId,
+        /// Volume name and the primary's epoch of each.
+        volumes: Vec<(String, u64)>,
     },
 }
 
@@ -109,7 +109,7 @@ impl Request {
             Request::AppendEntries(_) | Request::Vote(_) | Request::InstallSnapshot(_) => {
                 Some("Raft messages are")
             }
-            Request::RenewLease { .. } => Some("lease renewals are"),
+            Request::RenewLeases { .. } => Some("lease renewals are"),
             Request::Write(cmd) if cmd.node_only() => Some("this command is"),
             _ => None,
         };
@@ -180,8 +180,9 @@ pub enum Response {
         /// Node id → its status or why it could not be asked.
         nodes: BTreeMap<NodeId, Result<NodeStatus, String>>,
     },
-    /// The lease is granted for [`crate::node::LEASE`] from when the leader checked.
-    LeaseGranted,
+    /// For each volume asked, in order: its lease is granted for [`crate::node::LEASE`]
+    /// from when the leader checked, or why not.
+    Leases(Vec<Result<(), String>>),
     /// The caller's node certificate is not a member's (removed, or another key): the
     /// answer to its hello.
     NotAMember(String),

@@ -40,13 +40,13 @@ impl Reach {
 
 /// The portal of the volume's primary, as the cluster says now.
 pub async fn primary_portal(c: &Cluster, via: &[usize]) -> Option<(u64, SocketAddr)> {
-    primary_portal_via(&Reach::of(c), via).await
+    primary_portal_via(&Reach::of(c), via, "v").await
 }
 
-async fn primary_portal_via(c: &Reach, via: &[usize]) -> Option<(u64, SocketAddr)> {
+async fn primary_portal_via(c: &Reach, via: &[usize], volume: &str) -> Option<(u64, SocketAddr)> {
     for &i in via {
         if let Some(st) = c.state(i).await {
-            let v = st.volumes.get("v")?;
+            let v = st.volumes.get(volume)?;
             let n = st.nodes.get(&v.primary)?;
             return Some((v.epoch, n.addresses.portals[0]));
         }
@@ -91,13 +91,17 @@ pub async fn write_load_counting(
     (s.longest, s.failed, s.logouts)
 }
 
-/// What a load writes: single blocks spread over the first `lbas` LBAs, and a
-/// SYNCHRONIZE CACHE after every `flush_every` acknowledged writes (none when 0).
+/// What a load writes: single blocks spread over the first `lbas` LBAs of `lun` of
+/// `target` (volume `volume`), and a SYNCHRONIZE CACHE after every `flush_every`
+/// acknowledged writes (none when 0).
 pub struct Load {
     pub lbas: u64,
     pub flush_every: u64,
     /// Stops the load before its deadline once set.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    pub target: String,
+    pub lun: u64,
+    pub volume: String,
 }
 
 impl Default for Load {
@@ -106,6 +110,9 @@ impl Default for Load {
             lbas: LBAS,
             flush_every: 0,
             stop: None,
+            target: IQN.into(),
+            lun: 0,
+            volume: "v".into(),
         }
     }
 }
@@ -156,8 +163,8 @@ pub async fn run_load_via(
     };
     while Instant::now() < until && !stopped() {
         if session.is_none() {
-            if let Some((_, portal)) = primary_portal_via(c, via).await {
-                session = connect(portal, IQN).await;
+            if let Some((_, portal)) = primary_portal_via(c, via, &load.volume).await {
+                session = connect(portal, &load.target).await;
             }
             if session.is_none() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -170,7 +177,7 @@ pub async fn run_load_via(
         let (version, block) = checker.next_write(lba);
         match tokio::time::timeout(
             Duration::from_secs(3),
-            s.write16(0, lba, &block, BLOCK, false),
+            s.write16(load.lun, lba, &block, BLOCK, false),
         )
         .await
         {
@@ -204,7 +211,9 @@ pub async fn run_load_via(
         {
             let mark = checker.flush_mark();
             let sync = [0x35u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            match tokio::time::timeout(Duration::from_secs(3), s.command(0, &sync, None, 0)).await {
+            match tokio::time::timeout(Duration::from_secs(3), s.command(load.lun, &sync, None, 0))
+                .await
+            {
                 Ok(Ok(r)) if r.status == 0 => {
                     checker.flushed(mark);
                     stats.flushes += 1;

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::ServingError;
 
+mod leases;
 mod paths;
 mod reservations;
 mod roles;
@@ -118,6 +119,8 @@ pub struct Serving {
     pub failovers: FailoverCounts,
 
     events: Arc<cluster::status::EventLog>,
+    /// Lease renewals of the primaries here.
+    leases: Arc<leases::Leases>,
 }
 
 /// Takeovers by this node since it started.
@@ -158,6 +161,7 @@ impl Serving {
             in_sync_seen: Mutex::new(HashMap::new()),
             executed_here: std::sync::RwLock::new(HashMap::new()),
             failovers: FailoverCounts::default(),
+            leases: leases::Leases::new(node.clone()),
 
             events: node.events(),
         });
@@ -191,6 +195,7 @@ impl Serving {
             }
         }
         let _space_watch = AbortOnDrop(tokio::spawn(self.clone().watch_space()));
+        let _leases = AbortOnDrop(tokio::spawn(self.leases.clone().run()));
         let _vip_watch = AbortOnDrop({
             let (me, st) = (self.clone(), state.clone());
             tokio::spawn(async move {

@@ -9,7 +9,7 @@ pub(super) enum Role {
         epoch: u64,
         volume: Arc<PrimaryVolume>,
         store: Arc<blockstore::FileStore>,
-        lease: tokio::task::JoinHandle<()>,
+        lease: super::leases::LeaseHandle,
         /// The online verify started here.
         verify: Option<u64>,
         /// The other replicas and the ones among them being rebuilt, as the primary
@@ -496,32 +496,7 @@ impl Serving {
                 .map_err(io_error(format!("volume {}: starting as primary", v.name)))?,
         );
         self.net.add_primary(&v.name, volume.clone());
-        let lease = {
-            let (node, pv, name, epoch) =
-                (self.node.clone(), volume.clone(), v.name.clone(), v.epoch);
-            self.rt.spawn(async move {
-                loop {
-                    if pv.failure().is_some() {
-                        // A failed copy never serves again: let the lease lapse so the
-                        // leader promotes an in-sync replica.
-                        return;
-                    }
-                    let sent = Instant::now();
-                    let next = match node.renew_lease(&name, epoch).await {
-                        Ok(()) => {
-                            pv.lease(sent + cluster::node::LEASE - LEASE_MARGIN);
-                            RENEW_EVERY
-                        }
-                        Err(e) => {
-                            tracing::debug!(volume = %name, error = %e, "lease not renewed");
-                            // No leader, or a new one: renew as soon as one answers.
-                            RENEW_RETRY
-                        }
-                    };
-                    tokio::time::sleep(next).await;
-                }
-            })
-        };
+        let lease = self.leases.hold(&v.name, v.epoch, volume.clone());
         self.events.push(
             EventKind::Primary,
             format!(
