@@ -49,7 +49,7 @@ IQN=iqn.2026-11.io.bulwark:kernel-initiator
 VOL=ki
 NS=bwvm-$$
 ADDR=("" 198.18.0.1 198.18.0.2 198.18.0.3)
-GUEST_ADDR=198.18.0.10
+# The guest is 198.18.0.10 (set by scripts/vm/guest-agent.sh).
 START=$(date +%s)
 
 [ "$(id -u)" -eq 0 ] || die "kernel-initiator needs root (network namespace, tap device)"
@@ -438,6 +438,22 @@ case_log() {
     grep -hiE 'recovery timed out|conn error|requests logout|logout|Failing path|reinstat|remaining active paths|alua|switching|offlin|reset|Kernel reported|connection.*(closed|error|fail)|I/O error|queue_if_no_path|state change|transition' \
         "$d/dmesg.txt" "$d/journal.txt" 2>/dev/null | cut -c1-200 | head -${KI_LOG_LINES:-14} | sed 's/^/    /'
 }
+# Just before a fault: the primary must still be the one the case was set up with (a
+# failover on its own under load, or a move asked by the initiator, would make the case
+# measure something else), and for (a) the leader, for (b) not the leader.
+pre_fault() { # case
+    local s p l
+    s=$(vol_state || true)
+    p=$(field primary "$s")
+    l=$(field leader "$s")
+    echo "at the fault: $s"
+    [ "$p" = "$PRIMARY" ] || fail "case ($1): the primary moved from $PRIMARY to $p on its own after the case was set up (see the node logs); the fault hits $p"
+    PRIMARY=$p
+    case $1 in
+    a) [ "$p" = "$l" ] || fail "case (a): at the fault the primary $p is not the leader $l" ;;
+    b) [ "$p" != "$l" ] || fail "case (b): at the fault the primary $p is the leader" ;;
+    esac
+}
 # How many planned moves initiators asked for with SET TARGET PORT GROUPS, so far.
 stpg_count() { cat "$work"/n*.log | grep -c 'to be active/optimized for .*: moving it there' || true; }
 run_case() { # letter label limit inject-function after-function
@@ -449,6 +465,7 @@ run_case() { # letter label limit inject-function after-function
     stpg0=$(stpg_count)
     g 120 "ki_start_io $c $KI_RUNTIME" || { fail "case ($c): I/O did not start"; return; }
     sleep "$KI_FAULT_AT"
+    pre_fault "$c"
     echo "fault at $(date -u +%T.%3N):"
     $4
     g $((io_to + 10)) "ki_wait_io $c $io_to" || fail "case ($c): I/O jobs did not finish"
@@ -495,7 +512,10 @@ planned_move() {
     local s to
     s=$(vol_state)
     for to in $(field replicas "$s" | tr , ' '); do [ "$to" != "$PRIMARY" ] && break; done
-    cli volume move "$VOL" "$to" >"$work/move.txt" 2>&1 || fail "volume move $VOL $to failed: $(cat "$work/move.txt")"
+    if ! cli volume move "$VOL" "$to" >"$work/move.txt" 2>&1; then
+        # Say whether the move happened all the same (the CLI may miss a handover it made).
+        fail "volume move $VOL $to failed: $(cat "$work/move.txt") [the primary is now $(field primary "$(vol_state || true)")]"
+    fi
     echo "volume move $VOL $to: $(tr '\n' ' ' <"$work/move.txt")"
 }
 term_restart() {

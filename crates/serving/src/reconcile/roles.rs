@@ -676,6 +676,9 @@ impl Serving {
         for name in stale {
             self.stop_role(&name, roles.remove(&name));
         }
+        // Primaries to start, all at once below (a failover of a node with many
+        // volumes starts them all: one after another they took seconds).
+        let mut to_start: Vec<(&Volume, Option<Role>)> = Vec::new();
         for v in st
             .volumes
             .values()
@@ -757,14 +760,7 @@ impl Serving {
                     }
                     continue;
                 }
-                let old = roles.remove(&v.name);
-                self.stop_role(&v.name, old);
-                match self.start_primary(v, &st.settings) {
-                    Ok(role) => {
-                        roles.insert(v.name.clone(), role);
-                    }
-                    Err(e) => error!(volume = %v.name, "cannot start the primary: {e:#}"),
-                }
+                to_start.push((v, roles.remove(&v.name)));
             } else {
                 let retry = match roles.get(&v.name) {
                     Some(Role::Replica {
@@ -803,12 +799,58 @@ impl Serving {
             }
         }
 
+        for (name, role) in self.start_primaries(to_start, &st.settings) {
+            roles.insert(name, role);
+        }
+
         // Planned moves: drain, release the lease, hand over.
         for v in st.volumes.values() {
             if v.primary == self.me && v.moving_to.is_some() {
                 self.start_handover(st, v, roles);
             }
         }
+    }
+
+    /// Stops the old roles of `volumes` and starts them as primaries, several at a
+    /// time (each opens and fsyncs its files and starts its threads).
+    fn start_primaries(
+        &self,
+        volumes: Vec<(&Volume, Option<Role>)>,
+        settings: &cluster::state::Settings,
+    ) -> Vec<(String, Role)> {
+        const PARALLEL: usize = 16;
+        let per_thread = volumes.len().div_ceil(PARALLEL).max(1);
+        let mut chunks: Vec<Vec<(&Volume, Option<Role>)>> = Vec::new();
+        let mut rest = volumes.into_iter().peekable();
+        while rest.peek().is_some() {
+            chunks.push(rest.by_ref().take(per_thread).collect());
+        }
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        // What a start spawns runs on this node's runtime.
+                        let _rt = self.rt.enter();
+                        let mut started = Vec::new();
+                        for (v, old) in chunk {
+                            self.stop_role(&v.name, old);
+                            match self.start_primary(v, settings) {
+                                Ok(role) => started.push((v.name.clone(), role)),
+                                Err(e) => {
+                                    error!(volume = %v.name, "cannot start the primary: {e:#}")
+                                }
+                            }
+                        }
+                        started
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        })
     }
 
     /// Removes the files of volumes this node no longer holds.
