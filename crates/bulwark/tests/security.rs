@@ -283,10 +283,9 @@ async fn token_holders(c: &Cluster, spare: &Node, spare2: &Node) {
     assert!(!json.contains(CHAP_SECRET));
     let raw = Client::new(addr, &c.token(), "test").unwrap();
     for req in [
-        Request::RenewLease {
-            volume: "v".into(),
-            epoch: 1,
+        Request::RenewLeases {
             node: 1,
+            volumes: vec![("v".into(), 1)],
         },
         Request::Write(Command::Promote {
             volumes: vec![("v".into(), 1)],
