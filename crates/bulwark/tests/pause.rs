@@ -56,6 +56,25 @@ async fn make_primary(c: &Cluster, via: usize, node: usize) {
     .await;
 }
 
+/// Writes until they flow (the new primary has sealed): the pause a round measures is
+/// the fault's, not a seal still under way from the last round.
+async fn warm_up(reach: &Reach, checker: &mut Checker, via: &[usize], load: &Load) {
+    for _ in 0..50 {
+        let s = run_load_via(
+            reach,
+            checker,
+            Instant::now() + Duration::from_millis(300),
+            via,
+            load,
+        )
+        .await;
+        if s.writes > 10 && s.longest < Duration::from_millis(100) {
+            return;
+        }
+    }
+    panic!("writes do not flow before the fault");
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -131,6 +150,7 @@ async fn the_pause_is_the_same_whether_or_not_the_primary_leads() {
         );
         let reach = Reach::of(&c);
         let plain = Load::default();
+        warm_up(&reach, &mut checker, &survivors, &plain).await;
         let load = run_load_via(
             &reach,
             &mut checker,
@@ -229,6 +249,7 @@ async fn a_graceful_stop_of_the_primary_is_a_planned_move() {
         };
         let reach = Reach::of(&c);
         let plain = Load::default();
+        warm_up(&reach, &mut checker, &survivors, &plain).await;
         let load = run_load_via(
             &reach,
             &mut checker,
@@ -331,6 +352,9 @@ async fn fault_round(
     let victim = c.index(primary);
     let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
     let reach = Reach::of(c);
+    for (checker, load) in checkers.iter_mut().zip(loads) {
+        warm_up(&reach, checker, &survivors, load).await;
+    }
     let until = Instant::now() + Duration::from_millis(4_000);
     let runs = checkers
         .iter_mut()

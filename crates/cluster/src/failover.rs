@@ -77,6 +77,15 @@ impl<T: Copy + Ord + Add<Duration, Output = T>> LeaseBook<T> {
         );
     }
 
+    /// Notes that `volume` is at `epoch` now, leading or not: a new epoch's primary is
+    /// given a lease from its first sighting to get its first grant (see
+    /// [`Self::lease_over`]), and an epoch seen long before this node led needs none.
+    pub fn observe(&mut self, now: T, volume: &str, epoch: u64) {
+        self.first_seen
+            .entry((volume.to_string(), epoch))
+            .or_insert(now);
+    }
+
     /// Forgets first sightings of epochs that are over; `current` gives a volume's
     /// epoch (`None`: the volume is gone).
     pub fn retain_current(&mut self, current: impl Fn(&str) -> Option<u64>) {
@@ -92,8 +101,10 @@ impl<T: Copy + Ord + Add<Duration, Output = T>> LeaseBook<T> {
     /// that does is given a whole lease from this leader's start (or from the epoch's
     /// first sighting) to renew with it, so a change of leader never deposes a healthy
     /// primary. One that does not is deposed as soon as no lease of this leader's own
-    /// covers it: every lease a predecessor granted ran out before this leader was
-    /// elected, because voters wait [`election_silence`] before they vote.
+    /// covers it, and its epoch is older than a lease ([`Self::observe`]): every lease
+    /// a predecessor granted ran out before this leader was elected, because voters
+    /// wait [`election_silence`] before they vote. (A node just restarted looks silent
+    /// until its first heartbeat arrives; a fresh epoch's primary keeps its grace.)
     pub fn lease_over(&mut self, now: T, volume: &str, epoch: u64, primary_online: bool) -> bool {
         let Some(since) = self.leading_since else {
             return false;
@@ -112,7 +123,7 @@ impl<T: Copy + Ord + Add<Duration, Output = T>> LeaseBook<T> {
             return false;
         }
         if !primary_online {
-            return true;
+            return now > seen + self.timing.lease + self.timing.margin;
         }
         // A lease granted by a predecessor, or the first lease of this epoch, may run
         // until a whole lease after this leader started or first saw the epoch.
@@ -285,24 +296,28 @@ mod tests {
     #[test]
     fn a_silent_primary_is_deposed_once_no_grant_of_this_leader_covers_it() {
         let mut book = LeaseBook::new(TIMING);
+        // Epoch 1 seen as a follower, long before this node leads.
+        book.observe(ms(0), "v", 1);
         assert!(
             !book.lease_over(ms(5_000), "v", 1, false),
             "not leading: never"
         );
         // A new leader: its predecessors' leases ended before its election.
-        book.leader_changed(Some(ms(1_000)));
-        assert!(book.lease_over(ms(1_000), "v", 1, false));
+        book.leader_changed(Some(ms(5_000)));
+        assert!(book.lease_over(ms(5_000), "v", 1, false));
         assert!(
-            !book.lease_over(ms(1_000), "v", 1, true),
+            !book.lease_over(ms(5_000), "v", 1, true),
             "an online primary may renew"
         );
         // Its own grant holds until it expires, online or not.
-        book.grant("v", 1, ms(1_100));
-        assert!(!book.lease_over(ms(1_899), "v", 1, false));
-        assert!(book.lease_over(ms(1_901), "v", 1, false));
-        // A new epoch promoted by this leader needs no grace once its primary is gone.
-        assert!(book.lease_over(ms(1_950), "v", 2, false));
-        assert!(!book.lease_over(ms(1_950), "v", 2, true));
+        book.grant("v", 1, ms(5_100));
+        assert!(!book.lease_over(ms(5_899), "v", 1, false));
+        assert!(book.lease_over(ms(5_901), "v", 1, false));
+        // A fresh epoch's primary gets a lease (and margin) from its first sighting to
+        // get its first grant, even while it looks silent (just restarted).
+        book.observe(ms(6_000), "v", 2);
+        assert!(!book.lease_over(ms(6_999), "v", 2, false));
+        assert!(book.lease_over(ms(7_001), "v", 2, false));
     }
 
     #[test]

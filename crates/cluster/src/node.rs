@@ -779,6 +779,17 @@ impl ClusterNode {
         let mut fence_retry: HashMap<(NodeId, u64), Instant> = HashMap::new();
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            {
+                // Leading or not: when each epoch was first seen here.
+                let st = self.inner.state.borrow().clone();
+                let now = Instant::now();
+                if let Ok(mut l) = self.inner.leases.lock() {
+                    for v in st.volumes.values() {
+                        l.observe(now, &v.name, v.epoch);
+                    }
+                    l.retain_current(|v| st.volumes.get(v).map(|x| x.epoch));
+                }
+            }
             let leading = self.inner.leases.lock().is_ok_and(|l| l.leading());
             if !leading || self.inner.raft.metrics().borrow().current_leader != Some(me) {
                 continue;

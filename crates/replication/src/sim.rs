@@ -1226,10 +1226,12 @@ impl Sim {
     fn cp_tick(&mut self) {
         let now = self.now;
         let cp = &mut self.cp;
+        let at = Duration::from_millis(now);
+        // Every node notes when it first saw an epoch, leader or not.
+        cp.leases.observe(at, VOLUME, cp.epoch.0);
         if cp.leaderless_until.is_some() {
             return;
         }
-        let at = Duration::from_millis(now);
         let online = |cp: &Cp, id: &NodeId| {
             cp.last_heard
                 .get(id)
