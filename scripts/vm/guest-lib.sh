@@ -24,7 +24,9 @@ MP_SECTIONS='^[[:space:]]*(defaults|devices|blacklist|blacklist_exceptions|multi
 
 # Applies `bulwark initiator-config`'s output (/share/initiator-config.txt) as it is:
 # its "key = value" lines replace the same keys in /etc/iscsi/iscsid.conf (or are
-# appended), and everything from its first multipath.conf section on becomes
+# appended), its "options MODULE ..." lines become /etc/modprobe.d/bulwark.conf and are
+# set at once in /sys/module (before any login: scsi_dh_alua reads them when it attaches
+# a device), and everything from its first multipath.conf section on becomes
 # /etc/multipath.conf. Then restarts iscsid and multipathd with it.
 ki_apply_config() {
     local cfg=$S/initiator-config.txt line key
@@ -44,6 +46,16 @@ ki_apply_config() {
         printf '%s\n' "$line" >>/etc/iscsi/iscsid.conf
     done <"$R/iscsid.values"
     cp "$R/multipath.conf" /etc/multipath.conf
+    awk -v re="$MP_SECTIONS" '$0 ~ re {mp=1} !mp && /^options[[:space:]]/' "$cfg" >/etc/modprobe.d/bulwark.conf
+    local module param
+    while read -r _ module rest; do
+        modprobe "$module" || gfail "modprobe $module failed"
+        for param in $rest; do
+            [ -w "/sys/module/$module/parameters/${param%%=*}" ] || gfail "$module has no writable parameter ${param%%=*}"
+            echo "${param#*=}" >"/sys/module/$module/parameters/${param%%=*}" || gfail "cannot set $module ${param%%=*}"
+            echo "module $module: ${param%%=*} = $(cat "/sys/module/$module/parameters/${param%%=*}")"
+        done
+    done </etc/modprobe.d/bulwark.conf
     echo "InitiatorName=iqn.2026-11.io.bulwark.test:kernel-initiator" >/etc/iscsi/initiatorname.iscsi
     date +%s >"$R/config-applied-at"
     systemctl restart iscsid.service || gfail "iscsid did not restart"

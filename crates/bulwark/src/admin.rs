@@ -959,6 +959,15 @@ node.session.initial_login_retry_max = 8
 # Log in again at boot.
 node.startup = automatic
 
+# --- Linux's ALUA handler: /etc/modprobe.d/bulwark-alua.conf (and, before logging in,
+#     echo 1 > /sys/module/scsi_dh_alua/parameters/optimize_stpg)
+# Without it, switching to an active/non-optimized path group sends SET TARGET PORT
+# GROUPS, which Bulwark takes as a request to move the target there: a dead node's
+# path fails over into a move request while the failover is under way, and a returning
+# path moves the target back and forth. A non-optimized path forwards to the primary,
+# and the primary's group turns active/optimized by itself.
+options scsi_dh_alua optimize_stpg=1
+
 # --- dm-multipath: /etc/multipath.conf
 defaults {{
     # Check every path each second (the default is 5): a path back, or an access
@@ -1624,6 +1633,7 @@ mod initiator_config_tests {
         assert_eq!(value(&text, "node.session.timeo.replacement_timeout"), 15);
         assert_eq!(value(&text, "no_path_retry"), 30);
         assert_eq!(value(&text, "fast_io_fail_tmo"), 1);
+        assert!(text.contains("\noptions scsi_dh_alua optimize_stpg=1\n"));
         // multipathd accepts polling_interval only in the defaults section.
         let defaults = text.split("devices {").next().unwrap();
         assert!(defaults.contains("defaults {") && defaults.contains("polling_interval 1"));

@@ -28,6 +28,26 @@ enum Case {
     OtherPrimary,
 }
 
+/// A 3-node cluster on 127.0.`block`.x with volume "v" on every node (so any node can
+/// be made its primary) as LUN 0 of [`IQN`].
+async fn on_every_node(block: u8) -> Cluster {
+    let c = Cluster::three_voters(block).await;
+    let admin = c.admin(0);
+    commit(
+        &admin,
+        Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 16 << 20,
+            replicas: 3,
+            block_size: BLOCK,
+            nodes: vec!["n1".into(), "n2".into(), "n3".into()],
+        },
+    )
+    .await;
+    target_with_lun(&admin, IQN, "v").await;
+    c
+}
+
 /// Makes `node` the primary of "v" by a planned move, and waits until it serves with
 /// every replica in sync.
 async fn make_primary(c: &Cluster, via: usize, node: usize) {
@@ -99,20 +119,7 @@ fn summary(case: Case, pauses: &mut [Duration]) -> (Duration, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pause_is_the_same_whether_or_not_the_primary_leads() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::three_voters(64).await;
-    let admin = c.admin(0);
-    commit(
-        &admin,
-        Command::CreateVolume {
-            name: "v".into(),
-            size_bytes: 16 << 20,
-            replicas: 3,
-            block_size: BLOCK,
-            nodes: vec!["n1".into(), "n2".into(), "n3".into()],
-        },
-    )
-    .await;
-    target_with_lun(&admin, IQN, "v").await;
+    let mut c = on_every_node(64).await;
     let mut checker = Checker::new(BLOCK as usize);
     let all = [0usize, 1, 2];
     write_load(
@@ -212,20 +219,7 @@ async fn the_pause_is_the_same_whether_or_not_the_primary_leads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_of_the_primary_is_a_planned_move() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::three_voters(65).await;
-    let admin = c.admin(0);
-    commit(
-        &admin,
-        Command::CreateVolume {
-            name: "v".into(),
-            size_bytes: 16 << 20,
-            replicas: 3,
-            block_size: BLOCK,
-            nodes: vec!["n1".into(), "n2".into(), "n3".into()],
-        },
-    )
-    .await;
-    target_with_lun(&admin, IQN, "v").await;
+    let mut c = on_every_node(65).await;
     let mut checker = Checker::new(BLOCK as usize);
     let all = [0usize, 1, 2];
     let mut pauses = Vec::new();
