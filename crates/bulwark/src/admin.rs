@@ -970,9 +970,13 @@ options scsi_dh_alua optimize_stpg=1
 
 # --- dm-multipath: /etc/multipath.conf
 defaults {{
-    # Check every path each second (the default is 5): a path back, or an access
-    # state changed by a move, is taken into use within a second.
+    # Check every path each second (the default is 5), and keep checking them that
+    # often when nothing changes (multipathd otherwise stretches a quiet path's checks
+    # to 4 intervals): a path back, or an access state changed by a move, is taken
+    # into use within a second. The checks are a TEST UNIT READY and a REPORT TARGET
+    # PORT GROUPS per path.
     polling_interval {POLLING}
+    max_polling_interval {POLLING}
 }}
 devices {{
     device {{
@@ -1636,7 +1640,8 @@ mod initiator_config_tests {
         assert!(text.contains("\noptions scsi_dh_alua optimize_stpg=1\n"));
         // multipathd accepts polling_interval only in the defaults section.
         let defaults = text.split("devices {").next().unwrap();
-        assert!(defaults.contains("defaults {") && defaults.contains("polling_interval 1"));
+        assert!(defaults.contains("defaults {") && defaults.contains("\n    polling_interval 1\n"));
+        assert!(defaults.contains("\n    max_polling_interval 1\n"));
         assert!(!text
             .split("devices {")
             .nth(1)

@@ -792,10 +792,10 @@ const HANDOVER_LIMIT: Duration = Duration::from_millis(1500);
 const LEAVE_LIMIT: Duration = Duration::from_millis(1500);
 
 /// How long a stopping node keeps forwarding after its targets moved, so multipath
-/// initiators move their I/O to the new primary's path (on the ASYMMETRIC ACCESS STATE
-/// CHANGED they get, or at their next path check: `initiator-config` sets
-/// `polling_interval 1`) before this path goes away.
-const LINGER: Duration = Duration::from_millis(1500);
+/// initiators move their I/O to the new primary's path before this path goes away:
+/// multipathd takes the new access states at its next path check (`initiator-config`
+/// sets one a second); the rest is room for a slow initiator.
+const LINGER: Duration = Duration::from_millis(2500);
 
 /// A graceful stop is a planned move: the targets this node is primary of move to
 /// another in-sync node first; its replicas leave their in-sync sets (so primaries do
