@@ -271,11 +271,30 @@ fn transitioning() -> ScsiResponse {
 /// The forwarder of a target served here while `primary` executes its commands.
 pub struct NetForwarder {
     /// The replication endpoint.
-    pub net: Arc<ReplicationNet>,
+    net: Arc<ReplicationNet>,
     /// The primary.
-    pub primary: NodeId,
+    primary: NodeId,
     /// The target's name.
-    pub target: String,
+    target: String,
+    /// Since when no forwarded command has reached the primary (`None`: the last did).
+    failing_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// How long a TEST UNIT READY that cannot reach the primary still answers GOOD: a
+/// failover completes within about a second; a primary unreachable for longer is not
+/// coming back through this path soon, and the path checker should drop the path.
+const TUR_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl NetForwarder {
+    /// Forwards `target`'s commands to `primary` through `net`.
+    pub fn new(net: Arc<ReplicationNet>, primary: NodeId, target: String) -> NetForwarder {
+        NetForwarder {
+            net,
+            primary,
+            target,
+            failing_since: Arc::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for NetForwarder {
@@ -292,32 +311,47 @@ const TEST_UNIT_READY: u8 = 0x00;
 
 impl scsi::Forwarder for NetForwarder {
     fn execute(&self, cmd: ForwardedCommand, respond: scsi::Responder) {
-        // A TEST UNIT READY that cannot reach the primary answers GOOD: it is how
-        // multipathd's `tur` checker tells a live path from a dead one, and it counts
-        // NOT READY, ASYMMETRIC ACCESS STATE TRANSITION as dead. This path is fine; the
-        // primary is changing (a failover completes within a second, and the commands
-        // meanwhile get the transition sense, which Linux's ALUA handler retries).
-        // Failing it would keep the path out until a check after the failover: the
-        // kernel-initiator harness measured 3.1 s instead of about 1.5 s.
+        // A TEST UNIT READY that cannot reach the primary answers GOOD for a while (see
+        // TUR_GRACE): it is how multipathd's `tur` checker tells a live path from a
+        // dead one, and it counts NOT READY, ASYMMETRIC ACCESS STATE TRANSITION as
+        // dead. This path is fine; the primary is changing (a failover completes
+        // within a second, and the commands meanwhile get the transition sense, which
+        // Linux's ALUA handler retries). Failing it would keep the path out until a
+        // check after the failover: the kernel-initiator harness measured 3.1 s
+        // instead of 1.1 s.
         let tur = cmd.cdb.first() == Some(&TEST_UNIT_READY);
+        let failing_since = self.failing_since.clone();
         self.net.forward(
             self.primary,
             &self.target,
             encode_command(&cmd),
             Box::new(move |answer| {
-                let r = answer
-                    .and_then(|b| decode_response(b).ok())
-                    .unwrap_or_else(|| {
-                        if tur {
-                            ScsiResponse {
-                                status: ScsiStatus::Good,
-                                sense: None,
-                                data_in: Bytes::new(),
-                            }
-                        } else {
-                            transitioning()
+                let decoded = answer.and_then(|b| decode_response(b).ok());
+                let failing_for = {
+                    let mut since = failing_since.lock().unwrap_or_else(|e| e.into_inner());
+                    match (&decoded, *since) {
+                        (Some(_), _) => {
+                            *since = None;
+                            std::time::Duration::ZERO
                         }
-                    });
+                        (None, Some(t)) => t.elapsed(),
+                        (None, None) => {
+                            *since = Some(std::time::Instant::now());
+                            std::time::Duration::ZERO
+                        }
+                    }
+                };
+                let r = decoded.unwrap_or_else(|| {
+                    if tur && failing_for < TUR_GRACE {
+                        ScsiResponse {
+                            status: ScsiStatus::Good,
+                            sense: None,
+                            data_in: Bytes::new(),
+                        }
+                    } else {
+                        transitioning()
+                    }
+                });
                 respond.send(r);
             }),
         );

@@ -44,11 +44,11 @@ impl Serving {
             devices.remove(&t.iqn);
         }
         s.device.forward_to(
-            Arc::new(crate::forward::NetForwarder {
-                net: self.net.clone(),
-                primary: replication::NodeId(primary),
-                target: t.iqn.clone(),
-            }),
+            Arc::new(crate::forward::NetForwarder::new(
+                self.net.clone(),
+                replication::NodeId(primary),
+                t.iqn.clone(),
+            )),
             luns,
         );
         s.luns.clear();
