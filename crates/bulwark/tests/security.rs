@@ -292,6 +292,9 @@ async fn token_holders(c: &Cluster, spare: &Node, spare2: &Node) {
             node: 1,
             cause: None,
         }),
+        // Even a batch of commands an admin may make alone: batches are how nodes
+        // forward to the leader, never a token's way in.
+        Request::Writes(vec![create_volume("by-batch", &[])]),
     ] {
         match raw.call(&req, Duration::from_secs(5)).await.unwrap() {
             Response::Error(e) => assert!(e.contains("only from cluster nodes"), "{e}"),

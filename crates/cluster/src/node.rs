@@ -35,6 +35,7 @@ use crate::status::{EventLog, NodeStatus, PeerLiveness, RaftView};
 use crate::store::{LogStore, StateMachineStore, Store, StoreError, TypeConfig};
 
 mod election;
+mod forward;
 mod handover;
 mod upkeep;
 
@@ -140,6 +141,8 @@ struct Inner {
     leases: Mutex<LeaseBook<Instant>>,
     /// When this node last heard a Raft leader, and when it started.
     contact: election::LeaderContact,
+    /// Commands on their way to the leader, batched.
+    forwarder: forward::Forwarder,
 }
 
 /// A running cluster member. Cheap to clone.
@@ -471,6 +474,7 @@ impl ClusterNode {
                 removed: watch::channel(false).0,
                 leases: Mutex::new(LeaseBook::new(FAILOVER_TIMING)),
                 contact: election::LeaderContact::new(),
+                forwarder: forward::Forwarder::default(),
                 identity: identity.clone(),
             }),
         };
@@ -685,15 +689,10 @@ impl ClusterNode {
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| NodeError::Remote(format!("bad leader address {addr:?}: {e}")))?;
-        let client = self.inner.peers.client(addr)?;
-        match client
-            .call(&Request::Write(cmd.clone()), Duration::from_secs(5))
-            .await?
-        {
-            Response::Written(r) => Ok(r),
-            Response::Error(e) => Err(NodeError::Remote(e)),
-            other => Err(NodeError::Remote(format!("unexpected answer: {other:?}"))),
-        }
+        self.inner
+            .forwarder
+            .forward(&self.inner.peers, addr, cmd)
+            .await
     }
 
     fn leader_addr(&self) -> Option<SocketAddr> {
@@ -777,30 +776,34 @@ impl ClusterNode {
         // Fencing done, and failed attempts' next try, by (old primary, epoch).
         let mut fenced: std::collections::HashSet<(NodeId, u64)> = Default::default();
         let mut fence_retry: HashMap<(NodeId, u64), Instant> = HashMap::new();
+        // The state last looked at, and its volume groups: recomputed only when the
+        // state changes, not on every tick.
+        let mut seen: Option<Arc<ClusterState>> = None;
+        let mut groups: Vec<Vec<String>> = Vec::new();
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            {
+            let st = self.inner.state.borrow().clone();
+            let now = Instant::now();
+            if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &st)) {
                 // Leading or not: when each epoch was first seen here.
-                let st = self.inner.state.borrow().clone();
-                let now = Instant::now();
                 if let Ok(mut l) = self.inner.leases.lock() {
                     for v in st.volumes.values() {
                         l.observe(now, &v.name, v.epoch);
                     }
                     l.retain_current(|v| st.volumes.get(v).map(|x| x.epoch));
                 }
+                groups = st.groups();
+                seen = Some(st.clone());
             }
             let leading = self.inner.leases.lock().is_ok_and(|l| l.leading());
             if !leading || self.inner.raft.metrics().borrow().current_leader != Some(me) {
                 continue;
             }
-            let st = self.inner.state.borrow().clone();
-            let now = Instant::now();
             if let Ok(mut l) = self.inner.leases.lock() {
                 l.retain_current(|v| st.volumes.get(v).map(|x| x.epoch));
             }
             let mut promotions = tokio::task::JoinSet::new();
-            for group in st.groups() {
+            for group in &groups {
                 let vols: Vec<&crate::state::Volume> =
                     group.iter().filter_map(|n| st.volumes.get(n)).collect();
                 let Some(first) = vols.first() else { continue };
@@ -1114,6 +1117,35 @@ impl ClusterNode {
                 Ok(r) => Response::Written(r),
                 Err(e) => Response::Error(e.to_string()),
             },
+            Request::Writes(cmds) if cmds.len() > forward::MAX_BATCH => Response::Error(format!(
+                "a batch of {} commands is over the limit of {}",
+                cmds.len(),
+                forward::MAX_BATCH
+            )),
+            Request::Writes(cmds) => {
+                // Proposed together: openraft appends what arrives at once in one write.
+                let mut each = tokio::task::JoinSet::new();
+                let n = cmds.len();
+                for (i, cmd) in cmds.into_iter().enumerate() {
+                    let node = self.clone();
+                    each.spawn(async move {
+                        let answer = match cmd.check_names() {
+                            Err(refused) => Ok(Err(refused)),
+                            Ok(()) => node.write_via(cmd, false).await.map_err(|e| e.to_string()),
+                        };
+                        (i, answer)
+                    });
+                }
+                let mut answers: Vec<Result<Result<Applied, Refused>, String>> =
+                    (0..n).map(|_| Err("not answered".to_string())).collect();
+                while let Some(done) = each.join_next().await {
+                    match done {
+                        Ok((i, answer)) => answers[i] = answer,
+                        Err(e) => warn!(error = %e, "a batched write's task failed"),
+                    }
+                }
+                Response::WrittenEach(answers)
+            }
             Request::Join {
                 name,
                 public_key,

@@ -55,6 +55,9 @@ pub enum Request {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// Commit a command; a follower forwards it to the leader.
     Write(Command),
+    /// Commit each of these commands, proposed together (a follower forwarding what
+    /// queued while its earlier batches were out). Only from members.
+    Writes(Vec<Command>),
     /// A new node asks to join.
     Join {
         /// Its name.
@@ -110,6 +113,7 @@ impl Request {
                 Some("Raft messages are")
             }
             Request::RenewLeases { .. } => Some("lease renewals are"),
+            Request::Writes(_) => Some("forwarded batches are"),
             Request::Write(cmd) if cmd.node_only() => Some("this command is"),
             _ => None,
         };
@@ -156,6 +160,9 @@ pub enum Response {
     ),
     /// The committed command's result.
     Written(Result<Applied, Refused>),
+    /// For each command of a [`Request::Writes`], in order: its result, or why it was
+    /// not committed.
+    WrittenEach(Vec<Result<Result<Applied, Refused>, String>>),
     /// Welcome: what a joining node needs.
     Joined {
         /// Its id.
@@ -193,7 +200,7 @@ pub enum Response {
 }
 
 /// RPC failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RpcError {
     /// TCP connect failed or timed out.
     #[error("cannot reach {addr}: {detail}")]
@@ -328,7 +335,14 @@ pub struct Client {
     /// so firewalls and partitions see which node talks).
     local: Option<std::net::IpAddr>,
     idle: Mutex<Vec<Conn>>,
+    /// Connections open at once, at most [`MAX_CONNECTIONS`]: calls beyond wait for one.
+    open: tokio::sync::Semaphore,
 }
+
+/// Connections one client holds to one node at once. The server admits a bounded
+/// number from all members together ([`crate::node::CONTROL_LIMITS`]); a node that
+/// opened one per concurrent call could take them all and leave Raft none.
+pub const MAX_CONNECTIONS: usize = 8;
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -351,6 +365,7 @@ impl Client {
             from: from.to_string(),
             local: None,
             idle: Mutex::new(Vec::new()),
+            open: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         })
     }
 
@@ -363,6 +378,7 @@ impl Client {
             from: from.to_string(),
             local: None,
             idle: Mutex::new(Vec::new()),
+            open: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         }
     }
 
@@ -423,9 +439,14 @@ impl Client {
     /// Sends `req` and waits at most `timeout` for the answer. A new connection gets at
     /// least 1 s for TCP, TLS and the hello on top, so a short Raft heartbeat deadline
     /// does not make a loaded peer unreachable. A pooled connection that turns out dead
-    /// (the peer restarted) is replaced once.
+    /// (the peer restarted) is replaced once. Waiting for one of the client's
+    /// [`MAX_CONNECTIONS`] counts in `timeout`.
     pub async fn call(&self, req: &Request, timeout: Duration) -> Result<Response, RpcError> {
         let addr = self.addr;
+        let _open = match tokio::time::timeout(timeout, self.open.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(RpcError::Timeout { addr, timeout }),
+        };
         let exchange = async |conn: &mut Conn| -> Result<Response, RpcError> {
             let io = |e: std::io::Error| RpcError::Io {
                 addr,
