@@ -31,6 +31,7 @@ mod execute;
 mod message;
 pub mod net;
 mod primary;
+mod record;
 mod replica;
 #[cfg(test)]
 mod sim;

@@ -1564,6 +1564,26 @@ impl Primary {
                 });
             }
         }
+        // A replica outside the in-sync set that stopped answering while data is out
+        // to it is sealed again, as after a reconnect. It happens when its volume
+        // restarted on its node (after a disk failure) on a link that stayed up: the
+        // fresh replica ignores a stream it was not sealed into, and nothing else would
+        // resume its resync.
+        let stuck: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(pid, p)| {
+                !members.contains(pid)
+                    && p.link == Link::Streaming
+                    && (p.acked + 1 < p.next_seq || !p.resync_outstanding.is_empty())
+                    && now.saturating_sub(p.last_progress) >= timeout
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in stuck {
+            out.extend(self.link_down(now, pid));
+            out.extend(self.link_up(now, pid));
+        }
         // A seal that got no answer (lost on a link that never reported down) is sent
         // again; sealing is idempotent.
         for (pid, p) in self.peers.iter_mut() {

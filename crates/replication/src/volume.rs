@@ -110,8 +110,9 @@ struct ResyncMeter {
     rate: f64,
 }
 
-/// Small persistent state of a volume replica on one node: the highest epoch seen and
-/// the activity log. Files next to the volume's data, replaced atomically.
+/// Small persistent state of a volume replica on one node: the highest epoch seen, the
+/// activity log and the map of what the others lack. Files next to the volume's data,
+/// each a record replaced in place ([`crate::record`]).
 #[derive(Clone, Debug)]
 pub struct ReplicaState {
     dir: PathBuf,
@@ -131,76 +132,71 @@ impl ReplicaState {
         self.dir.join(format!("{}.{what}", self.name))
     }
 
-    /// Replaces the file `what` with `bytes`, durably: a temporary file of its own
-    /// (two saves at once must not truncate or rename each other's), fsync, rename,
-    /// fsync of the folder.
-    fn write_atomic(&self, what: &str, bytes: &[u8]) -> io::Result<()> {
-        use std::io::Write;
-        static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let path = self.path(what);
-        let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.path(&format!("{what}.tmp{n}"));
-        let written = std::fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        });
-        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &path)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+    /// The record `what`'s payload, or the whole file if it predates records (both
+    /// formats hold the same bytes); `None` if there is no file.
+    fn load(&self, what: &str) -> io::Result<Option<Vec<u8>>> {
+        Ok(match crate::record::read(&self.path(what))? {
+            crate::record::Stored::Missing => None,
+            crate::record::Stored::Record(b) | crate::record::Stored::Legacy(b) => Some(b),
+        })
     }
 
     /// The persisted epoch (0 if none).
     pub fn epoch(&self) -> io::Result<Epoch> {
-        match std::fs::read(self.path("epoch")) {
-            Ok(b) => {
-                let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{} is damaged", self.path("epoch").display()),
-                    )
-                })?;
-                Ok(Epoch(u64::from_le_bytes(arr)))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Epoch(0)),
-            Err(e) => Err(e),
-        }
+        let Some(b) = self.load("epoch")? else {
+            return Ok(Epoch(0));
+        };
+        let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is damaged", self.path("epoch").display()),
+            )
+        })?;
+        Ok(Epoch(u64::from_le_bytes(arr)))
     }
 
     /// Persists `epoch`.
     pub fn set_epoch(&self, epoch: Epoch) -> io::Result<()> {
-        self.write_atomic("epoch", &epoch.0.to_le_bytes())
+        crate::record::write(&self.path("epoch"), &epoch.0.to_le_bytes())
     }
 
     /// The persisted activity log (empty if none).
     pub fn activity_log(&self) -> io::Result<RegionSet> {
-        match std::fs::read(self.path("al")) {
-            Ok(b) => {
-                let mut s = RegionSet::new();
-                for c in b.chunks_exact(8) {
-                    if let Ok(arr) = <[u8; 8]>::try_from(c) {
-                        s.insert(u64::from_le_bytes(arr));
-                    }
-                }
-                Ok(s)
+        let mut s = RegionSet::new();
+        for c in self.load("al")?.unwrap_or_default().chunks_exact(8) {
+            if let Ok(arr) = <[u8; 8]>::try_from(c) {
+                s.insert(u64::from_le_bytes(arr));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(RegionSet::new()),
-            Err(e) => Err(e),
         }
+        Ok(s)
+    }
+
+    /// Creates the files of this state that do not exist yet, holding what their
+    /// absence means (epoch 0, an empty activity log, no map). Creating a file
+    /// allocates an inode and commits the file system's journal; done when a volume is
+    /// opened, it is not done on a failover's path, where each later save is an
+    /// overwrite in place ([`crate::record`]).
+    pub fn create_missing(&self) -> io::Result<()> {
+        for (what, none) in [
+            ("epoch", &0u64.to_le_bytes()[..]),
+            ("al", &[]),
+            ("dirty", &[]),
+        ] {
+            let path = self.path(what);
+            if !path.try_exists()? {
+                crate::record::write(&path, none)?;
+            }
+        }
+        Ok(())
     }
 
     /// The persisted map of what the replicas outside the in-sync set lack (`None`
-    /// when this node never had one: then they need a full sync).
+    /// when this node never had one, or forgot it: then they need a full sync).
     pub fn dirty_map(&self) -> io::Result<Option<DirtyMap>> {
         let path = self.path("dirty");
-        let b = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        // An empty record is no map (a map's encoding holds at least its count).
+        let Some(b) = self.load("dirty")?.filter(|b| !b.is_empty()) else {
+            return Ok(None);
         };
         let damaged = || {
             io::Error::new(
@@ -229,9 +225,12 @@ impl ReplicaState {
         Ok(Some(map))
     }
 
-    /// Removes the map (after a failed update: no map is safe, a stale one is not).
+    /// Forgets the map (after a failed update: no map is safe, a stale one is not).
     pub fn forget_dirty_map(&self) {
-        let _ = std::fs::remove_file(self.path("dirty"));
+        let path = self.path("dirty");
+        if crate::record::write(&path, &[]).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Persists the map of what the replicas outside the in-sync set lack.
@@ -247,7 +246,7 @@ impl ReplicaState {
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
-        self.write_atomic("dirty", &b)
+        crate::record::write(&self.path("dirty"), &b)
     }
 
     /// Persists the activity log.
@@ -256,7 +255,7 @@ impl ReplicaState {
         for r in s.iter() {
             b.extend_from_slice(&r.to_le_bytes());
         }
-        self.write_atomic("al", &b)
+        crate::record::write(&self.path("al"), &b)
     }
 }
 
@@ -298,6 +297,13 @@ struct PrimaryShared {
     saved_map: Mutex<Option<DirtyMap>>,
     /// Resync reads for the readers ([`RESYNC_READERS`]).
     reads: Mutex<Sender<ResyncRead>>,
+    /// Where the readers take them from, and whether they run: they start with the
+    /// first resync, so a node primary of hundreds of volumes in sync does not start
+    /// (and stop, on every move) four idle threads for each.
+    read_jobs: Arc<Mutex<Receiver<ResyncRead>>>,
+    readers: std::sync::Once,
+    /// This, for the readers to hold weakly.
+    myself: std::sync::Weak<PrimaryShared>,
 }
 
 /// A region to read for a replica's resync: (replica, stream position, region).
@@ -378,6 +384,22 @@ impl PrimaryShared {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Some(Bytes::from(buf).slice(start..start + len))
+    }
+
+    /// Starts the resync readers, once.
+    fn start_readers(&self) {
+        self.readers.call_once(|| {
+            for i in 0..RESYNC_READERS {
+                let (weak, jobs) = (self.myself.clone(), self.read_jobs.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("bulwark-read{i}"))
+                    .spawn(move || PrimaryShared::resync_reader(weak, jobs));
+                if let Err(e) = spawned {
+                    // The reads already queued wait for the readers that did start.
+                    tracing::warn!(volume = %self.state.name, error = %e, "cannot start a resync reader");
+                }
+            }
+        });
     }
 
     /// A reader: takes resync reads until the primary is gone, hands each region to
@@ -609,7 +631,17 @@ impl PrimaryShared {
         }
     }
 
-    fn event_loop(self: Arc<Self>, rx: Receiver<PrimaryEvent>) {
+    fn event_loop(self: Arc<Self>, epoch: Epoch, rx: Receiver<PrimaryEvent>) {
+        // The epoch is durable before this primary can serve: the lease and the
+        // in-sync set's commit reach the core only as events, handled below. Done
+        // here rather than in `start`, so a node promoted for 256 volumes at once does
+        // not start them one disk flush after another (issue 19).
+        if let Err(e) = self.state.set_epoch(epoch) {
+            self.disk_failed(&io::Error::new(
+                e.kind(),
+                format!("cannot persist epoch {}: {e}", epoch.0),
+            ));
+        }
         let mut last_expiry = Instant::now();
         let mut last_meter = Instant::now();
         let mut last_tick = Instant::now();
@@ -742,6 +774,7 @@ impl PrimaryEffects for DriverEffects<'_> {
     }
 
     fn read_region_elsewhere(&mut self, peer: NodeId, seq: crate::Seq, region: u64) -> bool {
+        self.sh.start_readers();
         self.sh
             .reads
             .lock()
@@ -913,7 +946,8 @@ fn allocated_regions(store: &dyn BlockDevice, region_size: u64) -> io::Result<Re
 
 impl PrimaryVolume {
     /// Starts the primary of volume `name` at `cfg.epoch` over `store`. It seals the
-    /// in-sync set once links come up and serves once sealed and leased.
+    /// in-sync set once links come up and serves once sealed, leased and its epoch is
+    /// durable.
     pub fn start(
         cfg: PrimaryConfig,
         store: Arc<dyn BlockDevice>,
@@ -921,12 +955,12 @@ impl PrimaryVolume {
         transport: Arc<dyn Transport>,
         control: Arc<dyn ControlPlane>,
     ) -> io::Result<PrimaryVolume> {
-        state.set_epoch(cfg.epoch)?;
+        let epoch = cfg.epoch;
         let (tx, rx) = mpsc::channel();
         let (reads, read_jobs) = mpsc::channel();
         let start = Instant::now();
         let region_size = cfg.region_size;
-        let shared = Arc::new(PrimaryShared {
+        let shared = Arc::new_cyclic(|myself| PrimaryShared {
             core: Mutex::new(Primary::new(cfg, 0)),
             waiters: Mutex::default(),
             next_tag: 1.into(),
@@ -944,18 +978,14 @@ impl PrimaryVolume {
             saved_log: Mutex::default(),
             saved_map: Mutex::default(),
             reads: Mutex::new(reads),
+            read_jobs: Arc::new(Mutex::new(read_jobs)),
+            readers: std::sync::Once::new(),
+            myself: myself.clone(),
         });
-        let read_jobs = Arc::new(Mutex::new(read_jobs));
-        for i in 0..RESYNC_READERS {
-            let (weak, jobs) = (Arc::downgrade(&shared), read_jobs.clone());
-            std::thread::Builder::new()
-                .name(format!("bulwark-read{i}"))
-                .spawn(move || PrimaryShared::resync_reader(weak, jobs))?;
-        }
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("bulwark-primary".into())
-            .spawn(move || s.event_loop(rx))?;
+            .spawn(move || s.event_loop(epoch, rx))?;
         Ok(PrimaryVolume {
             shared,
             thread: Some(thread),
@@ -1466,6 +1496,13 @@ impl ReplicaVolume {
     /// at once, so writes do not wait out the replica timeout for it.
     pub fn leave(&self) {
         let _ = self.tx.send(ReplicaEvent::Leave);
+    }
+
+    /// Asks the replica's thread to stop, without waiting: dropping the volume waits.
+    /// A node that stops many replicas at once asks them all first, so they wind down
+    /// together instead of one after another.
+    pub fn stop_soon(&self) {
+        let _ = self.tx.send(ReplicaEvent::Stop);
     }
 }
 

@@ -257,6 +257,12 @@ impl Serving {
                 volume: format!("{} (growing it)", v.name),
                 source,
             })?;
+        ReplicaState::new(&self.volumes_dir, &v.name)
+            .create_missing()
+            .map_err(io_error(format!(
+                "volume {}: creating its state files",
+                v.name
+            )))?;
         Ok(Arc::new(store))
     }
 
@@ -811,14 +817,22 @@ impl Serving {
         }
     }
 
-    /// Stops the old roles of `volumes` and starts them as primaries, several at a
-    /// time (each opens and fsyncs its files and starts its threads).
+    /// Stops the old roles of `volumes` and starts them as primaries, a few at a time.
+    /// A start waits on no disk flush (the primary persists its epoch on its own
+    /// thread), so more threads than cores only queue for the cores and the locks the
+    /// starts share. The replicas are all told to stop first, so their threads wind
+    /// down together rather than one join after another (issue 19).
     fn start_primaries(
         &self,
         volumes: Vec<(&Volume, Option<Role>)>,
         settings: &cluster::state::Settings,
     ) -> Vec<(String, Role)> {
-        const PARALLEL: usize = 16;
+        const PARALLEL: usize = 4;
+        for (_, old) in &volumes {
+            if let Some(Role::Replica { volume, .. }) = old {
+                volume.stop_soon();
+            }
+        }
         let per_thread = volumes.len().div_ceil(PARALLEL).max(1);
         let mut chunks: Vec<Vec<(&Volume, Option<Role>)>> = Vec::new();
         let mut rest = volumes.into_iter().peekable();
