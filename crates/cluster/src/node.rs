@@ -802,7 +802,15 @@ impl ClusterNode {
             if let Ok(mut l) = self.inner.leases.lock() {
                 l.retain_current(|v| st.volumes.get(v).map(|x| x.epoch));
             }
-            let mut promotions = tokio::task::JoinSet::new();
+            // Promotions of this pass, one command per (successor, old primary, reason):
+            // a node with 64 targets fails over in one commit, and its successor starts
+            // them all in one pass, as fast as one target (issue 19).
+            type Batch = (
+                Vec<(String, u64)>,
+                Option<crate::state::FailoverCause>,
+                Vec<(String, serde_json::Map<String, serde_json::Value>)>,
+            );
+            let mut batches: BTreeMap<(NodeId, NodeId, String), Batch> = BTreeMap::new();
             for group in &groups {
                 let vols: Vec<&crate::state::Volume> =
                     group.iter().filter_map(|n| st.volumes.get(n)).collect();
@@ -903,15 +911,19 @@ impl ClusterNode {
                 let reason = successor.reason(primary, |id| {
                     st.nodes.get(&id).map_or(id.to_string(), |n| n.name.clone())
                 });
-                let cmd = Command::Promote {
-                    volumes: vols.iter().map(|v| (v.name.clone(), v.epoch)).collect(),
-                    node,
-                    cause: Some(crate::state::FailoverCause {
-                        planned: false,
-                        io_stopped_unix_ms: crate::status::unix_ms().saturating_sub(silent_ms),
-                        reason,
-                    }),
-                };
+                let batch = batches
+                    .entry((node, primary, reason.clone()))
+                    .or_insert_with(|| {
+                        let cause = crate::state::FailoverCause {
+                            planned: false,
+                            io_stopped_unix_ms: crate::status::unix_ms().saturating_sub(silent_ms),
+                            reason,
+                        };
+                        (Vec::new(), Some(cause), Vec::new())
+                    });
+                batch
+                    .0
+                    .extend(vols.iter().map(|v| (v.name.clone(), v.epoch)));
                 let name = |id: NodeId| {
                     st.nodes
                         .get(&id)
@@ -933,16 +945,26 @@ impl ClusterNode {
                     name(primary),
                     silent_ms
                 );
-                // Every group promoted in this pass commits at once (openraft batches
-                // the entries): a node with 64 targets fails over as fast as one with
-                // one (issue 19).
+                batch.2.push((event, details));
+            }
+            let mut promotions = tokio::task::JoinSet::new();
+            for ((node, _, _), (volumes, cause, events)) in batches {
+                let cmd = Command::Promote {
+                    volumes,
+                    node,
+                    cause,
+                };
                 let me = self.clone();
                 promotions.spawn(async move {
                     match me.write(cmd).await {
                         Ok(Ok(_)) => {
-                            me.inner
-                                .events
-                                .push_with(EventKind::FailoverStarted, event, details)
+                            for (event, details) in events {
+                                me.inner.events.push_with(
+                                    EventKind::FailoverStarted,
+                                    event,
+                                    details,
+                                );
+                            }
                         }
                         Ok(Err(r)) => debug!(refused = %r, "promotion refused"),
                         Err(e) => debug!(error = %e, "promotion not committed"),
