@@ -2254,6 +2254,59 @@ mod tests {
         total
     }
 
+    /// A replica outside the in-sync set whose node restarted its volume (after a disk
+    /// failure) while the link stayed up ignores the stream it was not sealed into; the
+    /// primary seals it again once the resync has made no progress for a timeout.
+    #[test]
+    fn a_replica_that_stalls_mid_resync_is_sealed_again() {
+        let (mut p, first) = resyncing(0);
+        let sent = reads(&first);
+        assert!(!sent.is_empty(), "the resync started: {first:?}");
+        let mut out = Vec::new();
+        for seq in &sent {
+            out.extend(p.region_read(NodeId(2), *seq, Bytes::from(vec![0u8; 16])));
+        }
+        // No answer: the replica's volume restarted and drops what it was not sealed for.
+        let seals = |out: &[Action]| {
+            out.iter()
+                .filter(|a| {
+                    matches!(
+                        a,
+                        Action::Send {
+                            to: NodeId(2),
+                            msg: Message::Seal { .. }
+                        }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(seals(&p.tick(999)), 0, "not before the timeout");
+        let out = p.tick(1000);
+        assert_eq!(seals(&out), 1, "sealed again after the timeout: {out:?}");
+        // Its answer resumes the resync.
+        let out = p.on_message(
+            1001,
+            NodeId(2),
+            Message::SealAck {
+                epoch: Epoch(3),
+                divergent: RegionSet::new(),
+            },
+        );
+        let mut out = out;
+        out.extend(p.tick(1002));
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::ReadRegion { .. }
+                    | Action::Send {
+                        to: NodeId(2),
+                        msg: Message::Write { .. }
+                    }
+            )),
+            "the resync goes on: {out:?}"
+        );
+    }
+
     #[test]
     fn resync_keeps_to_its_rate() {
         // 4 MiB/s for 2 s: about 8 regions (one refill may round up).
