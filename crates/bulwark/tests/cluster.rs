@@ -70,6 +70,30 @@ async fn three_nodes_agree_and_serve_live_configuration() {
         .unwrap();
     assert!(matches!(r, Err(Refused::WitnessCannotHold(_))), "{r:?}");
 
+    // A client reads its own writes through whichever node it wrote through: a
+    // follower answers only once it has applied the command itself (the CLI's
+    // `volume move` read a follower's state right after the commit and saw no move).
+    let leader = c.leader(0).await;
+    for i in (0..3).filter(|i| *i != leader) {
+        let admin = c.admin(i);
+        for n in 0..10 {
+            let iqn = format!("iqn.2026-11.io.bulwark:ryw-{i}-{n}");
+            commit(
+                &admin,
+                Command::CreateTarget {
+                    iqn: iqn.clone(),
+                    alias: None,
+                },
+            )
+            .await;
+            let st = admin.state().await.unwrap();
+            assert!(
+                st.targets.contains_key(&iqn),
+                "node {i} answered the write of {iqn} before it applied it"
+            );
+        }
+    }
+
     // Every node has the same state.
     let want = c.state(0).await.unwrap();
     assert_eq!(want.nodes[&3].role, NodeRole::Witness);

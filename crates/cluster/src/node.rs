@@ -106,6 +106,10 @@ pub enum NodeError {
     Remote(String),
 }
 
+/// How long a node that forwarded a write waits to apply it itself before it answers
+/// (see `ClusterNode::write_via`).
+const READ_YOUR_WRITE: Duration = Duration::from_secs(2);
+
 /// How long a node may see no leader before it reports the quorum lost: longer than
 /// an election takes.
 const QUORUM_GRACE: Duration = Duration::from_secs(3);
@@ -628,23 +632,51 @@ impl ClusterNode {
     /// Commits `cmd` through Raft, forwarding it to the leader when this node is not.
     /// Gives up after 10 s without a leader.
     pub async fn write(&self, cmd: Command) -> Result<Result<Applied, Refused>, NodeError> {
-        self.write_via(cmd, true).await
+        Ok(self.commit_via(cmd, true).await?.0)
     }
 
-    /// With `relay`, a node that knows no leader (it was down, or removed while down)
-    /// asks the other members it knows to forward the command; they forward only to a
-    /// leader they know, so requests never bounce between leaderless nodes.
+    /// For a client's write ([`Request::Write`]): [`Self::commit_via`], then waits (up
+    /// to [`READ_YOUR_WRITE`]) until this node has applied the command too, so that
+    /// what the client reads from it next shows it. A follower learns of a commit only
+    /// with the leader's next message: `bulwark volume move` through a follower read the
+    /// state right after its move committed, found no move under way, and reported that
+    /// the move did not happen.
     async fn write_via(
         &self,
         cmd: Command,
         relay: bool,
     ) -> Result<Result<Applied, Refused>, NodeError> {
+        let (result, index) = self.commit_via(cmd, relay).await?;
+        if let Some(index) = index {
+            if let Err(e) = self
+                .inner
+                .raft
+                .wait(Some(READ_YOUR_WRITE))
+                .applied_index_at_least(Some(index), "a write forwarded from here")
+                .await
+            {
+                debug!(index, error = %e, "committed, not yet applied here");
+            }
+        }
+        Ok(result)
+    }
+
+    /// Commits `cmd`; its result and the index of its log entry (`None` when this node
+    /// was refused as no member). With `relay`, a node that knows no leader (it was
+    /// down, or removed while down) asks the other members it knows to forward the
+    /// command; they forward only to a leader they know, so requests never bounce
+    /// between leaderless nodes.
+    async fn commit_via(
+        &self,
+        cmd: Command,
+        relay: bool,
+    ) -> Result<(Result<Applied, Refused>, Option<u64>), NodeError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = String::from("no leader elected yet");
         let mut next_member = 0usize;
         while Instant::now() < deadline {
             match self.inner.raft.client_write(cmd.clone()).await {
-                Ok(r) => return Ok(r.data),
+                Ok(r) => return Ok((r.data, Some(r.log_id.index))),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     let target = match f.leader_node {
                         Some(node) => Some(node.addr),
@@ -665,10 +697,10 @@ impl ClusterNode {
                     };
                     if let Some(addr) = target {
                         match self.forward(&addr, &cmd).await {
-                            Ok(r) => return Ok(r),
+                            Ok((r, index)) => return Ok((r, Some(index))),
                             // Our own certificate was refused: the cluster removed us.
                             Err(NodeError::Rpc(RpcError::NotAMember { .. })) => {
-                                return Ok(Err(Refused::NoSuchNodeId(self.id())))
+                                return Ok((Err(Refused::NoSuchNodeId(self.id())), None))
                             }
                             Err(e) => last = e.to_string(),
                         }
@@ -681,11 +713,12 @@ impl ClusterNode {
         Err(NodeError::NoLeader(last))
     }
 
+    /// Sends `cmd` to the leader at `addr` (in the next batch); its result and log index.
     async fn forward(
         &self,
         addr: &str,
         cmd: &Command,
-    ) -> Result<Result<Applied, Refused>, NodeError> {
+    ) -> Result<(Result<Applied, Refused>, u64), NodeError> {
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| NodeError::Remote(format!("bad leader address {addr:?}: {e}")))?;
@@ -1152,13 +1185,18 @@ impl ClusterNode {
                     let node = self.clone();
                     each.spawn(async move {
                         let answer = match cmd.check_names() {
-                            Err(refused) => Ok(Err(refused)),
-                            Ok(()) => node.write_via(cmd, false).await.map_err(|e| e.to_string()),
+                            // Refused before it reached the log: no index to wait for.
+                            Err(refused) => Ok((Err(refused), 0)),
+                            Ok(()) => match node.commit_via(cmd, false).await {
+                                Ok((r, Some(index))) => Ok((r, index)),
+                                Ok((r, None)) => Ok((r, 0)),
+                                Err(e) => Err(e.to_string()),
+                            },
                         };
                         (i, answer)
                     });
                 }
-                let mut answers: Vec<Result<Result<Applied, Refused>, String>> =
+                let mut answers: Vec<Result<crate::rpc::Committed, String>> =
                     (0..n).map(|_| Err("not answered".to_string())).collect();
                 while let Some(done) = each.join_next().await {
                     match done {

@@ -160,9 +160,10 @@ pub enum Response {
     ),
     /// The committed command's result.
     Written(Result<Applied, Refused>),
-    /// For each command of a [`Request::Writes`], in order: its result, or why it was
-    /// not committed.
-    WrittenEach(Vec<Result<Result<Applied, Refused>, String>>),
+    /// For each command of a [`Request::Writes`], in order: its result and the index of
+    /// its log entry (0 if it was refused before it reached the log), or why it was not
+    /// committed.
+    WrittenEach(Vec<Result<Committed, String>>),
     /// Welcome: what a joining node needs.
     Joined {
         /// Its id.
@@ -198,6 +199,10 @@ pub enum Response {
     /// The request could not be served; the message says why and what to do.
     Error(String),
 }
+
+/// A command's result and the index of its log entry (0 if it was refused before it
+/// reached the log).
+pub type Committed = (Result<Applied, Refused>, u64);
 
 /// RPC failures.
 #[derive(Clone, Debug, thiserror::Error)]

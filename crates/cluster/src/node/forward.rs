@@ -26,7 +26,7 @@ const QUEUE: usize = 1024;
 /// How long the leader has to commit a batch.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Reply = Result<Result<Applied, Refused>, NodeError>;
+type Reply = Result<crate::rpc::Committed, NodeError>;
 
 struct Pending {
     cmd: Command,
