@@ -441,8 +441,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 ///
 /// Opt-in (`BULWARK_MANY_LUNS=1`) until it holds: the promotion is as quick as for one
 /// target, but the successor's reconcile pass starts the 256 primaries one after
-/// another (~190 ms in a debug build on 2 cores), and the median pause is 1.4 times the
-/// 1-LUN pause (docs/design-notes.md, "At scale").
+/// another (150-190 ms in a debug build on 2 cores), and the median pause is about 1.23
+/// times the 1-LUN pause (docs/design-notes.md, "At scale").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pause_is_the_same_for_one_lun_and_for_256() {
     if std::env::var("BULWARK_MANY_LUNS").is_err() {

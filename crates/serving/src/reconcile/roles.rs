@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How long after a takeover its pause is committed to the cluster state; the
+/// `failover_finished` event goes out at once.
+const RECORD_PAUSE_AFTER: Duration = Duration::from_secs(1);
+
 pub(super) enum Role {
     Primary {
         epoch: u64,
@@ -590,6 +594,10 @@ impl Serving {
                 ),
                 details,
             );
+            // The record is for the status and metrics, and waits a moment: committed at
+            // once, the records of the first volumes of a failover of 256 competed
+            // with the lease renewals of those still starting (issue 19).
+            tokio::time::sleep(RECORD_PAUSE_AFTER).await;
             let cmd = Command::FailoverFinished {
                 volumes: vec![name.clone()],
                 epoch: f.epoch,
