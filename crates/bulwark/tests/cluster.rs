@@ -355,6 +355,15 @@ async fn nodes_and_clients_without_the_secret_are_refused() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::new(12, 2);
     c.init().await;
+    // The node serves while it records the token `cluster init` printed; until then a
+    // wrong secret is refused as "unknown token", after as "unknown or revoked token"
+    // (checked below), so wait for the record.
+    wait(
+        "the first token recorded",
+        Duration::from_secs(10),
+        async || c.state(0).await.filter(|s| !s.tokens.is_empty()),
+    )
+    .await;
     let good = c.token();
     let addr = c.nodes[0].addresses().control;
 
