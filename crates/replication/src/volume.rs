@@ -171,25 +171,6 @@ impl ReplicaState {
         Ok(s)
     }
 
-    /// Creates the files of this state that do not exist yet, holding what their
-    /// absence means (epoch 0, an empty activity log, no map). Creating a file
-    /// allocates an inode and commits the file system's journal; done when a volume is
-    /// opened, it is not done on a failover's path, where each later save is an
-    /// overwrite in place ([`crate::record`]).
-    pub fn create_missing(&self) -> io::Result<()> {
-        for (what, none) in [
-            ("epoch", &0u64.to_le_bytes()[..]),
-            ("al", &[]),
-            ("dirty", &[]),
-        ] {
-            let path = self.path(what);
-            if !path.try_exists()? {
-                crate::record::write(&path, none)?;
-            }
-        }
-        Ok(())
-    }
-
     /// The persisted map of what the replicas outside the in-sync set lack (`None`
     /// when this node never had one, or forgot it: then they need a full sync).
     pub fn dirty_map(&self) -> io::Result<Option<DirtyMap>> {

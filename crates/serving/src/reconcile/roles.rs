@@ -261,12 +261,6 @@ impl Serving {
                 volume: format!("{} (growing it)", v.name),
                 source,
             })?;
-        ReplicaState::new(&self.volumes_dir, &v.name)
-            .create_missing()
-            .map_err(io_error(format!(
-                "volume {}: creating its state files",
-                v.name
-            )))?;
         Ok(Arc::new(store))
     }
 
