@@ -442,7 +442,9 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// Loads the state machine and the last snapshot from `store`.
+    /// Loads the state machine and the last snapshot from `store`: the newer of the two
+    /// (applying does not persist the state machine; see [`Self::apply`]). openraft
+    /// then applies the committed entries that follow.
     pub async fn load(
         store: Arc<Store>,
     ) -> Result<(StateMachineStore, watch::Receiver<Arc<ClusterState>>), StoreError> {
@@ -453,10 +455,19 @@ impl StateMachineStore {
             ))
         })
         .await?;
-        let sm = sm.unwrap_or_else(|| StateMachineData {
-            state: ClusterState::new(),
-            ..Default::default()
-        });
+        let saved_up_to = sm.as_ref().and_then(|sm| sm.last_applied);
+        let sm = match &snapshot {
+            Some(snap) if snap.meta.last_log_id > saved_up_to => StateMachineData {
+                last_applied: snap.meta.last_log_id,
+                membership: snap.meta.last_membership.clone(),
+                state: serde_json::from_slice(&snap.data)
+                    .map_err(|_| store.corrupt("the snapshot's cluster state"))?,
+            },
+            _ => sm.unwrap_or_else(|| StateMachineData {
+                state: ClusterState::new(),
+                ..Default::default()
+            }),
+        };
         let (published, rx) = watch::channel(Arc::new(sm.state.clone()));
         Ok((
             StateMachineStore {
@@ -467,13 +478,6 @@ impl StateMachineStore {
             },
             rx,
         ))
-    }
-
-    async fn persist(&self) -> Result<(), StorageError<NodeId>> {
-        let data = self.sm.clone();
-        blocking(&self.store, move |s| s.put_meta(STATE_MACHINE, &data))
-            .await
-            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)).into())
     }
 }
 
@@ -500,9 +504,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: data.clone(),
         };
-        blocking(&self.store, move |s| s.put_meta(SNAPSHOT, &stored))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+        // The state machine saved with it, so that an earlier version, which loads only
+        // the state machine, finds it no older than the entries kept in the log.
+        let sm = self.sm.clone();
+        blocking(&self.store, move |s| {
+            s.put_meta(SNAPSHOT, &stored)?;
+            s.put_meta(STATE_MACHINE, &sm)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -540,7 +550,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
         }
-        self.persist().await?;
+        // Not persisted here: the log holds every committed entry, and a restart loads
+        // the last snapshot and applies the entries after it. Saving the whole state
+        // per apply (a cluster with 256 volumes: its serialization and an fsync each
+        // time) let applying fall behind committing during a failover, and lease
+        // grants, which wait for the applied state, took up to 500 ms (issue 19).
         self.published.send_replace(Arc::new(self.sm.state.clone()));
         Ok(out)
     }

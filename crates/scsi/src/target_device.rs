@@ -313,6 +313,36 @@ impl TargetDevice {
         Ok(())
     }
 
+    /// Puts a new logical unit under `lun` in one step, or adds it: a command arriving
+    /// meanwhile finds the old one or the new one, never no logical unit (which fails
+    /// it with LOGICAL UNIT NOT SUPPORTED, an error multipath does not retry). For a
+    /// volume re-promoted at a new epoch on the same node. The LUN inventory does not
+    /// change, so the other logical units get no unit attention.
+    pub fn replace_shared_lun(
+        &self,
+        lun: u64,
+        config: LuConfig,
+        device: Arc<dyn BlockDevice>,
+        store: Option<Arc<dyn ReservationStore>>,
+    ) -> Result<(), ScsiError> {
+        if !self.read().contains_key(&lun) {
+            return self.add_shared_lun(lun, config, device, store);
+        }
+        if config.block_size != 512 && config.block_size != 4096 {
+            return Err(ScsiError::BadBlockSize(config.block_size));
+        }
+        let size = device.size_bytes();
+        if size == 0 || size % u64::from(config.block_size) != 0 {
+            return Err(ScsiError::BadDeviceSize {
+                size,
+                block_size: config.block_size,
+            });
+        }
+        let new_lu = LogicalUnit::new(lun, config, device, store)?;
+        self.write().insert(lun, new_lu);
+        Ok(())
+    }
+
     /// Removes a logical unit; the others report REPORTED LUNS DATA HAS CHANGED.
     pub fn remove_lun(&self, lun: u64) -> Result<(), ScsiError> {
         let mut luns = self.write();

@@ -262,6 +262,44 @@ fn report_luns_lists_and_lun_changes_raise_unit_attention() {
 }
 
 #[test]
+fn a_replaced_lun_is_never_missing_and_raises_no_inventory_change() {
+    let k = Kit::new();
+    k.target
+        .add_lun(1, LuConfig::default(), Arc::new(MemDevice::new(1 << 20)))
+        .unwrap();
+    let n = k.ready("i1");
+    // Clear the unit attentions of the add on both LUNs.
+    let _ = k.exec(&n, &[0x00; 6], &[]);
+    let _ = k.exec_lun(&n, 1, &[0x00; 6], &[]);
+    assert_good(&k.exec_lun(&n, 1, &[0x00; 6], &[]));
+    let next = Arc::new(MemDevice::new(BLOCKS * 512));
+    next.write_at(0, &[0xAB; 512], false).unwrap();
+    k.target
+        .replace_shared_lun(0, LuConfig::default(), next, None)
+        .unwrap();
+    assert_eq!(k.target.luns(), vec![0, 1]);
+    // The other LUN saw no REPORTED LUNS DATA HAS CHANGED: the inventory is the same.
+    assert_good(&k.exec_lun(&n, 1, &[0x00; 6], &[]));
+    // LUN 0 is the new device.
+    let mut r = k.exec(&n, &read16(0, 1), &[]);
+    if r.status != ScsiStatus::Good {
+        r = k.exec(&n, &read16(0, 1), &[]);
+    }
+    assert_good(&r);
+    assert_eq!(&r.data_in[..512], &[0xAB; 512][..]);
+    // Replacing a LUN that is not there adds it.
+    k.target
+        .replace_shared_lun(
+            2,
+            LuConfig::default(),
+            Arc::new(MemDevice::new(1 << 20)),
+            None,
+        )
+        .unwrap();
+    assert_eq!(k.target.luns(), vec![0, 1, 2]);
+}
+
+#[test]
 fn read_write_round_trip_all_sizes() {
     let k = Kit::new();
     let n = k.ready("i1");

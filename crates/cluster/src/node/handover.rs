@@ -46,15 +46,28 @@ impl ClusterNode {
             out.left
                 .push((v, "no other in-sync member is online".to_string()));
         }
-        let mut pending = Vec::new();
+        // All moves at once: committed one after another, the last of 64 targets
+        // waited for 63 commits before its move began (issue 19).
+        let mut commits = tokio::task::JoinSet::new();
         for (volume, to) in moves {
             let cmd = Command::MoveVolume {
                 volume: volume.clone(),
                 node: name(to),
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.write(cmd)).await {
-                Ok(Ok(Ok(_))) => pending.push((volume, name(to))),
+            let node = self.clone();
+            let to = name(to);
+            commits.spawn(async move {
+                let done = tokio::time::timeout_at(deadline.into(), node.write(cmd)).await;
+                (volume, to, done)
+            });
+        }
+        let mut pending = Vec::new();
+        while let Some(joined) = commits.join_next().await {
+            let Ok((volume, to, done)) = joined else {
+                continue;
+            };
+            match done {
+                Ok(Ok(Ok(_))) => pending.push((volume, to)),
                 Ok(Ok(Err(refused))) => out.left.push((volume, refused.to_string())),
                 Ok(Err(e)) => out.left.push((volume, e.to_string())),
                 Err(_) => out

@@ -8,9 +8,18 @@ use super::*;
 /// The primaries of this node whose leases are kept.
 pub(super) struct Leases {
     node: ClusterNode,
-    held: Mutex<BTreeMap<String, (u64, Arc<PrimaryVolume>)>>,
+    held: Mutex<Held>,
     /// A new primary: renew now rather than at the next round.
     wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Primaries renewed each round: name -> (epoch, volume).
+    volumes: BTreeMap<String, (u64, Arc<PrimaryVolume>)>,
+    /// Leases asked for before their primaries started ([`Leases::ask_early`]): name ->
+    /// (epoch, valid until).
+    early: HashMap<String, (u64, Instant)>,
 }
 
 /// Keeps one primary's lease renewed until [`LeaseHandle::abort`] or drop.
@@ -26,10 +35,11 @@ impl LeaseHandle {
     pub(super) fn abort(&self) {
         if let Ok(mut held) = self.leases.held.lock() {
             if held
+                .volumes
                 .get(&self.name)
                 .is_some_and(|(_, v)| Arc::ptr_eq(v, &self.volume))
             {
-                held.remove(&self.name);
+                held.volumes.remove(&self.name);
             }
         }
     }
@@ -58,7 +68,11 @@ impl Leases {
         volume: Arc<PrimaryVolume>,
     ) -> LeaseHandle {
         if let Ok(mut held) = self.held.lock() {
-            held.insert(name.to_string(), (epoch, volume.clone()));
+            if let Some((_, until)) = held.early.remove(name).filter(|(e, _)| *e == epoch) {
+                volume.lease(until);
+            }
+            held.volumes
+                .insert(name.to_string(), (epoch, volume.clone()));
         }
         self.wake.notify_one();
         LeaseHandle {
@@ -68,6 +82,46 @@ impl Leases {
         }
     }
 
+    /// Asks for the leases of primaries about to start (name, epoch), in one request
+    /// sent now: a node taking over many volumes starts them one after another, and a
+    /// primary serves only once it holds a lease, so without this the last ones waited
+    /// for the renewal rounds that followed their starts (issue 19). A lease granted
+    /// here is counted from before the request, as every renewal is.
+    pub(super) fn ask_early(
+        self: &Arc<Self>,
+        rt: &tokio::runtime::Handle,
+        volumes: Vec<(String, u64)>,
+    ) {
+        if volumes.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        rt.spawn(async move {
+            let sent = Instant::now();
+            let Ok(answers) = me.node.renew_leases(&volumes).await else {
+                return;
+            };
+            let until = sent + cluster::node::LEASE - LEASE_MARGIN;
+            if let Ok(mut held) = me.held.lock() {
+                for ((name, epoch), answer) in volumes.into_iter().zip(answers) {
+                    if answer.is_err() {
+                        continue;
+                    }
+                    match held.volumes.get(&name) {
+                        Some((e, v)) if *e == epoch => v.lease(until),
+                        Some(_) => {}
+                        None => {
+                            held.early.insert(name, (epoch, until));
+                        }
+                    }
+                }
+                // Never held (a start that failed): forget them once they are over.
+                let now = Instant::now();
+                held.early.retain(|_, (_, until)| *until > now);
+            }
+        });
+    }
+
     /// Renews every held lease each round until the process stops.
     pub(super) async fn run(self: Arc<Self>) {
         loop {
@@ -75,6 +129,7 @@ impl Leases {
             // promotes an in-sync replica.
             let batch: Vec<(String, u64)> = match self.held.lock() {
                 Ok(held) => held
+                    .volumes
                     .iter()
                     .filter(|(_, (_, v))| v.failure().is_none())
                     .map(|(name, (epoch, _))| (name.clone(), *epoch))
@@ -89,7 +144,7 @@ impl Leases {
                     Ok(answers) => {
                         if let Ok(held) = self.held.lock() {
                             for ((name, epoch), answer) in batch.iter().zip(answers) {
-                                match (answer, held.get(name)) {
+                                match (answer, held.volumes.get(name)) {
                                     (Ok(()), Some((e, v))) if e == epoch => {
                                         v.lease(sent + cluster::node::LEASE - LEASE_MARGIN)
                                     }

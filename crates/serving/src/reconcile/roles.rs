@@ -237,6 +237,16 @@ pub(super) fn lost_power_since_last_run(data_dir: &Path) -> Option<String> {
     }
 }
 
+/// A target this node is about to hand over ([`Serving::hand_over`]).
+struct Handover {
+    /// Its volumes and their epochs.
+    group: Vec<(String, u64)>,
+    volumes: Vec<Arc<PrimaryVolume>>,
+    to: NodeId,
+    to_name: String,
+    io_stopped_unix_ms: u64,
+}
+
 impl Serving {
     pub(super) fn open_volume(&self, v: &Volume) -> Result<Arc<blockstore::FileStore>> {
         let store = blockstore::FileStore::open(
@@ -264,17 +274,16 @@ impl Serving {
         Ok(Arc::new(store))
     }
 
-    /// Hands the target of `v` (all its volumes) over to `v.moving_to`: refuse new
-    /// writes, let those in flight finish, give the lease up for good, then commit the
-    /// promotion. The next primary serves as soon as it has sealed: no lease to wait
-    /// out, since this one released its own.
-    pub(super) fn start_handover(
+    /// Prepares the hand-over of the target of `v` (all its volumes) to `v.moving_to`:
+    /// stops renewing their leases. `None` if it is under way already, or this node
+    /// does not run that primary. [`Self::hand_over`] does the rest.
+    fn prepare_handover(
         &self,
         st: &ClusterState,
         v: &Volume,
         roles: &mut HashMap<String, Role>,
-    ) {
-        let Some(to) = v.moving_to else { return };
+    ) -> Option<Handover> {
+        let to = v.moving_to?;
         let group = Self::group_of(st, v);
         let key = (group[0].0.clone(), group[0].1);
         let fresh = self
@@ -283,7 +292,7 @@ impl Serving {
             .map(|mut h| h.insert(key))
             .unwrap_or(false);
         if !fresh {
-            return;
+            return None;
         }
         let mut volumes = Vec::new();
         for (name, epoch) in &group {
@@ -300,69 +309,126 @@ impl Serving {
                 }
                 _ => {
                     warn!(volume = %name, "planned move: this node does not run that primary; leaving it to failover");
-                    return;
+                    return None;
                 }
             }
         }
-        let node = self.node.clone();
-        let events = self.events.clone();
         let names: Vec<String> = group.iter().map(|(n, _)| n.clone()).collect();
         let to_name = st
             .nodes
             .get(&to)
             .map(|n| n.name.clone())
             .unwrap_or_default();
-        let from_name = self.node_name.clone();
-        let io_stopped_unix_ms = cluster::status::unix_ms();
         let mut details = serde_json::Map::new();
         details.insert("volumes".into(), names.clone().into());
-        details.insert("from".into(), from_name.clone().into());
+        details.insert("from".into(), self.node_name.clone().into());
         details.insert("to".into(), to_name.clone().into());
         details.insert("epoch".into(), (group[0].1 + 1).into());
         details.insert("planned".into(), true.into());
         self.events.push_with(
             EventKind::FailoverStarted,
             format!(
-                "planned move of {} from {from_name} to {to_name}: draining",
-                names.join(", ")
+                "planned move of {} from {} to {to_name}: draining",
+                names.join(", "),
+                self.node_name
             ),
             details,
         );
+        Some(Handover {
+            group,
+            volumes,
+            to,
+            to_name,
+            io_stopped_unix_ms: cluster::status::unix_ms(),
+        })
+    }
+
+    /// Hands the targets over: refuse new writes, let those in flight finish, give the
+    /// leases up for good, then commit the promotions. The next primary serves as soon
+    /// as it has sealed: no lease to wait out, since this one released its own.
+    ///
+    /// The targets going to one node move in one command, so that node starts them in
+    /// one pass: a node stopping with 64 targets handed them over one commit at a
+    /// time, and the last ones paused for 600 ms (issue 19). If that command is
+    /// refused (a target changed meanwhile), each target is promoted on its own.
+    fn hand_over(&self, moves: Vec<Handover>) {
+        if moves.is_empty() {
+            return;
+        }
+        let (node, events) = (self.node.clone(), self.events.clone());
+        let from_name = self.node_name.clone();
         self.rt.spawn(async move {
             let started = Instant::now();
-            let drained = tokio::task::spawn_blocking(move || {
-                let ok = volumes.iter().all(|pv| pv.drain(Duration::from_secs(2)));
-                for pv in &volumes {
-                    pv.release();
-                }
-                ok
-            })
-            .await
-            .unwrap_or(false);
-            let cmd = Command::Promote {
-                volumes: group,
-                node: to,
+            let mut drains = tokio::task::JoinSet::new();
+            for (i, m) in moves.iter().enumerate() {
+                let volumes = m.volumes.clone();
+                drains.spawn_blocking(move || {
+                    let ok = volumes.iter().all(|pv| pv.drain(Duration::from_secs(2)));
+                    for pv in &volumes {
+                        pv.release();
+                    }
+                    (i, ok)
+                });
+            }
+            let mut drained = vec![false; moves.len()];
+            while let Some(Ok((i, ok))) = drains.join_next().await {
+                drained[i] = ok;
+            }
+            let promote = |ms: &[&Handover]| Command::Promote {
+                volumes: ms.iter().flat_map(|m| m.group.iter().cloned()).collect(),
+                node: ms[0].to,
                 cause: Some(cluster::state::FailoverCause {
                     planned: true,
-                    io_stopped_unix_ms,
+                    io_stopped_unix_ms: ms
+                        .iter()
+                        .map(|m| m.io_stopped_unix_ms)
+                        .min()
+                        .unwrap_or_default(),
                     reason: format!("planned move from {from_name}"),
                 }),
             };
-            match node.write(cmd).await {
-                Ok(Ok(_)) => events.push(
-                    EventKind::Handover,
-                    format!(
-                        "planned move of {} from {from_name} to {to_name}: drained{} and handed over in {} ms",
-                        names.join(", "),
-                        if drained { "" } else { " (some writes timed out)" },
-                        started.elapsed().as_millis()
-                    ),
-                ),
-                Ok(Err(r)) => events.push(
-                    EventKind::Handover,
-                    format!("planned move of {} refused: {r}; the leader promotes an in-sync replica when the lease lapses", names.join(", ")),
-                ),
-                Err(e) => warn!(error = %e, "planned move not committed; failover takes over"),
+            let mut by_node: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+            for (i, m) in moves.iter().enumerate() {
+                by_node.entry(m.to).or_default().push(i);
+            }
+            for batch in by_node.into_values() {
+                let ms: Vec<&Handover> = batch.iter().map(|i| &moves[*i]).collect();
+                let together = match node.write(promote(&ms)).await {
+                    Ok(Ok(_)) => Some(Ok(())),
+                    Ok(Err(r)) if ms.len() > 1 => {
+                        info!(refused = %r, "planned moves refused together; handing the targets over one by one");
+                        None
+                    }
+                    Ok(Err(r)) => Some(Err(r.to_string())),
+                    Err(e) => Some(Err(e.to_string())),
+                };
+                for i in batch {
+                    let m = &moves[i];
+                    let outcome = match &together {
+                        Some(o) => o.clone(),
+                        None => match node.write(promote(&[m])).await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(r)) => Err(r.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        },
+                    };
+                    let names = m.group.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+                    match outcome {
+                        Ok(()) => events.push(
+                            EventKind::Handover,
+                            format!(
+                                "planned move of {names} from {from_name} to {}: drained{} and handed over in {} ms",
+                                m.to_name,
+                                if drained[i] { "" } else { " (some writes timed out)" },
+                                started.elapsed().as_millis()
+                            ),
+                        ),
+                        Err(why) => events.push(
+                            EventKind::Handover,
+                            format!("planned move of {names} not done ({why}); the leader promotes an in-sync replica when the lease lapses"),
+                        ),
+                    }
+                }
             }
         });
     }
@@ -807,16 +873,25 @@ impl Serving {
             }
         }
 
+        self.leases.ask_early(
+            &self.rt,
+            to_start
+                .iter()
+                .map(|(v, _)| (v.name.clone(), v.epoch))
+                .collect(),
+        );
         for (name, role) in self.start_primaries(to_start, &st.settings) {
             roles.insert(name, role);
         }
 
         // Planned moves: drain, release the lease, hand over.
+        let mut moves = Vec::new();
         for v in st.volumes.values() {
             if v.primary == self.me && v.moving_to.is_some() {
-                self.start_handover(st, v, roles);
+                moves.extend(self.prepare_handover(st, v, roles));
             }
         }
+        self.hand_over(moves);
     }
 
     /// Stops the old roles of `volumes` and starts them as primaries, a few at a time.

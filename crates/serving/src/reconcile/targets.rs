@@ -77,16 +77,15 @@ impl Serving {
         s: &mut Served,
         roles: &HashMap<String, Role>,
     ) -> Result<()> {
-        let stale: Vec<u64> = s
+        // A LUN whose volume is still there at a new epoch is replaced below in one
+        // step, not removed first: a command in between would fail (issue 19).
+        let gone: Vec<u64> = s
             .luns
             .iter()
-            .filter(|(lun, (vol, epoch))| {
-                t.luns.get(lun) != Some(vol)
-                    || st.volumes.get(vol).is_none_or(|v| v.epoch != *epoch)
-            })
+            .filter(|(lun, (vol, _))| t.luns.get(lun) != Some(vol))
             .map(|(lun, _)| *lun)
             .collect();
-        for lun in stale {
+        for lun in gone {
             let _ = s.device.remove_lun(lun);
             s.luns.remove(&lun);
         }
@@ -96,7 +95,8 @@ impl Serving {
             else {
                 continue;
             };
-            if s.luns.contains_key(lun) {
+            let current = s.luns.get(lun).is_some_and(|(_, epoch)| *epoch == v.epoch);
+            if current {
                 if volume.size_bytes() < v.size_bytes {
                     // Resize: grow the primary's copy, then tell the initiators.
                     // Replicas grow on the same state change, or on demand when a
@@ -116,7 +116,7 @@ impl Serving {
                 rt: self.rt.clone(),
             });
             s.device
-                .add_shared_lun(
+                .replace_shared_lun(
                     *lun,
                     lu_config(v, &self.volume_path(&v.name)),
                     device,
