@@ -145,3 +145,80 @@ ensure_vm_packages() {
     # mmdebstrap checks the archive's signatures with these keys.
     [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || apt_install debian-archive-keyring
 }
+
+# --- Benchmarks (scripts/bench*) ---
+
+# Installs what the benchmark scripts measure the machine with.
+ensure_bench_packages() {
+    command -v iperf3 >/dev/null || apt_install iperf3
+    command -v fio >/dev/null || apt_install fio
+    command -v bc >/dev/null || apt_install bc
+}
+
+# CPU seconds (user + system, every thread) the processes $@ used so far, summed.
+cpu_seconds() {
+    local p ticks=0
+    for p in "$@"; do
+        [ -r "/proc/$p/stat" ] || continue
+        # After "pid (comm) " utime and stime are the 12th and 13th fields.
+        ticks=$((ticks + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$ticks / $(getconf CLK_TCK)" | bc -l
+}
+
+# The machine's limits, measured now: loopback TCP, one stream (iperf3, MB/s), and the
+# disk under $1 with fio, direct I/O (4 KiB random reads and writes at depth 32, IOPS;
+# 1 MiB writes at depth 16, MB/s). Sets LIMIT_TCP_MBS, LIMIT_RR_IOPS, LIMIT_RW_IOPS,
+# LIMIT_W1M_MBS and prints them.
+machine_limits() {
+    local dir=$1 port=5399 srv
+    iperf3 -s -1 -B 127.0.0.1 -p "$port" >/dev/null 2>&1 &
+    srv=$!
+    sleep 0.5
+    LIMIT_TCP_MBS=$(timeout 30 iperf3 -c 127.0.0.1 -p "$port" -t 5 -J |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8e6)')
+    wait "$srv" 2>/dev/null || true
+    local engine=io_uring
+    fio --name=probe --filename="$dir/fio.img" --size=64M --direct=1 --ioengine=io_uring \
+        --rw=read --bs=4k --runtime=1 --output=/dev/null >/dev/null 2>&1 || engine=libaio
+    fio_figure() { # rw bs depth what(iops|mbs) rwkind
+        timeout 60 fio --name=limit --filename="$dir/fio.img" --size=2G --direct=1 --ioengine=$engine \
+            --rw="$1" --bs="$2" --iodepth="$3" --runtime=8 --time_based --output-format=json |
+            python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]['$5']; print(j['iops'] if '$4' == 'iops' else j['bw_bytes'] / 1e6)"
+    }
+    LIMIT_RR_IOPS=$(fio_figure randread 4k 32 iops read)
+    LIMIT_RW_IOPS=$(fio_figure randwrite 4k 32 iops write)
+    LIMIT_W1M_MBS=$(fio_figure write 1M 16 mbs write)
+    rm -f "$dir/fio.img"
+    printf '\nthe machine: loopback TCP, 1 stream %.0f MB/s; disk (fio, %s, direct): 4 KiB random read QD32 %.0f IOPS, 4 KiB random write QD32 %.0f IOPS, 1 MiB write QD16 %.0f MB/s\n' \
+        "$LIMIT_TCP_MBS" "$engine" "$LIMIT_RR_IOPS" "$LIMIT_RW_IOPS" "$LIMIT_W1M_MBS"
+}
+
+# The median round trip of a 4 KiB message and an 8-byte answer over loopback TCP
+# from 127.0.0.1 to 127.0.0.2 (what a replicated 4 KiB write adds at depth 1), in µs.
+# Python sockets: the interpreter adds a few µs of its own, so it errs on the long side.
+tcp_round_trip_us() {
+    python3 - <<'PY'
+import socket, statistics, threading, time
+srv = socket.socket(); srv.bind(("127.0.0.2", 0)); srv.listen(1)
+def echo():
+    c, _ = srv.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        got = 0
+        while got < 4096:
+            b = c.recv(4096 - got)
+            if not b: return
+            got += len(b)
+        c.sendall(b"\0" * 8)
+threading.Thread(target=echo, daemon=True).start()
+s = socket.create_connection(srv.getsockname(), source_address=("127.0.0.1", 0))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg, times = b"x" * 4096, []
+for i in range(3000):
+    t = time.perf_counter(); s.sendall(msg)
+    got = 0
+    while got < 8: got += len(s.recv(8 - got))
+    if i >= 500: times.append(time.perf_counter() - t)
+print(round(statistics.median(times) * 1e6, 1))
+PY
+}

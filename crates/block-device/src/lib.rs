@@ -99,6 +99,14 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         done(self.write_at(offset, data, fua))
     }
 
+    /// [`Self::write_then`] for data the caller holds as [`bytes::Bytes`] (a command's
+    /// received buffer): a device that keeps the data past the call, to send it to its
+    /// replicas, takes it as it is instead of copying it. The default lends it to
+    /// `write_then`.
+    fn write_bytes_then(&self, offset: u64, data: bytes::Bytes, fua: bool, done: WriteDone) {
+        self.write_then(offset, &data, fua, done)
+    }
+
     /// Makes every write that returned before this call durable.
     fn flush(&self) -> io::Result<()>;
 

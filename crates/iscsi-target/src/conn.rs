@@ -555,7 +555,7 @@ fn write_buffer_for(
     }
     let permit = shared.buffers.try_reserve(edtl)?;
     *prereserved.lock().unwrap_or_else(|e| e.into_inner()) = Some((Itt(cmd.itt), permit));
-    let mut buf = BytesMut::with_capacity(edtl as usize);
+    let mut buf = iscsi_proto::session::block_aligned_buffer(edtl as usize);
     buf.resize(len, 0);
     Some(buf)
 }

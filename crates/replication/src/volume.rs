@@ -1269,12 +1269,15 @@ impl BlockDevice for PrimaryVolume {
     }
 
     fn write_then(&self, offset: u64, data: &[u8], fua: bool, done: block_device::WriteDone) {
+        self.write_bytes_then(offset, Bytes::copy_from_slice(data), fua, done);
+    }
+
+    fn write_bytes_then(&self, offset: u64, data: Bytes, fua: bool, done: block_device::WriteDone) {
         if fua {
             // The flush that follows must not run where the completion lands (a
             // network task); FUA writes take the blocking path.
-            return done(self.write_at(offset, data, true));
+            return done(self.write_at(offset, &data, true));
         }
-        let data = Bytes::copy_from_slice(data);
         self.submit_then(|p, now, tag| p.submit_write(now, tag, offset, data), done);
     }
 

@@ -242,7 +242,11 @@ pub(crate) fn write(ctx: &Ctx<'_>) -> CmdResult {
                 let result = r.map_err(|e| write_error(e).into()).and_then(|()| good());
                 respond.send(crate::lu::response_of(result, descriptor))
             };
-            ctx.lu.device.write_then(offset, data, fua, Box::new(done));
+            // `data` is a prefix of the command's buffer (`data_for`): no copy.
+            let data = ctx.req.data_out.slice(..data.len());
+            ctx.lu
+                .device
+                .write_bytes_then(offset, data, fua, Box::new(done));
             Ok(Done::Deferred)
         }
         None => {

@@ -947,6 +947,19 @@ impl Session {
 /// the transport read the immediate data into a buffer with room for the whole write
 /// (see [`Session::handle_received`]), that buffer is used as it is: the immediate data
 /// is not copied.
+/// An empty buffer with room for `len` bytes that starts on a 4096-byte boundary, for
+/// a write's data: a store that writes large writes with `O_DIRECT` takes it as it is,
+/// where an unaligned buffer cost a copy into an aligned one (issue 20).
+pub fn block_aligned_buffer(len: usize) -> BytesMut {
+    const ALIGN: usize = 4096;
+    let mut buf = BytesMut::with_capacity(len + ALIGN);
+    let pad = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+    buf.resize(pad, 0);
+    let _ = buf.split_to(pad);
+    debug_assert!(buf.capacity() >= len);
+    buf
+}
+
 fn write_buffer(immediate: Bytes, edtl: usize) -> BytesMut {
     match immediate.try_into_mut() {
         Ok(mut buf) if buf.capacity() >= edtl => {
@@ -958,10 +971,9 @@ fn write_buffer(immediate: Bytes, edtl: usize) -> BytesMut {
                 Ok(b) => &b[..],
                 Err(b) => &b[..],
             };
-            let mut buf = BytesMut::zeroed(edtl);
-            if let Some(dst) = buf.get_mut(..data.len()) {
-                dst.copy_from_slice(data);
-            }
+            let mut buf = block_aligned_buffer(edtl);
+            buf.extend_from_slice(data.get(..edtl).unwrap_or(data));
+            buf.resize(edtl, 0);
             buf
         }
     }

@@ -1732,6 +1732,25 @@ proptest! {
 }
 
 #[test]
+fn write_buffers_start_on_a_block_boundary() {
+    for len in [512, 4096, 65536, 1 << 20] {
+        let mut buf = super::block_aligned_buffer(len);
+        assert_eq!(buf.as_ptr() as usize % 4096, 0, "{len}");
+        assert!(buf.capacity() >= len);
+        let start = buf.as_ptr();
+        buf.resize(len, 7);
+        assert_eq!(buf.as_ptr(), start, "filled in place, not moved");
+        let frozen = buf.freeze();
+        assert_eq!(frozen.as_ptr() as usize % 4096, 0);
+        assert!(frozen.iter().all(|b| *b == 7));
+    }
+    // A write without immediate data gets an aligned buffer too.
+    let buf = super::write_buffer(Bytes::new(), 1 << 20);
+    assert_eq!(buf.as_ptr() as usize % 4096, 0);
+    assert_eq!(buf.len(), 1 << 20);
+}
+
+#[test]
 fn immediate_data_in_a_roomy_buffer_becomes_the_write_buffer() {
     let mut c = params();
     c.immediate_data = true;
