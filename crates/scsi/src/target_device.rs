@@ -288,6 +288,26 @@ impl TargetDevice {
         device: Arc<dyn BlockDevice>,
         store: Option<Arc<dyn ReservationStore>>,
     ) -> Result<(), ScsiError> {
+        let new_lu = Self::checked_lu(lun, config, device, store)?;
+        let mut luns = self.write();
+        if luns.contains_key(&lun) {
+            return Err(ScsiError::LunExists(lun));
+        }
+        for lu in luns.values() {
+            lu.ua_all(None, Sense::UNIT_ATTENTION_REPORTED_LUNS_DATA_HAS_CHANGED);
+        }
+        luns.insert(lun, new_lu);
+        Ok(())
+    }
+
+    /// A logical unit for `lun` over `device`, once the LUN, the block size and the
+    /// device's size are checked.
+    fn checked_lu(
+        lun: u64,
+        config: LuConfig,
+        device: Arc<dyn BlockDevice>,
+        store: Option<Arc<dyn ReservationStore>>,
+    ) -> Result<Arc<LogicalUnit>, ScsiError> {
         if lun > LUN_MAX {
             return Err(ScsiError::LunOutOfRange(lun));
         }
@@ -301,16 +321,7 @@ impl TargetDevice {
                 block_size: config.block_size,
             });
         }
-        let new_lu = LogicalUnit::new(lun, config, device, store)?;
-        let mut luns = self.write();
-        if luns.contains_key(&lun) {
-            return Err(ScsiError::LunExists(lun));
-        }
-        for lu in luns.values() {
-            lu.ua_all(None, Sense::UNIT_ATTENTION_REPORTED_LUNS_DATA_HAS_CHANGED);
-        }
-        luns.insert(lun, new_lu);
-        Ok(())
+        LogicalUnit::new(lun, config, device, store)
     }
 
     /// Puts a new logical unit under `lun` in one step, or adds it: a command arriving
@@ -328,17 +339,7 @@ impl TargetDevice {
         if !self.read().contains_key(&lun) {
             return self.add_shared_lun(lun, config, device, store);
         }
-        if config.block_size != 512 && config.block_size != 4096 {
-            return Err(ScsiError::BadBlockSize(config.block_size));
-        }
-        let size = device.size_bytes();
-        if size == 0 || size % u64::from(config.block_size) != 0 {
-            return Err(ScsiError::BadDeviceSize {
-                size,
-                block_size: config.block_size,
-            });
-        }
-        let new_lu = LogicalUnit::new(lun, config, device, store)?;
+        let new_lu = Self::checked_lu(lun, config, device, store)?;
         self.write().insert(lun, new_lu);
         Ok(())
     }
