@@ -371,8 +371,12 @@ impl Serving {
                 });
             }
             let mut drained = vec![false; moves.len()];
-            while let Some(Ok((i, ok))) = drains.join_next().await {
-                drained[i] = ok;
+            // Every drain is waited for, even after one of them panicked: a target
+            // is handed over only once all the writes it took are done or timed out.
+            while let Some(joined) = drains.join_next().await {
+                if let Ok((i, ok)) = joined {
+                    drained[i] = ok;
+                }
             }
             let promote = |ms: &[&Handover]| Command::Promote {
                 volumes: ms.iter().flat_map(|m| m.group.iter().cloned()).collect(),
