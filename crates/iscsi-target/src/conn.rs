@@ -56,6 +56,16 @@ const TASK_WAIT_MAX: Duration = iscsi_proto::session::TASK_WAIT_MAX_DEFAULT;
 const PENDING_WRITE_BYTES_MAX: u64 = iscsi_proto::session::PENDING_WRITE_BYTES_MAX_DEFAULT;
 /// SANITIZE operation code (SBC-3 §5.30).
 const SANITIZE: u8 = 0x48;
+
+/// Where a dispatched command runs.
+enum Run {
+    /// On an I/O pool thread (disk I/O never blocks a runtime thread).
+    Pool(JobSlot),
+    /// On the connection's task: it does not block (a forwarded command).
+    Here,
+    /// On tokio's blocking threads: SANITIZE, which holds its thread to the end.
+    Blocking,
+}
 /// PERSISTENT RESERVE OUT operation code (SPC-4 §6.16).
 const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
 /// Largest data segment accepted during login.
@@ -880,10 +890,20 @@ impl Driver {
         // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
         // not take one of the few I/O threads every other command needs, so it runs on
         // tokio's blocking threads (rare, and bounded by the sessions' windows).
-        let slot = if cmd.header.cdb[0] == SANITIZE {
-            None
+        //
+        // A command this node forwards to the primary (an active/non-optimized path)
+        // only encodes a frame and queues it on the replication link: it runs here,
+        // which saves a wake-up of an I/O thread per command (issue 20).
+        let run = if cmd.header.cdb[0] == SANITIZE {
+            Run::Blocking
+        } else if device.is_forwarding() {
+            Run::Here
         } else {
-            self.job_slot().await
+            match self.job_slot().await {
+                Some(slot) => Run::Pool(slot),
+                // The pool never closes its semaphore while a session runs.
+                None => Run::Blocking,
+            }
         };
         let link = self.link.clone();
         let shared = self.shared.clone();
@@ -949,10 +969,10 @@ impl Driver {
             }
         };
         self.forget_undispatched(itt);
-        match slot {
-            Some(slot) => self.shared.io.spawn(slot, job),
-            // SANITIZE (the pool never shuts its queue while a session runs).
-            None => drop(tokio::task::spawn_blocking(job)),
+        match run {
+            Run::Pool(slot) => self.shared.io.spawn(slot, job),
+            Run::Here => job(),
+            Run::Blocking => drop(tokio::task::spawn_blocking(job)),
         }
     }
 
