@@ -116,6 +116,14 @@ start_demo() {
 # The node pids the demo printed.
 demo_node_pids() { sed -n 's/^  n[0-9]: pid \([0-9]*\) .*/\1/p' "$DEMO_OUT" 2>/dev/null; }
 
+# Pins every thread of the demo's node NAME (n1, n2, ...) to CPU.
+pin_demo_node() { # name cpu
+    local pid
+    pid=$(sed -n "s/^  $1: pid \([0-9]*\) .*/\1/p" "$DEMO_OUT")
+    [ -n "$pid" ] || die "no pid for demo node $1"
+    taskset -apc "$2" "$pid" >/dev/null
+}
+
 # Stops the demo as Ctrl-C does (it stops its nodes), then kills whatever still runs
 # of it and of the nodes it started (by pid).
 stop_demo() {
