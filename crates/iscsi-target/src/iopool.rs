@@ -12,8 +12,8 @@
 //! a sleeper. At queue depth 32 the next command arrives within a few tens of
 //! microseconds; sleeping and being woken for it cost each command two context switches
 //! and a futex wake, most of the CPU a small command used (issue 20: with it, the
-//! I/O threads went from 2.0 to 0.9 context switches per 4 KiB write, and 4 KiB reads
-//! from 1.7 to 2.1 times tgt's rate). A lightly loaded target sleeps as before, and a
+//! target process went from 2.0 to 0.9 context switches per 4 KiB write, and 4 KiB
+//! random reads from 1.7 to 2.1 times tgt's rate). A lightly loaded target sleeps as before, and a
 //! busy one spins at most [`SPIN`] past its last job, however many workers spin.
 //!
 //! The queue is bounded (DESIGN.md invariant 6): a job needs a [`JobSlot`], taken before
