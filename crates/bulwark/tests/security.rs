@@ -13,7 +13,7 @@ use cluster::rpc::{Client, Request, Response};
 use cluster::state::{ChapAccount, Command};
 use cluster::{Identity, Token};
 use initiator::checker::Checker;
-use replication::Message;
+use replication::{Message, Payload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -127,17 +127,23 @@ async fn forge_as_member(c: &Cluster, forger: usize, primary: usize, replica: us
             epoch: replication::Epoch(epoch),
             seq: replication::Seq(1),
             offset: v.size_bytes + (1 << 30),
-            data: Bytes::from(vec![0xEE; 4096]),
+            payload: Payload::Data(Bytes::from(vec![0xEE; 4096])),
             committed: replication::Seq(0),
-            flush: false,
         },
         Message::Write {
             epoch: replication::Epoch(epoch),
             seq: replication::Seq(1),
             offset: 0,
-            data: Bytes::from(vec![0xEE; 4096]),
+            payload: Payload::Data(Bytes::from(vec![0xEE; 4096])),
             committed: replication::Seq(0),
-            flush: true,
+        },
+        // A deallocation of the whole volume, from a node that is not the primary.
+        Message::Write {
+            epoch: replication::Epoch(epoch),
+            seq: replication::Seq(1),
+            offset: 0,
+            payload: Payload::Deallocate(v.size_bytes),
+            committed: replication::Seq(0),
         },
     ] {
         to_replica

@@ -12,7 +12,7 @@
 use bytes::Bytes;
 
 use crate::bitmap::{DirtyMap, RegionSet};
-use crate::message::{Epoch, Message, NodeId};
+use crate::message::{Epoch, Message, NodeId, Payload};
 use crate::primary::{Action, Primary, VerifyReport, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
 
@@ -38,6 +38,9 @@ pub(crate) trait PrimaryEffects {
 
     /// Writes `data` at `offset` to the local store (not yet durable).
     fn write(&mut self, offset: u64, data: &Bytes) -> Option<()>;
+
+    /// Deallocates `len` bytes at `offset` in the local store (they read as zeroes).
+    fn deallocate(&mut self, offset: u64, len: u64) -> Option<()>;
 
     /// Makes every local write so far durable.
     fn flush(&mut self) -> Option<()>;
@@ -123,13 +126,12 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
             Action::LocalWrite {
                 id,
                 offset,
-                data,
-                flush,
+                payload,
             } => {
-                let done = if flush {
-                    fx.flush()
-                } else {
-                    fx.write(offset, &data)
+                let done = match payload {
+                    Payload::Data(data) => fx.write(offset, &data),
+                    Payload::Deallocate(len) => fx.deallocate(offset, len),
+                    Payload::Flush => fx.flush(),
                 };
                 if done.is_some() {
                     queue.extend(
@@ -201,8 +203,9 @@ pub(crate) trait ReplicaEffects {
     /// Saves the map of what out-of-sync replicas lack.
     fn persist_dirty_map(&mut self, map: DirtyMap) -> Option<()>;
 
-    /// Applies one write of the stream locally (or, for a flush barrier, flushes).
-    fn apply(&mut self, offset: u64, data: &Bytes, flush: bool) -> Option<()>;
+    /// Applies one position of the stream locally (a write, a deallocation, or for a
+    /// flush barrier a flush).
+    fn apply(&mut self, offset: u64, payload: &Payload) -> Option<()>;
 
     /// Checksums one local region for a verify (`None`: not answered; the primary
     /// reports the region as not compared).
@@ -233,10 +236,9 @@ pub(crate) fn run_replica_actions(fx: &mut impl ReplicaEffects, actions: Vec<Rep
             ReplicaAction::Apply {
                 seq,
                 offset,
-                data,
-                flush,
+                payload,
             } => {
-                if fx.apply(offset, &data, flush).is_some() {
+                if fx.apply(offset, &payload).is_some() {
                     queue.extend(fx.engine(|r| r.applied(seq)).unwrap_or_default());
                 }
             }

@@ -38,7 +38,7 @@ mod sim;
 mod volume;
 
 pub use bitmap::{DirtyMap, RegionSet};
-pub use message::{Epoch, Message, NodeId, Seq};
+pub use message::{Epoch, Message, NodeId, Payload, Seq};
 pub use primary::{Action, Primary, PrimaryConfig, ResyncProgress, VerifyReport, WriteTag};
 pub use replica::{Replica, ReplicaAction, ACTIVITY_LOG_SLACK};
 pub use volume::{

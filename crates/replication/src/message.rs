@@ -71,6 +71,43 @@ impl std::ops::Sub<u64> for Seq {
     }
 }
 
+/// What one position of a write stream carries: it is ordered, logged, acknowledged
+/// and retransmitted the same way whatever it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Bytes to write at the offset.
+    Data(Bytes),
+    /// Deallocate this many bytes at the offset (UNMAP, WRITE SAME with UNMAP, SANITIZE
+    /// BLOCK ERASE): every member's store punches the range, which then reads as zeroes
+    /// (SBC-3 5.5.1, LBPRZ). It takes the place of a write of zeroes in the stream, so it
+    /// is ordered against the writes around it exactly as they are.
+    Deallocate(u64),
+    /// A flush barrier (no data): make everything applied so far durable before
+    /// acknowledging this position (SYNCHRONIZE CACHE, FUA).
+    Flush,
+}
+
+impl Payload {
+    /// How many bytes of the volume it changes (none for a barrier).
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Deallocate(n) => *n,
+            Payload::Flush => 0,
+        }
+    }
+
+    /// Whether it changes no byte of the volume.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it is a flush barrier.
+    pub fn is_flush(&self) -> bool {
+        matches!(self, Payload::Flush)
+    }
+}
+
 /// A replication message. Every message carries the sender's epoch; a replica refuses
 /// anything older than the highest epoch it has persisted. (The wire encoding is the
 /// transport's business: a binary frame, the data without a copy.)
@@ -92,7 +129,7 @@ pub enum Message {
         /// know to be on every in-sync member.
         divergent: RegionSet,
     },
-    /// Primary → replica: apply `data` at `offset`, after every lower seq.
+    /// Primary → replica: apply `payload` at `offset`, after every lower seq.
     Write {
         /// The primary's epoch.
         epoch: Epoch,
@@ -100,14 +137,11 @@ pub enum Message {
         seq: Seq,
         /// Byte offset.
         offset: u64,
-        /// The bytes.
-        data: Bytes,
+        /// What to apply there.
+        payload: Payload,
         /// Every write of this stream up to this seq is on every in-sync member: the
         /// replica may forget those regions from its activity log.
         committed: Seq,
-        /// A flush barrier (no data): make everything applied so far durable before
-        /// acknowledging this position (SYNCHRONIZE CACHE, FUA).
-        flush: bool,
     },
     /// Replica → primary: every write up to `seq` of the `epoch` stream is applied.
     Ack {

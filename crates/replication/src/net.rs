@@ -103,9 +103,9 @@ impl<'a> Claim<'a> {
                 epoch: msg.epoch(),
                 fenced: matches!(msg, Message::Fenced { .. }),
                 write_end: match msg {
-                    Message::Write { offset, data, .. } => {
-                        Some(offset.saturating_add(data.len() as u64))
-                    }
+                    Message::Write {
+                        offset, payload, ..
+                    } => Some(offset.saturating_add(payload.len())),
                     _ => None,
                 },
             },

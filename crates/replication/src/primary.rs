@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 
 use crate::bitmap::{DirtyMap, RegionSet};
-use crate::message::{Epoch, Message, NodeId, Seq};
+use crate::message::{Epoch, Message, NodeId, Payload, Seq};
 
 /// The driver's name for an initiator write (or flush), returned in
 /// [`Action::Complete`]; the engine never interprets it.
@@ -84,17 +84,15 @@ pub enum Action {
         /// The message.
         msg: Message,
     },
-    /// Write locally (or, for a flush barrier, flush the local store), then call
-    /// [`Primary::local_done`] with `id`.
+    /// Write (or deallocate) locally, or for a flush barrier make the local store
+    /// durable, then call [`Primary::local_done`] with `id`.
     LocalWrite {
         /// Internal write id.
         id: u64,
         /// Byte offset.
         offset: u64,
-        /// The bytes.
-        data: Bytes,
-        /// A flush barrier: no data; make the local store durable.
-        flush: bool,
+        /// What to do there.
+        payload: Payload,
     },
     /// Persist this node's activity log before the local write that follows.
     PersistActivityLog(RegionSet),
@@ -207,14 +205,14 @@ struct Verify {
 struct Held {
     tag: WriteTag,
     offset: u64,
-    data: Bytes,
+    payload: Payload,
 }
 
 impl Held {
     /// Whether it touches a region that `[offset, offset + len)` touches.
     fn shares_region(&self, offset: u64, len: u64, region_size: u64) -> bool {
         let (a, b) = (
-            regions(self.offset, self.data.len() as u64, region_size),
+            regions(self.offset, self.payload.len(), region_size),
             regions(offset, len, region_size),
         );
         !a.is_empty() && !b.is_empty() && a.start() <= b.end() && b.start() <= a.end()
@@ -271,11 +269,9 @@ struct Entry {
     seq: Seq,
     offset: u64,
     /// `None` until a resync read fills it.
-    data: Option<Bytes>,
+    payload: Option<Payload>,
     /// The application write this entry carries, if not a resync copy.
     write: Option<u64>,
-    /// A flush barrier.
-    flush: bool,
     /// A resync copy: the application writes to its region that were in flight when it
     /// was read. It may carry their data, so it is not committed (the replica keeps the
     /// region in its activity log) until they are on every member.
@@ -391,18 +387,16 @@ impl Peer {
         self.stream.push_back(Entry {
             seq,
             offset: 0,
-            data: Some(Bytes::new()),
+            payload: Some(Payload::Flush),
             write: None,
-            flush: true,
             waits_for: Vec::new(),
         });
         let msg = Message::Write {
             epoch,
             seq,
             offset: 0,
-            data: Bytes::new(),
+            payload: Payload::Flush,
             committed: Seq(0),
-            flush: true,
         };
         (seq, msg)
     }
@@ -678,13 +672,25 @@ impl Primary {
         offset: u64,
         data: Bytes,
     ) -> Result<Vec<Action>, NotServing> {
-        self.submit(now, tag, offset, data, false)
+        self.submit(now, tag, offset, Payload::Data(data))
+    }
+
+    /// Takes an initiator's deallocation of `len` bytes at `offset` (UNMAP, WRITE SAME
+    /// with UNMAP): ordered, logged and acknowledged exactly like a write.
+    pub fn submit_deallocate(
+        &mut self,
+        now: u64,
+        tag: WriteTag,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Action>, NotServing> {
+        self.submit(now, tag, offset, Payload::Deallocate(len))
     }
 
     /// Takes a flush barrier (SYNCHRONIZE CACHE, FUA): it completes when every write
     /// before it is durable here and on every in-sync replica.
     pub fn submit_flush(&mut self, now: u64, tag: WriteTag) -> Result<Vec<Action>, NotServing> {
-        self.submit(now, tag, 0, Bytes::new(), true)
+        self.submit(now, tag, 0, Payload::Flush)
     }
 
     fn submit(
@@ -692,8 +698,7 @@ impl Primary {
         now: u64,
         tag: WriteTag,
         offset: u64,
-        data: Bytes,
-        flush: bool,
+        payload: Payload,
     ) -> Result<Vec<Action>, NotServing> {
         self.serving(now)?;
         if self.stage == Stage::Draining {
@@ -703,11 +708,15 @@ impl Primary {
             return Err(NotServing::Busy);
         }
         let mut out = Vec::new();
-        if !data.is_empty() && self.must_hold(offset, data.len() as u64) {
-            self.held.push_back(Held { tag, offset, data });
+        if !payload.is_empty() && self.must_hold(offset, payload.len()) {
+            self.held.push_back(Held {
+                tag,
+                offset,
+                payload,
+            });
             return Ok(out);
         }
-        self.place(now, tag, offset, data, flush, &mut out);
+        self.place(now, tag, offset, payload, &mut out);
         Ok(out)
     }
 
@@ -728,13 +737,12 @@ impl Primary {
         now: u64,
         tag: WriteTag,
         offset: u64,
-        data: Bytes,
-        flush: bool,
+        payload: Payload,
         out: &mut Vec<Action>,
     ) {
         let id = self.next_id;
         self.next_id += 1;
-        let len = data.len() as u64;
+        let len = payload.len();
         if len > 0 {
             // Replicas outside the in-sync set may lack these regions from now on; the
             // members hear it before the write itself.
@@ -790,9 +798,8 @@ impl Primary {
             peer.stream.push_back(Entry {
                 seq,
                 offset,
-                data: Some(data.clone()),
+                payload: Some(payload.clone()),
                 write: Some(id),
-                flush,
                 waits_for: Vec::new(),
             });
             if streaming {
@@ -802,9 +809,8 @@ impl Primary {
                         epoch: self.cfg.epoch,
                         seq,
                         offset,
-                        data: data.clone(),
+                        payload: payload.clone(),
                         committed: committed_of(peer, &self.writes, self.stage.sealing()),
-                        flush,
                     },
                 });
             }
@@ -816,15 +822,14 @@ impl Primary {
                 offset,
                 len,
                 local_done: false,
-                flush_mark: flush.then_some(self.done_count),
+                flush_mark: payload.is_flush().then_some(self.done_count),
                 waiting: members,
             },
         );
         out.push(Action::LocalWrite {
             id,
             offset,
-            data,
-            flush,
+            payload,
         });
     }
 
@@ -964,16 +969,15 @@ impl Primary {
         // Retransmit what this stream has not acknowledged (a reconnect in the same
         // epoch), in order.
         for e in peer.stream.iter().filter(|e| e.seq > peer.acked) {
-            if let Some(data) = &e.data {
+            if let Some(payload) = &e.payload {
                 out.push(Action::Send {
                     to: from,
                     msg: Message::Write {
                         epoch: self.cfg.epoch,
                         seq: e.seq,
                         offset: e.offset,
-                        data: data.clone(),
+                        payload: payload.clone(),
                         committed: Seq(0),
-                        flush: e.flush,
                     },
                 });
             }
@@ -1145,9 +1149,8 @@ impl Primary {
             peer.stream.push_back(Entry {
                 seq,
                 offset: region * self.cfg.region_size,
-                data: None,
+                payload: None,
                 write: None,
-                flush: false,
                 waits_for: Vec::new(),
             });
             peer.resync_outstanding.insert(seq);
@@ -1195,7 +1198,7 @@ impl Primary {
                 .filter(|(_, w)| regions(w.offset, w.len, rs).any(|r| r == region))
                 .map(|(id, _)| *id)
                 .collect();
-            e.data = Some(data.clone());
+            e.payload = Some(Payload::Data(data.clone()));
             if streaming {
                 out.push(Action::Send {
                     to: peer,
@@ -1203,9 +1206,8 @@ impl Primary {
                         epoch,
                         seq,
                         offset: e.offset,
-                        data,
+                        payload: Payload::Data(data),
                         committed,
-                        flush: false,
                     },
                 });
             }
@@ -1224,7 +1226,7 @@ impl Primary {
         peer.last_progress = now;
         let mut done_writes = Vec::new();
         for e in peer.stream.iter().filter(|e| e.seq <= seq) {
-            if e.flush {
+            if e.payload.as_ref().is_some_and(Payload::is_flush) {
                 peer.flushed_through = peer.flushed_through.max(e.seq);
             }
             if let Some(w) = e.write {
@@ -1648,7 +1650,7 @@ impl Primary {
             // It lacks everything it has not acknowledged: resync those regions when it
             // comes back, instead of holding the writes.
             for e in p.stream.iter().filter(|e| e.seq > p.acked) {
-                let len = e.data.as_ref().map_or(rs, |d| d.len() as u64);
+                let len = e.payload.as_ref().map_or(rs, Payload::len);
                 p.dirty.mark(e.offset, len, rs);
             }
             p.stream.clear();
@@ -1942,7 +1944,7 @@ impl Primary {
         let rs = self.cfg.region_size;
         let mut still = VecDeque::new();
         while let Some(h) = self.held.pop_front() {
-            let len = h.data.len() as u64;
+            let len = h.payload.len();
             let blocked = self
                 .verify
                 .as_ref()
@@ -1953,7 +1955,7 @@ impl Primary {
             if blocked {
                 still.push_back(h);
             } else {
-                self.place(now, h.tag, h.offset, h.data, false, out);
+                self.place(now, h.tag, h.offset, h.payload, out);
             }
         }
         self.held = still;
@@ -2060,7 +2062,11 @@ impl Primary {
                 let (writes, bytes) = behind.fold((0, 0), |(w, b), e| {
                     (
                         w + u64::from(e.write.is_some()),
-                        b + e.data.as_ref().map_or(0, |d| d.len() as u64),
+                        // Bytes still to send: a deallocation sends none.
+                        b + match &e.payload {
+                            Some(Payload::Data(d)) => d.len() as u64,
+                            _ => 0,
+                        },
                     )
                 });
                 ReplicaLag {
@@ -2346,6 +2352,77 @@ mod tests {
         let _ = p.set_lease(1, 100_000);
         assert!(p.serving(1).is_ok());
         p
+    }
+
+    /// A deallocation takes a place in the stream like a write: sent between the
+    /// writes around it, its regions in the activity log, carried out locally, and
+    /// complete only once the replica acknowledges it.
+    #[test]
+    fn a_deallocation_is_streamed_and_acknowledged_like_a_write() {
+        let mut p = in_sync_pair();
+        let mut out = p
+            .submit_write(10, WriteTag(1), 0, Bytes::from(vec![1u8; 4096]))
+            .unwrap();
+        out.extend(p.submit_deallocate(10, WriteTag(2), 0, 2 * MIB).unwrap());
+        out.extend(
+            p.submit_write(10, WriteTag(3), 3 * MIB, Bytes::from(vec![3u8; 4096]))
+                .unwrap(),
+        );
+        let sent: Vec<(Seq, u64, Payload)> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    to: NodeId(2),
+                    msg:
+                        Message::Write {
+                            seq,
+                            offset,
+                            payload,
+                            ..
+                        },
+                } => Some((*seq, *offset, payload.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent.len(), 3, "{out:?}");
+        assert!(
+            sent[0].0 < sent[1].0 && sent[1].0 < sent[2].0,
+            "in order: {sent:?}"
+        );
+        assert_eq!((sent[1].1, &sent[1].2), (0, &Payload::Deallocate(2 * MIB)));
+        let logged = out.iter().rev().find_map(|a| match a {
+            Action::PersistActivityLog(l) => Some(l.clone()),
+            _ => None,
+        });
+        let logged = logged.expect("the activity log is persisted");
+        assert!(logged.contains(0) && logged.contains(1), "{logged:?}");
+        let local: Vec<(u64, Payload)> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::LocalWrite { id, payload, .. } => Some((*id, payload.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(local[1].1, Payload::Deallocate(2 * MIB));
+        let mut done = Vec::new();
+        for (id, _) in &local {
+            done.extend(p.local_done(11, *id));
+        }
+        assert!(
+            !done.iter().any(|a| matches!(a, Action::Complete(_))),
+            "nothing completes before the replica has it: {done:?}"
+        );
+        let out = p.on_message(
+            12,
+            NodeId(2),
+            Message::Ack {
+                epoch: Epoch(3),
+                seq: sent[1].0,
+            },
+        );
+        assert!(out.contains(&Action::Complete(WriteTag(1))));
+        assert!(out.contains(&Action::Complete(WriteTag(2))));
+        assert!(!out.contains(&Action::Complete(WriteTag(3))));
     }
 
     /// A replica whose node stops says so: its removal is requested at once, not after
@@ -2648,7 +2725,10 @@ mod tests {
             a,
             Action::Send {
                 to: NodeId(3),
-                msg: Message::Write { flush: true, .. }
+                msg: Message::Write {
+                    payload: Payload::Flush,
+                    ..
+                }
             }
         )));
     }

@@ -3,10 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
-
 use crate::bitmap::RegionSet;
-use crate::message::{Epoch, Message, NodeId, Seq};
+use crate::message::{Epoch, Message, NodeId, Payload, Seq};
 
 /// What the driver must do for a replica, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,18 +21,16 @@ pub enum ReplicaAction {
     /// Persist the activity log (fsync) before the write that follows: after a crash
     /// these regions are resynced.
     PersistActivityLog(RegionSet),
-    /// Write locally (or, for a flush barrier, flush the store), then call
-    /// [`Replica::applied`] with `seq`. Writes are applied in order: a flush covers
-    /// every write applied before it.
+    /// Write (or deallocate) locally, or for a flush barrier flush the store, then
+    /// call [`Replica::applied`] with `seq`. Writes are applied in order: a flush
+    /// covers every write applied before it.
     Apply {
         /// Stream position.
         seq: Seq,
         /// Byte offset.
         offset: u64,
-        /// The bytes.
-        data: Bytes,
-        /// A flush barrier: make everything applied so far durable.
-        flush: bool,
+        /// What to do there.
+        payload: Payload,
     },
     /// Persist the map of what the replicas outside the in-sync set lack (fsync) before
     /// anything that follows.
@@ -62,7 +58,7 @@ pub struct Replica {
     /// Next seq to apply.
     next_seq: Seq,
     /// Writes that arrived ahead of `next_seq`.
-    early: BTreeMap<Seq, (u64, Bytes, bool)>,
+    early: BTreeMap<Seq, (u64, Payload)>,
     /// Region → (epoch, highest seq) of the last write applied there that is not yet
     /// known to be on every in-sync member.
     activity: BTreeMap<u64, (Epoch, Seq)>,
@@ -232,9 +228,8 @@ impl Replica {
                 epoch,
                 seq,
                 offset,
-                data,
+                payload,
                 committed,
-                flush,
             } => {
                 if epoch != self.epoch || self.primary != Some(from) {
                     // Not sealed into this stream (yet): the primary seals on reconnect.
@@ -251,11 +246,11 @@ impl Replica {
                     });
                     return out;
                 }
-                self.early.insert(seq, (offset, data, flush));
-                while let Some((offset, data, flush)) = self.early.remove(&self.next_seq) {
+                self.early.insert(seq, (offset, payload));
+                while let Some((offset, payload)) = self.early.remove(&self.next_seq) {
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    let len = data.len() as u64;
+                    let len = payload.len();
                     if len > 0 {
                         let first = offset / self.region_size;
                         let last = (offset + len - 1) / self.region_size;
@@ -285,14 +280,13 @@ impl Replica {
                             ));
                         }
                     }
-                    if flush {
+                    if payload.is_flush() {
                         self.barriers.insert(seq);
                     }
                     out.push(ReplicaAction::Apply {
                         seq,
                         offset,
-                        data,
-                        flush,
+                        payload,
                     });
                 }
                 if committed > Seq(0) && (epoch, committed) > self.committed {

@@ -45,7 +45,7 @@ use cluster::failover::{self, FailoverTiming, LeaseBook, Member, PlantedBug, Suc
 use crate::bitmap::DirtyMap;
 use crate::bitmap::RegionSet;
 use crate::execute::{run_primary_actions, run_replica_actions, PrimaryEffects, ReplicaEffects};
-use crate::message::{Epoch, Message, NodeId};
+use crate::message::{Epoch, Message, NodeId, Payload};
 use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport, WriteTag};
 use crate::replica::{Replica, ReplicaAction};
 
@@ -122,6 +122,16 @@ impl Disk {
                     self.cache.insert(b, (u64::from_le_bytes(bytes), write_id));
                 }
             }
+        }
+    }
+
+    /// A deallocated block reads as zeroes; like a write, it reaches the platter only
+    /// when flushed or written back.
+    fn deallocate(&mut self, offset: u64, len: u64, write_id: u64) {
+        let first = offset.div_ceil(BLOCK);
+        let end = ((offset + len) / BLOCK).min(BLOCKS);
+        for b in first..end {
+            self.cache.insert(b as usize, (0, write_id));
         }
     }
 
@@ -901,11 +911,16 @@ impl Sim {
                     seq,
                     offset,
                     committed,
-                    flush,
-                    ..
-                } => eprintln!(
-                    "t={now} {from} -> {to}: Write epoch {epoch} seq {seq} at {offset} committed {committed} flush {flush}"
-                ),
+                    payload,
+                } => {
+                    let what = match payload {
+                        Payload::Data(d) => format!("{} bytes", d.len()),
+                        other => format!("{other:?}"),
+                    };
+                    eprintln!(
+                        "t={now} {from} -> {to}: Write epoch {epoch} seq {seq} at {offset} committed {committed} {what}"
+                    )
+                }
                 Message::Ack { .. } => {}
                 m => eprintln!("t={now} {from} -> {to}: {m:?}"),
             }
@@ -1539,21 +1554,20 @@ impl Sim {
 impl Sim {
     /// Writes (or, with `flush`, flushes) node `n`'s disk model; every write gets a new
     /// id, so the power-loss model can tell them apart.
-    fn disk_write(&mut self, n: NodeId, role: &str, offset: u64, data: &[u8], flush: bool) {
+    fn disk_write(&mut self, n: NodeId, role: &str, offset: u64, payload: &Payload) {
         self.next_write_id += 1;
         let id = self.next_write_id;
         if self.trace {
             eprintln!(
-                "t={} node {n} {role} writes at {offset} len {} flush {flush} (write id {id})",
+                "t={} node {n} {role} writes at {offset} {payload:?} (write id {id})",
                 self.now,
-                data.len()
             );
         }
         let node = self.nodes.get_mut(&n).expect("node");
-        if flush {
-            node.disk.flush();
-        } else {
-            node.disk.write(offset, data, id);
+        match payload {
+            Payload::Data(data) => node.disk.write(offset, data, id),
+            Payload::Deallocate(len) => node.disk.deallocate(offset, *len, id),
+            Payload::Flush => node.disk.flush(),
         }
     }
 
@@ -1608,13 +1622,19 @@ impl PrimaryEffects for SimPrimary<'_> {
     }
 
     fn write(&mut self, offset: u64, data: &Bytes) -> Option<()> {
-        self.sim.disk_write(self.n, "primary", offset, data, false);
+        self.sim
+            .disk_write(self.n, "primary", offset, &Payload::Data(data.clone()));
+        Some(())
+    }
+
+    fn deallocate(&mut self, offset: u64, len: u64) -> Option<()> {
+        self.sim
+            .disk_write(self.n, "primary", offset, &Payload::Deallocate(len));
         Some(())
     }
 
     fn flush(&mut self) -> Option<()> {
-        self.sim
-            .disk_write(self.n, "primary", 0, &Bytes::new(), true);
+        self.sim.disk_write(self.n, "primary", 0, &Payload::Flush);
         Some(())
     }
 
@@ -1764,8 +1784,8 @@ impl ReplicaEffects for SimReplica<'_> {
         Some(())
     }
 
-    fn apply(&mut self, offset: u64, data: &Bytes, flush: bool) -> Option<()> {
-        self.sim.disk_write(self.n, "replica", offset, data, flush);
+    fn apply(&mut self, offset: u64, payload: &Payload) -> Option<()> {
+        self.sim.disk_write(self.n, "replica", offset, payload);
         Some(())
     }
 

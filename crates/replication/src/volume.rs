@@ -717,6 +717,14 @@ impl PrimaryEffects for DriverEffects<'_> {
             .ok()
     }
 
+    fn deallocate(&mut self, offset: u64, len: u64) -> Option<()> {
+        self.sh
+            .store
+            .discard(offset, len)
+            .map_err(|e| self.sh.disk_failed(&e))
+            .ok()
+    }
+
     fn flush(&mut self) -> Option<()> {
         self.sh
             .store
@@ -1190,19 +1198,26 @@ impl BlockDevice for PrimaryVolume {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Deallocation must reach the replicas too: written as zeroes through the stream.
-        let zero = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zero.len() as u64);
-            self.write_at(at, &zero[..n as usize], false)?;
-            at += n;
-        }
-        Ok(())
+        // Through the stream like a write: every in-sync member deallocates the range
+        // (or writes zeroes, if its store cannot) before this returns.
+        self.submit_and_wait(|p, now, tag| p.submit_deallocate(now, tag, offset, len))
     }
 
     fn supports_discard(&self) -> bool {
-        false
+        self.shared.store.supports_discard()
+    }
+
+    fn provisioning(&self, offset: u64, max_len: u64) -> io::Result<block_device::Extent> {
+        if !self.serving() {
+            return Err(block_device::unavailable(
+                "not serving (sealing, no lease or deposed)",
+            ));
+        }
+        self.shared.store.provisioning(offset, max_len)
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.shared.store.prefetch(offset, len)
     }
 }
 
@@ -1434,6 +1449,66 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A deallocation (UNMAP) goes through the stream: when it returns, every in-sync
+    /// member has punched the range (reads zeroes, reports it deallocated), and the
+    /// blocks around it are untouched; a copy that cannot deallocate writes zeroes.
+    #[test]
+    fn a_deallocation_reaches_every_replica_before_it_returns() {
+        use block_device::Provisioning;
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Net::default());
+        let mut stores: Vec<Arc<MemDevice>> =
+            (0..2).map(|_| Arc::new(MemDevice::new(4 << 20))).collect();
+        stores.push(Arc::new(MemDevice::thick(4 << 20)));
+        start_replica(&net, NodeId(2), stores[1].clone(), dir.path());
+        start_replica(&net, NodeId(3), stores[2].clone(), dir.path());
+        let p = start_primary(
+            &net,
+            NodeId(1),
+            Epoch(1),
+            stores[0].clone(),
+            dir.path(),
+            &[NodeId(2), NodeId(3)],
+            &[NodeId(2), NodeId(3)],
+        );
+        wait_until("sealed and serving", || p.serving());
+        assert!(p.supports_discard(), "a thin primary store reports LBPME");
+        p.write_at(0, &[5u8; 1 << 20], false).unwrap();
+        p.discard(256 << 10, 512 << 10).unwrap();
+        for (i, s) in stores.iter().enumerate() {
+            assert_eq!(
+                read(s.as_ref(), 0, 256 << 10),
+                vec![5u8; 256 << 10],
+                "copy {i}"
+            );
+            assert_eq!(
+                read(s.as_ref(), 256 << 10, 512 << 10),
+                vec![0u8; 512 << 10],
+                "copy {i} reads zeroes where deallocated"
+            );
+            assert_eq!(
+                read(s.as_ref(), 768 << 10, 256 << 10),
+                vec![5u8; 256 << 10],
+                "copy {i}"
+            );
+            let e = s.provisioning(256 << 10, 512 << 10).unwrap();
+            let expect = if s.supports_discard() {
+                Provisioning::Deallocated
+            } else {
+                Provisioning::Mapped
+            };
+            assert_eq!(e.status, expect, "copy {i}");
+        }
+        assert_eq!(
+            p.provisioning(256 << 10, 512 << 10).unwrap().status,
+            Provisioning::Deallocated,
+            "GET LBA STATUS through the primary"
+        );
+        drop(p);
+        net.primaries.lock().unwrap().clear();
+        net.replicas.lock().unwrap().clear();
+    }
+
     /// The replicated volume keeps the contract of every `BlockDevice`, and each
     /// in-sync replica ends up with the primary's bytes.
     #[test]
@@ -1556,9 +1631,8 @@ mod tests {
                     epoch,
                     seq: crate::Seq(1 + i),
                     offset: i * 4096,
-                    data: Bytes::from(vec![i as u8; 4096]),
+                    payload: crate::Payload::Data(Bytes::from(vec![i as u8; 4096])),
                     committed: crate::Seq(0),
-                    flush: false,
                 },
             );
         }

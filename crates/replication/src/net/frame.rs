@@ -8,7 +8,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 
 use crate::bitmap::RegionSet;
-use crate::message::{Epoch, Message, NodeId, Seq};
+use crate::message::{Epoch, Message, NodeId, Payload, Seq};
 
 const MAX_FRAME: usize = 64 << 20;
 
@@ -37,18 +37,33 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             epoch,
             seq,
             offset,
-            data: d,
+            payload,
             committed,
-            flush,
         } => {
-            h.put_u8(3);
+            // A deallocation has a kind of its own, so that a node of the version
+            // before it refuses the frame (the link drops and the replica is resynced)
+            // instead of taking it for something else.
+            h.put_u8(if let Payload::Deallocate(_) = payload {
+                WRITE_DEALLOCATE
+            } else {
+                3
+            });
             h.put_u64(epoch.0);
             h.put_u64(seq.0);
             h.put_u64(*offset);
             h.put_u64(committed.0);
-            h.put_u8(u8::from(*flush));
-            h.put_u32(d.len() as u32);
-            data = Some(d.clone());
+            match payload {
+                Payload::Data(d) => {
+                    h.put_u8(0);
+                    h.put_u32(d.len() as u32);
+                    data = Some(d.clone());
+                }
+                Payload::Flush => {
+                    h.put_u8(1);
+                    h.put_u32(0);
+                }
+                Payload::Deallocate(len) => h.put_u64(*len),
+            }
         }
         Message::Ack { epoch, seq } => {
             h.put_u8(4);
@@ -151,13 +166,27 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
             let flush = b.get_u8() != 0;
             let n = b.get_u32() as usize;
             need(&b, n)?;
+            let payload = match (flush, n) {
+                (false, _) => Payload::Data(b.split_to(n)),
+                (true, 0) => Payload::Flush,
+                (true, _) => return Err(bad("a flush barrier with data")),
+            };
             Message::Write {
                 epoch: Epoch(epoch),
                 seq: Seq(seq),
                 offset,
                 committed: Seq(committed),
-                flush,
-                data: b.split_to(n),
+                payload,
+            }
+        }
+        WRITE_DEALLOCATE => {
+            need(&b, 40)?;
+            Message::Write {
+                epoch: Epoch(b.get_u64()),
+                seq: Seq(b.get_u64()),
+                offset: b.get_u64(),
+                committed: Seq(b.get_u64()),
+                payload: Payload::Deallocate(b.get_u64()),
             }
         }
         4 => {
@@ -225,6 +254,9 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
     }
     Ok((name, msg))
 }
+
+/// Frame kind of a [`Payload::Deallocate`] write (kind 3 carries data or a barrier).
+const WRITE_DEALLOCATE: u8 = 10;
 
 /// Frame kinds of forwarded SCSI traffic (not volume messages).
 pub(super) const FORWARD_REQUEST: u8 = 100;
@@ -386,9 +418,8 @@ mod tests {
                     epoch: Epoch(2),
                     seq: Seq(5),
                     offset: 1 << 20,
-                    data: data.clone(),
+                    payload: Payload::Data(data.clone()),
                     committed: Seq(4),
-                    flush: false,
                 },
             );
             let mut wire = head.to_vec();
@@ -396,7 +427,13 @@ mod tests {
             let frame = rt.block_on(read_frame(&mut &wire[..])).unwrap();
             assert_eq!((frame.as_ptr() as usize + frame.len()) % FRAME_END_ALIGN, 0);
             match decode(frame).unwrap() {
-                (v, Message::Write { data: got, .. }) => {
+                (
+                    v,
+                    Message::Write {
+                        payload: Payload::Data(got),
+                        ..
+                    },
+                ) => {
                     assert_eq!(v, name);
                     assert_eq!(got, data);
                     assert_eq!(got.as_ptr() as usize % FRAME_END_ALIGN, 0, "{name}");
@@ -472,17 +509,22 @@ mod tests {
                 epoch: Epoch(3),
                 seq: Seq(10),
                 offset: 4096,
-                data: Bytes::from_static(b"hello"),
+                payload: Payload::Data(Bytes::from_static(b"hello")),
                 committed: Seq(7),
-                flush: false,
             },
             Message::Write {
                 epoch: Epoch(3),
                 seq: Seq(11),
                 offset: 0,
-                data: Bytes::new(),
+                payload: Payload::Flush,
                 committed: Seq(7),
-                flush: true,
+            },
+            Message::Write {
+                epoch: Epoch(3),
+                seq: Seq(12),
+                offset: 8 << 30,
+                payload: Payload::Deallocate(3 << 30),
+                committed: Seq(11),
             },
             Message::Ack {
                 epoch: Epoch(3),

@@ -8,12 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use block_device::BlockDevice;
-use bytes::Bytes;
 
 use super::{region_crc, ReplicaState, Transport};
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::execute::{run_replica_actions, ReplicaEffects};
-use crate::message::{Epoch, Message, NodeId};
+use crate::message::{Epoch, Message, NodeId, Payload};
 use crate::replica::{Replica, ReplicaAction};
 
 /// How long a replica lets applied writes wait for a background flush of its store
@@ -125,18 +124,24 @@ impl<F: Fn(String)> ReplicaEffects for ReplicaDriver<'_, F> {
         }
     }
 
-    fn apply(&mut self, offset: u64, data: &Bytes, flush: bool) -> Option<()> {
-        let end = offset + data.len() as u64;
-        let done = if flush {
-            self.store.flush()
-        } else if data.is_empty() {
+    fn apply(&mut self, offset: u64, payload: &Payload) -> Option<()> {
+        let size = self.store.size_bytes();
+        let done = match payload {
+            Payload::Flush => self.store.flush(),
             // A resynced region past the end (the activity log runs ahead of the
             // writes): nothing to do.
-            Ok(())
-        } else if end > self.store.size_bytes() {
-            (self.grow)(end).and_then(|()| self.store.write_at(offset, data, false))
-        } else {
-            self.store.write_at(offset, data, false)
+            Payload::Data(data) if data.is_empty() => Ok(()),
+            Payload::Data(data) if offset + data.len() as u64 > size => {
+                (self.grow)(offset + data.len() as u64)
+                    .and_then(|()| self.store.write_at(offset, data, false))
+            }
+            Payload::Data(data) => self.store.write_at(offset, data, false),
+            // Past this copy's end (a resize not applied here yet) there is nothing to
+            // deallocate: growing it later adds bytes that read as zeroes.
+            Payload::Deallocate(len) => match size.checked_sub(offset) {
+                Some(room) if room > 0 => self.store.discard(offset, (*len).min(room)),
+                _ => Ok(()),
+            },
         };
         match done {
             Ok(()) => Some(()),
