@@ -23,8 +23,10 @@
 #   (b) kill -9 of a primary that is not the leader
 #   (c) a planned move (bulwark volume move)
 #   (d) SIGTERM of the primary node, restarted at once
-# Then: fsck clean, every fio verify clean, the canary file intact, reservations seen
-# through both paths, no I/O error above dm-multipath in the guest's kernel log.
+# Then: fstrim of a deleted 64 MiB file gives its space back on every replica (the
+# volume is thin: UNMAP goes through the replication stream), fsck clean, every fio
+# verify clean, the canary file intact, reservations seen through both paths, no I/O
+# error above dm-multipath in the guest's kernel log.
 #
 # KI_REPORT_ONLY=1 prints the gaps without failing on them (baselines). KEEP=1 keeps
 # the work folder (always kept on failure). BULWARK_BIN picks the binary.
@@ -538,6 +540,25 @@ run_case b "kill -9 non-leader primary" "$KI_LIMIT_B_MS" kill_primary restart_ki
 settle || true
 run_case c "planned move" "$KI_LIMIT_C_MS" planned_move settle_only
 run_case d "SIGTERM primary + restart" "$KI_LIMIT_D_MS" term_restart settle_only
+
+# --- thin provisioning (issue 21) ---
+step "kernel-initiator: fstrim frees space on every replica"
+settle || true
+# MiB the volume's copy takes on node $1's disk.
+allocated_mib() { find "$work/n$1" -name "$VOL.img" -exec stat -c %b {} + | awk '{s += $1 * 512} END {print int(s / 1048576)}'; }
+TRIM_MIB=64
+g 120 "ki_trim fill $TRIM_MIB" || fail "writing the file to trim failed"
+declare -A ALLOC_FULL
+holders=$(field replicas "$(vol_state)" | tr , ' ')
+for n in $holders; do ALLOC_FULL[$n]=$(allocated_mib "$(idx "$n")"); done
+g 120 "ki_trim free" || fail "fstrim failed"
+for n in $holders; do
+    after=$(allocated_mib "$(idx "$n")")
+    echo "fstrim: the copy on $n takes $after MiB, was ${ALLOC_FULL[$n]} MiB with the $TRIM_MIB MiB file"
+    # Every replica gives back most of the file (the file system's own blocks may move).
+    [ $((ALLOC_FULL[$n] - after)) -ge $((TRIM_MIB * 3 / 4)) ] \
+        || fail "fstrim freed $((ALLOC_FULL[$n] - after)) MiB on $n, not at least $((TRIM_MIB * 3 / 4)) of the $TRIM_MIB MiB deleted"
+done
 
 # --- the end ---
 step "kernel-initiator: after the faults"

@@ -157,6 +157,25 @@ ki_mkfs_mount() {
     df -h "$MNT" | tail -1
 }
 
+# Thin provisioning: ki_trim fill N writes an N MiB file of random data and syncs it;
+# ki_trim free removes it and runs fstrim, which sends UNMAP for the freed blocks
+# (the host compares the volume's allocation on every replica before and after).
+ki_trim() {
+    case $1 in
+    fill)
+        lsblk -D "$(findmnt -n -o SOURCE "$MNT")" | sed 's/^/    /'
+        dd if=/dev/urandom of="$MNT/trim.dat" bs=1M count="$2" oflag=direct status=none \
+            || gfail "writing $MNT/trim.dat failed"
+        sync
+        ;;
+    free)
+        rm -f "$MNT/trim.dat"
+        sync
+        fstrim -v "$MNT" || gfail "fstrim $MNT failed"
+        ;;
+    esac
+}
+
 # The canary: 16 MiB written once with checksums, read back after every fault.
 ki_canary() {
     local mode=$1

@@ -51,8 +51,9 @@ pub(crate) trait PrimaryEffects {
     /// Saves the map of what out-of-sync replicas lack.
     fn persist_dirty_map(&mut self, map: DirtyMap) -> Option<()>;
 
-    /// Reads one region for a resync.
-    fn read_region(&mut self, region: u64) -> Option<Bytes>;
+    /// Reads one region for a resync: its bytes, or a deallocation when the local copy
+    /// holds none of it (the replica's copy stays thin).
+    fn read_region(&mut self, region: u64) -> Option<Payload>;
 
     /// Takes a resync read to carry out elsewhere, several at once (the driver's
     /// readers), which then hand the data to [`Primary::region_read`]; false to read
@@ -152,9 +153,9 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
                 }
             }
             Action::ReadRegion { peer, seq, region } => {
-                if let Some(data) = fx.read_region(region) {
+                if let Some(payload) = fx.read_region(region) {
                     queue.extend(
-                        fx.engine(|p, _| p.region_read(peer, seq, data))
+                        fx.engine(|p, _| p.region_read(peer, seq, payload))
                             .unwrap_or_default(),
                     );
                 }

@@ -1176,8 +1176,9 @@ impl Primary {
         }
     }
 
-    /// The content of a region read for a resync entry.
-    pub fn region_read(&mut self, peer: NodeId, seq: Seq, data: Bytes) -> Vec<Action> {
+    /// The content of a region read for a resync entry: its bytes, or a deallocation
+    /// of the whole region when this copy holds none of it.
+    pub fn region_read(&mut self, peer: NodeId, seq: Seq, payload: Payload) -> Vec<Action> {
         let mut out = Vec::new();
         let epoch = self.cfg.epoch;
         let writes = &self.writes;
@@ -1198,7 +1199,7 @@ impl Primary {
                 .filter(|(_, w)| regions(w.offset, w.len, rs).any(|r| r == region))
                 .map(|(id, _)| *id)
                 .collect();
-            e.payload = Some(Payload::Data(data.clone()));
+            e.payload = Some(payload.clone());
             if streaming {
                 out.push(Action::Send {
                     to: peer,
@@ -1206,7 +1207,7 @@ impl Primary {
                         epoch,
                         seq,
                         offset: e.offset,
-                        payload: Payload::Data(data),
+                        payload,
                         committed,
                     },
                 });
@@ -2242,7 +2243,11 @@ mod tests {
             let mut out = Vec::new();
             if let Some(last) = pending.iter().max().copied() {
                 for seq in &pending {
-                    out.extend(p.region_read(NodeId(2), *seq, Bytes::from(vec![0u8; 16])));
+                    out.extend(p.region_read(
+                        NodeId(2),
+                        *seq,
+                        Payload::Data(Bytes::from(vec![0u8; 16])),
+                    ));
                 }
                 out.extend(p.on_message(
                     now,
@@ -2270,7 +2275,7 @@ mod tests {
         assert!(!sent.is_empty(), "the resync started: {first:?}");
         let mut out = Vec::new();
         for seq in &sent {
-            out.extend(p.region_read(NodeId(2), *seq, Bytes::from(vec![0u8; 16])));
+            out.extend(p.region_read(NodeId(2), *seq, Payload::Data(Bytes::from(vec![0u8; 16]))));
         }
         // No answer: the replica's volume restarted and drops what it was not sealed for.
         let seals = |out: &[Action]| {
@@ -2553,7 +2558,7 @@ mod tests {
         let resync_seqs: Vec<Seq> = (1..=16).map(Seq).collect();
         let mut out = Vec::new();
         for seq in &resync_seqs {
-            out.extend(p.region_read(NodeId(2), *seq, Bytes::from(vec![0u8; 16])));
+            out.extend(p.region_read(NodeId(2), *seq, Payload::Data(Bytes::from(vec![0u8; 16]))));
         }
         out.extend(p.on_message(
             3,
@@ -2597,7 +2602,11 @@ mod tests {
             for a in &out {
                 match a {
                     Action::ReadRegion { peer: to, seq, .. } if *to == peer => {
-                        next.extend(p.region_read(peer, *seq, Bytes::from(vec![7u8; 16])));
+                        next.extend(p.region_read(
+                            peer,
+                            *seq,
+                            Payload::Data(Bytes::from(vec![7u8; 16])),
+                        ));
                     }
                     Action::Send {
                         to,
@@ -2876,7 +2885,7 @@ mod tests {
         // A read of the old stream finishing now sends nothing.
         let (seq, _) = old_reads[0];
         assert!(p
-            .region_read(NodeId(3), seq, Bytes::from(vec![1u8; 16]))
+            .region_read(NodeId(3), seq, Payload::Data(Bytes::from(vec![1u8; 16])))
             .is_empty());
         // Marked rebuilding again (removed and added in between, unseen): from scratch.
         let mut q = in_sync_pair();

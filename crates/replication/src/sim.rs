@@ -1648,15 +1648,21 @@ impl PrimaryEffects for SimPrimary<'_> {
         Some(())
     }
 
-    fn read_region(&mut self, region: u64) -> Option<Bytes> {
+    fn read_region(&mut self, region: u64) -> Option<Payload> {
         let node = self.node();
         let start = (region * REGION) as usize;
         let end = (start + REGION as usize).min(SIZE as usize);
+        let blocks = (start / BLOCK as usize)..(end / BLOCK as usize);
+        // The model has no allocation map: a region of zeroes stands for one this copy
+        // holds nothing of, and goes as a deallocation as the product's would.
+        if blocks.clone().all(|b| node.disk.get(b) == 0) {
+            return Some(Payload::Deallocate((end - start) as u64));
+        }
         let mut buf = Vec::new();
-        for b in (start / BLOCK as usize)..(end / BLOCK as usize) {
+        for b in blocks {
             buf.extend_from_slice(&node.disk.get(b).to_le_bytes());
         }
-        Some(Bytes::from(buf))
+        Some(Payload::Data(Bytes::from(buf)))
     }
 
     fn checksum_region(&mut self, region: u64) -> Option<u32> {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::execute::{run_primary_actions, PrimaryEffects};
-use crate::message::{Epoch, Message, NodeId};
+use crate::message::{Epoch, Message, NodeId, Payload};
 use crate::primary::{Action, Primary, PrimaryConfig, VerifyReport, WriteTag};
 
 mod replica;
@@ -340,12 +340,26 @@ const TICK: Duration = Duration::from_millis(20);
 const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 impl PrimaryShared {
-    /// Reads `region` of the local copy for a resync.
-    fn read_region(&self, region: u64) -> Option<Bytes> {
+    /// Reads `region` of the local copy for a resync: a region this copy holds nothing
+    /// of goes as a deallocation, so a resync or rebuild leaves the replica as thin as
+    /// this copy (a region holding some data goes whole, holes as zeroes).
+    fn read_region(&self, region: u64) -> Option<Payload> {
         let offset = region * self.region_size;
         let len = self
             .region_size
             .min(self.store.size_bytes().saturating_sub(offset));
+        if len > 0 && self.store.supports_discard() {
+            // A failed query reads the region instead.
+            let hole = self
+                .store
+                .provisioning(offset, len)
+                .is_ok_and(|e| e.status == block_device::Provisioning::Deallocated && e.len >= len);
+            if hole {
+                self.resync_regions_sent
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some(Payload::Deallocate(len));
+            }
+        }
         let len = len as usize;
         // Aligned, so a store that can reads it around the page cache.
         let (mut buf, start) = block_device::aligned_vec(len);
@@ -363,7 +377,7 @@ impl PrimaryShared {
             self.resync_regions_sent
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        Some(Bytes::from(buf).slice(start..start + len))
+        Some(Payload::Data(Bytes::from(buf).slice(start..start + len)))
     }
 
     /// Starts the resync readers, once.
@@ -392,11 +406,11 @@ impl PrimaryShared {
             };
             let Ok((peer, seq, region)) = job else { return };
             let Some(sh) = weak.upgrade() else { return };
-            let Some(data) = sh.read_region(region) else {
+            let Some(payload) = sh.read_region(region) else {
                 continue;
             };
             let actions = match sh.core.lock() {
-                Ok(mut p) => p.region_read(peer, seq, data),
+                Ok(mut p) => p.region_read(peer, seq, payload),
                 Err(_) => return,
             };
             sh.run(actions, true);
@@ -769,7 +783,7 @@ impl PrimaryEffects for DriverEffects<'_> {
             .is_ok_and(|r| r.send((peer, seq, region)).is_ok())
     }
 
-    fn read_region(&mut self, region: u64) -> Option<Bytes> {
+    fn read_region(&mut self, region: u64) -> Option<Payload> {
         self.sh.read_region(region)
     }
 
@@ -1503,6 +1517,60 @@ mod tests {
             p.provisioning(256 << 10, 512 << 10).unwrap().status,
             Provisioning::Deallocated,
             "GET LBA STATUS through the primary"
+        );
+        drop(p);
+        net.primaries.lock().unwrap().clear();
+        net.replicas.lock().unwrap().clear();
+    }
+
+    /// A resync sends a region the primary holds nothing of as a deallocation: the
+    /// replica ends up with the primary's bytes and as thin as the primary.
+    #[test]
+    fn a_resync_leaves_the_replica_as_thin_as_the_primary() {
+        use block_device::Provisioning;
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Net::default());
+        let size = 4u64 << 20;
+        let stores: Vec<Arc<MemDevice>> = (0..2).map(|_| Arc::new(MemDevice::new(size))).collect();
+        // The primary holds one region of data; the replica, out of sync, all of them.
+        stores[0]
+            .write_at(64 << 10, &[3u8; 64 << 10], false)
+            .unwrap();
+        stores[1]
+            .write_at(0, &vec![9u8; size as usize], false)
+            .unwrap();
+        start_replica(&net, NodeId(2), stores[1].clone(), dir.path());
+        let p = start_primary(
+            &net,
+            NodeId(1),
+            Epoch(1),
+            stores[0].clone(),
+            dir.path(),
+            &[],
+            &[NodeId(2)],
+        );
+        wait_until("sealed and serving", || p.serving());
+        p.link_up(NodeId(2));
+        wait_until("node 2 resynced into the in-sync set", || {
+            p.in_sync().contains(&NodeId(2))
+        });
+        assert_eq!(
+            read(stores[1].as_ref(), 0, size as usize),
+            read(stores[0].as_ref(), 0, size as usize)
+        );
+        let mut mapped = 0;
+        let mut at = 0;
+        while at < size {
+            let e = stores[1].provisioning(at, size - at).unwrap();
+            if e.status == Provisioning::Mapped {
+                mapped += e.len;
+            }
+            at += e.len;
+        }
+        assert_eq!(
+            mapped,
+            64 << 10,
+            "only the region the primary holds is mapped on the replica"
         );
         drop(p);
         net.primaries.lock().unwrap().clear();
