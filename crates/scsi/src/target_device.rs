@@ -647,6 +647,23 @@ impl TargetDevice {
         }
     }
 
+    /// The space behind `lun` runs low: a thin unit reports THIN PROVISIONING SOFT
+    /// THRESHOLD REACHED to every nexus (SBC-3 4.7.3.7.3), so initiators hear before
+    /// writes fail; a fully provisioned one, whose space is its own, is left alone.
+    /// Returns whether the unit attention was set.
+    pub fn thin_threshold_reached(&self, lun: u64) -> bool {
+        match self.lu(lun) {
+            Some(lu) if lu.device.supports_discard() => {
+                lu.ua_all(
+                    None,
+                    Sense::UNIT_ATTENTION_THIN_PROVISIONING_SOFT_THRESHOLD_REACHED,
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn lu(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
         self.read().get(&lun).cloned()
     }

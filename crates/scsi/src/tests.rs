@@ -451,6 +451,26 @@ fn read_capacity() {
 }
 
 #[test]
+fn low_space_under_a_thin_unit_is_a_soft_threshold_unit_attention() {
+    let k = Kit::new();
+    let a = k.ready("a");
+    let b = k.ready("b");
+    assert!(k.target.thin_threshold_reached(0));
+    for n in [&a, &b] {
+        assert_eq!(sense_of(&k.exec(n, &[0x00; 6], &[])), (0x06, 0x38, 0x07));
+        assert_good(&k.exec(n, &[0x00; 6], &[]));
+    }
+    assert!(!k.target.thin_threshold_reached(7), "no such unit");
+    let thick = Kit::with(LuConfig::default(), MemDevice::thick(BLOCKS * 512));
+    let c = thick.ready("c");
+    assert!(
+        !thick.target.thin_threshold_reached(0),
+        "a fully provisioned unit"
+    );
+    assert_good(&thick.exec(&c, &[0x00; 6], &[]));
+}
+
+#[test]
 fn mode_select_changes_d_sense_and_notifies_other_nexuses() {
     let k = Kit::new();
     let a = k.ready("a");

@@ -59,13 +59,15 @@ impl crate::Serving {
                     d.free_bytes.saturating_mul(100) >= d.total_bytes.saturating_mul(REARM_PERCENT);
                 if !low && is_low(&d) {
                     low = true;
+                    let units = self.thin_threshold_reached();
                     let mut details = serde_json::Map::new();
                     details.insert("free_bytes".into(), d.free_bytes.into());
                     details.insert("total_bytes".into(), d.total_bytes.into());
+                    details.insert("thin_units_told".into(), units.into());
                     self.events().push_with(
                         EventKind::SpaceLow,
                         format!(
-                            "{}'s data file system has {} free of {} (under {LOW_SPACE_PERCENT}%): a replica stops when it is full; free space, or move replicas off (`bulwark volume replicas VOLUME replace {} NODE`)",
+                            "{}'s data file system has {} free of {} (under {LOW_SPACE_PERCENT}%): a replica stops when it is full; free space, or move replicas off (`bulwark volume replicas VOLUME replace {} NODE`); {units} thin logical unit(s) served here report THIN PROVISIONING SOFT THRESHOLD REACHED to their initiators",
                             self.node_name(),
                             cluster::state::human(d.free_bytes),
                             cluster::state::human(d.total_bytes),

@@ -227,6 +227,21 @@ impl Serving {
         }
     }
 
+    /// This node's space runs low: every thin logical unit executed here (this node
+    /// is its volume's primary) reports THIN PROVISIONING SOFT THRESHOLD REACHED to
+    /// its initiators. Returns how many did.
+    pub fn thin_threshold_reached(&self) -> usize {
+        let Ok(served) = self.served.lock() else {
+            return 0;
+        };
+        served
+            .values()
+            .filter(|s| s.forwarding_to.is_none())
+            .flat_map(|s| s.luns.keys().map(|lun| (s.device.clone(), *lun)))
+            .filter(|(device, lun)| device.thin_threshold_reached(*lun))
+            .count()
+    }
+
     /// Targets served here now.
     pub fn served_targets(&self) -> Vec<String> {
         let mut v: Vec<String> = self
