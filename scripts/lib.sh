@@ -161,6 +161,13 @@ ensure_bench_packages() {
     command -v iperf3 >/dev/null || apt_install iperf3
     command -v fio >/dev/null || apt_install fio
     command -v bc >/dev/null || apt_install bc
+    command -v gcc >/dev/null || apt_install gcc
+}
+
+# CPU seconds every core of the machine spent busy so far (/proc/stat: all but idle and
+# iowait), whoever used them: the nodes, the client and the kernel's network work.
+machine_busy_seconds() {
+    awk '/^cpu / {print ($2 + $3 + $4 + $7 + $8 + $9) / '"$(getconf CLK_TCK)"'}' /proc/stat
 }
 
 # CPU seconds (user + system, every thread) the processes $@ used so far, summed.

@@ -12,10 +12,10 @@
 # WRITE SAME with UNMAP, GET LBA STATUS and SANITIZE BLOCK ERASE tests run through both
 # paths, each deallocation going through the replication stream (issue 21). As in
 # conformance.sh, the two ALL runs use volumes whose physical block is the logical one
-# (4 KiB logical blocks): libiscsi's GetLBAStatus.UnmapSingle assumes that; the five
-# tests that need several logical blocks per physical block run on a third volume
-# with 512-byte blocks. Afterwards `bulwark volume verify` finds every replica
-# identical, deallocations included.
+# (`--physical-block-size 512`): libiscsi's GetLBAStatus.UnmapSingle assumes that; the
+# five tests that need several logical blocks per physical block run on a third volume
+# with the default 4 KiB physical blocks. Afterwards `bulwark volume verify` finds
+# every replica identical, deallocations included.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
@@ -32,9 +32,9 @@ start_demo "$work"
 # paths run at once, one per target (libiscsi's Sanitize.Reset spends a minute asleep);
 # a third for the tests of several logical blocks per physical block.
 for i in 1 2 3; do
-    block=4096
-    [ "$i" = 3 ] && block=512
-    "$BULWARK_BIN" volume create "mp$i" 128MiB --replicas 3 --block-size "$block" >/dev/null
+    physical=(--physical-block-size 512)
+    [ "$i" = 3 ] && physical=()
+    "$BULWARK_BIN" volume create "mp$i" 128MiB --replicas 3 "${physical[@]}" >/dev/null
     "$BULWARK_BIN" target create "iqn.2026-11.io.bulwark:multipath$i" >/dev/null
     "$BULWARK_BIN" target allow-any "iqn.2026-11.io.bulwark:multipath$i" >/dev/null
     # libiscsi's Reserve6.TargetColdReset/TargetWarmReset send target resets.
@@ -106,7 +106,7 @@ done
 lbppb_tests='ALL.CompareAndWrite.InvalidDataOutSize,ALL.WriteSame10.InvalidDataOutSize,ALL.WriteSame16.InvalidDataOutSize,ALL.WriteSame10.UnmapUnaligned,ALL.WriteSame16.UnmapUnaligned'
 timeout 300 iscsi-test-cu -d -S -t "$lbppb_tests" "iscsi://${optimized[3]}/iqn.2026-11.io.bulwark:multipath3/0" \
     "iscsi://${non_optimized[3]}/iqn.2026-11.io.bulwark:multipath3/0" >"$work/lbppb.txt" 2>&1 || true
-check_run "LBPPB > 1 tests (mp3, 512-byte blocks)" "$work/lbppb.txt"
+check_run "LBPPB > 1 tests (mp3, 4 KiB physical blocks)" "$work/lbppb.txt"
 [ "$(grep -E '^\s+tests\s' "$work/lbppb.txt" | awk '{print $3}')" = 5 ] || die "the LBPPB run did not run its 5 tests"
 
 # Every replica holds what the primary holds, deallocated ranges included.

@@ -148,6 +148,11 @@ pub enum VolumeCmd {
         /// Logical block size: 512 or 4096.
         #[arg(long, default_value_t = 512)]
         block_size: u32,
+        /// Physical block size initiators see (a power of two from the block size to
+        /// 32768; default 4096): 512 for software that assumes one logical block per
+        /// physical block.
+        #[arg(long)]
+        physical_block_size: Option<u32>,
         /// Place it on this node (repeat for each replica; the first is the primary).
         #[arg(long = "on")]
         on: Vec<String>,
@@ -373,6 +378,7 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
             size,
             replicas,
             block_size,
+            physical_block_size,
             on,
         } => {
             if !on.is_empty() && on.len() > usize::from(*replicas) {
@@ -386,6 +392,7 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
                 size_bytes: parse_size(size)?,
                 replicas: *replicas,
                 block_size: *block_size,
+                physical_block_size: *physical_block_size,
                 nodes: on.clone(),
             })
         }
@@ -1588,6 +1595,7 @@ mod tests {
                 size: size.into(),
                 replicas,
                 block_size: 512,
+                physical_block_size: None,
                 on: on.iter().map(|s| s.to_string()).collect(),
             })
         };

@@ -175,6 +175,7 @@ async fn start(exe: &Path, dir: &Path, children: &mut Children, watch: bool) -> 
             size_bytes: 1 << 30,
             replicas: 2,
             block_size: 512,
+            physical_block_size: None,
             nodes: vec!["n1".into(), "n2".into()],
         },
     )

@@ -717,6 +717,7 @@ async fn full_disks_drop_a_replica_and_fail_a_primary_over() {
             size_bytes: 16 << 20,
             replicas: 3,
             block_size: BLOCK,
+            physical_block_size: None,
             nodes: vec!["n2".into(), "n3".into(), "n1".into()],
         },
     )

@@ -230,6 +230,7 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped() {
             size_bytes: REGIONS << 20,
             replicas: 1,
             block_size: BLOCK,
+            physical_block_size: None,
             nodes: vec!["n2".into()],
         },
     )

@@ -40,6 +40,7 @@ async fn on_every_node(block: u8) -> Cluster {
             size_bytes: 16 << 20,
             replicas: 3,
             block_size: BLOCK,
+            physical_block_size: None,
             nodes: vec!["n1".into(), "n2".into(), "n3".into()],
         },
     )
@@ -487,6 +488,7 @@ async fn the_pause_is_the_same_for_one_lun_and_for_256() {
                     size_bytes: 4 << 20,
                     replicas: 2,
                     block_size: BLOCK,
+                    physical_block_size: None,
                     nodes: vec!["n2".into(), "n3".into()],
                 },
             )

@@ -120,6 +120,11 @@ pub struct Volume {
     pub size_bytes: u64,
     /// Logical block size: 512 or 4096.
     pub block_size: u32,
+    /// Physical block size reported to initiators (READ CAPACITY (16)'s LOGICAL BLOCKS
+    /// PER PHYSICAL BLOCK EXPONENT, the unmap granularity): a power of two from
+    /// `block_size` to 32768. None: 4096, so initiators align to the page size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_block_size: Option<u32>,
     /// Storage nodes holding a replica, primary first.
     pub replicas: Vec<NodeId>,
     /// The node that serves the volume now.
@@ -689,6 +694,10 @@ pub enum Command {
         replicas: u8,
         /// Logical block size.
         block_size: u32,
+        /// Physical block size reported to initiators; none: 4096 (see
+        /// [`Volume::physical_block_size`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        physical_block_size: Option<u32>,
         /// Nodes to place it on (names), preferred primary first; empty lets the cluster
         /// choose the nodes with the most free space.
         nodes: Vec<String>,
@@ -961,6 +970,8 @@ pub enum Refused {
     BadVolumeSize { size: u64, block_size: u32 },
     #[error("block size must be 512 or 4096, not {0}")]
     BadBlockSize(u32),
+    #[error("physical block size {physical} must be a power of two from the block size ({block_size}) to 32768")]
+    BadPhysicalBlockSize { physical: u32, block_size: u32 },
     #[error("a volume needs 1 to 3 replicas, not {0}")]
     BadReplicaCount(u8),
     #[error("{replicas} replica(s) need {replicas} storage node(s) with room; the cluster has {usable} ({detail}). Add storage nodes, lower --replicas or the size")]
@@ -1416,6 +1427,7 @@ impl ClusterState {
                 size_bytes,
                 replicas,
                 block_size,
+                physical_block_size,
                 nodes,
             } => {
                 check_name("volume", name)?;
@@ -1424,6 +1436,14 @@ impl ClusterState {
                 }
                 if *block_size != 512 && *block_size != 4096 {
                     return Err(Refused::BadBlockSize(*block_size));
+                }
+                if let Some(p) = *physical_block_size {
+                    if !p.is_power_of_two() || p < *block_size || p > 32768 {
+                        return Err(Refused::BadPhysicalBlockSize {
+                            physical: p,
+                            block_size: *block_size,
+                        });
+                    }
                 }
                 if *size_bytes == 0 || size_bytes % u64::from(*block_size) != 0 {
                     return Err(Refused::BadVolumeSize {
@@ -1441,6 +1461,7 @@ impl ClusterState {
                         name: name.clone(),
                         size_bytes: *size_bytes,
                         block_size: *block_size,
+                        physical_block_size: *physical_block_size,
                         primary: placement[0],
                         replicas: placement.clone(),
                         // New volumes are zeroes everywhere: in sync from the start.

@@ -36,6 +36,7 @@ pub(super) fn create(name: &str, size: u64, replicas: u8, nodes: &[&str]) -> Com
         size_bytes: size,
         replicas,
         block_size: 512,
+        physical_block_size: None,
         nodes: nodes.iter().map(|s| s.to_string()).collect(),
     }
 }
@@ -243,6 +244,30 @@ fn volume_placement_and_space() {
         *block_size = 1024;
     }
     assert!(matches!(refused(&mut st, bs), Refused::BadBlockSize(1024)));
+    for bad in [256, 1000, 65536] {
+        let mut pbs = create("x", GIB, 1, &[]);
+        if let Command::CreateVolume {
+            physical_block_size,
+            ..
+        } = &mut pbs
+        {
+            *physical_block_size = Some(bad);
+        }
+        assert!(
+            matches!(refused(&mut st, pbs), Refused::BadPhysicalBlockSize { physical, .. } if physical == bad),
+            "{bad}"
+        );
+    }
+    let mut pbs = create("x", GIB, 1, &[]);
+    if let Command::CreateVolume {
+        physical_block_size,
+        ..
+    } = &mut pbs
+    {
+        *physical_block_size = Some(512);
+    }
+    st.apply(&pbs).unwrap();
+    assert_eq!(st.volumes["x"].physical_block_size, Some(512));
 }
 
 #[test]
@@ -900,6 +925,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 size_bytes: g * GIB,
                 replicas,
                 block_size: 512,
+                physical_block_size: None,
                 nodes,
             }),
         (vol.clone(), 1u64..6).prop_map(|(name, g)| Command::ResizeVolume {

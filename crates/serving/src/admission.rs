@@ -197,6 +197,7 @@ mod tests {
             size_bytes: 1 << 30,
             replicas: 2,
             block_size: 512,
+            physical_block_size: None,
             nodes: vec!["n1".into(), "n2".into()],
         })
         .unwrap();

@@ -287,6 +287,7 @@ pub async fn replicated_volume_with(block: u8, size_bytes: u64, extra: &[String]
             size_bytes,
             replicas: 2,
             block_size: BLOCK,
+            physical_block_size: None,
             nodes: vec!["n2".into(), "n3".into()],
         },
     )

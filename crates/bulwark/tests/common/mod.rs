@@ -305,6 +305,7 @@ pub fn create_volume(name: &str, on: &[&str]) -> Command {
         size_bytes: 64 << 20,
         replicas: on.len().max(1) as u8,
         block_size: 512,
+        physical_block_size: None,
         nodes: on.iter().map(|s| s.to_string()).collect(),
     }
 }

@@ -11,6 +11,9 @@ pub(super) fn lu_config(v: &Volume, path: &Path) -> scsi::LuConfig {
     let h2 = crate::lu_identity::fnv1a(&[&h1.to_be_bytes(), v.name.as_bytes()]);
     scsi::LuConfig {
         block_size: v.block_size,
+        physical_block_size: v
+            .physical_block_size
+            .unwrap_or(scsi::LuConfig::default().physical_block_size),
         serial: format!("{h1:016x}"),
         naa: crate::lu_identity::naa_identifier(h1, h2),
         pr_file: Some(path.with_extension("pr")),
