@@ -22,6 +22,8 @@ ensure_test_packages() {
     command -v nft >/dev/null || apt_install nftables
     # iproute2: the virtual-IP test puts its client in a network namespace.
     command -v ip >/dev/null || apt_install iproute2
+    # xfsprogs: the reflink tests (snapshots, clones) make an XFS image on a loop device.
+    command -v mkfs.xfs >/dev/null || apt_install xfsprogs
     # The observability test: promtool and a real Prometheus, headless Chromium driven
     # through chromedriver, curl.
     command -v promtool >/dev/null && command -v prometheus >/dev/null || apt_install prometheus

@@ -182,6 +182,64 @@ impl FileStore {
         Ok(())
     }
 
+    /// Makes `dest` a copy of this store as it is now that shares its blocks (a
+    /// reflink, `FICLONE`): it takes no space until one of the two changes, and it
+    /// takes milliseconds whatever the size. Every write that returned before the call
+    /// is in the copy (the file system writes the source's cached pages back first).
+    /// When this returns the copy is durable, its name included. On failure nothing is
+    /// left at `dest`. A file system that cannot share blocks (ext4, tmpfs) gives
+    /// [`StoreError::NoReflink`]: there is no fallback to a full copy, which would take
+    /// minutes and the space of the whole volume.
+    pub fn reflink_to(&self, dest: &Path) -> Result<(), StoreError> {
+        let io_err = |source| StoreError::Io {
+            path: dest.to_path_buf(),
+            source,
+        };
+        if self.is_block_device {
+            return Err(io_err(io::Error::other(
+                "a block device cannot be snapshotted by Bulwark (only a file store can)",
+            )));
+        }
+        if self.volatile.is_some() {
+            // Test only: writes held in memory reach the file first.
+            self.flush().map_err(io_err)?;
+        }
+        if dest.exists() {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "already exists",
+            )));
+        }
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let mut tmp_name = dest.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        let made = (|| {
+            let copy = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            rustix::fs::ioctl_ficlone(&copy, &self.file).map_err(io::Error::from)?;
+            copy.sync_all()?;
+            std::fs::rename(&tmp, dest)?;
+            File::open(dir)?.sync_all()
+        })();
+        made.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY) => StoreError::NoReflink {
+                    path: self.path.clone(),
+                    source: e,
+                },
+                Some(libc::EXDEV) => io_err(io::Error::other(format!(
+                    "not on the file system of {} ({e}): a copy that shares blocks must be",
+                    self.path.display()
+                ))),
+                _ => io_err(e),
+            }
+        })
+    }
+
     /// The path the store was opened from.
     pub fn path(&self) -> &Path {
         &self.path

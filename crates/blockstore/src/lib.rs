@@ -38,6 +38,15 @@ pub enum StoreError {
         /// Logical block size.
         block_size: u32,
     },
+    /// The file system cannot share blocks between files, which a copy in
+    /// milliseconds that takes no space (a snapshot, a clone) needs.
+    #[error("{path}: the file system does not share blocks between files (reflink), which snapshots and clones need; put the data folder on XFS (reflink is on by default since xfsprogs 5.1) or btrfs ({source})")]
+    NoReflink {
+        /// The store.
+        path: std::path::PathBuf,
+        /// What the file system answered.
+        source: std::io::Error,
+    },
     /// Another OS error while preparing the store.
     #[error("{path}: {source}")]
     Io {
