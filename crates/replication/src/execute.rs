@@ -45,6 +45,11 @@ pub(crate) trait PrimaryEffects {
     /// Makes every local write so far durable.
     fn flush(&mut self) -> Option<()>;
 
+    /// Takes the local copy of snapshot `name` (every earlier local write is done, no
+    /// later one has started). A failure is reported by the implementation (the
+    /// snapshot fails; the volume goes on): it is not a failed disk.
+    fn snapshot(&mut self, name: &str);
+
     /// Saves the activity log (at least `log`; the driver saves the newest).
     fn persist_activity_log(&mut self, log: RegionSet) -> Option<()>;
 
@@ -133,6 +138,10 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
                     Payload::Data(data) => fx.write(offset, &data),
                     Payload::Deallocate(len) => fx.deallocate(offset, len),
                     Payload::Flush => fx.flush(),
+                    Payload::Snapshot(name) => {
+                        fx.snapshot(&name);
+                        Some(())
+                    }
                 };
                 if done.is_some() {
                     queue.extend(

@@ -42,6 +42,6 @@ pub use message::{Epoch, Message, NodeId, Payload, Seq};
 pub use primary::{Action, Primary, PrimaryConfig, ResyncProgress, VerifyReport, WriteTag};
 pub use replica::{Replica, ReplicaAction, ACTIVITY_LOG_SLACK};
 pub use volume::{
-    ControlPlane, Notice, PrimaryStats, PrimaryVolume, ReplicaState, ReplicaVolume, ResyncStatus,
-    Transport,
+    ControlPlane, LocalCopy, Notice, PrimaryStats, PrimaryVolume, ReplicaState, ReplicaVolume,
+    ResyncStatus, Transport,
 };

@@ -85,6 +85,10 @@ pub enum Payload {
     /// A flush barrier (no data): make everything applied so far durable before
     /// acknowledging this position (SYNCHRONIZE CACHE, FUA).
     Flush,
+    /// Take the snapshot of this name here: a copy of the volume holding every write
+    /// before this position and none after it, on every member at the same point of
+    /// the stream (a crash-consistent snapshot; issue 21).
+    Snapshot(String),
 }
 
 impl Payload {
@@ -93,7 +97,7 @@ impl Payload {
         match self {
             Payload::Data(d) => d.len() as u64,
             Payload::Deallocate(n) => *n,
-            Payload::Flush => 0,
+            Payload::Flush | Payload::Snapshot(_) => 0,
         }
     }
 

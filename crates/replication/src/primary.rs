@@ -402,6 +402,15 @@ impl Peer {
     }
 }
 
+/// A snapshot whose local copy is not made yet.
+#[derive(Debug)]
+struct SnapshotHere {
+    /// The write id of its position.
+    id: u64,
+    /// Its local action, while it waits for the local writes placed before it.
+    waiting: Option<Payload>,
+}
+
 /// Progress of a resync kept across restarts: a flush barrier placed after some
 /// copies. Once the replica acknowledges it, those copies are durable there, and the
 /// map of what it lacks (persisted on every member) shrinks to `lacking`: a new primary,
@@ -498,9 +507,12 @@ pub struct Primary {
     /// Resync reads waiting for local writes to the region to finish.
     deferred_reads: Vec<(NodeId, Seq, u64)>,
     verify: Option<Verify>,
-    /// Writes to regions under verify, in arrival order; placed when the region is
-    /// compared (a few milliseconds).
+    /// Writes to regions under verify, and every write while a snapshot is taken
+    /// here, in arrival order; placed when the region is compared or the local copy
+    /// of the snapshot is made (a few milliseconds).
     held: VecDeque<Held>,
+    /// A snapshot placed in the streams whose local copy is not made yet.
+    snapshot_here: Option<SnapshotHere>,
     /// Every replica outside the in-sync set → the regions it may lack (everything
     /// written since it left, and what it lacked then); this node → none. Persisted
     /// here and on every member ([`Message::DirtyMap`]).
@@ -590,6 +602,7 @@ impl Primary {
             retired_seq: BTreeMap::new(),
             verify: None,
             held: VecDeque::new(),
+            snapshot_here: None,
             dirty_map,
             map_generation: 0,
             cfg,
@@ -687,6 +700,23 @@ impl Primary {
         self.submit(now, tag, offset, Payload::Deallocate(len))
     }
 
+    /// Takes snapshot `name`: a position in every member's stream, where each member
+    /// copies its volume (every write before it, none after). Here the copy is made
+    /// once every earlier local write is done, and writes that arrive meanwhile wait
+    /// (the write pause a snapshot costs). It completes when every in-sync member has
+    /// acknowledged its copy. One at a time.
+    pub fn submit_snapshot(
+        &mut self,
+        now: u64,
+        tag: WriteTag,
+        name: String,
+    ) -> Result<Vec<Action>, NotServing> {
+        if self.snapshot_here.is_some() {
+            return Err(NotServing::Busy);
+        }
+        self.submit(now, tag, 0, Payload::Snapshot(name))
+    }
+
     /// Takes a flush barrier (SYNCHRONIZE CACHE, FUA): it completes when every write
     /// before it is durable here and on every in-sync replica.
     pub fn submit_flush(&mut self, now: u64, tag: WriteTag) -> Result<Vec<Action>, NotServing> {
@@ -723,6 +753,9 @@ impl Primary {
     /// Whether a write to `[offset, offset + len)` must wait: a region it touches is
     /// being verified, or an earlier write to one of them waits already (order).
     fn must_hold(&self, offset: u64, len: u64) -> bool {
+        if self.snapshot_here.is_some() {
+            return true;
+        }
         let rs = self.cfg.region_size;
         let Some(v) = &self.verify else {
             return false;
@@ -826,6 +859,17 @@ impl Primary {
                 waiting: members,
             },
         );
+        if let Payload::Snapshot(_) = &payload {
+            // The local copy waits for the local writes placed before it.
+            let earlier = self.writes.values().any(|w| !w.local_done && w.len > 0);
+            self.snapshot_here = Some(SnapshotHere {
+                id,
+                waiting: earlier.then(|| payload.clone()),
+            });
+            if earlier {
+                return;
+            }
+        }
         out.push(Action::LocalWrite {
             id,
             offset,
@@ -836,6 +880,25 @@ impl Primary {
     /// The local write `id` is done.
     pub fn local_done(&mut self, now: u64, id: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        if let Some(snap) = &mut self.snapshot_here {
+            if snap.id == id {
+                // The local copy is made: the writes held meanwhile go on.
+                self.snapshot_here = None;
+                self.release_held(now, &mut out);
+            } else if snap.waiting.is_some() {
+                let earlier = self
+                    .writes
+                    .iter()
+                    .any(|(w_id, w)| *w_id != id && *w_id < snap.id && !w.local_done && w.len > 0);
+                if let (false, Some(payload)) = (earlier, snap.waiting.take()) {
+                    out.push(Action::LocalWrite {
+                        id: snap.id,
+                        offset: 0,
+                        payload,
+                    });
+                }
+            }
+        }
         let mut covered = None;
         if let Some(w) = self.writes.get_mut(&id) {
             w.local_done = true;
@@ -1940,8 +2003,12 @@ impl Primary {
         }
     }
 
-    /// Places the held writes that no longer touch a region under verify, in order.
+    /// Places the held writes that no longer touch a region under verify, in order
+    /// (none while a snapshot is being taken here).
     fn release_held(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.snapshot_here.is_some() {
+            return;
+        }
         let rs = self.cfg.region_size;
         let mut still = VecDeque::new();
         while let Some(h) = self.held.pop_front() {
@@ -2428,6 +2495,86 @@ mod tests {
         assert!(out.contains(&Action::Complete(WriteTag(1))));
         assert!(out.contains(&Action::Complete(WriteTag(2))));
         assert!(!out.contains(&Action::Complete(WriteTag(3))));
+    }
+
+    /// A snapshot is one position of the stream: its local copy waits for the local
+    /// writes placed before it, writes that arrive meanwhile are held (placed after
+    /// it, in order, once the copy is made), and it completes when the replica has
+    /// acknowledged it.
+    #[test]
+    fn a_snapshot_is_taken_between_the_writes_before_and_after_it() {
+        let local = |out: &[Action]| -> Vec<(u64, Payload)> {
+            out.iter()
+                .filter_map(|a| match a {
+                    Action::LocalWrite { id, payload, .. } => Some((*id, payload.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let sent = |out: &[Action]| -> Vec<(Seq, Payload)> {
+            out.iter()
+                .filter_map(|a| match a {
+                    Action::Send {
+                        msg: Message::Write { seq, payload, .. },
+                        ..
+                    } => Some((*seq, payload.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut p = in_sync_pair();
+        let before = p
+            .submit_write(10, WriteTag(1), 0, Bytes::from(vec![1u8; 4096]))
+            .unwrap();
+        let (w1, _) = local(&before)[0].clone();
+        let out = p.submit_snapshot(11, WriteTag(2), "s1".into()).unwrap();
+        assert_eq!(
+            sent(&out).last().map(|(_, pl)| pl.clone()),
+            Some(Payload::Snapshot("s1".into())),
+            "the position goes to the replica at once"
+        );
+        assert!(
+            local(&out).is_empty(),
+            "the local copy waits for write 1: {out:?}"
+        );
+        assert!(matches!(
+            p.submit_snapshot(11, WriteTag(9), "s2".into()),
+            Err(NotServing::Busy)
+        ));
+        // A write meanwhile is held: neither sent nor written.
+        let out = p
+            .submit_write(12, WriteTag(3), 4096, Bytes::from(vec![3u8; 4096]))
+            .unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        // Write 1 done locally: now the copy is made.
+        let out = p.local_done(13, w1);
+        let copies = local(&out);
+        assert_eq!(copies.len(), 1, "{out:?}");
+        assert_eq!(copies[0].1, Payload::Snapshot("s1".into()));
+        // The copy made: the held write goes on, after the snapshot in the stream.
+        let out = p.local_done(14, copies[0].0);
+        assert_eq!(local(&out).len(), 1, "{out:?}");
+        let after = sent(&out);
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].1, Payload::Data(Bytes::from(vec![3u8; 4096])));
+        // The replica acknowledges through the snapshot: writes 1 and the snapshot
+        // complete, not the write after it.
+        let out = p.on_message(
+            15,
+            NodeId(2),
+            Message::Ack {
+                epoch: Epoch(3),
+                seq: after[0].0 - 1,
+            },
+        );
+        assert!(out.contains(&Action::Complete(WriteTag(1))));
+        assert!(out.contains(&Action::Complete(WriteTag(2))));
+        assert!(!out.contains(&Action::Complete(WriteTag(3))));
+
+        // With nothing in flight the copy is made at once.
+        let mut p = in_sync_pair();
+        let out = p.submit_snapshot(1, WriteTag(5), "s3".into()).unwrap();
+        assert_eq!(local(&out).len(), 1, "{out:?}");
     }
 
     /// A replica whose node stops says so: its removal is requested at once, not after

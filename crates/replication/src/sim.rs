@@ -308,6 +308,9 @@ struct Node {
     tags: BTreeMap<u64, (u64, u64)>,
     /// Back from a power cut, not yet noted by the control plane.
     lost_power: bool,
+    /// Snapshots this node took, by name: what a reader of each saw (a real copy is
+    /// made durable before it is acknowledged, so these survive power cuts).
+    snapshots: BTreeMap<String, Vec<u64>>,
 }
 
 struct Cp {
@@ -435,6 +438,7 @@ impl Sim {
                         role: Role::Replica(Replica::new(REGION, Epoch(0), RegionSet::new())),
                         tags: BTreeMap::new(),
                         lost_power: false,
+                        snapshots: BTreeMap::new(),
                     },
                 )
             })
@@ -1568,6 +1572,10 @@ impl Sim {
             Payload::Data(data) => node.disk.write(offset, data, id),
             Payload::Deallocate(len) => node.disk.deallocate(offset, *len, id),
             Payload::Flush => node.disk.flush(),
+            Payload::Snapshot(name) => {
+                let view = node.disk.view();
+                node.snapshots.insert(name.clone(), view);
+            }
         }
     }
 
@@ -1631,6 +1639,11 @@ impl PrimaryEffects for SimPrimary<'_> {
         self.sim
             .disk_write(self.n, "primary", offset, &Payload::Deallocate(len));
         Some(())
+    }
+
+    fn snapshot(&mut self, name: &str) {
+        self.sim
+            .disk_write(self.n, "primary", 0, &Payload::Snapshot(name.into()));
     }
 
     fn flush(&mut self) -> Option<()> {

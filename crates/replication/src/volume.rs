@@ -253,8 +253,24 @@ enum PrimaryEvent {
     Stop,
 }
 
+/// What a member does to its own copy besides reading and writing blocks, which the
+/// serving layer knows how to do (where files live, what the store can do).
+pub trait LocalCopy: Send + Sync {
+    /// Extends the copy to `size` bytes: the stream brought a write past its end
+    /// before this node applied the volume's resize.
+    fn grow(&self, size: u64) -> io::Result<()>;
+
+    /// Takes this copy's part of snapshot `name`: a copy of it as it is now, every
+    /// earlier write in it and no later one (the caller holds them back).
+    fn snapshot(&self, name: &str) -> io::Result<()>;
+}
+
 struct PrimaryShared {
     core: Mutex<Primary>,
+    copy: Arc<dyn LocalCopy>,
+    /// Snapshots whose local copy was made or failed, by name, until the caller
+    /// that asked for them takes the outcome (see [`PrimaryVolume::snapshot`]).
+    snapshots_here: Mutex<HashMap<String, SnapshotHere>>,
     /// Initiator writes waiting for their completion, by tag. Apart from the core so a
     /// completion does not contend with the writes being submitted.
     waiters: Mutex<HashMap<WriteTag, Waiter>>,
@@ -289,6 +305,9 @@ struct PrimaryShared {
     /// This, for the readers to hold weakly.
     myself: std::sync::Weak<PrimaryShared>,
 }
+
+/// When this copy's part of a snapshot was made, or why it could not be.
+type SnapshotHere = (Instant, Result<(), String>);
 
 /// A region to read for a replica's resync: (replica, stream position, region).
 type ResyncRead = (NodeId, crate::Seq, u64);
@@ -731,6 +750,16 @@ impl PrimaryEffects for DriverEffects<'_> {
             .ok()
     }
 
+    fn snapshot(&mut self, name: &str) {
+        let made = self.sh.copy.snapshot(name).map_err(|e| {
+            tracing::error!(volume = %self.sh.state.name, snapshot = name, error = %e, "cannot take the snapshot here");
+            e.to_string()
+        });
+        if let Ok(mut m) = self.sh.snapshots_here.lock() {
+            m.insert(name.to_string(), (Instant::now(), made));
+        }
+    }
+
     fn deallocate(&mut self, offset: u64, len: u64) -> Option<()> {
         self.sh
             .store
@@ -858,6 +887,7 @@ impl PrimaryVolume {
     pub fn start(
         cfg: PrimaryConfig,
         store: Arc<dyn BlockDevice>,
+        copy: Arc<dyn LocalCopy>,
         state: ReplicaState,
         transport: Arc<dyn Transport>,
         control: Arc<dyn ControlPlane>,
@@ -869,6 +899,8 @@ impl PrimaryVolume {
         let region_size = cfg.region_size;
         let shared = Arc::new_cyclic(|myself| PrimaryShared {
             core: Mutex::new(Primary::new(cfg, 0)),
+            copy,
+            snapshots_here: Mutex::default(),
             waiters: Mutex::default(),
             next_tag: 1.into(),
             store,
@@ -1087,6 +1119,31 @@ impl PrimaryVolume {
             .map(|p| p.in_sync().clone())
             .unwrap_or_default()
     }
+
+    /// Takes snapshot `name` at one point of the stream, on this copy and on every
+    /// in-sync replica (see [`Primary::submit_snapshot`]), and returns once every
+    /// in-sync member holds it, with how long writes were held back here. A replica
+    /// that cannot take its copy leaves the in-sync set ([`LocalCopy::snapshot`]):
+    /// the members holding the snapshot are this node and [`Self::in_sync`] after.
+    pub fn snapshot(&self, name: &str) -> io::Result<Duration> {
+        let asked = Instant::now();
+        let result =
+            self.submit_and_wait(|p, now, tag| p.submit_snapshot(now, tag, name.to_string()));
+        let here = self
+            .shared
+            .snapshots_here
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(name));
+        result?;
+        match here {
+            Some((at, Ok(()))) => Ok(at.saturating_duration_since(asked)),
+            Some((_, Err(e))) => Err(io::Error::other(e)),
+            None => Err(io::Error::other(
+                "the local copy of the snapshot was not made",
+            )),
+        }
+    }
 }
 
 impl PrimaryVolume {
@@ -1245,6 +1302,45 @@ mod tests {
     struct Net {
         primaries: Mutex<HashMap<NodeId, Arc<PrimaryVolume>>>,
         replicas: Mutex<HashMap<NodeId, Arc<ReplicaVolume>>>,
+        /// Each node's copy, with the snapshots it took.
+        copies: Mutex<HashMap<NodeId, Arc<MemCopy>>>,
+    }
+
+    /// A node's copy in memory: snapshots are copies of its bytes, by name.
+    struct MemCopy {
+        store: Arc<MemDevice>,
+        snapshots: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+        /// Snapshots fail here (a file system without reflink).
+        refuse_snapshots: std::sync::atomic::AtomicBool,
+    }
+
+    impl LocalCopy for MemCopy {
+        fn grow(&self, size: u64) -> io::Result<()> {
+            self.store.resize(size);
+            Ok(())
+        }
+
+        fn snapshot(&self, name: &str) -> io::Result<()> {
+            if self
+                .refuse_snapshots
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return Err(io::Error::other("no reflink here"));
+            }
+            let bytes = self.store.snapshot(0, self.store.size_bytes() as usize);
+            self.snapshots.lock().unwrap().insert(name.into(), bytes);
+            Ok(())
+        }
+    }
+
+    fn copy_of(net: &Arc<Net>, me: NodeId, store: &Arc<MemDevice>) -> Arc<MemCopy> {
+        let copy = Arc::new(MemCopy {
+            store: store.clone(),
+            snapshots: Mutex::default(),
+            refuse_snapshots: false.into(),
+        });
+        net.copies.lock().unwrap().insert(me, copy.clone());
+        copy
     }
 
     struct Port {
@@ -1346,7 +1442,8 @@ mod tests {
         let p = Arc::new(
             PrimaryVolume::start(
                 cfg,
-                store,
+                store.clone(),
+                copy_of(net, me, &store),
                 state,
                 Arc::new(Port {
                     me,
@@ -1367,15 +1464,10 @@ mod tests {
     fn start_replica(net: &Arc<Net>, me: NodeId, store: Arc<MemDevice>, dir: &std::path::Path) {
         std::fs::create_dir_all(dir.join(format!("n{me}"))).unwrap();
         let state = ReplicaState::new(dir.join(format!("n{me}")), "v");
-        let grow_store = store.clone();
-        let grow = Box::new(move |n: u64| {
-            grow_store.resize(n);
-            Ok(())
-        });
         let r = ReplicaVolume::start(
             64 << 10,
-            store,
-            grow,
+            store.clone(),
+            copy_of(net, me, &store),
             state,
             Arc::new(Port {
                 me,
@@ -1523,6 +1615,92 @@ mod tests {
         net.replicas.lock().unwrap().clear();
     }
 
+    /// Under writes from several threads, a snapshot holds the same bytes on every
+    /// member, every write that completed before it was asked for, and nothing written
+    /// after it returned. A member that cannot take it leaves the in-sync set; the
+    /// others have it.
+    #[test]
+    fn a_snapshot_is_the_same_on_every_member_under_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Net::default());
+        let size = 1u64 << 20;
+        let stores: Vec<Arc<MemDevice>> = (0..3).map(|_| Arc::new(MemDevice::new(size))).collect();
+        start_replica(&net, NodeId(2), stores[1].clone(), dir.path());
+        start_replica(&net, NodeId(3), stores[2].clone(), dir.path());
+        let p = start_primary(
+            &net,
+            NodeId(1),
+            Epoch(1),
+            stores[0].clone(),
+            dir.path(),
+            &[NodeId(2), NodeId(3)],
+            &[NodeId(2), NodeId(3)],
+        );
+        wait_until("sealed and serving", || p.serving());
+        for b in 0..(size / 4096) {
+            p.write_at(b * 4096, &[1u8; 4096], false).unwrap();
+        }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let pause = std::thread::scope(|s| {
+            for t in 0..3u64 {
+                let (p, stop) = (&p, &stop);
+                s.spawn(move || {
+                    let mut round = 2u8;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for b in (t..size / 4096).step_by(3) {
+                            p.write_at(b * 4096, &[round; 4096], false).unwrap();
+                        }
+                        round = round.wrapping_add(1).max(2);
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            let pause = p.snapshot("s1").unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            pause
+        });
+        eprintln!(
+            "snapshot under writes: writes held {} µs here",
+            pause.as_micros()
+        );
+        let copies = net.copies.lock().unwrap().clone();
+        let snap = |n: u64| copies[&NodeId(n)].snapshots.lock().unwrap()["s1"].clone();
+        let primary = snap(1);
+        assert_eq!(snap(2), primary, "replica 2 took the same snapshot");
+        assert_eq!(snap(3), primary, "replica 3 took the same snapshot");
+        assert!(
+            primary.iter().all(|b| *b != 0),
+            "every block written before the snapshot was asked is in it"
+        );
+        assert_ne!(
+            read(stores[0].as_ref(), 0, size as usize),
+            primary,
+            "writes went on after it"
+        );
+
+        // A member that cannot take a snapshot leaves the in-sync set; it still holds
+        // on the others.
+        copies[&NodeId(3)]
+            .refuse_snapshots
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        p.write_at(0, &[7u8; 4096], false).unwrap();
+        p.snapshot("s2").unwrap();
+        assert_eq!(snap_of(&copies, 2, "s2"), snap_of(&copies, 1, "s2"));
+        assert!(!copies[&NodeId(3)]
+            .snapshots
+            .lock()
+            .unwrap()
+            .contains_key("s2"));
+        assert!(!p.in_sync().contains(&NodeId(3)), "{:?}", p.in_sync());
+        drop(p);
+        net.primaries.lock().unwrap().clear();
+        net.replicas.lock().unwrap().clear();
+    }
+
+    fn snap_of(copies: &HashMap<NodeId, Arc<MemCopy>>, n: u64, name: &str) -> Vec<u8> {
+        copies[&NodeId(n)].snapshots.lock().unwrap()[name].clone()
+    }
+
     /// A resync sends a region the primary holds nothing of as a deallocation: the
     /// replica ends up with the primary's bytes and as thin as the primary.
     #[test]
@@ -1610,6 +1788,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A copy that neither grows nor takes snapshots.
+    struct NoCopy;
+
+    impl LocalCopy for NoCopy {
+        fn grow(&self, _size: u64) -> io::Result<()> {
+            Err(io::Error::other("this test's store does not grow"))
+        }
+        fn snapshot(&self, _name: &str) -> io::Result<()> {
+            Err(io::Error::other("this test's store takes no snapshots"))
+        }
+    }
+
     /// A store that takes its time over each write and counts them.
     #[derive(Debug)]
     struct SlowStore {
@@ -1671,7 +1861,7 @@ mod tests {
         let r = ReplicaVolume::start(
             64 << 10,
             store.clone(),
-            Box::new(|_| Ok(())),
+            Arc::new(NoCopy),
             ReplicaState::new(dir.path(), "v"),
             rec.clone(),
         )

@@ -15,6 +15,7 @@ pub mod admission;
 pub mod forward;
 pub mod lu_identity;
 pub mod reconcile;
+pub mod snapshots;
 pub mod space;
 pub mod vip;
 

@@ -43,10 +43,10 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             // A deallocation has a kind of its own, so that a node of the version
             // before it refuses the frame (the link drops and the replica is resynced)
             // instead of taking it for something else.
-            h.put_u8(if let Payload::Deallocate(_) = payload {
-                WRITE_DEALLOCATE
-            } else {
-                3
+            h.put_u8(match payload {
+                Payload::Deallocate(_) => WRITE_DEALLOCATE,
+                Payload::Snapshot(_) => WRITE_SNAPSHOT,
+                Payload::Data(_) | Payload::Flush => 3,
             });
             h.put_u64(epoch.0);
             h.put_u64(seq.0);
@@ -63,6 +63,10 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
                     h.put_u32(0);
                 }
                 Payload::Deallocate(len) => h.put_u64(*len),
+                Payload::Snapshot(name) => {
+                    h.put_u16(name.len() as u16);
+                    h.put_slice(name.as_bytes());
+                }
             }
         }
         Message::Ack { epoch, seq } => {
@@ -179,6 +183,22 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
                 payload,
             }
         }
+        WRITE_SNAPSHOT => {
+            need(&b, 34)?;
+            let (epoch, seq, offset, committed) =
+                (b.get_u64(), b.get_u64(), b.get_u64(), b.get_u64());
+            let n = b.get_u16() as usize;
+            need(&b, n)?;
+            let name =
+                String::from_utf8(b.split_to(n).to_vec()).map_err(|_| bad("snapshot name"))?;
+            Message::Write {
+                epoch: Epoch(epoch),
+                seq: Seq(seq),
+                offset,
+                committed: Seq(committed),
+                payload: Payload::Snapshot(name),
+            }
+        }
         WRITE_DEALLOCATE => {
             need(&b, 40)?;
             Message::Write {
@@ -257,6 +277,8 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
 
 /// Frame kind of a [`Payload::Deallocate`] write (kind 3 carries data or a barrier).
 const WRITE_DEALLOCATE: u8 = 10;
+/// Frame kind of a [`Payload::Snapshot`] position.
+const WRITE_SNAPSHOT: u8 = 11;
 
 /// Frame kinds of forwarded SCSI traffic (not volume messages).
 pub(super) const FORWARD_REQUEST: u8 = 100;
@@ -525,6 +547,13 @@ mod tests {
                 offset: 8 << 30,
                 payload: Payload::Deallocate(3 << 30),
                 committed: Seq(11),
+            },
+            Message::Write {
+                epoch: Epoch(3),
+                seq: Seq(13),
+                offset: 0,
+                payload: Payload::Snapshot("before-upgrade".into()),
+                committed: Seq(12),
             },
             Message::Ack {
                 epoch: Epoch(3),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use block_device::BlockDevice;
 
-use super::{region_crc, ReplicaState, Transport};
+use super::{region_crc, LocalCopy, ReplicaState, Transport};
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::execute::{run_replica_actions, ReplicaEffects};
 use crate::message::{Epoch, Message, NodeId, Payload};
@@ -71,7 +71,7 @@ struct ReplicaDriver<'a, F: Fn(String)> {
     transport: &'a dyn Transport,
     state: &'a ReplicaState,
     store: &'a dyn BlockDevice,
-    grow: &'a (dyn Fn(u64) -> io::Result<()> + Send),
+    copy: &'a dyn LocalCopy,
     fail: &'a F,
     region_size: u64,
     ack: &'a mut Option<(NodeId, Message)>,
@@ -131,10 +131,10 @@ impl<F: Fn(String)> ReplicaEffects for ReplicaDriver<'_, F> {
             // A resynced region past the end (the activity log runs ahead of the
             // writes): nothing to do.
             Payload::Data(data) if data.is_empty() => Ok(()),
-            Payload::Data(data) if offset + data.len() as u64 > size => {
-                (self.grow)(offset + data.len() as u64)
-                    .and_then(|()| self.store.write_at(offset, data, false))
-            }
+            Payload::Data(data) if offset + data.len() as u64 > size => self
+                .copy
+                .grow(offset + data.len() as u64)
+                .and_then(|()| self.store.write_at(offset, data, false)),
             Payload::Data(data) => self.store.write_at(offset, data, false),
             // Past this copy's end (a resize not applied here yet) there is nothing to
             // deallocate: growing it later adds bytes that read as zeroes.
@@ -142,6 +142,14 @@ impl<F: Fn(String)> ReplicaEffects for ReplicaDriver<'_, F> {
                 Some(room) if room > 0 => self.store.discard(offset, (*len).min(room)),
                 _ => Ok(()),
             },
+            // Every earlier position is applied (this thread applies them in order):
+            // the copy is this member's part of the snapshot. A member that cannot take
+            // it stops, as for a failed write: it leaves the in-sync set rather than
+            // acknowledge a snapshot it does not hold.
+            Payload::Snapshot(name) => self
+                .copy
+                .snapshot(name)
+                .map_err(|e| io::Error::other(format!("snapshot {name}: {e}"))),
         };
         match done {
             Ok(()) => Some(()),
@@ -183,13 +191,13 @@ pub struct ReplicaVolume {
 impl ReplicaVolume {
     /// Starts applying streams to `store`; state (epoch, activity log) in `state`.
     ///
-    /// `grow` extends the store when a write reaches past its end: the primary writes
+    /// `copy` grows the store when a write reaches past its end (the primary writes
     /// there only after the volume was resized, and the stream may bring such a write
-    /// before this node has applied the resize itself.
+    /// before this node has applied the resize itself) and takes snapshots.
     pub fn start(
         region_size: u64,
         store: Arc<dyn BlockDevice>,
-        grow: Box<dyn Fn(u64) -> io::Result<()> + Send>,
+        copy: Arc<dyn LocalCopy>,
         state: ReplicaState,
         transport: Arc<dyn Transport>,
     ) -> io::Result<ReplicaVolume> {
@@ -267,7 +275,7 @@ impl ReplicaVolume {
                             transport: transport.as_ref(),
                             state: &state,
                             store: store.as_ref(),
-                            grow: &grow,
+                            copy: copy.as_ref(),
                             fail: &fail,
                             region_size,
                             ack: &mut ack,

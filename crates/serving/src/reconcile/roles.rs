@@ -566,8 +566,15 @@ impl Serving {
             rt: self.rt.clone(),
         });
         let volume = Arc::new(
-            PrimaryVolume::start(cfg, store, state, self.net.transport(&v.name), control)
-                .map_err(io_error(format!("volume {}: starting as primary", v.name)))?,
+            PrimaryVolume::start(
+                cfg,
+                store.clone(),
+                Arc::new(crate::snapshots::VolumeCopy::new(store.clone())),
+                state,
+                self.net.transport(&v.name),
+                control,
+            )
+            .map_err(io_error(format!("volume {}: starting as primary", v.name)))?,
         );
         self.net.add_primary(&v.name, volume.clone());
         let lease = self.leases.hold(&v.name, v.epoch, volume.clone());
@@ -690,13 +697,11 @@ impl Serving {
             }
         }
         let store = self.open_volume(v)?;
-        let grow_store = store.clone();
-        let grow = Box::new(move |n: u64| grow_store.grow(n).map_err(std::io::Error::other));
         let r = Arc::new(
             ReplicaVolume::start(
                 REGION_SIZE,
                 store.clone(),
-                grow,
+                Arc::new(crate::snapshots::VolumeCopy::new(store.clone())),
                 state,
                 self.net.transport(&v.name),
             )
