@@ -179,6 +179,9 @@ pub enum VolumeCmd {
     Delete {
         /// Volume name.
         name: String,
+        /// Delete its snapshots too (a volume with snapshots is refused otherwise).
+        #[arg(long)]
+        with_snapshots: bool,
     },
     /// Adds, removes or replaces a replica of the volume (and of every other volume of
     /// its target: a target's volumes share their nodes).
@@ -400,7 +403,13 @@ pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
             name: name.clone(),
             size_bytes: parse_size(size)?,
         }),
-        VolumeCmd::Delete { name } => Some(Command::DeleteVolume { name: name.clone() }),
+        VolumeCmd::Delete {
+            name,
+            with_snapshots,
+        } => Some(Command::DeleteVolume {
+            name: name.clone(),
+            with_snapshots: *with_snapshots,
+        }),
         VolumeCmd::Move { name, to } => Some(Command::MoveVolume {
             volume: name.clone(),
             node: to.clone(),
@@ -610,7 +619,7 @@ pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
             )
         }
         (VolumeCmd::Resize { name, size }, _) => format!("volume {name} is now {size}"),
-        (VolumeCmd::Delete { name }, _) => format!("volume {name} deleted"),
+        (VolumeCmd::Delete { name, .. }, _) => format!("volume {name} deleted"),
         _ => "done".into(),
     };
     done(conn, &a, text)

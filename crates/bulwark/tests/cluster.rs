@@ -58,7 +58,10 @@ async fn three_nodes_agree_and_serve_live_configuration() {
     assert!(matches!(r, Err(Refused::VolumeExists(_))), "{r:?}");
     let r = c
         .admin(1)
-        .write(Command::DeleteVolume { name: "v1".into() })
+        .write(Command::DeleteVolume {
+            name: "v1".into(),
+            with_snapshots: false,
+        })
         .await
         .unwrap();
     assert!(matches!(r, Err(Refused::VolumeMapped { .. })), "{r:?}");

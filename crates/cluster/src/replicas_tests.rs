@@ -205,8 +205,11 @@ fn a_dead_node_leaves_its_volumes_which_are_rebuilt_where_there_is_room() {
         r.to_string().contains("still the primary of [\"c\"]"),
         "{r}"
     );
-    st.apply(&Command::DeleteVolume { name: "c".into() })
-        .unwrap();
+    st.apply(&Command::DeleteVolume {
+        name: "c".into(),
+        with_snapshots: false,
+    })
+    .unwrap();
     let a = st
         .apply(&Command::RemoveNode {
             name: "n2".into(),

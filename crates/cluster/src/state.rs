@@ -168,6 +168,9 @@ pub struct Volume {
     /// as many as it has). Re-replication restores this count.
     #[serde(default)]
     pub wanted_replicas: u8,
+    /// Its snapshots, by name (issue 21).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshots: BTreeMap<String, Snapshot>,
 }
 
 /// A replica being rebuilt (see [`Volume::joining`]).
@@ -605,6 +608,7 @@ impl Command {
                 | Command::FinishVerify { .. }
                 | Command::SetReservations { .. }
                 | Command::UseToken { .. }
+                | Command::SnapshotTaken { .. }
         )
     }
 }
@@ -713,6 +717,9 @@ pub enum Command {
     DeleteVolume {
         /// Name.
         name: String,
+        /// Its snapshots go too (otherwise a volume with snapshots is kept).
+        #[serde(default)]
+        with_snapshots: bool,
     },
     /// Creates a target.
     CreateTarget {
@@ -850,6 +857,39 @@ pub enum Command {
         /// Destination: an in-sync replica.
         node: String,
     },
+    /// Takes snapshot `name` of `volumes` (one volume, or every volume of a target) at
+    /// one point of their streams, on the primary and every in-sync replica
+    /// (`bulwark snapshot create`). The primary takes it and reports
+    /// [`Command::SnapshotTaken`].
+    CreateSnapshot {
+        /// The volumes, which share their primary.
+        volumes: Vec<String>,
+        /// Snapshot name.
+        name: String,
+        /// When it was asked for (ms since the Unix epoch, the asker's clock).
+        at_ms: u64,
+    },
+    /// The primary took snapshot `name` of `volume` at `epoch`; `members` hold it.
+    SnapshotTaken {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+        /// The primary's epoch.
+        epoch: u64,
+        /// The primary and the in-sync replicas that took their copy.
+        members: Vec<NodeId>,
+        /// How long writes were held back on the primary, in microseconds.
+        pause_us: u64,
+    },
+    /// Deletes snapshot `name` of `volumes`, taken or being taken: every node removes
+    /// its copy (`bulwark snapshot delete`, or a primary that could not take it).
+    DeleteSnapshot {
+        /// The volumes.
+        volumes: Vec<String>,
+        /// Snapshot name.
+        name: String,
+    },
     /// Asks the primary of `volume` for an online verify (replacing one that runs).
     StartVerify {
         /// Volume.
@@ -970,6 +1010,16 @@ pub enum Refused {
     BadVolumeSize { size: u64, block_size: u32 },
     #[error("block size must be 512 or 4096, not {0}")]
     BadBlockSize(u32),
+    #[error("volume {volume:?} has a snapshot named {name:?}; pick another name or delete it (`bulwark snapshot delete`)")]
+    SnapshotExists { volume: String, name: String },
+    #[error(
+        "volume {volume:?} has no snapshot named {name:?}; `bulwark snapshot list` shows them"
+    )]
+    NoSuchSnapshot { volume: String, name: String },
+    #[error("cannot take a snapshot of {volume:?} now: {why}")]
+    SnapshotNotNow { volume: String, why: String },
+    #[error("volume {volume:?} has {count} snapshot(s); delete them first, or delete the volume with --with-snapshots")]
+    VolumeHasSnapshots { volume: String, count: usize },
     #[error("physical block size {physical} must be a power of two from the block size ({block_size}) to 32768")]
     BadPhysicalBlockSize { physical: u32, block_size: u32 },
     #[error("a volume needs 1 to 3 replicas, not {0}")]
@@ -1302,6 +1352,9 @@ impl ClusterState {
             | Command::FailoverFinished { .. }
             | Command::MoveVolume { .. } => self.apply_failover(cmd),
             Command::StartVerify { .. } | Command::FinishVerify { .. } => self.apply_verify(cmd),
+            Command::CreateSnapshot { .. }
+            | Command::SnapshotTaken { .. }
+            | Command::DeleteSnapshot { .. } => self.apply_snapshot(cmd),
             Command::CreateToken { .. }
             | Command::RevokeToken { .. }
             | Command::UseToken { .. } => self.apply_token(cmd),
@@ -1475,6 +1528,7 @@ impl ClusterState {
                         lost_power: Vec::new(),
                         joining: Vec::new(),
                         wanted_replicas: *replicas,
+                        snapshots: BTreeMap::new(),
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1512,9 +1566,19 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
-            Command::DeleteVolume { name } => {
-                if !self.volumes.contains_key(name) {
-                    return Err(Refused::NoSuchVolume(name.clone()));
+            Command::DeleteVolume {
+                name,
+                with_snapshots,
+            } => {
+                let v = self
+                    .volumes
+                    .get(name)
+                    .ok_or_else(|| Refused::NoSuchVolume(name.clone()))?;
+                if !v.snapshots.is_empty() && !with_snapshots {
+                    return Err(Refused::VolumeHasSnapshots {
+                        volume: name.clone(),
+                        count: v.snapshots.len(),
+                    });
                 }
                 if let Some((t, lun)) = self.mapping_of(name) {
                     return Err(Refused::VolumeMapped {
@@ -1946,6 +2010,10 @@ impl ClusterState {
                         v.primary = *node;
                         v.epoch += 1;
                         v.moving_to = None;
+                        // A snapshot not taken in the old epoch is abandoned: the new
+                        // primary cannot know which members took their copy, and each
+                        // node deletes the copies the state no longer names.
+                        v.snapshots.retain(|_, s| s.ready);
                         v.lost_power.retain(|n| n != node);
                         v.primary_reason = cause
                             .as_ref()
@@ -2249,7 +2317,15 @@ mod tests;
 
 #[path = "replicas.rs"]
 mod replicas;
+
+#[path = "snapshots.rs"]
+mod snapshots;
+pub use snapshots::Snapshot;
+
 #[cfg(test)]
 #[path = "replicas_tests.rs"]
 mod replicas_tests;
+#[cfg(test)]
+#[path = "snapshots_tests.rs"]
+mod snapshots_tests;
 pub use replicas::Upkeep;

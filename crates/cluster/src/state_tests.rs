@@ -446,7 +446,13 @@ fn targets_luns_and_mapping_rules() {
         Refused::LunOutOfRange(16384)
     ));
     // A mapped volume cannot be deleted; after unmapping it can.
-    let r = refused(&mut st, Command::DeleteVolume { name: "v1".into() });
+    let r = refused(
+        &mut st,
+        Command::DeleteVolume {
+            name: "v1".into(),
+            with_snapshots: false,
+        },
+    );
     assert!(
         r.to_string()
             .contains("bulwark lun remove iqn.2026-11.io.bulwark:t1 0"),
@@ -467,10 +473,19 @@ fn targets_luns_and_mapping_rules() {
         ),
         Refused::NoSuchLun { .. }
     ));
-    st.apply(&Command::DeleteVolume { name: "v1".into() })
-        .unwrap();
+    st.apply(&Command::DeleteVolume {
+        name: "v1".into(),
+        with_snapshots: false,
+    })
+    .unwrap();
     assert!(matches!(
-        refused(&mut st, Command::DeleteVolume { name: "v1".into() }),
+        refused(
+            &mut st,
+            Command::DeleteVolume {
+                name: "v1".into(),
+                with_snapshots: false,
+            }
+        ),
         Refused::NoSuchVolume(_)
     ));
     // Deleting a target unmaps its volumes.
@@ -932,7 +947,10 @@ fn arb_command() -> impl Strategy<Value = Command> {
             name,
             size_bytes: g * GIB
         }),
-        vol.clone().prop_map(|name| Command::DeleteVolume { name }),
+        vol.clone().prop_map(|name| Command::DeleteVolume {
+            name,
+            with_snapshots: false,
+        }),
         iqn.clone()
             .prop_map(|iqn| Command::CreateTarget { iqn, alias: None }),
         iqn.clone().prop_map(|iqn| Command::DeleteTarget { iqn }),

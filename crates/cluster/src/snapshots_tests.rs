@@ -1,0 +1,145 @@
+//! Snapshots as cluster state: creation, the primary's report, deletion, and what
+//! each refuses.
+
+use super::tests::{create, refused, three, GIB};
+use super::*;
+
+fn snap(volumes: &[&str], name: &str) -> Command {
+    Command::CreateSnapshot {
+        volumes: volumes.iter().map(|s| s.to_string()).collect(),
+        name: name.into(),
+        at_ms: 1_700_000_000_000,
+    }
+}
+
+fn taken(volume: &str, name: &str, epoch: u64, members: &[NodeId]) -> Command {
+    Command::SnapshotTaken {
+        volume: volume.into(),
+        name: name.into(),
+        epoch,
+        members: members.to_vec(),
+        pause_us: 900,
+    }
+}
+
+#[test]
+fn a_snapshot_is_asked_for_then_taken_then_deleted() {
+    let mut st = three();
+    st.apply(&create("a", GIB, 2, &["n1", "n2"])).unwrap();
+    st.apply(&create("b", GIB, 2, &["n1", "n2"])).unwrap();
+    st.apply(&snap(&["a", "b"], "s1")).unwrap();
+    for v in ["a", "b"] {
+        let s = &st.volumes[v].snapshots["s1"];
+        assert!(!s.ready && s.members.is_empty() && s.epoch == 1, "{s:?}");
+    }
+    // One at a time per volume, names unique, valid names only.
+    assert!(matches!(
+        refused(&mut st, snap(&["a"], "s2")),
+        Refused::SnapshotNotNow { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, snap(&["a"], "s1")),
+        Refused::SnapshotExists { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, snap(&["a"], "a@b")),
+        Refused::BadName(_)
+    ));
+    // The primary's report: at the snapshot's epoch, members among the replicas.
+    let (n1, n2) = (st.volumes["a"].replicas[0], st.volumes["a"].replicas[1]);
+    assert!(matches!(
+        refused(&mut st, taken("a", "s1", 2, &[n1])),
+        Refused::StaleEpoch { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, taken("a", "s1", 1, &[u64::MAX])),
+        Refused::SnapshotNotNow { .. }
+    ));
+    st.apply(&taken("a", "s1", 1, &[n1, n2])).unwrap();
+    let s = &st.volumes["a"].snapshots["s1"];
+    assert!(s.ready && s.members == vec![n1, n2] && s.pause_us == Some(900));
+    assert!(
+        matches!(
+            refused(&mut st, taken("a", "s1", 1, &[n1])),
+            Refused::StaleEpoch { .. }
+        ),
+        "a second report changes nothing"
+    );
+    // A volume with snapshots is deleted only with them.
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::DeleteVolume {
+                name: "a".into(),
+                with_snapshots: false
+            }
+        ),
+        Refused::VolumeHasSnapshots { count: 1, .. }
+    ));
+    st.apply(&Command::DeleteSnapshot {
+        volumes: vec!["a".into(), "b".into()],
+        name: "s1".into(),
+    })
+    .unwrap();
+    assert!(st.volumes["a"].snapshots.is_empty() && st.volumes["b"].snapshots.is_empty());
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::DeleteSnapshot {
+                volumes: vec!["a".into()],
+                name: "s1".into(),
+            }
+        ),
+        Refused::NoSuchSnapshot { .. }
+    ));
+    st.apply(&snap(&["a"], "s3")).unwrap();
+    st.apply(&Command::DeleteVolume {
+        name: "a".into(),
+        with_snapshots: true,
+    })
+    .unwrap();
+    assert!(!st.volumes.contains_key("a"));
+}
+
+#[test]
+fn a_snapshot_of_several_volumes_needs_one_primary() {
+    let mut st = three();
+    st.apply(&create("a", GIB, 1, &["n1"])).unwrap();
+    st.apply(&create("b", GIB, 1, &["n2"])).unwrap();
+    assert!(matches!(
+        refused(&mut st, snap(&["a", "b"], "s1")),
+        Refused::SnapshotNotNow { .. }
+    ));
+    assert!(matches!(
+        refused(&mut st, snap(&["a", "nope"], "s1")),
+        Refused::NoSuchVolume(_)
+    ));
+    assert!(matches!(
+        refused(&mut st, snap(&[], "s1")),
+        Refused::BadName(_)
+    ));
+}
+
+/// A new primary abandons a snapshot still being taken (it cannot know which members
+/// took their copy); a taken one stays.
+#[test]
+fn a_snapshot_not_taken_before_a_failover_is_abandoned() {
+    let mut st = three();
+    st.apply(&create("a", GIB, 2, &["n1", "n2"])).unwrap();
+    let (n1, n2) = (st.volumes["a"].replicas[0], st.volumes["a"].replicas[1]);
+    st.apply(&snap(&["a"], "kept")).unwrap();
+    st.apply(&taken("a", "kept", 1, &[n1, n2])).unwrap();
+    st.apply(&snap(&["a"], "half")).unwrap();
+    st.apply(&Command::Promote {
+        cause: None,
+        volumes: vec![("a".into(), 1)],
+        node: n2,
+    })
+    .unwrap();
+    let names: Vec<&String> = st.volumes["a"].snapshots.keys().collect();
+    assert_eq!(names, vec!["kept"]);
+    assert!(matches!(
+        refused(&mut st, taken("a", "half", 1, &[n1])),
+        Refused::StaleEpoch { .. }
+    ));
+}
