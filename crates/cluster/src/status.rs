@@ -39,6 +39,7 @@ pub enum EventKind {
     Drain,
     SpaceLow,
     Verify,
+    Snapshot,
     Disk,
     ReservationPreempted,
     LoginFailures,
@@ -52,7 +53,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in the order documentation lists them.
-    pub const ALL: [EventKind; 32] = [
+    pub const ALL: [EventKind; 33] = [
         EventKind::AuthRefused,
         EventKind::NodeOffline,
         EventKind::NodeOnline,
@@ -77,6 +78,7 @@ impl EventKind {
         EventKind::Drain,
         EventKind::SpaceLow,
         EventKind::Verify,
+        EventKind::Snapshot,
         EventKind::Disk,
         EventKind::ReservationPreempted,
         EventKind::LoginFailures,
@@ -171,6 +173,10 @@ impl EventKind {
             EventKind::Verify => (
                 "verify",
                 "an online verify started, found differences or finished",
+            ),
+            EventKind::Snapshot => (
+                "snapshot",
+                "a snapshot was taken, could not be taken, or was deleted",
             ),
             EventKind::Disk => (
                 "disk",

@@ -513,6 +513,9 @@ pub struct Primary {
     held: VecDeque<Held>,
     /// A snapshot placed in the streams whose local copy is not made yet.
     snapshot_here: Option<SnapshotHere>,
+    /// Writes are held (a snapshot of several volumes is being placed in each of
+    /// their streams: none may take a write in between).
+    frozen: bool,
     /// Every replica outside the in-sync set → the regions it may lack (everything
     /// written since it left, and what it lacked then); this node → none. Persisted
     /// here and on every member ([`Message::DirtyMap`]).
@@ -603,6 +606,7 @@ impl Primary {
             verify: None,
             held: VecDeque::new(),
             snapshot_here: None,
+            frozen: false,
             dirty_map,
             map_generation: 0,
             cfg,
@@ -717,6 +721,23 @@ impl Primary {
         self.submit(now, tag, 0, Payload::Snapshot(name))
     }
 
+    /// Holds every write from now on until [`Self::thaw`]: a snapshot of several
+    /// volumes freezes them all, places its position in each, and thaws them once
+    /// every local copy is made, so no write to one lands between the positions of
+    /// the others (crash-consistent across the volumes of a target).
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Ends [`Self::freeze`]: the held writes go on, in order (once no snapshot is
+    /// being taken here).
+    pub fn thaw(&mut self, now: u64) -> Vec<Action> {
+        self.frozen = false;
+        let mut out = Vec::new();
+        self.release_held(now, &mut out);
+        out
+    }
+
     /// Takes a flush barrier (SYNCHRONIZE CACHE, FUA): it completes when every write
     /// before it is durable here and on every in-sync replica.
     pub fn submit_flush(&mut self, now: u64, tag: WriteTag) -> Result<Vec<Action>, NotServing> {
@@ -753,7 +774,7 @@ impl Primary {
     /// Whether a write to `[offset, offset + len)` must wait: a region it touches is
     /// being verified, or an earlier write to one of them waits already (order).
     fn must_hold(&self, offset: u64, len: u64) -> bool {
-        if self.snapshot_here.is_some() {
+        if self.frozen || self.snapshot_here.is_some() {
             return true;
         }
         let rs = self.cfg.region_size;
@@ -2006,7 +2027,7 @@ impl Primary {
     /// Places the held writes that no longer touch a region under verify, in order
     /// (none while a snapshot is being taken here).
     fn release_held(&mut self, now: u64, out: &mut Vec<Action>) {
-        if self.snapshot_here.is_some() {
+        if self.frozen || self.snapshot_here.is_some() {
             return;
         }
         let rs = self.cfg.region_size;
@@ -2575,6 +2596,61 @@ mod tests {
         let mut p = in_sync_pair();
         let out = p.submit_snapshot(1, WriteTag(5), "s3".into()).unwrap();
         assert_eq!(local(&out).len(), 1, "{out:?}");
+    }
+
+    /// Frozen (a snapshot of several volumes), writes wait until it is thawed and its
+    /// own snapshot copy is made, whichever comes last.
+    #[test]
+    fn a_frozen_primary_holds_writes_until_thawed_and_its_copy_is_made() {
+        let data_written = |out: &[Action]| {
+            out.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::LocalWrite {
+                        payload: Payload::Data(_),
+                        ..
+                    }
+                )
+            })
+        };
+        let mut p = in_sync_pair();
+        p.freeze();
+        let out = p
+            .submit_write(1, WriteTag(1), 0, Bytes::from(vec![1u8; 512]))
+            .unwrap();
+        assert!(out.is_empty(), "held while frozen: {out:?}");
+        let out = p.submit_snapshot(2, WriteTag(2), "s".into()).unwrap();
+        let copy = out
+            .iter()
+            .find_map(|a| match a {
+                Action::LocalWrite {
+                    id,
+                    payload: Payload::Snapshot(_),
+                    ..
+                } => Some(*id),
+                _ => None,
+            })
+            .expect("nothing in flight: the copy is made at once");
+        assert!(!data_written(&p.thaw(3)), "the copy is not made yet");
+        assert!(
+            data_written(&p.local_done(4, copy)),
+            "both done: the write goes on"
+        );
+
+        // The other order: the copy first, then the thaw.
+        let mut p = in_sync_pair();
+        p.freeze();
+        let _ = p.submit_write(1, WriteTag(1), 0, Bytes::from(vec![1u8; 512]));
+        let out = p.submit_snapshot(2, WriteTag(2), "s".into()).unwrap();
+        let copy = out
+            .iter()
+            .find_map(|a| match a {
+                Action::LocalWrite { id, .. } => Some(*id),
+                _ => None,
+            })
+            .unwrap();
+        assert!(!data_written(&p.local_done(3, copy)), "still frozen");
+        assert!(data_written(&p.thaw(4)));
     }
 
     /// A replica whose node stops says so: its removal is requested at once, not after

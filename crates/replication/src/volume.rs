@@ -271,6 +271,8 @@ struct PrimaryShared {
     /// Snapshots whose local copy was made or failed, by name, until the caller
     /// that asked for them takes the outcome (see [`PrimaryVolume::snapshot`]).
     snapshots_here: Mutex<HashMap<String, SnapshotHere>>,
+    /// Signalled when an entry lands in `snapshots_here`.
+    snapshot_made: std::sync::Condvar,
     /// Initiator writes waiting for their completion, by tag. Apart from the core so a
     /// completion does not contend with the writes being submitted.
     waiters: Mutex<HashMap<WriteTag, Waiter>>,
@@ -304,6 +306,44 @@ struct PrimaryShared {
     readers: std::sync::Once,
     /// This, for the readers to hold weakly.
     myself: std::sync::Weak<PrimaryShared>,
+}
+
+/// The outcome of a submission, which can be looked at before it is waited for.
+#[derive(Default)]
+struct Completion {
+    result: Mutex<Option<io::Result<()>>>,
+    cv: std::sync::Condvar,
+}
+
+impl Completion {
+    fn set(&self, r: io::Result<()>) {
+        if let Ok(mut g) = self.result.lock() {
+            *g = Some(r);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The error it completed with, if it has.
+    fn failed(&self) -> Option<io::Error> {
+        match self.result.lock().ok()?.as_ref()? {
+            Err(e) => Some(io::Error::new(e.kind(), e.to_string())),
+            Ok(()) => None,
+        }
+    }
+
+    fn wait(&self, timeout: Duration) -> io::Result<()> {
+        let poisoned = || io::Error::other("completion poisoned");
+        let g = self.result.lock().map_err(|_| poisoned())?;
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |r| r.is_none())
+            .map_err(|_| poisoned())?;
+        g.take().unwrap_or_else(|| {
+            Err(block_device::unavailable(
+                "the snapshot did not complete in time",
+            ))
+        })
+    }
 }
 
 /// When this copy's part of a snapshot was made, or why it could not be.
@@ -758,6 +798,7 @@ impl PrimaryEffects for DriverEffects<'_> {
         if let Ok(mut m) = self.sh.snapshots_here.lock() {
             m.insert(name.to_string(), (Instant::now(), made));
         }
+        self.sh.snapshot_made.notify_all();
     }
 
     fn deallocate(&mut self, offset: u64, len: u64) -> Option<()> {
@@ -901,6 +942,7 @@ impl PrimaryVolume {
             core: Mutex::new(Primary::new(cfg, 0)),
             copy,
             snapshots_here: Mutex::default(),
+            snapshot_made: std::sync::Condvar::new(),
             waiters: Mutex::default(),
             next_tag: 1.into(),
             store,
@@ -1121,27 +1163,108 @@ impl PrimaryVolume {
     }
 
     /// Takes snapshot `name` at one point of the stream, on this copy and on every
-    /// in-sync replica (see [`Primary::submit_snapshot`]), and returns once every
-    /// in-sync member holds it, with how long writes were held back here. A replica
-    /// that cannot take its copy leaves the in-sync set ([`LocalCopy::snapshot`]):
-    /// the members holding the snapshot are this node and [`Self::in_sync`] after.
+    /// in-sync replica: [`Self::snapshot_group`] of this volume alone.
     pub fn snapshot(&self, name: &str) -> io::Result<Duration> {
-        let asked = Instant::now();
-        let result =
-            self.submit_and_wait(|p, now, tag| p.submit_snapshot(now, tag, name.to_string()));
-        let here = self
-            .shared
+        PrimaryVolume::snapshot_group(&[self], name).map(|(pause, _)| pause)
+    }
+
+    /// Takes snapshot `name` of `volumes` (all primary here: the volumes of a target)
+    /// at one point of each one's stream, on this node's copies and on every in-sync
+    /// replica (see [`Primary::submit_snapshot`]). Writes to all of them are held from
+    /// before the first position is placed until every copy here is made, so no write
+    /// lands between the positions of two volumes: the snapshots are crash-consistent
+    /// together. Returns how long writes were held, once every in-sync member of each
+    /// volume holds its copy, and for each volume the replicas that hold it (in sync
+    /// from before the snapshot to after: a replica that could not take its copy left
+    /// the set).
+    pub fn snapshot_group(
+        volumes: &[&PrimaryVolume],
+        name: &str,
+    ) -> io::Result<(Duration, Vec<BTreeSet<NodeId>>)> {
+        /// Thaws the volumes however the snapshot ends.
+        struct Thaw<'a>(&'a [&'a PrimaryVolume]);
+        impl Drop for Thaw<'_> {
+            fn drop(&mut self) {
+                for v in self.0 {
+                    let now = v.shared.now();
+                    let actions = match v.shared.core.lock() {
+                        Ok(mut p) => p.thaw(now),
+                        Err(_) => continue,
+                    };
+                    v.shared.run(actions, true);
+                }
+            }
+        }
+        let before: Vec<BTreeSet<NodeId>> = volumes.iter().map(|v| v.in_sync()).collect();
+        let frozen_at = Instant::now();
+        for v in volumes {
+            v.shared
+                .core
+                .lock()
+                .map_err(|_| io::Error::other("primary state poisoned"))?
+                .freeze();
+        }
+        let thaw = Thaw(volumes);
+        let mut completions = Vec::new();
+        for v in volumes {
+            let done = Arc::new(Completion::default());
+            let d = done.clone();
+            v.submit_then(
+                |p, now, tag| p.submit_snapshot(now, tag, name.to_string()),
+                Box::new(move |r| d.set(r)),
+            );
+            completions.push(done);
+        }
+        let deadline = Instant::now() + WRITE_WAIT;
+        for (v, done) in volumes.iter().zip(&completions) {
+            v.wait_for_local_snapshot(name, done, deadline)?;
+        }
+        drop(thaw);
+        let pause = frozen_at.elapsed();
+        for done in &completions {
+            done.wait(WRITE_WAIT + Duration::from_secs(5))?;
+        }
+        let members = volumes
+            .iter()
+            .zip(before)
+            .map(|(v, before)| v.in_sync().intersection(&before).copied().collect())
+            .collect();
+        Ok((pause, members))
+    }
+
+    /// Waits until this copy's part of snapshot `name` is made (or failed, or the
+    /// snapshot completed with an error, `done`).
+    fn wait_for_local_snapshot(
+        &self,
+        name: &str,
+        done: &Completion,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        let sh = &self.shared;
+        let mut made = sh
             .snapshots_here
             .lock()
-            .ok()
-            .and_then(|mut m| m.remove(name));
-        result?;
-        match here {
-            Some((at, Ok(()))) => Ok(at.saturating_duration_since(asked)),
-            Some((_, Err(e))) => Err(io::Error::other(e)),
-            None => Err(io::Error::other(
-                "the local copy of the snapshot was not made",
-            )),
+            .map_err(|_| io::Error::other("primary state poisoned"))?;
+        loop {
+            if let Some((_, result)) = made.remove(name) {
+                return result.map_err(io::Error::other);
+            }
+            if let Some(e) = done.failed() {
+                return Err(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(block_device::unavailable(
+                    "the snapshot was not taken here in time",
+                ));
+            }
+            // Short waits: a completion with an error does not signal the condvar.
+            let wait = (deadline - now).min(Duration::from_millis(5));
+            made = sh
+                .snapshot_made
+                .wait_timeout(made, wait)
+                .map_err(|_| io::Error::other("primary state poisoned"))?
+                .0;
         }
     }
 }
