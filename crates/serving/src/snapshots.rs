@@ -17,6 +17,22 @@ pub fn snapshot_path(volume_path: &Path, snapshot: &str) -> PathBuf {
     volume_path.with_file_name(format!("{stem}@{snapshot}.img"))
 }
 
+/// Whether this node keeps its copy of snapshot `snapshot` of `volume`: while the
+/// snapshot is being taken (the copy may be one of its members'), and once taken if
+/// this node is a member. A copy of a snapshot deleted, abandoned at a failover, or
+/// taken while this node was out of sync (its copy is not consistent) goes.
+pub fn keep_copy(
+    st: &cluster::state::ClusterState,
+    me: cluster::state::NodeId,
+    volume: &str,
+    snapshot: &str,
+) -> bool {
+    st.volumes
+        .get(volume)
+        .and_then(|v| v.snapshots.get(snapshot))
+        .is_some_and(|s| !s.ready || s.members.contains(&me))
+}
+
 /// This node's copy of a volume, as the replication layer sees it: it grows for a
 /// resize and takes snapshots.
 pub struct VolumeCopy {
@@ -36,15 +52,73 @@ impl replication::LocalCopy for VolumeCopy {
     }
 
     fn snapshot(&self, name: &str) -> io::Result<()> {
-        self.store
-            .reflink_to(&snapshot_path(self.store.path(), name))
-            .map_err(io::Error::other)
+        let dest = snapshot_path(self.store.path(), name);
+        // The stream asks for this snapshot now: a copy of that name is left over
+        // from one deleted before this node removed it.
+        match std::fs::remove_file(&dest) {
+            Ok(()) => tracing::info!(path = %dest.display(), "replacing a stale snapshot copy"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.store.reflink_to(&dest).map_err(io::Error::other)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_keeps_the_copies_the_cluster_names_for_it() {
+        use cluster::state::{ClusterState, Command, NodeAddresses};
+        let mut st = ClusterState::new();
+        for i in 1..=3u8 {
+            let a = |port| std::net::SocketAddr::from(([127, 0, 0, i], port));
+            st.apply(&Command::AddNode {
+                name: format!("n{i}"),
+                addresses: NodeAddresses {
+                    control: a(3261),
+                    replication: a(3262),
+                    portals: vec![a(3260)],
+                },
+                capacity_bytes: 10 << 30,
+                public_key: None,
+            })
+            .unwrap();
+        }
+        st.apply(&Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 1 << 30,
+            replicas: 3,
+            block_size: 512,
+            physical_block_size: None,
+            nodes: vec![],
+        })
+        .unwrap();
+        let replicas = st.volumes["v"].replicas.clone();
+        st.apply(&Command::CreateSnapshot {
+            volumes: vec!["v".into()],
+            name: "s".into(),
+            at_ms: 0,
+        })
+        .unwrap();
+        for n in &replicas {
+            assert!(keep_copy(&st, *n, "v", "s"), "kept while being taken");
+        }
+        st.apply(&Command::SnapshotTaken {
+            volume: "v".into(),
+            name: "s".into(),
+            epoch: 1,
+            members: replicas[..2].to_vec(),
+            pause_us: 1,
+        })
+        .unwrap();
+        assert!(keep_copy(&st, replicas[0], "v", "s"));
+        assert!(keep_copy(&st, replicas[1], "v", "s"));
+        assert!(!keep_copy(&st, replicas[2], "v", "s"), "not a member");
+        assert!(!keep_copy(&st, replicas[0], "v", "other"));
+        assert!(!keep_copy(&st, replicas[0], "gone", "s"));
+    }
 
     #[test]
     fn a_snapshot_lives_next_to_its_volume() {

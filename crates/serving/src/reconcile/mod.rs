@@ -30,6 +30,7 @@ mod leases;
 mod paths;
 mod reservations;
 mod roles;
+mod snapshots;
 mod targets;
 
 use paths::{in_sync_for, port_groups_with, ClusterPaths};
@@ -112,6 +113,9 @@ pub struct Serving {
     lost_power: Option<String>,
     /// Planned moves under way here, by (first volume of the group, epoch).
     handovers: Mutex<HashSet<(String, u64)>>,
+    /// Snapshots started here, by (snapshot, first volume of the group, epoch): each
+    /// is taken once (an epoch's snapshots end with it).
+    snapshots_started: Mutex<HashSet<(String, String, u64)>>,
     /// Virtual IPs of the targets served here.
     vips: crate::vip::Vips,
     /// When each node was last in sync for each target's volumes (path states).
@@ -162,6 +166,7 @@ impl Serving {
             repromotion_asked: Mutex::new(HashSet::new()),
             lost_power: lost_power_since_last_run(data_dir),
             handovers: Mutex::new(HashSet::new()),
+            snapshots_started: Mutex::default(),
             vips: crate::vip::Vips::new(),
             in_sync_seen: Mutex::new(HashMap::new()),
             executed_here: std::sync::RwLock::new(HashMap::new()),
@@ -406,8 +411,10 @@ impl Serving {
         self.stop_targets_gone(st, &mut served);
         // 2. Volume roles, then planned moves.
         self.reconcile_roles(st, &start_epochs, &mut roles);
-        // 3. Data of volumes this node no longer holds.
+        // 3. Data of volumes this node no longer holds, and snapshots: those asked
+        //    of volumes primary here are taken, those the state no longer names go.
         self.remove_data_not_held(st);
+        self.take_snapshots(st, &roles);
         // 4. Targets served here: executed or forwarded, with their paths.
         self.reconcile_targets(st, &mut served, &roles)?;
 

@@ -961,6 +961,16 @@ impl Serving {
                 let Some(vol) = name.strip_suffix(".img") else {
                     continue;
                 };
+                if let Some((vol, snapshot)) = vol.split_once('@') {
+                    if !crate::snapshots::keep_copy(st, self.me, vol, snapshot) {
+                        info!(
+                            volume = vol,
+                            snapshot, "removing a snapshot copy the cluster no longer keeps here"
+                        );
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                    continue;
+                }
                 let placed_here = st
                     .volumes
                     .get(vol)

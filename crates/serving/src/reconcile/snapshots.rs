@@ -1,0 +1,127 @@
+//! Taking the snapshots the cluster asks of the volumes primary here (issue 21): one
+//! per group of volumes (a target's, which share this primary) at once, in a thread
+//! of its own, reported to the cluster as taken (with its members and the write pause)
+//! or deleted (it could not be taken; every node then removes its copy).
+
+use super::*;
+
+impl Serving {
+    /// Starts taking the snapshots the state asks of volumes primary here, each once.
+    pub(super) fn take_snapshots(&self, st: &ClusterState, roles: &HashMap<String, Role>) {
+        let mut groups: BTreeMap<(String, u64), Vec<(String, Arc<PrimaryVolume>)>> =
+            BTreeMap::new();
+        for v in st.volumes.values().filter(|v| v.primary == self.me) {
+            let Some(Role::Primary { epoch, volume, .. }) = roles.get(&v.name) else {
+                continue;
+            };
+            if *epoch != v.epoch {
+                continue;
+            }
+            for (name, s) in &v.snapshots {
+                if !s.ready && s.epoch == v.epoch {
+                    groups
+                        .entry((name.clone(), v.epoch))
+                        .or_default()
+                        .push((v.name.clone(), volume.clone()));
+                }
+            }
+        }
+        for ((name, epoch), group) in groups {
+            let key = (name.clone(), group[0].0.clone(), epoch);
+            let first = self
+                .snapshots_started
+                .lock()
+                .is_ok_and(|mut running| running.insert(key.clone()));
+            if !first {
+                continue;
+            }
+            // The key stays once the thread ran: until this node's state shows the
+            // outcome, a reconcile must not take the same snapshot again.
+            let (node, rt, me) = (self.node.clone(), self.rt.clone(), self.me);
+            let spawned = std::thread::Builder::new()
+                .name("bulwark-snapshot".into())
+                .spawn(move || take_snapshot(&node, &rt, me, &name, epoch, &group));
+            if let Err(e) = spawned {
+                error!(snapshot = %key.0, error = %e, "cannot start taking a snapshot");
+                if let Ok(mut r) = self.snapshots_started.lock() {
+                    r.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Takes snapshot `name` of `group` (volumes primary here at `epoch`) and commits the
+/// outcome.
+fn take_snapshot(
+    node: &ClusterNode,
+    rt: &tokio::runtime::Handle,
+    me: NodeId,
+    name: &str,
+    epoch: u64,
+    group: &[(String, Arc<PrimaryVolume>)],
+) {
+    let volumes: Vec<&PrimaryVolume> = group.iter().map(|(_, v)| v.as_ref()).collect();
+    let names: Vec<String> = group.iter().map(|(n, _)| n.clone()).collect();
+    let commit = |cmd: Command| match rt.block_on(node.write(cmd)) {
+        Ok(Ok(_)) => true,
+        Ok(Err(r)) => {
+            warn!(snapshot = name, refused = %r, "snapshot report refused");
+            false
+        }
+        Err(e) => {
+            warn!(snapshot = name, error = %e, "snapshot report not committed");
+            false
+        }
+    };
+    let mut details = serde_json::Map::new();
+    details.insert("snapshot".into(), name.into());
+    details.insert("volumes".into(), names.clone().into());
+    match PrimaryVolume::snapshot_group(&volumes, name) {
+        Ok((pause, members)) => {
+            let mut holders = BTreeSet::new();
+            for (v, replicas) in names.iter().zip(members) {
+                let mut members: Vec<NodeId> = replicas.iter().map(|n| n.0).collect();
+                members.insert(0, me);
+                holders.extend(members.iter().copied());
+                commit(Command::SnapshotTaken {
+                    volume: v.clone(),
+                    name: name.to_string(),
+                    epoch,
+                    members,
+                    pause_us: pause.as_micros() as u64,
+                });
+            }
+            let st = node.state().borrow().clone();
+            let holders: Vec<String> = holders.iter().map(|n| st.node_name(*n)).collect();
+            details.insert("members".into(), holders.clone().into());
+            details.insert("pause_us".into(), (pause.as_micros() as u64).into());
+            node.events().push_with(
+                EventKind::Snapshot,
+                format!(
+                    "snapshot {name} of {} taken on {} (writes held {:.1} ms)",
+                    names.join(", "),
+                    holders.join(", "),
+                    pause.as_secs_f64() * 1000.0
+                ),
+                details,
+            );
+        }
+        Err(e) => {
+            error!(snapshot = name, volumes = ?names, error = %e, "the snapshot could not be taken");
+            commit(Command::DeleteSnapshot {
+                volumes: names.clone(),
+                name: name.to_string(),
+            });
+            details.insert("error".into(), e.to_string().into());
+            node.events().push_with(
+                EventKind::Snapshot,
+                format!(
+                    "snapshot {name} of {} could not be taken: {e}; nothing of it is kept",
+                    names.join(", ")
+                ),
+                details,
+            );
+        }
+    }
+}
