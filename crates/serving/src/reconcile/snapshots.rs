@@ -5,11 +5,13 @@
 
 use super::*;
 
+/// The volumes of one snapshot, primary here: (name, volume).
+type Group = Vec<(String, Arc<PrimaryVolume>)>;
+
 impl Serving {
     /// Starts taking the snapshots the state asks of volumes primary here, each once.
     pub(super) fn take_snapshots(&self, st: &ClusterState, roles: &HashMap<String, Role>) {
-        let mut groups: BTreeMap<(String, u64), Vec<(String, Arc<PrimaryVolume>)>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<(String, u64), Group> = BTreeMap::new();
         for v in st.volumes.values().filter(|v| v.primary == self.me) {
             let Some(Role::Primary { epoch, volume, .. }) = roles.get(&v.name) else {
                 continue;
