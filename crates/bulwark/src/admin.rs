@@ -2,6 +2,7 @@
 //! cluster token, prints a table for people or JSON with `--json`.
 
 pub(crate) mod maintenance;
+pub(crate) mod snapshot;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -114,6 +114,13 @@ enum Command {
         #[command(subcommand)]
         cmd: admin::VolumeCmd,
     },
+    /// Snapshots of volumes and targets: create, list, delete.
+    Snapshot {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::snapshot::SnapshotCmd,
+    },
     /// iSCSI targets.
     Target {
         #[command(flatten)]
@@ -447,6 +454,7 @@ fn run() -> Result<()> {
         Command::Cluster { cmd } => runtime()?.block_on(cluster_cmd(cmd)),
         Command::Node { conn, cmd } => runtime()?.block_on(admin::node(&conn, cmd)),
         Command::Volume { conn, cmd } => runtime()?.block_on(admin::volume(&conn, cmd)),
+        Command::Snapshot { conn, cmd } => runtime()?.block_on(admin::snapshot::run(&conn, cmd)),
         Command::Target { conn, cmd } => runtime()?.block_on(admin::target(&conn, cmd)),
         Command::Lun { conn, cmd } => runtime()?.block_on(admin::lun(&conn, cmd)),
         Command::Acl { conn, cmd } => runtime()?.block_on(admin::acl(&conn, cmd)),

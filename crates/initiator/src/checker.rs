@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 const MAGIC: &[u8; 4] = b"BWCK";
 
 /// What the checker knows about the writes it issued.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Checker {
     block_size: usize,
     /// LBA → highest version sent.
@@ -98,6 +98,11 @@ impl Checker {
         self.acks
     }
 
+    /// The highest version of `lba` acknowledged so far (0: none).
+    pub fn acked_version(&self, lba: u64) -> u64 {
+        self.acked.get(&lba).copied().unwrap_or(0)
+    }
+
     /// LBAs written so far.
     pub fn lbas(&self) -> impl Iterator<Item = u64> + '_ {
         self.sent.keys().copied()
@@ -105,7 +110,13 @@ impl Checker {
 
     /// Checks a block read from `lba`.
     pub fn verify(&self, lba: u64, block: &[u8]) -> Result<(), String> {
-        let acked = self.acked.get(&lba).copied().unwrap_or(0);
+        self.verify_at_least(lba, block, self.acked_version(lba))
+    }
+
+    /// Checks a block read from `lba` against a floor of its own: a copy of the
+    /// volume from before some of the acknowledged writes (a snapshot) must hold at
+    /// least version `acked` and nothing that was never written.
+    pub fn verify_at_least(&self, lba: u64, block: &[u8], acked: u64) -> Result<(), String> {
         let sent = self.sent.get(&lba).copied().unwrap_or(0);
         if block.iter().all(|b| *b == 0) {
             return if acked == 0 {

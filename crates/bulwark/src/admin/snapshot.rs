@@ -1,0 +1,205 @@
+//! Snapshots from the command line (issue 21): `bulwark snapshot create|list|delete`.
+//! The cluster does the work (the primary takes a snapshot at one point of every
+//! volume's stream on each in-sync member); `create` asks for it and waits for the
+//! outcome.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use clap::Subcommand;
+use cluster::{ClusterState, Command};
+
+use super::{commit, human, print_json, Conn};
+
+/// `bulwark snapshot ...`
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Takes a snapshot of a volume, or of every volume of a target at the same point
+    /// (crash-consistent across its LUNs), on the primary and every in-sync replica.
+    /// Writes pause for the few milliseconds the copies take; a copy takes no space
+    /// until blocks change. Needs a data folder on a file system with reflinks (XFS,
+    /// btrfs). Waits until it is taken.
+    Create {
+        /// A volume, or a target's IQN (all its volumes).
+        source: String,
+        /// Snapshot name: letters, digits, '.', '-', '_'.
+        name: String,
+        /// Return once asked, without waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Lists snapshots (of one volume, or of all).
+    List {
+        /// Only this volume's.
+        volume: Option<String>,
+    },
+    /// Deletes a snapshot of a volume, or of every volume of a target: every node
+    /// removes its copy.
+    Delete {
+        /// A volume, or a target's IQN.
+        source: String,
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+/// The volumes `source` names: itself, or the volumes of the target with that IQN.
+fn volumes_of(st: &ClusterState, source: &str) -> Result<Vec<String>> {
+    if st.volumes.contains_key(source) {
+        return Ok(vec![source.to_string()]);
+    }
+    match st.targets.get(source) {
+        Some(t) if t.luns.is_empty() => bail!("target {source} has no LUN: nothing to snapshot"),
+        Some(t) => {
+            let mut v: Vec<String> = t.luns.values().cloned().collect();
+            v.sort();
+            v.dedup();
+            Ok(v)
+        }
+        None => bail!("no volume or target named {source:?}; `bulwark volume list` and `bulwark target list` show them"),
+    }
+}
+
+pub async fn run(conn: &Conn, cmd: SnapshotCmd) -> Result<()> {
+    let client = conn.client()?;
+    match cmd {
+        SnapshotCmd::Create {
+            source,
+            name,
+            no_wait,
+        } => {
+            let volumes = volumes_of(&client.state().await?, &source)?;
+            let at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            commit(
+                conn,
+                Command::CreateSnapshot {
+                    volumes: volumes.clone(),
+                    name: name.clone(),
+                    at_ms,
+                },
+            )
+            .await?;
+            if no_wait {
+                println!(
+                    "snapshot {name} of {} asked for (`bulwark snapshot list` shows when it is taken)",
+                    volumes.join(", ")
+                );
+                return Ok(());
+            }
+            wait_taken(conn, &volumes, &name).await
+        }
+        SnapshotCmd::List { volume } => {
+            let st = client.state().await?;
+            if let Some(v) = &volume {
+                if !st.volumes.contains_key(v) {
+                    bail!("no volume named {v:?}");
+                }
+            }
+            let rows: Vec<(&String, &String, &cluster::state::Snapshot)> = st
+                .volumes
+                .values()
+                .filter(|v| volume.as_ref().is_none_or(|x| *x == v.name))
+                .flat_map(|v| v.snapshots.iter().map(move |(n, s)| (&v.name, n, s)))
+                .collect();
+            if conn.json {
+                let json: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(v, n, s)| serde_json::json!({ "volume": v, "name": n, "snapshot": s }))
+                    .collect();
+                return print_json(&json);
+            }
+            if rows.is_empty() {
+                println!("no snapshots");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<24} {:>10} {:<10} {:>12}  members",
+                "volume", "snapshot", "size", "state", "writes held"
+            );
+            for (v, n, s) in rows {
+                let members: Vec<String> = s.members.iter().map(|m| st.node_name(*m)).collect();
+                println!(
+                    "{:<20} {:<24} {:>10} {:<10} {:>12}  {}",
+                    v,
+                    n,
+                    human(s.size_bytes),
+                    if s.ready { "taken" } else { "taking" },
+                    s.pause_us
+                        .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
+                    members.join(", ")
+                );
+            }
+            Ok(())
+        }
+        SnapshotCmd::Delete { source, name } => {
+            let volumes = volumes_of(&client.state().await?, &source)?;
+            commit(
+                conn,
+                Command::DeleteSnapshot {
+                    volumes: volumes.clone(),
+                    name: name.clone(),
+                },
+            )
+            .await?;
+            println!(
+                "snapshot {name} of {} deleted; every node removes its copy",
+                volumes.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Waits until snapshot `name` of every volume is taken, or gone (it could not be).
+async fn wait_taken(conn: &Conn, volumes: &[String], name: &str) -> Result<()> {
+    let client = conn.client()?;
+    let started = Instant::now();
+    loop {
+        let st = client.state().await?;
+        let mut taken = Vec::new();
+        for v in volumes {
+            let vol = st
+                .volumes
+                .get(v)
+                .ok_or_else(|| anyhow!("volume {v} was deleted"))?;
+            match vol.snapshots.get(name) {
+                None => bail!(
+                    "snapshot {name} of {v} could not be taken and was removed on every node; the event log says why (`bulwark status`)"
+                ),
+                Some(s) if s.ready => taken.push((v, s.clone())),
+                Some(_) => {}
+            }
+        }
+        if taken.len() == volumes.len() {
+            if conn.json {
+                let json: Vec<serde_json::Value> = taken
+                    .iter()
+                    .map(|(v, s)| serde_json::json!({ "volume": v, "name": name, "snapshot": s }))
+                    .collect();
+                return print_json(&json);
+            }
+            let pause = taken.iter().filter_map(|(_, s)| s.pause_us).max();
+            let members: Vec<String> = taken[0]
+                .1
+                .members
+                .iter()
+                .map(|m| st.node_name(*m))
+                .collect();
+            println!(
+                "snapshot {name} of {} taken on {} (writes held {:.1} ms)",
+                volumes.join(", "),
+                members.join(", "),
+                pause.unwrap_or(0) as f64 / 1000.0
+            );
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "snapshot {name} is not taken after 60 s; `bulwark snapshot list` and `bulwark status` show where it is"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
