@@ -137,12 +137,19 @@ pub enum NodeCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
-    /// Creates a volume, thin, on the nodes with the most free space (or --node).
+    /// Creates a volume, thin, on the nodes with the most free space (or --node); or,
+    /// with --from-snapshot, a clone of a snapshot on the nodes that hold it.
     Create {
         /// Volume name.
         name: String,
-        /// Size, like 10GiB.
-        size: String,
+        /// Size, like 10GiB (a clone has the size its source had).
+        #[arg(required_unless_present = "from_snapshot")]
+        size: Option<String>,
+        /// Make it a writable copy of snapshot VOLUME@SNAPSHOT, in seconds whatever
+        /// its size, on the snapshot's nodes; independent of its source afterwards
+        /// (the snapshot cannot be deleted while the clone exists).
+        #[arg(long, value_name = "VOLUME@SNAPSHOT", conflicts_with_all = ["size", "replicas", "block_size", "physical_block_size", "on"])]
+        from_snapshot: Option<String>,
         /// Number of replicas (1 to 3), each on a different storage node.
         #[arg(long, default_value_t = 2)]
         replicas: u8,
@@ -378,13 +385,31 @@ pub enum ChapCmd {
 pub fn volume_command(cmd: &VolumeCmd) -> Result<Option<Command>> {
     Ok(match cmd {
         VolumeCmd::Create {
+            from_snapshot: Some(from),
+            name,
+            ..
+        } => {
+            let (volume, snapshot) = from
+                .split_once('@')
+                .ok_or_else(|| anyhow!("--from-snapshot takes VOLUME@SNAPSHOT, not {from:?}"))?;
+            Some(Command::CloneSnapshot {
+                name: name.clone(),
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            })
+        }
+        VolumeCmd::Create {
             name,
             size,
             replicas,
             block_size,
             physical_block_size,
             on,
+            ..
         } => {
+            let size = size
+                .as_deref()
+                .ok_or_else(|| anyhow!("give the volume's size, like 10GiB"))?;
             if !on.is_empty() && on.len() > usize::from(*replicas) {
                 bail!(
                     "--on names {} nodes but --replicas is {replicas}; name at most one node per replica",
@@ -611,10 +636,20 @@ pub async fn volume(conn: &Conn, cmd: VolumeCmd) -> Result<()> {
         }
     }
     let text = match (&cmd, &a) {
-        (VolumeCmd::Create { name, size, .. }, Applied::VolumeCreated(placement)) => {
+        (VolumeCmd::Create { name, .. }, Applied::VolumeCreated(placement)) => {
             let st = conn.client()?.state().await?;
+            let from = st
+                .volumes
+                .get(name)
+                .and_then(|v| v.origin.as_ref())
+                .map_or(String::new(), |o| {
+                    format!(" from {}@{}", o.volume, o.snapshot)
+                });
             format!(
-                "volume {name} ({size}) created on {}; primary {}",
+                "volume {name} ({}){from} created on {}; primary {}",
+                st.volumes
+                    .get(name)
+                    .map_or("?".into(), |v| human(v.size_bytes)),
                 names(&st, placement),
                 names(&st, &placement[..1])
             )
@@ -1602,7 +1637,8 @@ mod tests {
         let create = |size: &str, replicas: u8, on: &[&str]| {
             volume_command(&VolumeCmd::Create {
                 name: "v".into(),
-                size: size.into(),
+                size: Some(size.into()),
+                from_snapshot: None,
                 replicas,
                 block_size: 512,
                 physical_block_size: None,
@@ -1625,6 +1661,23 @@ mod tests {
         .to_string();
         assert!(e.contains("unknown unit"), "{e}");
         assert!(volume_command(&VolumeCmd::List).unwrap().is_none());
+        let clone = |from: &str| {
+            volume_command(&VolumeCmd::Create {
+                name: "c".into(),
+                size: None,
+                from_snapshot: Some(from.into()),
+                replicas: 2,
+                block_size: 512,
+                physical_block_size: None,
+                on: vec![],
+            })
+        };
+        assert!(matches!(
+            clone("v@s").unwrap(),
+            Some(Command::CloneSnapshot { volume, snapshot, .. }) if volume == "v" && snapshot == "s"
+        ));
+        let e = clone("v").unwrap_err().to_string();
+        assert!(e.contains("VOLUME@SNAPSHOT"), "{e}");
     }
 
     #[test]

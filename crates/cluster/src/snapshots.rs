@@ -36,9 +36,46 @@ pub struct Snapshot {
     pub pause_us: Option<u64>,
 }
 
+/// Where a clone came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The volume the snapshot is of.
+    pub volume: String,
+    /// The snapshot.
+    pub snapshot: String,
+    /// The nodes that make their copy of the clone from their copy of the snapshot
+    /// (its members when the clone was made). A node added later is rebuilt.
+    pub members: Vec<NodeId>,
+}
+
 impl ClusterState {
-    /// Snapshots: [`Command::CreateSnapshot`], [`Command::SnapshotTaken`] and
-    /// [`Command::DeleteSnapshot`].
+    /// Refuses to delete snapshot `name` of `volume` while a clone made from it exists:
+    /// a member that has not made its copy of the clone yet (it was down) makes it from
+    /// the snapshot's.
+    pub(super) fn refuse_if_cloned(&self, volume: &str, name: &str) -> Result<(), Refused> {
+        let clones: Vec<String> = self
+            .volumes
+            .values()
+            .filter(|v| {
+                v.origin
+                    .as_ref()
+                    .is_some_and(|o| o.volume == volume && o.snapshot == name)
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        if clones.is_empty() {
+            Ok(())
+        } else {
+            Err(Refused::SnapshotHasClones {
+                volume: volume.to_string(),
+                name: name.to_string(),
+                clones,
+            })
+        }
+    }
+
+    /// Snapshots: [`Command::CreateSnapshot`], [`Command::SnapshotTaken`],
+    /// [`Command::CloneSnapshot`] and [`Command::DeleteSnapshot`].
     pub(super) fn apply_snapshot(&mut self, cmd: &Command) -> Result<Applied, Refused> {
         match cmd {
             Command::CreateSnapshot {
@@ -155,6 +192,76 @@ impl ClusterState {
                 s.pause_us = Some(*pause_us);
                 Ok(Applied::Done)
             }
+            Command::CloneSnapshot {
+                name,
+                volume,
+                snapshot,
+            } => {
+                check_name("volume", name)?;
+                if self.volumes.contains_key(name) {
+                    return Err(Refused::VolumeExists(name.clone()));
+                }
+                let source = self
+                    .volumes
+                    .get(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                let s = source
+                    .snapshots
+                    .get(snapshot)
+                    .ok_or_else(|| Refused::NoSuchSnapshot {
+                        volume: volume.clone(),
+                        name: snapshot.clone(),
+                    })?;
+                if !s.ready {
+                    return Err(Refused::SnapshotNotNow {
+                        volume: volume.clone(),
+                        why: format!(
+                            "snapshot {snapshot:?} is still being taken; clone it once taken"
+                        ),
+                    });
+                }
+                // The snapshot's members hold its data: the clone lives there, the
+                // source's primary first when it is one.
+                let mut members: Vec<NodeId> = s
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|m| self.nodes.contains_key(m))
+                    .collect();
+                members.sort_by_key(|m| *m != source.primary);
+                if members.is_empty() {
+                    return Err(Refused::SnapshotNotNow {
+                        volume: volume.clone(),
+                        why: format!("no node of the cluster holds snapshot {snapshot:?} any more"),
+                    });
+                }
+                let clone = Volume {
+                    name: name.clone(),
+                    size_bytes: s.size_bytes,
+                    block_size: source.block_size,
+                    physical_block_size: source.physical_block_size,
+                    replicas: members.clone(),
+                    primary: members[0],
+                    epoch: 1,
+                    in_sync: members.clone(),
+                    moving_to: None,
+                    verify: None,
+                    reservations: None,
+                    last_failover: None,
+                    primary_reason: format!("placed at creation from {volume}@{snapshot}"),
+                    lost_power: Vec::new(),
+                    joining: Vec::new(),
+                    wanted_replicas: members.len() as u8,
+                    snapshots: BTreeMap::new(),
+                    origin: Some(Origin {
+                        volume: volume.clone(),
+                        snapshot: snapshot.clone(),
+                        members: members.clone(),
+                    }),
+                };
+                self.volumes.insert(name.clone(), clone);
+                Ok(Applied::VolumeCreated(members))
+            }
             Command::DeleteSnapshot { volumes, name } => {
                 for v_name in volumes {
                     let v = self
@@ -167,6 +274,7 @@ impl ClusterState {
                             name: name.clone(),
                         });
                     }
+                    self.refuse_if_cloned(v_name, name)?;
                 }
                 for v_name in volumes {
                     if let Some(v) = self.volumes.get_mut(v_name) {

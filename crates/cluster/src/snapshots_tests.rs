@@ -143,3 +143,69 @@ fn a_snapshot_not_taken_before_a_failover_is_abandoned() {
         Refused::StaleEpoch { .. }
     ));
 }
+
+/// A clone lives on the snapshot's members, in sync from birth, the size the volume
+/// had then; the snapshot cannot go while a clone of it exists.
+#[test]
+fn a_clone_is_made_on_the_snapshot_members() {
+    let mut st = three();
+    st.apply(&create("a", GIB, 3, &["n2", "n1", "n3"])).unwrap();
+    let r = st.volumes["a"].replicas.clone();
+    st.apply(&snap(&["a"], "s")).unwrap();
+    let clone = |name: &str| Command::CloneSnapshot {
+        name: name.into(),
+        volume: "a".into(),
+        snapshot: "s".into(),
+    };
+    assert!(
+        matches!(refused(&mut st, clone("c")), Refused::SnapshotNotNow { .. }),
+        "not before it is taken"
+    );
+    st.apply(&taken("a", "s", 1, &[r[2], r[0]])).unwrap();
+    st.apply(&Command::ResizeVolume {
+        name: "a".into(),
+        size_bytes: 2 * GIB,
+    })
+    .unwrap();
+    st.apply(&clone("c")).unwrap();
+    let c = &st.volumes["c"];
+    assert_eq!(c.primary, r[0], "the source's primary first");
+    assert_eq!(c.replicas, vec![r[0], r[2]]);
+    assert_eq!(c.in_sync, c.replicas);
+    assert_eq!(
+        c.size_bytes, GIB,
+        "the size the volume had when the snapshot was taken"
+    );
+    assert_eq!(
+        c.origin.as_ref().map(|o| o.members.clone()),
+        Some(vec![r[0], r[2]])
+    );
+    assert!(matches!(
+        refused(&mut st, clone("c")),
+        Refused::VolumeExists(_)
+    ));
+    let del = Command::DeleteSnapshot {
+        volumes: vec!["a".into()],
+        name: "s".into(),
+    };
+    assert!(matches!(
+        refused(&mut st, del.clone()),
+        Refused::SnapshotHasClones { .. }
+    ));
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::DeleteVolume {
+                name: "a".into(),
+                with_snapshots: true
+            }
+        ),
+        Refused::SnapshotHasClones { .. }
+    ));
+    st.apply(&Command::DeleteVolume {
+        name: "c".into(),
+        with_snapshots: false,
+    })
+    .unwrap();
+    st.apply(&del).unwrap();
+}

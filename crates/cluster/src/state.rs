@@ -171,6 +171,9 @@ pub struct Volume {
     /// Its snapshots, by name (issue 21).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub snapshots: BTreeMap<String, Snapshot>,
+    /// The snapshot it was made from, for a clone (`volume create --from-snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
 }
 
 /// A replica being rebuilt (see [`Volume::joining`]).
@@ -882,6 +885,18 @@ pub enum Command {
         /// How long writes were held back on the primary, in microseconds.
         pause_us: u64,
     },
+    /// Makes volume `name` from snapshot `snapshot` of `volume`: each member of the
+    /// snapshot makes its copy of the new volume from its copy of the snapshot (a
+    /// reflink), so the clone is in sync from birth on those nodes
+    /// (`bulwark volume create NAME --from-snapshot VOLUME@SNAPSHOT`).
+    CloneSnapshot {
+        /// The new volume.
+        name: String,
+        /// The volume the snapshot is of.
+        volume: String,
+        /// The snapshot.
+        snapshot: String,
+    },
     /// Deletes snapshot `name` of `volumes`, taken or being taken: every node removes
     /// its copy (`bulwark snapshot delete`, or a primary that could not take it).
     DeleteSnapshot {
@@ -1020,6 +1035,12 @@ pub enum Refused {
     SnapshotNotNow { volume: String, why: String },
     #[error("volume {volume:?} has {count} snapshot(s); delete them first, or delete the volume with --with-snapshots")]
     VolumeHasSnapshots { volume: String, count: usize },
+    #[error("snapshot {name:?} of {volume:?} has clones ({}); delete them first", clones.join(", "))]
+    SnapshotHasClones {
+        volume: String,
+        name: String,
+        clones: Vec<String>,
+    },
     #[error("physical block size {physical} must be a power of two from the block size ({block_size}) to 32768")]
     BadPhysicalBlockSize { physical: u32, block_size: u32 },
     #[error("a volume needs 1 to 3 replicas, not {0}")]
@@ -1354,6 +1375,7 @@ impl ClusterState {
             Command::StartVerify { .. } | Command::FinishVerify { .. } => self.apply_verify(cmd),
             Command::CreateSnapshot { .. }
             | Command::SnapshotTaken { .. }
+            | Command::CloneSnapshot { .. }
             | Command::DeleteSnapshot { .. } => self.apply_snapshot(cmd),
             Command::CreateToken { .. }
             | Command::RevokeToken { .. }
@@ -1529,6 +1551,7 @@ impl ClusterState {
                         joining: Vec::new(),
                         wanted_replicas: *replicas,
                         snapshots: BTreeMap::new(),
+                        origin: None,
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -1579,6 +1602,9 @@ impl ClusterState {
                         volume: name.clone(),
                         count: v.snapshots.len(),
                     });
+                }
+                for snapshot in v.snapshots.keys() {
+                    self.refuse_if_cloned(name, snapshot)?;
                 }
                 if let Some((t, lun)) = self.mapping_of(name) {
                     return Err(Refused::VolumeMapped {
@@ -2320,7 +2346,7 @@ mod replicas;
 
 #[path = "snapshots.rs"]
 mod snapshots;
-pub use snapshots::Snapshot;
+pub use snapshots::{Origin, Snapshot};
 
 #[cfg(test)]
 #[path = "replicas_tests.rs"]

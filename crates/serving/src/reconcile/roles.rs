@@ -249,6 +249,7 @@ struct Handover {
 
 impl Serving {
     pub(super) fn open_volume(&self, v: &Volume) -> Result<Arc<blockstore::FileStore>> {
+        self.make_clone_copy(v)?;
         let store = blockstore::FileStore::open(
             &self.volume_path(&v.name),
             &blockstore::OpenOptions {

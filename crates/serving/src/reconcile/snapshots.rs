@@ -127,3 +127,36 @@ fn take_snapshot(
         }
     }
 }
+
+impl Serving {
+    /// A clone's copy here, when this node is one of the snapshot members it was made
+    /// on and has no copy yet: a reflink of its copy of the snapshot. Without the
+    /// snapshot's copy this node cannot start the clone (an empty copy would pass for
+    /// one in sync).
+    pub(super) fn make_clone_copy(&self, v: &Volume) -> Result<()> {
+        let Some(o) = v.origin.as_ref().filter(|o| o.members.contains(&self.me)) else {
+            return Ok(());
+        };
+        let path = self.volume_path(&v.name);
+        if path.exists() {
+            return Ok(());
+        }
+        let snapshot = crate::snapshots::snapshot_path(&self.volume_path(&o.volume), &o.snapshot);
+        let err = |source| ServingError::Store {
+            volume: format!("{} (made from {}@{})", v.name, o.volume, o.snapshot),
+            source,
+        };
+        let src = blockstore::FileStore::open(
+            &snapshot,
+            &blockstore::OpenOptions {
+                block_size: v.block_size,
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .map_err(err)?;
+        src.reflink_to(&path).map_err(err)?;
+        info!(volume = %v.name, from = %snapshot.display(), "made this node's copy of a clone");
+        Ok(())
+    }
+}
