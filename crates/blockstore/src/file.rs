@@ -240,6 +240,41 @@ impl FileStore {
         })
     }
 
+    /// Makes this store what the file at `src` holds, sharing its blocks (a reflink
+    /// over the whole file, as [`Self::reflink_to`] makes one): a rollback to a
+    /// snapshot. The store keeps its size (a volume grown since reads zeroes past the
+    /// snapshot's end). Durable when this returns. Writes must not run meanwhile.
+    pub fn reflink_from(&self, src: &Path) -> Result<(), StoreError> {
+        let io_err = |source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if self.is_block_device || self.volatile.is_some() {
+            return Err(io_err(io::Error::other(
+                "only a plain file store can be rolled back",
+            )));
+        }
+        let source = File::open(src).map_err(|e| StoreError::Open {
+            path: src.to_path_buf(),
+            source: e,
+        })?;
+        if let Err(e) = rustix::fs::ioctl_ficlone(&self.file, &source) {
+            let e = io::Error::from(e);
+            return Err(match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY) => StoreError::NoReflink {
+                    path: self.path.clone(),
+                    source: e,
+                },
+                _ => io_err(e),
+            });
+        }
+        let size = self.size_bytes.load(Ordering::Acquire);
+        if self.file.metadata().map_err(io_err)?.len() < size {
+            self.file.set_len(size).map_err(io_err)?;
+        }
+        self.file.sync_all().map_err(io_err)
+    }
+
     /// The path the store was opened from.
     pub fn path(&self) -> &Path {
         &self.path

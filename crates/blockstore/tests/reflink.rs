@@ -147,6 +147,11 @@ fn a_reflinked_copy_shares_blocks_and_then_goes_its_own_way() {
     );
     assert!(src.reflink_to(&dest).is_err(), "an existing copy is kept");
     assert_eq!(read(&copy, 8192, 4096), vec![0xCD; 4096]);
+    // Rolled back to the copy: the store holds the copy's bytes again, sharing them.
+    let free = fs.free_bytes();
+    src.reflink_from(&dest).unwrap();
+    assert_eq!(read(&src, 0, size as usize), read(&copy, 0, size as usize));
+    assert!(fs.free_bytes() + (4 << 20) >= free, "the rollback copied blocks");
 }
 
 /// On a file system that cannot share blocks the answer says what is needed, and

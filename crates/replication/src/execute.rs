@@ -50,6 +50,11 @@ pub(crate) trait PrimaryEffects {
     /// snapshot fails; the volume goes on): it is not a failed disk.
     fn snapshot(&mut self, name: &str);
 
+    /// Replaces the local copy with its copy of snapshot `name` (every earlier local
+    /// write is done, no later one has started). A failure is a failed disk: what the
+    /// copy holds is not known any more.
+    fn rollback(&mut self, name: &str) -> Option<()>;
+
     /// Saves the activity log (at least `log`; the driver saves the newest).
     fn persist_activity_log(&mut self, log: RegionSet) -> Option<()>;
 
@@ -142,6 +147,7 @@ pub(crate) fn run_primary_actions(fx: &mut impl PrimaryEffects, actions: Vec<Act
                         fx.snapshot(&name);
                         Some(())
                     }
+                    Payload::Rollback { snapshot, .. } => fx.rollback(&snapshot),
                 };
                 if done.is_some() {
                     queue.extend(

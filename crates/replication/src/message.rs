@@ -89,6 +89,16 @@ pub enum Payload {
     /// before this position and none after it, on every member at the same point of
     /// the stream (a crash-consistent snapshot; issue 21).
     Snapshot(String),
+    /// Make the volume what snapshot `snapshot` holds: every member replaces its copy
+    /// with its copy of the snapshot here. It changes every one of the `len` bytes of
+    /// the volume as far as logs and resyncs go (a member without the snapshot is
+    /// resynced in full).
+    Rollback {
+        /// The snapshot.
+        snapshot: String,
+        /// The volume's size.
+        len: u64,
+    },
 }
 
 impl Payload {
@@ -96,7 +106,7 @@ impl Payload {
     pub fn len(&self) -> u64 {
         match self {
             Payload::Data(d) => d.len() as u64,
-            Payload::Deallocate(n) => *n,
+            Payload::Deallocate(n) | Payload::Rollback { len: n, .. } => *n,
             Payload::Flush | Payload::Snapshot(_) => 0,
         }
     }

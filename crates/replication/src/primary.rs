@@ -721,6 +721,32 @@ impl Primary {
         self.submit(now, tag, 0, Payload::Snapshot(name))
     }
 
+    /// Rolls the volume back to snapshot `name`: a position in every member's stream
+    /// where each replaces its copy with its copy of the snapshot, taken here the way
+    /// a snapshot is (after the earlier local writes, later writes held until it is
+    /// done). Logged as a change of every byte, so a member that cannot roll back is
+    /// resynced in full. One at a time.
+    pub fn submit_rollback(
+        &mut self,
+        now: u64,
+        tag: WriteTag,
+        name: String,
+    ) -> Result<Vec<Action>, NotServing> {
+        if self.snapshot_here.is_some() {
+            return Err(NotServing::Busy);
+        }
+        let len = self.cfg.size_bytes;
+        self.submit(
+            now,
+            tag,
+            0,
+            Payload::Rollback {
+                snapshot: name,
+                len,
+            },
+        )
+    }
+
     /// Holds every write from now on until [`Self::thaw`]: a snapshot of several
     /// volumes freezes them all, places its position in each, and thaws them once
     /// every local copy is made, so no write to one lands between the positions of
@@ -759,7 +785,10 @@ impl Primary {
             return Err(NotServing::Busy);
         }
         let mut out = Vec::new();
-        if !payload.is_empty() && self.must_hold(offset, payload.len()) {
+        // A rollback is a barrier like a snapshot: it goes in as asked, also while
+        // frozen for it.
+        let barrier = matches!(payload, Payload::Rollback { .. });
+        if !payload.is_empty() && !barrier && self.must_hold(offset, payload.len()) {
             self.held.push_back(Held {
                 tag,
                 offset,
@@ -880,9 +909,12 @@ impl Primary {
                 waiting: members,
             },
         );
-        if let Payload::Snapshot(_) = &payload {
+        if let Payload::Snapshot(_) | Payload::Rollback { .. } = &payload {
             // The local copy waits for the local writes placed before it.
-            let earlier = self.writes.values().any(|w| !w.local_done && w.len > 0);
+            let earlier = self
+                .writes
+                .iter()
+                .any(|(w_id, w)| *w_id != id && !w.local_done && w.len > 0);
             self.snapshot_here = Some(SnapshotHere {
                 id,
                 waiting: earlier.then(|| payload.clone()),

@@ -1576,6 +1576,15 @@ impl Sim {
                 let view = node.disk.view();
                 node.snapshots.insert(name.clone(), view);
             }
+            // The simulation's clients do not roll back; a member without the
+            // snapshot keeps its blocks.
+            Payload::Rollback { snapshot, .. } => {
+                if let Some(view) = node.snapshots.get(snapshot).cloned() {
+                    for (b, v) in view.into_iter().enumerate() {
+                        node.disk.write(b as u64 * BLOCK, &v.to_le_bytes(), id);
+                    }
+                }
+            }
         }
     }
 
@@ -1644,6 +1653,15 @@ impl PrimaryEffects for SimPrimary<'_> {
     fn snapshot(&mut self, name: &str) {
         self.sim
             .disk_write(self.n, "primary", 0, &Payload::Snapshot(name.into()));
+    }
+
+    fn rollback(&mut self, name: &str) -> Option<()> {
+        let payload = Payload::Rollback {
+            snapshot: name.into(),
+            len: SIZE,
+        };
+        self.sim.disk_write(self.n, "primary", 0, &payload);
+        Some(())
     }
 
     fn flush(&mut self) -> Option<()> {

@@ -263,6 +263,9 @@ pub trait LocalCopy: Send + Sync {
     /// Takes this copy's part of snapshot `name`: a copy of it as it is now, every
     /// earlier write in it and no later one (the caller holds them back).
     fn snapshot(&self, name: &str) -> io::Result<()>;
+
+    /// Makes this copy what its copy of snapshot `name` holds (its size stays).
+    fn rollback(&self, name: &str) -> io::Result<()>;
 }
 
 struct PrimaryShared {
@@ -346,8 +349,14 @@ impl Completion {
     }
 }
 
-/// When this copy's part of a snapshot was made, or why it could not be.
+/// When this copy's part of a snapshot was made (or its rollback), or why it could
+/// not be.
 type SnapshotHere = (Instant, Result<(), String>);
+
+/// The key of a rollback's outcome in `snapshots_here` (snapshots are keyed by name).
+fn rollback_key(name: &str) -> String {
+    format!("rollback to {name}")
+}
 
 /// A region to read for a replica's resync: (replica, stream position, region).
 type ResyncRead = (NodeId, crate::Seq, u64);
@@ -801,6 +810,21 @@ impl PrimaryEffects for DriverEffects<'_> {
         self.sh.snapshot_made.notify_all();
     }
 
+    fn rollback(&mut self, name: &str) -> Option<()> {
+        let done = self
+            .sh
+            .copy
+            .rollback(name)
+            .map_err(|e| self.sh.disk_failed(&e))
+            .ok();
+        if let Ok(mut m) = self.sh.snapshots_here.lock() {
+            let result = done.ok_or_else(|| "the local copy could not be rolled back".to_string());
+            m.insert(rollback_key(name), (Instant::now(), result));
+        }
+        self.sh.snapshot_made.notify_all();
+        done
+    }
+
     fn deallocate(&mut self, offset: u64, len: u64) -> Option<()> {
         self.sh
             .store
@@ -1181,6 +1205,33 @@ impl PrimaryVolume {
         volumes: &[&PrimaryVolume],
         name: &str,
     ) -> io::Result<(Duration, Vec<BTreeSet<NodeId>>)> {
+        PrimaryVolume::barrier_group(volumes, name, name, |p, now, tag| {
+            p.submit_snapshot(now, tag, name.to_string())
+        })
+    }
+
+    /// Rolls `volumes` (primary here) back to their snapshot `name`, the way
+    /// [`Self::snapshot_group`] takes one: writes to all are held until every copy
+    /// here is rolled back. Returns the write pause, and for each volume the in-sync
+    /// replicas that rolled back (one that could not left the set: it is resynced in
+    /// full).
+    pub fn rollback_group(
+        volumes: &[&PrimaryVolume],
+        name: &str,
+    ) -> io::Result<(Duration, Vec<BTreeSet<NodeId>>)> {
+        PrimaryVolume::barrier_group(volumes, name, &rollback_key(name), |p, now, tag| {
+            p.submit_rollback(now, tag, name.to_string())
+        })
+    }
+
+    /// A snapshot or a rollback of `volumes` at one point of their streams (`key`
+    /// names its local outcome in `snapshots_here`).
+    fn barrier_group(
+        volumes: &[&PrimaryVolume],
+        name: &str,
+        key: &str,
+        submit: impl Fn(&mut Primary, u64, WriteTag) -> Result<Vec<Action>, crate::primary::NotServing>,
+    ) -> io::Result<(Duration, Vec<BTreeSet<NodeId>>)> {
         /// Thaws the volumes however the snapshot ends.
         struct Thaw<'a>(&'a [&'a PrimaryVolume]);
         impl Drop for Thaw<'_> {
@@ -1210,14 +1261,15 @@ impl PrimaryVolume {
             let done = Arc::new(Completion::default());
             let d = done.clone();
             v.submit_then(
-                |p, now, tag| p.submit_snapshot(now, tag, name.to_string()),
+                |p, now, tag| submit(p, now, tag),
                 Box::new(move |r| d.set(r)),
             );
             completions.push(done);
         }
         let deadline = Instant::now() + WRITE_WAIT;
         for (v, done) in volumes.iter().zip(&completions) {
-            v.wait_for_local_snapshot(name, done, deadline)?;
+            v.wait_for_local_snapshot(key, done, deadline)
+                .map_err(|e| io::Error::new(e.kind(), format!("{name}: {e}")))?;
         }
         drop(thaw);
         let pause = frozen_at.elapsed();
@@ -1453,6 +1505,17 @@ mod tests {
             let bytes = self.store.snapshot(0, self.store.size_bytes() as usize);
             self.snapshots.lock().unwrap().insert(name.into(), bytes);
             Ok(())
+        }
+
+        fn rollback(&self, name: &str) -> io::Result<()> {
+            let bytes = self
+                .snapshots
+                .lock()
+                .unwrap()
+                .get(name)
+                .cloned()
+                .ok_or_else(|| io::Error::other("no such snapshot here"))?;
+            self.store.write_at(0, &bytes, false)
         }
     }
 
@@ -1820,6 +1883,45 @@ mod tests {
         net.replicas.lock().unwrap().clear();
     }
 
+    /// A rollback makes every member's copy what the snapshot holds; writes after it
+    /// land on the rolled-back data.
+    #[test]
+    fn a_rollback_puts_the_snapshot_back_on_every_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Net::default());
+        let size = 256u64 << 10;
+        let stores: Vec<Arc<MemDevice>> = (0..3).map(|_| Arc::new(MemDevice::new(size))).collect();
+        start_replica(&net, NodeId(2), stores[1].clone(), dir.path());
+        start_replica(&net, NodeId(3), stores[2].clone(), dir.path());
+        let p = start_primary(
+            &net,
+            NodeId(1),
+            Epoch(1),
+            stores[0].clone(),
+            dir.path(),
+            &[NodeId(2), NodeId(3)],
+            &[NodeId(2), NodeId(3)],
+        );
+        wait_until("sealed and serving", || p.serving());
+        p.write_at(0, &vec![1u8; size as usize], false).unwrap();
+        p.snapshot("s").unwrap();
+        let snapshot = read(stores[0].as_ref(), 0, size as usize);
+        p.write_at(0, &vec![2u8; size as usize], false).unwrap();
+        let (pause, members) = PrimaryVolume::rollback_group(&[p.as_ref()], "s").unwrap();
+        eprintln!("rollback: writes held {} µs here", pause.as_micros());
+        assert_eq!(members, vec![[NodeId(2), NodeId(3)].into()]);
+        for s in &stores {
+            assert_eq!(read(s.as_ref(), 0, size as usize), snapshot);
+        }
+        p.write_at(4096, &[3u8; 4096], false).unwrap();
+        for s in &stores {
+            assert_eq!(read(s.as_ref(), 4096, 4096), vec![3u8; 4096]);
+        }
+        drop(p);
+        net.primaries.lock().unwrap().clear();
+        net.replicas.lock().unwrap().clear();
+    }
+
     fn snap_of(copies: &HashMap<NodeId, Arc<MemCopy>>, n: u64, name: &str) -> Vec<u8> {
         copies[&NodeId(n)].snapshots.lock().unwrap()[name].clone()
     }
@@ -1919,6 +2021,9 @@ mod tests {
             Err(io::Error::other("this test's store does not grow"))
         }
         fn snapshot(&self, _name: &str) -> io::Result<()> {
+            Err(io::Error::other("this test's store takes no snapshots"))
+        }
+        fn rollback(&self, _name: &str) -> io::Result<()> {
             Err(io::Error::other("this test's store takes no snapshots"))
         }
     }

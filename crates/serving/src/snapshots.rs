@@ -62,6 +62,17 @@ impl replication::LocalCopy for VolumeCopy {
         }
         self.store.reflink_to(&dest).map_err(io::Error::other)
     }
+
+    fn rollback(&self, name: &str) -> io::Result<()> {
+        let src = snapshot_path(self.store.path(), name);
+        if !src.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("this node holds no copy of snapshot {name}"),
+            ));
+        }
+        self.store.reflink_from(&src).map_err(io::Error::other)
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
             h.put_u8(match payload {
                 Payload::Deallocate(_) => WRITE_DEALLOCATE,
                 Payload::Snapshot(_) => WRITE_SNAPSHOT,
+                Payload::Rollback { .. } => WRITE_ROLLBACK,
                 Payload::Data(_) | Payload::Flush => 3,
             });
             h.put_u64(epoch.0);
@@ -66,6 +67,11 @@ pub fn encode(volume: &str, msg: &Message) -> (BytesMut, Option<Bytes>) {
                 Payload::Snapshot(name) => {
                     h.put_u16(name.len() as u16);
                     h.put_slice(name.as_bytes());
+                }
+                Payload::Rollback { snapshot, len } => {
+                    h.put_u64(*len);
+                    h.put_u16(snapshot.len() as u16);
+                    h.put_slice(snapshot.as_bytes());
                 }
             }
         }
@@ -183,6 +189,27 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
                 payload,
             }
         }
+        WRITE_ROLLBACK => {
+            need(&b, 42)?;
+            let (epoch, seq, offset, committed, len) = (
+                b.get_u64(),
+                b.get_u64(),
+                b.get_u64(),
+                b.get_u64(),
+                b.get_u64(),
+            );
+            let n = b.get_u16() as usize;
+            need(&b, n)?;
+            let snapshot =
+                String::from_utf8(b.split_to(n).to_vec()).map_err(|_| bad("snapshot name"))?;
+            Message::Write {
+                epoch: Epoch(epoch),
+                seq: Seq(seq),
+                offset,
+                committed: Seq(committed),
+                payload: Payload::Rollback { snapshot, len },
+            }
+        }
         WRITE_SNAPSHOT => {
             need(&b, 34)?;
             let (epoch, seq, offset, committed) =
@@ -279,6 +306,8 @@ pub fn decode(mut b: Bytes) -> io::Result<(String, Message)> {
 const WRITE_DEALLOCATE: u8 = 10;
 /// Frame kind of a [`Payload::Snapshot`] position.
 const WRITE_SNAPSHOT: u8 = 11;
+/// Frame kind of a [`Payload::Rollback`] position.
+const WRITE_ROLLBACK: u8 = 12;
 
 /// Frame kinds of forwarded SCSI traffic (not volume messages).
 pub(super) const FORWARD_REQUEST: u8 = 100;
@@ -554,6 +583,16 @@ mod tests {
                 offset: 0,
                 payload: Payload::Snapshot("before-upgrade".into()),
                 committed: Seq(12),
+            },
+            Message::Write {
+                epoch: Epoch(3),
+                seq: Seq(14),
+                offset: 0,
+                payload: Payload::Rollback {
+                    snapshot: "before-upgrade".into(),
+                    len: 4 << 30,
+                },
+                committed: Seq(13),
             },
             Message::Ack {
                 epoch: Epoch(3),

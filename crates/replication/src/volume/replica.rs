@@ -150,6 +150,11 @@ impl<F: Fn(String)> ReplicaEffects for ReplicaDriver<'_, F> {
                 .copy
                 .snapshot(name)
                 .map_err(|e| io::Error::other(format!("snapshot {name}: {e}"))),
+            // A member without the snapshot stops: the primary resyncs it in full.
+            Payload::Rollback { snapshot, .. } => self
+                .copy
+                .rollback(snapshot)
+                .map_err(|e| io::Error::other(format!("rollback to snapshot {snapshot}: {e}"))),
         };
         match done {
             Ok(()) => Some(()),
