@@ -151,7 +151,10 @@ fn a_reflinked_copy_shares_blocks_and_then_goes_its_own_way() {
     let free = fs.free_bytes();
     src.reflink_from(&dest).unwrap();
     assert_eq!(read(&src, 0, size as usize), read(&copy, 0, size as usize));
-    assert!(fs.free_bytes() + (4 << 20) >= free, "the rollback copied blocks");
+    assert!(
+        fs.free_bytes() + (4 << 20) >= free,
+        "the rollback copied blocks"
+    );
 }
 
 /// On a file system that cannot share blocks the answer says what is needed, and

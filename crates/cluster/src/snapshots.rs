@@ -36,6 +36,17 @@ pub struct Snapshot {
     pub pause_us: Option<u64>,
 }
 
+/// A rollback asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRollback {
+    /// To this snapshot.
+    pub snapshot: String,
+    /// At this primary epoch: a failover abandons it.
+    pub epoch: u64,
+    /// End the initiators' sessions first.
+    pub force: bool,
+}
+
 /// Where a clone came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
@@ -118,6 +129,12 @@ impl ClusterState {
                         return not_now(format!(
                             "it is moving to {}; take the snapshot once the move is done",
                             self.node_name(to)
+                        ));
+                    }
+                    if let Some(r) = &v.rollback {
+                        return not_now(format!(
+                            "it is being rolled back to {:?}; take the snapshot after",
+                            r.snapshot
                         ));
                     }
                     if let Some((other, _)) = v.snapshots.iter().find(|(_, s)| !s.ready) {
@@ -236,6 +253,7 @@ impl ClusterState {
                     });
                 }
                 let clone = Volume {
+                    rollback: None,
                     name: name.clone(),
                     size_bytes: s.size_bytes,
                     block_size: source.block_size,
@@ -262,6 +280,97 @@ impl ClusterState {
                 self.volumes.insert(name.clone(), clone);
                 Ok(Applied::VolumeCreated(members))
             }
+            Command::RollbackSnapshot {
+                volumes,
+                name,
+                force,
+            } => {
+                let first = volumes
+                    .first()
+                    .ok_or_else(|| Refused::BadName("no volume named".into()))?;
+                let primary = self
+                    .volumes
+                    .get(first)
+                    .ok_or_else(|| Refused::NoSuchVolume(first.clone()))?
+                    .primary;
+                for v_name in volumes {
+                    let v = self
+                        .volumes
+                        .get(v_name)
+                        .ok_or_else(|| Refused::NoSuchVolume(v_name.clone()))?;
+                    let not_now = |why: String| {
+                        Err(Refused::SnapshotNotNow {
+                            volume: v_name.clone(),
+                            why,
+                        })
+                    };
+                    let s = v
+                        .snapshots
+                        .get(name)
+                        .ok_or_else(|| Refused::NoSuchSnapshot {
+                            volume: v_name.clone(),
+                            name: name.clone(),
+                        })?;
+                    if !s.ready {
+                        return not_now(format!("snapshot {name:?} is still being taken"));
+                    }
+                    if v.primary != primary {
+                        return not_now(format!(
+                            "its primary is not the primary of {first:?}; roll back the volumes of one target together"
+                        ));
+                    }
+                    if !s.members.contains(&v.primary) {
+                        return not_now(format!(
+                            "its primary {} holds no copy of snapshot {name:?}; move the volume to one of its holders ({}) first",
+                            self.node_name(v.primary),
+                            s.members.iter().map(|m| self.node_name(*m)).collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                    if let Some(to) = v.moving_to {
+                        return not_now(format!(
+                            "it is moving to {}; roll back once the move is done",
+                            self.node_name(to)
+                        ));
+                    }
+                    if v.rollback.is_some() || v.snapshots.values().any(|s| !s.ready) {
+                        return not_now(
+                            "a snapshot or a rollback of it is under way; wait for it".into(),
+                        );
+                    }
+                }
+                for v_name in volumes {
+                    if let Some(v) = self.volumes.get_mut(v_name) {
+                        v.rollback = Some(PendingRollback {
+                            snapshot: name.clone(),
+                            epoch: v.epoch,
+                            force: *force,
+                        });
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::RollbackDone {
+                volume,
+                name,
+                epoch,
+                ..
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
+                match &v.rollback {
+                    Some(r) if r.snapshot == *name && r.epoch == *epoch && v.epoch == *epoch => {
+                        v.rollback = None;
+                        Ok(Applied::Done)
+                    }
+                    _ => Err(Refused::StaleEpoch {
+                        volume: volume.clone(),
+                        epoch: *epoch,
+                        current: v.epoch,
+                    }),
+                }
+            }
             Command::DeleteSnapshot { volumes, name } => {
                 for v_name in volumes {
                     let v = self
@@ -275,6 +384,14 @@ impl ClusterState {
                         });
                     }
                     self.refuse_if_cloned(v_name, name)?;
+                    if v.rollback.as_ref().is_some_and(|r| r.snapshot == *name) {
+                        return Err(Refused::SnapshotNotNow {
+                            volume: v_name.clone(),
+                            why: format!(
+                                "it is being rolled back to {name:?}; delete the snapshot after"
+                            ),
+                        });
+                    }
                 }
                 for v_name in volumes {
                     if let Some(v) = self.volumes.get_mut(v_name) {

@@ -209,3 +209,77 @@ fn a_clone_is_made_on_the_snapshot_members() {
     .unwrap();
     st.apply(&del).unwrap();
 }
+
+/// A rollback is asked for with a taken snapshot the primary holds, is reported done
+/// by the primary at its epoch, and is abandoned at a failover.
+#[test]
+fn a_rollback_is_asked_for_and_reported() {
+    let mut st = three();
+    st.apply(&create("a", GIB, 3, &["n1", "n2", "n3"])).unwrap();
+    let r = st.volumes["a"].replicas.clone();
+    let rollback = |force| Command::RollbackSnapshot {
+        volumes: vec!["a".into()],
+        name: "s".into(),
+        force,
+    };
+    assert!(matches!(
+        refused(&mut st, rollback(false)),
+        Refused::NoSuchSnapshot { .. }
+    ));
+    st.apply(&snap(&["a"], "s")).unwrap();
+    assert!(matches!(
+        refused(&mut st, rollback(false)),
+        Refused::SnapshotNotNow { .. }
+    ));
+    // Taken without the primary (it could not take its copy): no rollback there.
+    st.apply(&taken("a", "s", 1, &[r[1], r[2]])).unwrap();
+    let e = refused(&mut st, rollback(false));
+    assert!(e.to_string().contains("holds no copy"), "{e}");
+    st.apply(&Command::Promote {
+        cause: None,
+        volumes: vec![("a".into(), 1)],
+        node: r[1],
+    })
+    .unwrap();
+    st.apply(&rollback(true)).unwrap();
+    let pending = st.volumes["a"].rollback.clone().unwrap();
+    assert_eq!(
+        (pending.snapshot.as_str(), pending.epoch, pending.force),
+        ("s", 2, true)
+    );
+    assert!(matches!(
+        refused(&mut st, snap(&["a"], "t")),
+        Refused::SnapshotNotNow { .. }
+    ));
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::DeleteSnapshot {
+                volumes: vec!["a".into()],
+                name: "s".into()
+            }
+        ),
+        Refused::SnapshotNotNow { .. }
+    ));
+    let done = |epoch| Command::RollbackDone {
+        volume: "a".into(),
+        name: "s".into(),
+        epoch,
+        error: None,
+    };
+    assert!(matches!(
+        refused(&mut st, done(1)),
+        Refused::StaleEpoch { .. }
+    ));
+    st.apply(&done(2)).unwrap();
+    assert!(st.volumes["a"].rollback.is_none());
+    // Abandoned by a failover.
+    st.apply(&rollback(false)).unwrap();
+    st.apply(&Command::Promote {
+        cause: None,
+        volumes: vec![("a".into(), 2)],
+        node: r[2],
+    })
+    .unwrap();
+    assert!(st.volumes["a"].rollback.is_none());
+}

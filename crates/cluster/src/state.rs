@@ -174,6 +174,9 @@ pub struct Volume {
     /// The snapshot it was made from, for a clone (`volume create --from-snapshot`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// A rollback to one of its snapshots, asked for and not done yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<PendingRollback>,
 }
 
 /// A replica being rebuilt (see [`Volume::joining`]).
@@ -612,6 +615,7 @@ impl Command {
                 | Command::SetReservations { .. }
                 | Command::UseToken { .. }
                 | Command::SnapshotTaken { .. }
+                | Command::RollbackDone { .. }
         )
     }
 }
@@ -896,6 +900,31 @@ pub enum Command {
         volume: String,
         /// The snapshot.
         snapshot: String,
+    },
+    /// Rolls `volumes` back to their snapshot `name` (`bulwark snapshot rollback`): the
+    /// primary does it at one point of each stream, on every member of the snapshot
+    /// in sync, and reports [`Command::RollbackDone`]. With `force`, the nodes first
+    /// end the sessions of the targets the volumes are LUNs of.
+    RollbackSnapshot {
+        /// The volumes, which share their primary.
+        volumes: Vec<String>,
+        /// Snapshot name.
+        name: String,
+        /// End the initiators' sessions first.
+        force: bool,
+    },
+    /// The primary rolled `volume` back to snapshot `name` at `epoch`, or could not
+    /// (`error`).
+    RollbackDone {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+        /// The primary's epoch.
+        epoch: u64,
+        /// Why it could not, if it could not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// Deletes snapshot `name` of `volumes`, taken or being taken: every node removes
     /// its copy (`bulwark snapshot delete`, or a primary that could not take it).
@@ -1376,6 +1405,8 @@ impl ClusterState {
             Command::CreateSnapshot { .. }
             | Command::SnapshotTaken { .. }
             | Command::CloneSnapshot { .. }
+            | Command::RollbackSnapshot { .. }
+            | Command::RollbackDone { .. }
             | Command::DeleteSnapshot { .. } => self.apply_snapshot(cmd),
             Command::CreateToken { .. }
             | Command::RevokeToken { .. }
@@ -1552,6 +1583,7 @@ impl ClusterState {
                         wanted_replicas: *replicas,
                         snapshots: BTreeMap::new(),
                         origin: None,
+                        rollback: None,
                     },
                 );
                 Ok(Applied::VolumeCreated(placement))
@@ -2040,6 +2072,10 @@ impl ClusterState {
                         // primary cannot know which members took their copy, and each
                         // node deletes the copies the state no longer names.
                         v.snapshots.retain(|_, s| s.ready);
+                        // The same for a rollback: the new primary's copy is rolled
+                        // back or not, and the activity logs (a rollback logs every
+                        // region) resync the others to it.
+                        v.rollback = None;
                         v.lost_power.retain(|n| n != node);
                         v.primary_reason = cause
                             .as_ref()
@@ -2346,7 +2382,7 @@ mod replicas;
 
 #[path = "snapshots.rs"]
 mod snapshots;
-pub use snapshots::{Origin, Snapshot};
+pub use snapshots::{Origin, PendingRollback, Snapshot};
 
 #[cfg(test)]
 #[path = "replicas_tests.rs"]
