@@ -33,6 +33,20 @@ pub enum SnapshotCmd {
         /// Only this volume's.
         volume: Option<String>,
     },
+    /// Rolls a volume (or every volume of a target) back to a snapshot, on every
+    /// in-sync node that holds it (the others are resynced in full). Refused while
+    /// initiators are logged in to a target the volume is a LUN of, unless --force,
+    /// which ends their sessions first. Waits until it is done.
+    Rollback {
+        /// A volume, or a target's IQN.
+        source: String,
+        /// Snapshot name.
+        name: String,
+        /// End the initiators' sessions first (they log in again and see the
+        /// snapshot's data).
+        #[arg(long)]
+        force: bool,
+    },
     /// Deletes a snapshot of a volume, or of every volume of a target: every node
     /// removes its copy.
     Delete {
@@ -133,6 +147,44 @@ pub async fn run(conn: &Conn, cmd: SnapshotCmd) -> Result<()> {
             }
             Ok(())
         }
+        SnapshotCmd::Rollback {
+            source,
+            name,
+            force,
+        } => {
+            let st = client.state().await?;
+            let volumes = volumes_of(&st, &source)?;
+            if !force {
+                let targets: Vec<&String> = st
+                    .targets
+                    .values()
+                    .filter(|t| t.luns.values().any(|v| volumes.contains(v)))
+                    .map(|t| &t.iqn)
+                    .collect();
+                let (_, statuses) = client.cluster_status().await?;
+                for s in statuses.values().filter_map(|s| s.as_ref().ok()) {
+                    if let Some(x) = s.sessions.iter().find(|x| targets.contains(&&x.target)) {
+                        bail!(
+                            "initiator {} ({}) is logged in to {} through {}: log it out first, or roll back with --force, which ends the target's sessions",
+                            x.initiator, x.peer, x.target, s.name
+                        );
+                    }
+                }
+            }
+            let asked_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            commit(
+                conn,
+                Command::RollbackSnapshot {
+                    volumes: volumes.clone(),
+                    name: name.clone(),
+                    force,
+                },
+            )
+            .await?;
+            wait_rolled_back(conn, &volumes, &name, asked_ms).await
+        }
         SnapshotCmd::Delete { source, name } => {
             let volumes = volumes_of(&client.state().await?, &source)?;
             commit(
@@ -149,6 +201,55 @@ pub async fn run(conn: &Conn, cmd: SnapshotCmd) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Waits until the rollback of `volumes` to `name` is done, and says how it went (from
+/// the primary's event).
+async fn wait_rolled_back(
+    conn: &Conn,
+    volumes: &[String],
+    name: &str,
+    asked_ms: u64,
+) -> Result<()> {
+    let client = conn.client()?;
+    let started = Instant::now();
+    loop {
+        let (st, statuses) = client.cluster_status().await?;
+        let pending = volumes
+            .iter()
+            .any(|v| st.volumes.get(v).is_some_and(|v| v.rollback.is_some()));
+        if !pending {
+            let outcome = statuses
+                .values()
+                .filter_map(|s| s.as_ref().ok())
+                .flat_map(|s| s.events.iter())
+                .filter(|e| {
+                    e.kind == "snapshot"
+                        && e.unix_ms + 5_000 >= asked_ms
+                        && (e
+                            .message
+                            .contains(&format!("rolled back to snapshot {name} ("))
+                            || e.message
+                                .contains(&format!("rolled back to snapshot {name}:")))
+                })
+                .max_by_key(|e| e.unix_ms);
+            return match outcome {
+                Some(e) if e.message.contains("could not") => bail!("{}", e.message),
+                Some(e) => {
+                    println!("{}", e.message);
+                    Ok(())
+                }
+                None => bail!(
+                    "the rollback of {} to {name} ended without a report (a failover abandons it); see `bulwark status`",
+                    volumes.join(", ")
+                ),
+            };
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the rollback to {name} is not done after 60 s; see `bulwark status`");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

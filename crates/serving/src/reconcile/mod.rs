@@ -116,6 +116,9 @@ pub struct Serving {
     /// Snapshots started here, by (snapshot, first volume of the group, epoch): each
     /// is taken once (an epoch's snapshots end with it).
     snapshots_started: Mutex<HashSet<(String, String, u64)>>,
+    /// Rollbacks acted on here (sessions ended, or started as primary), by (snapshot,
+    /// volume, epoch).
+    rollbacks_seen: Mutex<HashSet<(String, String, u64)>>,
     /// Virtual IPs of the targets served here.
     vips: crate::vip::Vips,
     /// When each node was last in sync for each target's volumes (path states).
@@ -167,6 +170,7 @@ impl Serving {
             lost_power: lost_power_since_last_run(data_dir),
             handovers: Mutex::new(HashSet::new()),
             snapshots_started: Mutex::default(),
+            rollbacks_seen: Mutex::default(),
             vips: crate::vip::Vips::new(),
             in_sync_seen: Mutex::new(HashMap::new()),
             executed_here: std::sync::RwLock::new(HashMap::new()),
@@ -415,6 +419,7 @@ impl Serving {
         //    of volumes primary here are taken, those the state no longer names go.
         self.remove_data_not_held(st);
         self.take_snapshots(st, &roles);
+        self.run_rollbacks(st, &roles);
         // 4. Targets served here: executed or forwarded, with their paths.
         self.reconcile_targets(st, &mut served, &roles)?;
 

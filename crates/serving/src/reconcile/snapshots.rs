@@ -160,3 +160,101 @@ impl Serving {
         Ok(())
     }
 }
+
+impl Serving {
+    /// Acts on the rollbacks the state asks for, each once: with `force`, the
+    /// sessions of the targets whose LUNs they are end on every node serving them; the
+    /// primary then rolls its volumes back (a target's together, in a thread of its
+    /// own) and reports it done.
+    pub(super) fn run_rollbacks(&self, st: &ClusterState, roles: &HashMap<String, Role>) {
+        let mut groups: BTreeMap<(String, u64), Group> = BTreeMap::new();
+        for v in st.volumes.values() {
+            let Some(r) = v.rollback.as_ref().filter(|r| r.epoch == v.epoch) else {
+                continue;
+            };
+            let first = self
+                .rollbacks_seen
+                .lock()
+                .is_ok_and(|mut seen| seen.insert((r.snapshot.clone(), v.name.clone(), r.epoch)));
+            if !first {
+                continue;
+            }
+            if r.force {
+                for t in st
+                    .targets
+                    .values()
+                    .filter(|t| t.luns.values().any(|l| *l == v.name))
+                {
+                    info!(target = %t.iqn, volume = %v.name, "ending the target's sessions for a rollback");
+                    self.server.kill_target_sessions(&t.iqn);
+                }
+            }
+            if let Some(Role::Primary { epoch, volume, .. }) = roles.get(&v.name) {
+                if *epoch == v.epoch && v.primary == self.me {
+                    groups
+                        .entry((r.snapshot.clone(), r.epoch))
+                        .or_default()
+                        .push((v.name.clone(), volume.clone()));
+                }
+            }
+        }
+        for ((name, epoch), group) in groups {
+            let (node, rt) = (self.node.clone(), self.rt.clone());
+            let spawned = std::thread::Builder::new()
+                .name("bulwark-rollback".into())
+                .spawn(move || roll_back(&node, &rt, &name, epoch, &group));
+            if let Err(e) = spawned {
+                error!(error = %e, "cannot start a rollback");
+            }
+        }
+    }
+}
+
+/// Rolls `group` (volumes primary here at `epoch`) back to snapshot `name` and
+/// commits the outcome.
+fn roll_back(
+    node: &ClusterNode,
+    rt: &tokio::runtime::Handle,
+    name: &str,
+    epoch: u64,
+    group: &[(String, Arc<PrimaryVolume>)],
+) {
+    let volumes: Vec<&PrimaryVolume> = group.iter().map(|(_, v)| v.as_ref()).collect();
+    let names: Vec<String> = group.iter().map(|(n, _)| n.clone()).collect();
+    let outcome = PrimaryVolume::rollback_group(&volumes, name);
+    let error = outcome.as_ref().err().map(|e| e.to_string());
+    for v in &names {
+        let cmd = Command::RollbackDone {
+            volume: v.clone(),
+            name: name.to_string(),
+            epoch,
+            error: error.clone(),
+        };
+        match rt.block_on(node.write(cmd)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(r)) => warn!(volume = %v, refused = %r, "rollback report refused"),
+            Err(e) => warn!(volume = %v, error = %e, "rollback report not committed"),
+        }
+    }
+    let mut details = serde_json::Map::new();
+    details.insert("snapshot".into(), name.into());
+    details.insert("volumes".into(), names.clone().into());
+    let text = match &outcome {
+        Ok((pause, _)) => {
+            details.insert("pause_us".into(), (pause.as_micros() as u64).into());
+            format!(
+                "{} rolled back to snapshot {name} (writes held {:.1} ms)",
+                names.join(", "),
+                pause.as_secs_f64() * 1000.0
+            )
+        }
+        Err(e) => {
+            details.insert("error".into(), e.to_string().into());
+            format!(
+                "{} could not be rolled back to snapshot {name}: {e}",
+                names.join(", ")
+            )
+        }
+    };
+    node.events().push_with(EventKind::Snapshot, text, details);
+}
