@@ -1448,6 +1448,23 @@ fn render_volumes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         if !parts.is_empty() {
             let _ = writeln!(out, "  {:<12} {}", "", parts.join("; "));
         }
+        if !v.snapshots.is_empty() || v.rollback.is_some() {
+            let each: Vec<String> = v
+                .snapshots
+                .iter()
+                .map(|(n, s)| {
+                    if s.ready {
+                        n.clone()
+                    } else {
+                        format!("{n} (being taken)")
+                    }
+                })
+                .collect();
+            let rollback = v.rollback.as_ref().map_or(String::new(), |r| {
+                format!("; ROLLING BACK to {}", r.snapshot)
+            });
+            let _ = writeln!(out, "  {:<12} snapshots: {}{rollback}", "", each.join(", "));
+        }
         if !v.primary_reason.is_empty() {
             let _ = writeln!(
                 out,

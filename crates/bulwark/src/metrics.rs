@@ -332,6 +332,29 @@ fn volume_metrics(out: &mut Snapshot, src: &Sources<'_>, me: u64, name_of: &dyn 
             .map(|v| (vol(&v.name), v.allocated_bytes as f64))
             .collect(),
     );
+    out.gauge(
+        "volume_snapshots",
+        "Snapshots of the volume (taken or being taken), reported by its primary",
+        primaries
+            .iter()
+            .map(|v| (vol(&v.name), v.snapshots.len() as f64))
+            .collect(),
+    );
+    out.gauge(
+        "snapshot_allocated_bytes",
+        "Bytes this node's copy of a snapshot takes on disk, blocks shared with the volume included",
+        views
+            .iter()
+            .flat_map(|v| {
+                v.snapshots.iter().map(move |s| {
+                    (
+                        vec![("volume", v.name.clone()), ("snapshot", s.name.clone())],
+                        s.allocated_bytes as f64,
+                    )
+                })
+            })
+            .collect(),
+    );
     if let Some(d) = src.status.disk {
         out.gauge(
             "disk_free_bytes",

@@ -310,6 +310,8 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
         ok && out.contains("s1") && out.contains("taken"),
         "{out}{err}"
     );
+    let (ok, out, err) = run_cli(&c, 2, &["status"]).await;
+    assert!(ok && out.contains("snapshots: s1"), "{out}{err}");
     let (ok, out, err) = run_cli(&c, 0, &["snapshot", "delete", "v", "s1"]).await;
     assert!(ok, "{out}{err}");
     wait("every copy removed", Duration::from_secs(10), async || {

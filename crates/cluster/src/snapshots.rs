@@ -85,6 +85,50 @@ impl ClusterState {
         }
     }
 
+    /// The volumes a snapshot or a rollback (`what`) acts on: each exists, they share
+    /// one primary (a target's volumes), none is moving, and no snapshot or rollback
+    /// of any of them is under way.
+    fn quiet_group(&self, volumes: &[String], what: &str) -> Result<Vec<&Volume>, Refused> {
+        let first = volumes
+            .first()
+            .ok_or_else(|| Refused::BadName(format!("no volume named for the {what}")))?;
+        let mut group: Vec<&Volume> = Vec::new();
+        for name in volumes {
+            let v = self
+                .volumes
+                .get(name)
+                .ok_or_else(|| Refused::NoSuchVolume(name.clone()))?;
+            let not_now = |why: String| Refused::SnapshotNotNow {
+                volume: name.clone(),
+                why,
+            };
+            if group.first().is_some_and(|g| g.primary != v.primary) {
+                return Err(not_now(format!(
+                    "its primary is not the primary of {first:?}; a {what} of several volumes takes the volumes of one target"
+                )));
+            }
+            if let Some(to) = v.moving_to {
+                return Err(not_now(format!(
+                    "it is moving to {}; ask for the {what} once the move is done",
+                    self.node_name(to)
+                )));
+            }
+            if let Some(r) = &v.rollback {
+                return Err(not_now(format!(
+                    "it is being rolled back to {:?}; wait for it",
+                    r.snapshot
+                )));
+            }
+            if let Some((other, _)) = v.snapshots.iter().find(|(_, s)| !s.ready) {
+                return Err(not_now(format!(
+                    "snapshot {other:?} is being taken; wait for it (`bulwark snapshot list`)"
+                )));
+            }
+            group.push(v);
+        }
+        Ok(group)
+    }
+
     /// Snapshots: [`Command::CreateSnapshot`], [`Command::SnapshotTaken`],
     /// [`Command::CloneSnapshot`] and [`Command::DeleteSnapshot`].
     pub(super) fn apply_snapshot(&mut self, cmd: &Command) -> Result<Applied, Refused> {
@@ -95,57 +139,26 @@ impl ClusterState {
                 at_ms,
             } => {
                 check_name("snapshot", name)?;
-                let first = volumes
-                    .first()
-                    .ok_or_else(|| Refused::BadName("no volume named".into()))?;
-                let primary = self
-                    .volumes
-                    .get(first)
-                    .ok_or_else(|| Refused::NoSuchVolume(first.clone()))?
-                    .primary;
-                for v_name in volumes {
-                    let v = self
-                        .volumes
-                        .get(v_name)
-                        .ok_or_else(|| Refused::NoSuchVolume(v_name.clone()))?;
-                    let not_now = |why: String| {
-                        Err(Refused::SnapshotNotNow {
-                            volume: v_name.clone(),
-                            why,
-                        })
-                    };
-                    if v.snapshots.contains_key(name) {
-                        return Err(Refused::SnapshotExists {
-                            volume: v_name.clone(),
-                            name: name.clone(),
-                        });
-                    }
-                    if v.primary != primary {
-                        return not_now(format!(
-                            "its primary is not the primary of {first:?}; a snapshot of several volumes takes volumes of one target"
-                        ));
-                    }
-                    if let Some(to) = v.moving_to {
-                        return not_now(format!(
-                            "it is moving to {}; take the snapshot once the move is done",
-                            self.node_name(to)
-                        ));
-                    }
-                    if let Some(r) = &v.rollback {
-                        return not_now(format!(
-                            "it is being rolled back to {:?}; take the snapshot after",
-                            r.snapshot
-                        ));
-                    }
-                    if let Some((other, _)) = v.snapshots.iter().find(|(_, s)| !s.ready) {
-                        return not_now(format!(
-                            "snapshot {other:?} is being taken; wait for it (`bulwark snapshot list`)"
-                        ));
-                    }
+                // A name in use first: it says more than "one is under way".
+                let clash = volumes.iter().find(|v| {
+                    self.volumes
+                        .get(*v)
+                        .is_some_and(|v| v.snapshots.contains_key(name))
+                });
+                if let Some(v) = clash {
+                    return Err(Refused::SnapshotExists {
+                        volume: v.clone(),
+                        name: name.clone(),
+                    });
+                }
+                for v in self.quiet_group(volumes, "snapshot")? {
                     if v.snapshots.len() >= MAX_SNAPSHOTS_PER_VOLUME {
-                        return not_now(format!(
-                            "it has {MAX_SNAPSHOTS_PER_VOLUME} snapshots, the most a volume keeps; delete some"
-                        ));
+                        return Err(Refused::SnapshotNotNow {
+                            volume: v.name.clone(),
+                            why: format!(
+                                "it has {MAX_SNAPSHOTS_PER_VOLUME} snapshots, the most a volume keeps; delete some"
+                            ),
+                        });
                     }
                 }
                 for v_name in volumes {
@@ -252,31 +265,19 @@ impl ClusterState {
                         why: format!("no node of the cluster holds snapshot {snapshot:?} any more"),
                     });
                 }
-                let clone = Volume {
-                    rollback: None,
-                    name: name.clone(),
-                    size_bytes: s.size_bytes,
-                    block_size: source.block_size,
-                    physical_block_size: source.physical_block_size,
-                    replicas: members.clone(),
-                    primary: members[0],
-                    epoch: 1,
-                    in_sync: members.clone(),
-                    moving_to: None,
-                    verify: None,
-                    reservations: None,
-                    last_failover: None,
-                    primary_reason: format!("placed at creation from {volume}@{snapshot}"),
-                    lost_power: Vec::new(),
-                    joining: Vec::new(),
-                    wanted_replicas: members.len() as u8,
-                    snapshots: BTreeMap::new(),
-                    origin: Some(Origin {
-                        volume: volume.clone(),
-                        snapshot: snapshot.clone(),
-                        members: members.clone(),
-                    }),
-                };
+                let mut clone = Volume::placed(
+                    name,
+                    s.size_bytes,
+                    source.block_size,
+                    source.physical_block_size,
+                    &members,
+                    format!("placed at creation from {volume}@{snapshot}"),
+                );
+                clone.origin = Some(Origin {
+                    volume: volume.clone(),
+                    snapshot: snapshot.clone(),
+                    members: members.clone(),
+                });
                 self.volumes.insert(name.clone(), clone);
                 Ok(Applied::VolumeCreated(members))
             }
@@ -285,22 +286,10 @@ impl ClusterState {
                 name,
                 force,
             } => {
-                let first = volumes
-                    .first()
-                    .ok_or_else(|| Refused::BadName("no volume named".into()))?;
-                let primary = self
-                    .volumes
-                    .get(first)
-                    .ok_or_else(|| Refused::NoSuchVolume(first.clone()))?
-                    .primary;
-                for v_name in volumes {
-                    let v = self
-                        .volumes
-                        .get(v_name)
-                        .ok_or_else(|| Refused::NoSuchVolume(v_name.clone()))?;
+                for v in self.quiet_group(volumes, "rollback")? {
                     let not_now = |why: String| {
                         Err(Refused::SnapshotNotNow {
-                            volume: v_name.clone(),
+                            volume: v.name.clone(),
                             why,
                         })
                     };
@@ -308,16 +297,11 @@ impl ClusterState {
                         .snapshots
                         .get(name)
                         .ok_or_else(|| Refused::NoSuchSnapshot {
-                            volume: v_name.clone(),
+                            volume: v.name.clone(),
                             name: name.clone(),
                         })?;
                     if !s.ready {
                         return not_now(format!("snapshot {name:?} is still being taken"));
-                    }
-                    if v.primary != primary {
-                        return not_now(format!(
-                            "its primary is not the primary of {first:?}; roll back the volumes of one target together"
-                        ));
                     }
                     if !s.members.contains(&v.primary) {
                         return not_now(format!(
@@ -325,17 +309,6 @@ impl ClusterState {
                             self.node_name(v.primary),
                             s.members.iter().map(|m| self.node_name(*m)).collect::<Vec<_>>().join(", ")
                         ));
-                    }
-                    if let Some(to) = v.moving_to {
-                        return not_now(format!(
-                            "it is moving to {}; roll back once the move is done",
-                            self.node_name(to)
-                        ));
-                    }
-                    if v.rollback.is_some() || v.snapshots.values().any(|s| !s.ready) {
-                        return not_now(
-                            "a snapshot or a rollback of it is under way; wait for it".into(),
-                        );
                     }
                 }
                 for v_name in volumes {

@@ -190,6 +190,39 @@ pub struct Joining {
 }
 
 impl Volume {
+    /// A new volume on `placement` (primary first), in sync there from birth: every
+    /// copy starts the same (zeroes, or the same snapshot).
+    pub(crate) fn placed(
+        name: &str,
+        size_bytes: u64,
+        block_size: u32,
+        physical_block_size: Option<u32>,
+        placement: &[NodeId],
+        primary_reason: String,
+    ) -> Volume {
+        Volume {
+            name: name.to_string(),
+            size_bytes,
+            block_size,
+            physical_block_size,
+            primary: placement[0],
+            replicas: placement.to_vec(),
+            in_sync: placement.to_vec(),
+            moving_to: None,
+            epoch: 1,
+            verify: None,
+            reservations: None,
+            last_failover: None,
+            primary_reason,
+            lost_power: Vec::new(),
+            joining: Vec::new(),
+            wanted_replicas: placement.len() as u8,
+            snapshots: BTreeMap::new(),
+            origin: None,
+            rollback: None,
+        }
+    }
+
     /// The replica count the volume should have.
     pub fn wanted(&self) -> usize {
         if self.wanted_replicas == 0 {
@@ -1561,31 +1594,16 @@ impl ClusterState {
                     return Err(Refused::BadReplicaCount(*replicas));
                 }
                 let placement = self.place(*size_bytes, *replicas, nodes)?;
-                self.volumes.insert(
-                    name.clone(),
-                    Volume {
-                        name: name.clone(),
-                        size_bytes: *size_bytes,
-                        block_size: *block_size,
-                        physical_block_size: *physical_block_size,
-                        primary: placement[0],
-                        replicas: placement.clone(),
-                        // New volumes are zeroes everywhere: in sync from the start.
-                        in_sync: placement.clone(),
-                        moving_to: None,
-                        epoch: 1,
-                        verify: None,
-                        reservations: None,
-                        last_failover: None,
-                        primary_reason: "placed at creation".into(),
-                        lost_power: Vec::new(),
-                        joining: Vec::new(),
-                        wanted_replicas: *replicas,
-                        snapshots: BTreeMap::new(),
-                        origin: None,
-                        rollback: None,
-                    },
+                let mut v = Volume::placed(
+                    name,
+                    *size_bytes,
+                    *block_size,
+                    *physical_block_size,
+                    &placement,
+                    "placed at creation".into(),
                 );
+                v.wanted_replicas = *replicas;
+                self.volumes.insert(name.clone(), v);
                 Ok(Applied::VolumeCreated(placement))
             }
             Command::ResizeVolume { name, size_bytes } => {

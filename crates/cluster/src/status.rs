@@ -585,6 +585,20 @@ pub struct VolumeView {
     /// How far each replica is behind (primaries).
     #[serde(default)]
     pub lag: Vec<LagView>,
+    /// This node's copies of the volume's snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotView>,
+}
+
+/// This node's copy of a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// Snapshot name.
+    pub name: String,
+    /// Bytes its file takes on disk. Blocks it still shares with the volume (a
+    /// reflink) count here as in the volume's own figure: the space the snapshot holds
+    /// on its own grows from zero as the volume's blocks change.
+    pub allocated_bytes: u64,
 }
 
 /// What a replica has not acknowledged yet.

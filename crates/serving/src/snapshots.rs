@@ -17,6 +17,29 @@ pub fn snapshot_path(volume_path: &Path, snapshot: &str) -> PathBuf {
     volume_path.with_file_name(format!("{stem}@{snapshot}.img"))
 }
 
+/// This node's copies of `volume`'s snapshots, in `volumes_dir`.
+pub fn copies_here(volumes_dir: &Path, volume: &str) -> Vec<cluster::status::SnapshotView> {
+    let prefix = format!("{volume}@");
+    let mut v: Vec<cluster::status::SnapshotView> = std::fs::read_dir(volumes_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let name = file
+                .strip_prefix(&prefix)?
+                .strip_suffix(".img")?
+                .to_string();
+            Some(cluster::status::SnapshotView {
+                name,
+                allocated_bytes: crate::space::allocated_bytes(&e.path()),
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
 /// Whether this node keeps its copy of snapshot `snapshot` of `volume`: while the
 /// snapshot is being taken (the copy may be one of its members'), and once taken if
 /// this node is a member. A copy of a snapshot deleted, abandoned at a failover, or

@@ -188,6 +188,25 @@ function renderVolumes() {
   fill("#volumes", rows, "no volumes (bulwark volume create)");
 }
 
+function renderSnapshots() {
+  const rows = [];
+  for (const v of Object.values(view.state.volumes)) {
+    for (const [name, s] of Object.entries(v.snapshots || {})) {
+      const state = s.ready ? "taken" : "being taken";
+      const pause = s.pause_us != null ? (s.pause_us / 1000).toFixed(1) + " ms" : "—";
+      rows.push(row([
+        v.name, name, human(s.size_bytes), el("td", state, s.ready ? "ok" : "warn"), pause,
+        (s.members || []).map(nodeName).join(", ") || "—",
+        new Date(s.created_ms).toLocaleString(),
+      ], { "data-snapshot": v.name + "@" + name }));
+    }
+    if (v.rollback) {
+      rows.push(row([v.name, v.rollback.snapshot, "—", el("td", "rolling back", "warn"), "—", "—", "—"]));
+    }
+  }
+  fill("#snapshots", rows, "no snapshots (bulwark snapshot create)");
+}
+
 function renderTargets() {
   const rows = [];
   const sessions = [];
@@ -225,6 +244,7 @@ function render() {
   $("#cluster").textContent = "via " + view.me + ", " + Object.keys(view.state.nodes).length + " nodes";
   renderNodes();
   renderVolumes();
+  renderSnapshots();
   renderTargets();
   renderEvents();
 }

@@ -315,6 +315,7 @@ impl Serving {
                             differing: r.differing.values().map(|d| d.len() as u64).sum(),
                             finished: r.finished,
                         }),
+                        snapshots: crate::snapshots::copies_here(&self.volumes_dir, name),
                     }
                 }
                 Role::Replica { volume, .. } => cluster::status::VolumeView {
@@ -322,6 +323,7 @@ impl Serving {
                     role: "replica".into(),
                     error: volume.failure(),
                     allocated_bytes: crate::space::allocated_bytes(&self.volume_path(name)),
+                    snapshots: crate::snapshots::copies_here(&self.volumes_dir, name),
                     ..Default::default()
                 },
             })
