@@ -172,6 +172,14 @@ impl Serving {
             let Some(r) = v.rollback.as_ref().filter(|r| r.epoch == v.epoch) else {
                 continue;
             };
+            let primary_here = match roles.get(&v.name) {
+                Some(Role::Primary { epoch, volume, .. }) if *epoch == v.epoch => Some(volume),
+                _ => None,
+            };
+            if v.primary == self.me && primary_here.is_none() {
+                // Primary here, its role not started yet: act once it has.
+                continue;
+            }
             let first = self
                 .rollbacks_seen
                 .lock()
@@ -189,13 +197,11 @@ impl Serving {
                     self.server.kill_target_sessions(&t.iqn);
                 }
             }
-            if let Some(Role::Primary { epoch, volume, .. }) = roles.get(&v.name) {
-                if *epoch == v.epoch && v.primary == self.me {
-                    groups
-                        .entry((r.snapshot.clone(), r.epoch))
-                        .or_default()
-                        .push((v.name.clone(), volume.clone()));
-                }
+            if let Some(volume) = primary_here.filter(|_| v.primary == self.me) {
+                groups
+                    .entry((r.snapshot.clone(), r.epoch))
+                    .or_default()
+                    .push((v.name.clone(), volume.clone()));
             }
         }
         for ((name, epoch), group) in groups {
