@@ -300,15 +300,20 @@ fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8)> {
 
 #[derive(Subcommand, Debug)]
 pub enum LunCmd {
-    /// Maps a volume as a LUN of a target; live sessions see REPORTED LUNS DATA HAS CHANGED.
+    /// Maps a volume, or a snapshot read-only (VOLUME@SNAPSHOT --read-only), as a LUN
+    /// of a target; live sessions see REPORTED LUNS DATA HAS CHANGED.
     Add {
         /// Target IQN.
         iqn: String,
-        /// Volume name.
+        /// Volume name, or VOLUME@SNAPSHOT for a snapshot (with --read-only).
         volume: String,
         /// LUN number (default: the lowest free).
         #[arg(long)]
         lun: Option<u64>,
+        /// Export read-only: writes fail with DATA PROTECT. Snapshots only (a
+        /// snapshot never changes); a volume is always exported writable.
+        #[arg(long)]
+        read_only: bool,
     },
     /// Unmaps a LUN.
     Remove {
@@ -758,14 +763,31 @@ pub async fn target(conn: &Conn, cmd: TargetCmd) -> Result<()> {
 
 pub async fn lun(conn: &Conn, cmd: LunCmd) -> Result<()> {
     let (c, text) = match cmd {
-        LunCmd::Add { iqn, volume, lun } => (
-            Command::AddLun {
-                iqn: iqn.clone(),
-                lun,
-                volume: volume.clone(),
-            },
-            format!("volume {volume} mapped to {iqn}"),
-        ),
+        LunCmd::Add {
+            iqn,
+            volume,
+            lun,
+            read_only,
+        } => {
+            let text = match (cluster::state::lun_backing(&volume), read_only) {
+                ((v, Some(s)), true) => format!("snapshot {s} of {v} mapped read-only to {iqn}"),
+                ((_, Some(_)), false) => bail!(
+                    "{volume} is a snapshot, which is exported read-only: add --read-only"
+                ),
+                ((_, None), true) => bail!(
+                    "a volume is exported writable; to export it read-only, take a snapshot (`bulwark snapshot create {volume} NAME`) and add {volume}@NAME --read-only"
+                ),
+                ((_, None), false) => format!("volume {volume} mapped to {iqn}"),
+            };
+            (
+                Command::AddLun {
+                    iqn: iqn.clone(),
+                    lun,
+                    volume: volume.clone(),
+                },
+                text,
+            )
+        }
         LunCmd::Remove { iqn, lun } => (
             Command::RemoveLun {
                 iqn: iqn.clone(),
@@ -1568,8 +1590,14 @@ fn render_targets(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         if !paths.is_empty() {
             let _ = writeln!(out, "    paths (ALUA): {}", paths.join("; "));
         }
-        for (lun, vol) in &t.luns {
-            let _ = writeln!(out, "    LUN {lun}: volume {vol}");
+        for (lun, name) in &t.luns {
+            let _ = match cluster::state::lun_backing(name) {
+                (vol, Some(snap)) => writeln!(
+                    out,
+                    "    LUN {lun}: snapshot {snap} of volume {vol} (read-only)"
+                ),
+                _ => writeln!(out, "    LUN {lun}: volume {name}"),
+            };
         }
         for v in t.vips.values() {
             let _ = writeln!(

@@ -245,6 +245,23 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
     let (ok, out, err) = run_cli(&c, 0, &["volume", "delete", "c"]).await;
     assert!(ok, "{out}{err}");
 
+    // The snapshot exported read-only as LUN 1 of the volume's target reads its bytes
+    // through every node's path (forwarded to the primary from the others), refuses
+    // writes with DATA PROTECT, and cannot be deleted while exported.
+    let (ok, _, err) = run_cli(&c, 0, &["lun", "add", IQN, "v@s1"]).await;
+    assert!(!ok && err.contains("--read-only"), "{err}");
+    let (ok, out, err) = run_cli(&c, 0, &["lun", "add", IQN, "v@s1", "--read-only"]).await;
+    assert!(ok && out.contains("as LUN 1"), "{out}{err}");
+    let exported = read_only_lun_reads_the_snapshot(&c, &copies[0], &checker, &all).await;
+    eprintln!("snapshot exported read-only: {exported}");
+    let (ok, _, err) = run_cli(&c, 0, &["snapshot", "delete", "v", "s1"]).await;
+    assert!(!ok && err.contains("is exported as LUN 1"), "{err}");
+    let (ok, out, err) = run_cli(&c, 1, &["status"]).await;
+    assert!(
+        ok && out.contains("LUN 1: snapshot s1 of volume v (read-only)"),
+        "{out}{err}"
+    );
+
     // The primary dies (kill -9); on the new primary the volume is rolled back to the
     // snapshot: it then holds exactly the snapshot's bytes, on every in-sync member.
     let old = c.index(&st.node_name(st.volumes["v"].primary));
@@ -290,6 +307,9 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
     let (ok, out, err) = run_cli(&c, new, &["volume", "verify", "v"]).await;
     assert!(ok, "verify after the rollback: {out}{err}");
     eprintln!("{}", out.trim());
+    // The exported snapshot followed the volume to its new primary, unchanged.
+    let survivors: Vec<usize> = all.iter().copied().filter(|i| *i != old).collect();
+    read_only_lun_reads_the_snapshot(&c, &copies[0], &checker, &survivors).await;
     // The old primary comes back and is resynced to the rolled-back data.
     c.nodes[old].start();
     wait_in_sync(
@@ -312,6 +332,8 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
     );
     let (ok, out, err) = run_cli(&c, 2, &["status"]).await;
     assert!(ok && out.contains("snapshots: s1"), "{out}{err}");
+    let (ok, out, err) = run_cli(&c, 0, &["lun", "remove", IQN, "1"]).await;
+    assert!(ok, "{out}{err}");
     let (ok, out, err) = run_cli(&c, 0, &["snapshot", "delete", "v", "s1"]).await;
     assert!(ok, "{out}{err}");
     wait("every copy removed", Duration::from_secs(10), async || {
@@ -320,6 +342,75 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
             .then_some(())
     })
     .await;
+}
+
+/// LUN 1 of [`IQN`], snapshot `snapshot` of "v" exported read-only, read through the
+/// portal of each node of `nodes`: the snapshot's bytes at the checker's LBAs (and LBA
+/// 0), and a write refused with DATA PROTECT, WRITE PROTECTED (SBC-3 §4.10). Returns
+/// what was read, for the log.
+async fn read_only_lun_reads_the_snapshot(
+    c: &Cluster,
+    snapshot: &[u8],
+    checker: &Checker,
+    nodes: &[usize],
+) -> String {
+    let admin = c.admin(nodes[0]);
+    let st = admin.state().await.unwrap();
+    let lbas: Vec<u64> = std::iter::once(0).chain(checker.lbas().take(100)).collect();
+    let mut paths = Vec::new();
+    for i in nodes {
+        let node = &st.nodes[&st.node_by_name(&format!("n{}", i + 1)).unwrap().id];
+        let portal = node.addresses.portals[0];
+        let mut session = wait(
+            "a session for the exported snapshot",
+            Duration::from_secs(20),
+            async || connect(portal, IQN).await,
+        )
+        .await;
+        // The first command may meet a unit attention (LUN 1 is new, or moved).
+        wait(
+            "the exported snapshot reads",
+            Duration::from_secs(20),
+            async || {
+                session
+                    .read16(1, 0, 1, BLOCK)
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 0)
+            },
+        )
+        .await;
+        for lba in &lbas {
+            let r = session.read16(1, *lba, 1, BLOCK).await.unwrap();
+            let at = (*lba * u64::from(BLOCK)) as usize;
+            assert_eq!(r.status, 0, "read of LBA {lba} through {}", node.name);
+            assert_eq!(
+                r.data,
+                snapshot[at..at + BLOCK as usize].to_vec(),
+                "LBA {lba} of the exported snapshot through {}",
+                node.name
+            );
+        }
+        let w = session
+            .write16(1, 0, &vec![0xAB; BLOCK as usize], BLOCK, false)
+            .await
+            .unwrap();
+        assert!(
+            w.status == 2
+                && w.sense.len() >= 14
+                && (w.sense[2] & 0x0f, w.sense[12]) == (0x07, 0x27),
+            "a write to the exported snapshot through {}: status {} sense {:02x?}",
+            node.name,
+            w.status,
+            &w.sense[..w.sense.len().min(18)]
+        );
+        paths.push(node.name.clone());
+    }
+    format!(
+        "{} blocks equal to the snapshot through {} each; writes refused with DATA PROTECT",
+        lbas.len(),
+        paths.join(", ")
+    )
 }
 
 /// The write pause of a snapshot does not grow with the volume: a fully written

@@ -60,7 +60,7 @@ impl ClusterState {
     /// The volumes that move and change together with `volume`: its target's, or itself.
     pub fn group_of(&self, volume: &str) -> Vec<String> {
         match self.mapping_of(volume) {
-            Some((t, _)) => t.luns.values().cloned().collect(),
+            Some((t, _)) => t.volumes(),
             None => vec![volume.to_string()],
         }
     }
@@ -400,18 +400,18 @@ impl ClusterState {
             .targets
             .values()
             .filter(|t| !t.luns.is_empty())
-            .map(|t| t.luns.values().cloned().collect())
+            .map(|t| t.volumes())
             .collect();
         // One pass over the LUNs, not a search of every target per volume: the leader
         // asks every 20 ms, and 256 volumes over 64 targets made that 65 000 name
         // comparisons each time.
-        let mapped: std::collections::HashSet<&String> = self
+        let mapped: std::collections::HashSet<&str> = self
             .targets
             .values()
-            .flat_map(|t| t.luns.values())
+            .flat_map(|t| t.luns.values().map(|n| lun_backing(n).0))
             .collect();
         for v in self.volumes.keys() {
-            if !mapped.contains(v) {
+            if !mapped.contains(v.as_str()) {
                 groups.push(vec![v.clone()]);
             }
         }

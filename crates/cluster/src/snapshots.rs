@@ -85,6 +85,58 @@ impl ClusterState {
         }
     }
 
+    /// Snapshot `name` of `vol` can be exported read-only as a LUN now: it is taken,
+    /// and the volume's primary, which serves the LUN from its own copy, holds one.
+    pub(super) fn check_snapshot_exportable(
+        &self,
+        vol: &Volume,
+        name: &str,
+    ) -> Result<(), Refused> {
+        let s = vol
+            .snapshots
+            .get(name)
+            .ok_or_else(|| Refused::NoSuchSnapshot {
+                volume: vol.name.clone(),
+                name: name.to_string(),
+            })?;
+        let not = |why: String| Refused::SnapshotNotExportable {
+            volume: vol.name.clone(),
+            name: name.to_string(),
+            why,
+        };
+        if !s.ready {
+            return Err(not("it is still being taken; try again in a moment".into()));
+        }
+        if !s.members.contains(&vol.primary) {
+            let members: Vec<String> = s.members.iter().map(|n| self.node_name(*n)).collect();
+            return Err(not(format!(
+                "the volume's primary, {}, holds no copy of it (it was not in sync when the snapshot was taken); move the volume to a node that does ({}) first",
+                self.node_name(vol.primary),
+                members.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses to delete snapshot `name` of `volume` while a LUN exports it.
+    fn refuse_if_exported(&self, volume: &str, name: &str) -> Result<(), Refused> {
+        let lun_name = format!("{volume}@{name}");
+        match self.mapping_of(volume).and_then(|(t, _)| {
+            t.luns
+                .iter()
+                .find(|(_, n)| **n == lun_name)
+                .map(|(l, _)| (t.iqn.clone(), *l))
+        }) {
+            Some((iqn, lun)) => Err(Refused::SnapshotExported {
+                volume: volume.to_string(),
+                name: name.to_string(),
+                iqn,
+                lun,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The volumes a snapshot or a rollback (`what`) acts on: each exists, they share
     /// one primary (a target's volumes), none is moving, and no snapshot or rollback
     /// of any of them is under way.
@@ -357,6 +409,7 @@ impl ClusterState {
                         });
                     }
                     self.refuse_if_cloned(v_name, name)?;
+                    self.refuse_if_exported(v_name, name)?;
                     if v.rollback.as_ref().is_some_and(|r| r.snapshot == *name) {
                         return Err(Refused::SnapshotNotNow {
                             volume: v_name.clone(),

@@ -283,3 +283,139 @@ fn a_rollback_is_asked_for_and_reported() {
     .unwrap();
     assert!(st.volumes["a"].rollback.is_none());
 }
+
+fn target(st: &mut ClusterState, iqn: &str) {
+    st.apply(&Command::CreateTarget {
+        iqn: iqn.into(),
+        alias: None,
+    })
+    .unwrap();
+}
+
+fn lun(iqn: &str, name: &str) -> Command {
+    Command::AddLun {
+        iqn: iqn.into(),
+        lun: None,
+        volume: name.into(),
+    }
+}
+
+/// A snapshot is exported read-only as `VOLUME@SNAPSHOT`, in its volume's target (they
+/// share a primary and move together) or a target of its own, once taken and only
+/// while the volume's primary holds a copy; it cannot be deleted while exported.
+#[test]
+fn a_snapshot_is_exported_in_its_volume_s_group() {
+    const T1: &str = "iqn.2026-12.com.example:t1";
+    const T2: &str = "iqn.2026-12.com.example:t2";
+    let mut st = three();
+    st.apply(&create("a", GIB, 2, &["n1", "n2"])).unwrap();
+    st.apply(&create("b", GIB, 2, &["n1", "n2"])).unwrap();
+    let (n1, n2) = (st.volumes["a"].replicas[0], st.volumes["a"].replicas[1]);
+    target(&mut st, T1);
+    target(&mut st, T2);
+    st.apply(&lun(T1, "a")).unwrap();
+    assert!(matches!(
+        refused(&mut st, lun(T1, "a@s1")),
+        Refused::NoSuchSnapshot { .. }
+    ));
+    st.apply(&snap(&["a"], "s1")).unwrap();
+    assert!(matches!(
+        refused(&mut st, lun(T1, "a@s1")),
+        Refused::SnapshotNotExportable { .. }
+    ));
+    // Taken on n2 alone (n1, the primary, has no copy): not exportable.
+    st.apply(&taken("a", "s1", 1, &[n2])).unwrap();
+    assert!(matches!(
+        refused(&mut st, lun(T1, "a@s1")),
+        Refused::SnapshotNotExportable { .. }
+    ));
+    st.apply(&snap(&["a"], "s2")).unwrap();
+    st.apply(&taken("a", "s2", 1, &[n1, n2])).unwrap();
+    // Not in another target than its volume's.
+    assert!(matches!(
+        refused(&mut st, lun(T2, "a@s2")),
+        Refused::VolumeInOtherTarget { .. }
+    ));
+    assert_eq!(st.apply(&lun(T1, "a@s2")).unwrap(), Applied::LunAdded(1));
+    assert!(matches!(
+        refused(&mut st, lun(T1, "a@s2")),
+        Refused::VolumeAlreadyMapped { .. }
+    ));
+    // The target's group is its volumes: the snapshot's LUN counts as "a".
+    assert_eq!(st.targets[T1].volumes(), vec!["a".to_string()]);
+    assert_eq!(st.group_of("a"), vec!["a".to_string()]);
+    assert!(st.groups().contains(&vec!["a".to_string()]));
+    assert_eq!(st.target_primary(&st.targets[T1]), Some(n1));
+    // Exported: neither the snapshot nor the volume can go.
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::DeleteSnapshot {
+                volumes: vec!["a".into()],
+                name: "s2".into()
+            }
+        ),
+        Refused::SnapshotExported { lun: 1, .. }
+    ));
+    st.apply(&Command::RemoveLun {
+        iqn: T1.into(),
+        lun: 0,
+    })
+    .unwrap();
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::DeleteVolume {
+                name: "a".into(),
+                with_snapshots: true
+            }
+        ),
+        Refused::VolumeMapped { lun: 1, .. }
+    ));
+    // "b" cannot join T1 through a snapshot of it while "b" is elsewhere.
+    st.apply(&lun(T2, "b")).unwrap();
+    st.apply(&snap(&["b"], "s")).unwrap();
+    st.apply(&taken("b", "s", 1, &[n1, n2])).unwrap();
+    assert!(matches!(
+        refused(&mut st, lun(T1, "b@s")),
+        Refused::VolumeInOtherTarget { .. }
+    ));
+    // A planned move goes only to a node holding the exported snapshot (n3 is made an
+    // in-sync replica of "a" after the snapshot was taken).
+    let n3 = st.node_by_name("n3").unwrap().id;
+    st.volumes.get_mut("a").unwrap().in_sync.push(n3);
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::MoveVolume {
+                volume: "a".into(),
+                node: "n3".into()
+            }
+        ),
+        Refused::SnapshotNotExportable { .. }
+    ));
+    st.volumes
+        .get_mut("a")
+        .unwrap()
+        .in_sync
+        .retain(|n| *n != n3);
+    // A failover of "a" takes the snapshot's LUN along: promoting "a" alone does not
+    // split T1.
+    st.apply(&Command::Promote {
+        cause: None,
+        volumes: vec![("a".into(), 1)],
+        node: n2,
+    })
+    .unwrap();
+    assert_eq!(st.target_primary(&st.targets[T1]), Some(n2));
+    st.apply(&Command::RemoveLun {
+        iqn: T1.into(),
+        lun: 1,
+    })
+    .unwrap();
+    st.apply(&Command::DeleteSnapshot {
+        volumes: vec!["a".into()],
+        name: "s2".into(),
+    })
+    .unwrap();
+}

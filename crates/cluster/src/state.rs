@@ -377,7 +377,8 @@ pub struct Target {
     pub iqn: String,
     /// TargetAlias.
     pub alias: Option<String>,
-    /// LUN → volume name.
+    /// LUN → volume name, or `VOLUME@SNAPSHOT` for a snapshot exported read-only
+    /// ([`lun_backing`]).
     pub luns: BTreeMap<u64, String>,
     /// Initiator names allowed to log in. Empty admits an initiator only through a
     /// CHAP binding or `allow_any_initiator`.
@@ -402,7 +403,31 @@ pub struct Target {
     pub allow_target_reset: bool,
 }
 
+/// What a LUN's name stands for: a volume, and the snapshot of it when the LUN exports
+/// one read-only (`VOLUME@SNAPSHOT`, issue 21). Volume and snapshot names hold no '@'
+/// ([`check_name`]), so the split is unambiguous.
+pub fn lun_backing(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((volume, snapshot)) => (volume, Some(snapshot)),
+        None => (name, None),
+    }
+}
+
 impl Target {
+    /// The volumes whose data the target exports, each once, in LUN order: a snapshot's
+    /// LUN stands for its volume. They are the target's group: they share a primary,
+    /// move together and fail over together.
+    pub fn volumes(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::with_capacity(self.luns.len());
+        for name in self.luns.values() {
+            let (volume, _) = lun_backing(name);
+            if !v.iter().any(|x| x == volume) {
+                v.push(volume.to_string());
+            }
+        }
+        v
+    }
+
     /// The initiators the target admits: `None` for any (CHAP bound, or allowed
     /// explicitly), else the ACL (empty: nobody).
     pub fn admitted_initiators(&self) -> Option<Vec<String>> {
@@ -1103,6 +1128,19 @@ pub enum Refused {
         name: String,
         clones: Vec<String>,
     },
+    #[error("snapshot {name:?} of {volume:?} cannot be exported: {why}")]
+    SnapshotNotExportable {
+        volume: String,
+        name: String,
+        why: String,
+    },
+    #[error("snapshot {name:?} of {volume:?} is exported as LUN {lun} of {iqn}; remove the LUN first (`bulwark lun remove {iqn} {lun}`)")]
+    SnapshotExported {
+        volume: String,
+        name: String,
+        iqn: String,
+        lun: u64,
+    },
     #[error("physical block size {physical} must be a power of two from the block size ({block_size}) to 32768")]
     BadPhysicalBlockSize { physical: u32, block_size: u32 },
     #[error("a volume needs 1 to 3 replicas, not {0}")]
@@ -1153,6 +1191,13 @@ pub enum Refused {
         "volume {volume:?} is already mapped as LUN {lun} of {iqn}; a volume belongs to one target"
     )]
     VolumeAlreadyMapped {
+        volume: String,
+        iqn: String,
+        lun: u64,
+    },
+    #[error("volume {volume:?} is exported by {iqn} (LUN {lun}); a volume and its snapshots go in one target, so map {name:?} there")]
+    VolumeInOtherTarget {
+        name: String,
         volume: String,
         iqn: String,
         lun: u64,
@@ -1353,7 +1398,7 @@ impl ClusterState {
         self.targets.values().find_map(|t| {
             t.luns
                 .iter()
-                .find(|(_, v)| v.as_str() == volume)
+                .find(|(_, v)| lun_backing(v).0 == volume)
                 .map(|(l, _)| (t, *l))
         })
     }
@@ -1364,7 +1409,7 @@ impl ClusterState {
         target
             .luns
             .values()
-            .find_map(|v| self.volumes.get(v).map(|v| v.primary))
+            .find_map(|v| self.volumes.get(lun_backing(v).0).map(|v| v.primary))
     }
 
     /// The name of node `id`, or `#id` for one that is not (or no longer) a member.
@@ -1726,13 +1771,30 @@ impl ClusterState {
                     .targets
                     .get(iqn)
                     .ok_or_else(|| Refused::NoSuchTarget(iqn.clone()))?;
+                let (source, snapshot) = lun_backing(volume);
                 let vol = self
                     .volumes
-                    .get(volume)
-                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
-                if let Some((t, l)) = self.mapping_of(volume) {
+                    .get(source)
+                    .ok_or_else(|| Refused::NoSuchVolume(source.to_string()))?;
+                if let Some(name) = snapshot {
+                    self.check_snapshot_exportable(vol, name)?;
+                }
+                if let Some((t, l)) = self.targets.values().find_map(|t| {
+                    t.luns
+                        .iter()
+                        .find(|(_, v)| *v == volume)
+                        .map(|(l, _)| (t, *l))
+                }) {
                     return Err(Refused::VolumeAlreadyMapped {
                         volume: volume.clone(),
+                        iqn: t.iqn.clone(),
+                        lun: l,
+                    });
+                }
+                if let Some((t, l)) = self.mapping_of(source).filter(|(t, _)| t.iqn != *iqn) {
+                    return Err(Refused::VolumeInOtherTarget {
+                        name: volume.clone(),
+                        volume: source.to_string(),
                         iqn: t.iqn.clone(),
                         lun: l,
                     });
@@ -2045,9 +2107,9 @@ impl ClusterState {
                 for (name, _) in volumes {
                     if let Some((t, _)) = self.mapping_of(name) {
                         if let Some(missing) = t
-                            .luns
-                            .values()
-                            .find(|v| !volumes.iter().any(|(n, _)| n == *v))
+                            .volumes()
+                            .into_iter()
+                            .find(|v| !volumes.iter().any(|(n, _)| n == v))
                         {
                             return Err(Refused::TargetSplit {
                                 iqn: t.iqn.clone(),
@@ -2149,10 +2211,7 @@ impl ClusterState {
                         node: node.clone(),
                     });
                 }
-                let group: Vec<String> = match self.mapping_of(volume) {
-                    Some((t, _)) => t.luns.values().cloned().collect(),
-                    None => vec![volume.clone()],
-                };
+                let group = self.group_of(volume);
                 for g in &group {
                     let gv = self
                         .volumes
@@ -2163,6 +2222,27 @@ impl ClusterState {
                             volume: g.clone(),
                             node: node.clone(),
                         });
+                    }
+                }
+                // A snapshot exported with the group is served from the primary's
+                // copy: the new primary must hold one.
+                if let Some((t, _)) = self.mapping_of(volume) {
+                    for (lun, name) in &t.luns {
+                        let (source, Some(snapshot)) = lun_backing(name) else {
+                            continue;
+                        };
+                        let held = self
+                            .volumes
+                            .get(source)
+                            .and_then(|x| x.snapshots.get(snapshot))
+                            .is_some_and(|x| x.members.contains(&n));
+                        if !held {
+                            return Err(Refused::SnapshotNotExportable {
+                                volume: source.to_string(),
+                                name: snapshot.to_string(),
+                                why: format!("it is LUN {lun} of {} and {node} holds no copy of it; remove the LUN (`bulwark lun remove {} {lun}`) or move to a node that holds one", t.iqn, t.iqn),
+                            });
+                        }
                     }
                 }
                 for g in &group {

@@ -65,9 +65,8 @@ fn volumes_of(st: &ClusterState, source: &str) -> Result<Vec<String>> {
     match st.targets.get(source) {
         Some(t) if t.luns.is_empty() => bail!("target {source} has no LUN: nothing to snapshot"),
         Some(t) => {
-            let mut v: Vec<String> = t.luns.values().cloned().collect();
+            let mut v = t.volumes();
             v.sort();
-            v.dedup();
             Ok(v)
         }
         None => bail!("no volume or target named {source:?}; `bulwark volume list` and `bulwark target list` show them"),

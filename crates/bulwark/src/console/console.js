@@ -215,7 +215,9 @@ function renderTargets() {
     for (const s of r.Ok.sessions) sessions.push({ node: r.Ok.name, ...s });
   }
   for (const t of Object.values(view.state.targets)) {
-    const luns = Object.entries(t.luns).map(([l, v]) => "LUN " + l + ": " + v).join(", ") || "none";
+    const luns = Object.entries(t.luns)
+      .map(([l, v]) => "LUN " + l + ": " + v + (v.includes("@") ? " (snapshot, read-only)" : ""))
+      .join(", ") || "none";
     const paths = el("td");
     for (const p of (view.paths[t.iqn] || [])) {
       const cls = p.state === "active/optimized" ? "ok" : (p.state === "unavailable" ? "bad" : "");

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cluster::state::{ClusterState, Command, NodeId, NodeRole, Target, Volume};
+use cluster::state::{lun_backing, ClusterState, Command, NodeId, NodeRole, Target, Volume};
 use cluster::status::EventKind;
 use cluster::ClusterNode;
 use iscsi_proto::login::ChapAccount;
@@ -80,6 +80,9 @@ struct Served {
     /// LUN → (volume name, epoch of the primary serving it), for the logical units
     /// executed here; empty while forwarding.
     luns: BTreeMap<u64, (String, u64)>,
+    /// LUN → epoch, for the snapshot LUNs this node could not export at that epoch
+    /// (said once; tried again at the next).
+    unexported: BTreeMap<u64, u64>,
     /// The primary this node forwards the target's commands to (its ports are
     /// active/non-optimized or worse); `None`: this node is the primary.
     forwarding_to: Option<NodeId>,
@@ -374,8 +377,8 @@ impl Serving {
     fn group_of(st: &ClusterState, v: &Volume) -> Vec<(String, u64)> {
         match st.mapping_of(&v.name) {
             Some((t, _)) => t
-                .luns
-                .values()
+                .volumes()
+                .iter()
                 .filter_map(|n| st.volumes.get(n).map(|x| (x.name.clone(), x.epoch)))
                 .collect(),
             None => vec![(v.name.clone(), v.epoch)],

@@ -8,7 +8,7 @@ use super::*;
 /// its volumes, primary first.
 pub fn target_nodes(st: &ClusterState, t: &Target) -> Vec<NodeId> {
     let mut nodes: Vec<NodeId> = Vec::new();
-    for (i, vol) in t.luns.values().enumerate() {
+    for (i, vol) in t.volumes().iter().enumerate() {
         let Some(v) = st.volumes.get(vol) else {
             return Vec::new();
         };
@@ -40,7 +40,7 @@ pub fn port_groups(st: &ClusterState, t: &Target) -> Vec<scsi::alua::TargetPortG
 
 /// Whether `node` is in the in-sync set of every volume of `t`.
 pub(super) fn in_sync_for(st: &ClusterState, t: &Target, node: NodeId) -> bool {
-    t.luns.values().all(|vol| {
+    t.volumes().iter().all(|vol| {
         st.volumes
             .get(vol)
             .is_some_and(|v| v.in_sync.contains(&node))
@@ -194,7 +194,7 @@ impl Serving {
                 .find(|n| port_group_of(**n) == req.group)
                 .and_then(|n| st.nodes.get(n));
             let (Some(to), S::ActiveOptimized, Some(volume)) =
-                (to, req.state, t.luns.values().next())
+                (to, req.state, t.volumes().first().cloned())
             else {
                 info!(target = %t.iqn, group = req.group, state = ?req.state, "SET TARGET PORT GROUPS request left alone");
                 continue;

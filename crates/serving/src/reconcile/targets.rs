@@ -4,19 +4,23 @@
 
 use super::*;
 
-/// SCSI identity of a volume's logical unit: derived from the volume name so that it
-/// stays the same on every node and across restarts (multipath relies on it).
-pub(super) fn lu_config(v: &Volume, path: &Path) -> scsi::LuConfig {
-    let h1 = crate::lu_identity::fnv1a(&[b"volume", v.name.as_bytes()]);
-    let h2 = crate::lu_identity::fnv1a(&[&h1.to_be_bytes(), v.name.as_bytes()]);
+/// SCSI identity of the logical unit of LUN name `name` (volume `v`, or a snapshot of
+/// it read-only, [`lun_backing`]): derived from the name so that it stays the same on
+/// every node and across restarts (multipath relies on it). A snapshot's persistent
+/// reservations are not kept with APTPL: it has no file of its own for them.
+pub(super) fn lu_config(name: &str, v: &Volume, path: &Path) -> scsi::LuConfig {
+    let h1 = crate::lu_identity::fnv1a(&[b"volume", name.as_bytes()]);
+    let h2 = crate::lu_identity::fnv1a(&[&h1.to_be_bytes(), name.as_bytes()]);
+    let snapshot = lun_backing(name).1.is_some();
     scsi::LuConfig {
         block_size: v.block_size,
+        read_only: snapshot,
         physical_block_size: v
             .physical_block_size
             .unwrap_or(scsi::LuConfig::default().physical_block_size),
         serial: format!("{h1:016x}"),
         naa: crate::lu_identity::naa_identifier(h1, h2),
-        pr_file: Some(path.with_extension("pr")),
+        pr_file: (!snapshot).then(|| path.with_extension("pr")),
         ..Default::default()
     }
 }
@@ -33,12 +37,12 @@ impl Serving {
         let luns: BTreeMap<u64, u32> = t
             .luns
             .iter()
-            .filter_map(|(lun, vol)| {
+            .filter_map(|(lun, name)| {
                 self.node
                     .state()
                     .borrow()
                     .volumes
-                    .get(vol)
+                    .get(lun_backing(name).0)
                     .map(|v| (*lun, v.block_size))
             })
             .collect();
@@ -55,6 +59,7 @@ impl Serving {
             luns,
         );
         s.luns.clear();
+        s.unexported.clear();
         s.forwarding_to = Some(primary);
         if was_primary {
             let vips: Vec<std::net::IpAddr> = t.vips.keys().copied().collect();
@@ -92,13 +97,21 @@ impl Serving {
             let _ = s.device.remove_lun(lun);
             s.luns.remove(&lun);
         }
-        for (lun, vol_name) in &t.luns {
+        s.unexported.retain(|lun, _| t.luns.contains_key(lun));
+        for (lun, lun_name) in &t.luns {
+            let (vol_name, snapshot) = lun_backing(lun_name);
             let (Some(v), Some(Role::Primary { volume, store, .. })) =
                 (st.volumes.get(vol_name), roles.get(vol_name))
             else {
                 continue;
             };
             let current = s.luns.get(lun).is_some_and(|(_, epoch)| *epoch == v.epoch);
+            if let Some(snapshot) = snapshot {
+                if !current && s.unexported.get(lun) != Some(&v.epoch) {
+                    self.export_snapshot(t, s, *lun, v, snapshot)?;
+                }
+                continue;
+            }
             if current {
                 if volume.size_bytes() < v.size_bytes {
                     // Resize: grow the primary's copy, then tell the initiators.
@@ -121,7 +134,7 @@ impl Serving {
             s.device
                 .replace_shared_lun(
                     *lun,
-                    lu_config(v, &self.volume_path(&v.name)),
+                    lu_config(lun_name, v, &self.volume_path(&v.name)),
                     device,
                     Some(reservations),
                 )
@@ -130,8 +143,71 @@ impl Serving {
                     lun: *lun,
                     reason: e.to_string(),
                 })?;
-            s.luns.insert(*lun, (vol_name.clone(), v.epoch));
+            s.luns.insert(*lun, (lun_name.clone(), v.epoch));
         }
+        Ok(())
+    }
+
+    /// LUN `lun` of `t` exports snapshot `snapshot` of `v` read-only, from this node's
+    /// copy (this node is `v`'s primary, so the LUN goes wherever the volume goes). A
+    /// node that holds no copy (it was not in sync when the snapshot was taken, and
+    /// became primary in a failover) leaves the LUN out and says so once per epoch;
+    /// moving the volume to a member brings it back.
+    fn export_snapshot(
+        &self,
+        t: &Target,
+        s: &mut Served,
+        lun: u64,
+        v: &Volume,
+        snapshot: &str,
+    ) -> Result<()> {
+        let name = format!("{}@{snapshot}", v.name);
+        let path = crate::snapshots::snapshot_path(&self.volume_path(&v.name), snapshot);
+        let held = v
+            .snapshots
+            .get(snapshot)
+            .is_some_and(|x| x.ready && x.members.contains(&self.me));
+        let opened = if held {
+            blockstore::FileStore::open(
+                &path,
+                &blockstore::OpenOptions {
+                    block_size: v.block_size,
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())
+        } else {
+            Err(
+                "this node holds no copy of it (it was not in sync when the snapshot was taken)"
+                    .into(),
+            )
+        };
+        let store = match opened {
+            Ok(store) => store,
+            Err(why) => {
+                let _ = s.device.remove_lun(lun);
+                s.luns.remove(&lun);
+                s.unexported.insert(lun, v.epoch);
+                self.events.push(
+                    EventKind::Snapshot,
+                    format!(
+                        "{} cannot export snapshot {name} as LUN {lun} of {}: {why}; move {} to a node holding the snapshot (`bulwark snapshot list`), or remove the LUN",
+                        self.node_name, t.iqn, v.name
+                    ),
+                );
+                return Ok(());
+            }
+        };
+        s.device
+            .replace_shared_lun(lun, lu_config(&name, v, &path), Arc::new(store), None)
+            .map_err(|e| ServingError::Lun {
+                target: t.iqn.clone(),
+                lun,
+                reason: e.to_string(),
+            })?;
+        s.unexported.remove(&lun);
+        s.luns.insert(lun, (name, v.epoch));
         Ok(())
     }
 
@@ -149,7 +225,7 @@ impl Serving {
                 .filter(|(_, s)| s.forwarding_to.is_none())
                 .filter_map(|(iqn, _)| st.targets.get(iqn))
                 .filter(|t| {
-                    t.luns.values().all(|vol| {
+                    t.volumes().iter().all(|vol| {
                         matches!(roles.get(vol), Some(Role::Primary { volume, .. }) if volume.claims_service(cluster::node::LEASE))
                     })
                 })
@@ -245,7 +321,7 @@ impl Serving {
                 continue;
             };
             let here = primary == self.me;
-            let ready = t.luns.values().all(|n| {
+            let ready = t.volumes().iter().all(|n| {
                 st.volumes.get(n).is_some_and(|v| {
                     matches!(roles.get(n), Some(Role::Primary { epoch, .. }) if *epoch == v.epoch)
                 })
@@ -257,6 +333,7 @@ impl Serving {
             let s = served.entry(t.iqn.clone()).or_insert_with(|| Served {
                 device: Arc::new(scsi::TargetDevice::new()),
                 luns: BTreeMap::new(),
+                unexported: BTreeMap::new(),
                 forwarding_to: None,
                 config: Target::default(),
                 chap: Vec::new(),
