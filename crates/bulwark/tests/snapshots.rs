@@ -245,20 +245,21 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
     let (ok, out, err) = run_cli(&c, 0, &["volume", "delete", "c"]).await;
     assert!(ok, "{out}{err}");
 
-    // The snapshot exported read-only as LUN 1 of the volume's target reads its bytes
+    // The snapshot exported read-only in a backup target of its own reads its bytes
     // through every node's path (forwarded to the primary from the others), refuses
     // writes with DATA PROTECT, and cannot be deleted while exported.
-    let (ok, _, err) = run_cli(&c, 0, &["lun", "add", IQN, "v@s1"]).await;
+    open_target(&admin, BACKUP).await;
+    let (ok, _, err) = run_cli(&c, 0, &["lun", "add", BACKUP, "v@s1"]).await;
     assert!(!ok && err.contains("--read-only"), "{err}");
-    let (ok, out, err) = run_cli(&c, 0, &["lun", "add", IQN, "v@s1", "--read-only"]).await;
-    assert!(ok && out.contains("as LUN 1"), "{out}{err}");
+    let (ok, out, err) = run_cli(&c, 0, &["lun", "add", BACKUP, "v@s1", "--read-only"]).await;
+    assert!(ok && out.contains("as LUN 0"), "{out}{err}");
     let exported = read_only_lun_reads_the_snapshot(&c, &copies[0], &checker, &all).await;
     eprintln!("snapshot exported read-only: {exported}");
     let (ok, _, err) = run_cli(&c, 0, &["snapshot", "delete", "v", "s1"]).await;
-    assert!(!ok && err.contains("is exported as LUN 1"), "{err}");
+    assert!(!ok && err.contains("is exported as LUN 0"), "{err}");
     let (ok, out, err) = run_cli(&c, 1, &["status"]).await;
     assert!(
-        ok && out.contains("LUN 1: snapshot s1 of volume v (read-only)"),
+        ok && out.contains("LUN 0: snapshot s1 of volume v (read-only)"),
         "{out}{err}"
     );
 
@@ -332,7 +333,7 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
     );
     let (ok, out, err) = run_cli(&c, 2, &["status"]).await;
     assert!(ok && out.contains("snapshots: s1"), "{out}{err}");
-    let (ok, out, err) = run_cli(&c, 0, &["lun", "remove", IQN, "1"]).await;
+    let (ok, out, err) = run_cli(&c, 0, &["lun", "remove", BACKUP, "0"]).await;
     assert!(ok, "{out}{err}");
     let (ok, out, err) = run_cli(&c, 0, &["snapshot", "delete", "v", "s1"]).await;
     assert!(ok, "{out}{err}");
@@ -344,7 +345,10 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
     .await;
 }
 
-/// LUN 1 of [`IQN`], snapshot `snapshot` of "v" exported read-only, read through the
+/// The target a backup host reads snapshots through.
+const BACKUP: &str = "iqn.2026-12.io.bulwark:backup";
+
+/// LUN 0 of [`BACKUP`], snapshot `snapshot` of "v" exported read-only, read through the
 /// portal of each node of `nodes`: the snapshot's bytes at the checker's LBAs (and LBA
 /// 0), and a write refused with DATA PROTECT, WRITE PROTECTED (SBC-3 §4.10). Returns
 /// what was read, for the log.
@@ -364,16 +368,16 @@ async fn read_only_lun_reads_the_snapshot(
         let mut session = wait(
             "a session for the exported snapshot",
             Duration::from_secs(20),
-            async || connect(portal, IQN).await,
+            async || connect(portal, BACKUP).await,
         )
         .await;
-        // The first command may meet a unit attention (LUN 1 is new, or moved).
+        // The first command may meet a unit attention (the LUN is new, or moved).
         wait(
             "the exported snapshot reads",
             Duration::from_secs(20),
             async || {
                 session
-                    .read16(1, 0, 1, BLOCK)
+                    .read16(0, 0, 1, BLOCK)
                     .await
                     .ok()
                     .filter(|r| r.status == 0)
@@ -381,7 +385,7 @@ async fn read_only_lun_reads_the_snapshot(
         )
         .await;
         for lba in &lbas {
-            let r = session.read16(1, *lba, 1, BLOCK).await.unwrap();
+            let r = session.read16(0, *lba, 1, BLOCK).await.unwrap();
             let at = (*lba * u64::from(BLOCK)) as usize;
             assert_eq!(r.status, 0, "read of LBA {lba} through {}", node.name);
             assert_eq!(
@@ -392,7 +396,7 @@ async fn read_only_lun_reads_the_snapshot(
             );
         }
         let w = session
-            .write16(1, 0, &vec![0xAB; BLOCK as usize], BLOCK, false)
+            .write16(0, 0, &vec![0xAB; BLOCK as usize], BLOCK, false)
             .await
             .unwrap();
         assert!(

@@ -58,11 +58,27 @@ impl ClusterState {
     }
 
     /// The volumes that move and change together with `volume`: its target's, or itself.
+    /// A target exporting a snapshot of a volume ties that volume to the target's
+    /// other volumes too, so the group is every volume reached through the targets.
     pub fn group_of(&self, volume: &str) -> Vec<String> {
-        match self.mapping_of(volume) {
+        let mut group = match self.mapping_of(volume) {
             Some((t, _)) => t.volumes(),
-            None => vec![volume.to_string()],
+            None => return vec![volume.to_string()],
+        };
+        let mut i = 0;
+        while i < group.len() {
+            for t in self.targets.values() {
+                if t.luns.values().any(|n| lun_backing(n).0 == group[i]) {
+                    for v in t.volumes() {
+                        if !group.contains(&v) {
+                            group.push(v);
+                        }
+                    }
+                }
+            }
+            i += 1;
         }
+        group
     }
 
     fn change_replicas(
@@ -393,29 +409,61 @@ pub enum Upkeep {
 }
 
 impl ClusterState {
-    /// The groups of volumes that move together: each target's volumes, and each
-    /// unmapped volume alone.
+    /// The groups of volumes that move together: the volumes of targets linked by a
+    /// volume they share (through a snapshot's LUN), and each unmapped volume alone.
     pub fn groups(&self) -> Vec<Vec<String>> {
-        let mut groups: Vec<Vec<String>> = self
-            .targets
-            .values()
-            .filter(|t| !t.luns.is_empty())
-            .map(|t| t.volumes())
+        // One pass over the LUNs (union-find), not a search of every target per volume:
+        // the leader asks every 20 ms, and 256 volumes over 64 targets made that 65 000
+        // name comparisons each time.
+        let mut parent: std::collections::HashMap<&str, &str> = self
+            .volumes
+            .keys()
+            .map(|v| (v.as_str(), v.as_str()))
             .collect();
-        // One pass over the LUNs, not a search of every target per volume: the leader
-        // asks every 20 ms, and 256 volumes over 64 targets made that 65 000 name
-        // comparisons each time.
-        let mapped: std::collections::HashSet<&str> = self
+        fn root<'a>(
+            parent: &std::collections::HashMap<&'a str, &'a str>,
+            mut v: &'a str,
+        ) -> &'a str {
+            while let Some(p) = parent.get(v).filter(|p| **p != v) {
+                v = p;
+            }
+            v
+        }
+        for t in self.targets.values() {
+            let sources: Vec<&str> = t
+                .luns
+                .values()
+                .map(|n| lun_backing(n).0)
+                .filter(|v| parent.contains_key(v))
+                .collect();
+            let Some(first) = sources.first() else {
+                continue;
+            };
+            let r = root(&parent, first);
+            for s in &sources[1..] {
+                let rs = root(&parent, s);
+                if rs != r {
+                    parent.insert(rs, r);
+                }
+            }
+        }
+        let mut by_root: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        // Volumes in their target's LUN order, then the unmapped ones.
+        let mut seen: std::collections::HashSet<&str> = Default::default();
+        let ordered = self
             .targets
             .values()
             .flat_map(|t| t.luns.values().map(|n| lun_backing(n).0))
-            .collect();
-        for v in self.volumes.keys() {
-            if !mapped.contains(v.as_str()) {
-                groups.push(vec![v.clone()]);
+            .chain(self.volumes.keys().map(|v| v.as_str()));
+        for v in ordered {
+            if parent.contains_key(v) && seen.insert(v) {
+                by_root
+                    .entry(root(&parent, v))
+                    .or_default()
+                    .push(v.to_string());
             }
         }
-        groups
+        by_root.into_values().collect()
     }
 
     /// Where a planned move of the group `vols` (one target's volumes) would go: a
@@ -427,10 +475,17 @@ impl ClusterState {
         offline: impl Fn(NodeId) -> bool,
     ) -> Option<NodeId> {
         let primary = vols.first()?.primary;
+        let group: Vec<String> = vols.iter().map(|v| v.name.clone()).collect();
+        // A node holding the snapshots the group exports can take them along; only
+        // such a node is a move's destination (MoveVolume refuses the others).
         self.nodes
             .values()
             .filter(|n| n.schedulable() && !offline(n.id))
-            .find(|n| n.id != primary && vols.iter().all(|v| v.in_sync.contains(&n.id)))
+            .find(|n| {
+                n.id != primary
+                    && vols.iter().all(|v| v.in_sync.contains(&n.id))
+                    && self.check_exports_held(&group, n.id).is_ok()
+            })
             .map(|n| n.id)
     }
 

@@ -118,10 +118,44 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Node `n` holds a copy of every snapshot exported by the targets of `group`, so
+    /// it can serve them as their volume's primary: a planned move needs it.
+    pub(super) fn check_exports_held(&self, group: &[String], n: NodeId) -> Result<(), Refused> {
+        let linked = self.targets.values().filter(|t| {
+            t.luns
+                .values()
+                .any(|name| group.iter().any(|g| g == lun_backing(name).0))
+        });
+        for t in linked {
+            for (lun, name) in &t.luns {
+                let (source, Some(snapshot)) = lun_backing(name) else {
+                    continue;
+                };
+                let held = self
+                    .volumes
+                    .get(source)
+                    .and_then(|x| x.snapshots.get(snapshot))
+                    .is_some_and(|x| x.members.contains(&n));
+                if !held {
+                    return Err(Refused::SnapshotNotExportable {
+                        volume: source.to_string(),
+                        name: snapshot.to_string(),
+                        why: format!(
+                            "it is LUN {lun} of {iqn} and {node} holds no copy of it; remove the LUN (`bulwark lun remove {iqn} {lun}`) or move to a node that holds one",
+                            iqn = t.iqn,
+                            node = self.node_name(n)
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses to delete snapshot `name` of `volume` while a LUN exports it.
     fn refuse_if_exported(&self, volume: &str, name: &str) -> Result<(), Refused> {
         let lun_name = format!("{volume}@{name}");
-        match self.mapping_of(volume).and_then(|(t, _)| {
+        match self.targets.values().find_map(|t| {
             t.luns
                 .iter()
                 .find(|(_, n)| **n == lun_name)

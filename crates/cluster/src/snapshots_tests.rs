@@ -300,52 +300,75 @@ fn lun(iqn: &str, name: &str) -> Command {
     }
 }
 
-/// A snapshot is exported read-only as `VOLUME@SNAPSHOT`, in its volume's target (they
-/// share a primary and move together) or a target of its own, once taken and only
-/// while the volume's primary holds a copy; it cannot be deleted while exported.
+/// A snapshot is exported read-only as `VOLUME@SNAPSHOT`, once taken and only while
+/// the volume's primary holds a copy, in any target whose LUNs share that primary; the
+/// target then moves with the volume (their groups join). It cannot be deleted while
+/// exported, and a planned move goes only to a node holding it.
 #[test]
-fn a_snapshot_is_exported_in_its_volume_s_group() {
+fn an_exported_snapshot_moves_with_its_volume() {
     const T1: &str = "iqn.2026-12.com.example:t1";
     const T2: &str = "iqn.2026-12.com.example:t2";
     let mut st = three();
     st.apply(&create("a", GIB, 2, &["n1", "n2"])).unwrap();
     st.apply(&create("b", GIB, 2, &["n1", "n2"])).unwrap();
+    st.apply(&create("c", GIB, 2, &["n2", "n1"])).unwrap();
     let (n1, n2) = (st.volumes["a"].replicas[0], st.volumes["a"].replicas[1]);
     target(&mut st, T1);
     target(&mut st, T2);
     st.apply(&lun(T1, "a")).unwrap();
     assert!(matches!(
-        refused(&mut st, lun(T1, "a@s1")),
+        refused(&mut st, lun(T2, "a@s1")),
         Refused::NoSuchSnapshot { .. }
     ));
     st.apply(&snap(&["a"], "s1")).unwrap();
     assert!(matches!(
-        refused(&mut st, lun(T1, "a@s1")),
+        refused(&mut st, lun(T2, "a@s1")),
         Refused::SnapshotNotExportable { .. }
     ));
     // Taken on n2 alone (n1, the primary, has no copy): not exportable.
     st.apply(&taken("a", "s1", 1, &[n2])).unwrap();
     assert!(matches!(
-        refused(&mut st, lun(T1, "a@s1")),
+        refused(&mut st, lun(T2, "a@s1")),
         Refused::SnapshotNotExportable { .. }
     ));
     st.apply(&snap(&["a"], "s2")).unwrap();
     st.apply(&taken("a", "s2", 1, &[n1, n2])).unwrap();
-    // Not in another target than its volume's.
-    assert!(matches!(
-        refused(&mut st, lun(T2, "a@s2")),
-        Refused::VolumeInOtherTarget { .. }
-    ));
-    assert_eq!(st.apply(&lun(T1, "a@s2")).unwrap(), Applied::LunAdded(1));
+    // In a target of its own (a backup host sees only it), once.
+    assert_eq!(st.apply(&lun(T2, "a@s2")).unwrap(), Applied::LunAdded(0));
     assert!(matches!(
         refused(&mut st, lun(T1, "a@s2")),
         Refused::VolumeAlreadyMapped { .. }
     ));
-    // The target's group is its volumes: the snapshot's LUN counts as "a".
-    assert_eq!(st.targets[T1].volumes(), vec!["a".to_string()]);
-    assert_eq!(st.group_of("a"), vec!["a".to_string()]);
-    assert!(st.groups().contains(&vec!["a".to_string()]));
-    assert_eq!(st.target_primary(&st.targets[T1]), Some(n1));
+    assert_eq!(st.targets[T2].volumes(), vec!["a".to_string()]);
+    assert_eq!(st.target_primary(&st.targets[T2]), Some(n1));
+    // Not with a volume of another primary.
+    assert!(matches!(
+        refused(&mut st, lun(T2, "c")),
+        Refused::PrimaryMismatch { .. }
+    ));
+    // "b" in T2 ties "a" and "b" into one group: they fail over together.
+    st.apply(&lun(T2, "b")).unwrap();
+    assert_eq!(st.group_of("a"), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(st.group_of("b"), vec!["a".to_string(), "b".to_string()]);
+    let groups = st.groups();
+    assert!(
+        groups
+            .iter()
+            .any(|g| g.len() == 2 && g.contains(&"a".into()) && g.contains(&"b".into())),
+        "{groups:?}"
+    );
+    assert!(groups.contains(&vec!["c".to_string()]), "{groups:?}");
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::Promote {
+                cause: None,
+                volumes: vec![("a".into(), 1)],
+                node: n2,
+            }
+        ),
+        Refused::TargetSplit { .. }
+    ));
     // Exported: neither the snapshot nor the volume can go.
     assert!(matches!(
         refused(
@@ -355,7 +378,7 @@ fn a_snapshot_is_exported_in_its_volume_s_group() {
                 name: "s2".into()
             }
         ),
-        Refused::SnapshotExported { lun: 1, .. }
+        Refused::SnapshotExported { lun: 0, .. }
     ));
     st.apply(&Command::RemoveLun {
         iqn: T1.into(),
@@ -370,49 +393,41 @@ fn a_snapshot_is_exported_in_its_volume_s_group() {
                 with_snapshots: true
             }
         ),
-        Refused::VolumeMapped { lun: 1, .. }
-    ));
-    // "b" cannot join T1 through a snapshot of it while "b" is elsewhere.
-    st.apply(&lun(T2, "b")).unwrap();
-    st.apply(&snap(&["b"], "s")).unwrap();
-    st.apply(&taken("b", "s", 1, &[n1, n2])).unwrap();
-    assert!(matches!(
-        refused(&mut st, lun(T1, "b@s")),
-        Refused::VolumeInOtherTarget { .. }
+        Refused::VolumeMapped { lun: 0, .. }
     ));
     // A planned move goes only to a node holding the exported snapshot (n3 is made an
     // in-sync replica of "a" after the snapshot was taken).
     let n3 = st.node_by_name("n3").unwrap().id;
-    st.volumes.get_mut("a").unwrap().in_sync.push(n3);
+    for v in ["a", "b"] {
+        st.volumes.get_mut(v).unwrap().in_sync.push(n3);
+    }
     assert!(matches!(
         refused(
             &mut st,
             Command::MoveVolume {
-                volume: "a".into(),
+                volume: "b".into(),
                 node: "n3".into()
             }
         ),
         Refused::SnapshotNotExportable { .. }
     ));
-    st.volumes
-        .get_mut("a")
-        .unwrap()
-        .in_sync
-        .retain(|n| *n != n3);
-    // A failover of "a" takes the snapshot's LUN along: promoting "a" alone does not
-    // split T1.
+    for v in ["a", "b"] {
+        st.volumes.get_mut(v).unwrap().in_sync.retain(|n| *n != n3);
+    }
+    // A failover of the group takes the snapshot's LUN along.
     st.apply(&Command::Promote {
         cause: None,
-        volumes: vec![("a".into(), 1)],
+        volumes: vec![("a".into(), 1), ("b".into(), 1)],
         node: n2,
     })
     .unwrap();
-    assert_eq!(st.target_primary(&st.targets[T1]), Some(n2));
+    assert_eq!(st.target_primary(&st.targets[T2]), Some(n2));
     st.apply(&Command::RemoveLun {
-        iqn: T1.into(),
-        lun: 1,
+        iqn: T2.into(),
+        lun: 0,
     })
     .unwrap();
+    assert_eq!(st.group_of("a"), vec!["a".to_string()]);
     st.apply(&Command::DeleteSnapshot {
         volumes: vec!["a".into()],
         name: "s2".into(),

@@ -1195,13 +1195,6 @@ pub enum Refused {
         iqn: String,
         lun: u64,
     },
-    #[error("volume {volume:?} is exported by {iqn} (LUN {lun}); a volume and its snapshots go in one target, so map {name:?} there")]
-    VolumeInOtherTarget {
-        name: String,
-        volume: String,
-        iqn: String,
-        lun: u64,
-    },
     #[error("the LUNs of {iqn} are served by node {target_primary:?} but volume {volume:?} is primary on {volume_primary:?}; a target moves as one unit, so all its volumes need the same primary (create the volume with --node {target_primary})")]
     PrimaryMismatch {
         iqn: String,
@@ -1791,14 +1784,6 @@ impl ClusterState {
                         lun: l,
                     });
                 }
-                if let Some((t, l)) = self.mapping_of(source).filter(|(t, _)| t.iqn != *iqn) {
-                    return Err(Refused::VolumeInOtherTarget {
-                        name: volume.clone(),
-                        volume: source.to_string(),
-                        iqn: t.iqn.clone(),
-                        lun: l,
-                    });
-                }
                 if let Some(p) = self.target_primary(target) {
                     if p != vol.primary {
                         return Err(Refused::PrimaryMismatch {
@@ -2105,17 +2090,19 @@ impl ClusterState {
             } => {
                 // A target moves as one unit: all its volumes or none.
                 for (name, _) in volumes {
-                    if let Some((t, _)) = self.mapping_of(name) {
-                        if let Some(missing) = t
-                            .volumes()
-                            .into_iter()
-                            .find(|v| !volumes.iter().any(|(n, _)| n == v))
-                        {
-                            return Err(Refused::TargetSplit {
-                                iqn: t.iqn.clone(),
-                                volume: missing.clone(),
-                            });
-                        }
+                    if let Some(missing) = self
+                        .group_of(name)
+                        .into_iter()
+                        .find(|v| !volumes.iter().any(|(n, _)| n == v))
+                    {
+                        let iqn = self
+                            .mapping_of(&missing)
+                            .map(|(t, _)| t.iqn.clone())
+                            .unwrap_or_default();
+                        return Err(Refused::TargetSplit {
+                            iqn,
+                            volume: missing,
+                        });
                     }
                 }
                 for (name, epoch) in volumes {
@@ -2224,27 +2211,7 @@ impl ClusterState {
                         });
                     }
                 }
-                // A snapshot exported with the group is served from the primary's
-                // copy: the new primary must hold one.
-                if let Some((t, _)) = self.mapping_of(volume) {
-                    for (lun, name) in &t.luns {
-                        let (source, Some(snapshot)) = lun_backing(name) else {
-                            continue;
-                        };
-                        let held = self
-                            .volumes
-                            .get(source)
-                            .and_then(|x| x.snapshots.get(snapshot))
-                            .is_some_and(|x| x.members.contains(&n));
-                        if !held {
-                            return Err(Refused::SnapshotNotExportable {
-                                volume: source.to_string(),
-                                name: snapshot.to_string(),
-                                why: format!("it is LUN {lun} of {} and {node} holds no copy of it; remove the LUN (`bulwark lun remove {} {lun}`) or move to a node that holds one", t.iqn, t.iqn),
-                            });
-                        }
-                    }
-                }
+                self.check_exports_held(&group, n)?;
                 for g in &group {
                     if let Some(gv) = self.volumes.get_mut(g) {
                         gv.moving_to = Some(n);

@@ -375,14 +375,10 @@ impl Serving {
 
     /// The volumes that move with `v` (its target's), with their epochs.
     fn group_of(st: &ClusterState, v: &Volume) -> Vec<(String, u64)> {
-        match st.mapping_of(&v.name) {
-            Some((t, _)) => t
-                .volumes()
-                .iter()
-                .filter_map(|n| st.volumes.get(n).map(|x| (x.name.clone(), x.epoch)))
-                .collect(),
-            None => vec![(v.name.clone(), v.epoch)],
-        }
+        st.group_of(&v.name)
+            .iter()
+            .filter_map(|n| st.volumes.get(n).map(|x| (x.name.clone(), x.epoch)))
+            .collect()
     }
 
     fn reconcile(&self, st: &ClusterState) -> Result<()> {
