@@ -12,6 +12,13 @@ fn snap(volumes: &[&str], name: &str) -> Command {
     }
 }
 
+fn delete(volume: &str, name: &str) -> Command {
+    Command::DeleteSnapshot {
+        volumes: vec![volume.into()],
+        name: name.into(),
+    }
+}
+
 fn taken(volume: &str, name: &str, epoch: u64, members: &[NodeId]) -> Command {
     Command::SnapshotTaken {
         volume: volume.into(),
@@ -83,13 +90,7 @@ fn a_snapshot_is_asked_for_then_taken_then_deleted() {
     .unwrap();
     assert!(st.volumes["a"].snapshots.is_empty() && st.volumes["b"].snapshots.is_empty());
     assert!(matches!(
-        refused(
-            &mut st,
-            Command::DeleteSnapshot {
-                volumes: vec!["a".into()],
-                name: "s1".into(),
-            }
-        ),
+        refused(&mut st, delete("a", "s1")),
         Refused::NoSuchSnapshot { .. }
     ));
     st.apply(&snap(&["a"], "s3")).unwrap();
@@ -184,10 +185,7 @@ fn a_clone_is_made_on_the_snapshot_members() {
         refused(&mut st, clone("c")),
         Refused::VolumeExists(_)
     ));
-    let del = Command::DeleteSnapshot {
-        volumes: vec!["a".into()],
-        name: "s".into(),
-    };
+    let del = delete("a", "s");
     assert!(matches!(
         refused(&mut st, del.clone()),
         Refused::SnapshotHasClones { .. }
@@ -252,13 +250,7 @@ fn a_rollback_is_asked_for_and_reported() {
         Refused::SnapshotNotNow { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut st,
-            Command::DeleteSnapshot {
-                volumes: vec!["a".into()],
-                name: "s".into()
-            }
-        ),
+        refused(&mut st, delete("a", "s")),
         Refused::SnapshotNotNow { .. }
     ));
     let done = |epoch| Command::RollbackDone {
@@ -371,13 +363,7 @@ fn an_exported_snapshot_moves_with_its_volume() {
     ));
     // Exported: neither the snapshot nor the volume can go.
     assert!(matches!(
-        refused(
-            &mut st,
-            Command::DeleteSnapshot {
-                volumes: vec!["a".into()],
-                name: "s2".into()
-            }
-        ),
+        refused(&mut st, delete("a", "s2")),
         Refused::SnapshotExported { lun: 0, .. }
     ));
     st.apply(&Command::RemoveLun {
@@ -428,9 +414,5 @@ fn an_exported_snapshot_moves_with_its_volume() {
     })
     .unwrap();
     assert_eq!(st.group_of("a"), vec!["a".to_string()]);
-    st.apply(&Command::DeleteSnapshot {
-        volumes: vec!["a".into()],
-        name: "s2".into(),
-    })
-    .unwrap();
+    st.apply(&delete("a", "s2")).unwrap();
 }
