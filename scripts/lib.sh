@@ -195,20 +195,32 @@ machine_limits() {
     LIMIT_TCP_MBS=$(timeout 30 iperf3 -c 127.0.0.1 -p "$port" -t 5 -J |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8e6)')
     wait "$srv" 2>/dev/null || true
-    local engine=io_uring
-    fio --name=probe --filename="$dir/fio.img" --size=64M --direct=1 --ioengine=io_uring \
-        --rw=read --bs=4k --runtime=1 --output=/dev/null >/dev/null 2>&1 || engine=libaio
-    fio_figure() { # rw bs depth what(iops|mbs) rwkind
-        timeout 60 fio --name=limit --filename="$dir/fio.img" --size=2G --direct=1 --ioengine=$engine \
-            --rw="$1" --bs="$2" --iodepth="$3" --runtime=8 --time_based --output-format=json |
-            python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]['$5']; print(j['iops'] if '$4' == 'iops' else j['bw_bytes'] / 1e6)"
-    }
-    LIMIT_RR_IOPS=$(fio_figure randread 4k 32 iops read)
-    LIMIT_RW_IOPS=$(fio_figure randwrite 4k 32 iops write)
-    LIMIT_W1M_MBS=$(fio_figure write 1M 16 mbs write)
-    rm -f "$dir/fio.img"
+    LIMIT_RR_IOPS=$(disk_figure "$dir" randread 4k 32 iops read)
+    LIMIT_RW_IOPS=$(disk_figure "$dir" randwrite 4k 32 iops write)
+    LIMIT_W1M_MBS=$(disk_figure "$dir" write 1M 16 mbs write)
     printf '\nthe machine: loopback TCP, 1 stream %.0f MB/s; disk (fio, %s, direct): 4 KiB random read QD32 %.0f IOPS, 4 KiB random write QD32 %.0f IOPS, 1 MiB write QD16 %.0f MB/s\n' \
-        "$LIMIT_TCP_MBS" "$engine" "$LIMIT_RR_IOPS" "$LIMIT_RW_IOPS" "$LIMIT_W1M_MBS"
+        "$LIMIT_TCP_MBS" "$(fio_engine "$dir")" "$LIMIT_RR_IOPS" "$LIMIT_RW_IOPS" "$LIMIT_W1M_MBS"
+}
+
+# The fio engine for direct I/O under $1: io_uring where the kernel allows it.
+fio_engine() {
+    if fio --name=probe --filename="$1/fio-probe.img" --size=64M --direct=1 --ioengine=io_uring \
+        --rw=read --bs=4k --runtime=1 --output=/dev/null >/dev/null 2>&1; then
+        echo io_uring
+    else
+        echo libaio
+    fi
+    rm -f "$1/fio-probe.img"
+}
+
+# One figure of the disk under $1, with fio and direct I/O for 8 s on a 2 GiB file:
+# disk_figure DIR rw bs depth iops|mbs read|write.
+disk_figure() {
+    local dir=$1
+    timeout 60 fio --name=limit --filename="$dir/fio.img" --size=2G --direct=1 --ioengine="$(fio_engine "$dir")" \
+        --rw="$2" --bs="$3" --iodepth="$4" --runtime=8 --time_based --output-format=json |
+        python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]['$6']; print(j['iops'] if '$5' == 'iops' else j['bw_bytes'] / 1e6)"
+    rm -f "$dir/fio.img"
 }
 
 # The median round trip of a 4 KiB message and an 8-byte answer over loopback TCP

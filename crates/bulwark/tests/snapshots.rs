@@ -262,6 +262,11 @@ async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
         ok && out.contains("LUN 0: snapshot s1 of volume v (read-only)"),
         "{out}{err}"
     );
+    let (ok, out, err) = run_cli(&c, 2, &["snapshot", "list"]).await;
+    assert!(
+        ok && out.contains(&format!("LUN 0 of {BACKUP} (read-only)")),
+        "{out}{err}"
+    );
 
     // The primary dies (kill -9); on the new primary the volume is rolled back to the
     // snapshot: it then holds exactly the snapshot's bytes, on every in-sync member.

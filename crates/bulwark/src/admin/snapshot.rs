@@ -116,10 +116,24 @@ pub async fn run(conn: &Conn, cmd: SnapshotCmd) -> Result<()> {
                 .filter(|v| volume.as_ref().is_none_or(|x| *x == v.name))
                 .flat_map(|v| v.snapshots.iter().map(move |(n, s)| (&v.name, n, s)))
                 .collect();
+            // Where each snapshot is exported read-only, if it is.
+            let exported = |v: &str, n: &str| -> Option<(String, u64)> {
+                let lun_name = format!("{v}@{n}");
+                st.targets.values().find_map(|t| {
+                    t.luns
+                        .iter()
+                        .find(|(_, x)| **x == lun_name)
+                        .map(|(l, _)| (t.iqn.clone(), *l))
+                })
+            };
             if conn.json {
                 let json: Vec<serde_json::Value> = rows
                     .iter()
-                    .map(|(v, n, s)| serde_json::json!({ "volume": v, "name": n, "snapshot": s }))
+                    .map(|(v, n, s)| {
+                        let exported = exported(v, n)
+                            .map(|(target, lun)| serde_json::json!({ "target": target, "lun": lun }));
+                        serde_json::json!({ "volume": v, "name": n, "snapshot": s, "exported": exported })
+                    })
                     .collect();
                 return print_json(&json);
             }
@@ -128,20 +142,22 @@ pub async fn run(conn: &Conn, cmd: SnapshotCmd) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<20} {:<24} {:>10} {:<10} {:>12}  members",
-                "volume", "snapshot", "size", "state", "writes held"
+                "{:<20} {:<24} {:>10} {:<10} {:>12}  {:<24} exported as",
+                "volume", "snapshot", "size", "state", "writes held", "members"
             );
             for (v, n, s) in rows {
                 let members: Vec<String> = s.members.iter().map(|m| st.node_name(*m)).collect();
                 println!(
-                    "{:<20} {:<24} {:>10} {:<10} {:>12}  {}",
+                    "{:<20} {:<24} {:>10} {:<10} {:>12}  {:<24} {}",
                     v,
                     n,
                     human(s.size_bytes),
                     if s.ready { "taken" } else { "taking" },
                     s.pause_us
                         .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
-                    members.join(", ")
+                    members.join(", "),
+                    exported(v, n)
+                        .map_or("-".into(), |(t, l)| format!("LUN {l} of {t} (read-only)"))
                 );
             }
             Ok(())
