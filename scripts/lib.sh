@@ -169,7 +169,7 @@ ensure_bench_packages() {
 # CPU seconds every core of the machine spent busy so far (/proc/stat: all but idle and
 # iowait), whoever used them: the nodes, the client and the kernel's network work.
 machine_busy_seconds() {
-    awk '/^cpu / {print ($2 + $3 + $4 + $7 + $8 + $9) / '"$(getconf CLK_TCK)"'}' /proc/stat
+    awk '/^cpu / {printf "%.2f\n", ($2 + $3 + $4 + $7 + $8 + $9) / '"$(getconf CLK_TCK)"'}' /proc/stat
 }
 
 # CPU seconds (user + system, every thread) the processes $@ used so far, summed.

@@ -1,6 +1,6 @@
 /*
- * The CPU one replication round trip costs on this machine, at the least: a 4 KiB
- * message over loopback TCP to another process and an 8-byte answer back, with
+ * The CPU one replication round trip costs on this machine, at the least: a SIZE-byte
+ * message (default 4 KiB) over loopback TCP to another process and an 8-byte answer back, with
  * DEPTH messages in flight (as a replicated write at that queue depth adds one to
  * the primary's stream and one acknowledgement back), in plain C with blocking
  * sockets and TCP_NODELAY, so nothing of Bulwark's is in it.
@@ -10,7 +10,7 @@
  * write: on a machine whose cores are busy, replicated / single cannot exceed
  * single / (single + this).
  *
- * Usage: loopback-cost COUNT DEPTH
+ * Usage: loopback-cost COUNT DEPTH [SIZE]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -24,7 +24,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define MSG 4096
 #define ANSWER 8
 
 static void die(const char *what)
@@ -66,16 +65,22 @@ static double cpu_seconds(int who)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: loopback-cost COUNT DEPTH\n");
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: loopback-cost COUNT DEPTH [SIZE]\n");
         return 2;
     }
     long count = atol(argv[1]);
     long depth = atol(argv[2]);
-    if (count < 1 || depth < 1 || depth > count) {
-        fprintf(stderr, "COUNT and DEPTH must be positive, DEPTH at most COUNT\n");
+    long size = argc == 4 ? atol(argv[3]) : 4096;
+    if (count < 1 || depth < 1 || depth > count || size < 1 || size > (64L << 20)) {
+        fprintf(stderr, "COUNT and DEPTH must be positive, DEPTH at most COUNT, SIZE 1 to 64 MiB\n");
         return 2;
     }
+    size_t MSG = (size_t)size;
+    char *buf = malloc(MSG);
+    if (!buf)
+        die("malloc");
+    memset(buf, 'x', MSG);
     int one = 1;
     int srv = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = 0 };
@@ -93,7 +98,7 @@ int main(int argc, char **argv)
         if (c < 0)
             die("accept");
         setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        char buf[MSG], ack[ANSWER] = { 0 };
+        char ack[ANSWER] = { 0 };
         for (long i = 0; i < count; i++) {
             read_full(c, buf, MSG);
             write_full(c, ack, ANSWER);
@@ -105,8 +110,7 @@ int main(int argc, char **argv)
     if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) != 0)
         die("connect");
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    char msg[MSG], ack[ANSWER];
-    memset(msg, 'x', sizeof msg);
+    char *msg = buf, ack[ANSWER];
     double before = cpu_seconds(RUSAGE_SELF);
     long sent = 0;
     for (; sent < depth; sent++)

@@ -275,6 +275,42 @@ impl FileStore {
         self.file.sync_all().map_err(io_err)
     }
 
+    /// Whether files in `dir` can share blocks (reflinks), as snapshots and clones
+    /// need: two small files are made there, one cloned onto the other (`FICLONE`),
+    /// and removed. A node checks its data folder once at start and tells the cluster,
+    /// so a snapshot that some member could not take is refused before it starts.
+    pub fn shares_blocks(dir: &Path) -> io::Result<bool> {
+        let tag = format!(".bulwark-reflink-probe.{}", std::process::id());
+        let (a, b) = (dir.join(format!("{tag}.a")), dir.join(format!("{tag}.b")));
+        let probe = (|| {
+            let src = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&a)?;
+            src.write_all_at(&[0x5a; 4096], 0)?;
+            let dest = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&b)?;
+            match rustix::fs::ioctl_ficlone(&dest, &src).map_err(io::Error::from) {
+                Ok(()) => Ok(true),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY)
+                    ) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })();
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        probe
+    }
+
     /// The path the store was opened from.
     pub fn path(&self) -> &Path {
         &self.path

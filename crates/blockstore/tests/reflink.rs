@@ -114,6 +114,11 @@ fn read(s: &FileStore, offset: u64, len: usize) -> Vec<u8> {
 #[test]
 fn a_reflinked_copy_shares_blocks_and_then_goes_its_own_way() {
     let fs = Mounted::xfs();
+    assert!(
+        FileStore::shares_blocks(&fs.mnt).unwrap(),
+        "XFS with reflink=1"
+    );
+    assert!(fs.names().is_empty(), "the probe leaves nothing behind");
     let size = 64u64 << 20;
     let src = store(&fs.mnt.join("v.img"), size);
     let mut data: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
@@ -162,6 +167,8 @@ fn a_reflinked_copy_shares_blocks_and_then_goes_its_own_way() {
 #[test]
 fn a_file_system_without_reflink_is_refused_with_the_reason() {
     let fs = Mounted::tmpfs();
+    assert!(!FileStore::shares_blocks(&fs.mnt).unwrap(), "tmpfs cannot");
+    assert!(fs.names().is_empty(), "the probe leaves nothing behind");
     let src = store(&fs.mnt.join("v.img"), 4 << 20);
     src.write_at(0, &[1u8; 4096], false).unwrap();
     match src.reflink_to(&fs.mnt.join("v@snap.img")) {

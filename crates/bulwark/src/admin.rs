@@ -1318,10 +1318,15 @@ fn render_nodes(out: &mut String, st: &ClusterState, statuses: &Statuses) {
         let space = match n.role {
             NodeRole::Witness => "no data".to_string(),
             NodeRole::Storage => format!(
-                "{} of {} placed{}",
+                "{} of {} placed{}{}",
                 human(st.allocated_bytes(n.id)),
                 human(n.capacity_bytes),
-                disk.unwrap_or_default()
+                disk.unwrap_or_default(),
+                if n.shares_blocks == Some(false) {
+                    "; no reflink (no snapshots)"
+                } else {
+                    ""
+                }
             ),
         };
         let _ = writeln!(

@@ -668,6 +668,11 @@ async fn serve_cluster(o: ClusterServe) -> Result<()> {
             None => admin::filesystem_capacity(&data_dir)?,
         }
     };
+    options.shares_blocks = if witness {
+        None
+    } else {
+        serving::snapshots::shares_blocks(&data_dir)
+    };
     options.snapshot_every = snapshot_every.max(10);
     options.hooks_dir = hooks_dir;
     let node = cluster::ClusterNode::start(options).await?;

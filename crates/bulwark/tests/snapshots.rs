@@ -24,11 +24,22 @@ struct Xfs {
     _image: tempfile::TempDir,
 }
 
-impl Xfs {
-    fn mount_on(mnt: &Path) -> Xfs {
-        Xfs::mount_on_sized(mnt, 512 << 20)
-    }
+/// Three voting nodes on 127.0.`block`.1-3, each node's volumes folder on an XFS image
+/// of `size` bytes, mounted before the node starts (it checks then that its file system
+/// shares blocks, and tells the cluster).
+async fn three_voters_on_xfs(block: u8, size: u64) -> (Cluster, Vec<Xfs>) {
+    let mut c = Cluster::new(block, 3);
+    let disks = (0..3)
+        .map(|i| Xfs::mount_on_sized(&c.nodes[i].dir.join("volumes"), size))
+        .collect();
+    c.init().await;
+    c.join(1).await;
+    c.join(2).await;
+    c.wait_voters(0, 3).await;
+    (c, disks)
+}
 
+impl Xfs {
     /// On a sparse image of `size` bytes.
     fn mount_on_sized(mnt: &Path, size: u64) -> Xfs {
         let image = tempfile::tempdir().unwrap();
@@ -78,11 +89,25 @@ fn snapshot_file(c: &Cluster, i: usize, name: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_under_writes_holds_what_was_acknowledged_on_every_member() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut c = Cluster::three_voters(44).await;
-    let _disks: Vec<Xfs> = (0..3)
-        .map(|i| Xfs::mount_on(&c.nodes[i].dir.join("volumes")))
-        .collect();
+    let (mut c, _disks) = three_voters_on_xfs(44, 512 << 20).await;
     let admin = c.admin(0);
+    let st = wait(
+        "every node's start-up check",
+        Duration::from_secs(20),
+        async || {
+            admin
+                .state()
+                .await
+                .ok()
+                .filter(|s| s.nodes.values().all(|n| n.shares_blocks.is_some()))
+        },
+    )
+    .await;
+    assert!(
+        st.nodes.values().all(|n| n.shares_blocks == Some(true)),
+        "XFS shares blocks: {:?}",
+        st.nodes
+    );
     commit(
         &admin,
         Command::CreateVolume {
@@ -430,10 +455,7 @@ async fn read_only_lun_reads_the_snapshot(
 async fn a_snapshot_of_a_fully_written_4_gib_volume_pauses_writes_for_milliseconds() {
     const SIZE: u64 = 4 << 30;
     let _serial = ONE_AT_A_TIME.lock().await;
-    let c = Cluster::three_voters(45).await;
-    let _disks: Vec<Xfs> = (0..3)
-        .map(|i| Xfs::mount_on_sized(&c.nodes[i].dir.join("volumes"), 6 << 30))
-        .collect();
+    let (c, _disks) = three_voters_on_xfs(45, 6 << 30).await;
     let admin = c.admin(0);
     commit(
         &admin,

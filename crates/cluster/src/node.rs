@@ -50,6 +50,9 @@ pub struct NodeOptions {
     pub role: NodeRole,
     /// Bytes of volume data this node offers.
     pub capacity_bytes: u64,
+    /// Whether the data folder can share blocks between files (reflinks), for
+    /// snapshots; `None` when not checked.
+    pub shares_blocks: Option<bool>,
     /// Take a snapshot (and compact the log) every this many entries.
     pub snapshot_every: u64,
     /// Raft leader heartbeat.
@@ -67,6 +70,7 @@ impl NodeOptions {
             data_dir,
             role: NodeRole::Storage,
             capacity_bytes: 0,
+            shares_blocks: None,
             snapshot_every: 1000,
             raft_heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(400),
@@ -1290,6 +1294,7 @@ impl ClusterNode {
             role: self.inner.options.role,
             addresses: self.inner.identity.addresses.clone(),
             capacity_bytes: self.inner.options.capacity_bytes,
+            shares_blocks: self.inner.options.shares_blocks,
         };
         // Always committed, even when the local state already shows these values: the
         // answer also tells a node that was removed while it was down.

@@ -199,6 +199,18 @@ impl ClusterState {
                     self.node_name(to)
                 )));
             }
+            // Every member takes its part by a reflink: one that cannot would leave the
+            // in-sync set (or, the primary, fail the whole). Known from its start-up.
+            if let Some(n) = std::iter::once(&v.primary).chain(&v.in_sync).find(|n| {
+                self.nodes
+                    .get(n)
+                    .is_some_and(|x| x.shares_blocks == Some(false))
+            }) {
+                return Err(not_now(format!(
+                    "the data folder of {}, a member, is on a file system that does not share blocks between files (reflink), which a {what} needs on every in-sync member; put it on XFS or btrfs and restart the node, or move the volume's replica off it",
+                    self.node_name(*n)
+                )));
+            }
             if let Some(r) = &v.rollback {
                 return Err(not_now(format!(
                     "it is being rolled back to {:?}; wait for it",

@@ -416,3 +416,46 @@ fn an_exported_snapshot_moves_with_its_volume() {
     assert_eq!(st.group_of("a"), vec!["a".to_string()]);
     st.apply(&delete("a", "s2")).unwrap();
 }
+
+/// A member whose data folder cannot share blocks (it said so when it started) would
+/// drop out of the in-sync set when asked for its copy: the snapshot, and a rollback,
+/// are refused up front with the reason.
+#[test]
+fn a_member_without_reflinks_is_refused_up_front() {
+    let mut st = three();
+    st.apply(&create("a", GIB, 2, &["n1", "n2"])).unwrap();
+    let started = |st: &ClusterState, shares_blocks| {
+        let n = &st.nodes[&2];
+        Command::NodeStarted {
+            id: 2,
+            role: n.role,
+            addresses: n.addresses.clone(),
+            capacity_bytes: n.capacity_bytes,
+            shares_blocks,
+        }
+    };
+    st.apply(&started(&st, Some(false))).unwrap();
+    match refused(&mut st, snap(&["a"], "s")) {
+        Refused::SnapshotNotNow { why, .. } => {
+            assert!(why.contains("n2") && why.contains("reflink"), "{why}")
+        }
+        other => panic!("{other}"),
+    }
+    // Unknown (a node of an older version) is not refused; one that can, neither.
+    st.apply(&started(&st, None)).unwrap();
+    st.apply(&snap(&["a"], "s")).unwrap();
+    st.apply(&started(&st, Some(true))).unwrap();
+    st.apply(&taken("a", "s", 1, &[1, 2])).unwrap();
+    st.apply(&started(&st, Some(false))).unwrap();
+    assert!(matches!(
+        refused(
+            &mut st,
+            Command::RollbackSnapshot {
+                volumes: vec!["a".into()],
+                name: "s".into(),
+                force: true
+            }
+        ),
+        Refused::SnapshotNotNow { .. }
+    ));
+}

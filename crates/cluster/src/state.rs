@@ -102,6 +102,11 @@ pub struct Node {
     /// the nodes allow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Whether its data folder's file system shares blocks between files (reflinks),
+    /// as snapshots, clones and rollbacks need; checked by the node when it starts.
+    /// `None`: not known (a witness, or a node of an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares_blocks: Option<bool>,
 }
 
 impl Node {
@@ -704,6 +709,9 @@ pub enum Command {
         addresses: NodeAddresses,
         /// Capacity.
         capacity_bytes: u64,
+        /// Whether its data folder can share blocks between files (reflinks).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shares_blocks: Option<bool>,
     },
     /// A node came back from a power loss (its kernel's boot id changed since it last
     /// ran): what it had not flushed is gone, writes it acknowledged among them. It
@@ -1518,6 +1526,7 @@ impl ClusterState {
                         drained: false,
                         evacuate: false,
                         zone: None,
+                        shares_blocks: None,
                     },
                 );
                 Ok(Applied::NodeAdded(id))
@@ -1527,6 +1536,7 @@ impl ClusterState {
                 role,
                 addresses,
                 capacity_bytes,
+                shares_blocks,
             } => {
                 let name = self
                     .nodes
@@ -1548,6 +1558,7 @@ impl ClusterState {
                 node.role = *role;
                 node.addresses = addresses.clone();
                 node.capacity_bytes = *capacity_bytes;
+                node.shares_blocks = *shares_blocks;
                 Ok(Applied::Done)
             }
             Command::NodeLostPower { id } => {

@@ -117,6 +117,7 @@ fn node_started_updates_role_and_refuses_witness_with_volumes() {
             role: NodeRole::Witness,
             addresses: addrs(1),
             capacity_bytes: 0,
+            shares_blocks: None,
         },
     );
     assert!(matches!(r, Refused::WitnessWithVolumes { .. }), "{r}");
@@ -125,6 +126,7 @@ fn node_started_updates_role_and_refuses_witness_with_volumes() {
         role: NodeRole::Witness,
         addresses: addrs(3),
         capacity_bytes: 0,
+        shares_blocks: None,
     })
     .unwrap();
     assert_eq!(st.nodes[&3].role, NodeRole::Witness);
@@ -135,7 +137,8 @@ fn node_started_updates_role_and_refuses_witness_with_volumes() {
                 id: 42,
                 role: NodeRole::Storage,
                 addresses: addrs(42),
-                capacity_bytes: 0
+                capacity_bytes: 0,
+                shares_blocks: None,
             }
         ),
         Refused::NoSuchNodeId(42)
@@ -278,6 +281,7 @@ fn witnesses_hold_no_data() {
         role: NodeRole::Witness,
         addresses: addrs(3),
         capacity_bytes: 10 * GIB,
+        shares_blocks: None,
     })
     .unwrap();
     assert!(matches!(
@@ -908,6 +912,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
             },
             addresses: addrs(i),
             capacity_bytes: 4 * GIB,
+            shares_blocks: None,
         }),
         (node.clone(), any::<bool>()).prop_map(|(name, dead)| Command::RemoveNode { name, dead }),
         (node.clone(), any::<bool>(), any::<bool>()).prop_map(|(name, drained, evacuate)| {

@@ -17,6 +17,29 @@ pub fn snapshot_path(volume_path: &Path, snapshot: &str) -> PathBuf {
     volume_path.with_file_name(format!("{stem}@{snapshot}.img"))
 }
 
+/// Whether the volumes folder of the node whose data folder is `data_dir` can share
+/// blocks between files, as snapshots need (the node tells the cluster when it starts,
+/// see [`blockstore::FileStore::shares_blocks`]); `None` if it cannot be checked.
+pub fn shares_blocks(data_dir: &Path) -> Option<bool> {
+    let dir = data_dir.join("volumes");
+    let checked = std::fs::create_dir_all(&dir).and_then(|()| FileStore::shares_blocks(&dir));
+    match checked {
+        Ok(yes) => {
+            if !yes {
+                tracing::info!(
+                    "{} does not share blocks between files (reflink): snapshots and clones of volumes with a copy here are refused; XFS or btrfs can",
+                    dir.display()
+                );
+            }
+            Some(yes)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether {} shares blocks between files", dir.display());
+            None
+        }
+    }
+}
+
 /// This node's copies of `volume`'s snapshots, in `volumes_dir`.
 pub fn copies_here(volumes_dir: &Path, volume: &str) -> Vec<cluster::status::SnapshotView> {
     let prefix = format!("{volume}@");
