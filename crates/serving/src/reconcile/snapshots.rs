@@ -11,23 +11,13 @@ type Group = Vec<(String, Arc<PrimaryVolume>)>;
 impl Serving {
     /// Starts taking the snapshots the state asks of volumes primary here, each once.
     pub(super) fn take_snapshots(&self, st: &ClusterState, roles: &HashMap<String, Role>) {
-        let mut groups: BTreeMap<(String, u64), Group> = BTreeMap::new();
-        for v in st.volumes.values().filter(|v| v.primary == self.me) {
-            let Some(Role::Primary { epoch, volume, .. }) = roles.get(&v.name) else {
-                continue;
-            };
-            if *epoch != v.epoch {
-                continue;
-            }
-            for (name, s) in &v.snapshots {
-                if !s.ready && s.epoch == v.epoch {
-                    groups
-                        .entry((name.clone(), v.epoch))
-                        .or_default()
-                        .push((v.name.clone(), volume.clone()));
-                }
-            }
-        }
+        let groups = primary_groups(st, self.me, &running_here(roles), |v| {
+            v.snapshots
+                .iter()
+                .filter(|(_, s)| !s.ready && s.epoch == v.epoch)
+                .map(|(name, _)| name.clone())
+                .collect()
+        });
         for ((name, epoch), group) in groups {
             let key = (name.clone(), group[0].0.clone(), epoch);
             let first = self
@@ -50,6 +40,46 @@ impl Serving {
                 }
             }
         }
+    }
+}
+
+/// The groups of volumes primary here that `asked` (the snapshot or rollback names a
+/// volume has pending) names, by (name, epoch): those whose every volume has its
+/// primary role running at that epoch. A group with a volume whose role has not
+/// started yet (just promoted) waits for it, so its volumes share one point of their
+/// streams instead of being taken one by one.
+fn primary_groups<T: Clone>(
+    st: &ClusterState,
+    me: NodeId,
+    running: &dyn Fn(&Volume) -> Option<T>,
+    asked: impl Fn(&Volume) -> Vec<String>,
+) -> BTreeMap<(String, u64), Vec<(String, T)>> {
+    let mut groups: BTreeMap<(String, u64), Option<Vec<(String, T)>>> = BTreeMap::new();
+    for v in st.volumes.values().filter(|v| v.primary == me) {
+        let running = running(v);
+        for name in asked(v) {
+            let g = groups
+                .entry((name, v.epoch))
+                .or_insert_with(|| Some(Vec::new()));
+            match (g.as_mut(), &running) {
+                (Some(g), Some(volume)) => g.push((v.name.clone(), volume.clone())),
+                _ => *g = None,
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(k, g)| g.map(|g| (k, g)))
+        .collect()
+}
+
+/// The primary role of a volume running here at its epoch, from `roles`.
+fn running_here(
+    roles: &HashMap<String, Role>,
+) -> impl Fn(&Volume) -> Option<Arc<PrimaryVolume>> + '_ {
+    move |v| match roles.get(&v.name) {
+        Some(Role::Primary { epoch, volume, .. }) if *epoch == v.epoch => Some(volume.clone()),
+        _ => None,
     }
 }
 
@@ -167,17 +197,17 @@ impl Serving {
     /// primary then rolls its volumes back (a target's together, in a thread of its
     /// own) and reports it done.
     pub(super) fn run_rollbacks(&self, st: &ClusterState, roles: &HashMap<String, Role>) {
-        let mut groups: BTreeMap<(String, u64), Group> = BTreeMap::new();
+        let pending = |v: &Volume| v.rollback.as_ref().filter(|r| r.epoch == v.epoch).cloned();
+        let groups = primary_groups(st, self.me, &running_here(roles), |v| {
+            pending(v).map(|r| r.snapshot).into_iter().collect()
+        });
+        let mut fresh: HashSet<String> = HashSet::new();
         for v in st.volumes.values() {
-            let Some(r) = v.rollback.as_ref().filter(|r| r.epoch == v.epoch) else {
+            let Some(r) = pending(v) else {
                 continue;
             };
-            let primary_here = match roles.get(&v.name) {
-                Some(Role::Primary { epoch, volume, .. }) if *epoch == v.epoch => Some(volume),
-                _ => None,
-            };
-            if v.primary == self.me && primary_here.is_none() {
-                // Primary here, its role not started yet: act once it has.
+            if v.primary == self.me && !groups.contains_key(&(r.snapshot.clone(), r.epoch)) {
+                // Primary here, a role of its group not started yet: act once all have.
                 continue;
             }
             let first = self
@@ -187,6 +217,7 @@ impl Serving {
             if !first {
                 continue;
             }
+            fresh.insert(v.name.clone());
             if r.force {
                 for t in st
                     .targets
@@ -197,14 +228,12 @@ impl Serving {
                     self.server.kill_target_sessions(&t.iqn);
                 }
             }
-            if let Some(volume) = primary_here.filter(|_| v.primary == self.me) {
-                groups
-                    .entry((r.snapshot.clone(), r.epoch))
-                    .or_default()
-                    .push((v.name.clone(), volume.clone()));
-            }
         }
+        // A group's volumes are seen together (none while one waits): it starts once.
         for ((name, epoch), group) in groups {
+            if !fresh.contains(&group[0].0) {
+                continue;
+            }
             let (node, rt) = (self.node.clone(), self.rt.clone());
             let spawned = std::thread::Builder::new()
                 .name("bulwark-rollback".into())
@@ -263,4 +292,63 @@ fn roll_back(
         }
     };
     node.events().push_with(EventKind::Snapshot, text, details);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target's two volumes asked for one snapshot just after a promotion: no group
+    /// while one of their roles is not running, then both together.
+    #[test]
+    fn a_group_waits_for_every_role() {
+        use cluster::state::NodeAddresses;
+        let mut st = ClusterState::default();
+        for i in 1..=2u8 {
+            let a = |port| std::net::SocketAddr::from(([127, 0, 0, i], port));
+            st.apply(&Command::AddNode {
+                name: format!("n{i}"),
+                addresses: NodeAddresses {
+                    control: a(3261),
+                    replication: a(3262),
+                    portals: vec![a(3260)],
+                },
+                capacity_bytes: 1 << 40,
+                public_key: None,
+            })
+            .unwrap();
+        }
+        for (name, first) in [("a", "n1"), ("b", "n1"), ("c", "n2")] {
+            st.apply(&Command::CreateVolume {
+                name: name.into(),
+                size_bytes: 1 << 30,
+                replicas: 1,
+                block_size: 512,
+                physical_block_size: None,
+                nodes: vec![first.into()],
+            })
+            .unwrap();
+        }
+        for volumes in [
+            vec!["a".to_string(), "b".to_string()],
+            vec!["c".to_string()],
+        ] {
+            st.apply(&Command::CreateSnapshot {
+                volumes,
+                name: "s".into(),
+                at_ms: 0,
+            })
+            .unwrap();
+        }
+        let asked = |v: &Volume| v.snapshots.keys().cloned().collect::<Vec<_>>();
+        let only_a = |v: &Volume| (v.name == "a").then_some(());
+        assert!(primary_groups(&st, 1, &only_a, asked).is_empty());
+        let all = |_: &Volume| Some(());
+        let groups = primary_groups(&st, 1, &all, asked);
+        let names: Vec<&str> = groups[&("s".to_string(), 1)]
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b"], "c is primary elsewhere");
+    }
 }
