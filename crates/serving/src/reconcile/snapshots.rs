@@ -5,8 +5,9 @@
 
 use super::*;
 
-/// The volumes of one snapshot, primary here: (name, volume).
-type Group = Vec<(String, Arc<PrimaryVolume>)>;
+/// The volumes of one snapshot or rollback, primary here: (name, volume); `T` is the
+/// volume's running primary role (a stand-in in tests).
+type Group<T = Arc<PrimaryVolume>> = Vec<(String, T)>;
 
 impl Serving {
     /// Starts taking the snapshots the state asks of volumes primary here, each once.
@@ -53,8 +54,9 @@ fn primary_groups<T: Clone>(
     me: NodeId,
     running: &dyn Fn(&Volume) -> Option<T>,
     asked: impl Fn(&Volume) -> Vec<String>,
-) -> BTreeMap<(String, u64), Vec<(String, T)>> {
-    let mut groups: BTreeMap<(String, u64), Option<Vec<(String, T)>>> = BTreeMap::new();
+) -> BTreeMap<(String, u64), Group<T>> {
+    // `None`: a volume of the group has no running role yet.
+    let mut groups: BTreeMap<(String, u64), Option<Group<T>>> = BTreeMap::new();
     for v in st.volumes.values().filter(|v| v.primary == me) {
         let running = running(v);
         for name in asked(v) {
