@@ -14,17 +14,7 @@ impl ClusterState {
                 add,
                 remove,
             } => {
-                let v = self
-                    .volumes
-                    .get(volume)
-                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
-                if *epoch != v.epoch {
-                    return Err(Refused::StaleEpoch {
-                        volume: volume.clone(),
-                        epoch: *epoch,
-                        current: v.epoch,
-                    });
-                }
+                let v = self.volume_at(volume, *epoch)?;
                 for n in add {
                     if !v.replicas.contains(n) {
                         return Err(Refused::NotAReplica {
@@ -60,17 +50,7 @@ impl ClusterState {
                 epoch,
                 state,
             } => {
-                let v = self
-                    .volumes
-                    .get_mut(volume)
-                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
-                if v.epoch != *epoch {
-                    return Err(Refused::StaleEpoch {
-                        volume: volume.clone(),
-                        epoch: *epoch,
-                        current: v.epoch,
-                    });
-                }
+                let v = self.volume_at_mut(volume, *epoch)?;
                 v.reservations = Some(state.clone());
                 Ok(Applied::Done)
             }
@@ -105,17 +85,7 @@ impl ClusterState {
                     }
                 }
                 for (name, epoch) in volumes {
-                    let v = self
-                        .volumes
-                        .get(name)
-                        .ok_or_else(|| Refused::NoSuchVolume(name.clone()))?;
-                    if *epoch != v.epoch {
-                        return Err(Refused::StaleEpoch {
-                            volume: name.clone(),
-                            epoch: *epoch,
-                            current: v.epoch,
-                        });
-                    }
+                    let v = self.volume_at(name, *epoch)?;
                     if !v.in_sync.contains(node) {
                         return Err(Refused::NotInSync {
                             volume: name.clone(),

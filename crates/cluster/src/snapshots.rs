@@ -283,17 +283,7 @@ impl ClusterState {
                 members,
                 pause_us,
             } => {
-                let v = self
-                    .volumes
-                    .get_mut(volume)
-                    .ok_or_else(|| Refused::NoSuchVolume(volume.clone()))?;
-                if *epoch != v.epoch {
-                    return Err(Refused::StaleEpoch {
-                        volume: volume.clone(),
-                        epoch: *epoch,
-                        current: v.epoch,
-                    });
-                }
+                let v = self.volume_at_mut(volume, *epoch)?;
                 let replicas = v.replicas.clone();
                 let s = v
                     .snapshots

@@ -1290,6 +1290,19 @@ pub enum Refused {
     AlreadyJoining { volume: String, node: String },
 }
 
+/// Refuses a report made at primary epoch `epoch` once `v` is at another.
+fn check_epoch(v: &Volume, epoch: u64) -> Result<(), Refused> {
+    if v.epoch == epoch {
+        Ok(())
+    } else {
+        Err(Refused::StaleEpoch {
+            volume: v.name.clone(),
+            epoch,
+            current: v.epoch,
+        })
+    }
+}
+
 /// A size for people: `512 B`, `1.5 GiB`.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -1411,6 +1424,27 @@ impl ClusterState {
             .luns
             .values()
             .find_map(|v| self.volumes.get(lun_backing(v).0).map(|v| v.primary))
+    }
+
+    /// Volume `volume`, if its primary epoch is still `epoch`: what a primary commits
+    /// at its epoch is refused once a newer primary took over.
+    fn volume_at(&self, volume: &str, epoch: u64) -> Result<&Volume, Refused> {
+        let v = self
+            .volumes
+            .get(volume)
+            .ok_or_else(|| Refused::NoSuchVolume(volume.to_string()))?;
+        check_epoch(v, epoch)?;
+        Ok(v)
+    }
+
+    /// [`Self::volume_at`], to change it.
+    fn volume_at_mut(&mut self, volume: &str, epoch: u64) -> Result<&mut Volume, Refused> {
+        let v = self
+            .volumes
+            .get_mut(volume)
+            .ok_or_else(|| Refused::NoSuchVolume(volume.to_string()))?;
+        check_epoch(v, epoch)?;
+        Ok(v)
     }
 
     /// The name of node `id`, or `#id` for one that is not (or no longer) a member.
