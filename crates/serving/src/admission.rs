@@ -174,24 +174,10 @@ pub fn judge(st: &ClusterState, me: NodeId, from: NodeId, claim: &Claim<'_>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cluster::state::{Command, NodeAddresses};
+    use cluster::state::Command;
 
     fn state() -> ClusterState {
-        let mut st = ClusterState::default();
-        for i in 1..=3u8 {
-            let a = |port| std::net::SocketAddr::from(([127, 0, 0, i], port));
-            st.apply(&Command::AddNode {
-                name: format!("n{i}"),
-                addresses: NodeAddresses {
-                    control: a(3261),
-                    replication: a(3262),
-                    portals: vec![a(3260)],
-                },
-                capacity_bytes: 1 << 40,
-                public_key: None,
-            })
-            .unwrap();
-        }
+        let mut st = crate::test_support::state_with_nodes(3);
         st.apply(&Command::CreateVolume {
             name: "v".into(),
             size_bytes: 1 << 30,

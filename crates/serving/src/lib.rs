@@ -19,6 +19,31 @@ pub mod snapshots;
 pub mod space;
 pub mod vip;
 
+#[cfg(test)]
+pub(crate) mod test_support {
+    use cluster::state::{ClusterState, Command, NodeAddresses};
+
+    /// A cluster state with storage nodes n1 … n`count` on 127.0.0.1 … (1 TiB each).
+    pub(crate) fn state_with_nodes(count: u8) -> ClusterState {
+        let mut st = ClusterState::default();
+        for i in 1..=count {
+            let a = |port| std::net::SocketAddr::from(([127, 0, 0, i], port));
+            st.apply(&Command::AddNode {
+                name: format!("n{i}"),
+                addresses: NodeAddresses {
+                    control: a(3261),
+                    replication: a(3262),
+                    portals: vec![a(3260)],
+                },
+                capacity_bytes: 1 << 40,
+                public_key: None,
+            })
+            .unwrap();
+        }
+        st
+    }
+}
+
 pub use reconcile::{
     port_group_of, port_groups, target_nodes, FailoverCounts, Serving, REGION_SIZE,
 };

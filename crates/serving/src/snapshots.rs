@@ -127,22 +127,8 @@ mod tests {
 
     #[test]
     fn a_node_keeps_the_copies_the_cluster_names_for_it() {
-        use cluster::state::{ClusterState, Command, NodeAddresses};
-        let mut st = ClusterState::new();
-        for i in 1..=3u8 {
-            let a = |port| std::net::SocketAddr::from(([127, 0, 0, i], port));
-            st.apply(&Command::AddNode {
-                name: format!("n{i}"),
-                addresses: NodeAddresses {
-                    control: a(3261),
-                    replication: a(3262),
-                    portals: vec![a(3260)],
-                },
-                capacity_bytes: 10 << 30,
-                public_key: None,
-            })
-            .unwrap();
-        }
+        use cluster::state::Command;
+        let mut st = crate::test_support::state_with_nodes(3);
         st.apply(&Command::CreateVolume {
             name: "v".into(),
             size_bytes: 1 << 30,

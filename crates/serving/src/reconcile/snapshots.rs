@@ -304,22 +304,7 @@ mod tests {
     /// while one of their roles is not running, then both together.
     #[test]
     fn a_group_waits_for_every_role() {
-        use cluster::state::NodeAddresses;
-        let mut st = ClusterState::default();
-        for i in 1..=2u8 {
-            let a = |port| std::net::SocketAddr::from(([127, 0, 0, i], port));
-            st.apply(&Command::AddNode {
-                name: format!("n{i}"),
-                addresses: NodeAddresses {
-                    control: a(3261),
-                    replication: a(3262),
-                    portals: vec![a(3260)],
-                },
-                capacity_bytes: 1 << 40,
-                public_key: None,
-            })
-            .unwrap();
-        }
+        let mut st = crate::test_support::state_with_nodes(2);
         for (name, first) in [("a", "n1"), ("b", "n1"), ("c", "n2")] {
             st.apply(&Command::CreateVolume {
                 name: name.into(),
