@@ -50,6 +50,13 @@ pub(crate) enum Command {
         /// before it is dropped (single-node mode: `nop_timeout_ms` in --config).
         #[arg(long, env = "BULWARK_NOP_TIMEOUT_MS", default_value_t = 15000)]
         nop_timeout_ms: u64,
+        /// Cluster member: how many regions (1 MiB each) a volume's activity log may
+        /// keep beyond those being written. Every region that enters the log costs a
+        /// disk sync on the write path, so the log should cover the regions random
+        /// writes keep coming back to; after a crash at most this many more regions
+        /// are resynced.
+        #[arg(long, env = "BULWARK_ACTIVITY_LOG_SLACK", default_value_t = replication::ACTIVITY_LOG_SLACK)]
+        activity_log_slack: usize,
         /// Cluster member: where the web console and /metrics listen (HTTPS with the
         /// cluster certificate; default: the control address's IP, port 3263); "off"
         /// for no listener.

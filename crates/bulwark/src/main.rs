@@ -113,6 +113,7 @@ fn run() -> Result<()> {
             capacity,
             snapshot_every,
             nop_timeout_ms,
+            activity_log_slack,
             http,
             metrics_open,
             replication_tls,
@@ -136,6 +137,7 @@ fn run() -> Result<()> {
                     http,
                     metrics_open,
                     replication_plaintext: replication_tls == "off",
+                    activity_log_slack,
                     hooks_dir,
                 }));
             }

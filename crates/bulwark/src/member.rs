@@ -21,6 +21,7 @@ pub(crate) struct ClusterServe {
     pub(crate) http: Option<String>,
     pub(crate) metrics_open: bool,
     pub(crate) replication_plaintext: bool,
+    pub(crate) activity_log_slack: usize,
     pub(crate) hooks_dir: PathBuf,
 }
 
@@ -36,6 +37,7 @@ pub(crate) async fn serve_cluster(o: ClusterServe) -> Result<()> {
         http,
         metrics_open,
         replication_plaintext,
+        activity_log_slack,
         hooks_dir,
     } = o;
     let mut options = cluster::NodeOptions::new(data_dir.clone());
@@ -92,7 +94,14 @@ pub(crate) async fn serve_cluster(o: ClusterServe) -> Result<()> {
             );
         }
         let net = serving::admission::start_replication(&node, replication_plaintext).await?;
-        let serving = serving::Serving::new(&node, server.clone(), &data_dir, portals, net);
+        let serving = serving::Serving::new(
+            &node,
+            server.clone(),
+            &data_dir,
+            portals,
+            net,
+            activity_log_slack,
+        );
         tokio::spawn(serving.clone().run(node.state()));
         Some(serving)
     };

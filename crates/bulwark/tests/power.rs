@@ -25,9 +25,12 @@ use common::load::*;
 use common::*;
 
 /// The volume: 128 regions of 1 MiB, the writes spread over all of it. More regions
-/// than the activity log's slack (64), so a log that dropped a region too early is
-/// written to disk smaller, and a cut then shows it.
+/// than the activity log's slack the nodes get here ([`LOG_SLACK`]), so a log that
+/// dropped a region too early is written to disk smaller, and a cut then shows it.
 const SIZE: u64 = 128 << 20;
+/// `--activity-log-slack` of this test's nodes: the product's default (1024 regions)
+/// would keep all 128 regions of the volume in the log, and never rewrite it smaller.
+const LOG_SLACK: &str = "64";
 const VOLUME_LBAS: u64 = SIZE / BLOCK as u64;
 /// A SYNCHRONIZE CACHE after this many acknowledged writes.
 const FLUSH_EVERY: u64 = 64;
@@ -149,6 +152,7 @@ async fn power_cuts(block: u8, kind: Kind) {
     let _serial = ONE_AT_A_TIME.lock().await;
     // The volume stores of every node this test starts hold their writes in memory.
     std::env::set_var("BULWARK_TEST_VOLATILE_CACHE", "1");
+    std::env::set_var("BULWARK_ACTIVITY_LOG_SLACK", LOG_SLACK);
     let mut c = replicated_volume(block, SIZE).await;
     let all = [0usize, 1, 2];
     let admin = c.admin(0);

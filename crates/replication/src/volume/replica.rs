@@ -199,12 +199,16 @@ impl ReplicaVolume {
     /// `copy` grows the store when a write reaches past its end (the primary writes
     /// there only after the volume was resized, and the stream may bring such a write
     /// before this node has applied the resize itself) and takes snapshots.
+    ///
+    /// `log_slack`: how many regions the persisted activity log may keep beyond those in
+    /// flight (see [`crate::ACTIVITY_LOG_SLACK`]).
     pub fn start(
         region_size: u64,
         store: Arc<dyn BlockDevice>,
         copy: Arc<dyn LocalCopy>,
         state: ReplicaState,
         transport: Arc<dyn Transport>,
+        log_slack: usize,
     ) -> io::Result<ReplicaVolume> {
         let dirty_map = state.dirty_map().unwrap_or_else(|e| {
             // Only costs a full sync of the out-of-sync replicas should this node be
@@ -213,7 +217,8 @@ impl ReplicaVolume {
             None
         });
         let mut core = Replica::new(region_size, state.epoch()?, state.activity_log()?)
-            .with_dirty_map(dirty_map.unwrap_or_default());
+            .with_dirty_map(dirty_map.unwrap_or_default())
+            .with_log_slack(log_slack);
         let (tx, rx) = mpsc::channel::<ReplicaEvent>();
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
         let fail = {

@@ -102,6 +102,9 @@ pub struct Serving {
     server: iscsi_target::Server,
     portals: Vec<iscsi_target::Portal>,
     net: Arc<ReplicationNet>,
+    /// Regions each volume's persisted activity log may keep beyond those in flight
+    /// (`bulwark serve --activity-log-slack`, [`replication::ACTIVITY_LOG_SLACK`]).
+    activity_log_slack: usize,
     rt: tokio::runtime::Handle,
     served: Mutex<HashMap<String, Served>>,
     roles: Mutex<HashMap<String, Role>>,
@@ -149,13 +152,15 @@ pub struct FailoverCounts {
 
 impl Serving {
     /// Serving for `node` through `server` on `portals`; volume files live in
-    /// `<data_dir>/volumes`; replication through `net`.
+    /// `<data_dir>/volumes`; replication through `net`, each volume's activity log
+    /// keeping up to `activity_log_slack` regions beyond those in flight.
     pub fn new(
         node: &ClusterNode,
         server: iscsi_target::Server,
         data_dir: &Path,
         portals: Vec<iscsi_target::Portal>,
         net: Arc<ReplicationNet>,
+        activity_log_slack: usize,
     ) -> Arc<Serving> {
         let serving = Arc::new(Serving {
             me: node.id(),
@@ -165,6 +170,7 @@ impl Serving {
             server,
             portals,
             net,
+            activity_log_slack,
             rt: tokio::runtime::Handle::current(),
             served: Mutex::new(HashMap::new()),
             roles: Mutex::new(HashMap::new()),

@@ -558,7 +558,7 @@ impl Serving {
             resync_window: 128,
             resync_rate: settings.resync_rate_bytes_per_s,
             rebuild_rate: settings.rebuild_rate_bytes_per_s,
-            activity_log_slack: replication::ACTIVITY_LOG_SLACK,
+            activity_log_slack: self.activity_log_slack,
         };
         let control = Arc::new(IsrRequests {
             node: self.node.clone(),
@@ -705,6 +705,7 @@ impl Serving {
                 Arc::new(crate::snapshots::VolumeCopy::new(store.clone())),
                 state,
                 self.net.transport(&v.name),
+                self.activity_log_slack,
             )
             .map_err(io_error(format!("volume {}: starting as replica", v.name)))?,
         );
