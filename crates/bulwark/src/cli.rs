@@ -52,9 +52,9 @@ pub(crate) enum Command {
         nop_timeout_ms: u64,
         /// Cluster member: how many regions (1 MiB each) a volume's activity log may
         /// keep beyond those being written. Every region that enters the log costs a
-        /// disk sync on the write path, so the log should cover the regions random
-        /// writes keep coming back to; after a crash at most this many more regions
-        /// are resynced.
+        /// disk sync on the write path, so a log that covers the regions random writes
+        /// keep coming back to saves those syncs; but after a crash, or when a rebuild
+        /// is interrupted, up to this many more regions are copied again.
         #[arg(long, env = "BULWARK_ACTIVITY_LOG_SLACK", default_value_t = replication::ACTIVITY_LOG_SLACK)]
         activity_log_slack: usize,
         /// Cluster member: where the web console and /metrics listen (HTTPS with the

@@ -28,8 +28,9 @@ use common::*;
 /// than the activity log's slack the nodes get here ([`LOG_SLACK`]), so a log that
 /// dropped a region too early is written to disk smaller, and a cut then shows it.
 const SIZE: u64 = 128 << 20;
-/// `--activity-log-slack` of this test's nodes: the product's default (1024 regions)
-/// would keep all 128 regions of the volume in the log, and never rewrite it smaller.
+/// `--activity-log-slack` of this test's nodes (the product's default today): a slack
+/// of 128 or more would keep every region of the volume in the log, and never rewrite
+/// it smaller.
 const LOG_SLACK: &str = "64";
 const VOLUME_LBAS: u64 = SIZE / BLOCK as u64;
 /// A SYNCHRONIZE CACHE after this many acknowledged writes.
