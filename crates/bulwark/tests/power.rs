@@ -28,10 +28,11 @@ use common::*;
 /// than the activity log's slack the nodes get here ([`LOG_SLACK`]), so a log that
 /// dropped a region too early is written to disk smaller, and a cut then shows it.
 const SIZE: u64 = 128 << 20;
-/// `--activity-log-slack` of this test's nodes (the product's default today): a slack
+/// `--activity-log-slack` of this test's nodes (the product's default is 1024): a slack
 /// of 128 or more would keep every region of the volume in the log, and never rewrite
-/// it smaller.
-const LOG_SLACK: &str = "64";
+/// it smaller. A rewrite keeps the live regions and the most recent half of the slack,
+/// so a small slack leaves most of the volume's regions to be dropped at each one.
+const LOG_SLACK: &str = "16";
 const VOLUME_LBAS: u64 = SIZE / BLOCK as u64;
 /// A SYNCHRONIZE CACHE after this many acknowledged writes.
 const FLUSH_EVERY: u64 = 64;

@@ -26,6 +26,7 @@
 //!   and receives the dirty regions (and those its own activity log names) as ordinary
 //!   writes in that stream, then the primary asks the control plane to add it back.
 
+mod activity_log;
 mod bitmap;
 mod execute;
 mod message;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
+use crate::activity_log::{covers_region, PersistedLog};
 use crate::bitmap::{DirtyMap, RegionSet};
 use crate::message::{Epoch, Message, NodeId, Payload, Seq};
 
@@ -503,7 +504,7 @@ pub struct Primary {
     /// A background flush is running; when the last one was placed.
     flush_running: bool,
     last_flush_at: u64,
-    persisted_log: RegionSet,
+    persisted_log: PersistedLog,
     /// Resync reads waiting for local writes to the region to finish.
     deferred_reads: Vec<(NodeId, Seq, u64)>,
     verify: Option<Verify>,
@@ -573,7 +574,7 @@ impl Primary {
             .iter()
             .map(|r| (*r, Peer::new(now, lacking(r), cfg.rebuilding.contains(r))))
             .collect();
-        let persisted_log = cfg.own_activity_log.clone();
+        let persisted_log = PersistedLog::new(cfg.own_activity_log.clone(), cfg.activity_log_slack);
         // What this node may hold that others lack is not known to be durable either:
         // the seal copies it everywhere, and a power cut here before the next flush
         // would take it back.
@@ -849,10 +850,13 @@ impl Primary {
             let mut grew = false;
             for r in regions(offset, len, self.cfg.region_size) {
                 *self.activity.entry(r).or_insert(0) += 1;
-                grew |= self.persisted_log.insert(r);
+                let whole = covers_region(offset, len, r, self.cfg.region_size);
+                grew |= self.persisted_log.log(r, whole);
             }
             if grew {
-                out.push(Action::PersistActivityLog(self.persisted_log.clone()));
+                out.push(Action::PersistActivityLog(
+                    self.persisted_log.regions().clone(),
+                ));
             }
         }
         for (pid, peer) in self.peers.iter_mut() {
@@ -1193,8 +1197,11 @@ impl Primary {
             };
             // Our own divergent regions are now the same everywhere (those not yet
             // durable here stay until a flush covers them).
-            self.persisted_log = self.live_log();
-            out.push(Action::PersistActivityLog(self.persisted_log.clone()));
+            let live = self.live_log();
+            self.persisted_log.rewrite(live);
+            out.push(Action::PersistActivityLog(
+                self.persisted_log.regions().clone(),
+            ));
             out.push(Action::Sealed);
         }
     }
@@ -2090,7 +2097,7 @@ impl Primary {
     /// The activity log as it must be on disk now (a superset of every region with a
     /// write in flight or not yet durable here).
     pub fn persisted_log(&self) -> &RegionSet {
-        &self.persisted_log
+        self.persisted_log.regions()
     }
 
     /// Starts a planned handover: new writes are refused (the initiator retries on the
@@ -2116,9 +2123,12 @@ impl Primary {
     /// The persisted log shrinks lazily, as a replica's does: rewritten when it next
     /// grows; until then the superset on disk only costs a little resync.
     fn shrink_persisted_log(&mut self) {
+        // An overestimate when a region is both in flight and unflushed: the log is
+        // then rewritten a little later, never too early.
         let live = self.activity.len() + self.unflushed.len();
-        if self.persisted_log.len() > live + self.cfg.activity_log_slack {
-            self.persisted_log = self.live_log();
+        if self.persisted_log.over(live) {
+            let live = self.live_log();
+            self.persisted_log.rewrite(live);
         }
     }
 

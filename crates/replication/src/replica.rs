@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::activity_log::{covers_region, PersistedLog};
 use crate::bitmap::RegionSet;
 use crate::message::{Epoch, Message, NodeId, Payload, Seq};
 
@@ -62,8 +63,8 @@ pub struct Replica {
     /// Region → (epoch, highest seq) of the last write applied there that is not yet
     /// known to be on every in-sync member.
     activity: BTreeMap<u64, (Epoch, Seq)>,
-    /// The region set last persisted (a superset of `activity`'s keys).
-    persisted_log: RegionSet,
+    /// The activity log as persisted (a superset of `activity`'s keys).
+    persisted_log: PersistedLog,
     /// What the replicas outside the in-sync set lack, as the primary told; persisted.
     dirty_map: crate::bitmap::DirtyMap,
     /// The newest map generation of this epoch applied (see [`Message::DirtyMap`]).
@@ -81,9 +82,6 @@ pub struct Replica {
     barriers: std::collections::BTreeSet<Seq>,
     /// Seals taken so far (see [`FlushTicket`]).
     seals: u64,
-    /// How many regions the persisted log may hold beyond the live ones before it is
-    /// rewritten smaller (each rewrite is an fsync on the write path).
-    log_slack: usize,
     /// Test only: forget regions once committed, durable or not. The simulation with
     /// power cuts must catch this.
     #[cfg(test)]
@@ -100,21 +98,22 @@ pub struct FlushTicket {
 }
 
 /// Default of [`Replica::with_log_slack`] and `PrimaryConfig::activity_log_slack`
-/// (`bulwark serve --activity-log-slack`).
+/// (`bulwark serve --activity-log-slack`): how many regions the persisted activity
+/// log may carry beyond the live ones before it is rewritten smaller.
 ///
-/// Each region that enters the persisted log costs an fsync on the write path. Random
-/// writes over more regions than this rewrite the log smaller after every background
-/// flush and then write it again for each region they come back to: over 1 GiB, 100 to
-/// 700 fsyncs a second, each stalling the replica's stream for about a millisecond, and
-/// 1024 made replicated 4 KiB writes 20-50 % faster (issue 20). But every region kept
-/// is resynced after a crash, and a replica whose rebuild is interrupted gets back every
-/// region still in its log: with 1024, a restarted rebuild copied again all it had
-/// copied (`an_interrupted_rebuild_resumes_where_it_stopped`). The default keeps
-/// rebuilds resumable; a log that drops rebuilt regions first would let it grow.
-pub const ACTIVITY_LOG_SLACK: usize = 64;
+/// Each region that enters the log costs an fsync on the write path. With 64, random
+/// writes over 1 GiB rewrote the log 100 to 700 times a second, each stalling the
+/// replica's stream for about a millisecond; 1024 made replicated 4 KiB writes 20-50 %
+/// faster (issue 20). The price is resync after a crash: up to this many regions more
+/// (1 GiB at 1 MiB regions; DRBD's default al-extents cover about 4.8 GiB). Regions
+/// written whole (a rebuild, a resync, a sequential run) keep at most
+/// [`crate::activity_log::WHOLE_REGION_SLACK`] of it, so an interrupted rebuild does not
+/// copy again what it had copied.
+pub const ACTIVITY_LOG_SLACK: usize = 1024;
 
 /// Regions logged ahead of a whole-region write (see [`Replica::on_message`]). Below
-/// the slack, so the log is not rewritten smaller at every run.
+/// [`crate::activity_log::WHOLE_REGION_SLACK`], so the log is not rewritten smaller at
+/// every run.
 const LOG_AHEAD: u64 = 32;
 
 impl Replica {
@@ -133,7 +132,7 @@ impl Replica {
             next_seq: Seq(1),
             early: BTreeMap::new(),
             activity,
-            persisted_log: activity_log,
+            persisted_log: PersistedLog::new(activity_log, ACTIVITY_LOG_SLACK),
             dirty_map: Default::default(),
             map_generation: 0,
             committed: (Epoch(0), Seq(0)),
@@ -141,7 +140,6 @@ impl Replica {
             durable: (Epoch(0), Seq(0)),
             barriers: Default::default(),
             seals: 0,
-            log_slack: ACTIVITY_LOG_SLACK,
             #[cfg(test)]
             bug_forget_before_flush: false,
         }
@@ -149,7 +147,7 @@ impl Replica {
 
     /// How many regions the persisted activity log may carry beyond the live ones.
     pub fn with_log_slack(mut self, slack: usize) -> Replica {
-        self.log_slack = slack;
+        self.persisted_log.set_slack(slack);
         self
     }
 
@@ -268,7 +266,8 @@ impl Replica {
                         let mut grew = false;
                         for r in first..=last {
                             self.activity.insert(r, (epoch, seq));
-                            grew |= self.persisted_log.insert(r);
+                            let whole = covers_region(offset, len, r, self.region_size);
+                            grew |= self.persisted_log.log(r, whole);
                         }
                         if grew && len == self.region_size && offset % self.region_size == 0 {
                             // Whole regions in a row are a resync or a rebuild (or a
@@ -278,7 +277,7 @@ impl Replica {
                             // resynced for nothing after a crash; past the volume's
                             // end, nothing.
                             for r in last + 1..=last + LOG_AHEAD {
-                                self.persisted_log.insert(r);
+                                self.persisted_log.log_ahead(r);
                             }
                         }
                         if grew {
@@ -287,7 +286,7 @@ impl Replica {
                             // that a later write here does not add back (the online
                             // verify in the simulation found this).
                             out.push(ReplicaAction::PersistActivityLog(
-                                self.persisted_log.clone(),
+                                self.persisted_log.regions().clone(),
                             ));
                         }
                     }
@@ -421,8 +420,9 @@ impl Replica {
         // stale superset only costs a little resync after a crash.
         // `activity` holds one entry per live region: the set is built only when the
         // log is rewritten (this runs for every message of the stream).
-        if self.persisted_log.len() > self.activity.len() + self.log_slack {
-            self.persisted_log = self.activity_log();
+        if self.persisted_log.over(self.activity.len()) {
+            let live = self.activity_log();
+            self.persisted_log.rewrite(live);
         }
     }
 
