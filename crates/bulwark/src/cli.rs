@@ -54,8 +54,8 @@ pub(crate) enum Command {
         /// keep beyond those being written. Every region that enters the log costs a
         /// disk sync on the write path, so a log that covers the regions random writes
         /// keep coming back to saves those syncs; but after a crash up to this many
-        /// more regions are resynced. Regions written whole (rebuilds, resyncs) keep at
-        /// most 64 of it.
+        /// more regions are resynced. Regions only ever written whole (rebuilds, resyncs)
+        /// keep at most 64 of it.
         #[arg(long, env = "BULWARK_ACTIVITY_LOG_SLACK", default_value_t = replication::ACTIVITY_LOG_SLACK)]
         activity_log_slack: usize,
         /// Cluster member: where the web console and /metrics listen (HTTPS with the

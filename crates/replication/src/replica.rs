@@ -106,7 +106,7 @@ pub struct FlushTicket {
 /// replica's stream for about a millisecond; 1024 made replicated 4 KiB writes 20-50 %
 /// faster (issue 20). The price is resync after a crash: up to this many regions more
 /// (1 GiB at 1 MiB regions; DRBD's default al-extents cover about 4.8 GiB). Regions
-/// written whole (a rebuild, a resync, a sequential run) keep at most
+/// only ever written whole (a rebuild, a resync) keep at most
 /// [`crate::activity_log::WHOLE_REGION_SLACK`] of it, so an interrupted rebuild does not
 /// copy again what it had copied.
 pub const ACTIVITY_LOG_SLACK: usize = 1024;
