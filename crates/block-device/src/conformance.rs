@@ -71,6 +71,15 @@ pub fn check(dev: &dyn BlockDevice, keeps: Keeps) {
         );
     }
 
+    // A read served from memory, when the device serves it so, gives what `read_at` does.
+    for offset in [0, 64 * 1024 - 3 * BLOCK, size - BLOCK] {
+        let len = BLOCK as usize;
+        let mut cached = vec![0xEE; len];
+        if dev.read_cached(offset, &mut cached) {
+            assert_eq!(cached, read(offset, len), "read_cached at {offset}");
+        }
+    }
+
     // A later write wins; the blocks around it keep theirs.
     let base = 256 * 1024;
     write(base, &pattern(10, 4 * BLOCK as usize), false);

@@ -85,6 +85,16 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`. Deallocated ranges read as zeroes.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
+    /// Reads `buf` at `offset` only if that needs no wait for the disk (the data is in
+    /// memory, such as the page cache): true when it did. False when it would have
+    /// waited or failed: the caller then uses [`Self::read_at`] on a thread that may
+    /// block, which reads or reports the error. A small read of cached data is so
+    /// answered on the thread that received it, without a hand-off to an I/O thread.
+    /// The default never reads here.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> bool {
+        false
+    }
+
     /// Writes all of `data` at `offset`; with `fua` the data is durable when this returns.
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
 

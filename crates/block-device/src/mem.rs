@@ -116,6 +116,11 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
+    /// Memory never waits: every read that would succeed is done here.
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.read_at(offset, buf).is_ok()
+    }
+
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         if self.fail_writes.load(Ordering::Relaxed) {
             return Err(io::Error::other("injected write error"));

@@ -67,6 +67,9 @@ pub struct FileStore {
     flush_lock: Mutex<()>,
     /// Test only (see [`OpenOptions::volatile_cache`]).
     volatile: Option<Arc<VolatileCache>>,
+    /// Reads with `RWF_NOWAIT` are possible here ([`BlockDevice::read_cached`]); cleared
+    /// when the file system refuses them.
+    nowait_reads: std::sync::atomic::AtomicBool,
 }
 
 impl FileStore {
@@ -154,6 +157,7 @@ impl FileStore {
             flushes_done: AtomicU64::new(0),
             flush_lock: Mutex::new(()),
             volatile,
+            nowait_reads: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -395,6 +399,32 @@ impl BlockDevice for FileStore {
         }
     }
 
+    /// `preadv2(RWF_NOWAIT)`: the kernel copies what the page cache holds and returns
+    /// `EAGAIN` rather than start a disk read.
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        // With O_DIRECT the data is not in the page cache; the volatile test cache reads
+        // its file under a lock.
+        if self.buffered.is_some() || self.volatile.is_some() || !self.nowait_reads.load(Relaxed) {
+            return false;
+        }
+        let len = buf.len();
+        match rustix::io::preadv2(
+            &self.file,
+            &mut [io::IoSliceMut::new(buf)],
+            offset,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ) {
+            // Shorter: only part of it is cached, and `read_at` reads it all.
+            Ok(n) => n == len,
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                self.nowait_reads.store(false, Relaxed);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         debug_assert!(
             offset + data.len() as u64
@@ -563,6 +593,36 @@ mod tests {
             let _ = std::fs::remove_dir_all(p.parent().unwrap());
         }
         check(&crate::NullStore::new(4 << 20), Keeps::Nothing);
+    }
+
+    #[test]
+    fn a_cached_read_is_served_only_from_the_page_cache() {
+        let p = tmp("read-cached");
+        let s = FileStore::open(
+            &p,
+            &OpenOptions {
+                create_size_bytes: Some(1 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let data = vec![0x5A; 8192];
+        s.write_at(65536, &data, false).unwrap();
+        let mut buf = vec![0; 8192];
+        assert!(
+            s.read_cached(65536, &mut buf),
+            "just written: in the page cache"
+        );
+        assert_eq!(buf, data);
+        // Written back and dropped from the page cache: a read would wait for the disk.
+        s.flush().unwrap();
+        rustix::fs::fadvise(&s.file, 0, 1 << 20, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(!s.read_cached(65536, &mut buf), "evicted: not served here");
+        let mut again = vec![0; 8192];
+        s.read_at(65536, &mut again).unwrap();
+        assert_eq!(again, data);
+        drop(s);
+        let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 
     #[test]

@@ -23,6 +23,10 @@ impl BlockDevice for NullStore {
         buf.fill(0);
         Ok(())
     }
+    fn read_cached(&self, _offset: u64, buf: &mut [u8]) -> bool {
+        buf.fill(0);
+        true
+    }
     fn write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
         Ok(())
     }

@@ -476,6 +476,21 @@ async fn timer(shared: Arc<Shared>, link: Arc<Link>, logout: Arc<Notify>) {
     }
 }
 
+/// The SCSI layer's view of a command and all its data.
+fn scsi_request<'a>(cmd: &'a Command, nexus: &'a ItNexus) -> ScsiRequest<'a> {
+    ScsiRequest {
+        nexus,
+        lun: cmd.lun.0,
+        cdb: &cmd.header.cdb[..],
+        // All the data the initiator sent: the command decides what a surplus means
+        // (ignored by WRITE, refused by WRITE SAME and COMPARE AND WRITE).
+        data_out: &cmd.data_out,
+        expected_data_in_len: cmd.header.expected_data_transfer_length,
+        attr: task_attribute(cmd.header.attr),
+        arrived: cmd.arrived,
+    }
+}
+
 fn task_attribute(attr: u8) -> TaskAttribute {
     match attr {
         iscsi_proto::pdu::attr::UNTAGGED => TaskAttribute::Untagged,
@@ -887,6 +902,26 @@ impl Driver {
             });
             return;
         };
+        let respond = self.responder(itt, &cmd, &device);
+        // A small READ of data in memory is answered here, before anything else: the
+        // hand-off to an I/O thread is most of what it would cost (issue 20). Data that
+        // would come from the disk goes to the I/O pool as any other command.
+        let respond = if device.is_forwarding() {
+            respond
+        } else {
+            let req = scsi_request(&cmd, &nexus);
+            // A bug in a handler costs one command (the responder, dropped, answers
+            // HARDWARE ERROR), not the connection (DESIGN.md invariant 4).
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                device.try_execute_cached(&req, respond)
+            })) {
+                Ok(Ok(())) | Err(_) => {
+                    self.forget_undispatched(itt);
+                    return;
+                }
+                Ok(Err(respond)) => respond,
+            }
+        };
         // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must
         // not take one of the few I/O threads every other command needs, so it runs on
         // tokio's blocking threads (rare, and bounded by the sessions' windows).
@@ -905,59 +940,10 @@ impl Driver {
                 None => Run::Blocking,
             }
         };
-        let link = self.link.clone();
-        let shared = self.shared.clone();
-        let hide_target_reset = !self.target_reset_allowed();
-        let target = self.target.clone();
         // The command runs, and its response is queued, on an I/O pool thread: one
         // hand-off per command, and disk I/O never blocks a runtime thread.
         let job = move || {
-            let lun = cmd.lun.0;
-            let cdb_bytes = cmd.header.cdb;
-            let cdb = &cdb_bytes[..];
-            let needed = if cmd.header.write {
-                device.data_out_len(lun, cdb)
-            } else {
-                None
-            };
-            let req = ScsiRequest {
-                nexus: &nexus,
-                lun,
-                cdb,
-                // All the data the initiator sent: the command decides what a surplus
-                // means (ignored by WRITE, refused by WRITE SAME and COMPARE AND WRITE).
-                data_out: &cmd.data_out,
-                expected_data_in_len: cmd.header.expected_data_transfer_length,
-                attr: task_attribute(cmd.header.attr),
-                arrived: cmd.arrived,
-            };
-            // The response goes out from wherever the command completes: here, or the
-            // thread that hears the replicas acknowledge a write.
-            let respond_device = device.clone();
-            let respond = scsi::Responder::new(move |resp: scsi::ScsiResponse| {
-                let device = respond_device;
-                if cdb_bytes[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
-                    let target_name = target.as_ref().map_or("", |t| t.name.as_str());
-                    shared.abort_preempted_tasks(target_name, &device);
-                }
-                let resp = if hide_target_reset {
-                    without_target_reset(&cdb_bytes, resp)
-                } else {
-                    resp
-                };
-                let result = CommandResult {
-                    status: resp.status as u8,
-                    sense: resp.sense,
-                    data_in: resp.data_in,
-                    data_out_needed: needed,
-                };
-                // The session drops the response of a task aborted meanwhile; its
-                // budget goes now rather than with a response that is never written.
-                let sent = link.with(&shared, |s| s.complete_command(Instant::now(), itt, result));
-                if sent != Ok(true) {
-                    link.permits().remove(&itt);
-                }
-            });
+            let req = scsi_request(&cmd, &nexus);
             // A bug in a command handler must cost one command, not the process
             // (DESIGN.md invariant 4); the responder answers HARDWARE ERROR if dropped.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -965,7 +951,7 @@ impl Driver {
             }))
             .is_err()
             {
-                tracing::error!(cdb = ?cdb, "SCSI command handler panicked");
+                tracing::error!(cdb = ?req.cdb, "SCSI command handler panicked");
             }
         };
         self.forget_undispatched(itt);
@@ -974,6 +960,51 @@ impl Driver {
             Run::Here => job(),
             Run::Blocking => drop(tokio::task::spawn_blocking(job)),
         }
+    }
+
+    /// Where the response of `cmd` goes: the session, from whichever thread the command
+    /// completes on (here, an I/O thread, or the thread that hears the replicas
+    /// acknowledge a write).
+    fn responder(
+        &self,
+        itt: Itt,
+        cmd: &Command,
+        device: &Arc<scsi::TargetDevice>,
+    ) -> scsi::Responder {
+        let cdb_bytes = cmd.header.cdb;
+        let needed = if cmd.header.write {
+            device.data_out_len(cmd.lun.0, &cdb_bytes)
+        } else {
+            None
+        };
+        let link = self.link.clone();
+        let shared = self.shared.clone();
+        let hide_target_reset = !self.target_reset_allowed();
+        let target = self.target.clone();
+        let device = device.clone();
+        scsi::Responder::new(move |resp: scsi::ScsiResponse| {
+            if cdb_bytes[0] == PERSISTENT_RESERVE_OUT && resp.status == ScsiStatus::Good {
+                let target_name = target.as_ref().map_or("", |t| t.name.as_str());
+                shared.abort_preempted_tasks(target_name, &device);
+            }
+            let resp = if hide_target_reset {
+                without_target_reset(&cdb_bytes, resp)
+            } else {
+                resp
+            };
+            let result = CommandResult {
+                status: resp.status as u8,
+                sense: resp.sense,
+                data_in: resp.data_in,
+                data_out_needed: needed,
+            };
+            // The session drops the response of a task aborted meanwhile; its budget
+            // goes now rather than with a response that is never written.
+            let sent = link.with(&shared, |s| s.complete_command(Instant::now(), itt, result));
+            if sent != Ok(true) {
+                link.permits().remove(&itt);
+            }
+        })
     }
 
     fn forget_undispatched(&self, itt: Itt) {

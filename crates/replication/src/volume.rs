@@ -1423,6 +1423,11 @@ impl BlockDevice for PrimaryVolume {
         self.shared.store.read_at(offset, buf)
     }
 
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        // Not serving: `read_at` says why.
+        self.serving() && self.shared.store.read_cached(offset, buf)
+    }
+
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         // The one copy of the data: the stream and the local write share it.
         let data = Bytes::copy_from_slice(data);

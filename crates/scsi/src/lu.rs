@@ -46,6 +46,9 @@ pub(crate) enum Failure {
     /// TASK ABORTED: task management aborted the command while it waited (its status is
     /// not delivered; the transport drops it).
     Aborted,
+    /// Run with [`Ctx::cached_only`], the command would have waited for the disk: it has
+    /// done nothing, and runs again where it may wait ([`LogicalUnit::try_execute_cached`]).
+    WouldWait,
 }
 
 impl From<Sense> for Failure {
@@ -151,6 +154,9 @@ pub(crate) struct Ctx<'a> {
     /// The caller's responder when it accepts a deferred answer
     /// ([`LogicalUnit::execute_then`]); a handler that takes it returns [`Done::Deferred`].
     pub respond: Option<&'a std::cell::Cell<Option<crate::Responder>>>,
+    /// The caller's thread must not wait for the disk: a handler that would fails with
+    /// [`Failure::WouldWait`] before it changes anything.
+    pub cached_only: bool,
 }
 
 impl Ctx<'_> {
@@ -312,7 +318,7 @@ impl LogicalUnit {
     }
 
     pub fn execute(&self, target: &TargetDevice, req: &ScsiRequest<'_>) -> ScsiResponse {
-        let result = self.run(target, req, Cdb(req.cdb), None);
+        let result = self.run(target, req, Cdb(req.cdb), None, false);
         self.response(result)
     }
 
@@ -337,7 +343,7 @@ impl LogicalUnit {
             respond.send(response);
         });
         let slot = std::cell::Cell::new(Some(respond));
-        let result = self.run(target, req, Cdb(req.cdb), Some(&slot));
+        let result = self.run(target, req, Cdb(req.cdb), Some(&slot), false);
         if let Some(respond) = slot.take() {
             debug_assert!(
                 !matches!(result, Ok(Done::Deferred)),
@@ -345,6 +351,36 @@ impl LogicalUnit {
             );
             respond.send(self.response(result));
         }
+    }
+
+    /// Runs a small READ at once, on the caller's thread, when its data is in memory
+    /// ([`crate::BlockDevice::read_cached`]): that spares the hand-off to an I/O thread,
+    /// most of what a cached 4 KiB read costs. Gives `respond` back, with nothing done,
+    /// for any other command or when the data would come from the disk: the caller then
+    /// runs it with [`LogicalUnit::execute_then`] on a thread that may block.
+    pub fn try_execute_cached(
+        &self,
+        target: &TargetDevice,
+        req: &ScsiRequest<'_>,
+        respond: crate::Responder,
+    ) -> Result<(), crate::Responder> {
+        let op = req.cdb.first().copied().unwrap_or(0);
+        if !matches!(
+            op,
+            opcode::READ_6 | opcode::READ_10 | opcode::READ_12 | opcode::READ_16
+        ) {
+            return Err(respond);
+        }
+        let result = self.run(target, req, Cdb(req.cdb), None, true);
+        if matches!(result, Err(Failure::WouldWait)) {
+            return Err(respond);
+        }
+        self.stats.start();
+        let response = self.response(result);
+        let kind = crate::stats::IoKind::of(op);
+        self.stats.finish(kind, 0, &response, req.arrived.elapsed());
+        respond.send(response);
+        Ok(())
     }
 
     fn response(&self, result: CmdResult) -> ScsiResponse {
@@ -357,6 +393,7 @@ impl LogicalUnit {
         req: &'a ScsiRequest<'a>,
         cdb: Cdb<'a>,
         respond: Option<&'a std::cell::Cell<Option<crate::Responder>>>,
+        cached_only: bool,
     ) -> CmdResult {
         let spec = commands::lookup(cdb);
         // Read before this unit's lock: publishing states takes the table, then units.
@@ -424,6 +461,7 @@ impl LogicalUnit {
             req,
             cdb,
             respond,
+            cached_only,
         };
         (spec.handler)(&ctx)
     }
@@ -528,5 +566,15 @@ pub(crate) fn response_of(result: CmdResult, descriptor: bool) -> ScsiResponse {
             data_in: Bytes::new(),
         },
         Err(Failure::Check(sense)) => crate::sense::check_condition_format(sense, descriptor),
+        Err(Failure::WouldWait) => {
+            debug_assert!(
+                false,
+                "a command that would wait is run again, not answered"
+            );
+            crate::sense::check_condition_format(
+                Sense::HARDWARE_ERROR_INTERNAL_TARGET_FAILURE,
+                descriptor,
+            )
+        }
     }
 }

@@ -8,7 +8,7 @@ use crate::cdb::{
     get_be16, get_be32, get_be64, opcode as op, put, BlockCount, BlockRange, Cdb, Lba,
 };
 use crate::device::Provisioning;
-use crate::lu::{data_in, good, CmdResult, Ctx, Done, LogicalUnit};
+use crate::lu::{data_in, good, CmdResult, Ctx, Done, Failure, LogicalUnit};
 use crate::sense::Sense;
 
 /// Limits reported in the block limits VPD page and enforced here.
@@ -221,7 +221,28 @@ pub(crate) fn read(ctx: &Ctx<'_>) -> CmdResult {
     check_no_protection(&f)?;
     check_transfer_length(ctx.lu, f.count, length_byte(ctx.cdb))?;
     let r = range(ctx.lu, &f)?;
+    if ctx.cached_only {
+        return read_cached(ctx.lu, &r);
+    }
     Ok(Done::Good(read_range(ctx.lu, &r)?))
+}
+
+/// Reads larger than this are left to the I/O threads even when cached: copying them
+/// would hold the connection's thread (a runtime thread) too long.
+pub(crate) const CACHED_READ_MAX: u64 = 64 << 10;
+
+/// [`read_range`] only from memory ([`crate::BlockDevice::read_cached`]).
+fn read_cached(lu: &LogicalUnit, r: &BlockRange) -> CmdResult {
+    let bs = lu.block_size();
+    let len = r.bytes(bs);
+    if len > CACHED_READ_MAX {
+        return Err(Failure::WouldWait);
+    }
+    let mut buf = BytesMut::zeroed(usize_of(len)?);
+    if len > 0 && !lu.device.read_cached(r.offset(bs), &mut buf) {
+        return Err(Failure::WouldWait);
+    }
+    Ok(Done::Good(buf.freeze()))
 }
 
 /// WRITE(6/10/12/16) (SBC-3 §5.31-§5.34).

@@ -463,6 +463,22 @@ impl TargetDevice {
         }
     }
 
+    /// [`LogicalUnit::try_execute_cached`]: a small READ of data in memory, answered on
+    /// the caller's thread; `respond` comes back, with nothing done, for anything else.
+    pub fn try_execute_cached(
+        &self,
+        req: &ScsiRequest<'_>,
+        respond: crate::Responder,
+    ) -> Result<(), crate::Responder> {
+        if self.forwarding().is_some() {
+            return Err(respond);
+        }
+        match self.lu(req.lun) {
+            Some(lu) => lu.try_execute_cached(self, req, respond),
+            None => Err(respond),
+        }
+    }
+
     /// How many Data-Out bytes `cdb` asks for on `lun`; `None` when the CDB cannot be
     /// decoded or the LUN does not exist.
     pub fn data_out_len(&self, lun: u64, cdb: &[u8]) -> Option<u32> {

@@ -1780,3 +1780,65 @@ fn preempt_and_abort_and_cold_resets_reach_the_other_nodes_paths() {
         ]
     );
 }
+
+/// `try_execute_cached` answers a small READ of data in memory at once, and gives
+/// anything else back unanswered, with nothing done.
+#[test]
+fn only_a_small_read_of_data_in_memory_is_answered_without_waiting() {
+    let k = Kit::new();
+    let n = k.ready("i1");
+    assert_good(&k.exec(&n, &write16(8, 2, 0), &[0x5A; 1024]));
+    let (tx, rx) = std::sync::mpsc::channel::<ScsiResponse>();
+    let try_cached = |n: &ItNexus, cdb: &[u8]| {
+        let mut c = [0u8; 16];
+        c[..cdb.len()].copy_from_slice(cdb);
+        let data = Bytes::new();
+        let req = ScsiRequest {
+            nexus: n,
+            lun: 0,
+            cdb: &c,
+            data_out: &data,
+            expected_data_in_len: 1 << 20,
+            attr: TaskAttribute::Simple,
+            arrived: std::time::Instant::now(),
+        };
+        let tx = tx.clone();
+        let respond = Responder::new(move |r| tx.send(r).unwrap());
+        k.target.try_execute_cached(&req, respond)
+    };
+
+    // In memory: answered here, with the data.
+    assert!(try_cached(&n, &read16(8, 2)).is_ok());
+    let r = rx.try_recv().expect("answered at once");
+    assert_good(&r);
+    assert_eq!(&r.data_in[..], &[0x5A; 1024][..]);
+
+    // A write, a read larger than what is copied on the caller's thread, a read the
+    // device would have to wait for (here it fails): given back, unanswered.
+    let large = u32::try_from(crate::sbc::CACHED_READ_MAX / 512 + 1).unwrap();
+    for (what, cdb) in [
+        ("write", write16(0, 1, 0)),
+        ("large read", read16(0, large)),
+        ("read from the disk", read16(8, 2)),
+    ] {
+        if what == "read from the disk" {
+            k.dev.fail_reads.store(true, Ordering::Relaxed);
+        }
+        let back = try_cached(&n, &cdb).expect_err(what);
+        assert!(rx.try_recv().is_err(), "{what}: answered");
+        // Run where it may wait, the command does what it says.
+        back.send(k.exec(&n, &cdb, &[0x11; 512]));
+        let r = rx.try_recv().unwrap();
+        match what {
+            "read from the disk" => assert_eq!(sense_of(&r), (0x03, 0x11, 0)),
+            _ => assert_good(&r),
+        }
+    }
+    k.dev.fail_reads.store(false, Ordering::Relaxed);
+    assert_eq!(&k.exec(&n, &read16(0, 1), &[]).data_in[..], &[0x11; 512][..]);
+
+    // A pending unit attention is the answer, whatever the data: nothing to wait for.
+    k.dev.fail_reads.store(true, Ordering::Relaxed);
+    assert!(try_cached(&nexus("i2"), &read16(8, 2)).is_ok());
+    assert_eq!(sense_of(&rx.try_recv().unwrap()), (0x06, 0x29, 0x00));
+}

@@ -440,22 +440,29 @@ impl ForwardHandler for ForwardServer {
         let Some(device) = device else {
             return reply.send(encode_response(&transitioning()));
         };
+        let prout = cmd.cdb.first() == Some(&0x5F);
+        let (d, for_prout) = (device.clone(), server.clone());
+        let respond = scsi::Responder::new(move |r: ScsiResponse| {
+            if prout && r.status == ScsiStatus::Good {
+                for_prout.abort_preempted_tasks(&target, &d);
+            }
+            reply.send(encode_response(&r));
+        });
+        // A small READ of data in memory is answered here, on the link's task, as the
+        // local sessions' are (iscsi-target's dispatch): no hand-off to an I/O thread.
+        let respond = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            device.try_execute_cached(&cmd.request(), respond)
+        })) {
+            // A panic dropped the responder, which answered HARDWARE ERROR.
+            Ok(Ok(())) | Err(_) => return,
+            Ok(Err(respond)) => respond,
+        };
         // Commands block on the disk: never on the link's task. They run on the I/O pool
         // of the local sessions' commands, inside its bound and its panic guard (a
         // dropped `Responder` answers HARDWARE ERROR).
-        let pool = server.clone();
+        let pool = server;
         let sanitize = cmd.cdb.first() == Some(&SANITIZE);
-        let job = move || {
-            let prout = cmd.cdb.first() == Some(&0x5F);
-            let d = device.clone();
-            let respond = scsi::Responder::new(move |r: ScsiResponse| {
-                if prout && r.status == ScsiStatus::Good {
-                    server.abort_preempted_tasks(&target, &d);
-                }
-                reply.send(encode_response(&r));
-            });
-            device.execute_then(&cmd.request(), respond);
-        };
+        let job = move || device.execute_then(&cmd.request(), respond);
         if sanitize {
             // SANITIZE with IMMED=0 holds its thread until the whole operation ends; as
             // for local commands (iscsi-target's dispatch), it must not take one of the
