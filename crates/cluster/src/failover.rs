@@ -2,9 +2,10 @@
 //! member of the in-sync set takes its place.
 //!
 //! Pure and clock-agnostic (`T` is [`std::time::Instant`] in the node and virtual time
-//! in tests), so the node (`node.rs`, `watch_primaries` and `grant_lease`) and the
-//! replication simulation (`replication/src/sim.rs`) run this same code: a bug planted
-//! here (feature `planted-bugs`) is caught by the simulation.
+//! in tests), so the node (`watch_primaries` in `node/failover.rs`, `grant_leases` in
+//! `node/requests.rs`) and the replication simulation (`replication/src/sim.rs`) run
+//! this same code: a bug planted here (feature `planted-bugs`) is caught by the
+//! simulation.
 //!
 //! "Never two writers" rests on [`LeaseBook::lease_over`]: a primary serves only while
 //! its lease lasts, and it counts the lease from before it asked, so once the leader

@@ -1835,7 +1835,10 @@ fn only_a_small_read_of_data_in_memory_is_answered_without_waiting() {
         }
     }
     k.dev.fail_reads.store(false, Ordering::Relaxed);
-    assert_eq!(&k.exec(&n, &read16(0, 1), &[]).data_in[..], &[0x11; 512][..]);
+    assert_eq!(
+        &k.exec(&n, &read16(0, 1), &[]).data_in[..],
+        &[0x11; 512][..]
+    );
 
     // A pending unit attention is the answer, whatever the data: nothing to wait for.
     k.dev.fail_reads.store(true, Ordering::Relaxed);
