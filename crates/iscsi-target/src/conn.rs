@@ -912,14 +912,18 @@ impl Driver {
             let req = scsi_request(&cmd, &nexus);
             // A bug in a handler costs one command (the responder, dropped, answers
             // HARDWARE ERROR), not the connection (DESIGN.md invariant 4).
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let tried = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 device.try_execute_cached(&req, respond)
-            })) {
-                Ok(Ok(())) | Err(_) => {
+            }));
+            match tried {
+                Ok(Err(respond)) => respond,
+                done => {
+                    if done.is_err() {
+                        tracing::error!(cdb = ?req.cdb, "SCSI command handler panicked");
+                    }
                     self.forget_undispatched(itt);
                     return;
                 }
-                Ok(Err(respond)) => respond,
             }
         };
         // SANITIZE with IMMED=0 holds its thread until the whole operation ends; it must

@@ -453,9 +453,13 @@ impl ForwardHandler for ForwardServer {
         let respond = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             device.try_execute_cached(&cmd.request(), respond)
         })) {
-            // A panic dropped the responder, which answered HARDWARE ERROR.
-            Ok(Ok(())) | Err(_) => return,
             Ok(Err(respond)) => respond,
+            Ok(Ok(())) => return,
+            // The responder, dropped, answered HARDWARE ERROR.
+            Err(_) => {
+                tracing::error!(cdb = ?cmd.cdb, "SCSI command handler panicked on a forwarded command");
+                return;
+            }
         };
         // Commands block on the disk: never on the link's task. They run on the I/O pool
         // of the local sessions' commands, inside its bound and its panic guard (a
