@@ -365,10 +365,7 @@ impl LogicalUnit {
         respond: crate::Responder,
     ) -> Result<(), crate::Responder> {
         let op = req.cdb.first().copied().unwrap_or(0);
-        if !matches!(
-            op,
-            opcode::READ_6 | opcode::READ_10 | opcode::READ_12 | opcode::READ_16
-        ) {
+        if !is_read(req.cdb) {
             return Err(respond);
         }
         let result = self.run(target, req, Cdb(req.cdb), None, true);
@@ -480,6 +477,14 @@ impl LogicalUnit {
         };
         st.pr.conflicts(nexus, access)
     }
+}
+
+/// READ(6/10/12/16): the commands [`LogicalUnit::try_execute_cached`] may answer.
+pub(crate) fn is_read(cdb: &[u8]) -> bool {
+    matches!(
+        cdb.first().copied(),
+        Some(opcode::READ_6 | opcode::READ_10 | opcode::READ_12 | opcode::READ_16)
+    )
 }
 
 /// Data-Out bytes a CDB asks for (the transport checks this against the iSCSI expected

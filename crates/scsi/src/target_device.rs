@@ -470,7 +470,8 @@ impl TargetDevice {
         req: &ScsiRequest<'_>,
         respond: crate::Responder,
     ) -> Result<(), crate::Responder> {
-        if self.forwarding().is_some() {
+        // Before any lookup: every command of a session comes through here first.
+        if !crate::lu::is_read(req.cdb) || self.forwarding().is_some() {
             return Err(respond);
         }
         match self.lu(req.lun) {
