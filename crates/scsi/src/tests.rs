@@ -1285,12 +1285,13 @@ fn aborting_a_waiting_sanitize_leaves_the_operation_running() {
     // 1 MiB at 1 MiB/s: about a second.
     let k = Arc::new(sanitize_kit(1 << 20));
     let n = k.ready("i1");
+    // Ready before the sanitize begins: its TEST UNIT READY must find the unit idle.
+    let other = k.ready("other");
     let k2 = k.clone();
     let n2 = n.clone();
     let waiter = std::thread::spawn(move || {
         k2.exec(&n2, &sanitize_overwrite_cdb(false, false), &OVERWRITE_AA)
     });
-    let other = k.ready("other");
     for _ in 0..100 {
         if k.exec(&other, &[0x00; 6], &[]).status != ScsiStatus::Good {
             break;
